@@ -1,5 +1,17 @@
 """SVD pencil-beam dose engine: machine model, geometry cache, full and incremental dose, influence."""
 
+from ._engine import BeamGeometry, DoseEngine, EngineOptions, FluencePatch, calibrate
+from ._influence import InfluenceMatrix, influence_matrix
 from ._machine import PhotonMachine, default_6mv
 
-__all__ = ["PhotonMachine", "default_6mv"]
+__all__ = [
+    "BeamGeometry",
+    "DoseEngine",
+    "EngineOptions",
+    "FluencePatch",
+    "InfluenceMatrix",
+    "PhotonMachine",
+    "calibrate",
+    "default_6mv",
+    "influence_matrix",
+]

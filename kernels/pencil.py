@@ -1,0 +1,142 @@
+"""Pencil-beam kernels: lateral convolution and the bilinear gather-accumulate into the dose cube.
+
+Operations (each dispatches on the array type of its first array argument):
+
+``convolve_full(fluence, kernel)``
+    Full 2D linear convolution (output shape ``in + kernel - 1``) of a fluence map or patch
+    with a lateral kernel on the same grid. NumPy: ``scipy.signal.fftconvolve``; CuPy:
+    ``cupyx.scipy.signal.fftconvolve``. Both compute the same linear map in float32.
+
+``accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu)``
+    For each voxel ``n``: ``dose_flat[vox[n]] += sum_c weights[c, n] * bilerp(maps[c], v[n] - v0, u[n] - u0)``,
+    with zero outside the maps. This is the hot loop of the full and the incremental dose.
+    NumPy twin: :func:`accumulate_bilinear_numpy` (vectorised; ``vox`` must hold no
+    duplicates, which holds within one beam). CUDA: ``cuda/accumulate_bilinear.cu``, one
+    thread per voxel, ``atomicAdd`` (duplicates allowed).
+
+``sample_bilinear(maps, v, u, origin_vu)``
+    ``out[c, n] = bilerp(maps[c], v[n] - v0, u[n] - u0)`` (zero outside), for point queries.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ids_engine.backend import array_module
+
+__all__ = [
+    "accumulate_bilinear",
+    "accumulate_bilinear_numpy",
+    "convolve_full",
+    "sample_bilinear",
+]
+
+_CUDA_DIR = Path(__file__).with_name("cuda")
+
+
+# --------------------------------------------------------------------------- convolution
+def convolve_full(fluence, kernel):
+    """Full 2D convolution of ``fluence`` (h, w) with ``kernel`` (kh, kw), float32, shape (h+kh-1, w+kw-1)."""
+    xp = array_module(fluence, kernel)
+    if xp is np:
+        from scipy.signal import fftconvolve
+    else:  # pragma: no cover - GPU only
+        from cupyx.scipy.signal import fftconvolve
+    out = fftconvolve(fluence.astype(xp.float32, copy=False), kernel.astype(xp.float32, copy=False), mode="full")
+    return out.astype(xp.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- bilinear
+def _bilinear_weights(xp, maps_shape, v, u, origin_vu):
+    """Corner indices and weights of a bilinear lookup, with a validity mask per corner."""
+    h, w = maps_shape[-2], maps_shape[-1]
+    fv = v - origin_vu[0]
+    fu = u - origin_vu[1]
+    r0 = xp.floor(fv)
+    c0 = xp.floor(fu)
+    tv = (fv - r0).astype(xp.float32)
+    tu = (fu - c0).astype(xp.float32)
+    r0 = r0.astype(xp.int32)
+    c0 = c0.astype(xp.int32)
+    corners = []
+    for dr, dc, wgt in ((0, 0, (1 - tv) * (1 - tu)), (0, 1, (1 - tv) * tu), (1, 0, tv * (1 - tu)), (1, 1, tv * tu)):
+        r = r0 + dr
+        c = c0 + dc
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        flat = xp.where(ok, r * w + c, 0)
+        corners.append((flat, xp.where(ok, wgt, xp.float32(0))))
+    return corners
+
+
+def sample_bilinear(maps, v, u, origin_vu=(0, 0)):
+    """Bilinear samples of stacked maps ``(nc, h, w)`` at fractional (row, col) ``(v, u)``; (nc, n) float32."""
+    xp = array_module(maps, v, u)
+    nc = maps.shape[0]
+    flat_maps = maps.reshape(nc, -1)
+    out = xp.zeros((nc, v.shape[0]), dtype=xp.float32)
+    for flat, wgt in _bilinear_weights(xp, maps.shape, v, u, origin_vu):
+        out += flat_maps[:, flat] * wgt
+    return out
+
+
+def accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
+    """NumPy twin of :func:`accumulate_bilinear` (``vox`` without duplicates)."""
+    samples = sample_bilinear(maps, v, u, origin_vu)
+    contrib = np.einsum("cn,cn->n", weights, samples, dtype=np.float32) if weights.shape[0] > 1 else weights[0] * samples[0]
+    dose_flat[vox] += contrib
+    return dose_flat
+
+
+@lru_cache(maxsize=None)
+def _cuda_accumulate():  # pragma: no cover - GPU only
+    import cupy
+
+    src = (_CUDA_DIR / "accumulate_bilinear.cu").read_text()
+    return cupy.RawModule(code=src).get_function("accumulate_bilinear")
+
+
+def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
+    """Add ``sum_c weights[c, n] * bilerp(maps[c], v[n], u[n])`` to ``dose_flat[vox[n]]``.
+
+    Parameters
+    ----------
+    dose_flat : (N,) float32, modified in place (and returned).
+    vox : (n,) int32 flat voxel indices (NumPy: no duplicates).
+    u, v : (n,) float32 fractional column / row index into the maps' parent grid.
+    weights : (nc, n) float32 per-voxel component weights (depth dose x inverse square x calibration).
+    maps : (nc, h, w) float32 convolved fluence (or its change) on a window of that grid.
+    origin_vu : (row, col) of ``maps[:, 0, 0]`` in the parent grid.
+    """
+    xp = array_module(dose_flat, maps)
+    if xp is np:
+        return accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu)
+    import cupy  # pragma: no cover - GPU only
+
+    n = int(vox.shape[0])
+    if n == 0:
+        return dose_flat
+    nc, h, w = (int(s) for s in maps.shape)
+    fn = _cuda_accumulate()
+    threads = 256
+    fn(
+        ((n + threads - 1) // threads,),
+        (threads,),
+        (
+            dose_flat,
+            cupy.ascontiguousarray(vox, dtype=cupy.int32),
+            cupy.ascontiguousarray(u, dtype=cupy.float32),
+            cupy.ascontiguousarray(v, dtype=cupy.float32),
+            cupy.ascontiguousarray(weights, dtype=cupy.float32),
+            cupy.ascontiguousarray(maps, dtype=cupy.float32),
+            np.int32(n),
+            np.int32(nc),
+            np.int32(h),
+            np.int32(w),
+            np.float32(origin_vu[0]),
+            np.float32(origin_vu[1]),
+        ),
+    )
+    return dose_flat
