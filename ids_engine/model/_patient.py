@@ -214,7 +214,15 @@ class Patient:
         for n, m in zip(subtract_names, margins):
             o = self.structure(n)
             others.append(expand(n, o, m) if m >= 0 else contract(n, o, -m))
-        result = subtract(name, grown, *others, kind=StructureKind.parse(kind) if kind else base.kind, colour=colour)
+        if kind is None:
+            # A volume made from the body (a ring, "body minus target") is a region to
+            # constrain, not a second external contour.
+            kind = StructureKind.OAR if base.kind is StructureKind.EXTERNAL else base.kind
+        if colour is None:
+            from ._structure import default_colour
+
+            colour = default_colour(len(self.structures))
+        result = subtract(name, grown, *others, kind=StructureKind.parse(kind), colour=colour)
         if result.is_empty:
             raise ValueError(f"new structure {name!r} from {source!r} is empty")
         return self.with_structures(result)
