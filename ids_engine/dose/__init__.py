@@ -2,7 +2,7 @@
 
 from ._engine import BeamGeometry, DoseEngine, EngineOptions, FluencePatch, calibrate
 from ._influence import InfluenceMatrix, influence_matrix
-from ._machine import PhotonMachine, default_6mv
+from ids_engine.model import PhotonMachine, default_6mv
 
 __all__ = [
     "BeamGeometry",

@@ -39,7 +39,7 @@ from ids_engine.kernels.pencil import accumulate_bilinear, convolve_full, sample
 from ids_engine.kernels.raytrace import radiological_depth
 from ids_engine.model import Beam, FluenceGrid, Grid, Patient
 
-from ._machine import PhotonMachine, default_6mv
+from ids_engine.model import PhotonMachine, default_6mv
 
 __all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "calibrate"]
 
@@ -514,21 +514,75 @@ class DoseEngine:
     def dose_cube_host(self) -> np.ndarray:
         return backend.asnumpy(self.dose_cube())
 
-    def _coarse_trilinear(self, flat_index):
-        """Trilinear interpolation of the coarse dose at fine voxels (flat indices), without the cube."""
+    def _coarse_neighbours(self, flat_index):
+        """The 8 coarse voxels (flat indices, (8, n)) and trilinear weights ((8, n) float32) of fine voxels."""
         xp = self.xp
         k, j, i = xp.unravel_index(flat_index, self.grid.shape_zyx)
         cshape = self.coarse_grid.shape_zyx
-        out = xp.zeros(flat_index.shape, dtype=xp.float32)
         (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = self._up
         zz = (z0[k], z1[k], wz[k])
         yy = (y0[j], y1[j], wy[j])
         xx = (x0[i], x1[i], wx[i])
+        idx, wts = [], []
         for az, fz in ((zz[0], 1 - zz[2]), (zz[1], zz[2])):
             for ay, fy in ((yy[0], 1 - yy[2]), (yy[1], yy[2])):
                 for ax, fx in ((xx[0], 1 - xx[2]), (xx[1], xx[2])):
-                    out += self.dose_coarse[(az * cshape[1] + ay) * cshape[2] + ax] * (fz * fy * fx)
-        return out
+                    idx.append((az * cshape[1] + ay) * cshape[2] + ax)
+                    wts.append(fz * fy * fx)
+        return xp.stack(idx), xp.stack(wts).astype(xp.float32)
+
+    def _coarse_trilinear(self, flat_index):
+        """Trilinear interpolation of the coarse dose at fine voxels (flat indices), without the cube."""
+        idx, wts = self._coarse_neighbours(flat_index)
+        return (self.dose_coarse[idx] * wts).sum(axis=0)
+
+    def delta_at_voxels(self, patches: Sequence[FluencePatch], flat_index):
+        """Dose change (Gy) at CT voxels that ``patches`` would cause, without applying them.
+
+        Exactly what :meth:`apply_patches` followed by :meth:`dose_at_voxels` would add
+        (same convolution, same bilinear and trilinear weights). Voxels outside the body give 0.
+        """
+        xp = self.xp
+        idx = xp.asarray(flat_index, dtype=xp.int64).reshape(-1)
+        out = xp.zeros(idx.shape, dtype=xp.float32)
+        cidx, cw = self._coarse_neighbours(idx)
+        for p in patches:
+            geo = self.geometry[p.beam]
+            delta = xp.asarray(p.delta, dtype=xp.float32)
+            h, w = delta.shape
+            if geo.fine.components:
+                out += self._level_delta(geo.fine, delta, p.row0, p.col0, idx)
+            if geo.coarse.components:
+                f = geo.coarse_fluence_factor
+                R0, C0 = p.row0 // f, p.col0 // f
+                R1, C1 = (p.row0 + h - 1) // f + 1, (p.col0 + w - 1) // f + 1
+                placed = xp.zeros(((R1 - R0) * f, (C1 - C0) * f), dtype=xp.float32)
+                placed[p.row0 - R0 * f : p.row0 - R0 * f + h, p.col0 - C0 * f : p.col0 - C0 * f + w] = delta
+                dc = self._level_delta(geo.coarse, _block_sum(xp, placed, f), R0, C0, cidx.reshape(-1))
+                out += (dc.reshape(cidx.shape) * cw).sum(axis=0)
+        return xp.where(self._body_mask_dev[idx], out, xp.float32(0))
+
+    def _level_delta(self, lvl: _Level, delta, r0: int, c0: int, level_index):
+        """Dose change at level voxels (flat indices into the level's cube) from a patch on its grid."""
+        xp = self.xp
+        hk = lvl.half
+        dmaps = xp.stack([convolve_full(delta, lvl.kernels[i]) for i in range(len(lvl.components))])
+        pos = lvl.position[level_index]
+        ok = pos >= 0
+        p = xp.where(ok, pos, 0)
+        s = sample_bilinear(dmaps, lvl.v[p], lvl.u[p], (r0 - hk, c0 - hk))
+        val = (lvl.weights[:, p] * s).sum(axis=0)
+        return xp.where(ok, val, xp.float32(0))
+
+    def voxel_bev(self, b: int, flat_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host (u, v) fractional fine fluence indices and radiological depth (mm) of body voxels in beam ``b``."""
+        lvl = self.geometry[b].fine
+        pos = backend.asnumpy(lvl.position[self.xp.asarray(flat_index, dtype=self.xp.int64).reshape(-1)])
+        if np.any(pos < 0):
+            raise ValueError("voxel_bev: a voxel lies outside the body")
+        p = self.xp.asarray(pos)
+        return (backend.asnumpy(lvl.u[p]).astype(np.float64), backend.asnumpy(lvl.v[p]).astype(np.float64),
+                backend.asnumpy(lvl.depth_mm[p]).astype(np.float64))
 
     def dose_at_voxels(self, flat_index):
         """Dose (Gy) at CT voxels given by flat indices, consistent with :meth:`dose_cube`, without building it."""

@@ -2,6 +2,7 @@
 
 from ._beam import SUPPORT_FROM_PATIENT, Beam, FluenceGrid, rotation_matrix_patient_to_beam
 from ._grid import Grid
+from ._machine import PhotonMachine, default_6mv
 from ._patient import DEFAULT_DENSITY_CURVE, PATIENT_POSITIONS, DensityCurve, Patient, PointOfInterest
 from ._structure import Structure, StructureKind, contract, default_colour, expand, intersection, subtract, union
 
@@ -13,11 +14,13 @@ __all__ = [
     "Grid",
     "PATIENT_POSITIONS",
     "Patient",
+    "PhotonMachine",
     "PointOfInterest",
     "SUPPORT_FROM_PATIENT",
     "Structure",
     "StructureKind",
     "contract",
+    "default_6mv",
     "default_colour",
     "expand",
     "intersection",
