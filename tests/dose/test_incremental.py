@@ -65,3 +65,20 @@ def test_dose_at_points_matches_voxels(engine3):
     direct = np.asarray(eng.dose_at_points(pts))
     cube = np.asarray(eng.dose_at_voxels(idx))
     assert np.abs(direct - cube).max() <= 0.02 * cube.max()
+
+
+def test_delta_at_voxels_predicts_apply(engine3):
+    """The dose change predicted at voxels without touching the cube equals the applied change."""
+    eng = engine3
+    rng = np.random.default_rng(11)
+    idx = rng.choice(eng.body_index, size=300, replace=False)
+    patches = []
+    for b in range(eng.n_beams):
+        nv, nu = eng.geometry[b].fluence_grid.shape_vu
+        patches.append(FluencePatch(b, nv // 2 - 6, nu // 2 - 4, rng.random((12, 9)).astype(np.float32)))
+    before = np.asarray(eng.dose_at_voxels(idx))
+    predicted = np.asarray(eng.delta_at_voxels(patches, idx))
+    eng.apply_patches(patches)
+    after = np.asarray(eng.dose_at_voxels(idx))
+    assert np.abs(predicted).max() > 0
+    np.testing.assert_allclose(after - before, predicted, atol=2e-6 * max(after.max(), 1e-6))

@@ -1,0 +1,40 @@
+"""Shared fixtures and markers.
+
+Markers (strict): ``gpu`` (needs CuPy and a CUDA device; skipped otherwise), ``viewer``
+(needs PyQt6, vispy and a display), ``slow``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ids_engine import backend
+
+
+def _gpu_ok() -> bool:
+    return backend.cupy_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_ok():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device / CuPy: GPU test skipped")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded local RNG (tests never use the global one)."""
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp_name(request, monkeypatch):
+    """Run a test body on both backends: sets IDS_BACKEND and yields its name."""
+    monkeypatch.setenv("IDS_BACKEND", request.param)
+    backend.reset_backend()
+    yield request.param
+    backend.reset_backend()

@@ -1,0 +1,306 @@
+"""Bad DICOM input: every case is an InputError naming the file and the field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ids_engine.io._dicom import read_ct_series, read_dicom, read_rtdose, read_rtstruct, write_rtdose, write_rtstruct
+from ids_engine.io._errors import InputError
+from ids_engine.model import Grid, Patient
+from tests.io.test_dicom import GRID, write_case
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pristine")
+    patient, _, _ = write_case(folder)
+    write_rtdose(np.ones(GRID.shape_zyx), GRID, folder / "RD.dcm", patient.frame_of_reference_uid)
+    return patient, folder
+
+
+@pytest.fixture
+def case(pristine, tmp_path):
+    """A fresh copy of a valid CT + RTSTRUCT + RTDOSE folder to break."""
+    patient, folder = pristine
+    target = tmp_path / "case"
+    shutil.copytree(folder, target)
+    return patient, target
+
+
+def _edit(path: Path, change) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _raises(call, *, file: str, field: str, words: str = "") -> InputError:
+    with pytest.raises(InputError) as info:
+        call()
+    message = str(info.value)
+    assert file in message, message
+    assert field in message, message
+    assert words in message, message
+    return info.value
+
+
+def _ct_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("CT_*.dcm"))
+
+
+# ----------------------------------------------------------------------- CT
+def test_missing_slice(case):
+    _, folder = case
+    (folder / "CT_0010.dcm").unlink()
+    err = _raises(lambda: read_ct_series(folder), file="CT_0011.dcm", field="ImagePositionPatient",
+                  words="missing slice between z=")
+    assert "CT_0009.dcm" in str(err)
+    _raises(lambda: read_dicom(folder), file="CT_0009.dcm", field="ImagePositionPatient", words="missing slice")
+
+
+def test_duplicate_slice(case):
+    _, folder = case
+
+    def new_uid(ds):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+
+    shutil.copy(folder / "CT_0005.dcm", folder / "CT_0005b.dcm")
+    _edit(folder / "CT_0005b.dcm", new_uid)
+    err = _raises(lambda: read_ct_series(folder), file="CT_0005b.dcm", field="ImagePositionPatient",
+                  words="duplicate slice position")
+    assert "CT_0005.dcm" in str(err)
+
+
+def test_uneven_slice_spacing(case):
+    _, folder = case
+
+    def shift(ds):
+        ds.ImagePositionPatient[2] = str(float(ds.ImagePositionPatient[2]) + 1.0)
+
+    _edit(folder / "CT_0007.dcm", shift)
+    _raises(lambda: read_ct_series(folder), file="CT_0007.dcm", field="ImagePositionPatient", words="uneven")
+
+
+def test_inconsistent_pixel_spacing(case):
+    _, folder = case
+    _edit(folder / "CT_0007.dcm", lambda ds: setattr(ds, "PixelSpacing", ["2.5", "2.5"]))
+    _raises(lambda: read_ct_series(folder), file="CT_0007.dcm", field="PixelSpacing")
+
+
+def test_inconsistent_rows(case):
+    _, folder = case
+    _edit(folder / "CT_0003.dcm", lambda ds: setattr(ds, "Rows", 39))
+    _raises(lambda: read_ct_series(folder), file="CT_0003.dcm", field="Rows")
+
+
+def test_oblique_orientation(case):
+    _, folder = case
+    c, s = np.cos(0.2), np.sin(0.2)
+    _edit(folder / "CT_0004.dcm", lambda ds: setattr(ds, "ImageOrientationPatient",
+                                                      [f"{v:.6f}" for v in (c, s, 0, -s, c, 0)]))
+    _raises(lambda: read_ct_series(folder), file="CT_0004.dcm", field="ImageOrientationPatient", words="oblique")
+
+
+def test_flipped_orientation_is_refused(case):
+    _, folder = case
+    for f in _ct_files(folder):
+        _edit(f, lambda ds: setattr(ds, "ImageOrientationPatient", ["-1", "0", "0", "0", "-1", "0"]))
+    _raises(lambda: read_ct_series(folder), file="CT_0000.dcm", field="ImageOrientationPatient",
+            words="standard orientation")
+
+
+def test_two_series(case):
+    _, folder = case
+    _edit(folder / "CT_0012.dcm", lambda ds: setattr(ds, "SeriesInstanceUID", pydicom.uid.generate_uid()))
+    _raises(lambda: read_ct_series(folder), file="case", field="SeriesInstanceUID", words="2 CT series")
+    # Picking one series then finds the gap the other one leaves.
+    series = pydicom.dcmread(folder / "CT_0000.dcm").SeriesInstanceUID
+    _raises(lambda: read_ct_series(folder, series_instance_uid=series), file="CT_0013.dcm",
+            field="ImagePositionPatient", words="missing slice")
+
+
+def test_two_frames_of_reference_in_one_series(case):
+    _, folder = case
+    _edit(folder / "CT_0002.dcm", lambda ds: setattr(ds, "FrameOfReferenceUID", "1.2.3.4"))
+    _raises(lambda: read_ct_series(folder), file="CT_0002.dcm", field="FrameOfReferenceUID")
+
+
+def test_missing_required_tag(case):
+    _, folder = case
+    _edit(folder / "CT_0006.dcm", lambda ds: delattr(ds, "ImagePositionPatient"))
+    _raises(lambda: read_ct_series(folder), file="CT_0006.dcm", field="ImagePositionPatient", words="missing")
+
+
+def test_truncated_pixel_data(case):
+    _, folder = case
+    _edit(folder / "CT_0008.dcm", lambda ds: setattr(ds, "PixelData", ds.PixelData[:100]))
+    _raises(lambda: read_ct_series(folder), file="CT_0008.dcm", field="PixelData")
+
+
+def test_text_file_named_dcm(tmp_path):
+    bogus = tmp_path / "slice.dcm"
+    bogus.write_text("this is not DICOM\n" * 20)
+    for reader in (lambda: read_ct_series([bogus]), lambda: read_rtstruct(bogus, GRID),
+                   lambda: read_rtdose(bogus, GRID)):
+        _raises(reader, file="slice.dcm", field="File Meta Information", words="not a DICOM file")
+
+
+def test_missing_file(tmp_path):
+    _raises(lambda: read_rtstruct(tmp_path / "nowhere.dcm", GRID), file="nowhere.dcm",
+            field="File Meta Information", words="no such file")
+
+
+def test_wrong_modality(case):
+    _, folder = case
+    _raises(lambda: read_ct_series([folder / "CT_0000.dcm", folder / "RD.dcm"]), file="RD.dcm",
+            field="Modality", words="RTDOSE")
+    _raises(lambda: read_rtstruct(folder / "CT_0000.dcm", GRID), file="CT_0000.dcm", field="Modality")
+    _raises(lambda: read_rtdose(folder / "RS.dcm", GRID), file="RS.dcm", field="Modality")
+
+
+def test_folder_without_ct(case, tmp_path):
+    _, folder = case
+    empty = tmp_path / "no_ct"
+    empty.mkdir()
+    shutil.copy(folder / "RS.dcm", empty / "RS.dcm")
+    _raises(lambda: read_dicom(empty), file="no_ct", field="Modality", words="no CT")
+
+
+# ------------------------------------------------------------------ RTSTRUCT
+def _contour(ds, roi_name: str, index: int = 0):
+    number = next(r.ROINumber for r in ds.StructureSetROISequence if r.ROIName == roi_name)
+    item = next(c for c in ds.ROIContourSequence if c.ReferencedROINumber == number)
+    return item, item.ContourSequence[index]
+
+
+def test_rtstruct_in_another_frame_of_reference(case):
+    patient, folder = case
+
+    def move(ds):
+        ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = "1.2.3.4"
+        for roi in ds.StructureSetROISequence:
+            roi.ReferencedFrameOfReferenceUID = "1.2.3.4"
+
+    _edit(folder / "RS.dcm", move)
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID, patient.frame_of_reference_uid), file="RS.dcm",
+            field="FrameOfReferenceUID")
+    _raises(lambda: read_dicom(folder), file="RS.dcm", field="FrameOfReferenceUID")
+
+
+def test_one_roi_in_another_frame_of_reference(case):
+    patient, folder = case
+    _edit(folder / "RS.dcm", lambda ds: setattr(ds.StructureSetROISequence[2], "ReferencedFrameOfReferenceUID",
+                                                "1.2.3.4"))
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID, patient.frame_of_reference_uid), file="RS.dcm",
+            field="ReferencedFrameOfReferenceUID", words="'Cord'")
+
+
+def test_contour_point_outside_the_grid(case):
+    _, folder = case
+
+    def push(ds):
+        _, contour = _contour(ds, "PTV", 1)
+        data = [float(v) for v in contour.ContourData]
+        data[0] = 400.0
+        contour.ContourData = [f"{v:.4f}" for v in data]
+
+    _edit(folder / "RS.dcm", push)
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID), file="RS.dcm", field="ContourData",
+            words="ROI 'PTV' (ROI number 2), contour 2")
+
+
+def test_contour_off_the_ct_slices(case):
+    _, folder = case
+
+    def lift(ds):
+        _, contour = _contour(ds, "Cord", 0)
+        data = np.array([float(v) for v in contour.ContourData]).reshape(-1, 3)
+        data[:, 2] = 300.0
+        contour.ContourData = [f"{v:.4f}" for v in data.ravel()]
+
+    _edit(folder / "RS.dcm", lift)
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID), file="RS.dcm", field="ContourData",
+            words="not on a CT slice")
+
+
+def test_non_planar_contour(case):
+    _, folder = case
+
+    def tilt(ds):
+        _, contour = _contour(ds, "Cord", 0)
+        data = [float(v) for v in contour.ContourData]
+        data[2] += 1.0
+        contour.ContourData = [f"{v:.4f}" for v in data]
+
+    _edit(folder / "RS.dcm", tilt)
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID), file="RS.dcm", field="ContourData",
+            words="not planar")
+
+
+def test_empty_structure(case):
+    _, folder = case
+
+    def shrink(ds):
+        item, contour = _contour(ds, "Diag", 0)
+        x, y, z = GRID.index_to_world([10, 5.2, 25.2])
+        contour.ContourData = [f"{v:.4f}" for v in (x, y, z, x + 0.5, y, z, x, y + 0.5, z)]
+        contour.NumberOfContourPoints = 3
+        item.ContourSequence = pydicom.Sequence([contour])
+
+    _edit(folder / "RS.dcm", shrink)
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID), file="RS.dcm", field="ContourData",
+            words="empty structure: ROI 'Diag'")
+
+
+def test_duplicate_roi_names(case):
+    _, folder = case
+    _edit(folder / "RS.dcm", lambda ds: setattr(ds.StructureSetROISequence[3], "ROIName", "PTV"))
+    _raises(lambda: read_rtstruct(folder / "RS.dcm", GRID), file="RS.dcm", field="ROIName", words="'PTV'")
+
+
+def test_several_rtstructs_none_in_the_frame(case):
+    _, folder = case
+
+    def move(ds):
+        ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = "1.2.3.4"
+        for roi in ds.StructureSetROISequence:
+            roi.ReferencedFrameOfReferenceUID = "1.2.3.4"
+
+    _edit(folder / "RS.dcm", move)
+    shutil.copy(folder / "RS.dcm", folder / "RS2.dcm")
+    _raises(lambda: read_dicom(folder), file="case", field="FrameOfReferenceUID", words="RS2.dcm")
+
+
+# -------------------------------------------------------------------- RTDOSE
+def test_rtdose_units_and_frame(case):
+    patient, folder = case
+    _raises(lambda: read_rtdose(folder / "RD.dcm", GRID, "1.2.3.4"), file="RD.dcm", field="FrameOfReferenceUID")
+    _edit(folder / "RD.dcm", lambda ds: setattr(ds, "DoseUnits", "RELATIVE"))
+    _raises(lambda: read_rtdose(folder / "RD.dcm", GRID), file="RD.dcm", field="DoseUnits")
+
+
+def test_rtdose_bad_frame_offsets(case):
+    _, folder = case
+    _edit(folder / "RD.dcm", lambda ds: setattr(ds, "GridFrameOffsetVector", ds.GridFrameOffsetVector[:-1]))
+    _raises(lambda: read_rtdose(folder / "RD.dcm", GRID), file="RD.dcm", field="GridFrameOffsetVector")
+    _edit(folder / "RD.dcm", lambda ds: delattr(ds, "DoseGridScaling"))
+    _raises(lambda: read_rtdose(folder / "RD.dcm", GRID), file="RD.dcm", field="DoseGridScaling")
+
+
+# ------------------------------------------------------------------- writers
+def test_write_rtstruct_needs_the_patients_ct(case, tmp_path):
+    patient, folder = case
+    files = _ct_files(folder)
+    _raises(lambda: write_rtstruct(patient, tmp_path / "RS.dcm", files[:-1]), file="case",
+            field="ImagePositionPatient", words="no CT file for grid slices")
+    shifted = Patient(Grid(GRID.shape_zyx, GRID.spacing_mm_zyx, (-38.0, -39.0, -28.5)), patient.ct_hu)
+    _raises(lambda: write_rtstruct(shifted, tmp_path / "RS.dcm", files), file="CT_0000.dcm",
+            field="ImagePositionPatient", words="grid origin")
+    other = Patient(GRID, patient.ct_hu, frame_of_reference_uid="1.2.3.4")
+    _raises(lambda: write_rtstruct(other, tmp_path / "RS.dcm", files), file="CT_0000.dcm",
+            field="FrameOfReferenceUID")
+    assert not (tmp_path / "RS.dcm").exists()
