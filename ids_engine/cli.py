@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical")
     s.add_argument("--beams", type=int, default=9, help="number of equispaced coplanar beams (default 9)")
     s.add_argument("--prescription-gy", type=float, default=60.0, help="target median dose (default 60 Gy)")
-    s.add_argument("--margin-mm", type=float, default=5.0, help="aperture margin around the target (default 5 mm)")
+    s.add_argument("--margin-mm", type=float, default=8.0, help="aperture margin around the target (default 8 mm)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("inspect", help="read a DICOM folder (CT + RTSTRUCT) or a matRad .mat phantom",
