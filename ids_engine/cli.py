@@ -62,6 +62,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     try:
+        if not path.exists():
+            print(f"error: {path}: no such file or folder", file=sys.stderr)
+            return 2
         if path.suffix.lower() == ".mat":
             patient = read_matrad_phantom(path)
         elif path.is_dir():
@@ -136,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and the array backend, then exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("info", help="version, array backend (IDS_BACKEND) and device")
+    s = sub.add_parser("info", help="version, array backend (IDS_BACKEND) and device",
+                       description="Print the version, the array backend chosen by IDS_BACKEND "
+                                   "(auto|cupy|numpy), its device and the library versions.")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("demo", help="load a built-in phantom and plan it with open fields",
-                       description="Load a built-in phantom, print its structures and volumes, compute a "
-                                   "9-beam open-field plan and report DVH metrics.")
+                       description="Load a built-in phantom, print its structures and volumes, compute an "
+                                   "open-field plan (9 equispaced beams by default) and report DVH metrics.")
     s.add_argument("--phantom", choices=["horseshoe", "tg119", "water", "slab"], default="horseshoe")
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical")
     s.add_argument("--beams", type=int, default=9, help="number of equispaced coplanar beams (default 9)")

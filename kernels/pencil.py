@@ -82,11 +82,35 @@ def sample_bilinear(maps, v, u, origin_vu=(0, 0)):
     return out
 
 
+def bilinear_contribution_numpy(u, v, weights, maps, origin_vu=(0, 0)) -> np.ndarray:
+    """``sum_c weights[c, n] * bilerp(maps[c], v[n] - v0, u[n] - u0)`` (zero outside the maps), float32.
+
+    The maps get a border of two zero cells on each side, so that every lookup can be
+    clamped into the padded array without branches: a voxel outside the maps lands on zeros.
+    """
+    nc, h, w = maps.shape
+    padded = np.zeros((nc, h + 4, w + 4), np.float32)
+    padded[:, 2:-2, 2:-2] = maps
+    flat = padded.reshape(nc, -1)
+    tv = v - np.float32(origin_vu[0] - 2)
+    tu = u - np.float32(origin_vu[1] - 2)
+    r = np.clip(tv, 0, h + 2).astype(np.int32)  # floor for the (clamped) non-negative values
+    c = np.clip(tu, 0, w + 2).astype(np.int32)
+    fv = np.clip(tv - r, 0, 1).astype(np.float32)
+    fu = np.clip(tu - c, 0, 1).astype(np.float32)
+    i00 = r * (w + 4) + c
+    out = np.zeros(u.shape[0], np.float32)
+    for k in range(nc):
+        m = flat[k]
+        top = m.take(i00) + fu * (m.take(i00 + 1) - m.take(i00))
+        bottom = m.take(i00 + (w + 4)) + fu * (m.take(i00 + (w + 5)) - m.take(i00 + (w + 4)))
+        out += weights[k] * (top + fv * (bottom - top))
+    return out
+
+
 def accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
     """NumPy twin of :func:`accumulate_bilinear` (``vox`` without duplicates)."""
-    samples = sample_bilinear(maps, v, u, origin_vu)
-    contrib = np.einsum("cn,cn->n", weights, samples, dtype=np.float32) if weights.shape[0] > 1 else weights[0] * samples[0]
-    dose_flat[vox] += contrib
+    dose_flat[vox] += bilinear_contribution_numpy(u, v, weights, maps, origin_vu)
     return dose_flat
 
 

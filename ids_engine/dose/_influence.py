@@ -16,10 +16,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
-
 from ids_engine import backend
 from ids_engine.kernels.pencil import convolve_full, sample_bilinear
+from ids_engine.kernels.sparse import csc_from_triplets
 from ids_engine.model import Grid
 
 __all__ = ["InfluenceMatrix", "influence_matrix"]
@@ -166,12 +165,7 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
     cols = xp.concatenate(cols_all) if cols_all else xp.zeros(0, xp.int64)
     vals = xp.concatenate(vals_all) if vals_all else xp.zeros(0, xp.float32)
     shape = (voxels.size, col_offset)
-    if xp is np:
-        mat = sp.csc_matrix((vals, (rows, cols)), shape=shape)
-    else:  # pragma: no cover - GPU only
-        import cupyx.scipy.sparse as csp
-
-        mat = csp.coo_matrix((vals, (rows.astype(xp.int32), cols.astype(xp.int32))), shape=shape).tocsc()
+    mat = csc_from_triplets(vals, rows, cols, shape)
     return InfluenceMatrix(mat, grid, voxels, np.asarray(beamlets, np.int64).reshape(-1, 3), bc,
                            tuple(g.fluence_grid.shape_vu for g in engine.geometry), cutoff_mm)
 
