@@ -133,6 +133,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shape(args: argparse.Namespace) -> int:
+    from ids_engine.io import InputError
+    from ids_engine.scripting import ScriptError, load_script, run_script
+
+    try:
+        doc = load_script(args.script)
+        rep = run_script(doc, args.out, progress=TextProgressBar())
+    except (ScriptError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"session saved to {args.out} (reopen with ids view --session {args.out}); report: {Path(args.out) / 'report.md'}")
+    for name, a in rep["metrics_after"].items():
+        b = rep["metrics_before"][name]
+        print(f"  {name:<14} mean {b['mean_gy']:6.2f} -> {a['mean_gy']:6.2f} Gy   V95 {b.get('V95_pct', 0):5.1f} -> {a.get('V95_pct', 0):5.1f} %")
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    try:
+        from ids_engine.viewer import launch
+    except ImportError as exc:
+        print(f"error: the viewer needs the 'viewer' extra (pip install 'ids-engine[viewer]'): {exc}", file=sys.stderr)
+        return 2
+    case = None
+    if args.dicom:
+        case = {"dicom": args.dicom}
+    elif args.matrad:
+        case = {"matrad": args.matrad}
+    elif not args.session:
+        case = {"phantom": args.phantom, "resolution": args.resolution}
+    return int(launch(case, args.session) or 0)
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ids", description="ids-engine: interactive dose shaping for IMRT planning.")
@@ -153,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prescription-gy", type=float, default=60.0, help="target median dose (default 60 Gy)")
     s.add_argument("--margin-mm", type=float, default=8.0, help="aperture margin around the target (default 8 mm)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("shape", help="run a scripted sequence of dose shaping requests",
+                       description="Run the requests of a JSON script (see ids_engine.scripting) on an open-field "
+                                   "plan, save the session and write report.json and report.md.")
+    s.add_argument("script", help="JSON script of requests")
+    s.add_argument("--out", required=True, help="folder for the saved session and the report")
+    s.set_defaults(func=cmd_shape)
+
+    s = sub.add_parser("view", help="open the desktop viewer (needs the 'viewer' extra)",
+                       description="Open the vispy + PyQt6 viewer on a built-in phantom (default: horseshoe), "
+                                   "a DICOM folder, a matRad file or a saved session.")
+    s.add_argument("--phantom", choices=["horseshoe", "tg119"], default="horseshoe")
+    s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical")
+    s.add_argument("--dicom", help="DICOM folder (CT + RTSTRUCT)")
+    s.add_argument("--matrad", help="matRad .mat phantom")
+    s.add_argument("--session", help="a saved session folder")
+    s.set_defaults(func=cmd_view)
 
     s = sub.add_parser("inspect", help="read a DICOM folder (CT + RTSTRUCT) or a matRad .mat phantom",
                        description="Read a case and print its grid, structures and volumes.")
