@@ -24,6 +24,7 @@ on the small matrix ``G[j, k]`` = dose at voxel j from voxel k's normalised patc
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,17 @@ class Modifier:
         comp = m.narrow_components[0]
         self.kernel_radius_mm = float(kernel_radius_mm or m.kernel_reach_mm(comp, 1e-3))
         self._kernel = lambda r: m.kernel_at(comp, r)
+        # Stage timings (ms), accumulated; with ``profile`` the GPU is synchronised at each
+        # stage boundary so the split is true (a little slower).
+        self.profile = False
+        self.timings_ms = {"create_patch": 0.0, "convolution": 0.0, "update_dose_cube": 0.0}
+
+    def _tick(self, stage: str, t0: float) -> float:
+        if self.profile:
+            backend.synchronize()
+        t1 = time.perf_counter()
+        self.timings_ms[stage] += (t1 - t0) * 1000
+        return t1
 
     # ------------------------------------------------------------------ patches
     def normalised_patches(self, voxel: int, raise_dose: bool, movable: bool = True) -> list[FluencePatch]:
@@ -147,11 +159,14 @@ class Modifier:
                 break
             cols, mats = [], []
             for k in np.flatnonzero(active):
+                t0 = time.perf_counter()
                 ps = self.normalised_patches(int(vox[k]), raise_dose=need[k] > 0)
+                t0 = self._tick("create_patch", t0)
                 if not ps:
                     continue
                 cols.append((k, ps))
                 mats.append(backend.asnumpy(eng.delta_at_voxels(ps, vox)).astype(np.float64))
+                self._tick("convolution", t0)
             if not cols:
                 break
             g = np.stack(mats, axis=1)  # (n voxels, n patches)
@@ -164,11 +179,14 @@ class Modifier:
                 f, _ = nnls(g[rows], need[rows])
             if not np.any(f > 0):
                 break
+            t0 = time.perf_counter()
             combined = self._combine([(fk, ps) for fk, (_, ps) in zip(f, cols) if fk > 0])
             clipped = self._clip_nonnegative(combined)
+            t0 = self._tick("create_patch", t0)
             if not clipped:
                 break
             eng.apply_patches(clipped)
+            self._tick("update_dose_cube", t0)
             applied.extend(clipped)
             current = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
         return ModificationResult(vox, goal, before, current, applied, max(passes, 1))
