@@ -95,6 +95,8 @@ class FluencePatch:
 def _kernel_grid(machine: PhotonMachine, component: int, pitch_mm: float, fraction: float) -> np.ndarray:
     """The radial kernel sampled on a square grid of ``pitch_mm``, times the cell area (sums to ~1)."""
     reach = machine.kernel_reach_mm(component, fraction)
+    if machine.kernel_pixel_mm:
+        return _kernel_grid_from_pixels(machine, component, pitch_mm, reach)
     half = max(1, int(math.ceil(reach / pitch_mm)))
     x = np.arange(-half, half + 1) * pitch_mm
     r = np.hypot(x[None, :], x[:, None])
@@ -109,6 +111,28 @@ def _kernel_grid(machine: PhotonMachine, component: int, pitch_mm: float, fracti
     if total > 0 and analytic > 0:
         k *= analytic / total
     return k.astype(np.float32)
+
+
+def _kernel_grid_from_pixels(machine: PhotonMachine, component: int, pitch_mm: float, reach: float) -> np.ndarray:
+    """Kernels given as pixel values (matRad: 0.5 mm pixels, one centred on r = 0): each pixel's
+    mass ``k(r) * a^2`` is splatted bilinearly onto the engine's cells (mass-conserving)."""
+    a = float(machine.kernel_pixel_mm)
+    n_native = int(math.ceil(reach / a))
+    xs = np.arange(-n_native, n_native + 1) * a
+    r = np.hypot(xs[None, :], xs[:, None])
+    mass = machine.kernel_at(component, r) * a * a
+    mass[r > reach] = 0.0
+    half = int(math.ceil(reach / pitch_mm)) + 1
+    out = np.zeros((2 * half + 1, 2 * half + 1))
+    f = xs / pitch_mm + half
+    i0 = np.floor(f).astype(int)
+    w = f - i0
+    rows0, cols0 = np.meshgrid(i0, i0, indexing="ij")
+    wr, wc = np.meshgrid(w, w, indexing="ij")
+    for dr, fr in ((0, 1 - wr), (1, wr)):
+        for dc, fc in ((0, 1 - wc), (1, wc)):
+            np.add.at(out, (rows0 + dr, cols0 + dc), mass * fr * fc)
+    return out.astype(np.float32)
 
 
 def _stack_centred(kernels: list[np.ndarray]) -> np.ndarray:
@@ -328,7 +352,7 @@ class DoseEngine:
         isq = (beam.sad_mm / bev[:, 2]) ** 2
         d_tab, c_tab = self.machine.depth_table()
         depth_h = backend.asnumpy(depth)
-        w = np.stack([np.interp(depth_h, d_tab, c_tab[c]) for c in components]) * (isq * self.machine.gy_per_mu)
+        w = np.stack([np.interp(depth_h, d_tab, c_tab[c]) for c in components]) * (isq * self.machine.gy_per_mu) if components else np.zeros((0, depth_h.size))
         # A coarse amplitude is the block sum of factor^2 fine amplitudes, each of which
         # stands for one fine cell's area: so the kernel sums to 1 / factor^2.
         kernels = _stack_centred([_kernel_grid(self.machine, c, pitch, opts.kernel_fraction) for c in components])

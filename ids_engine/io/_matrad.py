@@ -581,6 +581,17 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
         meta["primary_fluence_radius_mm"] = tuple(float(v) for v in fluence[:, 0])
         meta["primary_fluence_relative"] = tuple(float(v) for v in fluence[:, 1])
 
+    pixel_mm = _MATRAD_CONVOLUTION_MM
+    meta["kernels_as_stored_per_mm2"] = kernels_per_mm2.copy()
+    fwhm = meta.get("penumbra_fwhm_at_iso_mm")
+    if fwhm and fwhm > 0 and radius.size > 1 and np.allclose(np.diff(radius), _MATRAD_CONVOLUTION_MM) and radius[0] == 0:
+        # matRad convolves the fluence with a Gaussian of the source's penumbra FWHM before the
+        # kernels; convolving the kernels instead is the same (convolution is associative) and
+        # turns matRad's pixel kernels (a spike in the r = 0 pixel) into smooth radial profiles.
+        kernels_per_mm2 = _with_source_penumbra(radius, kernels_per_mm2, float(fwhm))
+        pixel_mm = None
+        meta["source_penumbra"] = f"kernels convolved with a Gaussian of FWHM {float(fwhm):g} mm (machine.data.penumbraFWHMatIso)"
+
     try:
         return PhotonMachine(
             name=str(name).strip(),
@@ -593,6 +604,7 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
             kernels_per_mm2=kernels_per_mm2,
             source=f"matRad machine file {path.name}",
             narrow_components=(0, 1, 2),
+            kernel_pixel_mm=pixel_mm,
             meta=meta,
         )
     except ValueError as exc:
@@ -605,3 +617,25 @@ def _grid_integrals(radius: np.ndarray, kernels: np.ndarray, pitch_mm: float) ->
     g = pitch_mm * np.arange(-n, n + 1)
     r = np.hypot(g[:, None], g[None, :])
     return tuple(float(pitch_mm**2 * np.interp(r, radius, k, right=0.0).sum()) for k in kernels)
+
+
+def _with_source_penumbra(radius: np.ndarray, kernels: np.ndarray, fwhm_mm: float) -> np.ndarray:
+    """Radial kernels (matRad pixel convention, 0.5 mm pixels) convolved with a 2D Gaussian of
+    ``fwhm_mm``, returned as radial profiles in 1/mm^2 on the same radii."""
+    from scipy.signal import fftconvolve
+
+    a = _MATRAD_CONVOLUTION_MM
+    n = radius.size - 1
+    xs = np.arange(-n, n + 1) * a
+    r = np.hypot(xs[None, :], xs[:, None])
+    sigma = fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    half = int(np.ceil(4 * sigma / a))
+    gx = np.arange(-half, half + 1) * a
+    g = np.exp(-(gx[None, :] ** 2 + gx[:, None] ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    out = []
+    for k in kernels:
+        img = np.interp(r, radius, k, right=0.0)
+        conv = fftconvolve(img, g, mode="same")
+        out.append(conv[n, n:])  # the +x half row through the centre: values at radius[0..n]
+    return np.stack(out)

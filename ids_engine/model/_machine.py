@@ -47,6 +47,10 @@ class PhotonMachine:
         smooth (broad scatter) and are evaluated on a coarser grid. The default model keeps
         only the primary narrow; SVD machines whose components all mix primary and scatter
         (matRad) list all three.
+    kernel_pixel_mm : None for smooth radial profiles (sampled at the engine's cell centres);
+        otherwise the kernels are pixel values on a square grid of this spacing with a pixel
+        centred at r = 0 (matRad's convention, 0.5 mm, with a sharp peak in that pixel), and
+        the engine bins those pixels' mass into its cells.
     gy_per_mu : absolute calibration: Gy per unit fluence (1 MU) in the reference condition
         (see :func:`ids_engine.dose.calibrate`); None until calibrated.
     """
@@ -61,6 +65,7 @@ class PhotonMachine:
     kernels_per_mm2: np.ndarray
     source: str = ""
     narrow_components: tuple[int, ...] = (0,)
+    kernel_pixel_mm: float | None = None
     gy_per_mu: float | None = None
     meta: dict = field(default_factory=dict)
 

@@ -468,7 +468,7 @@ def test_machine_fields_and_nearest_ssd(tmp_path, fmt, ssd, chosen, sigmas):
     assert m.source == f"matRad machine file photons_{fmt}.mat"
     np.testing.assert_array_equal(m.kernel_radius_mm, R_MM)
     expected = np.stack([_gauss(sigmas[0]), 0.1 * _gauss(sigmas[1]), 0.3 * _gauss(sigmas[2])])
-    np.testing.assert_allclose(m.kernels_per_mm2, expected, rtol=1e-12)
+    np.testing.assert_allclose(m.meta["kernels_as_stored_per_mm2"], expected, rtol=1e-12)
     assert m.meta["kernel_ssd_mm"] == chosen
     assert m.meta["kernel_ssd_range_mm"] == (900.0, 1000.0)
     assert m.meta["machine_file_version"] == 2.0
@@ -492,7 +492,7 @@ def test_single_kernel_entry(tmp_path, fmt):
 @pytest.mark.parametrize("version", [1.0, None])
 def test_old_machine_kernels_scaled_by_four(tmp_path, fmt, version):
     m = read_matrad_machine(write_mat(tmp_path / "old.mat", _machine_vars(version=version), fmt), ssd_mm=1000.0)
-    np.testing.assert_allclose(m.kernels_per_mm2[0], 4.0 * _gauss(2.5), rtol=1e-12)
+    np.testing.assert_allclose(m.meta["kernels_as_stored_per_mm2"][0], 4.0 * _gauss(2.5), rtol=1e-12)
     assert "multiplied by 4" in m.meta["kernel_normalisation"]
 
 
