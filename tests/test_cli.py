@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "info": ("version", "backend"),
     "demo": ("phantom", "DVH"),
     "inspect": ("DICOM", "matRad", "structures"),
+    "shape": ("JSON", "requests", "report"),
+    "view": ("viewer", "phantom", "session"),
 }
 
 
@@ -281,3 +283,34 @@ def test_console_script_entry_point():
     assert ep.value == "ids_engine.cli:main"
     assert ep.load() is main
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", __version__)
+
+
+# ---------------------------------------------------------------- shape
+def test_shape_runs_a_script_and_writes_a_report(tmp_path, capsys):
+    import json
+
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({
+        "case": {"phantom": "horseshoe", "resolution": "coarse"}, "prescription_gy": 60, "beams": 5,
+        "requests": [
+            {"kind": "set_voxel_dose", "point_mm_xyz": [0.0, -23.4, 0.0], "dose_pct": 60, "recovery_steps": 5},
+            {"kind": "set_voxel_dose", "index_zyx": [0, 0, 0], "dose_gy": 10},
+            {"kind": "undo"},
+        ],
+    }))
+    rc, out, err = run(["shape", str(script), "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "out" / "session.json").exists() and (tmp_path / "out" / "report.md").exists()
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["requests"][0]["final_gy"][0] == pytest.approx(36.0, rel=0.05)
+    assert "outside the body" in rep["requests"][1]["error"]
+    assert rep["requests"][2] == {"n": 2, "kind": "undo", "done": True}
+    assert "PTV" in out
+
+
+def test_shape_bad_script_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc, _, err = run(["shape", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2
+    assert "bad.json" in err and "Traceback" not in err
