@@ -1,0 +1,44 @@
+"""The dose engine and the DMR session run the same on both backends (the GPU case skips without a device)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ids_engine import backend
+from ids_engine.dmr import SetVoxelDose
+from ids_engine.dose import DoseEngine, FluencePatch
+from ids_engine.model import Beam
+from ids_engine.session import Session
+
+from .test_physics import water_phantom
+
+
+def _engine_run():
+    p = water_phantom(width_mm=80.0, depth_mm=100.0, spacing_mm=2.5)
+    eng = DoseEngine(p, [Beam(gantry_deg=g) for g in (0.0, 90.0)])
+    eng.set_fluences([eng.open_field(b, (-20, 20), (-20, 20)) for b in range(2)])
+    eng.apply_patches([FluencePatch(1, 20, 20, np.full((9, 7), 0.3, np.float32))])
+    pts = np.array([[0.0, 0.0, 0.0], [10.0, -20.0, 5.0]])
+    return eng.dose_cube_host(), backend.asnumpy(eng.dose_at_points(pts))
+
+
+def test_engine_same_on_both_backends(xp_name, monkeypatch):
+    cube, pts = _engine_run()
+    assert backend.backend_name() == xp_name
+    assert cube.max() > 0
+    if xp_name == "cupy":  # pragma: no cover - GPU only: compare with the NumPy twin
+        monkeypatch.setenv("IDS_BACKEND", "numpy")
+        backend.reset_backend()
+        ref_cube, ref_pts = _engine_run()
+        np.testing.assert_allclose(cube, ref_cube, atol=2e-4 * ref_cube.max())
+        np.testing.assert_allclose(pts, ref_pts, rtol=1e-3)
+
+
+def test_session_request_same_on_both_backends(xp_name):
+    s = Session.from_phantom("horseshoe", "coarse", n_beams=5, prescription_gy=60.0)
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    m = (int(c[0]), int(np.flatnonzero(oar[c[0], :, c[2]]).min()), int(c[2]))
+    res = s.run(SetVoxelDose(m, 36.0), recovery_steps=5)
+    assert abs(res.after_modification_gy[0] - 36.0) < 0.5
+    assert res.recovery_steps <= 5
