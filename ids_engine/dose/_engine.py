@@ -275,6 +275,7 @@ class DoseEngine:
             if progress:
                 progress(i, total, "geometry cache")
             self._add_beam(b)
+        self.__dict__.pop("_points_cache", None)
         if progress:
             progress(total, total, "geometry cache")
 
@@ -312,6 +313,14 @@ class DoseEngine:
             self._up.append((xp.asarray(i0), xp.asarray(i1), xp.asarray(w)))
         self._body_mask_dev = xp.asarray(body.ravel())
 
+    def _level_points(self, grid: Grid, index: np.ndarray) -> np.ndarray:
+        """Voxel centres (patient coordinates, (n, 3)) of a level, computed once per engine."""
+        key = (grid, index.size)
+        cache = self.__dict__.setdefault("_points_cache", {})
+        if key not in cache:
+            cache[key] = grid.index_to_world(np.stack(np.unravel_index(index, grid.shape_zyx), axis=-1))
+        return cache[key]
+
     def _density_device(self):
         if self._density is None:
             dens = self.patient.relative_electron_density().copy()
@@ -323,9 +332,7 @@ class DoseEngine:
         xp = self.xp
         opts = self.options
         pos = self.patient.patient_position
-        # Voxel centres of this level, in patient coordinates.
-        kji = np.stack(np.unravel_index(index, grid.shape_zyx), axis=-1)
-        pts = grid.index_to_world(kji)
+        pts = self._level_points(grid, index)
         bev = beam.patient_to_bev(pts, pos)
         src = beam.source_mm_xyz(pos)
         g = self.grid
@@ -384,7 +391,7 @@ class DoseEngine:
         fgrid = beam.fluence_grid
         f = int(opts.coarse_fluence_factor)
         if fgrid is None:
-            body_pts = self.grid.index_to_world(np.stack(np.unravel_index(self.body_index, self.grid.shape_zyx), axis=-1))
+            body_pts = self._level_points(self.grid, self.body_index)
             fgrid = _auto_fluence_grid(beam, body_pts, pos, opts.fluence_pitch_mm, opts.field_margin_mm, f)
             from dataclasses import replace
 
