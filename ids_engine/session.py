@@ -198,6 +198,7 @@ class Session:
         self._next_id = 1
         self.plan_id = 1
         self._lock = threading.RLock()
+        self._journal_dir: Path | None = None
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -392,6 +393,7 @@ class Session:
         self._redo.clear()
         if patches:
             self.plan_id += 1
+        self._append_request(res)
         return res
 
     def undo(self) -> RequestResult | None:
@@ -405,6 +407,7 @@ class Session:
             self._redo.append(res)
             if res.patches:
                 self.plan_id += 1
+            self._append_op({"op": "undo"})
             return res
 
     def redo(self) -> RequestResult | None:
@@ -418,6 +421,7 @@ class Session:
             self.journal.append(res)
             if res.patches:
                 self.plan_id += 1
+            self._append_op({"op": "redo"})
             return res
 
     def _apply_pins_undo(self, res: RequestResult) -> None:
@@ -441,79 +445,147 @@ class Session:
         raise KeyError(name)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: "str | Path") -> Path:
-        """Save the session (case, beams, starting fluences, journal with patches) atomically.
+    # A session folder holds ``session.json`` (case, beams, options; written once),
+    # ``initial_fluences.npz``, ``requests/r<id>.npz`` (the patches of one request) and
+    # ``journal.jsonl``, one line per operation (a request, an undo, a redo) appended and
+    # fsync'ed after the request's patches are safely on disk. A crash therefore loses at
+    # most the operation in flight, and a torn last line is ignored when reopening.
 
-        Writes ``folder/session.json`` and ``folder/arrays.npz`` through temporary files and
-        ``os.replace``, arrays first, so a crash leaves the previous save intact.
-        """
+    def save(self, folder: "str | Path") -> Path:
+        """Write the whole session to a new folder ("save as") and keep journaling there."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        self._write_header(folder)
+        self._journal_dir = folder
+        for res in self.journal:
+            self._append_request(res)
+        # The redo stack is saved as requests followed by undos, newest first undone last.
+        for res in reversed(self._redo):
+            self._append_request(res)
+        for _ in self._redo:
+            self._append_op({"op": "undo"})
+        return folder
+
+    def attach_journal(self, folder: "str | Path") -> Path:
+        """Start journaling to ``folder`` (autosave after every operation); same as :meth:`save`."""
+        return self.save(folder)
+
+    def _write_header(self, folder: Path) -> None:
         if not self.case:
             raise ValueError("save: this session has no case description (open it from a phantom, DICOM or matRad file)")
-        arrays = {f"fluence_{b}": f for b, f in enumerate(self.initial_fluences)}
-        entries = []
-        for n, res in enumerate(self.journal):
-            keys = []
-            for k, p in enumerate(res.patches):
-                key = f"r{n}_p{k}"
-                arrays[key] = p.delta
-                keys.append([key, int(p.beam), int(p.row0), int(p.col0)])
-            entries.append({"summary": res.summary(), "patches": keys})
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "requests").mkdir(exist_ok=True)
+        for old in (folder / "requests").glob("r*.npz"):
+            old.unlink()
+        _atomic_npz(folder / "initial_fluences.npz", {f"fluence_{b}": f for b, f in enumerate(self.initial_fluences)})
         doc = {
             "format": "ids-engine session", "version": __version__, "case": self.case,
-            "prescription_gy": self.prescription_gy, "plan_id": self.plan_id,
+            "prescription_gy": self.prescription_gy,
             "beams": [_beam_to_dict(g.beam) for g in self.engine.geometry],
             "engine_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.engine.options.__dict__.items()},
             "dmr_options": dict(self.options.__dict__),
-            "pins": {k: None for k in self.pins},
-            "journal": entries,
         }
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".arrays.", suffix=".npz")
-        os.close(fd)
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, folder / "arrays.npz")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".session.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+        _atomic_text(folder / "session.json", json.dumps(doc, indent=1))
+        _atomic_text(folder / "journal.jsonl", "")
+
+    def _append_request(self, res: RequestResult) -> None:
+        folder = getattr(self, "_journal_dir", None)
+        if folder is None:
+            return
+        name = f"r{res.id}.npz"
+        arrays = {f"p{k}": p.delta for k, p in enumerate(res.patches)}
+        _atomic_npz(folder / "requests" / name, arrays)
+        self._append_op({"op": "request", "summary": res.summary(), "file": name,
+                         "patches": [[f"p{k}", int(p.beam), int(p.row0), int(p.col0)] for k, p in enumerate(res.patches)]})
+
+    def _append_op(self, entry: dict) -> None:
+        folder = getattr(self, "_journal_dir", None)
+        if folder is None:
+            return
+        entry = {**entry, "plan_id": self.plan_id}
+        with open(folder / "journal.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, folder / "session.json")
-        return folder
 
     @classmethod
-    def load(cls, folder: "str | Path", *, progress=None) -> "Session":
-        """Reopen a saved session: rebuild the case and replay the journal's patches (identical plan)."""
+    def load(cls, folder: "str | Path", *, progress=None, keep_journaling: bool = True) -> "Session":
+        """Reopen a session folder: rebuild the case and replay the journal (identical plan).
+
+        With ``keep_journaling`` further operations are appended to the same folder.
+        """
         folder = Path(folder)
         try:
             doc = json.loads((folder / "session.json").read_text())
-            arrays = np.load(folder / "arrays.npz")
+            initial = np.load(folder / "initial_fluences.npz")
+            lines = (folder / "journal.jsonl").read_text(encoding="utf-8").splitlines()
         except (OSError, ValueError) as exc:
             raise ValueError(f"{folder}: not a readable ids-engine session ({exc})") from exc
         if doc.get("format") != "ids-engine session":
             raise ValueError(f"{folder / 'session.json'}: field 'format' is not 'ids-engine session'")
         patient = case_from_spec(doc["case"])
         beams = [Beam(**{**b, "isocentre_mm_xyz": tuple(b["isocentre_mm_xyz"])}) for b in doc["beams"]]
-        eo = doc["engine_options"]
+        eo = dict(doc["engine_options"])
         eo["coarse_factor_zyx"] = tuple(eo["coarse_factor_zyx"])
-        fluences = [arrays[f"fluence_{b}"] for b in range(len(beams))]
+        fluences = [initial[f"fluence_{b}"] for b in range(len(beams))]
         s = cls(patient, beams, prescription_gy=doc["prescription_gy"], fluences=fluences,
                 engine_options=EngineOptions(**eo), dmr_options=DMROptions(**doc["dmr_options"]), case=doc["case"],
                 progress=progress)
-        for entry in doc["journal"]:
-            summ = entry["summary"]
-            req = request_from_dict(summ["request"])
-            patches = [FluencePatch(b, r, c, arrays[key]) for key, b, r, c in entry["patches"]]
-            if isinstance(req, (Pin, Unpin)):
-                s.run(req)
-                continue
-            s.engine.apply_patches(patches)
-            res = RequestResult(id=summ["id"], request=req, voxels=np.zeros(0, np.int64), requested_gy=np.array(summ["requested_gy"]),
-                                before_gy=np.array(summ["before_gy"]), after_modification_gy=np.array(summ["after_modification_gy"]),
-                                final_gy=np.array(summ["final_gy"]), recovery_steps=summ["recovery_steps"],
-                                remaining_candidates=summ["remaining_candidates"], patches=patches,
-                                timings_ms=summ["timings_ms"])
-            s.journal.append(res)
-            s._next_id = max(s._next_id, res.id + 1)
-        s.plan_id = int(doc.get("plan_id", s.plan_id))
+        plan_id = s.plan_id
+        for n, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines) - 1:
+                    break  # a torn last line: the operation in flight when the session stopped
+                raise ValueError(f"{folder / 'journal.jsonl'}: line {n + 1} is not valid JSON") from None
+            op = entry.get("op")
+            if op == "undo":
+                s.undo()
+            elif op == "redo":
+                s.redo()
+            elif op == "request":
+                try:
+                    arrays = np.load(folder / "requests" / entry["file"])
+                except OSError as exc:
+                    raise ValueError(f"{folder / 'requests' / entry['file']}: missing or unreadable ({exc})") from exc
+                s._replay(entry["summary"], [FluencePatch(b, r, c, arrays[key]) for key, b, r, c in entry["patches"]])
+            else:
+                raise ValueError(f"{folder / 'journal.jsonl'}: line {n + 1}: unknown op {op!r}")
+            plan_id = int(entry.get("plan_id", plan_id))
+        s.plan_id = plan_id
+        if keep_journaling:
+            s._journal_dir = folder
         return s
+
+    def _replay(self, summ: dict, patches: list) -> None:
+        req = request_from_dict(summ["request"])
+        if isinstance(req, Pin):
+            g = self.patient.grid
+            self.pins[req.name] = ball_mask(g.shape_zyx, g.spacing_mm_zyx, req.centre_zyx, req.radius_mm) & self.engine.body_mask
+        elif isinstance(req, Unpin):
+            self.pins.pop(req.name, None)
+        if patches:
+            self.engine.apply_patches(patches)
+        res = RequestResult(id=summ["id"], request=req, voxels=np.zeros(0, np.int64), requested_gy=np.array(summ["requested_gy"]),
+                            before_gy=np.array(summ["before_gy"]), after_modification_gy=np.array(summ["after_modification_gy"]),
+                            final_gy=np.array(summ["final_gy"]), recovery_steps=summ["recovery_steps"],
+                            remaining_candidates=summ["remaining_candidates"], patches=patches, timings_ms=summ["timings_ms"])
+        self.journal.append(res)
+        self._redo.clear()
+        self._next_id = max(self._next_id, res.id + 1)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_npz(path: Path, arrays: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

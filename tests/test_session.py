@@ -33,6 +33,7 @@ def session(base_session):
     n = len(base_session.journal)
     pins = dict(base_session.pins)
     yield base_session
+    base_session._journal_dir = None
     while len(base_session.journal) > n:
         base_session.undo()
     base_session.pins = pins
@@ -240,3 +241,29 @@ def test_distance_grid_is_chessboard():
     cand = np.ravel_multi_index(([2, 2, 0, 2], [4, 4, 4, 0], [4, 7, 4, 0]), mask.shape)
     d = distance_grid(mask, cand, mask.shape)
     np.testing.assert_array_equal(d, [0, 3, 2, 4])
+
+
+def test_journal_autosaves_every_operation_and_survives_a_torn_line(session, tmp_path):
+    s = session
+    folder = tmp_path / "live"
+    s.attach_journal(folder)
+    m = oar_rim_voxel(s)
+    s.run(SetVoxelDose(m, 0.7 * RX), recovery_steps=2)
+    s.run(SetVoxelDose(m, 0.65 * RX), recovery_steps=2)
+    s.undo()
+    d = s.dose()
+    # A crash while writing the next operation leaves a torn last line: it is ignored.
+    with open(folder / "journal.jsonl", "a") as f:
+        f.write('{"op": "requ')
+    again = Session.load(folder, keep_journaling=False)
+    np.testing.assert_allclose(again.dose(), d, atol=1e-5 * RX)
+    assert again.can_redo and len(again.journal) == len(s.journal)
+    again.redo()
+    s.redo()
+    np.testing.assert_allclose(again.dose(), s.dose(), atol=1e-5 * RX)
+
+
+def test_load_refuses_a_folder_that_is_not_a_session(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="not a readable ids-engine session"):
+        Session.load(tmp_path / "x")
