@@ -1,0 +1,42 @@
+"""Viewer test set-up: a display for the window tests, and the coarse horseshoe session.
+
+The window tests need OpenGL, which Qt's ``offscreen`` platform does not provide to vispy
+(it fails inside vispy's framebuffer handling), so they need a real X display (Xvfb in CI:
+``xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest tests/viewer``) and skip
+without one. The worker tests draw nothing: without a display they run on the offscreen
+platform.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+HAS_DISPLAY = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+NO_DISPLAY_REASON = ("no X display (run the viewer tests under xvfb-run; Qt's offscreen platform has no OpenGL "
+                     "for vispy)")
+
+if not HAS_DISPLAY:
+    # Qt aborts the process when it cannot reach a display; signals and threads need none.
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+
+def require_viewer_packages() -> None:
+    """Skip the calling test module when the viewer's packages are not installed."""
+    pytest.importorskip("PyQt6", reason="the viewer tests need PyQt6 (pip install ids-engine[viewer])")
+    pytest.importorskip("vispy", reason="the viewer tests need vispy (pip install ids-engine[viewer])")
+    pytest.importorskip("pytestqt", reason="the viewer tests need pytest-qt")
+
+
+def build_coarse_session():
+    from ids_engine.session import Session
+
+    return Session.from_phantom("horseshoe", "coarse")
+
+
+def rewind(session) -> None:
+    """Take every request back (tests share one session per module)."""
+    while session.journal:
+        session.undo()

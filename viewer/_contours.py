@@ -1,0 +1,129 @@
+"""Isolines of 2D slices as line segments (vectorised marching squares), and where to label them.
+
+Host NumPy only: the slice views call these on snapshot arrays; nothing here touches the
+engine or the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["isoline_segments", "label_anchor", "nearest_on_segments"]
+
+# Corner bits: 1 = (r, c), 2 = (r, c+1), 4 = (r+1, c+1), 8 = (r+1, c) above the level.
+# Edges: 0 top (r, c..c+1), 1 right (r..r+1, c+1), 2 bottom (r+1, c..c+1), 3 left (r..r+1, c).
+# Each case lists the edge pairs its segments join; the saddles (5, 10) are split by the
+# cell-centre value (see isoline_segments).
+_CASES = {
+    1: ((3, 0),), 2: ((0, 1),), 3: ((3, 1),), 4: ((1, 2),), 6: ((0, 2),), 7: ((3, 2),),
+    8: ((2, 3),), 9: ((0, 2),), 11: ((1, 2),), 12: ((1, 3),), 13: ((0, 1),), 14: ((3, 0),),
+}
+_SADDLE_CENTRE_ABOVE = {5: ((3, 2), (0, 1)), 10: ((3, 0), (1, 2))}
+_SADDLE_CENTRE_BELOW = {5: ((3, 0), (1, 2)), 10: ((0, 1), (2, 3))}
+
+
+def _edge_points(field: np.ndarray, level: float) -> np.ndarray:
+    """Crossing point (row, col) on each of the four edges of every cell, shape (4, nr-1, nc-1, 2)."""
+    a = field[:-1, :-1]
+    b = field[:-1, 1:]
+    c = field[1:, 1:]
+    d = field[1:, :-1]
+
+    def frac(p, q):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (level - p) / (q - p)
+        return np.clip(np.nan_to_num(t, nan=0.5, posinf=0.5, neginf=0.5), 0.0, 1.0)
+
+    nr, nc = a.shape
+    r = np.arange(nr, dtype=np.float64)[:, None] * np.ones((1, nc))
+    col = np.ones((nr, 1)) * np.arange(nc, dtype=np.float64)[None, :]
+    out = np.empty((4, nr, nc, 2))
+    out[0] = np.stack([r, col + frac(a, b)], -1)
+    out[1] = np.stack([r + frac(b, c), col + 1], -1)
+    out[2] = np.stack([r + 1, col + frac(d, c)], -1)
+    out[3] = np.stack([r + frac(a, d), col], -1)
+    return out
+
+
+def isoline_segments(field: np.ndarray, level: float) -> np.ndarray:
+    """Line segments of the ``level`` isoline of a 2D field.
+
+    Parameters
+    ----------
+    field : (rows, cols) float array (e.g. a dose slice in Gy, or a mask as float).
+    level : the isoline value, same unit as ``field``.
+
+    Returns
+    -------
+    (n, 2, 2) float64 array: ``n`` segments, each two points (row, col) in fractional
+    array indices (a sample sits at an integer index).
+    """
+    f = np.asarray(field, dtype=np.float64)
+    if f.ndim != 2 or min(f.shape) < 2:
+        return np.zeros((0, 2, 2))
+    above = f >= level
+    case = (above[:-1, :-1] * 1 + above[:-1, 1:] * 2 + above[1:, 1:] * 4 + above[1:, :-1] * 8).astype(np.int8)
+    if not np.any((case > 0) & (case < 15)):
+        return np.zeros((0, 2, 2))
+    pts = _edge_points(f, level)
+    centre_above = (f[:-1, :-1] + f[:-1, 1:] + f[1:, 1:] + f[1:, :-1]) / 4.0 >= level
+    chunks = []
+    for k, pairs in _CASES.items():
+        cells = np.nonzero(case == k)
+        if cells[0].size:
+            for e0, e1 in pairs:
+                chunks.append(np.stack([pts[e0][cells], pts[e1][cells]], 1))
+    for k in (5, 10):
+        for table, sel in ((_SADDLE_CENTRE_ABOVE, centre_above), (_SADDLE_CENTRE_BELOW, ~centre_above)):
+            cells = np.nonzero((case == k) & sel)
+            if cells[0].size:
+                for e0, e1 in table[k]:
+                    chunks.append(np.stack([pts[e0][cells], pts[e1][cells]], 1))
+    return np.concatenate(chunks, 0) if chunks else np.zeros((0, 2, 2))
+
+
+def label_anchor(segments: np.ndarray, direction_rc=(-1.0, 0.0), centre_rc=None, avoid_rc=(),
+                 min_separation: float = 0.0, scale_rc=(1.0, 1.0)) -> np.ndarray | None:
+    """A place (row, col) for a line's label.
+
+    The segment midpoint farthest along ``direction_rc`` from ``centre_rc`` (default: the
+    line's own centre) that is at least ``min_separation`` (in the units ``scale_rc`` converts
+    rows and columns to) from every point of ``avoid_rc``, the labels already placed; the
+    farthest point regardless if none is. Giving each of a set of nested lines its own
+    direction fans their labels out. None without segments.
+    """
+    if len(segments) == 0:
+        return None
+    mid = segments.mean(axis=1)
+    c = mid.mean(axis=0) if centre_rc is None else np.asarray(centre_rc, np.float64)
+    order = np.argsort(-((mid - c) @ np.asarray(direction_rc, np.float64)))
+    avoid = np.asarray(avoid_rc, np.float64).reshape(-1, 2)
+    if len(avoid) and min_separation > 0:
+        s = np.asarray(scale_rc, np.float64)
+        d = np.linalg.norm((mid[order, None, :] - avoid[None, :, :]) * s, axis=-1).min(axis=1)
+        ok = np.flatnonzero(d >= min_separation)
+        if ok.size:
+            return mid[order[ok[0]]]
+    return mid[order[0]]
+
+
+def nearest_on_segments(segments: np.ndarray, point_rc, scale_rc=(1.0, 1.0)) -> tuple[np.ndarray | None, float]:
+    """The point of ``segments`` nearest to ``point_rc`` and its distance.
+
+    ``scale_rc`` converts rows and columns to a common unit (e.g. mm per voxel) so the
+    distance is measured in that unit. Returns (None, inf) when there are no segments.
+    """
+    if len(segments) == 0:
+        return None, float("inf")
+    s = np.asarray(scale_rc, dtype=np.float64)
+    a = segments[:, 0] * s
+    b = segments[:, 1] * s
+    p = np.asarray(point_rc, dtype=np.float64) * s
+    ab = b - a
+    denom = np.einsum("ij,ij->i", ab, ab)
+    t = np.where(denom > 0, np.einsum("ij,ij->i", p - a, ab) / np.where(denom > 0, denom, 1), 0.0)
+    t = np.clip(t, 0.0, 1.0)
+    q = a + t[:, None] * ab
+    d = np.linalg.norm(q - p, axis=1)
+    k = int(np.argmin(d))
+    return q[k] / s, float(d[k])

@@ -1,0 +1,369 @@
+"""The engine worker: the one thread that touches the session (CONVENTIONS item 6).
+
+The GUI submits jobs (requests, drag previews, undo/redo, save); each gets an increasing id.
+The worker thread drains its queues so that only the newest of each kind runs: drag previews
+go through :class:`~ids_engine.session.LatestRequestQueue` (a coalescing slot), and runs of
+queued jobs of the same kind and target (e.g. scrolling one voxel's dose) collapse to the
+newest. After each job it emits a :class:`Snapshot`: host copies of what the views display
+(dose cube, DVHs, the isodose surface mesh, history).
+
+A drag is a *group*: while the mouse moves, previews run with few recovery steps; on release
+the worker undoes the group's previews and runs the final request with full recovery, so
+the journal holds one entry per drag and the result does not carry the previews' side effects.
+
+:class:`EngineWorker` is plain Python (threading + callbacks) so it can be tested without a
+window or event loop; :class:`QtEngineWorker` forwards its callbacks as Qt signals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PyQt6 import QtCore
+
+from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose, Unpin
+from ids_engine.evaluation import DVH, dvh
+from ids_engine.session import LatestRequestQueue, RequestResult, Session
+
+from ._meshes import SurfaceMesh, level_mesh
+
+__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "describe_request"]
+
+# Recovery steps of a drag preview (full recovery runs on release).
+PREVIEW_RECOVERY_STEPS = 3
+# Recompute DVHs for a preview only if the last DVH pass took less than this (ms).
+PREVIEW_DVH_BUDGET_MS = 25.0
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One journal entry as the history list shows it."""
+
+    id: int
+    text: str
+    engine_ms: float
+    preview: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """What the views display after a job (host arrays owned by the GUI from now on).
+
+    dose_gy : (z, y, x) float32, Gy.
+    history : applied journal entries, oldest first.
+    undone : undone entries that redo would bring back, in the order they were applied.
+    pins_mask : bool (z, y, x) union of the pinned regions, or None when nothing is pinned.
+    dvhs : one DVH per structure, or None when this snapshot did not recompute them.
+    surface : the isodose surface at ``surface_level_gy``, or None when not recomputed.
+    final : False for a drag preview (few recovery steps).
+    dropped : stale jobs coalesced away so far.
+    """
+
+    job_id: int
+    job_kind: str
+    final: bool
+    dose_gy: np.ndarray
+    plan_id: int
+    history: tuple[HistoryEntry, ...]
+    undone: tuple[HistoryEntry, ...]
+    pins_mask: np.ndarray | None
+    pin_names: tuple[str, ...]
+    dvhs: tuple[DVH, ...] | None
+    surface: SurfaceMesh | None
+    surface_level_gy: float
+    engine_ms: float
+    submitted_at: float
+    dropped: int = 0
+    outcome: dict | None = None  # RequestResult.summary() of the request this job ran, if any
+
+
+@dataclass(frozen=True)
+class _Job:
+    id: int
+    kind: str  # run | preview | commit | undo | redo | goto | refresh | surface | save
+    request: object = None
+    group: int | None = None
+    target: int | None = None
+    path: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def coalesce_key(self):
+        """Jobs with equal non-None keys queued back to back collapse to the newest."""
+        if self.kind == "run" and isinstance(self.request, SetVoxelDose):
+            return ("set", self.request.index_zyx)
+        if self.kind in ("refresh", "surface", "goto"):
+            return (self.kind,)
+        return None
+
+
+def describe_request(req) -> str:
+    """A short human-readable line for a request."""
+    if isinstance(req, SetVoxelDose):
+        k, j, i = req.index_zyx
+        return f"Set dose at ({i}, {j}, {k}) to {req.dose_gy:.3g} Gy"
+    if isinstance(req, MoveIsodoseLine):
+        plane = {"z": "axial", "y": "coronal", "x": "sagittal"}[req.axis]
+        return f"Drag {req.level_gy:.3g} Gy line ({plane} {req.slice_index})"
+    if isinstance(req, MoveIsodoseSurface):
+        return f"Drag {req.level_gy:.3g} Gy surface"
+    if isinstance(req, EraseSpot):
+        where = f" in {req.structure}" if req.structure else ""
+        return f"Erase spot r {req.radius_mm:g} mm to [{req.low_gy:.3g}, {req.high_gy:.3g}] Gy{where}"
+    if isinstance(req, Pin):
+        return f"Pin {req.name} (r {req.radius_mm:g} mm)"
+    if isinstance(req, Unpin):
+        return f"Unpin {req.name}"
+    return str(req)
+
+
+def _entry(res: RequestResult, preview: bool = False) -> HistoryEntry:
+    ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery"))
+    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview)
+
+
+class EngineWorker:
+    """Runs a session's requests on a background thread and reports snapshots.
+
+    Parameters
+    ----------
+    session : the session; from now on only this worker's thread calls it.
+    on_snapshot : called (on the worker thread) with each :class:`Snapshot`.
+    on_message : called with (text, is_error) for request errors and notices.
+    preview_recovery_steps : recovery steps of drag previews.
+    surface_level_gy : the isodose surface level (None: the prescription).
+    """
+
+    def __init__(self, session: Session, on_snapshot: Callable[[Snapshot], None],
+                 on_message: Callable[[str, bool], None] | None = None, *,
+                 preview_recovery_steps: int = PREVIEW_RECOVERY_STEPS, surface_level_gy: float | None = None) -> None:
+        self.session = session
+        self._on_snapshot = on_snapshot
+        self._on_message = on_message or (lambda text, error: None)
+        self.preview_recovery_steps = int(preview_recovery_steps)
+        self._surface_level_gy = float(surface_level_gy or session.prescription_gy)
+        self._ids = itertools.count(1)
+        self._ordered: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._latest = LatestRequestQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        # Mirror of the session's redo stack: Session does not expose it, and drag previews
+        # that are undone on release must never be redone.
+        self._redo: list[RequestResult] = []
+        self._previews: dict[int, list[int]] = {}  # group -> journal ids of its previews
+        self._closed_groups: set[int] = set()
+        self._dvh_ms = 0.0
+        self.dropped = 0
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "EngineWorker":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ids-engine-worker", daemon=True)
+            self._thread.start()
+            self.refresh()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in progress, drop the rest, and end the thread."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _put(self, kind: str, **kw) -> int:
+        job = _Job(next(self._ids), kind, **kw)
+        self._ordered.put(job)
+        self._wake.set()
+        return job.id
+
+    # ------------------------------------------------------------------ jobs (any thread)
+    def submit(self, request) -> int:
+        """Run a request with full recovery."""
+        return self._put("run", request=request)
+
+    def preview(self, request, group: int) -> int:
+        """A drag's intermediate request: coalesced with the group's newer previews, few recovery steps."""
+        job = _Job(next(self._ids), "preview", request=request, group=group)
+        self._latest.put(job)
+        self._wake.set()
+        return job.id
+
+    def commit(self, request, group: int) -> int:
+        """End a drag: undo the group's previews, run ``request`` with full recovery.
+        ``request`` None just takes the previews back (a cancelled drag)."""
+        return self._put("commit", request=request, group=group)
+
+    def undo(self) -> int:
+        return self._put("undo")
+
+    def redo(self) -> int:
+        return self._put("redo")
+
+    def goto(self, journal_length: int) -> int:
+        """Undo or redo until the journal holds ``journal_length`` entries."""
+        return self._put("goto", target=int(journal_length))
+
+    def refresh(self) -> int:
+        return self._put("refresh")
+
+    def save(self, folder: str) -> int:
+        return self._put("save", path=str(folder))
+
+    def set_surface_level(self, level_gy: float) -> int:
+        self._surface_level_gy = float(level_gy)
+        return self._put("surface")
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stop:
+                batch = self._drain_ordered()
+                if batch:
+                    for job in batch:
+                        if self._stop:
+                            break
+                        self._run_job(job)
+                    continue
+                job = self._latest.take(0)
+                if job is None:
+                    break
+                self._run_job(job)
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            self._run_job_unguarded(job)
+        except Exception as exc:  # keep the thread alive; the GUI shows what went wrong
+            self._on_message(f"{job.kind} failed: {type(exc).__name__}: {exc}", True)
+            if job.kind != "preview":
+                try:
+                    self._on_snapshot(self._snapshot(job, True, 0.0, None))
+                except Exception:  # noqa: BLE001 - nothing more to report than the message above
+                    pass
+
+    def _drain_ordered(self) -> list[_Job]:
+        jobs: list[_Job] = []
+        while True:
+            try:
+                jobs.append(self._ordered.get_nowait())
+            except queue.Empty:
+                break
+        kept: list[_Job] = []
+        for job in jobs:
+            key = job.coalesce_key()
+            if kept and key is not None and kept[-1].coalesce_key() == key:
+                kept[-1] = job
+                self.dropped += 1
+            else:
+                kept.append(job)
+        return kept
+
+    def _run_job_unguarded(self, job: _Job) -> None:
+        s = self.session
+        t0 = time.perf_counter()
+        result = None
+        final = True
+        try:
+            if job.kind == "run":
+                result = s.run(job.request)
+                self._redo.clear()
+            elif job.kind == "preview":
+                if job.group in self._closed_groups:
+                    return
+                final = False
+                try:
+                    result = s.run(job.request, recovery_steps=self.preview_recovery_steps)
+                except RequestError:
+                    return  # e.g. the mouse has not left the isodose yet: nothing to show
+                self._redo.clear()
+                self._previews.setdefault(job.group, []).append(result.id)
+            elif job.kind == "commit":
+                self._closed_groups.add(job.group)
+                pending = self._latest.take(0)
+                if pending is not None and pending.group != job.group:
+                    self._latest.put(pending)
+                ids = set(self._previews.pop(job.group, []))
+                while s.journal and s.journal[-1].id in ids:
+                    s.undo()
+                if job.request is not None:
+                    result = s.run(job.request)
+                    self._redo.clear()
+            elif job.kind == "undo":
+                res = s.undo()
+                if res is not None:
+                    self._redo.append(res)
+            elif job.kind == "redo":
+                self._redo_one()
+            elif job.kind == "goto":
+                while len(s.journal) > job.target:
+                    self._redo.append(s.undo())
+                while len(s.journal) < job.target and self._redo:
+                    self._redo_one()
+            elif job.kind == "save":
+                s.save(job.path)
+                self._on_message(f"Session saved to {job.path}", False)
+            # "refresh" and "surface" only rebuild the snapshot.
+        except (RequestError, ValueError, KeyError, OSError) as exc:
+            # The plan is as before the job (a failed commit has still taken its previews back);
+            # the snapshot below tells the GUI the job is done.
+            self._on_message(str(exc), True)
+        engine_ms = (time.perf_counter() - t0) * 1000.0
+        self._on_snapshot(self._snapshot(job, final, engine_ms, result))
+
+    def _redo_one(self) -> None:
+        if self._redo:
+            expected = self._redo.pop()
+            res = self.session.redo()
+            if res is None or res.id != expected.id:
+                raise RuntimeError("engine worker: the session's redo stack is out of step with the worker's")
+
+    def _snapshot(self, job: _Job, final: bool, engine_ms: float, result) -> Snapshot:
+        s = self.session
+        dose = s.dose()
+        previews = {i for ids in self._previews.values() for i in ids}
+        history = tuple(_entry(r, r.id in previews) for r in s.journal)
+        undone = tuple(_entry(r) for r in reversed(self._redo))
+        pins_mask = None
+        if s.pins:
+            pins_mask = np.zeros(dose.shape, bool)
+            for m in s.pins.values():
+                pins_mask |= m
+        dvhs = None
+        if final or self._dvh_ms < PREVIEW_DVH_BUDGET_MS:
+            t = time.perf_counter()
+            vcc = s.patient.grid.voxel_volume_cc
+            dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
+            self._dvh_ms = (time.perf_counter() - t) * 1000.0
+        surface = None
+        if final:
+            surface = level_mesh(dose, self._surface_level_gy, s.patient.grid.spacing_mm_zyx)
+        return Snapshot(job.id, job.kind, final, dose, s.plan_id, history, undone, pins_mask, tuple(s.pins),
+                        dvhs, surface, self._surface_level_gy, engine_ms, job.submitted_at,
+                        self.dropped + self._latest.dropped, result.summary() if result is not None else None)
+
+
+class QtEngineWorker(QtCore.QObject):
+    """An :class:`EngineWorker` (``.engine``) whose reports arrive as Qt signals.
+
+    ``snapshot(Snapshot)`` and ``message(str, bool)`` are emitted from the worker thread; Qt
+    queues them to the receivers' (GUI) thread, so slots run there.
+    """
+
+    snapshot = QtCore.pyqtSignal(object)
+    message = QtCore.pyqtSignal(str, bool)
+
+    def __init__(self, session: Session, parent=None, **kwargs) -> None:
+        super().__init__(parent)
+        self.engine = EngineWorker(session, self.snapshot.emit, self.message.emit, **kwargs)
