@@ -203,16 +203,18 @@ class Session:
     # ------------------------------------------------------------------ builders
     @classmethod
     def open_field_plan(cls, patient: Patient, *, n_beams: int = 9, prescription_gy: float = 60.0,
-                        margin_mm: float = 8.0, case: dict | None = None, **kwargs) -> "Session":
-        """The IDS paper's starting point: ``n_beams`` equispaced coplanar open fields conformed to
-        the (first) target, weighted equally and normalised so the target's median dose is the
-        prescription."""
+                        margin_mm: float = 8.0, case: dict | None = None, beams: Sequence[Beam] | None = None,
+                        **kwargs) -> "Session":
+        """The IDS paper's starting point: ``n_beams`` equispaced coplanar open fields (or the given
+        ``beams``) conformed to the (first) target, weighted equally and normalised so the
+        target's median dose is the prescription."""
         from ids_engine.planning import conformal_aperture, equispaced_beams
 
         if not patient.targets:
             raise ValueError("open_field_plan: the patient has no target structure")
         target = patient.targets[0]
-        beams = equispaced_beams(n_beams, target.centroid_xyz())
+        if beams is None:
+            beams = equispaced_beams(n_beams, target.centroid_xyz())
         s = cls(patient, beams, prescription_gy=prescription_gy, case=case, **kwargs)
         maps = [conformal_aperture(g.beam, patient, target, margin_mm).astype(np.float32) for g in s.engine.geometry]
         s.engine.set_fluences(maps)
@@ -246,6 +248,21 @@ class Session:
     @property
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    @property
+    def redo_stack(self) -> tuple:
+        """The undone requests that :meth:`redo` would re-apply, the next one last."""
+        return tuple(self._redo)
+
+    def clear_redo(self) -> None:
+        """Forget the undone requests (e.g. the previews of a cancelled drag)."""
+        with self._lock:
+            self._redo.clear()
+            self._append_op({"op": "clear_redo"})
+
+    def gy(self, percent_of_prescription: float) -> float:
+        """A dose in Gy from a percentage of the prescription."""
+        return float(percent_of_prescription) / 100.0 * self.prescription_gy
 
     # ------------------------------------------------------------------ resolving
     def _check_index(self, index_zyx, what: str) -> int:
@@ -371,8 +388,13 @@ class Session:
             t0 = time.perf_counter()
             rec = None
             if steps > 0 and cand.size:
+                tol = np.full(cand.size, self.options.tolerance_pct / 100.0 * self.prescription_gy)
+                if isinstance(req, (MoveIsodoseLine, MoveIsodoseSurface)):
+                    # A dragged isodose must stay on its side of the level: its voxels may drift
+                    # by half the edge margin only (the general tolerance is larger than the margin).
+                    tol[feature] = 0.5 * self.options.edge_margin_pct / 100.0 * req.level_gy
                 rec = recover(self.modifier, cand, reference, resolved.feature_mask, steps=steps,
-                              tol_gy=self.options.tolerance_pct / 100.0 * self.prescription_gy,
+                              tol_gy=tol,
                               only_hotter=only_hotter, feature=feature, cancel=cancel, progress=progress)
                 timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
             timings["recovery"] = (time.perf_counter() - t0) * 1000
@@ -543,6 +565,8 @@ class Session:
                 s.undo()
             elif op == "redo":
                 s.redo()
+            elif op == "clear_redo":
+                s._redo.clear()
             elif op == "request":
                 try:
                     arrays = np.load(folder / "requests" / entry["file"])

@@ -128,7 +128,7 @@ def test_move_isodose_line_outwards_and_inwards(session):
     assert res.voxels.size > 0
     # The swept voxels are raised to (just above) the level.
     swept = np.unravel_index(res.voxels, d.shape)
-    assert np.median(d2[swept]) >= level * 0.97
+    assert np.percentile(d2[swept], 10) >= level  # the line moved all the way (feature kept by recovery)
     assert np.median(d2[swept] - d[swept]) > 0
 
 

@@ -66,7 +66,7 @@ def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, sha
 
 
 def recover(modifier, candidates_flat: np.ndarray, reference_gy: np.ndarray, request_mask_zyx: np.ndarray, *,
-            steps: int = 25, tol_gy: float, only_hotter: np.ndarray | None = None,
+            steps: int = 25, tol_gy, only_hotter: np.ndarray | None = None,
             feature: np.ndarray | None = None, cancel=None, progress=None) -> RecoveryResult:
     """Run up to ``steps`` recovery steps on ``modifier.engine``.
 
@@ -78,7 +78,7 @@ def recover(modifier, candidates_flat: np.ndarray, reference_gy: np.ndarray, req
     reference_gy : (n,) their dose before the request.
     request_mask_zyx : bool (z, y, x): the requested feature (distances are measured from it).
     steps : maximum number of steps; stops early when no candidate is out of tolerance.
-    tol_gy : tolerance on |D - D_ref|.
+    tol_gy : tolerance on |D - D_ref| (Gy): one number, or one per candidate.
     only_hotter : optional bool (n,): candidates that count only when hotter than the reference (OARs).
     feature : optional bool (n,): candidates that belong to the requested feature (reference =
         requested dose); when one of them has drifted out of tolerance it is restored first, so
@@ -97,9 +97,10 @@ def recover(modifier, candidates_flat: np.ndarray, reference_gy: np.ndarray, req
     dist_dev = xp.asarray(dist.astype(np.float32))
     hotter_dev = xp.asarray(np.zeros(candidates_flat.size, bool) if only_hotter is None else np.asarray(only_hotter, bool))
     feature_dev = xp.asarray(np.zeros(candidates_flat.size, bool) if feature is None else np.asarray(feature, bool))
+    tol_dev = xp.asarray(np.broadcast_to(np.asarray(tol_gy, np.float32), candidates_flat.shape).copy())
 
     def out_of_tolerance(dev):
-        return xp.where(hotter_dev, dev > tol_gy, xp.abs(dev) > tol_gy)
+        return xp.where(hotter_dev, dev > tol_dev, xp.abs(dev) > tol_dev)
     chosen, refs, got, patches = [], [], [], []
     remaining = 0
     n_done = 0
