@@ -274,10 +274,11 @@ class Session:
             raise RequestError(f"{what}: voxel {idx} lies outside the body")
         return int(np.ravel_multi_index(idx, shape))
 
-    def _resolve(self, req) -> Resolved:
+    def _resolve(self, req, max_voxels: int | None = None) -> Resolved:
         eng = self.engine
         grid = self.patient.grid
         opts = self.options
+        limit = int(max_voxels or opts.max_request_voxels)
         if isinstance(req, SetVoxelDose):
             flat = self._check_index(req.index_zyx, "set voxel dose")
             mask = np.zeros(grid.shape_zyx, bool)
@@ -314,7 +315,7 @@ class Session:
             else:  # dragging inwards: lower the swept voxels below the level
                 sel = dose > req.level_gy - margin
                 goal = req.level_gy - margin
-            vox = subsample(flat[sel], opts.max_request_voxels)
+            vox = subsample(flat[sel], limit)
             if vox.size == 0:
                 raise RequestError(f"{req.kind}: the isodose already lies where it was dragged")
             return Resolved(vox, np.full(vox.size, goal), band)
@@ -332,13 +333,18 @@ class Session:
                 raise RequestError("erase spot: every voxel of the region is already within the bounds")
             # The worst voxels first.
             order = np.argsort(-np.abs(goal - dose)[off])
-            pick = np.flatnonzero(off)[order][: opts.max_request_voxels]
+            pick = np.flatnonzero(off)[order][:limit]
             return Resolved(flat[pick], goal[pick], region)
         raise RequestError(f"cannot resolve request {req!r}")
 
     # ------------------------------------------------------------------ running
-    def run(self, req, *, recovery_steps: int | None = None, cancel=None, progress=None) -> RequestResult:
-        """Carry out a request: resolve, modify, recover, journal. Raises RequestError (plan untouched)."""
+    def run(self, req, *, recovery_steps: int | None = None, max_voxels: int | None = None, cancel=None,
+            progress=None) -> RequestResult:
+        """Carry out a request: resolve, modify, recover, journal. Raises RequestError (plan untouched).
+
+        ``recovery_steps`` and ``max_voxels`` (voxels a line, surface or spot request is solved
+        on) override the session's options for this request: drag previews use fewer of both.
+        """
         with self._lock:
             if isinstance(req, Pin):
                 g = self.patient.grid
@@ -354,7 +360,7 @@ class Session:
                 return self._journal(req, Resolved(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)), None, None, {}, [])
             timings = {}
             t0 = time.perf_counter()
-            resolved = self._resolve(req)
+            resolved = self._resolve(req, max_voxels)
             timings["resolve"] = (time.perf_counter() - t0) * 1000
             eng = self.engine
             # Reference: the dose before the request, at the voxels recovery watches.

@@ -37,6 +37,9 @@ __all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "descri
 
 # Recovery steps of a drag preview (full recovery runs on release).
 PREVIEW_RECOVERY_STEPS = 3
+# Voxels a drag preview is solved on (the release uses the session's full setting): the
+# preview's cost grows with this number, so a coarser preview keeps the drag fluid on a CPU.
+PREVIEW_MAX_VOXELS = 6
 # Recompute DVHs for a preview only if the last DVH pass took less than this (ms).
 PREVIEW_DVH_BUDGET_MS = 25.0
 
@@ -284,7 +287,7 @@ class EngineWorker:
                     return
                 final = False
                 try:
-                    result = s.run(job.request, recovery_steps=self.preview_recovery_steps)
+                    result = s.run(job.request, recovery_steps=self.preview_recovery_steps, max_voxels=PREVIEW_MAX_VOXELS)
                 except RequestError:
                     return  # e.g. the mouse has not left the isodose yet: nothing to show
                 self._redo.clear()
