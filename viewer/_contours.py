@@ -22,22 +22,21 @@ _SADDLE_CENTRE_ABOVE = {5: ((3, 2), (0, 1)), 10: ((3, 0), (1, 2))}
 _SADDLE_CENTRE_BELOW = {5: ((3, 0), (1, 2)), 10: ((0, 1), (2, 3))}
 
 
-def _edge_points(field: np.ndarray, level: float) -> np.ndarray:
-    """Crossing point (row, col) on each of the four edges of every cell, shape (4, nr-1, nc-1, 2)."""
-    a = field[:-1, :-1]
-    b = field[:-1, 1:]
-    c = field[1:, 1:]
-    d = field[1:, :-1]
+def _edge_points(field: np.ndarray, level: float, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Crossing point (row, col) on each of the four edges of the given cells, shape (4, n, 2)."""
+    a = field[rows, cols]
+    b = field[rows, cols + 1]
+    c = field[rows + 1, cols + 1]
+    d = field[rows + 1, cols]
 
     def frac(p, q):
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (level - p) / (q - p)
         return np.clip(np.nan_to_num(t, nan=0.5, posinf=0.5, neginf=0.5), 0.0, 1.0)
 
-    nr, nc = a.shape
-    r = np.arange(nr, dtype=np.float64)[:, None] * np.ones((1, nc))
-    col = np.ones((nr, 1)) * np.arange(nc, dtype=np.float64)[None, :]
-    out = np.empty((4, nr, nc, 2))
+    r = rows.astype(np.float64)
+    col = cols.astype(np.float64)
+    out = np.empty((4, rows.size, 2))
     out[0] = np.stack([r, col + frac(a, b)], -1)
     out[1] = np.stack([r + frac(b, c), col + 1], -1)
     out[2] = np.stack([r + 1, col + frac(d, c)], -1)
@@ -57,28 +56,33 @@ def isoline_segments(field: np.ndarray, level: float) -> np.ndarray:
     -------
     (n, 2, 2) float64 array: ``n`` segments, each two points (row, col) in fractional
     array indices (a sample sits at an integer index).
+
+    Only the cells the line crosses are interpolated (found first from the corner bits), so
+    the cost follows the line's length, not the slice's area.
     """
     f = np.asarray(field, dtype=np.float64)
     if f.ndim != 2 or min(f.shape) < 2:
         return np.zeros((0, 2, 2))
     above = f >= level
     case = (above[:-1, :-1] * 1 + above[:-1, 1:] * 2 + above[1:, 1:] * 4 + above[1:, :-1] * 8).astype(np.int8)
-    if not np.any((case > 0) & (case < 15)):
+    rows, cols = np.nonzero((case > 0) & (case < 15))
+    if rows.size == 0:
         return np.zeros((0, 2, 2))
-    pts = _edge_points(f, level)
-    centre_above = (f[:-1, :-1] + f[:-1, 1:] + f[1:, 1:] + f[1:, :-1]) / 4.0 >= level
+    kind = case[rows, cols]
+    pts = _edge_points(f, level, rows, cols)
+    centre_above = (f[rows, cols] + f[rows, cols + 1] + f[rows + 1, cols + 1] + f[rows + 1, cols]) / 4.0 >= level
     chunks = []
     for k, pairs in _CASES.items():
-        cells = np.nonzero(case == k)
-        if cells[0].size:
+        sel = np.flatnonzero(kind == k)
+        if sel.size:
             for e0, e1 in pairs:
-                chunks.append(np.stack([pts[e0][cells], pts[e1][cells]], 1))
+                chunks.append(np.stack([pts[e0][sel], pts[e1][sel]], 1))
     for k in (5, 10):
-        for table, sel in ((_SADDLE_CENTRE_ABOVE, centre_above), (_SADDLE_CENTRE_BELOW, ~centre_above)):
-            cells = np.nonzero((case == k) & sel)
-            if cells[0].size:
+        for table, above_c in ((_SADDLE_CENTRE_ABOVE, centre_above), (_SADDLE_CENTRE_BELOW, ~centre_above)):
+            sel = np.flatnonzero((kind == k) & above_c)
+            if sel.size:
                 for e0, e1 in table[k]:
-                    chunks.append(np.stack([pts[e0][cells], pts[e1][cells]], 1))
+                    chunks.append(np.stack([pts[e0][sel], pts[e1][sel]], 1))
     return np.concatenate(chunks, 0) if chunks else np.zeros((0, 2, 2))
 
 
