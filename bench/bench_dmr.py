@@ -125,8 +125,41 @@ def main(argv=None) -> int:
     for k, v in quality.items():
         print(f"  {k}: {v}")
     png = _picture(s, m, dose_before, dose_mod, dose_after)
-    print(f"  -> {path}\n  -> {png}")
+    bars = _stage_plot(stages)
+    print(f"  -> {path}\n  -> {png}\n  -> {bars}")
     return 0
+
+
+def _stage_plot(stages: dict) -> Path | None:
+    """Bars of our per-stage medians beside the paper's Table 1 (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [k for k in PAPER_MS if k in stages]
+    ours = [stages[k]["median_ms"] for k in names]
+    paper = [PAPER_MS[k] for k in names]
+    y = np.arange(len(names))
+    info = backend.backend_info()
+    fig, ax = plt.subplots(figsize=(8, 4.6), constrained_layout=True)
+    ax.barh(y - 0.2, paper, height=0.4, color="tab:gray", label="IDS paper, Table 1 (CPU, 2016)")
+    ax.barh(y + 0.2, ours, height=0.4, color="tab:blue", label=f"ids-engine, {info.name} on {info.device}")
+    for yi, (o, pp) in enumerate(zip(ours, paper)):
+        ax.text(max(o, pp) * 1.15, yi, f"{pp / o:.1f}x", va="center", fontsize=8)
+    ax.set_yticks(y, [n.replace("_", " ") for n in names])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(right=max(ours + paper) * 4)
+    ax.set_xlabel("milliseconds (median; per DMR step where the paper's column is per step)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
+    ax.set_title("DMR latency, horseshoe phantom, 9 beams")
+    out = RESULTS / f"dmr-horseshoe-stages-{info.name}-{device_slug(info.device if info.name == 'cupy' else 'cpu')}.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def _picture(s: Session, m, before, modified, after) -> Path | None:
