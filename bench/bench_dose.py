@@ -53,7 +53,7 @@ def bench_phantom(name: str, resolution: str, repeats: int) -> dict:
     side = PATCH_CPS * CP_CELLS
     rng = np.random.default_rng(0)
     patches_pos, patches_neg = [], []
-    for b, g in enumerate(eng.geometry):
+    for b in range(eng.n_beams):
         rows, cols = np.nonzero(maps[b])
         r0 = int(np.median(rows)) - side // 2
         c0 = int(np.median(cols)) - side // 2

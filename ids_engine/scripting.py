@@ -146,7 +146,7 @@ def run_script(doc: dict, out_dir: "str | Path", *, progress=None, log=print) ->
 
 
 def _markdown(rep: dict) -> str:
-    lines = [f"# ids shape report", "", f"Script: `{rep['script']}`; case: `{json.dumps(rep['case'])}`; "
+    lines = ["# ids shape report", "", f"Script: `{rep['script']}`; case: `{json.dumps(rep['case'])}`; "
              f"prescription {rep['prescription_gy']:g} Gy; plan ID {rep['plan_id']}.", "", "## Requests", "",
              "| # | kind | voxels | requested Gy | before Gy | after modification Gy | final Gy | recovery steps | ms |",
              "|---|---|---|---|---|---|---|---|---|"]

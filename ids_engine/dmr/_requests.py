@@ -191,7 +191,7 @@ def capsule_mask(shape_zyx, spacing_mm_zyx, a_zyx, b_zyx, radius_mm) -> np.ndarr
     return out
 
 
-def subsample(indices: np.ndarray, limit: int, rng_seed: int = 0) -> np.ndarray:
+def subsample(indices: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` indices, evenly spread over the (sorted) input."""
     if indices.size <= limit:
         return indices
