@@ -32,19 +32,21 @@ def tpi_maps(engine, mask_zyx: np.ndarray, cp_cells: int = 5) -> list:
     TPI values matter (mu in eq. 3 is chosen relative to them).
     """
     xp = engine.xp
-    mask = xp.asarray(np.asarray(mask_zyx, bool).ravel())
+    flat = np.flatnonzero(np.asarray(mask_zyx, bool).ravel() & engine.body_mask.ravel())
+    flat_dev = xp.asarray(flat)
     d_tab, c_tab = engine.machine.depth_table()
     d_tab = xp.asarray(d_tab)
     d1_tab = xp.asarray(c_tab[0])
     out = []
     for geo in engine.geometry:
         lvl = geo.fine
-        sel = mask[lvl.vox]
+        # The tissue's voxels through the cache's position index: no pass over the whole body.
+        pos = lvl.position[flat_dev]
         nv, nu = geo.fluence_grid.shape_vu
         ncr, ncc = -(-nv // cp_cells), -(-nu // cp_cells)
-        r = xp.clip(xp.floor(lvl.v[sel] / cp_cells).astype(xp.int64), 0, ncr - 1)
-        c = xp.clip(xp.floor(lvl.u[sel] / cp_cells).astype(xp.int64), 0, ncc - 1)
-        w = xp.interp(lvl.depth_mm[sel].astype(xp.float64), d_tab, d1_tab)
+        r = xp.clip(xp.floor(lvl.v[pos] / cp_cells).astype(xp.int64), 0, ncr - 1)
+        c = xp.clip(xp.floor(lvl.u[pos] / cp_cells).astype(xp.int64), 0, ncc - 1)
+        w = xp.interp(lvl.depth_mm[pos].astype(xp.float64), d_tab, d1_tab)
         tpi = xp.bincount(r * ncc + c, weights=w, minlength=ncr * ncc).astype(xp.float32)
         out.append(tpi.reshape(ncr, ncc))
     backend.synchronize()
