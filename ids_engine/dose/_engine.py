@@ -29,13 +29,19 @@ change reaches.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ids_engine import backend
-from ids_engine.kernels.pencil import accumulate_bilinear, convolve_full, sample_bilinear
+from ids_engine.kernels.pencil import (
+    accumulate_bilinear,
+    bilinear_contribution_numpy,
+    convolve_full,
+    sample_bilinear,
+)
 from ids_engine.kernels.raytrace import radiological_depth
 from ids_engine.model import Beam, FluenceGrid, Grid, Patient
 
@@ -210,6 +216,37 @@ class BeamGeometry:
     fine: _Level
     coarse: _Level
     coarse_fluence_factor: int
+
+
+def _gather(xp, lvl: _Level, ranges):
+    """The sorted voxels of some tile ranges: flat index, u, v, weights. Contiguous runs are
+    concatenated (copies at memory speed, no fancy-index gather)."""
+    if len(ranges) == 1:
+        s, e = ranges[0]
+        return lvl.vox[s:e], lvl.u[s:e], lvl.v[s:e], lvl.weights[:, s:e]
+    cat = lambda a: xp.concatenate([a[..., s:e] for s, e in ranges], axis=-1)  # noqa: E731
+    return cat(lvl.vox), cat(lvl.u), cat(lvl.v), cat(lvl.weights)
+
+
+def _job_contribution(job):
+    """NumPy: the dose contribution of one level job (run on the thread pool)."""
+    _, lvl, ranges, dmaps, origin = job
+    vox, u, v, wts = _gather(np, lvl, ranges)
+    return vox, bilinear_contribution_numpy(u, v, wts, dmaps, origin)
+
+
+_POOL = None
+
+
+def _pool():
+    """A small thread pool for the NumPy voxel work (created on first use)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(n, 4)), thread_name_prefix="ids-dose")
+    return _POOL
 
 
 def _auto_fluence_grid(beam: Beam, points_xyz: np.ndarray, position: str, pitch: float, margin_mm: float, align: int) -> FluenceGrid:
@@ -473,8 +510,14 @@ class DoseEngine:
 
     # ------------------------------------------------------------------ incremental
     def apply_patches(self, patches: Sequence[FluencePatch]) -> None:
-        """Add fluence patches and update the dose incrementally (exact by linearity)."""
+        """Add fluence patches and update the dose incrementally (exact by linearity).
+
+        On NumPy the per-beam voxel work runs on a small thread pool (NumPy releases the GIL
+        in array operations); the scatter into the dose stays serial and in patch order, so the
+        result is the same as a serial update, bit for bit.
+        """
         xp = self.xp
+        jobs = []
         for p in patches:
             geo = self.geometry[p.beam]
             delta = xp.asarray(p.delta, dtype=xp.float32)
@@ -485,19 +528,34 @@ class DoseEngine:
                     f"patch for beam {p.beam} at rows {p.row0}:{p.row0 + h}, cols {p.col0}:{p.col0 + w} "
                     f"leaves the fluence grid {nv}x{nu}"
                 )
+        for p in patches:
+            geo = self.geometry[p.beam]
+            delta = xp.asarray(p.delta, dtype=xp.float32)
+            h, w = delta.shape
             self._fluence[p.beam][p.row0 : p.row0 + h, p.col0 : p.col0 + w] += delta
-            self._update_level(p.beam, geo.fine, self._maps_fine[p.beam], self.dose_fine, delta, p.row0, p.col0)
+            jobs.append(self._update_level(geo.fine, self._maps_fine[p.beam], self.dose_fine, delta, p.row0, p.col0))
             f = geo.coarse_fluence_factor
             R0, C0 = p.row0 // f, p.col0 // f
             R1, C1 = (p.row0 + h - 1) // f + 1, (p.col0 + w - 1) // f + 1
             placed = xp.zeros(((R1 - R0) * f, (C1 - C0) * f), dtype=xp.float32)
             placed[p.row0 - R0 * f : p.row0 - R0 * f + h, p.col0 - C0 * f : p.col0 - C0 * f + w] = delta
             delta_c = _block_sum(xp, placed, f)
-            self._update_level(p.beam, geo.coarse, self._maps_coarse[p.beam], self.dose_coarse, delta_c, R0, C0)
-
-    def _update_level(self, b: int, lvl: _Level, maps, dose, delta, r0: int, c0: int) -> None:
-        if not lvl.components:
+            jobs.append(self._update_level(geo.coarse, self._maps_coarse[p.beam], self.dose_coarse, delta_c, R0, C0))
+        jobs = [j for j in jobs if j is not None]
+        if xp is np and len(jobs) > 1:
+            results = list(_pool().map(_job_contribution, jobs))
+            for job, (vox, contrib) in zip(jobs, results):
+                job[0][vox] += contrib
             return
+        for dose, lvl, ranges, dmaps, origin in jobs:
+            vox, u, v, wts = _gather(xp, lvl, ranges)
+            accumulate_bilinear(dose, vox, u, v, wts, dmaps, origin)
+
+    def _update_level(self, lvl: _Level, maps, dose, delta, r0: int, c0: int):
+        """Convolve a patch on one level, add it to the level's maps, and return the voxel job
+        ``(dose, level, ranges, dmaps, origin)`` (None when no voxel is touched)."""
+        if not lvl.components:
+            return None
         xp = self.xp
         hk = lvl.half
         dmaps = xp.stack([convolve_full(delta, lvl.kernels[i]) for i in range(len(lvl.components))])
@@ -507,20 +565,13 @@ class DoseEngine:
         re = min(o_r + dmaps.shape[1], lvl.map_shape[0])
         ce = min(o_c + dmaps.shape[2], lvl.map_shape[1])
         if re <= rs or ce <= cs:
-            return
+            return None
         dmaps = dmaps[:, rs - o_r : re - o_r, cs - o_c : ce - o_c]
         maps[:, rs:re, cs:ce] += dmaps
         ranges = lvl.ranges(rs, re - 1, cs, ce - 1)
         if not ranges:
-            return
-        if len(ranges) == 1:
-            s, e = ranges[0]
-            sel = slice(s, e)
-            accumulate_bilinear(dose, lvl.vox[sel], lvl.u[sel], lvl.v[sel], lvl.weights[:, sel], dmaps, (rs, cs))
-            return
-        # Contiguous runs: concatenating slices copies at memory speed (no fancy-index gather).
-        cat = lambda a: xp.concatenate([a[..., s:e] for s, e in ranges], axis=-1)  # noqa: E731
-        accumulate_bilinear(dose, cat(lvl.vox), cat(lvl.u), cat(lvl.v), cat(lvl.weights), dmaps, (rs, cs))
+            return None
+        return (dose, lvl, ranges, dmaps, (rs, cs))
 
     # ------------------------------------------------------------------ read-out
     def _upsample(self, coarse_cube):
