@@ -267,3 +267,45 @@ def test_load_refuses_a_folder_that_is_not_a_session(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match="not a readable ids-engine session"):
         Session.load(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: MoveIsodoseLine("w", 3, 57.0, (1, 2), (3, 4)), "axis"),
+        (lambda: MoveIsodoseLine("z", 3, -1.0, (1, 2), (3, 4)), "level_gy must be positive"),
+        (lambda: MoveIsodoseSurface(0.0, (1, 2, 3), (2, 3, 4)), "level_gy must be positive"),
+        (lambda: EraseSpot((1, 2, 3), 5.0, 60.0, 50.0), "low <= high"),
+        (lambda: EraseSpot((1, 2, 3), 0.0, 50.0, 60.0), "radius_mm must be positive"),
+    ],
+)
+def test_malformed_requests_are_refused(make, match):
+    with pytest.raises(RequestError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda s: MoveIsodoseLine("z", 0, 0.95 * RX, (0, 0), (1, 1)), "outside the body"),
+        (lambda s: MoveIsodoseSurface(0.95 * RX, (0, 0, 0), (0, 1, 1)), "outside the body"),
+        (lambda s: EraseSpot((0, 0, 0), 3.0, 0.95 * RX, 1.07 * RX), "outside the body"),
+        (lambda s: EraseSpot(oar_rim_voxel(s), 3.0, 0.0, 2 * RX), "already within the bounds"),
+        (lambda s: Pin("far", (0, 0, 0), 2.0), "outside the body"),
+        (lambda s: Unpin("nothing"), "no pin called"),
+    ],
+)
+def test_requests_that_cannot_be_carried_out_leave_the_plan_untouched(session, make, match):
+    d = session.dose()
+    n = len(session.journal)
+    with pytest.raises(RequestError, match=match):
+        session.run(make(session))
+    assert len(session.journal) == n
+    np.testing.assert_array_equal(session.dose(), d)
+
+
+def test_unknown_request_kind_in_a_journal_is_refused():
+    from ids_engine.dmr import request_from_dict
+
+    with pytest.raises(RequestError, match="unknown request kind"):
+        request_from_dict({"kind": "teleport"})
