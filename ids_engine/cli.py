@@ -156,6 +156,10 @@ def cmd_view(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"error: the viewer needs the 'viewer' extra (pip install 'ids-engine[viewer]'): {exc}", file=sys.stderr)
         return 2
+    for flag, value in (("--dicom", args.dicom), ("--matrad", args.matrad), ("--session", args.session)):
+        if value and not Path(value).exists():
+            print(f"error: {flag} {value}: no such file or folder", file=sys.stderr)
+            return 2
     case = None
     if args.dicom:
         case = {"dicom": args.dicom}

@@ -314,3 +314,11 @@ def test_shape_bad_script_names_the_file(tmp_path, capsys):
     rc, _, err = run(["shape", str(bad), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2
     assert "bad.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--dicom", "--matrad", "--session"])
+def test_view_refuses_a_missing_case_before_opening_a_window(tmp_path, capsys, flag):
+    missing = tmp_path / "nowhere"
+    rc, _, err = run(["view", flag, str(missing)], capsys)
+    assert rc == 2
+    assert "nowhere" in err and flag in err and "Traceback" not in err
