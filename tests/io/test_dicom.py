@@ -54,7 +54,7 @@ def make_patient() -> Patient:
 def write_case(folder: Path, patient: Patient | None = None) -> tuple[Patient, list[Path], Path]:
     """Write CT slices and RS.dcm into ``folder``."""
     patient = patient or make_patient()
-    files = write_dicom_ct(patient, folder, patient_name="Doe^John", patient_id="12345")
+    files = write_dicom_ct(patient, folder, patient_name="Doe^John", patient_id="PID-QXZ-4711")
     rs = write_rtstruct(patient, folder / "RS.dcm", files)
     return patient, files, rs
 
@@ -198,7 +198,8 @@ def test_read_dicom_builds_a_patient_without_identifiers(case):
     patient, folder, _, rs = case
     p = read_dicom(folder)
     assert p.name == "DICOM 20 slices"
-    assert "Doe" not in repr(p.meta) and "12345" not in repr(p.meta)
+    # (an identifier that no random UID can contain: UIDs are digits and dots)
+    assert "Doe" not in repr(p.meta) and "PID-QXZ-4711" not in repr(p.meta)
     assert p.frame_of_reference_uid == patient.frame_of_reference_uid
     assert p.patient_position == "HFS"
     assert p.structure_names == patient.structure_names
