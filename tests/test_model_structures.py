@@ -325,3 +325,16 @@ def test_patient_density_uses_curve(patient):
 def test_density_curve_validation(hu, red):
     with pytest.raises(ValueError, match="DensityCurve"):
         DensityCurve(hu, red)
+
+
+def test_points_of_interest_are_added_and_validated():
+    from ids_engine.model import Grid, Patient, PointOfInterest
+
+    g = Grid((2, 3, 4), (1.0, 1.0, 1.0))
+    p = Patient(g, np.zeros(g.shape_zyx)).with_points(PointOfInterest("ISO", (1, 2, 3)), PointOfInterest("REF", (0, 0, 0)))
+    assert [q.label for q in p.points] == ["ISO", "REF"]
+    assert p.points[0].position_mm_xyz == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="label"):
+        PointOfInterest(" ", (0, 0, 0))
+    with pytest.raises(ValueError, match="three finite numbers"):
+        PointOfInterest("X", (0, float("nan"), 0))

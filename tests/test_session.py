@@ -87,7 +87,8 @@ def test_undo_redo_restore_the_dose(session):
     session.run(SetVoxelDose(m, 0.6 * RX), recovery_steps=3)
     d1 = session.dose()
     assert np.abs(d1 - d0).max() > 1.0
-    session.undo()
+    undone = session.undo()
+    assert session.redo_stack == (undone,) and session.can_redo
     np.testing.assert_allclose(session.dose(), d0, atol=1e-4 * RX)
     session.redo()
     np.testing.assert_allclose(session.dose(), d1, atol=1e-4 * RX)
@@ -170,6 +171,12 @@ def test_pin_keeps_region_in_recovery(session):
     assert "p1" not in s.pins
     s.undo()
     assert "p1" in s.pins
+
+
+def test_percent_of_prescription():
+    s = Session.__new__(Session)
+    s.prescription_gy = RX
+    assert s.gy(55) == pytest.approx(33.0)
 
 
 def test_negative_dose_is_refused():
