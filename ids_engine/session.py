@@ -23,24 +23,27 @@ import numpy as np
 
 from ids_engine import __version__, backend
 from ids_engine.dmr import (
-    EraseSpot,
     Modifier,
     MoveIsodoseLine,
     MoveIsodoseSurface,
     Pin,
+    RecoveryOptions,
     RequestError,
+    ResolveContext,
     Resolved,
     SetVoxelDose,
     Unpin,
+    Watch,
     recover,
     request_from_dict,
+    resolve,
     tpi_maps,
 )
-from ids_engine.dmr._requests import ball_mask, capsule_mask, request_to_dict, subsample
+from ids_engine.dmr._requests import ball_mask, request_to_dict, subsample
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
-__all__ = ["DMROptions", "LatestRequestQueue", "RequestResult", "Session", "case_from_spec"]
+__all__ = ["Conflict", "DMROptions", "LatestRequestQueue", "RequestResult", "Session", "case_from_spec"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,13 @@ class DMROptions:
     cp_cells : control point size (fine fluence amplitudes per side) of the TPI maps.
     max_request_voxels : a line, surface or spot request uses at most this many voxels.
     edge_margin_pct : how far past the level a dragged isodose is pushed (% of the level).
+    target_min_pct, target_max_pct : the target's coverage band (% of the prescription; ICRU
+        50/62's -5 % / +7 %). Recovery keeps every target voxel in
+        ``[min(target_min, D_before - tol), max(target_max, D_before + tol)]``: the coverage
+        the plan has, not the dose just before the request. OAR voxels count only when they
+        get hotter than before the request by more than the tolerance.
+    feature_tolerance_pct : half width of a set-voxel-dose request's band (% of the prescription).
+    max_request_pct : requests above this dose (% of the prescription) are refused.
     """
 
     recovery_steps: int = 25
@@ -59,6 +69,45 @@ class DMROptions:
     cp_cells: int = 5
     max_request_voxels: int = 24
     edge_margin_pct: float = 1.0
+    target_min_pct: float = 95.0
+    target_max_pct: float = 107.0
+    feature_tolerance_pct: float = 0.5
+    max_request_pct: float = 200.0
+
+
+# Priorities (weights) of the watched voxels: what recovery restores first.
+WEIGHT_TISSUE = 1.0
+WEIGHT_EARLIER_FEATURE = 3.0
+WEIGHT_GUARD = 5.0
+WEIGHT_REQUEST = 10.0
+WEIGHT_PIN = 10.0
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A feature recovery could not keep: a pin, an earlier request's feature, this request's
+    own voxels or an isodose guard.
+
+    kind : "pin", "feature", "request" or "guard"; name : which one (e.g. "pin 'cord'");
+    voxels : how many of its voxels ended outside their band; worst_gy : by how much at most.
+    """
+
+    kind: str
+    name: str
+    voxels: int
+    worst_gy: float
+    prescription_gy: float
+
+    @property
+    def message(self) -> str:
+        pct = 100.0 * self.worst_gy / self.prescription_gy
+        what = {"pin": "off its pinned dose", "feature": "off the dose that request set",
+                "request": "short of what was asked", "guard": "across the dragged level beside the drag"}[self.kind]
+        return f"{self.name}: {self.voxels} voxel{'s' if self.voxels != 1 else ''} {what}, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "voxels": int(self.voxels), "worst_gy": round(float(self.worst_gy), 4),
+                "message": self.message}
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +125,16 @@ class RequestResult:
     remaining_candidates: int
     patches: list = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
+    feature_voxels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    feature_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    feature_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    feature_goal: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    conflicts: tuple = ()
+    best_step: int = 0
+
+    @property
+    def has_feature(self) -> bool:
+        return self.feature_voxels.size > 0
 
     def summary(self) -> dict:
         return {
@@ -87,7 +146,9 @@ class RequestResult:
             "after_modification_gy": [round(float(v), 4) for v in self.after_modification_gy[:8]],
             "final_gy": [round(float(v), 4) for v in self.final_gy[:8]],
             "recovery_steps": self.recovery_steps,
+            "best_step": self.best_step,
             "remaining_candidates": self.remaining_candidates,
+            "conflicts": [c.to_dict() for c in self.conflicts],
             "patches": len(self.patches),
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
@@ -265,77 +326,141 @@ class Session:
         return float(percent_of_prescription) / 100.0 * self.prescription_gy
 
     # ------------------------------------------------------------------ resolving
-    def _check_index(self, index_zyx, what: str) -> int:
-        shape = self.patient.grid.shape_zyx
-        idx = tuple(int(round(v)) for v in index_zyx)
-        if any(i < 0 or i >= n for i, n in zip(idx, shape)):
-            raise RequestError(f"{what}: voxel {idx} lies outside the grid {shape}")
-        if not self.engine.body_mask[idx]:
-            raise RequestError(f"{what}: voxel {idx} lies outside the body")
-        return int(np.ravel_multi_index(idx, shape))
-
-    def _resolve(self, req, max_voxels: int | None = None) -> Resolved:
-        eng = self.engine
-        grid = self.patient.grid
+    def resolve_context(self, max_voxels: int | None = None) -> ResolveContext:
+        """What the request resolvers may read (the current dose, the grid, the options)."""
+        g = self.patient.grid
+        rx = self.prescription_gy
         opts = self.options
-        limit = int(max_voxels or opts.max_request_voxels)
-        if isinstance(req, SetVoxelDose):
-            flat = self._check_index(req.index_zyx, "set voxel dose")
-            mask = np.zeros(grid.shape_zyx, bool)
-            mask[np.unravel_index(flat, grid.shape_zyx)] = True
-            return Resolved(np.array([flat]), np.array([req.dose_gy]), mask)
-        if isinstance(req, (MoveIsodoseLine, MoveIsodoseSurface)):
-            if isinstance(req, MoveIsodoseLine):
-                ax = "zyx".index(req.axis)
-                a = list(req.start_rc)
-                b = list(req.end_rc)
-                a.insert(ax, req.slice_index)
-                b.insert(ax, req.slice_index)
-                band = capsule_mask(grid.shape_zyx, grid.spacing_mm_zyx, a, b, req.width_mm / 2.0)
-                sl = [slice(None)] * 3
-                keep = np.zeros(grid.shape_zyx, bool)
-                sl[ax] = req.slice_index
-                keep[tuple(sl)] = True
-                band &= keep
-                end = b
+
+        def dose_at(flat):
+            return backend.asnumpy(self.engine.dose_at_voxels(np.asarray(flat, np.int64))).astype(np.float64)
+
+        return ResolveContext(
+            shape_zyx=tuple(g.shape_zyx), spacing_mm_zyx=tuple(g.spacing_mm_zyx), body_mask=self.engine.body_mask,
+            dose_at=dose_at, structure_mask=lambda name: self.patient.structure(name).mask, prescription_gy=rx,
+            max_voxels=int(max_voxels or opts.max_request_voxels), edge_margin_pct=opts.edge_margin_pct,
+            feature_tolerance_gy=opts.feature_tolerance_pct / 100.0 * rx, max_dose_gy=opts.max_request_pct / 100.0 * rx)
+
+    def _pin_bands(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Active pins: (name, voxels, pinned dose) from the newest Pin request of each name."""
+        out = {}
+        for r in self.journal:
+            if isinstance(r.request, Pin) and r.request.name in self.pins and r.has_feature:
+                out[r.request.name] = (r.request.name, r.feature_voxels, r.feature_goal)
+        return [out[n] for n in self.pins if n in out]
+
+    def build_watch(self, resolved: Resolved, *, current_id: int | None = None) -> Watch:
+        """The voxels recovery keeps for a request, with bands, goals, weights and groups.
+
+        Layers, later ones winning on shared voxels: the target's coverage band and the OARs'
+        "no hotter" band (from the dose before the request); the features of earlier requests
+        still in the journal (their band intersected with the tissue's); pins (their pinned
+        dose +/- the tolerance, absolute); this request's feature; the isodose guards.
+        """
+        eng = self.engine
+        rx = self.prescription_gy
+        opts = self.options
+        tol = opts.tolerance_pct / 100.0 * rx
+        body = eng.body_mask
+        tvox = np.flatnonzero((self.target_mask & body).ravel())
+        ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
+        earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin)]
+        pins = self._pin_bands()
+        parts = [tvox, ovox, resolved.feature_voxels, resolved.guard_voxels]
+        parts += [r.feature_voxels for r in earlier] + [p[1] for p in pins]
+        allv = np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts]))
+        n = allv.size
+        at = lambda v: np.searchsorted(allv, np.asarray(v, np.int64))  # noqa: E731
+        before = backend.asnumpy(eng.dose_at_voxels(allv)).astype(np.float64)
+        t_lo = np.full(n, -np.inf)
+        t_hi = np.full(n, np.inf)
+        group = np.full(n, -1, np.int32)
+        weight = np.zeros(n)
+        names, kinds = ["target coverage", "OAR"], ["tissue", "tissue"]
+        it, io = at(tvox), at(ovox)
+        dt = before[it]
+        t_lo[it] = np.minimum(opts.target_min_pct / 100.0 * rx, dt - tol)
+        hi_t = np.maximum(opts.target_max_pct / 100.0 * rx, dt + tol)
+        if resolved.target_hi_cap_gy is not None:  # an erase: no new voxel above its upper bound
+            cap = resolved.target_hi_cap_gy
+            hi_t = np.where(dt <= cap, np.minimum(hi_t, cap), hi_t)
+        if resolved.target_lo_floor_gy is not None:
+            floor = resolved.target_lo_floor_gy
+            t_lo[it] = np.where(dt >= floor, np.maximum(t_lo[it], floor), t_lo[it])
+        t_hi[it] = hi_t
+        t_hi[io] = before[io] + tol
+        group[it], group[io] = 0, 1
+        weight[it], weight[io] = WEIGHT_TISSUE, WEIGHT_TISSUE
+        lo, hi = t_lo.copy(), t_hi.copy()
+        inset = np.minimum(0.25 * (hi - lo), 0.5 * tol)
+        goal = np.clip(before, lo + inset, hi - inset)
+        oar_only = np.zeros(n, bool)
+        oar_only[io] = True
+
+        def layer(vox, f_lo, f_hi, f_goal, w, name, kind, intersect=True):
+            i = at(vox)
+            f_lo = np.asarray(f_lo, float).copy()
+            if kind == "feature":  # an OAR voxel an earlier request lowered may get colder still
+                f_lo[oar_only[i]] = -np.inf
+            if intersect:
+                l2 = np.maximum(t_lo[i], f_lo)
+                h2 = np.minimum(t_hi[i], f_hi)
+                empty = l2 > h2
+                l2[empty], h2[empty] = f_lo[empty], np.asarray(f_hi, float)[empty]
             else:
-                band = capsule_mask(grid.shape_zyx, grid.spacing_mm_zyx, req.start_zyx, req.end_zyx, req.radius_mm)
-                end = list(req.end_zyx)
-            band &= eng.body_mask
-            if not band.any():
-                raise RequestError(f"{req.kind}: the dragged region lies outside the body")
-            end_flat = self._check_index(end, req.kind)
-            flat = np.flatnonzero(band.ravel())
-            dose = backend.asnumpy(eng.dose_at_voxels(flat))
-            end_dose = float(backend.asnumpy(eng.dose_at_voxels([end_flat]))[0])
-            margin = opts.edge_margin_pct / 100.0 * req.level_gy
-            if end_dose < req.level_gy:  # dragging outwards: raise the swept voxels above the level
-                sel = dose < req.level_gy + margin
-                goal = req.level_gy + margin
-            else:  # dragging inwards: lower the swept voxels below the level
-                sel = dose > req.level_gy - margin
-                goal = req.level_gy - margin
-            vox = subsample(flat[sel], limit)
-            if vox.size == 0:
-                raise RequestError(f"{req.kind}: the isodose already lies where it was dragged")
-            return Resolved(vox, np.full(vox.size, goal), band)
-        if isinstance(req, EraseSpot):
-            region = ball_mask(grid.shape_zyx, grid.spacing_mm_zyx, req.centre_zyx, req.radius_mm) & eng.body_mask
-            if req.structure:
-                region &= self.patient.structure(req.structure).mask
-            if not region.any():
-                raise RequestError("erase spot: the region lies outside the body (or the structure)")
-            flat = np.flatnonzero(region.ravel())
-            dose = backend.asnumpy(eng.dose_at_voxels(flat))
-            goal = np.clip(dose, req.low_gy, req.high_gy)
-            off = np.abs(goal - dose) > 1e-6
-            if not off.any():
-                raise RequestError("erase spot: every voxel of the region is already within the bounds")
-            # The worst voxels first.
-            order = np.argsort(-np.abs(goal - dose)[off])
-            pick = np.flatnonzero(off)[order][:limit]
-            return Resolved(flat[pick], goal[pick], region)
-        raise RequestError(f"cannot resolve request {req!r}")
+                l2, h2 = f_lo, np.asarray(f_hi, float)
+            lo[i], hi[i] = l2, h2
+            goal[i] = np.clip(f_goal, l2, h2)
+            weight[i] = w
+            group[i] = len(names)
+            names.append(name)
+            kinds.append(kind)
+
+        current = set(resolved.feature_voxels.tolist())
+        for r in earlier:
+            keep = np.array([v not in current for v in r.feature_voxels.tolist()], bool)
+            if keep.any():
+                layer(r.feature_voxels[keep], r.feature_lo[keep], r.feature_hi[keep], r.feature_goal[keep],
+                      WEIGHT_EARLIER_FEATURE, f"request {r.id} ({r.request.kind.replace('_', ' ')})", "feature")
+        for name, pv, pref in pins:
+            layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)
+        if resolved.feature_voxels.size:
+            rid = current_id if current_id is not None else self._next_id
+            layer(resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, resolved.feature_goal,
+                  WEIGHT_REQUEST, f"request {rid} (this request)", "request")
+        if resolved.guard_voxels.size:
+            taken = np.isin(resolved.guard_voxels, resolved.feature_voxels)
+            for _, pv, _ in pins:
+                taken |= np.isin(resolved.guard_voxels, pv)
+            gv = resolved.guard_voxels[~taken]
+            i = at(gv)
+            g_lo = np.maximum(lo[i], resolved.guard_lo[~taken])
+            g_hi = np.minimum(hi[i], resolved.guard_hi[~taken])
+            ok = g_lo <= g_hi
+            if ok.any():
+                gi = i[ok]
+                lo[gi], hi[gi] = g_lo[ok], g_hi[ok]
+                ins = np.minimum(0.25 * (hi[gi] - lo[gi]), 0.005 * rx)
+                goal[gi] = np.clip(before[gi], lo[gi] + ins, hi[gi] - ins)
+                weight[gi] = WEIGHT_GUARD
+                group[gi] = len(names)
+                names.append("isodose guard")
+                kinds.append("guard")
+        keep = group >= 0
+        return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds)
+
+    def _conflicts(self, watch: Watch, dose_gy: np.ndarray) -> tuple:
+        """Pins, features, this request and guards that ended outside their bands."""
+        viol = watch.violation(dose_gy)
+        eps = 1e-3 * self.prescription_gy
+        out = []
+        for gi, (name, kind) in enumerate(zip(watch.names, watch.kinds)):
+            if kind == "tissue":
+                continue
+            sel = (watch.group == gi) & (viol > eps)
+            if sel.any():
+                out.append(Conflict(kind, name, int(sel.sum()), float(viol[sel].max()), self.prescription_gy))
+        return tuple(out)
 
     # ------------------------------------------------------------------ running
     def run(self, req, *, recovery_steps: int | None = None, max_voxels: int | None = None, cancel=None,
@@ -344,6 +469,8 @@ class Session:
 
         ``recovery_steps`` and ``max_voxels`` (voxels a line, surface or spot request is solved
         on) override the session's options for this request: drag previews use fewer of both.
+        Pins, earlier requests' features and this request's own voxels that recovery could not
+        keep are reported in ``RequestResult.conflicts`` (never silently given up).
         """
         with self._lock:
             if isinstance(req, Pin):
@@ -351,8 +478,12 @@ class Session:
                 m = ball_mask(g.shape_zyx, g.spacing_mm_zyx, req.centre_zyx, req.radius_mm) & self.engine.body_mask
                 if not m.any():
                     raise RequestError("pin: the region lies outside the body")
+                vox = np.flatnonzero(m.ravel()).astype(np.int64)
+                ref = backend.asnumpy(self.engine.dose_at_voxels(vox)).astype(np.float64)
+                tol = self.options.tolerance_pct / 100.0 * self.prescription_gy
                 self.pins[req.name] = m
-                return self._journal(req, Resolved(np.zeros(0, np.int64), np.zeros(0), m), None, None, {}, [])
+                res = Resolved(np.zeros(0, np.int64), np.zeros(0), m, vox, ref - tol, ref + tol, ref)
+                return self._journal(req, res, None, None, {}, [])
             if isinstance(req, Unpin):
                 if req.name not in self.pins:
                     raise RequestError(f"unpin: no pin called {req.name!r}")
@@ -360,31 +491,21 @@ class Session:
                 return self._journal(req, Resolved(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)), None, None, {}, [])
             timings = {}
             t0 = time.perf_counter()
-            resolved = self._resolve(req, max_voxels)
+            resolved = resolve(req, self.resolve_context(max_voxels))
+            for name, pv, _ in self._pin_bands():
+                inside = np.isin(resolved.voxels, pv)
+                if inside.any():
+                    raise RequestError(f"{req.kind}: {int(inside.sum())} of the request's voxels lie in pin {name!r}; "
+                                       "unpin it first or ask elsewhere")
             timings["resolve"] = (time.perf_counter() - t0) * 1000
-            eng = self.engine
-            # Reference: the dose before the request, at the voxels recovery watches.
             t0 = time.perf_counter()
-            watch = self.target_mask | self.oar_mask
-            for m in self.pins.values():
-                watch = watch | m
-            watch &= ~resolved.feature_mask
-            cand = np.flatnonzero(watch.ravel())
-            pinned = np.zeros(self.patient.grid.shape_zyx, bool)
-            for m in self.pins.values():
-                pinned |= m
-            only_hotter = (self.oar_mask & ~self.target_mask & ~pinned).ravel()[cand]
-            only_hotter = np.concatenate([only_hotter, np.zeros(resolved.voxels.size, bool)])
-            feature = np.concatenate([np.zeros(only_hotter.size - resolved.voxels.size, bool),
-                                      np.ones(resolved.voxels.size, bool)])
-            reference = backend.asnumpy(eng.dose_at_voxels(cand)).astype(np.float64)
-            # The requested feature is itself subject to recovery (section 3.1): its voxels are
-            # watched too, with the requested doses as their reference.
-            cand = np.concatenate([cand, resolved.voxels])
-            reference = np.concatenate([reference, resolved.target_gy])
+            watch = self.build_watch(resolved)
             timings["reference"] = (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
-            mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
+            if resolved.voxels.size == 1 and not resolved.guard_voxels.size:
+                mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
+            else:
+                mod = self._modify_joint(resolved, watch)
             timings["modify"] = (time.perf_counter() - t0) * 1000
             if not mod.patches:
                 raise RequestError(
@@ -393,29 +514,64 @@ class Session:
             steps = self.options.recovery_steps if recovery_steps is None else int(recovery_steps)
             t0 = time.perf_counter()
             rec = None
-            if steps > 0 and cand.size:
-                tol = np.full(cand.size, self.options.tolerance_pct / 100.0 * self.prescription_gy)
-                if isinstance(req, (MoveIsodoseLine, MoveIsodoseSurface)):
-                    # A dragged isodose must stay on its side of the level: its voxels may drift
-                    # by half the edge margin only (the general tolerance is larger than the margin).
-                    tol[feature] = 0.5 * self.options.edge_margin_pct / 100.0 * req.level_gy
-                rec = recover(self.modifier, cand, reference, resolved.feature_mask, steps=steps,
-                              tol_gy=tol,
-                              only_hotter=only_hotter, feature=feature, cancel=cancel, progress=progress)
+            if steps > 0:
+                rec = recover(self.modifier, watch, steps=steps, cancel=cancel, progress=progress)
                 timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
+                final = rec.final_gy
+            else:
+                final = backend.asnumpy(self.engine.dose_at_voxels(watch.voxels)).astype(np.float64)
             timings["recovery"] = (time.perf_counter() - t0) * 1000
+            conflicts = self._conflicts(watch, final)
             backend.synchronize()
             patches = list(mod.patches) + (list(rec.patches) if rec else [])
-            return self._journal(req, resolved, mod, rec, timings, patches)
+            return self._journal(req, resolved, mod, rec, timings, patches, conflicts)
 
-    def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list) -> RequestResult:
+    def _modify_joint(self, resolved: Resolved, watch: Watch, max_passes: int = 3):
+        """Modification of a line, surface or spot request: guarded joint solves (see
+        :meth:`Modifier.solve_step`) with the request's voxels as columns and the request's
+        feature and guards as rows, up to ``max_passes`` passes."""
+        from ids_engine.dmr import ModificationResult
+
+        eng = self.engine
+        cols = np.asarray(resolved.voxels, np.int64)
+        wi = np.searchsorted(watch.voxels, cols)
+        req_rows = np.flatnonzero(np.isin(watch.voxels, resolved.feature_voxels))
+        guard_rows = np.flatnonzero(np.asarray(watch.kinds, object)[watch.group] == "guard")
+        rows = np.unique(np.concatenate([wi, subsample(req_rows, 64), subsample(guard_rows, 64)]))
+        before = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
+        applied: list = []
+        passes = 0
+        for passes in range(1, max_passes + 1):
+            d = backend.asnumpy(eng.dose_at_voxels(watch.voxels[rows])).astype(np.float64)
+            viol = np.maximum(np.maximum(watch.lo[rows] - d, d - watch.hi[rows]), 0.0)
+            dc = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
+            need_c = resolved.target_gy - dc
+            lo_c, hi_c = watch.lo[wi], watch.hi[wi]
+            off_c = (dc < lo_c) | (dc > hi_c)
+            if not off_c.any():
+                passes -= 1
+                break
+            need = np.where(viol > 0, watch.goal[rows] - d, 0.0)
+            w = np.where(viol > 0, watch.weight[rows], 0.05 * watch.weight[rows])
+            res = self.modifier.solve_step(watch.voxels[rows], need, w, watch.lo[rows], watch.hi[rows],
+                                           cols[off_c], np.sign(need_c[off_c]))
+            applied.extend(res.patches)
+            if not res.accepted:
+                break
+        after = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
+        return ModificationResult(cols, resolved.target_gy, before, after, applied, max(passes, 1))
+
+    def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = ()) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)
                  if resolved.voxels.size else np.zeros(0))
         res = RequestResult(
             id=self._next_id, request=req, voxels=resolved.voxels, requested_gy=resolved.target_gy,
             before_gy=mod.before_gy if mod else np.zeros(0), after_modification_gy=mod.achieved_gy if mod else np.zeros(0),
             final_gy=final, recovery_steps=rec.steps if rec else 0,
-            remaining_candidates=rec.remaining_candidates if rec else 0, patches=patches, timings_ms=timings)
+            remaining_candidates=rec.remaining_candidates if rec else 0, patches=patches, timings_ms=timings,
+            feature_voxels=np.asarray(resolved.feature_voxels, np.int64), feature_lo=np.asarray(resolved.feature_lo, float),
+            feature_hi=np.asarray(resolved.feature_hi, float), feature_goal=np.asarray(resolved.feature_goal, float),
+            conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0)
         self._next_id += 1
         self.journal.append(res)
         self._redo.clear()
@@ -521,6 +677,9 @@ class Session:
             return
         name = f"r{res.id}.npz"
         arrays = {f"p{k}": p.delta for k, p in enumerate(res.patches)}
+        if res.has_feature:  # the band recovery keeps for this request in later requests
+            arrays.update(feature_voxels=res.feature_voxels, feature_lo=res.feature_lo, feature_hi=res.feature_hi,
+                          feature_goal=res.feature_goal)
         _atomic_npz(folder / "requests" / name, arrays)
         self._append_op({"op": "request", "summary": res.summary(), "file": name,
                          "patches": [[f"p{k}", int(p.beam), int(p.row0), int(p.col0)] for k, p in enumerate(res.patches)]})
@@ -578,7 +737,9 @@ class Session:
                     arrays = np.load(folder / "requests" / entry["file"])
                 except OSError as exc:
                     raise ValueError(f"{folder / 'requests' / entry['file']}: missing or unreadable ({exc})") from exc
-                s._replay(entry["summary"], [FluencePatch(b, r, c, arrays[key]) for key, b, r, c in entry["patches"]])
+                feature = ({k: arrays[k] for k in ("feature_voxels", "feature_lo", "feature_hi", "feature_goal")}
+                           if "feature_voxels" in arrays.files else {})
+                s._replay(entry["summary"], [FluencePatch(b, r, c, arrays[key]) for key, b, r, c in entry["patches"]], feature)
             else:
                 raise ValueError(f"{folder / 'journal.jsonl'}: line {n + 1}: unknown op {op!r}")
             plan_id = int(entry.get("plan_id", plan_id))
@@ -587,11 +748,16 @@ class Session:
             s._journal_dir = folder
         return s
 
-    def _replay(self, summ: dict, patches: list) -> None:
+    def _replay(self, summ: dict, patches: list, feature: dict | None = None) -> None:
         req = request_from_dict(summ["request"])
         if isinstance(req, Pin):
             g = self.patient.grid
             self.pins[req.name] = ball_mask(g.shape_zyx, g.spacing_mm_zyx, req.centre_zyx, req.radius_mm) & self.engine.body_mask
+            if not feature:  # a journal from before pins kept their dose: pinned at the replayed dose
+                vox = np.flatnonzero(self.pins[req.name].ravel()).astype(np.int64)
+                ref = backend.asnumpy(self.engine.dose_at_voxels(vox)).astype(np.float64)
+                tol = self.options.tolerance_pct / 100.0 * self.prescription_gy
+                feature = {"feature_voxels": vox, "feature_lo": ref - tol, "feature_hi": ref + tol, "feature_goal": ref}
         elif isinstance(req, Unpin):
             self.pins.pop(req.name, None)
         if patches:
@@ -599,7 +765,11 @@ class Session:
         res = RequestResult(id=summ["id"], request=req, voxels=np.zeros(0, np.int64), requested_gy=np.array(summ["requested_gy"]),
                             before_gy=np.array(summ["before_gy"]), after_modification_gy=np.array(summ["after_modification_gy"]),
                             final_gy=np.array(summ["final_gy"]), recovery_steps=summ["recovery_steps"],
-                            remaining_candidates=summ["remaining_candidates"], patches=patches, timings_ms=summ["timings_ms"])
+                            remaining_candidates=summ["remaining_candidates"], patches=patches, timings_ms=summ["timings_ms"],
+                            best_step=int(summ.get("best_step", 0)),
+                            conflicts=tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy)
+                                            for c in summ.get("conflicts", [])),
+                            **{k: np.asarray(v) for k, v in (feature or {}).items()})
         self.journal.append(res)
         self._redo.clear()
         self._next_id = max(self._next_id, res.id + 1)

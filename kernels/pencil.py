@@ -14,6 +14,11 @@ Operations (each dispatches on the array type of its first array argument):
     duplicates, which holds within one beam). CUDA: ``cuda/accumulate_bilinear.cu``, one
     thread per voxel, ``atomicAdd`` (duplicates allowed).
 
+``convolve_full_batched(stack, kernels)``
+    Full 2D convolutions of a stack of patches ``(k, h, w)`` with a stack of kernels
+    ``(nc, kh, kw)``: ``(k, nc, h+kh-1, w+kw-1)``, one batched FFT call (the columns of a
+    DMR joint solve).
+
 ``sample_bilinear(maps, v, u, origin_vu)``
     ``out[c, n] = bilerp(maps[c], v[n] - v0, u[n] - u0)`` (zero outside), for point queries.
 """
@@ -31,6 +36,7 @@ __all__ = [
     "accumulate_bilinear",
     "accumulate_bilinear_numpy",
     "convolve_full",
+    "convolve_full_batched",
     "sample_bilinear",
 ]
 
@@ -46,6 +52,20 @@ def convolve_full(fluence, kernel):
     else:  # pragma: no cover - GPU only
         from cupyx.scipy.signal import fftconvolve
     out = fftconvolve(fluence.astype(xp.float32, copy=False), kernel.astype(xp.float32, copy=False), mode="full")
+    return out.astype(xp.float32, copy=False)
+
+
+def convolve_full_batched(stack, kernels):
+    """Full 2D convolutions of every patch in ``stack`` (k, h, w) with every kernel in
+    ``kernels`` (nc, kh, kw), float32, shape (k, nc, h+kh-1, w+kw-1), in one batched FFT."""
+    xp = array_module(stack, kernels)
+    if xp is np:
+        from scipy.signal import fftconvolve
+    else:  # pragma: no cover - GPU only
+        from cupyx.scipy.signal import fftconvolve
+    a = stack.astype(xp.float32, copy=False)[:, None]
+    k = kernels.astype(xp.float32, copy=False)[None]
+    out = fftconvolve(a, k, mode="full", axes=(-2, -1))
     return out.astype(xp.float32, copy=False)
 
 

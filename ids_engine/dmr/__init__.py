@@ -1,7 +1,7 @@
 """Dose modification and recovery (DMR), sections 2.2-2.3 and Algorithm 1 of the IDS paper."""
 
-from ._modify import ModificationResult, Modifier
-from ._recovery import RecoveryResult, distance_grid, recover
+from ._modify import ModificationResult, Modifier, StepResult
+from ._recovery import RecoveryOptions, RecoveryResult, Watch, distance_grid, recover
 from ._requests import (
     EraseSpot,
     MoveIsodoseLine,
@@ -9,11 +9,11 @@ from ._requests import (
     Pin,
     Request,
     RequestError,
-    Resolved,
     SetVoxelDose,
     Unpin,
     request_from_dict,
 )
+from ._resolve import ResolveContext, Resolved, resolve
 from ._tpi import tpi_maps
 
 __all__ = [
@@ -23,14 +23,19 @@ __all__ = [
     "MoveIsodoseLine",
     "MoveIsodoseSurface",
     "Pin",
+    "RecoveryOptions",
     "RecoveryResult",
     "Request",
     "RequestError",
+    "ResolveContext",
     "Resolved",
     "SetVoxelDose",
+    "StepResult",
     "Unpin",
+    "Watch",
     "distance_grid",
     "recover",
     "request_from_dict",
+    "resolve",
     "tpi_maps",
 ]

@@ -33,7 +33,25 @@ from scipy.optimize import nnls
 from ids_engine import backend
 from ids_engine.dose import FluencePatch
 
-__all__ = ["ModificationResult", "Modifier"]
+__all__ = ["ModificationResult", "Modifier", "StepResult"]
+
+
+def _violation(dose, lo, hi):
+    """How far each dose lies outside its band [lo, hi] (0 inside)."""
+    return np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """One guarded joint solve: patches applied (take-backs included), accepted or not,
+    the weighted band violation at its rows before and after, the column scales, the rows' dose after."""
+
+    patches: list
+    accepted: bool
+    objective_before: float
+    objective_after: float
+    scales: np.ndarray
+    rows_after_gy: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,6 +219,86 @@ class Modifier:
             current = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
         self.last_passes = max(passes, 1)
         return ModificationResult(vox, goal, before, current, applied, max(passes, 1))
+
+    # ------------------------------------------------------------------ joint solve
+    def solve_step(self, rows, need_gy, row_weight, row_lo, row_hi, col_voxels, col_signs, *,
+                   regularisation: float = 1e-3) -> "StepResult":
+        """One guarded joint solve: patches at ``col_voxels`` scaled together to meet ``need_gy``.
+
+        Parameters
+        ----------
+        rows : (n,) flat CT indices whose dose the solve looks at.
+        need_gy : (n,) wanted dose change at the rows (0 for rows that should stay put).
+        row_weight : (n,) least-squares weight of each row.
+        row_lo, row_hi : (n,) the band each row must stay in (the acceptance test).
+        col_voxels, col_signs : voxels whose normalised patches are the columns, +1 to raise, -1 to lower.
+        regularisation : Tikhonov weight relative to each column's own norm. Without it, the
+            raise and lower patches of neighbouring voxels (nearly opposite columns, condition
+            numbers ~1e5) get huge opposite scales that cancel on paper and blow up once the
+            fluence is clipped at zero.
+
+        The scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k ||W^1/2 G_k||^2 f_k^2`` with
+        ``f >= 0`` (NNLS on the augmented system). The combined patch is clipped at zero
+        fluence and applied; if the weighted band violation at the rows got worse, half of it is
+        taken back, and if that is still worse, all of it (the step is rejected). Every patch
+        applied, take-backs included, is in ``patches`` in order (so a journal replays it exactly).
+        """
+        eng = self.engine
+        rows = np.asarray(rows, np.int64)
+        w = np.asarray(row_weight, float)
+        lo = np.asarray(row_lo, float)
+        hi = np.asarray(row_hi, float)
+        t0 = time.perf_counter()
+        cols, used = [], []
+        for k, (v, sgn) in enumerate(zip(col_voxels, col_signs)):
+            ps = self.normalised_patches(int(v), raise_dose=sgn > 0)
+            if ps:
+                cols.append(ps)
+                used.append(k)
+        t0 = self._tick("create_patch", t0)
+        before = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+        viol0 = _violation(before, lo, hi)
+        obj0 = float(np.sum(w * viol0**2))
+        if not cols:
+            return StepResult([], False, obj0, obj0, np.zeros(0), before)
+        g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
+        t0 = self._tick("convolution", t0)
+        sw = np.sqrt(w)
+        a = sw[:, None] * g
+        b = sw * np.asarray(need_gy, float)
+        norms = np.linalg.norm(a, axis=0)
+        keep = norms > 0
+        f = np.zeros(len(cols))
+        if keep.any():
+            aug = np.vstack([a[:, keep], np.diag(math.sqrt(regularisation) * norms[keep])])
+            rhs = np.concatenate([b, np.zeros(int(keep.sum()))])
+            f[keep], _ = nnls(aug, rhs, maxiter=50 * aug.shape[1])
+        if not np.any(f > 0):
+            return StepResult([], False, obj0, obj0, f, before)
+        combined = self._combine([(fk, ps) for fk, ps in zip(f, cols) if fk > 0])
+        clipped = self._clip_nonnegative(combined)
+        t0 = self._tick("create_patch", t0)
+        if not clipped:
+            return StepResult([], False, obj0, obj0, f, before)
+        applied = list(clipped)
+        eng.apply_patches(clipped)
+        after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+        obj1 = float(np.sum(w * _violation(after, lo, hi) ** 2))
+        accepted = obj1 < obj0
+        if not accepted:
+            half = [FluencePatch(p.beam, p.row0, p.col0, (np.float32(-0.5) * p.delta).astype(np.float32)) for p in clipped]
+            eng.apply_patches(half)
+            applied.extend(half)
+            after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+            obj1 = float(np.sum(w * _violation(after, lo, hi) ** 2))
+            accepted = obj1 < obj0
+            if not accepted:
+                eng.apply_patches(half)
+                applied.extend(half)
+                after = before
+                obj1 = obj0
+        self._tick("update_dose_cube", t0)
+        return StepResult(applied, accepted, obj0, obj1, f, after)
 
     def _combine(self, scaled: list[tuple[float, list[FluencePatch]]]) -> list[FluencePatch]:
         """Sum scaled patches per beam on the union of their boxes."""

@@ -1,22 +1,29 @@
-"""Dose recovery (section 2.3 of the IDS paper): undo the side effects of a modification.
+"""Dose recovery (section 2.3 of the IDS paper), rebuilt around bands and joint solves.
 
-* Reference: the dose before the request (``reference_gy`` at the candidate voxels).
-* Candidates: voxels of the targets, the OARs and any pinned region, outside the requested
-  feature, whose dose left the reference by more than ``tol_gy``: in either direction for
-  targets and pins, only upwards for OARs (an OAR voxel that got colder is no harm: that is
-  how the requested feature grows into its neighbourhood, as the paper's figure 7 shows).
-  Second-degree hot or cold spots made by earlier recovery patches qualify as soon as they
-  leave the tolerance.
-* Order: a chamfer distance transform (Borgefors 1984; ``scipy.ndimage.distance_transform_cdt``,
-  chessboard metric, in voxels) from the requested feature. Rule: the next voxel is the
-  candidate with the largest ``distance x |deviation|``: farthest first when deviations are
-  alike, closing in on the request, and a large deviation is not left for last.
-* The requested feature is itself watched, with the requested doses as reference; when a
-  recovery step has pushed a feature voxel out of tolerance, it is restored next (the paper's
-  "compromising patches" are allowed, but only within the tolerance).
-* Step: a modification of that voxel back to its reference dose (competing-tissue TPI:
-  restoring a cold target voxel raises the dose and uses the OARs' TPI), applied before the
-  next choice so that the next candidate sees its effect.
+What recovery keeps is a **watch list**: voxels with a band ``[lo, hi]`` (Gy) their dose must
+stay in, a goal inside the band to aim for when they leave it, a weight (priority) and a
+group (what the band stands for: target coverage, an OAR, a pin, an earlier request's
+feature, this request, an isodose guard). The session builds it (see ``Session.run``).
+
+Each step (at most ``steps``, 25 by default):
+
+1. The dose at every watched voxel; the violation ``max(lo - D, D - hi, 0)`` and the
+   objective ``J = sum(weight * violation^2)``. The state with the lowest ``J`` seen is
+   remembered.
+2. **Largest weighted violation first**: the worst voxel ``r``. (The paper closes in from the
+   farthest candidate; measured on the horseshoe, that ping-pongs between hot and cold spots
+   far from the request while the cold voxels next to it drift, see docs/architecture.md.)
+3. **A cluster**: up to ``cluster_size`` voxels off in the same direction within
+   ``cluster_radius_mm`` of ``r``, at least ``cluster_spacing_mm`` apart, are the columns;
+   high-priority voxels nearby with little slack towards the cluster's direction (the request's
+   own voxel, pins, guards) get a compensating column of the opposite sign.
+4. **A guarded joint solve** (:meth:`Modifier.solve_step`): rows are the voxels within
+   ``rows_radius_mm`` of ``r`` (off ones aim at their goal, in-band ones should stay put with a
+   small weight), regularised non-negative scales, clipped at zero fluence, applied, and taken
+   back (half, then all) if the band violation at the rows got worse. A rejected voxel is not
+   chosen again in this request.
+5. After the last step the plan goes back to the best state seen (the tail of patches is
+   taken back), so what is kept is the best state reached, not the last one.
 """
 
 from __future__ import annotations
@@ -28,19 +35,75 @@ import numpy as np
 from scipy import ndimage
 
 from ids_engine import backend
+from ids_engine.dose import FluencePatch
 
-__all__ = ["RecoveryResult", "distance_grid", "recover"]
+__all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "recover"]
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """Knobs of a recovery step (defaults measured on the horseshoe; see docs/architecture.md)."""
+
+    cluster_size: int = 6
+    cluster_radius_mm: float = 8.0
+    cluster_spacing_mm: float = 3.0
+    rows_radius_mm: float = 14.0
+    max_rows_off: int = 48
+    max_rows_priority: int = 24
+    max_rows_keep: int = 24
+    keep_weight: float = 0.05
+    compensate_radius_mm: float = 12.0
+    max_compensate: int = 3
+    regularisation: float = 1e-3
+
+
+@dataclass(eq=False)
+class Watch:
+    """The voxels recovery keeps in their bands.
+
+    voxels : (n,) flat CT indices (unique).
+    lo, hi : (n,) band (Gy; -inf / inf for open sides).
+    goal : (n,) dose to aim for when the voxel is outside its band (inside the band).
+    weight : (n,) priority (the violation is multiplied by it).
+    group : (n,) int index into ``names``.
+    names : what each group stands for, e.g. "target coverage", "pin 'cord'".
+    kinds : per group, one of "tissue", "pin", "feature", "request", "guard".
+    """
+
+    voxels: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    goal: np.ndarray
+    weight: np.ndarray
+    group: np.ndarray
+    names: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
+
+    def violation(self, dose_gy: np.ndarray) -> np.ndarray:
+        return np.maximum(np.maximum(self.lo - dose_gy, dose_gy - self.hi), 0.0)
+
+    def objective(self, dose_gy: np.ndarray) -> float:
+        return float(np.sum(self.weight * self.violation(dose_gy) ** 2))
 
 
 @dataclass(frozen=True, eq=False)
 class RecoveryResult:
-    """What recovery did: the voxels restored in order, their doses, the patches applied, timings."""
+    """What recovery did.
+
+    steps : steps run; voxels : the voxel each step chose (flat); accepted : whether its solve
+    was kept; patches : every patch applied in order (take-backs and the return to the best
+    state included); best_step : the step after which the state was best (0 = before any);
+    objective : J after each step (index 0: before); remaining_candidates : watched voxels
+    still outside their band at the end; final_gy : dose at the watched voxels at the end.
+    """
 
     steps: int
     voxels: np.ndarray
-    reference_gy: np.ndarray
-    achieved_gy: np.ndarray
+    accepted: np.ndarray
     remaining_candidates: int
+    best_step: int
+    objective: np.ndarray
+    final_gy: np.ndarray
     patches: list = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
 
@@ -48,7 +111,10 @@ class RecoveryResult:
 def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, shape_zyx) -> np.ndarray:
     """Chamfer (chessboard) distance in voxels from the requested feature, at the candidate voxels.
 
-    Computed on the bounding box of the request and the candidates only.
+    The paper orders recovery by this distance (Borgefors 1984); the band-based recovery
+    orders by violation instead and uses Euclidean millimetres for its neighbourhoods, but the
+    transform stays available for analyses of the recovery order. Computed on the bounding
+    box of the request and the candidates only.
     """
     req = np.argwhere(request_mask_zyx)
     if req.size == 0:
@@ -65,75 +131,116 @@ def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, sha
     return dist[c[:, 0], c[:, 1], c[:, 2]].astype(np.float64)
 
 
-def recover(modifier, candidates_flat: np.ndarray, reference_gy: np.ndarray, request_mask_zyx: np.ndarray, *,
-            steps: int = 25, tol_gy, only_hotter: np.ndarray | None = None,
-            feature: np.ndarray | None = None, cancel=None, progress=None) -> RecoveryResult:
-    """Run up to ``steps`` recovery steps on ``modifier.engine``.
+def _combine_negated(patches: list) -> list:
+    """The negation of a sequence of patches as one patch per beam (on the union of its boxes)."""
+    by_beam: dict[int, list] = {}
+    for p in patches:
+        by_beam.setdefault(int(p.beam), []).append(p)
+    out = []
+    for b, items in sorted(by_beam.items()):
+        r0 = min(p.row0 for p in items)
+        c0 = min(p.col0 for p in items)
+        r1 = max(p.row0 + p.shape[0] for p in items)
+        c1 = max(p.col0 + p.shape[1] for p in items)
+        acc = np.zeros((r1 - r0, c1 - c0), np.float64)
+        for p in items:
+            acc[p.row0 - r0 : p.row0 - r0 + p.shape[0], p.col0 - c0 : p.col0 - c0 + p.shape[1]] -= np.asarray(p.delta, np.float64)
+        out.append(FluencePatch(b, r0, c0, acc.astype(np.float32)))
+    return out
 
-    Parameters
-    ----------
-    modifier : a :class:`Modifier` on the engine.
-    candidates_flat : (n,) flat CT indices of the voxels recovery watches (targets, OARs, pins),
-        the requested feature already removed.
-    reference_gy : (n,) their dose before the request.
-    request_mask_zyx : bool (z, y, x): the requested feature (distances are measured from it).
-    steps : maximum number of steps; stops early when no candidate is out of tolerance.
-    tol_gy : tolerance on |D - D_ref| (Gy): one number, or one per candidate.
-    only_hotter : optional bool (n,): candidates that count only when hotter than the reference (OARs).
-    feature : optional bool (n,): candidates that belong to the requested feature (reference =
-        requested dose); when one of them has drifted out of tolerance it is restored first, so
-        recovery may compromise the request only within the tolerance.
-    cancel : optional callable returning True to stop between steps.
-    progress : optional ``progress(done, total, label)``.
-    """
-    eng = modifier.engine
-    xp = eng.xp
-    timings = {"distance_grid": 0.0, "select_location": 0.0, "modify_step": 0.0}
-    t0 = time.perf_counter()
-    dist = distance_grid(request_mask_zyx, candidates_flat, eng.grid.shape_zyx)
-    timings["distance_grid"] = (time.perf_counter() - t0) * 1000
-    cand_dev = xp.asarray(candidates_flat.astype(np.int64))
-    ref_dev = xp.asarray(reference_gy.astype(np.float32))
-    dist_dev = xp.asarray(dist.astype(np.float32))
-    hotter_dev = xp.asarray(np.zeros(candidates_flat.size, bool) if only_hotter is None else np.asarray(only_hotter, bool))
-    feature_dev = xp.asarray(np.zeros(candidates_flat.size, bool) if feature is None else np.asarray(feature, bool))
-    tol_dev = xp.asarray(np.broadcast_to(np.asarray(tol_gy, np.float32), candidates_flat.shape).copy())
 
-    def out_of_tolerance(dev):
-        return xp.where(hotter_dev, dev > tol_dev, xp.abs(dev) > tol_dev)
-    chosen, refs, got, patches = [], [], [], []
-    remaining = 0
-    n_done = 0
-    for step in range(steps):
-        if cancel is not None and cancel():
+def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
+    """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one."""
+    kept: list[int] = []
+    for i in order:
+        if len(kept) >= limit:
             break
+        if kept:
+            d = np.linalg.norm(coords[kept] - coords[i], axis=1)
+            if d.min() < spacing:
+                continue
+        kept.append(int(i))
+    return kept
+
+
+def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions | None = None,
+            cancel=None, progress=None) -> RecoveryResult:
+    """Run up to ``steps`` recovery steps on ``modifier.engine`` (see the module docstring)."""
+    opts = options or RecoveryOptions()
+    eng = modifier.engine
+    timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
+    vox = np.asarray(watch.voxels, np.int64)
+    sp = np.asarray(eng.grid.spacing_mm_zyx, float)
+    coords = np.stack(np.unravel_index(vox, eng.grid.shape_zyx), axis=-1) * sp
+    vox_dev = eng.xp.asarray(vox)
+    tabu = np.zeros(vox.size, bool)
+    chosen, accepted, patches, objective = [], [], [], []
+    best_obj, best_step, best_n_patches = np.inf, 0, 0
+    n_done = 0
+    dose = np.zeros(0)
+    for step in range(steps + 1):
         t0 = time.perf_counter()
-        dose = eng.dose_at_voxels(cand_dev)
-        dev = dose - ref_dev
-        out = out_of_tolerance(dev)
-        remaining = int(out.sum())
-        if remaining == 0:
+        dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)
+        viol = watch.violation(dose)
+        obj = float(np.sum(watch.weight * viol**2))
+        objective.append(obj)
+        if obj < best_obj * (1 - 1e-9):
+            best_obj, best_step, best_n_patches = obj, step, len(patches)
+        score = np.where(tabu, 0.0, watch.weight * viol)
+        if step == steps or (cancel is not None and cancel()) or not np.any(score > 1e-6):
             timings["select_location"] += (time.perf_counter() - t0) * 1000
             break
-        score = xp.where(out, (dist_dev + 1.0) * xp.abs(dev), xp.float32(-1))
-        # A drifted feature voxel goes first (its score is lifted above every other).
-        score = xp.where(out & feature_dev, score + xp.float32(1e9), score)
-        k = int(xp.argmax(score))
+        r = int(np.argmax(score))
+        cold = dose[r] < watch.lo[r]
+        direction = 1.0 if cold else -1.0
+        dist = np.linalg.norm(coords - coords[r], axis=1)
+        # Columns: the cluster of voxels off in the same direction around r.
+        same = (score > 0) & ((dose < watch.lo) if cold else (dose > watch.hi)) & (dist <= opts.cluster_radius_mm)
+        idx = np.flatnonzero(same)
+        order = idx[np.argsort(-score[idx], kind="stable")]
+        cluster = _pick_spread(order, coords, opts.cluster_spacing_mm, opts.cluster_size)
+        # Rows: what the solve looks at around r.
+        near = dist <= opts.rows_radius_mm
+        off = np.flatnonzero(near & (viol > 0))
+        off = off[np.argsort(-(watch.weight * viol)[off], kind="stable")][: opts.max_rows_off]
+        inband = near & (viol == 0)
+        prio = np.flatnonzero(inband & (watch.weight > 1.0))
+        prio = prio[np.argsort(dist[prio], kind="stable")][: opts.max_rows_priority]
+        keep = np.flatnonzero(inband & (watch.weight <= 1.0))
+        if keep.size > opts.max_rows_keep:
+            keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
+        rows = np.unique(np.concatenate([np.asarray(cluster, np.int64), off, prio, keep]))
+        need = np.where(viol[rows] > 0, watch.goal[rows] - dose[rows], 0.0)
+        w = np.where(viol[rows] > 0, watch.weight[rows], opts.keep_weight * watch.weight[rows])
+        # Compensation: high-priority voxels near r with the least room in the cluster's direction.
+        slack = (watch.hi - dose) if cold else (dose - watch.lo)
+        comp_ok = inband & (watch.weight > 1.0) & (dist <= opts.compensate_radius_mm) & np.isfinite(slack)
+        comp = np.flatnonzero(comp_ok)
+        comp = [int(i) for i in comp[np.argsort(slack[comp], kind="stable")][: opts.max_compensate]]
+        col_idx = cluster + comp
+        signs = [direction] * len(cluster) + [-direction] * len(comp)
         timings["select_location"] += (time.perf_counter() - t0) * 1000
-        voxel = int(candidates_flat[k])
         t0 = time.perf_counter()
-        res = modifier.modify([voxel], [float(reference_gy[k])], max_passes=2)
+        res = modifier.solve_step(vox[rows], need, w, watch.lo[rows], watch.hi[rows], vox[col_idx], signs,
+                                  regularisation=opts.regularisation)
         timings["modify_step"] += (time.perf_counter() - t0) * 1000
-        chosen.append(voxel)
-        refs.append(float(reference_gy[k]))
-        got.append(float(res.achieved_gy[0]))
         patches.extend(res.patches)
+        chosen.append(int(vox[r]))
+        accepted.append(bool(res.accepted))
+        if not res.accepted:
+            tabu[r] = True
         n_done = step + 1
         if progress:
             progress(n_done, steps, "recovery")
-    else:
-        dose = eng.dose_at_voxels(cand_dev)
-        remaining = int(out_of_tolerance(dose - ref_dev).sum())
+    if best_step < len(objective) - 1 and len(patches) > best_n_patches:
+        # Back to the best state seen: take the tail of patches back in one patch per beam.
+        t0 = time.perf_counter()
+        back = _combine_negated(patches[best_n_patches:])
+        eng.apply_patches(back)
+        patches.extend(back)
+        dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)
+        timings["return_to_best"] = (time.perf_counter() - t0) * 1000
     backend.synchronize()
-    return RecoveryResult(n_done, np.asarray(chosen, np.int64), np.asarray(refs), np.asarray(got), remaining,
-                          patches, timings)
+    remaining = int(np.count_nonzero(watch.violation(dose) > 1e-6))
+    return RecoveryResult(n_done, np.asarray(chosen, np.int64), np.asarray(accepted, bool), remaining, best_step,
+                          np.asarray(objective), dose, patches, timings)

@@ -1,8 +1,7 @@
-"""Dose shaping requests (frozen values) and how each turns into voxels with target doses.
+"""Dose shaping requests (frozen values), their dict form (journal, scripts) and region masks.
 
-Every request resolves, against the current dose, to a :class:`Resolved` set: the voxels
-to modify with their target doses, and the requested feature (a mask that recovery keeps
-its hands off and measures distances from).
+How each request turns into voxels and bands is in :mod:`ids_engine.dmr._resolve`, one
+resolver per request kind.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ __all__ = [
     "Pin",
     "Request",
     "RequestError",
-    "Resolved",
     "SetVoxelDose",
     "Unpin",
     "request_from_dict",
@@ -72,6 +70,8 @@ class MoveIsodoseLine:
             raise RequestError(f"MoveIsodoseLine.axis must be 'z', 'y' or 'x', got {self.axis!r}")
         if not self.level_gy > 0:
             raise RequestError(f"MoveIsodoseLine.level_gy must be positive, got {self.level_gy}")
+        if not self.width_mm > 0:
+            raise RequestError(f"MoveIsodoseLine.width_mm must be positive, got {self.width_mm}")
         object.__setattr__(self, "start_rc", tuple(float(v) for v in self.start_rc))
         object.__setattr__(self, "end_rc", tuple(float(v) for v in self.end_rc))
         object.__setattr__(self, "slice_index", int(self.slice_index))
@@ -91,6 +91,8 @@ class MoveIsodoseSurface:
     def __post_init__(self) -> None:
         if not self.level_gy > 0:
             raise RequestError(f"MoveIsodoseSurface.level_gy must be positive, got {self.level_gy}")
+        if not self.radius_mm > 0:
+            raise RequestError(f"MoveIsodoseSurface.radius_mm must be positive, got {self.radius_mm}")
         object.__setattr__(self, "start_zyx", tuple(float(v) for v in self.start_zyx))
         object.__setattr__(self, "end_zyx", tuple(float(v) for v in self.end_zyx))
 
@@ -125,6 +127,8 @@ class Pin:
     kind: str = "pin"
 
     def __post_init__(self) -> None:
+        if not self.radius_mm > 0:
+            raise RequestError(f"Pin.radius_mm must be positive, got {self.radius_mm}")
         object.__setattr__(self, "centre_zyx", tuple(float(v) for v in self.centre_zyx))
 
 
@@ -152,15 +156,6 @@ def request_from_dict(d: dict):
     except KeyError as exc:
         raise RequestError(f"unknown request kind {d.get('kind')!r}") from exc
     return cls(**{k: v for k, v in d.items()})
-
-
-@dataclass(frozen=True, eq=False)
-class Resolved:
-    """A request turned into voxels: flat CT indices, target doses (Gy), the feature mask."""
-
-    voxels: np.ndarray
-    target_gy: np.ndarray
-    feature_mask: np.ndarray  # bool (z, y, x)
 
 
 def ball_mask(shape_zyx, spacing_mm_zyx, centre_zyx, radius_mm) -> np.ndarray:

@@ -40,6 +40,7 @@ from ids_engine.kernels.pencil import (
     accumulate_bilinear,
     bilinear_contribution_numpy,
     convolve_full,
+    convolve_full_batched,
     sample_bilinear,
 )
 from ids_engine.kernels.raytrace import radiological_depth
@@ -644,6 +645,65 @@ class DoseEngine:
                 dc = self._level_delta(geo.coarse, _block_sum(xp, placed, f), R0, C0, cidx.reshape(-1))
                 out += (dc.reshape(cidx.shape) * cw).sum(axis=0)
         return xp.where(self._body_mask_dev[idx], out, xp.float32(0))
+
+    def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index):
+        """Dose change (Gy) at CT voxels from each of several patch sets, without applying them.
+
+        ``columns[k]`` is a list of patches (at most one per beam is typical: a DMR normalised
+        patch); the result is ``(n voxels, n columns)`` float32 with column ``k`` equal to
+        ``delta_at_voxels(columns[k], flat_index)`` up to float32 round-off. Per beam, the
+        columns' patches are stacked on the union of their boxes and convolved in one batched
+        FFT per level (the matrix of a DMR joint solve in a handful of operations).
+        """
+        xp = self.xp
+        idx = xp.asarray(flat_index, dtype=xp.int64).reshape(-1)
+        n, ncol = int(idx.shape[0]), len(columns)
+        out = xp.zeros((ncol, n), dtype=xp.float32)
+        if ncol == 0 or n == 0:
+            return out.T
+        cidx, cw = self._coarse_neighbours(idx)
+        by_beam: dict[int, list[tuple[int, FluencePatch]]] = {}
+        for k, ps in enumerate(columns):
+            for p in ps:
+                by_beam.setdefault(int(p.beam), []).append((k, p))
+        for b, items in sorted(by_beam.items()):
+            geo = self.geometry[b]
+            r0 = min(p.row0 for _, p in items)
+            c0 = min(p.col0 for _, p in items)
+            r1 = max(p.row0 + p.shape[0] for _, p in items)
+            c1 = max(p.col0 + p.shape[1] for _, p in items)
+            f = geo.coarse_fluence_factor
+            R0, C0 = r0 // f, c0 // f
+            R1, C1 = -(-r1 // f), -(-c1 // f)
+            # Host stack on the coarse-aligned box, so the fine and the coarse level share it.
+            stack = np.zeros((ncol, (R1 - R0) * f, (C1 - C0) * f), np.float32)
+            for k, p in items:
+                rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
+                stack[k, rr : rr + p.shape[0], cc : cc + p.shape[1]] += np.asarray(backend.asnumpy(p.delta), np.float32)
+            dev = xp.asarray(stack)
+            if geo.fine.components:
+                out += self._level_delta_batch(geo.fine, dev, R0 * f, C0 * f, idx)
+            if geo.coarse.components:
+                hh, ww = R1 - R0, C1 - C0
+                coarse = dev.reshape(ncol, hh, f, ww, f).sum(axis=(2, 4))
+                dc = self._level_delta_batch(geo.coarse, coarse, R0, C0, cidx.reshape(-1))
+                out += (dc.reshape(ncol, 8, n) * cw[None]).sum(axis=1)
+        out = xp.where(self._body_mask_dev[idx][None, :], out, xp.float32(0))
+        return out.T
+
+    def _level_delta_batch(self, lvl: _Level, stack, r0: int, c0: int, level_index):
+        """(k, n) dose change at level voxels from a stack of k patches on the level's grid."""
+        xp = self.xp
+        hk = lvl.half
+        k = int(stack.shape[0])
+        dmaps = convolve_full_batched(stack, lvl.kernels)  # (k, nc, H, W)
+        nc = dmaps.shape[1]
+        pos = lvl.position[level_index]
+        ok = pos >= 0
+        p = xp.where(ok, pos, 0)
+        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), lvl.v[p], lvl.u[p], (r0 - hk, c0 - hk))
+        val = (s.reshape(k, nc, -1) * lvl.weights[:, p][None]).sum(axis=1)
+        return xp.where(ok[None, :], val, xp.float32(0))
 
     def _level_delta(self, lvl: _Level, delta, r0: int, c0: int, level_index):
         """Dose change at level voxels (flat indices into the level's cube) from a patch on its grid."""
