@@ -20,6 +20,11 @@ Script format::
 Doses may be given in Gy (``dose_gy``, ``level_gy``, ``low_gy``/``high_gy``) or in % of the
 prescription (``dose_pct``, ``level_pct``, ``low_pct``/``high_pct``); a request may carry its
 own ``recovery_steps``.
+
+A request whose recovery could not keep a pin, an earlier request's feature, its own voxels
+or an isodose guard has *conflicts* (:class:`ids_engine.session.Conflict`): each is logged as
+a ``conflict:`` line while the script runs, kept in ``report.json`` (the request's
+``"conflicts"`` list) and listed in ``report.md``.
 """
 
 from __future__ import annotations
@@ -135,11 +140,15 @@ def run_script(doc: dict, out_dir: "str | Path", *, progress=None, log=print) ->
                 f"after {res.recovery_steps} recovery steps {np.mean(res.final_gy):.2f} Gy; {wall:.0f} ms")
         else:
             log(f"[{n}] {entry['kind']}: done")
+        for c in res.conflicts:
+            log(f"    conflict: {c.message}")
     after = plan_metrics(session)
     out = Path(out_dir)
     session.save(out)
+    n_conflicts = sum(len(e.get("conflicts", ())) for e in entries)
     report = {"script": where0, "case": case, "prescription_gy": rx, "setup_s": round(setup_s, 2),
-              "plan_id": session.plan_id, "requests": entries, "metrics_before": before, "metrics_after": after}
+              "plan_id": session.plan_id, "requests": entries, "conflicts": n_conflicts,
+              "metrics_before": before, "metrics_after": after}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(_markdown(report))
     return report
@@ -148,17 +157,28 @@ def run_script(doc: dict, out_dir: "str | Path", *, progress=None, log=print) ->
 def _markdown(rep: dict) -> str:
     lines = ["# ids shape report", "", f"Script: `{rep['script']}`; case: `{json.dumps(rep['case'])}`; "
              f"prescription {rep['prescription_gy']:g} Gy; plan ID {rep['plan_id']}.", "", "## Requests", "",
-             "| # | kind | voxels | requested Gy | before Gy | after modification Gy | final Gy | recovery steps | ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| # | kind | voxels | requested Gy | before Gy | after modification Gy | final Gy | recovery steps | conflicts | ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in rep["requests"]:
         if "error" in e:
-            lines.append(f"| {e['n']} | {e['kind']} | refused: {e['error']} | | | | | | |")
+            lines.append(f"| {e['n']} | {e['kind']} | refused: {e['error']} | | | | | | | |")
         elif "voxels" in e:
             f = lambda k: f"{np.mean(e[k]):.2f}" if e[k] else ""  # noqa: E731
             lines.append(f"| {e['n']} | {e['request']['kind']} | {e['voxels']} | {f('requested_gy')} | {f('before_gy')} | "
-                         f"{f('after_modification_gy')} | {f('final_gy')} | {e['recovery_steps']} | {e['wall_ms']:.0f} |")
+                         f"{f('after_modification_gy')} | {f('final_gy')} | {e['recovery_steps']} | "
+                         f"{len(e.get('conflicts', ()))} | {e['wall_ms']:.0f} |")
         else:
-            lines.append(f"| {e['n']} | {e['kind']} | | | | | | | |")
+            lines.append(f"| {e['n']} | {e['kind']} | | | | | | | | |")
+    conflicted = [e for e in rep["requests"] if e.get("conflicts")]
+    lines += ["", "## Conflicts", ""]
+    if conflicted:
+        lines += ["What recovery could not keep (a pin, an earlier request's feature, the request's own voxels "
+                  "or an isodose guard):", ""]
+        for e in conflicted:
+            for c in e["conflicts"]:
+                lines.append(f"- [{e['n']}] {e['request']['kind']}: {c['message']}")
+    else:
+        lines.append("None: recovery kept every pin, earlier feature, requested voxel and isodose guard.")
     lines += ["", "## DVH metrics (before -> after)", "", "| structure | mean Gy | D95 Gy | D2 Gy | V95 % |", "|---|---|---|---|---|"]
     for name, b in rep["metrics_before"].items():
         a = rep["metrics_after"][name]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from ids_engine import __version__, backend
 from ids_engine.dmr import (
@@ -60,6 +61,10 @@ class DMROptions:
         ``[min(target_min, D_before - tol), max(target_max, D_before + tol)]``: the coverage
         the plan has, not the dose just before the request. OAR voxels count only when they
         get hotter than before the request by more than the tolerance.
+    max_rise_pct : farther than 10 mm from the request, no target or normal-tissue voxel may
+        rise by more than this (% of the prescription): there the upper side of the target's
+        band is ``min(max(target_max, D_before + tol), D_before + max_rise)``, and normal tissue
+        (sampled on every third voxel) gets ``D_before + max_rise``.
     feature_tolerance_pct : half width of a set-voxel-dose request's band (% of the prescription).
     max_request_pct : requests above this dose (% of the prescription) are refused.
     """
@@ -71,12 +76,14 @@ class DMROptions:
     edge_margin_pct: float = 1.0
     target_min_pct: float = 95.0
     target_max_pct: float = 107.0
+    max_rise_pct: float = 4.5
     feature_tolerance_pct: float = 0.5
     max_request_pct: float = 200.0
 
 
 # Priorities (weights) of the watched voxels: what recovery restores first.
 WEIGHT_TISSUE = 1.0
+WEIGHT_NORMAL = 1.0
 WEIGHT_EARLIER_FEATURE = 3.0
 WEIGHT_GUARD = 5.0
 WEIGHT_REQUEST = 10.0
@@ -365,8 +372,12 @@ class Session:
         tvox = np.flatnonzero((self.target_mask & body).ravel())
         ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
         earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin)]
+        # Normal tissue (body outside targets and OARs), sampled every third voxel: farther
+        # than 10 mm from the request it may not rise by more than max_rise either.
+        nvox = self._normal_sample()
+        nvox = nvox[~self._near_feature(nvox, resolved.feature_voxels)]
         pins = self._pin_bands()
-        parts = [tvox, ovox, resolved.feature_voxels, resolved.guard_voxels]
+        parts = [tvox, ovox, nvox, resolved.feature_voxels, resolved.guard_voxels]
         parts += [r.feature_voxels for r in earlier] + [p[1] for p in pins]
         allv = np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts]))
         n = allv.size
@@ -376,21 +387,29 @@ class Session:
         t_hi = np.full(n, np.inf)
         group = np.full(n, -1, np.int32)
         weight = np.zeros(n)
-        names, kinds = ["target coverage", "OAR"], ["tissue", "tissue"]
+        names, kinds = ["target coverage", "OAR", "normal tissue"], ["tissue", "tissue", "tissue"]
         it, io = at(tvox), at(ovox)
         dt = before[it]
-        t_lo[it] = np.minimum(opts.target_min_pct / 100.0 * rx, dt - tol)
+        # The lower edge sits 0.2 % of Rx above target_min: "in band" means covered, with a margin.
+        t_lo[it] = np.minimum((opts.target_min_pct + 0.2) / 100.0 * rx, dt - tol)
         hi_t = np.maximum(opts.target_max_pct / 100.0 * rx, dt + tol)
+        # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
+        # max_rise (nearer, the request's own dose fall-off decides).
+        cap = np.full(n, np.inf)
+        far = ~self._near_feature(tvox, resolved.feature_voxels)
+        cap[it[far]] = dt[far] + opts.max_rise_pct / 100.0 * rx
         if resolved.target_hi_cap_gy is not None:  # an erase: no new voxel above its upper bound
-            cap = resolved.target_hi_cap_gy
-            hi_t = np.where(dt <= cap, np.minimum(hi_t, cap), hi_t)
+            ecap = resolved.target_hi_cap_gy
+            hi_t = np.where(dt <= ecap, np.minimum(hi_t, ecap), hi_t)
         if resolved.target_lo_floor_gy is not None:
             floor = resolved.target_lo_floor_gy
             t_lo[it] = np.where(dt >= floor, np.maximum(t_lo[it], floor), t_lo[it])
         t_hi[it] = hi_t
         t_hi[io] = before[io] + tol
-        group[it], group[io] = 0, 1
-        weight[it], weight[io] = WEIGHT_TISSUE, WEIGHT_TISSUE
+        inn = at(nvox)
+        cap[inn] = before[inn] + opts.max_rise_pct / 100.0 * rx
+        group[it], group[io], group[inn] = 0, 1, 2
+        weight[it], weight[io], weight[inn] = WEIGHT_TISSUE, WEIGHT_TISSUE, WEIGHT_NORMAL
         lo, hi = t_lo.copy(), t_hi.copy()
         inset = np.minimum(0.25 * (hi - lo), 0.5 * tol)
         goal = np.clip(before, lo + inset, hi - inset)
@@ -447,7 +466,38 @@ class Session:
                 names.append("isodose guard")
                 kinds.append("guard")
         keep = group >= 0
-        return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds)
+        cap = np.minimum(cap, hi)
+        return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds, cap[keep])
+
+    def _normal_sample(self) -> np.ndarray:
+        """Flat indices of normal tissue (body, not target, not OAR) on every third voxel per axis."""
+        cache = self.__dict__.get("_normal_cache")
+        if cache is None:
+            m = self.engine.body_mask & ~self.target_mask & ~self.oar_mask
+            sub = np.zeros_like(m)
+            sub[::3, ::3, ::3] = m[::3, ::3, ::3]
+            cache = self.__dict__["_normal_cache"] = np.flatnonzero(sub.ravel()).astype(np.int64)
+        return cache
+
+    def _near_feature(self, flat: np.ndarray, feature_flat: np.ndarray, near_mm: float = 10.0) -> np.ndarray:
+        """Which of ``flat`` lie within ``near_mm`` of a feature voxel (distance transform on a box)."""
+        out = np.zeros(flat.size, bool)
+        if feature_flat.size == 0 or flat.size == 0:
+            return out
+        shape = self.patient.grid.shape_zyx
+        sp = np.asarray(self.patient.grid.spacing_mm_zyx, float)
+        fz = np.stack(np.unravel_index(feature_flat, shape), axis=-1)
+        pad = np.ceil(near_mm / sp).astype(int) + 1
+        lo = np.maximum(fz.min(axis=0) - pad, 0)
+        hi = np.minimum(fz.max(axis=0) + pad + 1, shape)
+        box = np.ones(tuple(hi - lo), bool)
+        box[tuple((fz - lo).T)] = False
+        dist = ndimage.distance_transform_edt(box, sampling=sp)
+        pz = np.stack(np.unravel_index(flat, shape), axis=-1)
+        inside = np.all((pz >= lo) & (pz < hi), axis=1)
+        q = pz[inside] - lo
+        out[inside] = dist[q[:, 0], q[:, 1], q[:, 2]] <= near_mm
+        return out
 
     def _conflicts(self, watch: Watch, dose_gy: np.ndarray) -> tuple:
         """Pins, features, this request and guards that ended outside their bands."""
@@ -542,19 +592,14 @@ class Session:
         applied: list = []
         passes = 0
         for passes in range(1, max_passes + 1):
-            d = backend.asnumpy(eng.dose_at_voxels(watch.voxels[rows])).astype(np.float64)
-            viol = np.maximum(np.maximum(watch.lo[rows] - d, d - watch.hi[rows]), 0.0)
             dc = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
             need_c = resolved.target_gy - dc
-            lo_c, hi_c = watch.lo[wi], watch.hi[wi]
-            off_c = (dc < lo_c) | (dc > hi_c)
+            off_c = (dc < watch.lo[wi]) | (dc > watch.hi[wi])
             if not off_c.any():
                 passes -= 1
                 break
-            need = np.where(viol > 0, watch.goal[rows] - d, 0.0)
-            w = np.where(viol > 0, watch.weight[rows], 0.05 * watch.weight[rows])
-            res = self.modifier.solve_step(watch.voxels[rows], need, w, watch.lo[rows], watch.hi[rows],
-                                           cols[off_c], np.sign(need_c[off_c]))
+            res = self.modifier.solve_step(watch.voxels[rows], watch.lo[rows], watch.hi[rows], watch.goal[rows],
+                                           watch.weight[rows], cols[off_c], np.sign(need_c[off_c]))
             applied.extend(res.patches)
             if not res.accepted:
                 break

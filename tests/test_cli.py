@@ -308,6 +308,40 @@ def test_shape_runs_a_script_and_writes_a_report(tmp_path, capsys):
     assert "PTV" in out
 
 
+def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, capsys):
+    """A pin around the OAR rim, then a request 2 voxels (8 mm) anterior of it, just outside the
+    pin, down to 20 %: recovery cannot keep both, and says so instead of failing silently."""
+    import json
+
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({
+        "case": {"phantom": "horseshoe", "resolution": "coarse"}, "prescription_gy": 60, "beams": 9,
+        "recovery_steps": 25,
+        "requests": [
+            {"kind": "pin", "name": "rim", "centre_zyx": [21, 22, 40], "radius_mm": 6},
+            {"kind": "set_voxel_dose", "index_zyx": [21, 20, 40], "dose_pct": 20},
+        ],
+    }))
+    rc, out, err = run(["shape", str(script), "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["requests"][0]["conflicts"] == []  # the pin itself
+    conflicts = rep["requests"][1]["conflicts"]
+    assert conflicts, "the request next to the pin reported no conflict"
+    assert rep["conflicts"] == len(conflicts)
+    for c in conflicts:
+        assert c["kind"] in ("pin", "feature", "request", "guard")
+        assert c["voxels"] >= 1 and c["worst_gy"] > 0
+        assert "Gy" in c["message"] and "% of Rx" in c["message"]
+    # One "conflict:" line per conflict on the terminal, in the order of the report.
+    printed = [line.strip()[len("conflict:"):].strip() for line in out.splitlines() if line.strip().startswith("conflict:")]
+    assert printed == [c["message"] for c in conflicts]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Conflicts" in md
+    for c in conflicts:
+        assert c["message"] in md
+
+
 def test_shape_bad_script_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -25,9 +25,12 @@ from .dvh import DVHPanel
 from .panels import BeamPanel, HistoryList
 from .slices import AXES, SliceView
 from .view3d import View3D
-from .worker import QtEngineWorker, Snapshot
+from .worker import QtEngineWorker, Snapshot, conflict_status_text
 
 __all__ = ["MainWindow", "launch"]
+
+# How long a request's conflicts stay in the status bar (ms); the history entry keeps them.
+CONFLICT_MESSAGE_MS = 15000
 
 _TOOLS = (
     ("navigate", "Navigate", "N", "Click to move the crosshair; wheel changes slice, Ctrl+wheel zooms, "
@@ -782,7 +785,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_undo.setEnabled(idle and bool(snap.history))
         self.act_redo.setEnabled(idle and bool(snap.undone))
         self.act_unpin.setEnabled(bool(snap.pin_names))
-        if snap.outcome is not None and snap.final and snap.outcome["final_gy"]:
+        conflicts = [c["message"] for c in snap.outcome.get("conflicts", ())] if snap.outcome is not None else []
+        if snap.final and conflicts:
+            # Never silent: what recovery could not keep stays longer than the usual read-out.
+            self.statusBar().showMessage(conflict_status_text(conflicts), CONFLICT_MESSAGE_MS)
+        elif snap.outcome is not None and snap.final and snap.outcome["final_gy"]:
             r = snap.outcome
             self.statusBar().showMessage(
                 f"#{r['id']}: requested {r['requested_gy'][0]:.2f} Gy, reached {r['final_gy'][0]:.2f} Gy "

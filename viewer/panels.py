@@ -172,10 +172,13 @@ class BeamPanel(QtWidgets.QWidget):
 class HistoryList(QtWidgets.QListWidget):
     """The request history: the starting plan, applied requests, then undone ones (greyed).
 
+    A request with conflicts (what recovery could not keep) is drawn in amber with a warning
+    icon and a "⚠ N conflicts" tag; its tooltip lists the conflicts' messages.
     Clicking a row emits ``goto(n)``: undo or redo until ``n`` requests are applied.
     """
 
     goto = QtCore.pyqtSignal(int)
+    CONFLICT_COLOUR = "#f0a830"
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -191,9 +194,12 @@ class HistoryList(QtWidgets.QListWidget):
         grey = QtGui.QColor("#6b737c")
         for e in history:
             tag = "  (preview)" if e.preview else ""
-            self.addItem(QtWidgets.QListWidgetItem(f"#{e.id}  {e.text}{tag}   {e.engine_ms:.0f} ms"))
+            item = QtWidgets.QListWidgetItem(f"#{e.id}  {e.text}{tag}   {e.engine_ms:.0f} ms")
+            self._mark_conflicts(item, e)
+            self.addItem(item)
         for e in undone:
             item = QtWidgets.QListWidgetItem(f"#{e.id}  {e.text}  (undone)")
+            self._mark_conflicts(item, e)
             item.setForeground(grey)
             f = item.font()
             f.setItalic(True)
@@ -203,6 +209,16 @@ class HistoryList(QtWidgets.QListWidget):
         self.setCurrentRow(len(history))
         self.blockSignals(False)
         self.scrollToItem(self.item(len(history)))
+
+    def _mark_conflicts(self, item: QtWidgets.QListWidgetItem, e: HistoryEntry) -> None:
+        """Warning icon, tag, colour and tooltip for an entry whose request has conflicts."""
+        if not e.conflicts:
+            return
+        n = len(e.conflicts)
+        item.setText(f"{item.text()}   ⚠ {n} conflict{'s' if n != 1 else ''}")
+        item.setIcon(self.style().standardIcon(QtWidgets.QStyle.StandardPixmap.SP_MessageBoxWarning))
+        item.setForeground(QtGui.QColor(self.CONFLICT_COLOUR))
+        item.setToolTip("Recovery could not keep:\n" + "\n".join(f"• {m}" for m in e.conflicts))
 
     def _clicked(self, item) -> None:
         row = self.row(item)

@@ -33,7 +33,7 @@ from ids_engine.session import LatestRequestQueue, RequestResult, Session
 
 from ._meshes import SurfaceMesh, level_mesh
 
-__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "describe_request"]
+__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "conflict_status_text", "describe_request"]
 
 # Recovery steps of a drag preview (full recovery runs on release). Measured on the clinical
 # horseshoe, 2 CPU cores, GUI idle: 3 steps on 6 voxels 245 ms, 1 step on 4 voxels 151 ms,
@@ -48,12 +48,18 @@ PREVIEW_DVH_BUDGET_MS = 25.0
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One journal entry as the history list shows it."""
+    """One journal entry as the history list shows it.
+
+    conflicts : one line per :class:`~ids_engine.session.Conflict` of the request (what recovery
+        could not keep); empty for drag previews, whose single recovery step would flag
+        conflicts that the full recovery on release resolves.
+    """
 
     id: int
     text: str
     engine_ms: float
     preview: bool = False
+    conflicts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,9 +133,20 @@ def describe_request(req) -> str:
     return str(req)
 
 
+def conflict_status_text(messages) -> str:
+    """The status bar line for a request's conflicts (``Conflict.message`` strings in the order the
+    session lists them): the first in full, then how many more; "" when there are none."""
+    messages = list(messages)
+    if not messages:
+        return ""
+    more = f"; +{len(messages) - 1} more (see the history)" if len(messages) > 1 else ""
+    return f"⚠ Conflict: {messages[0]}{more}"
+
+
 def _entry(res: RequestResult, preview: bool = False) -> HistoryEntry:
     ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery"))
-    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview)
+    conflicts = () if preview else tuple(c.message for c in res.conflicts)
+    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts)
 
 
 class EngineWorker:

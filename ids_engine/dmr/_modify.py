@@ -41,6 +41,25 @@ def _violation(dose, lo, hi):
     return np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
 
 
+def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularisation: float) -> np.ndarray:
+    """Non-negative, Tikhonov-regularised weighted least squares for the column scales."""
+    sw = np.sqrt(weight)
+    a = sw[:, None] * g
+    b = sw * need
+    norms = np.linalg.norm(a, axis=0)
+    keep = norms > 0
+    f = np.zeros(g.shape[1])
+    if keep.any():
+        # Each column's Tikhonov weight follows its own norm, with a floor at a tenth of the
+        # strongest: a weak column (a patch that barely reaches the rows) cannot buy its
+        # effect with a huge scale.
+        lam = math.sqrt(regularisation) * np.maximum(norms[keep], 0.1 * float(norms.max()))
+        aug = np.vstack([a[:, keep], np.diag(lam)])
+        rhs = np.concatenate([b, np.zeros(int(keep.sum()))])
+        f[keep], _ = nnls(aug, rhs, maxiter=50 * aug.shape[1])
+    return f
+
+
 @dataclass(frozen=True, eq=False)
 class StepResult:
     """One guarded joint solve: patches applied (take-backs included), accepted or not,
@@ -96,6 +115,7 @@ class Modifier:
         # Stage timings (ms), accumulated; with ``profile`` the GPU is synchronised at each
         # stage boundary so the split is true (a little slower).
         self.profile = False
+        self.per_beam = False
         self.timings_ms = {"create_patch": 0.0, "convolution": 0.0, "update_dose_cube": 0.0}
 
     def _tick(self, stage: str, t0: float) -> float:
@@ -221,58 +241,89 @@ class Modifier:
         return ModificationResult(vox, goal, before, current, applied, max(passes, 1))
 
     # ------------------------------------------------------------------ joint solve
-    def solve_step(self, rows, need_gy, row_weight, row_lo, row_hi, col_voxels, col_signs, *,
-                   regularisation: float = 1e-3) -> "StepResult":
-        """One guarded joint solve: patches at ``col_voxels`` scaled together to meet ``need_gy``.
+    def solve_step(self, rows, row_lo, row_hi, row_goal, row_weight, col_voxels, col_signs, *,
+                   regularisation: float = 1e-3, keep_weight: float = 0.01, compensate: int = 3,
+                   iterations: int = 3, accept_hi=None) -> "StepResult":
+        """One guarded joint solve: patches at ``col_voxels`` scaled together so that the rows
+        end in their bands.
 
         Parameters
         ----------
         rows : (n,) flat CT indices whose dose the solve looks at.
-        need_gy : (n,) wanted dose change at the rows (0 for rows that should stay put).
-        row_weight : (n,) least-squares weight of each row.
-        row_lo, row_hi : (n,) the band each row must stay in (the acceptance test).
+        row_lo, row_hi : (n,) the band each row must end in (Gy; +/- inf for open sides).
+        row_goal : (n,) where a row outside its band should go (inside the band).
+        row_weight : (n,) priority of each row.
         col_voxels, col_signs : voxels whose normalised patches are the columns, +1 to raise, -1 to lower.
-        regularisation : Tikhonov weight relative to each column's own norm. Without it, the
+        regularisation : Tikhonov weight relative to each column's norm (at least a tenth of the
+            strongest column's). Without it, the
             raise and lower patches of neighbouring voxels (nearly opposite columns, condition
             numbers ~1e5) get huge opposite scales that cancel on paper and blow up once the
             fluence is clipped at zero.
+        keep_weight : rows inside their band prefer to stay put with this relative weight.
+        compensate : rows the first solution would push out of their band get up to this many
+            columns of their own (the opposite sign), e.g. the request's voxel next to a cold
+            cluster that is being raised.
+        iterations : rounds of the active set: rows predicted to leave their band are added
+            as rows aiming at the band's edge, and the scales solved again.
+        accept_hi : upper band edges for the acceptance test when they differ from ``row_hi``
+            (a soft cap the solve respects but that does not make a step worse).
 
-        The scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k ||W^1/2 G_k||^2 f_k^2`` with
-        ``f >= 0`` (NNLS on the augmented system). The combined patch is clipped at zero
-        fluence and applied; if the weighted band violation at the rows got worse, half of it is
-        taken back, and if that is still worse, all of it (the step is rejected). Every patch
-        applied, take-backs included, is in ``patches`` in order (so a journal replays it exactly).
+        Scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k n_k^2 f_k^2``, ``f >= 0``, with
+        ``n_k = max(||W^1/2 G_k||, 0.1 max_j ||W^1/2 G_j||)``
+        (NNLS on the augmented system). The combined patch is clipped at zero fluence and
+        applied; if the weighted band violation at the rows got worse, half of it is taken
+        back, and if that is still worse, all of it (the step is rejected). Every patch applied,
+        take-backs included, is in ``patches`` in order (so a journal replays it exactly).
         """
         eng = self.engine
         rows = np.asarray(rows, np.int64)
-        w = np.asarray(row_weight, float)
         lo = np.asarray(row_lo, float)
         hi = np.asarray(row_hi, float)
+        weight = np.asarray(row_weight, float)
         t0 = time.perf_counter()
-        cols, used = [], []
-        for k, (v, sgn) in enumerate(zip(col_voxels, col_signs)):
-            ps = self.normalised_patches(int(v), raise_dose=sgn > 0)
-            if ps:
-                cols.append(ps)
-                used.append(k)
+        col_voxels = [int(v) for v in col_voxels]
+        col_signs = [float(v) for v in col_signs]
+        cols = []
+        for v, sgn in zip(col_voxels, col_signs):
+            cols.extend(self._columns(v, sgn > 0))
         t0 = self._tick("create_patch", t0)
         before = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+        acc_hi = hi if accept_hi is None else np.asarray(accept_hi, float)
         viol0 = _violation(before, lo, hi)
-        obj0 = float(np.sum(w * viol0**2))
+        obj0 = float(np.sum(weight * _violation(before, lo, acc_hi) ** 2))
         if not cols:
             return StepResult([], False, obj0, obj0, np.zeros(0), before)
         g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
         t0 = self._tick("convolution", t0)
-        sw = np.sqrt(w)
-        a = sw[:, None] * g
-        b = sw * np.asarray(need_gy, float)
-        norms = np.linalg.norm(a, axis=0)
-        keep = norms > 0
+        active = viol0 > 0
+        aim = np.where(active, np.clip(np.asarray(row_goal, float), lo, hi), before)
+        eps = 1e-4 * max(float(np.nanmax(np.abs(before))), 1.0)
         f = np.zeros(len(cols))
-        if keep.any():
-            aug = np.vstack([a[:, keep], np.diag(math.sqrt(regularisation) * norms[keep])])
-            rhs = np.concatenate([b, np.zeros(int(keep.sum()))])
-            f[keep], _ = nnls(aug, rhs, maxiter=50 * aug.shape[1])
+        for it in range(iterations):
+            f = _solve_scales(g, aim - before, np.where(active, weight, keep_weight * weight), regularisation)
+            pred = before + g @ f
+            newly = (~active) & (_violation(pred, lo, hi) > eps)
+            if not newly.any():
+                break
+            if it == 0 and compensate > 0:
+                # The rows pushed furthest out get a column of their own, of the opposite sign.
+                cand = np.flatnonzero(newly)
+                cand = cand[np.argsort(-(weight * _violation(pred, lo, hi))[cand], kind="stable")][:compensate]
+                extra, added = [], []
+                for i in cand:
+                    sgn = -1.0 if pred[i] > hi[i] else 1.0
+                    ps = self._columns(int(rows[i]), sgn > 0)
+                    extra.extend(ps)
+                    added.extend([(int(rows[i]), sgn)] * len(ps))
+                if extra:
+                    g = np.hstack([g, backend.asnumpy(eng.delta_matrix(extra, rows)).astype(np.float64)])
+                    cols.extend(extra)
+                    col_voxels += [v for v, _ in added]
+                    col_signs += [sg for _, sg in added]
+            inset = np.minimum(0.25 * (hi - lo), 0.005 * np.maximum(np.abs(aim), 1.0))
+            aim = np.where(newly, np.clip(pred, lo + inset, hi - inset), aim)
+            active |= newly
+        t0 = self._tick("convolution", t0)
         if not np.any(f > 0):
             return StepResult([], False, obj0, obj0, f, before)
         combined = self._combine([(fk, ps) for fk, ps in zip(f, cols) if fk > 0])
@@ -283,14 +334,14 @@ class Modifier:
         applied = list(clipped)
         eng.apply_patches(clipped)
         after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
-        obj1 = float(np.sum(w * _violation(after, lo, hi) ** 2))
+        obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
         accepted = obj1 < obj0
         if not accepted:
             half = [FluencePatch(p.beam, p.row0, p.col0, (np.float32(-0.5) * p.delta).astype(np.float32)) for p in clipped]
             eng.apply_patches(half)
             applied.extend(half)
             after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
-            obj1 = float(np.sum(w * _violation(after, lo, hi) ** 2))
+            obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
             accepted = obj1 < obj0
             if not accepted:
                 eng.apply_patches(half)
@@ -299,6 +350,15 @@ class Modifier:
                 obj1 = obj0
         self._tick("update_dose_cube", t0)
         return StepResult(applied, accepted, obj0, obj1, f, after)
+
+    def _columns(self, voxel: int, raise_dose: bool) -> list[list[FluencePatch]]:
+        """The columns of a joint solve for one voxel: its normalised patch as one column, or
+        (``per_beam``) each beam's part as a column of its own, so the solve also chooses how
+        much each beam contributes."""
+        ps = self.normalised_patches(int(voxel), raise_dose=raise_dose)
+        if not ps:
+            return []
+        return [[p] for p in ps] if self.per_beam else [ps]
 
     def _combine(self, scaled: list[tuple[float, list[FluencePatch]]]) -> list[FluencePatch]:
         """Sum scaled patches per beam on the union of their boxes."""

@@ -51,8 +51,9 @@ class RecoveryOptions:
     max_rows_off: int = 48
     max_rows_priority: int = 24
     max_rows_keep: int = 24
-    keep_weight: float = 0.05
-    compensate_radius_mm: float = 12.0
+    keep_weight: float = 0.01
+    max_rows_risk: int = 64
+    risk_slack_gy: float = 3.0
     max_compensate: int = 3
     regularisation: float = 1e-3
 
@@ -68,6 +69,9 @@ class Watch:
     group : (n,) int index into ``names``.
     names : what each group stands for, e.g. "target coverage", "pin 'cord'".
     kinds : per group, one of "tissue", "pin", "feature", "request", "guard".
+    cap : (n,) a softer ceiling (<= hi) that the joint solves try to respect but recovery does
+        not chase: far from the request, target and normal tissue should not rise by more than
+        a few % (hot spots are better avoided than chased step by step). Default: ``hi``.
     """
 
     voxels: np.ndarray
@@ -78,11 +82,17 @@ class Watch:
     group: np.ndarray
     names: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
+    cap: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.cap is None:
+            self.cap = np.asarray(self.hi, float).copy()
 
     def violation(self, dose_gy: np.ndarray) -> np.ndarray:
         return np.maximum(np.maximum(self.lo - dose_gy, dose_gy - self.hi), 0.0)
 
     def objective(self, dose_gy: np.ndarray) -> float:
+        """``sum(weight * violation^2)``: what recovery minimises (the soft cap does not count)."""
         return float(np.sum(self.weight * self.violation(dose_gy) ** 2))
 
 
@@ -173,7 +183,21 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     sp = np.asarray(eng.grid.spacing_mm_zyx, float)
     coords = np.stack(np.unravel_index(vox, eng.grid.shape_zyx), axis=-1) * sp
     vox_dev = eng.xp.asarray(vox)
+    # Each watched voxel's position on every beam's fine fluence grid (cells), for "which
+    # voxels do this step's patches reach".
+    bev_u, bev_v = [], []
+    for geo in eng.geometry:
+        pos = geo.fine.position[vox_dev]
+        bev_u.append(backend.asnumpy(geo.fine.u[pos]).astype(np.float32))
+        bev_v.append(backend.asnumpy(geo.fine.v[pos]).astype(np.float32))
+    # The request's own voxels and the pins are rows of every step, wherever the step is.
+    hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
+    always = np.flatnonzero(hard)
+    if always.size > 64:
+        always = always[np.linspace(0, always.size - 1, 64).round().astype(int)]
+    reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
     tabu = np.zeros(vox.size, bool)
+    hi_solve = np.minimum(watch.hi, watch.cap)
     chosen, accepted, patches, objective = [], [], [], []
     best_obj, best_step, best_n_patches = np.inf, 0, 0
     n_done = 0
@@ -209,20 +233,35 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         keep = np.flatnonzero(inband & (watch.weight <= 1.0))
         if keep.size > opts.max_rows_keep:
             keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
-        rows = np.unique(np.concatenate([np.asarray(cluster, np.int64), off, prio, keep]))
-        need = np.where(viol[rows] > 0, watch.goal[rows] - dose[rows], 0.0)
-        w = np.where(viol[rows] > 0, watch.weight[rows], opts.keep_weight * watch.weight[rows])
-        # Compensation: high-priority voxels near r with the least room in the cluster's direction.
-        slack = (watch.hi - dose) if cold else (dose - watch.lo)
-        comp_ok = inband & (watch.weight > 1.0) & (dist <= opts.compensate_radius_mm) & np.isfinite(slack)
-        comp = np.flatnonzero(comp_ok)
-        comp = [int(i) for i in comp[np.argsort(slack[comp], kind="stable")][: opts.max_compensate]]
-        col_idx = cluster + comp
-        signs = [direction] * len(cluster) + [-direction] * len(comp)
+        # At risk: in-band voxels under the cluster's patches in any beam (a raise here can make
+        # a hot spot far away along the beams, in the entrance region), least room first.
+        slack = (hi_solve - dose) if cold else (dose - watch.lo)
+        cand = np.flatnonzero((viol == 0) & ~near & (slack < opts.risk_slack_gy))
+        touched = np.zeros(cand.size, bool)
+        for b in range(len(bev_u)):
+            cu, cv = bev_u[b][cluster], bev_v[b][cluster]
+            bu, bv = bev_u[b][cand], bev_v[b][cand]
+            touched |= ((bu >= cu.min() - reach_cells) & (bu <= cu.max() + reach_cells)
+                        & (bv >= cv.min() - reach_cells) & (bv <= cv.max() + reach_cells))
+        risk = cand[touched]
+        risk = risk[np.argsort(slack[risk], kind="stable")][: opts.max_rows_risk]
+        rows = np.unique(np.concatenate([np.asarray(cluster, np.int64), off, prio, keep, risk, always]))
         timings["select_location"] += (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        res = modifier.solve_step(vox[rows], need, w, watch.lo[rows], watch.hi[rows], vox[col_idx], signs,
-                                  regularisation=opts.regularisation)
+        args = (vox[rows], watch.lo[rows], hi_solve[rows], watch.goal[rows], watch.weight[rows],
+                vox[cluster], [direction] * len(cluster))
+        kw = dict(regularisation=opts.regularisation, keep_weight=opts.keep_weight, compensate=opts.max_compensate,
+                  accept_hi=watch.hi[rows])
+        res = modifier.solve_step(*args, **kw)
+        if not res.accepted and not modifier.per_beam:
+            # Second try: each beam's part of each patch a column of its own (the beam mix is
+            # solved too), before giving up on this voxel.
+            patches.extend(res.patches)
+            modifier.per_beam = True
+            try:
+                res = modifier.solve_step(*args, **kw)
+            finally:
+                modifier.per_beam = False
         timings["modify_step"] += (time.perf_counter() - t0) * 1000
         patches.extend(res.patches)
         chosen.append(int(vox[r]))

@@ -228,6 +228,14 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     g_above = above[guard]
     g_lo = np.where(g_above, level + eps, -INF)
     g_hi = np.where(g_above, INF, level - eps)
+    # Beside the drag a guard also keeps its dose within half its distance from the level:
+    # then the level's crossing between two neighbouring guards moves by at most about a
+    # quarter of their spacing (the line stays put, not just on the same voxels).
+    gd = dose[guard]
+    half = 0.5 * np.abs(gd - level)
+    side = g_beside[guard]
+    g_lo = np.where(side, np.maximum(g_lo, gd - half), g_lo)
+    g_hi = np.where(side, np.minimum(g_hi, gd + half), g_hi)
     return Resolved(vox, np.full(vox.size, goal), mask, sw, f_lo, f_hi, np.full(sw.size, goal),
                     g_flat.astype(np.int64), g_lo, g_hi)
 

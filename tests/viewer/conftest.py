@@ -40,3 +40,24 @@ def rewind(session) -> None:
     """Take every request back (tests share one session per module)."""
     while session.journal:
         session.undo()
+
+
+def oar_rim_voxel(session) -> tuple[int, int, int]:
+    """The most anterior OAR voxel on the OAR's central column (the paper's voxel m at the OAR rim)."""
+    import numpy as np
+
+    oar = session.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    j = int(np.flatnonzero(oar[c[0], :, c[2]]).min())
+    return (int(c[0]), j, int(c[2]))
+
+
+def conflicting_requests(session):
+    """A pin around the OAR rim voxel m, then a voxel 2 voxels (8 mm) anterior of m, just outside
+    the pin, set to 20 % of the prescription: recovery cannot keep both (a pin conflict and the
+    request's own voxel short of what was asked, on the coarse horseshoe)."""
+    from ids_engine.dmr import Pin, SetVoxelDose
+
+    m = oar_rim_voxel(session)
+    near = (m[0], m[1] - 2, m[2])
+    return Pin("rim", m, 6.0), SetVoxelDose(near, 0.2 * session.prescription_gy)

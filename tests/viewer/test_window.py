@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, build_coarse_session, require_viewer_packages, rewind
+from .conftest import (HAS_DISPLAY, NO_DISPLAY_REASON, build_coarse_session, conflicting_requests,
+                       require_viewer_packages, rewind)
 
 require_viewer_packages()
 
@@ -275,6 +276,46 @@ def test_pin_erase_and_history_click(qtbot, window, session):
     qtbot.mouseClick(hist.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=rect.center())
     qtbot.waitUntil(lambda: len(session.journal) == 2 and window.idle, timeout=WAIT_MS)
     assert "pin 1" in session.pins
+
+
+def test_a_conflict_shows_in_the_status_bar_and_the_history(qtbot, window, session):
+    """Pin a ball around the OAR rim, then set a voxel just outside it far down with the set-dose
+    tool: recovery cannot keep both, and the window says so (status bar and history entry)."""
+    from PyQt6 import QtCore
+
+    pin, near = conflicting_requests(session)
+    view = window.slice_views["z"]
+    native = view.canvas.native
+    view.set_slice(pin.centre_zyx[0], emit=True)
+    window.radius_box.setValue(pin.radius_mm)
+    window.tool_actions["pin"].trigger()
+    qtbot.mouseClick(native, QtCore.Qt.MouseButton.LeftButton, pos=_qpoint(view.zyx_to_canvas(pin.centre_zyx)))
+    qtbot.waitUntil(lambda: len(session.journal) == 1 and window.idle, timeout=WAIT_MS)
+    assert np.allclose(session.journal[-1].request.centre_zyx, pin.centre_zyx, atol=0.5)
+    assert session.journal[-1].request.radius_mm == pytest.approx(pin.radius_mm)
+    assert "⚠" not in window.history.item(1).text() and not window.history.item(1).toolTip()
+
+    window.tool_actions["set_dose"].trigger()
+    qtbot.mouseClick(native, QtCore.Qt.MouseButton.LeftButton, pos=_qpoint(view.zyx_to_canvas(near.index_zyx)))
+    assert window.selected_voxel == near.index_zyx
+    qtbot.keyClicks(window.dose_box, f"{near.dose_gy:g}")
+    qtbot.keyClick(window.dose_box, QtCore.Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: len(session.journal) == 2 and window.idle, timeout=WAIT_MS)
+    res = session.journal[-1]
+    assert res.request.index_zyx == near.index_zyx and res.request.dose_gy == pytest.approx(near.dose_gy)
+    assert res.conflicts, "the request beside the pin reported no conflict"
+    messages = [c.message for c in res.conflicts]
+
+    status = window.statusBar().currentMessage()
+    assert status.startswith(f"⚠ Conflict: {messages[0]}")
+    assert (f"+{len(messages) - 1} more" in status) == (len(messages) > 1)
+
+    item = window.history.item(2)  # the starting plan, the pin, the request
+    n = len(messages)
+    assert item.text().endswith(f"⚠ {n} conflict{'s' if n != 1 else ''}")
+    assert not item.icon().isNull()
+    assert all(m in item.toolTip() for m in messages)
+    assert item.foreground().color().name() == window.history.CONFLICT_COLOUR
 
 
 def test_drag_isodose_surface_in_3d(qtbot, window, session):

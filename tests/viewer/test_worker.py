@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from .conftest import build_coarse_session, require_viewer_packages, rewind
+from .conftest import build_coarse_session, conflicting_requests, require_viewer_packages, rewind
 
 require_viewer_packages()
 
 from ids_engine.dmr import MoveIsodoseLine, SetVoxelDose  # noqa: E402
-from ids_engine.viewer.worker import EngineWorker, QtEngineWorker, Snapshot  # noqa: E402
+from ids_engine.viewer.worker import EngineWorker, QtEngineWorker, Snapshot, conflict_status_text  # noqa: E402
 
 pytestmark = pytest.mark.viewer
 
@@ -146,6 +146,31 @@ def test_request_error_is_reported_and_plan_untouched(worker, session):
     assert "outside the body" in rec.messages[-1][0]
     assert len(session.journal) == 0
     np.testing.assert_array_equal(session.dose(), before)
+
+
+def test_conflicts_reach_the_snapshot_and_the_history_entry(worker, session):
+    rec = worker.recorder
+    pin, near = conflicting_requests(session)
+    snap = rec.wait_for(worker.submit(pin))
+    assert snap.history[-1].conflicts == ()
+    snap = rec.wait_for(worker.submit(near))
+    res = session.journal[-1]
+    assert res.conflicts, "the request beside the pin reported no conflict"
+    messages = tuple(c.message for c in res.conflicts)
+    assert [c["message"] for c in snap.outcome["conflicts"]] == list(messages)
+    assert snap.history[-1].conflicts == messages
+    # Undone, the entry keeps its conflicts (the history shows them greyed).
+    snap = rec.wait_for(worker.undo())
+    assert snap.undone[-1].conflicts == messages
+
+
+def test_conflict_status_text():
+    assert conflict_status_text([]) == ""
+    one = "pin 'rim': 3 voxels off its pinned dose, by up to 1.20 Gy (2.0 % of Rx)"
+    assert conflict_status_text([one]) == f"⚠ Conflict: {one}"
+    text = conflict_status_text([one, "request 2 (this request): 1 voxel short of what was asked, by up to 4.00 Gy "
+                                      "(6.7 % of Rx)", "guard 57 Gy: 2 voxels across the dragged level"])
+    assert text.startswith(f"⚠ Conflict: {one}") and "+2 more" in text and "request 2" not in text
 
 
 def test_qt_worker_delivers_snapshots_in_the_gui_thread(qtbot, session):

@@ -1,0 +1,215 @@
+"""Shaping invariants on the coarse horseshoe: requests land where asked, pins hold or say so,
+erase erases, joint solves do not blow up, the best state is kept, features outlive their request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose
+from ids_engine.evaluation import beside_shift_mm, drag_landing_mm, dvh_metrics
+from ids_engine.session import Session
+
+RX = 60.0
+
+
+@pytest.fixture(scope="module")
+def base():
+    return Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
+
+
+@pytest.fixture
+def s(base):
+    n = len(base.journal)
+    pins = dict(base.pins)
+    yield base
+    base._journal_dir = None
+    while len(base.journal) > n:
+        base.undo()
+    base.clear_redo()
+    base.pins = pins
+
+
+def rim(s: Session, dj: int = 0, di: int = 0) -> tuple[int, int, int]:
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    i = int(c[2]) + di
+    j = int(np.flatnonzero(oar[c[0], :, i]).min()) + dj
+    return (int(c[0]), j, i)
+
+
+def test_paper_experiment_every_target_voxel_covered(s):
+    """Section 3.1 of the paper: m to 55 %, 25 steps: every target voxel >= 95 %, m within 1 %."""
+    ptv = s.patient.structure("PTV").mask
+    m = rim(s)
+    res = s.run(SetVoxelDose(m, 0.55 * RX))
+    d = s.dose()
+    assert res.recovery_steps <= 25
+    assert d[ptv].min() >= 0.95 * RX
+    assert d[m] == pytest.approx(0.55 * RX, rel=0.01)
+    assert not res.conflicts
+
+
+def test_best_state_is_kept(s):
+    """Whatever recovery did, the plan it leaves is the best state it reached."""
+    from ids_engine.dmr import recover, resolve
+
+    m = rim(s)
+    resolved = resolve(SetVoxelDose(m, 0.4 * RX), s.resolve_context())
+    watch = s.build_watch(resolved)
+    s.modifier.modify(resolved.voxels, resolved.target_gy)
+    rec = recover(s.modifier, watch, steps=6)
+    final = watch.objective(s.engine.dose_at_voxels(watch.voxels).astype(float))
+    assert final == pytest.approx(rec.objective.min(), rel=1e-3, abs=1e-6)
+    assert rec.objective[rec.best_step] == rec.objective.min()
+    # This test drove the engine directly (no journal): put the plan back as it was.
+    assert not s.journal
+    s.engine.set_fluences(s.initial_fluences)
+
+
+def test_pin_holds_through_recovery_or_is_reported(s):
+    """Recovery runs with the pin in place: pinned voxels stay within the tolerance, or the
+    request reports a conflict naming the pin and the amount."""
+    m = rim(s)
+    s.run(Pin("m", m, 6.0))
+    pinned = s.dose()[s.pins["m"]]
+    tol = s.options.tolerance_pct / 100 * RX
+    steps = 0
+    for req in (SetVoxelDose(rim(s, dj=-3), 1.05 * RX), SetVoxelDose(rim(s, di=3), 0.4 * RX),
+                SetVoxelDose(rim(s, dj=-2), 0.3 * RX)):
+        res = s.run(req)
+        steps += res.recovery_steps
+        change = np.abs(s.dose()[s.pins["m"]] - pinned).max()
+        named = [c for c in res.conflicts if c.name == "pin 'm'"]
+        assert change <= tol + 1e-3 * RX or named
+        if named:
+            assert named[0].worst_gy > 0 and "pin 'm'" in named[0].message
+    assert steps > 0  # recovery did run with the pin in place
+
+
+def test_request_inside_a_pin_is_refused(s):
+    m = rim(s)
+    s.run(Pin("m", m, 6.0))
+    n = len(s.journal)
+    with pytest.raises(RequestError, match="pin 'm'"):
+        s.run(SetVoxelDose(m, 0.3 * RX))
+    assert len(s.journal) == n
+
+
+def test_erase_erases_without_moving_the_hot_spot(s):
+    ptv = s.patient.structure("PTV").mask
+    k = tuple(int(v) for v in np.argwhere(ptv)[len(np.argwhere(ptv)) // 3])
+    s.run(SetVoxelDose(k, 1.10 * RX))
+    before = s.dose()
+    lo, hi = 0.95 * RX, 1.03 * RX
+    res = s.run(EraseSpot(k, 6.0, lo, hi, structure="PTV"))
+    after = s.dose()
+    region = np.zeros(ptv.shape, bool)
+    region.flat[res.feature_voxels] = True
+    assert after[region].max() <= hi + 0.01 * RX
+    assert (after[ptv] > hi).sum() <= (before[ptv] > hi).sum()
+
+
+def test_line_drag_lands_at_the_drag_end_and_stays_put_beside(s):
+    """The 95 % line on the central slice, at the target's outer edge, dragged 8 mm outwards."""
+    d = s.dose()
+    sp = s.patient.grid.spacing_mm_zyx
+    k, j, i = rim(s)
+    ptv = s.patient.structure("PTV").mask
+    col = np.flatnonzero(ptv[k, :, i])
+    j0 = int(col.min())  # the anterior edge of the target on that column
+    level = 0.95 * RX
+    # Where the level crosses the column, and a drag 2 voxels (7.8 mm) further out (anterior).
+    prof = d[k, :, i]
+    jj = [jj for jj in range(j0 - 6, j0 + 3) if prof[jj] < level <= prof[jj + 1]][0]
+    start = (jj + (level - prof[jj]) / (prof[jj + 1] - prof[jj]), float(i))
+    end = (start[0] - 2.0, float(i))
+    res = s.run(MoveIsodoseLine("z", k, level, start, end))
+    after = s.dose()
+    land = drag_landing_mm(after, sp, (k, *start), (k, *end), level)
+    assert land is not None and land <= 2.0  # within half a coarse voxel (3.9 mm)
+    beside = beside_shift_mm(d, after, sp, (k, *start), (k, *end), level, 10.0, plane_axis=0)
+    assert beside and max(beside) < 2.0
+    # No blow-up: the swept voxels end above the level and below the target's upper band.
+    fv = res.feature_voxels
+    assert after.ravel()[fv].max() <= 1.10 * RX
+    assert np.all(after.ravel()[res.voxels] > level)
+
+
+def test_surface_drag_no_blowup(s):
+    d = s.dose()
+    k, j, i = rim(s)
+    ptv = s.patient.structure("PTV").mask
+    j0 = int(np.flatnonzero(ptv[k, :, i]).min())
+    before = s.dose()
+    res = s.run(MoveIsodoseSurface(0.95 * RX, (k, j0 - 0.5, i), (k, j0 - 2.0, i), radius_mm=6.0))
+    after = s.dose()
+    assert after.max() <= before.max() + 0.05 * RX
+    assert np.all(after.ravel()[res.voxels] > 0.95 * RX - 0.01 * RX)
+
+
+def test_joint_solve_with_opposite_neighbours_stays_bounded(s):
+    """Raise and lower patches of neighbouring voxels (the near-singular case that used to blow
+    up): the regularised, guarded solve keeps every row within a few % of what was asked."""
+    m = rim(s)
+    flat = np.ravel_multi_index(m, s.patient.grid.shape_zyx)
+    nb = np.ravel_multi_index((m[0], m[1] - 1, m[2]), s.patient.grid.shape_zyx)
+    rows = np.array([flat, nb])
+    d0 = s.engine.dose_at_voxels(rows).astype(float)
+    goal = np.array([d0[0] - 0.2 * RX, d0[1] + 0.05 * RX])
+    res = s.modifier.solve_step(rows, goal - 0.005 * RX, goal + 0.005 * RX, goal, np.ones(2), rows, [-1, 1])
+    after = s.engine.dose_at_voxels(rows).astype(float)
+    assert np.all(np.abs(after - goal) <= np.abs(d0 - goal) + 1e-6)  # never worse than before
+    assert np.all(np.abs(after - goal) <= 0.05 * RX)
+    assert np.all(np.abs(res.scales) < 1e6)
+    for p in reversed(res.patches):
+        s.engine.apply_patches([type(p)(p.beam, p.row0, p.col0, -p.delta)])
+
+
+def test_features_outlive_their_request_and_survive_reopening(s, tmp_path):
+    """An earlier request's voxel is watched by later requests, also after save and reopen."""
+    m = rim(s)
+    r1 = s.run(SetVoxelDose(m, 0.55 * RX))
+    m2 = rim(s, di=2)
+    s.run(SetVoxelDose(m2, 0.55 * RX))
+    from ids_engine.dmr import resolve
+
+    w = s.build_watch(resolve(SetVoxelDose(rim(s, di=-2), 0.5 * RX), s.resolve_context()))
+    names = set(w.names)
+    assert f"request {r1.id} (set voxel dose)" in names
+    s.save(tmp_path / "sess")
+    again = Session.load(tmp_path / "sess")
+    w2 = again.build_watch(resolve(SetVoxelDose(rim(s, di=-2), 0.5 * RX), again.resolve_context()))
+    assert set(w2.names) == names
+    np.testing.assert_array_equal(w2.voxels, w.voxels)
+    np.testing.assert_allclose(w2.hi, w.hi, atol=1e-3)
+
+
+def test_session_of_rim_requests_keeps_coverage(s):
+    """Six OAR-rim requests in a row: coverage does not erode request by request."""
+    ptv = s.patient.structure("PTV").mask
+    oar = s.patient.structure("OAR").mask
+    before = s.dose()
+    for di in (0, -3, 3, -6, 6, 0):
+        dj = 1 if di == 0 and len(s.journal) else 0
+        try:
+            s.run(SetVoxelDose(rim(s, dj=dj, di=di), 0.55 * RX))
+        except RequestError:
+            pass
+    d = s.dose()
+    met = dvh_metrics(d, ptv, RX)
+    assert met["V95_pct"] >= 99.0
+    assert met["min_gy"] >= 0.93 * RX
+    assert met["max_gy"] <= 1.10 * RX
+    assert d[oar].mean() < before[oar].mean()
+
+
+def test_conflicts_are_in_the_summary_and_the_journal(s, tmp_path):
+    m = rim(s)
+    s.run(Pin("m", m, 6.0))
+    res = s.run(SetVoxelDose(rim(s, dj=-2), 0.2 * RX))
+    summ = res.summary()
+    assert summ["conflicts"] == [c.to_dict() for c in res.conflicts]
+    s.save(tmp_path / "c")
+    again = Session.load(tmp_path / "c")
+    assert [c.message for c in again.journal[-1].conflicts] == [c.message for c in res.conflicts]
