@@ -58,9 +58,10 @@ class DMROptions:
     edge_margin_pct : how far past the level a dragged isodose is pushed (% of the level).
     target_min_pct, target_max_pct : the target's coverage band (% of the prescription; ICRU
         50/62's -5 % / +7 %). Recovery keeps every target voxel in
-        ``[min(target_min, D_before - tol), max(target_max, D_before + tol)]``: the coverage
-        the plan has, not the dose just before the request. OAR voxels count only when they
-        get hotter than before the request by more than the tolerance.
+        ``[min(target_min, D_before), max(target_max, D_before)]`` (the lower edge 0.2 % of Rx
+        above target_min): the coverage the plan has, not the dose just before the request,
+        and a voxel outside it may not get worse. OAR voxels count only when they get hotter
+        than before the request by more than the tolerance.
     max_rise_pct : farther than 10 mm from the request, no target or normal-tissue voxel may
         rise by more than this (% of the prescription): there the upper side of the target's
         band is ``min(max(target_max, D_before + tol), D_before + max_rise)``, and normal tissue
@@ -391,8 +392,10 @@ class Session:
         it, io = at(tvox), at(ovox)
         dt = before[it]
         # The lower edge sits 0.2 % of Rx above target_min: "in band" means covered, with a margin.
-        t_lo[it] = np.minimum((opts.target_min_pct + 0.2) / 100.0 * rx, dt - tol)
-        hi_t = np.maximum(opts.target_max_pct / 100.0 * rx, dt + tol)
+        # A target voxel below the coverage level (or above the hot level) before the request
+        # may not get worse: no drift over a session.
+        t_lo[it] = np.minimum((opts.target_min_pct + 0.2) / 100.0 * rx, dt)
+        hi_t = np.maximum(opts.target_max_pct / 100.0 * rx, dt)
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
         # max_rise (nearer, the request's own dose fall-off decides).
         cap = np.full(n, np.inf)
@@ -439,7 +442,10 @@ class Session:
         for r in earlier:
             keep = np.array([v not in current for v in r.feature_voxels.tolist()], bool)
             if keep.any():
-                layer(r.feature_voxels[keep], r.feature_lo[keep], r.feature_hi[keep], r.feature_goal[keep],
+                f_lo, f_hi = r.feature_lo[keep], r.feature_hi[keep]
+                if isinstance(r.request, SetVoxelDose):  # held to the recovery tolerance later on
+                    f_lo, f_hi = r.feature_goal[keep] - tol, r.feature_goal[keep] + tol
+                layer(r.feature_voxels[keep], f_lo, f_hi, r.feature_goal[keep],
                       WEIGHT_EARLIER_FEATURE, f"request {r.id} ({r.request.kind.replace('_', ' ')})", "feature")
         for name, pv, pref in pins:
             layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)

@@ -260,9 +260,9 @@ class Modifier:
             numbers ~1e5) get huge opposite scales that cancel on paper and blow up once the
             fluence is clipped at zero.
         keep_weight : rows inside their band prefer to stay put with this relative weight.
-        compensate : rows the first solution would push out of their band get up to this many
-            columns of their own (the opposite sign), e.g. the request's voxel next to a cold
-            cluster that is being raised.
+        compensate : priority rows (weight > 1) the first solution would push out of their band
+            get up to this many columns of their own (the opposite sign), e.g. the request's voxel
+            next to a cold cluster that is being raised.
         iterations : rounds of the active set: rows predicted to leave their band are added
             as rows aiming at the band's edge, and the scales solved again.
         accept_hi : upper band edges for the acceptance test when they differ from ``row_hi``
@@ -307,7 +307,9 @@ class Modifier:
                 break
             if it == 0 and compensate > 0:
                 # The rows pushed furthest out get a column of their own, of the opposite sign.
-                cand = np.flatnonzero(newly)
+                # Only priority rows (the request, pins, guards, earlier features): compensating
+                # ordinary tissue with opposite patches trades a hot spot here for a cold one there.
+                cand = np.flatnonzero(newly & (weight > 1.0))
                 cand = cand[np.argsort(-(weight * _violation(pred, lo, hi))[cand], kind="stable")][:compensate]
                 extra, added = [], []
                 for i in cand:

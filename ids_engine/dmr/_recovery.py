@@ -23,7 +23,9 @@ Each step (at most ``steps``, 25 by default):
    back (half, then all) if the band violation at the rows got worse. A rejected voxel is not
    chosen again in this request.
 5. After the last step the plan goes back to the best state seen (the tail of patches is
-   taken back), so what is kept is the best state reached, not the last one.
+   taken back), so what is kept is the best state reached, not the last one. "Best" is
+   lexicographic: first the largest violation of the request's own voxels and the pins
+   (to 0.1 % of the largest goal), then ``J``.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     hi_solve = np.minimum(watch.hi, watch.cap)
     chosen, accepted, patches, objective = [], [], [], []
     best_obj, best_step, best_n_patches = np.inf, 0, 0
+    best_key = (np.inf, np.inf)
+    hard_eps = max(1e-3 * float(np.nanmax(np.abs(np.where(np.isfinite(watch.goal), watch.goal, 0)))), 1e-6)
     n_done = 0
     dose = np.zeros(0)
     for step in range(steps + 1):
@@ -208,8 +212,12 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         viol = watch.violation(dose)
         obj = float(np.sum(watch.weight * viol**2))
         objective.append(obj)
-        if obj < best_obj * (1 - 1e-9):
-            best_obj, best_step, best_n_patches = obj, step, len(patches)
+        # Best state: the request's own voxels and the pins first (their largest violation,
+        # ignoring round-off), then the objective. A state that keeps what the planner asked
+        # for beats one with a lower sum that gives it up.
+        key = (round(float(viol[hard].max()) / hard_eps) if hard.any() else 0, obj)
+        if key < best_key:
+            best_key, best_obj, best_step, best_n_patches = key, obj, step, len(patches)
         score = np.where(tabu, 0.0, watch.weight * viol)
         if step == steps or (cancel is not None and cancel()) or not np.any(score > 1e-6):
             timings["select_location"] += (time.perf_counter() - t0) * 1000
@@ -235,7 +243,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
             keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
         # At risk: in-band voxels under the cluster's patches in any beam (a raise here can make
         # a hot spot far away along the beams, in the entrance region), least room first.
-        slack = (hi_solve - dose) if cold else (dose - watch.lo)
+        slack = np.minimum(hi_solve - dose, dose - watch.lo)  # either side: compensation goes the other way
         cand = np.flatnonzero((viol == 0) & ~near & (slack < opts.risk_slack_gy))
         touched = np.zeros(cand.size, bool)
         for b in range(len(bev_u)):
