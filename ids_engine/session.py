@@ -35,6 +35,7 @@ from ids_engine.dmr import (
     SetVoxelDose,
     Unpin,
     Watch,
+    modify_joint,
     recover,
     request_from_dict,
     resolve,
@@ -561,7 +562,7 @@ class Session:
             if resolved.voxels.size == 1 and not resolved.guard_voxels.size:
                 mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
             else:
-                mod = self._modify_joint(resolved, watch)
+                mod = modify_joint(self.modifier, watch, resolved.voxels, resolved.target_gy)
             timings["modify"] = (time.perf_counter() - t0) * 1000
             if not mod.patches:
                 raise RequestError(
@@ -581,36 +582,6 @@ class Session:
             backend.synchronize()
             patches = list(mod.patches) + (list(rec.patches) if rec else [])
             return self._journal(req, resolved, mod, rec, timings, patches, conflicts)
-
-    def _modify_joint(self, resolved: Resolved, watch: Watch, max_passes: int = 3):
-        """Modification of a line, surface or spot request: guarded joint solves (see
-        :meth:`Modifier.solve_step`) with the request's voxels as columns and the request's
-        feature and guards as rows, up to ``max_passes`` passes."""
-        from ids_engine.dmr import ModificationResult
-
-        eng = self.engine
-        cols = np.asarray(resolved.voxels, np.int64)
-        wi = np.searchsorted(watch.voxels, cols)
-        req_rows = np.flatnonzero(np.isin(watch.voxels, resolved.feature_voxels))
-        guard_rows = np.flatnonzero(np.asarray(watch.kinds, object)[watch.group] == "guard")
-        rows = np.unique(np.concatenate([wi, subsample(req_rows, 64), subsample(guard_rows, 64)]))
-        before = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
-        applied: list = []
-        passes = 0
-        for passes in range(1, max_passes + 1):
-            dc = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
-            need_c = resolved.target_gy - dc
-            off_c = (dc < watch.lo[wi]) | (dc > watch.hi[wi])
-            if not off_c.any():
-                passes -= 1
-                break
-            res = self.modifier.solve_step(watch.voxels[rows], watch.lo[rows], watch.hi[rows], watch.goal[rows],
-                                           watch.weight[rows], cols[off_c], np.sign(need_c[off_c]))
-            applied.extend(res.patches)
-            if not res.accepted:
-                break
-        after = backend.asnumpy(eng.dose_at_voxels(cols)).astype(np.float64)
-        return ModificationResult(cols, resolved.target_gy, before, after, applied, max(passes, 1))
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = ()) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)

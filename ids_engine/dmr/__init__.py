@@ -1,7 +1,7 @@
 """Dose modification and recovery (DMR), sections 2.2-2.3 and Algorithm 1 of the IDS paper."""
 
 from ._modify import ModificationResult, Modifier, StepResult
-from ._recovery import RecoveryOptions, RecoveryResult, Watch, distance_grid, recover
+from ._recovery import RecoveryOptions, RecoveryResult, Watch, distance_grid, modify_joint, recover
 from ._requests import (
     EraseSpot,
     MoveIsodoseLine,
@@ -34,6 +34,7 @@ __all__ = [
     "Unpin",
     "Watch",
     "distance_grid",
+    "modify_joint",
     "recover",
     "request_from_dict",
     "resolve",

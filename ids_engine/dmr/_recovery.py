@@ -39,7 +39,7 @@ from scipy import ndimage
 from ids_engine import backend
 from ids_engine.dose import FluencePatch
 
-__all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "recover"]
+__all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "modify_joint", "recover"]
 
 
 @dataclass(frozen=True)
@@ -175,31 +175,130 @@ def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: i
     return kept
 
 
+class _Rows:
+    """Which watched voxels a joint solve looks at (shared by the modification and recovery).
+
+    Precomputes each watched voxel's position in mm and on every beam's fine fluence grid.
+    """
+
+    def __init__(self, modifier, watch: Watch, opts: RecoveryOptions) -> None:
+        eng = modifier.engine
+        self.watch = watch
+        self.opts = opts
+        self.vox = np.asarray(watch.voxels, np.int64)
+        sp = np.asarray(eng.grid.spacing_mm_zyx, float)
+        self.coords = np.stack(np.unravel_index(self.vox, eng.grid.shape_zyx), axis=-1) * sp
+        self.vox_dev = eng.xp.asarray(self.vox)
+        self.bev_u, self.bev_v = [], []
+        for geo in eng.geometry:
+            pos = geo.fine.position[self.vox_dev]
+            self.bev_u.append(backend.asnumpy(geo.fine.u[pos]).astype(np.float32))
+            self.bev_v.append(backend.asnumpy(geo.fine.v[pos]).astype(np.float32))
+        # The request's own voxels and the pins are rows of every solve, wherever it is.
+        self.hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
+        always = np.flatnonzero(self.hard)
+        if always.size > 64:
+            always = always[np.linspace(0, always.size - 1, 64).round().astype(int)]
+        self.always = always
+        self.reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
+        self.hi_solve = np.minimum(watch.hi, watch.cap)
+
+    def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
+        """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
+        first, priority ones, a sample of the rest), the at-risk voxels under their patches in
+        any beam (a raise here can make a hot spot far away along the beams, in the entrance
+        region; a compensating lowering a cold one), least room first, and the hard ones."""
+        opts, w = self.opts, self.watch
+        cols = np.asarray(cols, np.int64)
+        dist = np.min(np.linalg.norm(self.coords[None, :, :] - self.coords[cols][:, None, :], axis=2), axis=0) \
+            if cols.size <= 8 else np.linalg.norm(self.coords - self.coords[cols].mean(axis=0), axis=1)
+        near = dist <= opts.rows_radius_mm
+        off = np.flatnonzero(near & (viol > 0))
+        off = off[np.argsort(-(w.weight * viol)[off], kind="stable")][: opts.max_rows_off]
+        inband = near & (viol == 0)
+        prio = np.flatnonzero(inband & (w.weight > 1.0))
+        prio = prio[np.argsort(dist[prio], kind="stable")][: opts.max_rows_priority]
+        keep = np.flatnonzero(inband & (w.weight <= 1.0))
+        if keep.size > opts.max_rows_keep:
+            keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
+        slack = np.minimum(self.hi_solve - dose, dose - w.lo)
+        cand = np.flatnonzero((viol == 0) & ~near & (slack < opts.risk_slack_gy))
+        touched = np.zeros(cand.size, bool)
+        for bu_all, bv_all in zip(self.bev_u, self.bev_v):
+            cu, cv = bu_all[cols], bv_all[cols]
+            bu, bv = bu_all[cand], bv_all[cand]
+            touched |= ((bu >= cu.min() - self.reach_cells) & (bu <= cu.max() + self.reach_cells)
+                        & (bv >= cv.min() - self.reach_cells) & (bv <= cv.max() + self.reach_cells))
+        risk = cand[touched]
+        risk = risk[np.argsort(slack[risk], kind="stable")][: opts.max_rows_risk]
+        return np.unique(np.concatenate([cols, off, prio, keep, risk, self.always]))
+
+    def solve(self, modifier, rows, cols, signs):
+        """A guarded joint solve on these rows; a rejected one is tried again with per-beam
+        columns (the beam mix solved too). Returns (patches applied, last StepResult)."""
+        w, opts = self.watch, self.opts
+        args = (self.vox[rows], w.lo[rows], self.hi_solve[rows], w.goal[rows], w.weight[rows], self.vox[cols], list(signs))
+        kw = dict(regularisation=opts.regularisation, keep_weight=opts.keep_weight, compensate=opts.max_compensate,
+                  accept_hi=w.hi[rows])
+        res = modifier.solve_step(*args, **kw)
+        patches = list(res.patches)
+        if not res.accepted and not modifier.per_beam:
+            modifier.per_beam = True
+            try:
+                res = modifier.solve_step(*args, **kw)
+            finally:
+                modifier.per_beam = False
+            patches.extend(res.patches)
+        return patches, res
+
+
+def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int = 3,
+                 options: RecoveryOptions | None = None):
+    """Modification of a line, surface or spot request: guarded joint solves with the request's
+    voxels as columns (sign from the wanted change) and the watch's rows around them (the
+    request's feature, its guards, the at-risk voxels under the patches), up to ``max_passes``
+    passes while some column voxel is still outside its band."""
+    from ._modify import ModificationResult
+
+    opts = options or RecoveryOptions()
+    eng = modifier.engine
+    rs = _Rows(modifier, watch, opts)
+    cols_flat = np.asarray(voxels, np.int64)
+    goal_c = np.asarray(target_gy, float)
+    ci = np.searchsorted(rs.vox, cols_flat)
+    before = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
+    applied: list = []
+    passes = 0
+    for passes in range(1, max_passes + 1):
+        dose = backend.asnumpy(eng.dose_at_voxels(rs.vox_dev)).astype(np.float64)
+        viol = watch.violation(dose)
+        off = viol[ci] > 0
+        if not off.any():
+            passes -= 1
+            break
+        rows = rs.select(ci[off], dose, viol)
+        # The feature's and the guards' voxels are rows too (a sample), wherever they are.
+        kinds = np.asarray(watch.kinds, object)[watch.group]
+        extra = [np.flatnonzero(kinds == k) for k in ("request", "guard")]
+        extra = [e[np.linspace(0, e.size - 1, min(e.size, 64)).round().astype(int)] if e.size else e for e in extra]
+        rows = np.unique(np.concatenate([rows, *extra]))
+        got, res = rs.solve(modifier, rows, ci[off], np.sign(goal_c[off] - dose[ci[off]]))
+        applied.extend(got)
+        if not res.accepted:
+            break
+    after = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
+    return ModificationResult(cols_flat, goal_c, before, after, applied, max(passes, 1))
+
+
 def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions | None = None,
             cancel=None, progress=None) -> RecoveryResult:
     """Run up to ``steps`` recovery steps on ``modifier.engine`` (see the module docstring)."""
     opts = options or RecoveryOptions()
     eng = modifier.engine
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
-    vox = np.asarray(watch.voxels, np.int64)
-    sp = np.asarray(eng.grid.spacing_mm_zyx, float)
-    coords = np.stack(np.unravel_index(vox, eng.grid.shape_zyx), axis=-1) * sp
-    vox_dev = eng.xp.asarray(vox)
-    # Each watched voxel's position on every beam's fine fluence grid (cells), for "which
-    # voxels do this step's patches reach".
-    bev_u, bev_v = [], []
-    for geo in eng.geometry:
-        pos = geo.fine.position[vox_dev]
-        bev_u.append(backend.asnumpy(geo.fine.u[pos]).astype(np.float32))
-        bev_v.append(backend.asnumpy(geo.fine.v[pos]).astype(np.float32))
-    # The request's own voxels and the pins are rows of every step, wherever the step is.
-    hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
-    always = np.flatnonzero(hard)
-    if always.size > 64:
-        always = always[np.linspace(0, always.size - 1, 64).round().astype(int)]
-    reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
+    rs = _Rows(modifier, watch, opts)
+    vox, vox_dev, coords, hard = rs.vox, rs.vox_dev, rs.coords, rs.hard
     tabu = np.zeros(vox.size, bool)
-    hi_solve = np.minimum(watch.hi, watch.cap)
     chosen, accepted, patches, objective = [], [], [], []
     best_obj, best_step, best_n_patches = np.inf, 0, 0
     best_key = (np.inf, np.inf)
@@ -231,47 +330,12 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         idx = np.flatnonzero(same)
         order = idx[np.argsort(-score[idx], kind="stable")]
         cluster = _pick_spread(order, coords, opts.cluster_spacing_mm, opts.cluster_size)
-        # Rows: what the solve looks at around r.
-        near = dist <= opts.rows_radius_mm
-        off = np.flatnonzero(near & (viol > 0))
-        off = off[np.argsort(-(watch.weight * viol)[off], kind="stable")][: opts.max_rows_off]
-        inband = near & (viol == 0)
-        prio = np.flatnonzero(inband & (watch.weight > 1.0))
-        prio = prio[np.argsort(dist[prio], kind="stable")][: opts.max_rows_priority]
-        keep = np.flatnonzero(inband & (watch.weight <= 1.0))
-        if keep.size > opts.max_rows_keep:
-            keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
-        # At risk: in-band voxels under the cluster's patches in any beam (a raise here can make
-        # a hot spot far away along the beams, in the entrance region), least room first.
-        slack = np.minimum(hi_solve - dose, dose - watch.lo)  # either side: compensation goes the other way
-        cand = np.flatnonzero((viol == 0) & ~near & (slack < opts.risk_slack_gy))
-        touched = np.zeros(cand.size, bool)
-        for b in range(len(bev_u)):
-            cu, cv = bev_u[b][cluster], bev_v[b][cluster]
-            bu, bv = bev_u[b][cand], bev_v[b][cand]
-            touched |= ((bu >= cu.min() - reach_cells) & (bu <= cu.max() + reach_cells)
-                        & (bv >= cv.min() - reach_cells) & (bv <= cv.max() + reach_cells))
-        risk = cand[touched]
-        risk = risk[np.argsort(slack[risk], kind="stable")][: opts.max_rows_risk]
-        rows = np.unique(np.concatenate([np.asarray(cluster, np.int64), off, prio, keep, risk, always]))
+        rows = rs.select(np.asarray(cluster, np.int64), dose, viol)
         timings["select_location"] += (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        args = (vox[rows], watch.lo[rows], hi_solve[rows], watch.goal[rows], watch.weight[rows],
-                vox[cluster], [direction] * len(cluster))
-        kw = dict(regularisation=opts.regularisation, keep_weight=opts.keep_weight, compensate=opts.max_compensate,
-                  accept_hi=watch.hi[rows])
-        res = modifier.solve_step(*args, **kw)
-        if not res.accepted and not modifier.per_beam:
-            # Second try: each beam's part of each patch a column of its own (the beam mix is
-            # solved too), before giving up on this voxel.
-            patches.extend(res.patches)
-            modifier.per_beam = True
-            try:
-                res = modifier.solve_step(*args, **kw)
-            finally:
-                modifier.per_beam = False
+        got, res = rs.solve(modifier, rows, cluster, [direction] * len(cluster))
         timings["modify_step"] += (time.perf_counter() - t0) * 1000
-        patches.extend(res.patches)
+        patches.extend(got)
         chosen.append(int(vox[r]))
         accepted.append(bool(res.accepted))
         if not res.accepted:

@@ -136,16 +136,36 @@ def test_line_drag_lands_at_the_drag_end_and_stays_put_beside(s):
     assert np.all(after.ravel()[res.voxels] > level)
 
 
-def test_surface_drag_no_blowup(s):
+def _level_crossing_on_column(s, level):
+    """(k, j, i) where the level crosses the column through the rim voxel, anterior of the target."""
     d = s.dose()
     k, j, i = rim(s)
     ptv = s.patient.structure("PTV").mask
     j0 = int(np.flatnonzero(ptv[k, :, i]).min())
+    prof = d[k, :, i]
+    jj = [jj for jj in range(j0 - 6, j0 + 3) if prof[jj] < level <= prof[jj + 1]][0]
+    return k, jj + (level - prof[jj]) / (prof[jj + 1] - prof[jj]), i
+
+
+def test_surface_drag_lands_without_blowup(s):
+    """The 95 % surface dragged 2 coarse voxels (7.8 mm) outwards at the target's anterior edge."""
+    level = 0.95 * RX
+    k, jc, i = _level_crossing_on_column(s, level)
     before = s.dose()
-    res = s.run(MoveIsodoseSurface(0.95 * RX, (k, j0 - 0.5, i), (k, j0 - 2.0, i), radius_mm=6.0))
+    res = s.run(MoveIsodoseSurface(level, (k, jc, i), (k, jc - 2.0, i), radius_mm=6.0))
     after = s.dose()
     assert after.max() <= before.max() + 0.05 * RX
-    assert np.all(after.ravel()[res.voxels] > 0.95 * RX - 0.01 * RX)
+    assert np.all(after.ravel()[res.voxels] > level)
+    land = drag_landing_mm(after, s.patient.grid.spacing_mm_zyx, (k, jc, i), (k, jc - 2.0, i), level)
+    assert land is not None and land <= 2.0
+
+
+def test_inward_surface_drag_lowers_below_the_level(s):
+    level = 0.95 * RX
+    k, jc, i = _level_crossing_on_column(s, level)
+    res = s.run(MoveIsodoseSurface(level, (k, jc, i), (k, jc + 1.5, i), radius_mm=6.0))
+    after = s.dose()
+    assert np.all(after.ravel()[res.voxels] < level)
 
 
 def test_joint_solve_with_opposite_neighbours_stays_bounded(s):
