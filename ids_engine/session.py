@@ -348,7 +348,8 @@ class Session:
             shape_zyx=tuple(g.shape_zyx), spacing_mm_zyx=tuple(g.spacing_mm_zyx), body_mask=self.engine.body_mask,
             dose_at=dose_at, structure_mask=lambda name: self.patient.structure(name).mask, prescription_gy=rx,
             max_voxels=int(max_voxels or opts.max_request_voxels), edge_margin_pct=opts.edge_margin_pct,
-            feature_tolerance_gy=opts.feature_tolerance_pct / 100.0 * rx, max_dose_gy=opts.max_request_pct / 100.0 * rx)
+            feature_tolerance_gy=opts.feature_tolerance_pct / 100.0 * rx, max_dose_gy=opts.max_request_pct / 100.0 * rx,
+            overshoot_gy=opts.tolerance_pct / 100.0 * rx)
 
     def _pin_bands(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Active pins: (name, voxels, pinned dose) from the newest Pin request of each name."""

@@ -46,8 +46,8 @@ __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "modif
 class RecoveryOptions:
     """Knobs of a recovery step (defaults measured on the horseshoe; see docs/architecture.md)."""
 
-    cluster_size: int = 6
-    cluster_radius_mm: float = 8.0
+    cluster_size: int = 8
+    cluster_radius_mm: float = 10.0
     cluster_spacing_mm: float = 3.0
     rows_radius_mm: float = 14.0
     max_rows_off: int = 48
@@ -56,6 +56,7 @@ class RecoveryOptions:
     keep_weight: float = 0.01
     max_rows_risk: int = 64
     risk_slack_gy: float = 3.0
+    max_rows_capped: int = 384
     max_compensate: int = 3
     regularisation: float = 1e-3
 
@@ -202,6 +203,7 @@ class _Rows:
         self.always = always
         self.reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
         self.hi_solve = np.minimum(watch.hi, watch.cap)
+        self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
 
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
@@ -229,9 +231,15 @@ class _Rows:
             bu, bv = bu_all[cand], bv_all[cand]
             touched |= ((bu >= cu.min() - self.reach_cells) & (bu <= cu.max() + self.reach_cells)
                         & (bv >= cv.min() - self.reach_cells) & (bv <= cv.max() + self.reach_cells))
-        risk = cand[touched]
-        risk = risk[np.argsort(slack[risk], kind="stable")][: opts.max_rows_risk]
-        return np.unique(np.concatenate([cols, off, prio, keep, risk, self.always]))
+        touched_all = cand[touched]
+        risk = touched_all[np.argsort(slack[touched_all], kind="stable")][: opts.max_rows_risk]
+        # Soft-capped voxels (far target, normal tissue) all have about the same room, so the
+        # least-room order does not find where the patches will make a hot spot: an even
+        # sample of those under the patches instead (the active set then finds the ones at risk).
+        capped = touched_all[self.capped[touched_all]]
+        if capped.size > opts.max_rows_capped:
+            capped = capped[np.linspace(0, capped.size - 1, opts.max_rows_capped).round().astype(int)]
+        return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
 
     def solve(self, modifier, rows, cols, signs):
         """A guarded joint solve on these rows; a rejected one is tried again with per-beam

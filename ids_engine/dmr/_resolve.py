@@ -53,6 +53,8 @@ class ResolveContext:
     guard_gap_mm, guard_width_mm : the beside-guard ring of an isodose drag starts
         ``guard_gap_mm`` beyond the swept band's edge and is ``guard_width_mm`` wide.
     beyond_mm : depth of the guard strip past the drag end.
+    overshoot_gy : how far a dragged voxel may go past what the drag asks of it (the dose the
+        plan would have there if it moved rigidly with the drag).
     """
 
     shape_zyx: tuple[int, int, int]
@@ -68,6 +70,7 @@ class ResolveContext:
     guard_gap_mm: float = 5.0
     guard_width_mm: float = 6.0
     beyond_mm: float = 4.0
+    overshoot_gy: float = 1.2
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,14 +201,20 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     eps = 1e-3 * level
     outward = end_dose < level
     sw = flat[swept]
+    # What the drag asks of a swept voxel at most: the dose the plan would have there if it
+    # moved rigidly with the drag, D(v - drag) (trilinear). Swept voxels may go past the level
+    # but not past that by more than the overshoot allowance.
+    asked = _shifted_dose(ctx, sw, np.asarray(b, float) - np.asarray(a, float))
     if outward:  # raise the swept voxels above the level
         sel = dose[swept] < level + margin
         goal = level + margin
-        f_lo, f_hi = np.full(sw.size, level + eps), np.full(sw.size, INF)
+        f_lo = np.full(sw.size, level + eps)
+        f_hi = np.maximum(np.maximum(asked, goal), dose[swept]) + ctx.overshoot_gy
     else:  # lower them below it
         sel = dose[swept] > level - margin
         goal = level - margin
-        f_lo, f_hi = np.full(sw.size, -INF), np.full(sw.size, level - eps)
+        f_lo = np.minimum(np.minimum(asked, goal), dose[swept]) - ctx.overshoot_gy
+        f_hi = np.full(sw.size, level - eps)
     vox = subsample(sw[sel], ctx.max_voxels)
     if vox.size == 0:
         raise RequestError(f"{req.kind}: the isodose already lies where it was dragged")
@@ -218,14 +227,17 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     side_margin = 5e-3 * level
     above = dose > level + side_margin
     below = dose < level - side_margin
+    # Past the end every voxel keeps its side, however close to the level (in a flat region a
+    # small rise would carry the line far past the drag end); beside, only those clearly on
+    # one side (a voxel at the level itself cannot be held there).
     if outward:
-        g_beyond = beyond & below
+        g_beyond = beyond & (dose < level - eps)
     else:
-        g_beyond = beyond & above
+        g_beyond = beyond & (dose > level + eps)
     g_beside = beside & (above | below)
     guard = g_beyond | g_beside
     g_flat = flat[guard]
-    g_above = above[guard]
+    g_above = dose[guard] > level
     g_lo = np.where(g_above, level + eps, -INF)
     g_hi = np.where(g_above, INF, level - eps)
     # Beside the drag a guard also keeps its dose within half its distance from the level:
@@ -238,6 +250,24 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     g_hi = np.where(side, np.minimum(g_hi, gd + half), g_hi)
     return Resolved(vox, np.full(vox.size, goal), mask, sw, f_lo, f_hi, np.full(sw.size, goal),
                     g_flat.astype(np.int64), g_lo, g_hi)
+
+
+def _shifted_dose(ctx: ResolveContext, flat: np.ndarray, shift_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear dose at ``voxel - shift`` (voxel units) for each voxel, from the voxel doses."""
+    if flat.size == 0:
+        return np.zeros(0)
+    shape = np.asarray(ctx.shape_zyx)
+    p = np.stack(np.unravel_index(flat, ctx.shape_zyx), axis=-1).astype(float) - shift_zyx[None, :]
+    p = np.clip(p, 0, shape - 1)
+    i0 = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
+    t = p - i0
+    out = np.zeros(flat.size)
+    for corner in range(8):
+        o = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = np.minimum(i0 + o, shape - 1)
+        wgt = np.prod(np.where(o == 1, t, 1 - t), axis=1)
+        out += wgt * ctx.dose_at(np.ravel_multi_index(tuple(idx.T), ctx.shape_zyx))
+    return out
 
 
 def resolve_isodose_line(req: MoveIsodoseLine, ctx: ResolveContext) -> Resolved:
