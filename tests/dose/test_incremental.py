@@ -82,3 +82,26 @@ def test_delta_at_voxels_predicts_apply(engine3):
     after = np.asarray(eng.dose_at_voxels(idx))
     assert np.abs(predicted).max() > 0
     np.testing.assert_allclose(after - before, predicted, atol=2e-6 * max(after.max(), 1e-6))
+
+
+def test_delta_matrix_equals_delta_at_voxels_per_column(engine3):
+    """The batched joint-solve matrix: column k is what patch set k would add at the voxels."""
+    eng = engine3
+    rng = np.random.default_rng(3)
+    columns = []
+    for k in range(5):
+        ps = []
+        for b in range(eng.n_beams):
+            if rng.random() < 0.3 and k:
+                continue  # some columns leave a beam out
+            nv, nu = eng.geometry[b].fluence_grid.shape_vu
+            h, w = (int(v) for v in rng.integers(3, 15, size=2))
+            r0, c0 = int(rng.integers(0, nv - h)), int(rng.integers(0, nu - w))
+            ps.append(FluencePatch(b, r0, c0, rng.normal(size=(h, w)).astype(np.float32)))
+        columns.append(ps)
+    rows = eng.body_index[:: max(1, eng.body_index.size // 200)]
+    g = eng.delta_matrix(columns, rows)
+    assert g.shape == (rows.size, len(columns))
+    for k, ps in enumerate(columns):
+        ref = eng.delta_at_voxels(ps, rows)
+        np.testing.assert_allclose(g[:, k], ref, atol=1e-5 * max(float(np.abs(ref).max()), 1e-6))
