@@ -397,6 +397,11 @@ def summarise_survey(rows: list[dict]) -> dict:
         "drags_beside_over_1mm": int((beside >= 1.0).sum()), "drags": len(drags),
         "erase_region_over_hi_plus_1pct": int(sum(1 for r in erases if r["region_max_over_hi_pct"] > 1.0)),
         "erase_target_above_hi_rose": int(sum(1 for r in erases if r["target_above_hi"][1] > r["target_above_hi"][0])),
+        "landing_mm_without_conflicts": {
+            "max": float(max((r["landing_mm"] if r["landing_mm"] is not None else np.inf) for r in drags if not r["conflicts"]))
+            if any(not r["conflicts"] for r in drags) else None},
+        "refused_reasons": {k: sum(1 for r in rows if r.get("refused", "").startswith(k)) for k in
+                            sorted({r["refused"].split(":")[0] + ":" + r["refused"].split(":")[1][:30] for r in rows if "refused" in r})},
         "worst_request": {k: v for k, v in worst.items() if k != "conflicts"},
         "conflicts_reported": int(sum(1 for r in done if r["conflicts"])),
     }

@@ -59,9 +59,10 @@ class DMROptions:
     edge_margin_pct : how far past the level a dragged isodose is pushed (% of the level).
     target_min_pct, target_max_pct : the target's coverage band (% of the prescription; ICRU
         50/62's -5 % / +7 %). Recovery keeps every target voxel in
-        ``[min(target_min, D_before), max(target_max, D_before)]`` (the lower edge 0.2 % of Rx
-        above target_min): the coverage the plan has, not the dose just before the request,
-        and a voxel outside it may not get worse. OAR voxels count only when they get hotter
+        ``[target_min, target_max]`` (the lower edge 0.2 % of Rx above target_min): the
+        coverage the plan should have, not the dose just before the request. A voxel more than
+        5 % of Rx outside it before the request (a plan that never covered it) may just not get
+        worse; one less far out is brought back, so later requests repair what earlier ones left. OAR voxels count only when they get hotter
         than before the request by more than the tolerance.
     max_rise_pct : farther than 10 mm from the request, no target or normal-tissue voxel may
         rise by more than this (% of the prescription): there the upper side of the target's
@@ -394,10 +395,15 @@ class Session:
         it, io = at(tvox), at(ovox)
         dt = before[it]
         # The lower edge sits 0.2 % of Rx above target_min: "in band" means covered, with a margin.
-        # A target voxel below the coverage level (or above the hot level) before the request
-        # may not get worse: no drift over a session.
-        t_lo[it] = np.minimum((opts.target_min_pct + 0.2) / 100.0 * rx, dt)
-        hi_t = np.maximum(opts.target_max_pct / 100.0 * rx, dt)
+        # A target voxel far below the coverage level (or above the hot level) before the
+        # request may not get worse: no drift over a session.
+        cov = (opts.target_min_pct + 0.2) / 100.0 * rx
+        # Slightly cold voxels (within 5 % of Rx of coverage, e.g. left by an earlier request)
+        # are held to coverage, so later requests repair them; deeply cold ones (a plan that
+        # never covered them) must just not get colder.
+        t_lo[it] = np.where(dt >= cov - 0.05 * rx, cov, dt)
+        hot = opts.target_max_pct / 100.0 * rx
+        hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt)  # the same for hot voxels
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
         # max_rise (nearer, the request's own dose fall-off decides).
         cap = np.full(n, np.inf)

@@ -38,3 +38,16 @@ def xp_name(request, monkeypatch):
     backend.reset_backend()
     yield request.param
     backend.reset_backend()
+
+
+def undo_afterwards(session):
+    """Yield ``session`` and afterwards take back every request the test made (and its pins,
+    redo stack and journal folder): a module-scoped session shared by tests stays clean."""
+    n = len(session.journal)
+    pins = dict(session.pins)
+    yield session
+    session._journal_dir = None
+    while len(session.journal) > n:
+        session.undo()
+    session.clear_redo()
+    session.pins = pins

@@ -19,6 +19,8 @@ from ids_engine.dmr import (
 from ids_engine.evaluation import dvh_metrics
 from ids_engine.session import LatestRequestQueue, Session
 
+from .conftest import undo_afterwards
+
 RX = 60.0
 
 
@@ -30,13 +32,7 @@ def base_session():
 @pytest.fixture
 def session(base_session):
     """The module's session, with every request of the test undone afterwards."""
-    n = len(base_session.journal)
-    pins = dict(base_session.pins)
-    yield base_session
-    base_session._journal_dir = None
-    while len(base_session.journal) > n:
-        base_session.undo()
-    base_session.pins = pins
+    yield from undo_afterwards(base_session)
 
 
 def oar_rim_voxel(s: Session) -> tuple[int, int, int]:

@@ -55,6 +55,8 @@ class ResolveContext:
     beyond_mm : depth of the guard strip past the drag end.
     overshoot_gy : how far a dragged voxel may go past what the drag asks of it (the dose the
         plan would have there if it moved rigidly with the drag).
+    min_gradient_pct_per_mm : a drag is refused where the dose changes by less than this (% of
+        the level per mm, along the drag, at its start): there the isodose has no position.
     """
 
     shape_zyx: tuple[int, int, int]
@@ -71,6 +73,7 @@ class ResolveContext:
     guard_width_mm: float = 6.0
     beyond_mm: float = 4.0
     overshoot_gy: float = 1.2
+    min_gradient_pct_per_mm: float = 0.3
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +199,21 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
         raise RequestError(
             f"{req.kind}: there is no {level:g} Gy isodose near the drag (the dose there is "
             f"{dose[near].min():.1f}-{dose[near].max():.1f} Gy)")
+    # In a flat region an isodose has no well-defined position: a drag there would carry the
+    # line by centimetres for a fraction of a percent. Refuse it, saying why.
+    a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    sp = np.asarray(ctx.spacing_mm_zyx, float)
+    d_mm = (b_ - a_) * sp
+    if np.linalg.norm(d_mm) > 1e-9 and ctx.min_gradient_pct_per_mm > 0:
+        step = (d_mm / np.linalg.norm(d_mm)) / sp  # 1 mm along the drag, in voxels
+        pts = np.array([a_ - 2 * step, a_ + 2 * step])
+        vals = np.array([_point_dose(ctx, p) for p in pts])
+        grad = abs(vals[0] - vals[1]) / 4.0 / level * 100.0
+        if grad < ctx.min_gradient_pct_per_mm:
+            raise RequestError(
+                f"{req.kind}: the {level:g} Gy isodose is not well defined where the drag starts: the dose "
+                f"changes by only {grad:.2f} % of the level per mm along the drag (at least "
+                f"{ctx.min_gradient_pct_per_mm:g} % per mm is needed); set the dose or erase there instead")
     end_dose = float(ctx.dose_at(np.array([end_flat]))[0])
     margin = ctx.edge_margin_pct / 100.0 * level
     eps = 1e-3 * level
@@ -250,6 +268,18 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     g_hi = np.where(side, np.minimum(g_hi, gd + half), g_hi)
     return Resolved(vox, np.full(vox.size, goal), mask, sw, f_lo, f_hi, np.full(sw.size, goal),
                     g_flat.astype(np.int64), g_lo, g_hi)
+
+
+def _point_dose(ctx: ResolveContext, p_zyx: np.ndarray) -> float:
+    """Trilinear dose at a point (voxel units)."""
+    shape = np.asarray(ctx.shape_zyx)
+    p = np.clip(np.asarray(p_zyx, float), 0, shape - 1)
+    i0 = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
+    t = p - i0
+    corners = np.array([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
+    idx = np.minimum(i0[None, :] + corners, shape - 1)
+    wgt = np.prod(np.where(corners == 1, t[None, :], 1 - t[None, :]), axis=1)
+    return float(np.sum(wgt * ctx.dose_at(np.ravel_multi_index(tuple(idx.T), ctx.shape_zyx))))
 
 
 def _shifted_dose(ctx: ResolveContext, flat: np.ndarray, shift_zyx: np.ndarray) -> np.ndarray:

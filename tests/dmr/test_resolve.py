@@ -134,3 +134,11 @@ def test_drag_geometry_distances():
     assert along[i] == pytest.approx(0.0) and perp[i] == pytest.approx(0.0)
     i = np.flatnonzero((y == 22) & (x == 17))[0]
     assert along[i] == pytest.approx(2.0) and perp[i] == pytest.approx(2.0) and seg[i] == pytest.approx(np.hypot(2, 2))
+
+
+def test_drag_in_a_flat_region_is_refused():
+    """A 95 % line in a plateau that hovers around 95 % has no position to drag."""
+    dose = np.full(SHAPE, 0.95 * RX)
+    dose[:, :, :20] += np.linspace(-0.002, 0.002, 20)[None, None, :] * RX  # 0.02 %/mm
+    with pytest.raises(RequestError, match="not well defined"):
+        resolve(MoveIsodoseLine("z", 4, 0.95 * RX, (20.0, 10.0), (20.0, 14.0)), context(dose))

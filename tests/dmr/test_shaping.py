@@ -10,6 +10,8 @@ from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, 
 from ids_engine.evaluation import beside_shift_mm, drag_landing_mm, dvh_metrics
 from ids_engine.session import Session
 
+from ..conftest import undo_afterwards
+
 RX = 60.0
 
 
@@ -20,14 +22,7 @@ def base():
 
 @pytest.fixture
 def s(base):
-    n = len(base.journal)
-    pins = dict(base.pins)
-    yield base
-    base._journal_dir = None
-    while len(base.journal) > n:
-        base.undo()
-    base.clear_redo()
-    base.pins = pins
+    yield from undo_afterwards(base)
 
 
 def rim(s: Session, dj: int = 0, di: int = 0) -> tuple[int, int, int]:
