@@ -523,11 +523,13 @@ def _picture(s: Session, paper: dict, dose_open, dose_paper, dose_sess, rows, se
     if done:
         ax.hist([r["overshoot_pct"] for r in done], bins=30, alpha=0.7, label="request voxel beyond its value")
         ax.hist([r["rise_far_pct"] for r in done], bins=30, alpha=0.7, label="rise > 10 mm from the request")
+        ax.hist([r["rise_off_path_pct"] for r in done], bins=30, alpha=0.7,
+                label="... and outside the beam paths through it")
         ax.axvline(3.0, color="tab:blue", ls="--", lw=0.8)
         ax.axvline(5.0, color="tab:orange", ls="--", lw=0.8)
         ax.legend(fontsize=8)
     ax.set_xlabel("% of the prescription")
-    ax.set_title(f"survey of {len(rows)} joint requests: no blow-ups", fontsize=9)
+    ax.set_title(f"survey of {len(rows)} joint requests: overshoot and far rises", fontsize=9)
     ax = axes[1, 2]
     per = sess["requests"]
     n = np.arange(1, len(per) + 1)
