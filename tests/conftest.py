@@ -40,6 +40,20 @@ def xp_name(request, monkeypatch):
     backend.reset_backend()
 
 
+@pytest.fixture(scope="module")
+def coarse_horseshoe_session():
+    """A coarse horseshoe session (9 open fields, 60 Gy), one per test module."""
+    from ids_engine.session import Session
+
+    return Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0)
+
+
+@pytest.fixture
+def shaping_session(coarse_horseshoe_session):
+    """The module's coarse horseshoe session, with every request of the test undone afterwards."""
+    yield from undo_afterwards(coarse_horseshoe_session)
+
+
 def undo_afterwards(session):
     """Yield ``session`` and afterwards take back every request the test made (and its pins,
     redo stack and journal folder): a module-scoped session shared by tests stays clean."""

@@ -19,20 +19,17 @@ from ids_engine.dmr import (
 from ids_engine.evaluation import dvh_metrics
 from ids_engine.session import LatestRequestQueue, Session
 
-from .conftest import undo_afterwards
-
 RX = 60.0
 
 
-@pytest.fixture(scope="module")
-def base_session():
-    return Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
+@pytest.fixture
+def base_session(coarse_horseshoe_session):
+    return coarse_horseshoe_session
 
 
 @pytest.fixture
-def session(base_session):
-    """The module's session, with every request of the test undone afterwards."""
-    yield from undo_afterwards(base_session)
+def session(shaping_session):
+    return shaping_session
 
 
 def oar_rim_voxel(s: Session) -> tuple[int, int, int]:

@@ -10,19 +10,12 @@ from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, 
 from ids_engine.evaluation import beside_shift_mm, drag_landing_mm, dvh_metrics
 from ids_engine.session import Session
 
-from ..conftest import undo_afterwards
-
 RX = 60.0
 
 
-@pytest.fixture(scope="module")
-def base():
-    return Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
-
-
 @pytest.fixture
-def s(base):
-    yield from undo_afterwards(base)
+def s(shaping_session):
+    return shaping_session
 
 
 def rim(s: Session, dj: int = 0, di: int = 0) -> tuple[int, int, int]:
