@@ -58,16 +58,15 @@ class DMROptions:
     max_request_voxels : a line, surface or spot request uses at most this many voxels.
     edge_margin_pct : how far past the level a dragged isodose is pushed (% of the level).
     target_min_pct, target_max_pct : the target's coverage band (% of the prescription; ICRU
-        50/62's -5 % / +7 %). Recovery keeps every target voxel in
-        ``[target_min, target_max]`` (the lower edge 0.2 % of Rx above target_min): the
-        coverage the plan should have, not the dose just before the request. A voxel more than
-        5 % of Rx outside it before the request (a plan that never covered it) may just not get
-        worse; one less far out is brought back, so later requests repair what earlier ones left. OAR voxels count only when they get hotter
-        than before the request by more than the tolerance.
-    max_rise_pct : farther than 10 mm from the request, no target or normal-tissue voxel may
-        rise by more than this (% of the prescription): there the upper side of the target's
-        band is ``min(max(target_max, D_before + tol), D_before + max_rise)``, and normal tissue
-        (sampled on every third voxel) gets ``D_before + max_rise``.
+        50/62's -5 % / +7 %). Recovery keeps every target voxel in ``[target_min, target_max]``
+        (the lower edge 0.2 % of Rx above target_min): the coverage the plan should have, not
+        the dose just before the request. A voxel more than 5 % of Rx outside it before the
+        request (a plan that never covered it) may just not get worse; one less far out is
+        brought back, so later requests repair what earlier ones left. OAR voxels count only
+        when they get hotter than before the request by more than the tolerance.
+    max_rise_pct : farther than 10 mm from the request, no target or normal-tissue voxel
+        should rise by more than this (% of the prescription): a soft cap the joint solves
+        respect (normal tissue sampled on every third voxel) but recovery does not chase.
     feature_tolerance_pct : half width of a set-voxel-dose request's band (% of the prescription).
     max_request_pct : requests above this dose (% of the prescription) are refused.
     """
@@ -116,7 +115,7 @@ class Conflict:
         return f"{self.name}: {self.voxels} voxel{'s' if self.voxels != 1 else ''} {what}, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "voxels": int(self.voxels), "worst_gy": round(float(self.worst_gy), 4),
+        return {"kind": self.kind, "name": self.name, "voxels": int(self.voxels), "worst_gy": float(self.worst_gy),
                 "message": self.message}
 
 
@@ -360,14 +359,21 @@ class Session:
                 out[r.request.name] = (r.request.name, r.feature_voxels, r.feature_goal)
         return [out[n] for n in self.pins if n in out]
 
-    def build_watch(self, resolved: Resolved, *, current_id: int | None = None) -> Watch:
+    def build_watch(self, resolved: Resolved, *, current_id: int | None = None, ignore_ids=()) -> Watch:
         """The voxels recovery keeps for a request, with bands, goals, weights and groups.
 
         Layers, later ones winning on shared voxels: the target's coverage band and the OARs'
         "no hotter" band (from the dose before the request); the features of earlier requests
         still in the journal (their band intersected with the tissue's); pins (their pinned
-        dose +/- the tolerance, absolute); this request's feature; the isodose guards.
+        dose +/- the tolerance, absolute); this request's feature; the isodose guards. Pins
+        come last: a request never overrides a pin (it may only report that it could not keep
+        it). ``ignore_ids``: journal entries whose features do not count (drag previews that
+        the next preview of the same drag stacks on).
         """
+        with self._lock:
+            return self._build_watch(resolved, current_id, ignore_ids)
+
+    def _build_watch(self, resolved: Resolved, current_id, ignore_ids) -> Watch:
         eng = self.engine
         rx = self.prescription_gy
         opts = self.options
@@ -375,7 +381,8 @@ class Session:
         body = eng.body_mask
         tvox = np.flatnonzero((self.target_mask & body).ravel())
         ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
-        earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin)]
+        ignore = set(ignore_ids)
+        earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore]
         # Normal tissue (body outside targets and OARs), sampled every third voxel: farther
         # than 10 mm from the request it may not rise by more than max_rise either.
         nvox = self._normal_sample()
@@ -401,9 +408,10 @@ class Session:
         # Slightly cold voxels (within 5 % of Rx of coverage, e.g. left by an earlier request)
         # are held to coverage, so later requests repair them; deeply cold ones (a plan that
         # never covered them) must just not get colder.
-        t_lo[it] = np.where(dt >= cov - 0.05 * rx, cov, dt)
+        slack = 1e-3 * rx  # edges set from the dose before get a little room for float32 round-off
+        t_lo[it] = np.where(dt >= cov - 0.05 * rx, cov, dt - slack)
         hot = opts.target_max_pct / 100.0 * rx
-        hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt)  # the same for hot voxels
+        hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt + slack)  # the same for hot voxels
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
         # max_rise (nearer, the request's own dose fall-off decides).
         cap = np.full(n, np.inf)
@@ -415,7 +423,7 @@ class Session:
         if resolved.target_lo_floor_gy is not None:
             floor = resolved.target_lo_floor_gy
             t_lo[it] = np.where(dt >= floor, np.maximum(t_lo[it], floor), t_lo[it])
-        t_hi[it] = hi_t
+        t_hi[it] = np.maximum(hi_t, t_lo[it] + slack)  # (an erase bound below coverage: never an empty band)
         t_hi[io] = before[io] + tol
         inn = at(nvox)
         cap[inn] = before[inn] + opts.max_rise_pct / 100.0 * rx
@@ -446,17 +454,14 @@ class Session:
             names.append(name)
             kinds.append(kind)
 
-        current = set(resolved.feature_voxels.tolist())
         for r in earlier:
-            keep = np.array([v not in current for v in r.feature_voxels.tolist()], bool)
+            keep = np.isin(r.feature_voxels, resolved.feature_voxels, invert=True)
             if keep.any():
                 f_lo, f_hi = r.feature_lo[keep], r.feature_hi[keep]
                 if isinstance(r.request, SetVoxelDose):  # held to the recovery tolerance later on
                     f_lo, f_hi = r.feature_goal[keep] - tol, r.feature_goal[keep] + tol
                 layer(r.feature_voxels[keep], f_lo, f_hi, r.feature_goal[keep],
                       WEIGHT_EARLIER_FEATURE, f"request {r.id} ({r.request.kind.replace('_', ' ')})", "feature")
-        for name, pv, pref in pins:
-            layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)
         if resolved.feature_voxels.size:
             rid = current_id if current_id is not None else self._next_id
             layer(resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, resolved.feature_goal,
@@ -479,8 +484,10 @@ class Session:
                 group[gi] = len(names)
                 names.append("isodose guard")
                 kinds.append("guard")
+        for name, pv, pref in pins:
+            layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)
         keep = group >= 0
-        cap = np.minimum(cap, hi)
+        cap = np.minimum(np.maximum(cap, lo + 1e-3 * rx), hi)  # a soft cap never below the band's lower edge
         return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds, cap[keep])
 
     def _normal_sample(self) -> np.ndarray:
@@ -528,13 +535,16 @@ class Session:
 
     # ------------------------------------------------------------------ running
     def run(self, req, *, recovery_steps: int | None = None, max_voxels: int | None = None, cancel=None,
-            progress=None) -> RequestResult:
+            progress=None, ignore_features_of=()) -> RequestResult:
         """Carry out a request: resolve, modify, recover, journal. Raises RequestError (plan untouched).
 
         ``recovery_steps`` and ``max_voxels`` (voxels a line, surface or spot request is solved
         on) override the session's options for this request: drag previews use fewer of both.
         Pins, earlier requests' features and this request's own voxels that recovery could not
         keep are reported in ``RequestResult.conflicts`` (never silently given up).
+        ``ignore_features_of``: journal ids whose features this request does not keep (the
+        viewer's stacked previews of the same drag). Any error after the plan started to change
+        puts the plan back exactly as it was before the request, then propagates.
         """
         with self._lock:
             if isinstance(req, Pin):
@@ -563,32 +573,44 @@ class Session:
                                        "unpin it first or ask elsewhere")
             timings["resolve"] = (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
-            watch = self.build_watch(resolved)
+            watch = self.build_watch(resolved, ignore_ids=ignore_features_of)
             timings["reference"] = (time.perf_counter() - t0) * 1000
-            t0 = time.perf_counter()
-            if resolved.voxels.size == 1 and not resolved.guard_voxels.size:
-                mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
-            else:
-                mod = modify_joint(self.modifier, watch, resolved.voxels, resolved.target_gy)
-            timings["modify"] = (time.perf_counter() - t0) * 1000
-            if not mod.patches:
-                raise RequestError(
-                    f"{req.kind}: no beam can change the dose there (no fluence reaches the voxel, "
-                    "or the fluence is already at zero)")
-            steps = self.options.recovery_steps if recovery_steps is None else int(recovery_steps)
-            t0 = time.perf_counter()
-            rec = None
-            if steps > 0:
-                rec = recover(self.modifier, watch, steps=steps, cancel=cancel, progress=progress)
-                timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
-                final = rec.final_gy
-            else:
-                final = backend.asnumpy(self.engine.dose_at_voxels(watch.voxels)).astype(np.float64)
-            timings["recovery"] = (time.perf_counter() - t0) * 1000
-            conflicts = self._conflicts(watch, final)
-            backend.synchronize()
-            patches = list(mod.patches) + (list(rec.patches) if rec else [])
+            snap = self.engine.snapshot()
+            try:
+                mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
+                                                                    cancel, progress)
+            except BaseException:
+                self.engine.restore(snap)
+                raise
             return self._journal(req, resolved, mod, rec, timings, patches, conflicts)
+
+    def _modify_recover(self, req, resolved: Resolved, watch: Watch, timings: dict, recovery_steps, cancel,
+                        progress) -> tuple:
+        """Modification and recovery of a resolved request: (modification, recovery, conflicts, patches)."""
+        t0 = time.perf_counter()
+        if resolved.voxels.size == 1 and not resolved.guard_voxels.size:
+            mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
+        else:
+            mod = modify_joint(self.modifier, watch, resolved.voxels, resolved.target_gy)
+        timings["modify"] = (time.perf_counter() - t0) * 1000
+        if not mod.patches:
+            raise RequestError(
+                f"{req.kind}: no beam can change the dose there (no fluence reaches the voxel, "
+                "or the fluence is already at zero)")
+        steps = self.options.recovery_steps if recovery_steps is None else int(recovery_steps)
+        t0 = time.perf_counter()
+        rec = None
+        if steps > 0:
+            rec = recover(self.modifier, watch, steps=steps, cancel=cancel, progress=progress)
+            timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
+            final = rec.final_gy
+        else:
+            final = backend.asnumpy(self.engine.dose_at_voxels(watch.voxels)).astype(np.float64)
+        timings["recovery"] = (time.perf_counter() - t0) * 1000
+        conflicts = self._conflicts(watch, final)
+        backend.synchronize()
+        patches = list(mod.patches) + (list(rec.patches) if rec else [])
+        return mod, rec, conflicts, patches
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = ()) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)

@@ -16,9 +16,11 @@ For a request "voxel m to dose d_t" (see also shared notes, dmr-reading.md):
 7. Fluence stays non-negative: the patch is clipped at ``-psi``; if clipping lost part of the
    change, further passes spread the remainder over the amplitudes that can still move.
 
-For several voxels at once (isodose lines and surfaces, spot erasure) the normalised patches
-of all voxels are summed with per-voxel scales solved together by non-negative least squares
-on the small matrix ``G[j, k]`` = dose at voxel j from voxel k's normalised patch.
+For several voxels at once (isodose lines and surfaces, spot erasure, recovery clusters) the
+normalised patches are combined with scales solved together by :meth:`Modifier.solve_step`
+(regularised NNLS on the matrix ``G[j, k]`` = dose at watched voxel j from patch k, an active
+set on the rows' bands, a take-back guard); ``modify_joint`` and ``recover`` in
+``_recovery.py`` drive it.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ class Modifier:
     # ------------------------------------------------------------------ joint solve
     def solve_step(self, rows, row_lo, row_hi, row_goal, row_weight, col_voxels, col_signs, *,
                    regularisation: float = 1e-3, keep_weight: float = 0.01, compensate: int = 3,
-                   iterations: int = 3, accept_hi=None) -> "StepResult":
+                   iterations: int = 3, accept_hi=None, per_beam: bool | None = None) -> "StepResult":
         """One guarded joint solve: patches at ``col_voxels`` scaled together so that the rows
         end in their bands.
 
@@ -267,12 +269,14 @@ class Modifier:
             as rows aiming at the band's edge, and the scales solved again.
         accept_hi : upper band edges for the acceptance test when they differ from ``row_hi``
             (a soft cap the solve respects but that does not make a step worse).
+        per_beam : each beam's part of each patch a column of its own (the beam mix is solved
+            too); default: ``self.per_beam``.
 
         Scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k n_k^2 f_k^2``, ``f >= 0``, with
         ``n_k = max(||W^1/2 G_k||, 0.1 max_j ||W^1/2 G_j||)``
         (NNLS on the augmented system). The combined patch is clipped at zero fluence and
-        applied; if the weighted band violation at the rows got worse, half of it is taken
-        back, and if that is still worse, all of it (the step is rejected). Every patch applied,
+        applied; unless the weighted band violation at the rows got strictly better, half of it
+        is taken back, and if that is still not better, all of it (the step is rejected). Every patch applied,
         take-backs included, is in ``patches`` in order (so a journal replays it exactly).
         """
         eng = self.engine
@@ -284,8 +288,9 @@ class Modifier:
         col_voxels = [int(v) for v in col_voxels]
         col_signs = [float(v) for v in col_signs]
         cols = []
+        per_beam = self.per_beam if per_beam is None else bool(per_beam)
         for v, sgn in zip(col_voxels, col_signs):
-            cols.extend(self._columns(v, sgn > 0))
+            cols.extend(self._columns(v, sgn > 0, per_beam))
         t0 = self._tick("create_patch", t0)
         before = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
         acc_hi = hi if accept_hi is None else np.asarray(accept_hi, float)
@@ -314,7 +319,7 @@ class Modifier:
                 extra, added = [], []
                 for i in cand:
                     sgn = -1.0 if pred[i] > hi[i] else 1.0
-                    ps = self._columns(int(rows[i]), sgn > 0)
+                    ps = self._columns(int(rows[i]), sgn > 0, per_beam)
                     extra.extend(ps)
                     added.extend([(int(rows[i]), sgn)] * len(ps))
                 if extra:
@@ -353,14 +358,14 @@ class Modifier:
         self._tick("update_dose_cube", t0)
         return StepResult(applied, accepted, obj0, obj1, f, after)
 
-    def _columns(self, voxel: int, raise_dose: bool) -> list[list[FluencePatch]]:
+    def _columns(self, voxel: int, raise_dose: bool, per_beam: bool) -> list[list[FluencePatch]]:
         """The columns of a joint solve for one voxel: its normalised patch as one column, or
         (``per_beam``) each beam's part as a column of its own, so the solve also chooses how
         much each beam contributes."""
         ps = self.normalised_patches(int(voxel), raise_dose=raise_dose)
         if not ps:
             return []
-        return [[p] for p in ps] if self.per_beam else [ps]
+        return [[p] for p in ps] if per_beam else [ps]
 
     def _combine(self, scaled: list[tuple[float, list[FluencePatch]]]) -> list[FluencePatch]:
         """Sum scaled patches per beam on the union of their boxes."""

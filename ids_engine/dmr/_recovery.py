@@ -15,8 +15,8 @@ Each step (at most ``steps``, 25 by default):
    far from the request while the cold voxels next to it drift, see docs/architecture.md.)
 3. **A cluster**: up to ``cluster_size`` voxels off in the same direction within
    ``cluster_radius_mm`` of ``r``, at least ``cluster_spacing_mm`` apart, are the columns;
-   high-priority voxels nearby with little slack towards the cluster's direction (the request's
-   own voxel, pins, guards) get a compensating column of the opposite sign.
+   high-priority voxels (the request's own voxels, pins, guards, earlier features) that the
+   first solve predicts will leave their band get a compensating column of the opposite sign.
 4. **A guarded joint solve** (:meth:`Modifier.solve_step`): rows are the voxels within
    ``rows_radius_mm`` of ``r`` (off ones aim at their goal, in-band ones should stay put with a
    small weight), regularised non-negative scales, clipped at zero fluence, applied, and taken
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from ids_engine import backend
 from ids_engine.dose import FluencePatch
@@ -65,7 +66,7 @@ class RecoveryOptions:
 class Watch:
     """The voxels recovery keeps in their bands.
 
-    voxels : (n,) flat CT indices (unique).
+    voxels : (n,) flat CT indices, sorted and unique.
     lo, hi : (n,) band (Gy; -inf / inf for open sides).
     goal : (n,) dose to aim for when the voxel is outside its band (inside the band).
     weight : (n,) priority (the violation is multiplied by it).
@@ -190,6 +191,7 @@ class _Rows:
         sp = np.asarray(eng.grid.spacing_mm_zyx, float)
         self.coords = np.stack(np.unravel_index(self.vox, eng.grid.shape_zyx), axis=-1) * sp
         self.vox_dev = eng.xp.asarray(self.vox)
+        self.tree = cKDTree(self.coords)
         self.bev_u, self.bev_v = [], []
         for geo in eng.geometry:
             pos = geo.fine.position[self.vox_dev]
@@ -205,6 +207,9 @@ class _Rows:
         self.hi_solve = np.minimum(watch.hi, watch.cap)
         self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
 
+    def tree_cols(self, cols: np.ndarray) -> cKDTree:
+        return cKDTree(self.coords[np.asarray(cols, np.int64)])
+
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
         first, priority ones, a sample of the rest), the at-risk voxels under their patches in
@@ -212,9 +217,12 @@ class _Rows:
         region; a compensating lowering a cold one), least room first, and the hard ones."""
         opts, w = self.opts, self.watch
         cols = np.asarray(cols, np.int64)
-        dist = np.min(np.linalg.norm(self.coords[None, :, :] - self.coords[cols][:, None, :], axis=2), axis=0) \
-            if cols.size <= 8 else np.linalg.norm(self.coords - self.coords[cols].mean(axis=0), axis=1)
-        near = dist <= opts.rows_radius_mm
+        near_idx = np.unique(np.concatenate(
+            [np.asarray(i, np.int64) for i in self.tree.query_ball_point(self.coords[cols], opts.rows_radius_mm)]))
+        near = np.zeros(self.vox.size, bool)
+        near[near_idx] = True
+        dist = np.full(self.vox.size, np.inf)
+        dist[near_idx], _ = self.tree_cols(cols).query(self.coords[near_idx])
         off = np.flatnonzero(near & (viol > 0))
         off = off[np.argsort(-(w.weight * viol)[off], kind="stable")][: opts.max_rows_off]
         inband = near & (viol == 0)
@@ -251,11 +259,7 @@ class _Rows:
         res = modifier.solve_step(*args, **kw)
         patches = list(res.patches)
         if not res.accepted and not modifier.per_beam:
-            modifier.per_beam = True
-            try:
-                res = modifier.solve_step(*args, **kw)
-            finally:
-                modifier.per_beam = False
+            res = modifier.solve_step(*args, per_beam=True, **kw)
             patches.extend(res.patches)
         return patches, res
 
@@ -273,7 +277,9 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
     rs = _Rows(modifier, watch, opts)
     cols_flat = np.asarray(voxels, np.int64)
     goal_c = np.asarray(target_gy, float)
-    ci = np.searchsorted(rs.vox, cols_flat)
+    ci = np.minimum(np.searchsorted(rs.vox, cols_flat), max(rs.vox.size - 1, 0))
+    if rs.vox.size == 0 or np.any(rs.vox[ci] != cols_flat):
+        raise ValueError("modify_joint: every request voxel must be in the watch list (Watch.voxels sorted, unique)")
     before = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
     applied: list = []
     passes = 0
@@ -354,7 +360,8 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     if best_step < len(objective) - 1 and len(patches) > best_n_patches:
         # Back to the best state seen: take the tail of patches back in one patch per beam.
         t0 = time.perf_counter()
-        back = _combine_negated(patches[best_n_patches:])
+        # (clipped: the float32 sum of the tail can overshoot zero fluence by round-off)
+        back = modifier._clip_nonnegative(_combine_negated(patches[best_n_patches:]))
         eng.apply_patches(back)
         patches.extend(back)
         dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)

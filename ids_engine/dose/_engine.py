@@ -472,6 +472,21 @@ class DoseEngine:
         """A host fluence map for beam ``b``: ``mu`` inside a BEV rectangle (at the isocentre plane), 0 outside."""
         return self.geometry[b].fluence_grid.rectangle_mask(u_range_mm, v_range_mm).astype(np.float32) * np.float32(mu)
 
+    def snapshot(self) -> tuple:
+        """A copy of the engine's plan state (fluences, convolved maps, dose levels), on the device."""
+        copy = lambda arrays: [a.copy() for a in arrays]  # noqa: E731
+        return (copy(self._fluence), copy(self._maps_fine), copy(self._maps_coarse),
+                self.dose_fine.copy(), self.dose_coarse.copy())
+
+    def restore(self, snap: tuple) -> None:
+        """Go back to a :meth:`snapshot` exactly (bit for bit)."""
+        fl, mf, mc, df, dc = snap
+        self._fluence = [a.copy() for a in fl]
+        self._maps_fine = [a.copy() for a in mf]
+        self._maps_coarse = [a.copy() for a in mc]
+        self.dose_fine = df.copy()
+        self.dose_coarse = dc.copy()
+
     # ------------------------------------------------------------------ full dose
     def recompute(self) -> None:
         """Full dose from the current fluence maps (same scheme as the incremental path)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ids_engine import backend
-from ids_engine.dmr import SetVoxelDose
+from ids_engine.dmr import EraseSpot, MoveIsodoseSurface, SetVoxelDose
 from ids_engine.dose import DoseEngine, FluencePatch
 from ids_engine.model import Beam
 from ids_engine.session import Session
@@ -42,6 +42,17 @@ def test_session_request_same_on_both_backends(xp_name):
     res = s.run(SetVoxelDose(m, 36.0), recovery_steps=5)
     assert abs(res.after_modification_gy[0] - 36.0) < 0.5
     assert res.recovery_steps <= 5
+    # A joint request (modify_joint, compensation columns, the batched matrix) and an erase.
+    ptv = s.patient.structure("PTV").mask
+    k, i = m[0] + 4, m[2]  # a slice 16 mm from the voxel request
+    j0 = int(np.flatnonzero(ptv[k, :, i]).min())
+    prof, level = s.dose()[k, :, i], 0.95 * 60.0
+    jj = [j for j in range(0, j0 + 3) if prof[j] < level <= prof[j + 1]][-1]
+    jc = jj + (level - prof[jj]) / (prof[jj + 1] - prof[jj])  # the 95 % crossing on that column
+    res = s.run(MoveIsodoseSurface(level, (k, jc, i), (k, jc - 1.5, i), radius_mm=6.0), recovery_steps=3)
+    assert res.voxels.size > 0 and res.patches
+    res = s.run(EraseSpot((k, j0 + 1, i), 6.0, 0.95 * 60.0, 1.0 * 60.0, structure="PTV"), recovery_steps=3)
+    assert np.isfinite(backend.asnumpy(s.engine.dose_cube())).all()
 
 
 def _delta_matrix_run():
