@@ -660,10 +660,21 @@ class Session:
             return res
 
     def _apply_pins_undo(self, res: RequestResult) -> None:
-        if isinstance(res.request, Pin):
-            self.pins.pop(res.request.name, None)
-        elif isinstance(res.request, Unpin):
-            self.pins[res.request.name] = self._pin_mask(res.request.name)
+        if isinstance(res.request, (Pin, Unpin)):
+            # The pin of that name as the remaining journal leaves it (an older Pin of the same
+            # name comes back when a newer one is undone).
+            name, last = res.request.name, None
+            for r in self.journal:
+                if isinstance(r.request, Pin) and r.request.name == name:
+                    last = r
+                elif isinstance(r.request, Unpin) and r.request.name == name:
+                    last = None
+            if last is None:
+                self.pins.pop(name, None)
+            else:
+                g = self.patient.grid
+                q = last.request
+                self.pins[name] = ball_mask(g.shape_zyx, g.spacing_mm_zyx, q.centre_zyx, q.radius_mm) & self.engine.body_mask
 
     def _apply_pins_redo(self, res: RequestResult) -> None:
         if isinstance(res.request, Pin):
@@ -671,13 +682,6 @@ class Session:
             self.pins[res.request.name] = ball_mask(g.shape_zyx, g.spacing_mm_zyx, res.request.centre_zyx, res.request.radius_mm) & self.engine.body_mask
         elif isinstance(res.request, Unpin):
             self.pins.pop(res.request.name, None)
-
-    def _pin_mask(self, name: str) -> np.ndarray:
-        for r in reversed(self.journal):
-            if isinstance(r.request, Pin) and r.request.name == name:
-                g = self.patient.grid
-                return ball_mask(g.shape_zyx, g.spacing_mm_zyx, r.request.centre_zyx, r.request.radius_mm) & self.engine.body_mask
-        raise KeyError(name)
 
     # ------------------------------------------------------------------ persistence
     # A session folder holds ``session.json`` (case, beams, options; written once),

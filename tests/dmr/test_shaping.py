@@ -261,3 +261,16 @@ def test_conflicts_are_in_the_summary_and_the_journal(s, tmp_path):
     s.save(tmp_path / "c")
     again = Session.load(tmp_path / "c")
     assert [c.message for c in again.journal[-1].conflicts] == [c.message for c in res.conflicts]
+
+
+def test_undoing_a_repinned_name_brings_the_older_pin_back(s):
+    m = rim(s)
+    s.run(Pin("m", m, 6.0))
+    first = s.pins["m"].copy()
+    s.run(Pin("m", (m[0], m[1], m[2] + 3), 4.0))
+    assert not np.array_equal(s.pins["m"], first)
+    s.undo()
+    np.testing.assert_array_equal(s.pins["m"], first)
+    assert [name for name, _, _ in s._pin_bands()] == ["m"]
+    s.undo()
+    assert "m" not in s.pins
