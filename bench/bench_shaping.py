@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, device_slug, print_table, write_result  # noqa: E402
 
 from ids_engine import backend  # noqa: E402
-from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose, Unpin  # noqa: E402
+from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose  # noqa: E402
 from ids_engine.evaluation import beside_shift_mm, drag_landing_mm, dvh_metrics  # noqa: E402
 from ids_engine.session import Session  # noqa: E402
 

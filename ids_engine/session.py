@@ -25,10 +25,7 @@ from scipy import ndimage
 from ids_engine import __version__, backend
 from ids_engine.dmr import (
     Modifier,
-    MoveIsodoseLine,
-    MoveIsodoseSurface,
     Pin,
-    RecoveryOptions,
     RequestError,
     ResolveContext,
     Resolved,
@@ -41,7 +38,7 @@ from ids_engine.dmr import (
     resolve,
     tpi_maps,
 )
-from ids_engine.dmr._requests import ball_mask, request_to_dict, subsample
+from ids_engine.dmr._requests import ball_mask, request_to_dict
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 

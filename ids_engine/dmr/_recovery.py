@@ -207,9 +207,6 @@ class _Rows:
         self.hi_solve = np.minimum(watch.hi, watch.cap)
         self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
 
-    def tree_cols(self, cols: np.ndarray) -> cKDTree:
-        return cKDTree(self.coords[np.asarray(cols, np.int64)])
-
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
         first, priority ones, a sample of the rest), the at-risk voxels under their patches in
@@ -222,7 +219,7 @@ class _Rows:
         near = np.zeros(self.vox.size, bool)
         near[near_idx] = True
         dist = np.full(self.vox.size, np.inf)
-        dist[near_idx], _ = self.tree_cols(cols).query(self.coords[near_idx])
+        dist[near_idx], _ = cKDTree(self.coords[cols]).query(self.coords[near_idx])
         off = np.flatnonzero(near & (viol > 0))
         off = off[np.argsort(-(w.weight * viol)[off], kind="stable")][: opts.max_rows_off]
         inband = near & (viol == 0)
@@ -314,7 +311,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     vox, vox_dev, coords, hard = rs.vox, rs.vox_dev, rs.coords, rs.hard
     tabu = np.zeros(vox.size, bool)
     chosen, accepted, patches, objective = [], [], [], []
-    best_obj, best_step, best_n_patches = np.inf, 0, 0
+    best_step, best_n_patches = 0, 0
     best_key = (np.inf, np.inf)
     hard_eps = max(1e-3 * float(np.nanmax(np.abs(np.where(np.isfinite(watch.goal), watch.goal, 0)))), 1e-6)
     n_done = 0
@@ -330,7 +327,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         # for beats one with a lower sum that gives it up.
         key = (round(float(viol[hard].max()) / hard_eps) if hard.any() else 0, obj)
         if key < best_key:
-            best_key, best_obj, best_step, best_n_patches = key, obj, step, len(patches)
+            best_key, best_step, best_n_patches = key, step, len(patches)
         score = np.where(tabu, 0.0, watch.weight * viol)
         if step == steps or (cancel is not None and cancel()) or not np.any(score > 1e-6):
             timings["select_location"] += (time.perf_counter() - t0) * 1000
