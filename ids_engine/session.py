@@ -399,16 +399,14 @@ class Session:
         it, io = at(tvox), at(ovox)
         dt = before[it]
         # The lower edge sits 0.2 % of Rx above target_min: "in band" means covered, with a margin.
-        # A target voxel far below the coverage level (or above the hot level) before the
-        # request may not get worse: no drift over a session.
-        cov = (opts.target_min_pct + 0.2) / 100.0 * rx
         # Slightly cold voxels (within 5 % of Rx of coverage, e.g. left by an earlier request)
         # are held to coverage, so later requests repair them; deeply cold ones (a plan that
-        # never covered them) must just not get colder.
+        # never covered them) must just not get colder. The same for hot voxels.
+        cov = (opts.target_min_pct + 0.2) / 100.0 * rx
         slack = 1e-3 * rx  # edges set from the dose before get a little room for float32 round-off
         t_lo[it] = np.where(dt >= cov - 0.05 * rx, cov, dt - slack)
         hot = opts.target_max_pct / 100.0 * rx
-        hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt + slack)  # the same for hot voxels
+        hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt + slack)
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
         # max_rise (nearer, the request's own dose fall-off decides).
         cap = np.full(n, np.inf)
