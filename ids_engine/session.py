@@ -383,7 +383,8 @@ class Session:
         # Normal tissue (body outside targets and OARs), sampled every third voxel: farther
         # than 10 mm from the request it may not rise by more than max_rise either.
         nvox = self._normal_sample()
-        nvox = nvox[~self._near_feature(nvox, resolved.feature_voxels)]
+        near = self._near_feature(np.concatenate([tvox, nvox]), resolved.feature_voxels)  # one distance transform
+        near_t, nvox = near[: tvox.size], nvox[~near[tvox.size:]]
         pins = self._pin_bands()
         parts = [tvox, ovox, nvox, resolved.feature_voxels, resolved.guard_voxels]
         parts += [r.feature_voxels for r in earlier] + [p[1] for p in pins]
@@ -410,8 +411,7 @@ class Session:
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
         # max_rise (nearer, the request's own dose fall-off decides).
         cap = np.full(n, np.inf)
-        far = ~self._near_feature(tvox, resolved.feature_voxels)
-        cap[it[far]] = dt[far] + opts.max_rise_pct / 100.0 * rx
+        cap[it[~near_t]] = dt[~near_t] + opts.max_rise_pct / 100.0 * rx
         if resolved.target_hi_cap_gy is not None:  # an erase: no new voxel above its upper bound
             ecap = resolved.target_hi_cap_gy
             hi_t = np.where(dt <= ecap, np.minimum(hi_t, ecap), hi_t)

@@ -38,7 +38,6 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ids_engine import backend
-from ids_engine.dose import FluencePatch
 
 __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "modify_joint", "recover"]
 
@@ -143,24 +142,6 @@ def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, sha
         return np.zeros(0, np.float64)
     c = cand - lo
     return dist[c[:, 0], c[:, 1], c[:, 2]].astype(np.float64)
-
-
-def _combine_negated(patches: list) -> list:
-    """The negation of a sequence of patches as one patch per beam (on the union of its boxes)."""
-    by_beam: dict[int, list] = {}
-    for p in patches:
-        by_beam.setdefault(int(p.beam), []).append(p)
-    out = []
-    for b, items in sorted(by_beam.items()):
-        r0 = min(p.row0 for p in items)
-        c0 = min(p.col0 for p in items)
-        r1 = max(p.row0 + p.shape[0] for p in items)
-        c1 = max(p.col0 + p.shape[1] for p in items)
-        acc = np.zeros((r1 - r0, c1 - c0), np.float64)
-        for p in items:
-            acc[p.row0 - r0 : p.row0 - r0 + p.shape[0], p.col0 - c0 : p.col0 - c0 + p.shape[1]] -= np.asarray(p.delta, np.float64)
-        out.append(FluencePatch(b, r0, c0, acc.astype(np.float32)))
-    return out
 
 
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
@@ -358,7 +339,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         # Back to the best state seen: take the tail of patches back in one patch per beam.
         t0 = time.perf_counter()
         # (clipped: the float32 sum of the tail can overshoot zero fluence by round-off)
-        back = modifier._clip_nonnegative(_combine_negated(patches[best_n_patches:]))
+        back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[best_n_patches:]]))
         eng.apply_patches(back)
         patches.extend(back)
         dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)

@@ -207,7 +207,7 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     if np.linalg.norm(d_mm) > 1e-9 and ctx.min_gradient_pct_per_mm > 0:
         step = (d_mm / np.linalg.norm(d_mm)) / sp  # 1 mm along the drag, in voxels
         pts = np.array([a_ - 2 * step, a_ + 2 * step])
-        vals = np.array([_point_dose(ctx, p) for p in pts])
+        vals = _trilinear(ctx, pts)
         grad = abs(vals[0] - vals[1]) / 4.0 / level * 100.0
         if grad < ctx.min_gradient_pct_per_mm:
             raise RequestError(
@@ -270,34 +270,27 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
                     g_flat.astype(np.int64), g_lo, g_hi)
 
 
-def _point_dose(ctx: ResolveContext, p_zyx: np.ndarray) -> float:
-    """Trilinear dose at a point (voxel units)."""
+def _trilinear(ctx: ResolveContext, points_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear dose at points (n, 3) in voxel units, from the voxel doses (clamped to the grid)."""
     shape = np.asarray(ctx.shape_zyx)
-    p = np.clip(np.asarray(p_zyx, float), 0, shape - 1)
+    p = np.clip(np.asarray(points_zyx, float).reshape(-1, 3), 0, shape - 1)
     i0 = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
     t = p - i0
-    corners = np.array([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
-    idx = np.minimum(i0[None, :] + corners, shape - 1)
-    wgt = np.prod(np.where(corners == 1, t[None, :], 1 - t[None, :]), axis=1)
-    return float(np.sum(wgt * ctx.dose_at(np.ravel_multi_index(tuple(idx.T), ctx.shape_zyx))))
-
-
-def _shifted_dose(ctx: ResolveContext, flat: np.ndarray, shift_zyx: np.ndarray) -> np.ndarray:
-    """Trilinear dose at ``voxel - shift`` (voxel units) for each voxel, from the voxel doses."""
-    if flat.size == 0:
-        return np.zeros(0)
-    shape = np.asarray(ctx.shape_zyx)
-    p = np.stack(np.unravel_index(flat, ctx.shape_zyx), axis=-1).astype(float) - shift_zyx[None, :]
-    p = np.clip(p, 0, shape - 1)
-    i0 = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
-    t = p - i0
-    out = np.zeros(flat.size)
+    out = np.zeros(p.shape[0])
     for corner in range(8):
         o = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
         idx = np.minimum(i0 + o, shape - 1)
         wgt = np.prod(np.where(o == 1, t, 1 - t), axis=1)
         out += wgt * ctx.dose_at(np.ravel_multi_index(tuple(idx.T), ctx.shape_zyx))
     return out
+
+
+def _shifted_dose(ctx: ResolveContext, flat: np.ndarray, shift_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear dose at ``voxel - shift`` (voxel units) for each voxel."""
+    if flat.size == 0:
+        return np.zeros(0)
+    p = np.stack(np.unravel_index(flat, ctx.shape_zyx), axis=-1).astype(float) - shift_zyx[None, :]
+    return _trilinear(ctx, p)
 
 
 def resolve_isodose_line(req: MoveIsodoseLine, ctx: ResolveContext) -> Resolved:
