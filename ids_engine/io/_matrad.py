@@ -294,6 +294,7 @@ def _ct_cube_hu(ct: dict, path: Path) -> tuple[np.ndarray, dict, DensityCurve]:
         cube = cube[:, :, None]
     if cube.ndim != 3:
         raise InputError(f"expected a 3-D cube [ny nx nz], found shape {cube.shape}", path, field)
+    _check_finite(cube, path, field)
     if not _is_empty(ct.get("cubeDim")):
         dims = tuple(int(round(v)) for v in _vector(ct["cubeDim"], path, "ct.cubeDim"))
         dims = dims + (1,) * (3 - len(dims))
@@ -308,6 +309,15 @@ def _ct_cube_hu(ct: dict, path: Path) -> tuple[np.ndarray, dict, DensityCurve]:
         info["ct_hu_from"] = (f"ct.cube (relative electron density; the file has no ct.cubeHU), converted to HU "
                               f"by inverting the density curve '{density_curve.name}'")
     return np.asarray(cube, dtype=np.float32), info, density_curve
+
+
+def _check_finite(cube_yxz: np.ndarray, path: Path, field: str) -> None:
+    """Refuse NaN or inf in a CT cube (one such voxel would make the whole dose NaN)."""
+    bad = ~np.isfinite(cube_yxz)
+    if bad.any():
+        y, x, z = (int(i) + 1 for i in np.argwhere(bad)[0])
+        raise InputError(f"{int(bad.sum())} of {cube_yxz.size} voxels are not finite (NaN or inf), e.g. "
+                         f"[y x z] = [{y} {x} {z}] (1-based)", path, field)
 
 
 def _ct_grid(ct: dict, shape_yxz: tuple[int, int, int], path: Path) -> tuple[Grid, dict]:

@@ -665,3 +665,19 @@ def test_real_photon_machine(tmp_path):
     m73 = read_matrad_machine(copy)
     np.testing.assert_array_equal(m73.kernels_per_mm2, m.kernels_per_mm2)
     assert (m73.betas_per_mm, m73.attenuation_per_mm, m73.name) == (m.betas_per_mm, m.attenuation_per_mm, m.name)
+
+
+@pytest.mark.parametrize(("field", "bad_value"), [("cubeHU", np.nan), ("cubeHU", np.inf), ("cube", -np.inf)])
+def test_non_finite_ct_voxels_are_refused(tmp_path, fmt, field, bad_value):
+    """One NaN or inf voxel would make the whole dose NaN: refused, naming the file, field and count."""
+    cube = _encoded_cube()
+    cube[2, 1, 0] = bad_value
+    cube[4, 3, 2] = bad_value
+    if field == "cube":
+        v = _phantom_vars(ct_changes={"cube": cell(cube)}, drop_ct=("cubeHU",))
+    else:
+        v = _phantom_vars(ct_changes={"cubeHU": cell(cube)})
+    err = _bad(tmp_path, fmt, v)
+    assert err.field == f"ct.{field}"
+    assert f"2 of {NY * NX * NZ} voxels are not finite" in str(err)
+    assert "[y x z] = [3 2 1]" in str(err)
