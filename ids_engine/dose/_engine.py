@@ -393,11 +393,11 @@ class DoseEngine:
         tile_id = tr * ntc + tc
         order = np.argsort(tile_id, kind="stable")
         tile_start = np.searchsorted(tile_id[order], np.arange(ntr * ntc + 1)).astype(np.int64)
-        # Per-voxel component weights: gy_per_mu * ISQ * D_c(l).
+        # Per-voxel component weights: gy_per_mu * ISQ * D_c(l), D_c evaluated analytically
+        # in float64 on the host for both backends (a 0.5 mm table was 0.6 % low at 1.25 mm).
         isq = (beam.sad_mm / bev[:, 2]) ** 2
-        d_tab, c_tab = self.machine.depth_table()
         depth_h = backend.asnumpy(depth)
-        w = np.stack([np.interp(depth_h, d_tab, c_tab[c]) for c in components]) * (isq * self.machine.gy_per_mu) if components else np.zeros((0, depth_h.size))
+        w = self.machine.depth_components(depth_h, components) * (isq * self.machine.gy_per_mu)
         # A coarse amplitude is the block sum of factor^2 fine amplitudes, each of which
         # stands for one fine cell's area: so the kernel sums to 1 / factor^2.
         kernels = _stack_centred([_kernel_grid(self.machine, c, pitch, opts.kernel_fraction) for c in components])
@@ -776,8 +776,7 @@ class DoseEngine:
         depth_h = backend.asnumpy(depth).astype(np.float64)
         inside = self.patient.grid.contains(pts)
         isq = (beam.sad_mm / bev[:, 2]) ** 2
-        d_tab, c_tab = self.machine.depth_table()
-        w = np.stack([np.interp(depth_h, d_tab, c_tab[c]) for c in range(3)]) * (isq * self.machine.gy_per_mu)
+        w = self.machine.depth_components(depth_h) * (isq * self.machine.gy_per_mu)
         w[:, ~inside] = 0.0
         fg = geo.fluence_grid
         f = geo.coarse_fluence_factor

@@ -100,22 +100,54 @@ class PhotonMachine:
         object.__setattr__(self, "kernels_per_mm2", k)
 
     # ------------------------------------------------------------ depth
-    def depth_components(self, depth_mm) -> np.ndarray:
-        """``D_c(l)`` for the three components: (3, ...) float64, per unit fluence before calibration.
+    def depth_components(self, depth_mm, components=(0, 1, 2)) -> np.ndarray:
+        """``D_c(l)`` evaluated analytically: (len(components), ...) float64, per unit fluence
+        before calibration.
 
-        Negative depths (outside the patient) give 0.
+        Parameters
+        ----------
+        depth_mm : array of radiological depths, mm (any shape); negative depths (outside
+            the patient) give 0.
+        components : which components, in this order (default all three).
         """
         l = np.clip(np.asarray(depth_mm, dtype=np.float64), 0.0, None)
         m = self.attenuation_per_mm
-        out = []
-        for a, b in zip(self.weights, self.betas_per_mm):
-            out.append(a * b / (b - m) * (np.exp(-m * l) - np.exp(-b * l)))
-        return np.stack(out)
+        primary = np.exp(-m * l)
+        out = np.empty((len(components),) + l.shape)
+        for i, c in enumerate(components):
+            a, b = self.weights[c], self.betas_per_mm[c]
+            out[i] = a * b / (b - m) * (primary - np.exp(-b * l))
+        return out
 
-    def depth_table(self, max_depth_mm: float = 600.0, step_mm: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-        """Tabulated depth components: (depth_mm (nd,), values (3, nd)) float64."""
-        d = np.arange(0.0, max_depth_mm + step_mm, step_mm)
-        return d, self.depth_components(d)
+    def depth_table(self, max_depth_mm: float = 600.0, rel_tol: float = 2.5e-4) -> tuple[np.ndarray, np.ndarray]:
+        """Depth components on a non-uniform table for linear interpolation: (depth_mm (nd,),
+        values (3, nd)) float64.
+
+        The nodes are refined by bisection until linear interpolation matches
+        :meth:`depth_components` to ``rel_tol`` of the local value of every component at the
+        quarter, half and three-quarter points of every interval (the largest error of linear
+        interpolation between nodes sits near the middle; on the first interval, where
+        ``D_c(l) ~ l (1 - (beta_c + m) l / 2)``, the relative error grows to at most 4/3 of its
+        quarter-point value as ``l -> 0``). The build-up (beta_c up to ~0.3/mm) needs
+        micrometre steps next to the surface and half-millimetre ones beyond ~20 mm; a
+        uniform 0.5 mm table was 0.6 % low at 1.25 mm and 3 % low at 0.25 mm. The engine
+        evaluates the formula directly; the table serves lookups on the device (TPI).
+        """
+        nodes = np.linspace(0.0, max_depth_mm, int(np.ceil(max_depth_mm / 0.5)) + 1)
+        probe = np.array([0.25, 0.5, 0.75])
+        for _ in range(60):
+            a, b = nodes[:-1], nodes[1:]
+            x = a[:, None] + probe[None, :] * (b - a)[:, None]
+            va, vb = self.depth_components(a), self.depth_components(b)
+            interp = va[:, :, None] * (1 - probe) + vb[:, :, None] * probe
+            exact = self.depth_components(x)
+            bad = np.any(np.abs(interp - exact) > rel_tol * np.abs(exact), axis=(0, 2))
+            if not bad.any():
+                break
+            nodes = np.sort(np.concatenate([nodes, 0.5 * (a[bad] + b[bad])]))
+        else:  # pragma: no cover - needs betas beyond ~1e15 / mm
+            raise ValueError(f"depth_table: no table within {rel_tol:g} after 60 refinements")
+        return nodes, self.depth_components(nodes)
 
     # ----------------------------------------------------------- kernels
     def kernel_at(self, component: int, radius_mm) -> np.ndarray:
