@@ -10,10 +10,14 @@ saved and reopened.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 import threading
+import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from ids_engine import __version__, backend
+from ids_engine._files import FolderLock, FolderLockedError, atomic_npz, atomic_text, fsync_folder
 from ids_engine.dmr import (
     Modifier,
     Pin,
@@ -210,6 +215,75 @@ def case_from_spec(spec: dict) -> Patient:
     raise ValueError(f"case description {spec!r} names no phantom, dicom folder or matrad file")
 
 
+def case_label(spec: dict) -> str:
+    """A name for a case in reports and logs that does not repeat its input path (a DICOM
+    folder is often named after the patient): the phantom's name, or the kind of input and
+    a short hash of its path."""
+    if "phantom" in spec:
+        return f"phantom {spec['phantom']} ({spec.get('resolution', 'clinical')})"
+    for key, kind in (("dicom", "DICOM case"), ("matrad", "matRad case")):
+        if key in spec:
+            return f"{kind} {hashlib.sha256(str(spec[key]).encode()).hexdigest()[:8]}"
+    return "case"
+
+
+def case_fingerprint(patient: Patient) -> dict:
+    """What a saved session checks on reopening: the grid, a hash of the CT values and each
+    structure's kind, voxel count and mask hash (plain JSON)."""
+    g = patient.grid
+    return {
+        "grid": {"shape_zyx": list(g.shape_zyx), "spacing_mm_zyx": [round(float(v), 6) for v in g.spacing_mm_zyx],
+                 "origin_mm_xyz": [round(float(v), 4) for v in g.origin_mm_xyz]},
+        "ct_sha256": hashlib.sha256(np.ascontiguousarray(patient.ct_hu, np.float32).tobytes()).hexdigest(),
+        "structures": {s.name: {"kind": s.kind.value, "voxels": int(s.mask.sum()),
+                                "sha256": hashlib.sha256(np.packbits(s.mask).tobytes()).hexdigest()}
+                       for s in patient.structures},
+    }
+
+
+def fingerprint_differences(saved: dict, now: dict) -> list[str]:
+    """Plain-language differences between two :func:`case_fingerprint` results (empty if equal)."""
+    out = []
+    for key in ("shape_zyx", "spacing_mm_zyx", "origin_mm_xyz"):
+        a, b = saved.get("grid", {}).get(key), now["grid"][key]
+        if a != b:
+            out.append(f"grid {key} was {a}, is {b}")
+    if saved.get("ct_sha256") != now["ct_sha256"]:
+        out.append("the CT values differ")
+    old, new = saved.get("structures", {}), now["structures"]
+    for name in sorted(set(old) - set(new)):
+        out.append(f"structure {name!r} is missing")
+    for name in sorted(set(new) - set(old)):
+        out.append(f"structure {name!r} is new")
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        if a.get("kind") != b["kind"]:
+            out.append(f"structure {name!r} was a {a.get('kind')}, is a {b['kind']}")
+        if a.get("voxels") != b["voxels"]:
+            out.append(f"structure {name!r} had {a.get('voxels')} voxels, has {b['voxels']}")
+        elif a.get("sha256") != b["sha256"]:
+            out.append(f"structure {name!r} has the same size but other voxels")
+    return out
+
+
+def _read_request_file(requests: Path, entry: dict) -> tuple[list, dict]:
+    """The patches and feature of one journaled request; ValueError naming the file if it is
+    missing, damaged or does not hold what the journal line lists."""
+    path = requests / str(entry.get("file", "?"))
+    try:
+        with open(path, "rb") as fh, np.load(fh) as arrays:
+            patches = [FluencePatch(int(b), int(r), int(c), arrays[key]) for key, b, r, c in entry["patches"]]
+            feature = ({k: arrays[k] for k in ("feature_voxels", "feature_lo", "feature_hi", "feature_goal")}
+                       if "feature_voxels" in arrays.files else {})
+    except FileNotFoundError:
+        raise ValueError(f"{path}: request file is missing") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: request file is damaged ({type(exc).__name__}: {exc})") from None
+    if "summary" not in entry:
+        raise ValueError(f"{path}: the journal line has no request summary")
+    return patches, feature
+
+
 def _beam_to_dict(b: Beam) -> dict:
     return {"name": b.name, "gantry_deg": b.gantry_deg, "couch_deg": b.couch_deg, "collimator_deg": b.collimator_deg,
             "isocentre_mm_xyz": list(b.isocentre_mm_xyz), "sad_mm": b.sad_mm, "energy_mv": b.energy_mv}
@@ -266,6 +340,10 @@ class Session:
         self.plan_id = 1
         self._lock = threading.RLock()
         self._journal_dir: Path | None = None
+        self._lock_file: FolderLock | None = None
+        self.load_warnings: list[str] = []
+        self._journal_good_bytes = 0
+        self._journal_damaged_at: int | None = None
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -679,15 +757,81 @@ class Session:
             self.pins.pop(res.request.name, None)
 
     # ------------------------------------------------------------------ persistence
-    # A session folder holds ``session.json`` (case, beams, options; written once),
-    # ``initial_fluences.npz``, ``requests/r<id>.npz`` (the patches of one request) and
-    # ``journal.jsonl``, one line per operation (a request, an undo, a redo) appended and
-    # fsync'ed after the request's patches are safely on disk. A crash therefore loses at
-    # most the operation in flight, and a torn last line is ignored when reopening.
+    # A session folder holds ``session.json`` (case, its fingerprint, beams, options; written
+    # once), ``initial_fluences.npz``, ``requests/r<id>.npz`` (the patches and feature of one
+    # request) and ``journal.jsonl``, one line per operation (a request, an undo, a redo)
+    # appended and fsync'ed after the request's file is durably in place (file and folder
+    # fsync'ed). A crash therefore loses at most the operation in flight. Reopening cuts a
+    # torn last line off before anything is appended; a request whose file is missing or
+    # damaged ends the replay there (the session opens up to the last good request with a
+    # warning, the rest of the journal is kept aside in ``journal-damaged-<n>.jsonl``).
+    # One writer per folder: ``.lock`` holds an flock and the writer's pid and host.
 
-    def save(self, folder: "str | Path") -> Path:
-        """Write the whole session to a new folder ("save as") and keep journaling there."""
+    def save(self, folder: "str | Path", *, overwrite: bool = False) -> Path:
+        """Write the whole session to ``folder`` ("save as") and keep journaling there.
+
+        A folder that exists and is not empty is refused unless ``overwrite`` (then the new
+        session is written beside it and swapped in, so a crash leaves the old one or the new
+        one, never a mix). Saving again into the folder this session journals to rewrites it.
+        Raises :class:`FolderLockedError` when another session journals to ``folder``.
+        """
         folder = Path(folder)
+        if not self.case:
+            raise ValueError("save: this session has no case description (open it from a phantom, DICOM or matRad file)")
+        same = self._lock_file is not None and folder.resolve() == self._lock_file.folder.resolve()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save: {folder} is a file, not a folder")
+        if not same and folder.exists() and any(folder.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"save: {folder} exists and is not empty; choose another folder or pass overwrite=True")
+            FolderLock(folder).acquire().release()  # refuse to replace a folder a live session journals to
+        if same or not folder.exists() or not any(folder.iterdir()):
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = self._lock_file if same else FolderLock(folder).acquire()
+            self._start_journal(folder, lock)
+            return folder
+        # Replace a non-empty folder: build the new session beside it, then swap the two.
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
+        lock = FolderLock(staging).acquire()
+        try:
+            self._start_journal(staging, lock)
+        except BaseException:
+            lock.release()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.replace(folder, old / "session")
+        os.replace(staging, folder)  # the lock (an flock on the file, not the path) moves with it
+        fsync_folder(folder.parent)
+        lock.folder, lock.path = folder, folder / FolderLock.NAME
+        self._journal_dir = folder
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def attach_journal(self, folder: "str | Path", *, overwrite: bool = False) -> Path:
+        """Start journaling to ``folder`` (autosave after every operation); same as :meth:`save`."""
+        return self.save(folder, overwrite=overwrite)
+
+    def close(self) -> None:
+        """Stop journaling and release the session folder (another process may then open it)."""
+        with self._lock:
+            if self._lock_file is not None:
+                self._lock_file.release()
+            self._lock_file = None
+            self._journal_dir = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start_journal(self, folder: Path, lock: FolderLock) -> None:
+        """Write the header and every journal entry to ``folder`` (held under ``lock``)."""
+        if self._lock_file is not None and self._lock_file is not lock:
+            self._lock_file.release()
+        self._lock_file = lock
+        self._journal_dir = None
         self._write_header(folder)
         self._journal_dir = folder
         for res in self.journal:
@@ -697,32 +841,25 @@ class Session:
             self._append_request(res)
         for _ in self._redo:
             self._append_op({"op": "undo"})
-        return folder
-
-    def attach_journal(self, folder: "str | Path") -> Path:
-        """Start journaling to ``folder`` (autosave after every operation); same as :meth:`save`."""
-        return self.save(folder)
 
     def _write_header(self, folder: Path) -> None:
-        if not self.case:
-            raise ValueError("save: this session has no case description (open it from a phantom, DICOM or matRad file)")
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / "requests").mkdir(exist_ok=True)
         for old in (folder / "requests").glob("r*.npz"):
             old.unlink()
-        _atomic_npz(folder / "initial_fluences.npz", {f"fluence_{b}": f for b, f in enumerate(self.initial_fluences)})
+        atomic_npz(folder / "initial_fluences.npz", {f"fluence_{b}": f for b, f in enumerate(self.initial_fluences)})
         doc = {
             "format": "ids-engine session", "version": __version__, "case": self.case,
+            "case_fingerprint": case_fingerprint(self.patient),
             "prescription_gy": self.prescription_gy,
             "beams": [_beam_to_dict(g.beam) for g in self.engine.geometry],
             "engine_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.engine.options.__dict__.items()},
             "dmr_options": dict(self.options.__dict__),
         }
-        _atomic_text(folder / "session.json", json.dumps(doc, indent=1))
-        _atomic_text(folder / "journal.jsonl", "")
+        atomic_text(folder / "session.json", json.dumps(doc, indent=1))
+        atomic_text(folder / "journal.jsonl", "")
 
     def _append_request(self, res: RequestResult) -> None:
-        folder = getattr(self, "_journal_dir", None)
+        folder = self._journal_dir
         if folder is None:
             return
         name = f"r{res.id}.npz"
@@ -730,12 +867,12 @@ class Session:
         if res.has_feature:  # the band recovery keeps for this request in later requests
             arrays.update(feature_voxels=res.feature_voxels, feature_lo=res.feature_lo, feature_hi=res.feature_hi,
                           feature_goal=res.feature_goal)
-        _atomic_npz(folder / "requests" / name, arrays)
+        atomic_npz(folder / "requests" / name, arrays)
         self._append_op({"op": "request", "summary": res.summary(), "file": name,
                          "patches": [[f"p{k}", int(p.beam), int(p.row0), int(p.col0)] for k, p in enumerate(res.patches)]})
 
     def _append_op(self, entry: dict) -> None:
-        folder = getattr(self, "_journal_dir", None)
+        folder = self._journal_dir
         if folder is None:
             return
         entry = {**entry, "plan_id": self.plan_id}
@@ -745,21 +882,60 @@ class Session:
             os.fsync(f.fileno())
 
     @classmethod
-    def load(cls, folder: "str | Path", *, progress=None, keep_journaling: bool = True) -> "Session":
+    def load(cls, folder: "str | Path", *, progress=None, keep_journaling: bool = True,
+             accept_changed_case: bool = False) -> "Session":
         """Reopen a session folder: rebuild the case and replay the journal (identical plan).
 
-        With ``keep_journaling`` further operations are appended to the same folder.
+        With ``keep_journaling`` further operations are appended to the same folder, which is
+        then locked against other writers (:class:`FolderLockedError` if one holds it).
+
+        The case is rebuilt from its description (a phantom, a DICOM folder, a matRad file)
+        and compared with the fingerprint saved with the session: if the anatomy changed
+        (another CT, edited structures) the replay would land on a different patient, so the
+        load is refused with the differences unless ``accept_changed_case`` (then they are in
+        ``load_warnings``). A torn last journal line is dropped; a request whose file is
+        missing or damaged ends the replay there: the session opens up to the last good
+        request, the rest of the journal is kept in ``journal-damaged-<n>.jsonl`` and
+        ``load_warnings`` says so.
         """
         folder = Path(folder)
+        lock = FolderLock(folder).acquire() if keep_journaling and folder.is_dir() else None
+        try:
+            s = cls._load(folder, progress, accept_changed_case)
+            if keep_journaling:
+                s._resume_journal(folder, lock)
+                lock = None
+        finally:
+            if lock is not None:
+                lock.release()
+        for w in s.load_warnings:
+            _log.warning("%s", w)
+        return s
+
+    @classmethod
+    def _load(cls, folder: Path, progress, accept_changed_case: bool) -> "Session":
+        journal = folder / "journal.jsonl"
         try:
             doc = json.loads((folder / "session.json").read_text())
             initial = np.load(folder / "initial_fluences.npz")
-            lines = (folder / "journal.jsonl").read_text(encoding="utf-8").splitlines()
+            raw = journal.read_bytes()
         except (OSError, ValueError) as exc:
             raise ValueError(f"{folder}: not a readable ids-engine session ({exc})") from exc
         if doc.get("format") != "ids-engine session":
             raise ValueError(f"{folder / 'session.json'}: field 'format' is not 'ids-engine session'")
         patient = case_from_spec(doc["case"])
+        warnings_ = []
+        saved = doc.get("case_fingerprint")
+        if saved is None:
+            warnings_.append(f"{folder / 'session.json'}: saved without a case fingerprint (an older session): "
+                             "the case could not be checked against the one the requests were made on")
+        else:
+            diff = fingerprint_differences(saved, case_fingerprint(patient))
+            if diff:
+                text = f"{folder}: the case {case_label(doc['case'])} differs from the one this session was made on: " + "; ".join(diff)
+                if not accept_changed_case:
+                    raise CaseChangedError(text + " (reopen with accept_changed_case=True to replay onto it anyway)")
+                warnings_.append(text)
         beams = [Beam(**{**b, "isocentre_mm_xyz": tuple(b["isocentre_mm_xyz"])}) for b in doc["beams"]]
         eo = dict(doc["engine_options"])
         eo["coarse_factor_zyx"] = tuple(eo["coarse_factor_zyx"])
@@ -767,39 +943,84 @@ class Session:
         s = cls(patient, beams, prescription_gy=doc["prescription_gy"], fluences=fluences,
                 engine_options=EngineOptions(**eo), dmr_options=DMROptions(**doc["dmr_options"]), case=doc["case"],
                 progress=progress)
-        plan_id = s.plan_id
+        s.load_warnings = warnings_
+        # Complete lines only: bytes after the last newline are the operation in flight.
+        good_end = raw.rfind(b"\n") + 1
+        if good_end < len(raw):
+            warnings_.append(f"{journal}: a torn last line ({len(raw) - good_end} bytes, the operation in flight "
+                             "when the session stopped) was dropped")
+        lines = raw[:good_end].decode("utf-8", errors="replace").splitlines(keepends=True)
+        plan_id, offset = s.plan_id, 0
         for n, line in enumerate(lines):
+            where = f"{journal}: line {n + 1}"
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines) - 1:
-                    break  # a torn last line: the operation in flight when the session stopped
-                raise ValueError(f"{folder / 'journal.jsonl'}: line {n + 1} is not valid JSON") from None
-            op = entry.get("op")
+                op = entry.get("op")
+            except (json.JSONDecodeError, AttributeError):
+                entry, op = None, None
+            if entry is None or op not in ("undo", "redo", "clear_redo", "request"):
+                problem = "is not valid JSON" if entry is None else f"has an unknown op {op!r}"
+                s._stop_replay(journal, offset, n, f"{where} {problem}")
+                break
             if op == "undo":
                 s.undo()
             elif op == "redo":
                 s.redo()
             elif op == "clear_redo":
                 s._redo.clear()
-            elif op == "request":
-                try:
-                    arrays = np.load(folder / "requests" / entry["file"])
-                except OSError as exc:
-                    raise ValueError(f"{folder / 'requests' / entry['file']}: missing or unreadable ({exc})") from exc
-                feature = ({k: arrays[k] for k in ("feature_voxels", "feature_lo", "feature_hi", "feature_goal")}
-                           if "feature_voxels" in arrays.files else {})
-                s._replay(entry["summary"], [FluencePatch(b, r, c, arrays[key]) for key, b, r, c in entry["patches"]], feature)
             else:
-                raise ValueError(f"{folder / 'journal.jsonl'}: line {n + 1}: unknown op {op!r}")
+                try:
+                    patches, feature = _read_request_file(folder / "requests", entry)
+                    s._replay(entry["summary"], patches, feature)
+                except ValueError as exc:
+                    s._stop_replay(journal, offset, n, f"{where}: {exc}")
+                    break
             plan_id = int(entry.get("plan_id", plan_id))
+            offset += len(line.encode("utf-8"))
+        else:
+            offset = good_end
         s.plan_id = plan_id
-        if keep_journaling:
-            s._journal_dir = folder
+        s._journal_good_bytes = offset
         return s
 
+    def _stop_replay(self, journal: Path, offset: int, n: int, why: str) -> None:
+        self._journal_damaged_at = offset
+        self.load_warnings.append(f"{why}; the session opens with the {len(self.journal)} request(s) replayed before it"
+                                  f" (line {n + 1} and later are not applied)")
+
+    def _resume_journal(self, folder: Path, lock: FolderLock) -> None:
+        """Append to ``folder`` from now on: first cut the journal back to what was replayed."""
+        journal = folder / "journal.jsonl"
+        keep = self._journal_good_bytes
+        raw = journal.read_bytes()
+        if keep < len(raw):
+            if getattr(self, "_journal_damaged_at", None) is not None:
+                # Keep the lines that could not be replayed: nothing is thrown away.
+                k = 1
+                while (folder / f"journal-damaged-{k}.jsonl").exists():
+                    k += 1
+                atomic_text(folder / f"journal-damaged-{k}.jsonl", raw[keep:].decode("utf-8", errors="replace"))
+                self.load_warnings.append(f"{journal}: the lines not replayed are kept in journal-damaged-{k}.jsonl")
+            with open(journal, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+        self._lock_file = lock
+        self._journal_dir = folder
+
     def _replay(self, summ: dict, patches: list, feature: dict | None = None) -> None:
-        req = request_from_dict(summ["request"])
+        """Re-apply one journaled request. Everything is read before the plan is touched, so a
+        malformed entry raises ValueError and leaves the plan as it was."""
+        try:
+            req = request_from_dict(summ["request"])
+            conflicts = tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy)
+                              for c in summ.get("conflicts", []))
+            fields = dict(id=int(summ["id"]), requested_gy=np.array(summ["requested_gy"]), before_gy=np.array(summ["before_gy"]),
+                          after_modification_gy=np.array(summ["after_modification_gy"]), final_gy=np.array(summ["final_gy"]),
+                          recovery_steps=int(summ["recovery_steps"]), remaining_candidates=int(summ["remaining_candidates"]),
+                          timings_ms=dict(summ["timings_ms"]), best_step=int(summ.get("best_step", 0)))
+        except (KeyError, TypeError, ValueError, RequestError) as exc:
+            raise ValueError(f"the journaled request summary is malformed ({type(exc).__name__}: {exc})") from None
         if isinstance(req, Pin):
             g = self.patient.grid
             self.pins[req.name] = ball_mask(g.shape_zyx, g.spacing_mm_zyx, req.centre_zyx, req.radius_mm) & self.engine.body_mask
@@ -812,30 +1033,8 @@ class Session:
             self.pins.pop(req.name, None)
         if patches:
             self.engine.apply_patches(patches)
-        res = RequestResult(id=summ["id"], request=req, voxels=np.zeros(0, np.int64), requested_gy=np.array(summ["requested_gy"]),
-                            before_gy=np.array(summ["before_gy"]), after_modification_gy=np.array(summ["after_modification_gy"]),
-                            final_gy=np.array(summ["final_gy"]), recovery_steps=summ["recovery_steps"],
-                            remaining_candidates=summ["remaining_candidates"], patches=patches, timings_ms=summ["timings_ms"],
-                            best_step=int(summ.get("best_step", 0)),
-                            conflicts=tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy)
-                                            for c in summ.get("conflicts", [])),
+        res = RequestResult(request=req, voxels=np.zeros(0, np.int64), patches=patches, conflicts=conflicts, **fields,
                             **{k: np.asarray(v) for k, v in (feature or {}).items()})
         self.journal.append(res)
         self._redo.clear()
         self._next_id = max(self._next_id, res.id + 1)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_npz(path: Path, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)

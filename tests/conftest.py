@@ -60,7 +60,7 @@ def undo_afterwards(session):
     n = len(session.journal)
     pins = dict(session.pins)
     yield session
-    session._journal_dir = None
+    session.close()
     while len(session.journal) > n:
         session.undo()
     session.clear_redo()

@@ -94,6 +94,7 @@ def test_save_and_reopen_replays_to_the_same_plan(session, tmp_path):
     session.run(Pin("rim", m, 6.0))
     d = session.dose()
     session.save(tmp_path / "plan")
+    session.close()  # one writer per folder: release it for the reopened session
     again = Session.load(tmp_path / "plan")
     np.testing.assert_allclose(again.dose(), d, atol=1e-5 * RX)
     assert len(again.journal) == len(session.journal)

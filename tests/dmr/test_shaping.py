@@ -225,6 +225,7 @@ def test_features_outlive_their_request_and_survive_reopening(s, tmp_path):
     names = set(w.names)
     assert f"request {r1.id} (set voxel dose)" in names
     s.save(tmp_path / "sess")
+    s.close()
     again = Session.load(tmp_path / "sess")
     w2 = again.build_watch(resolve(SetVoxelDose(rim(s, di=-2), 0.5 * RX), again.resolve_context()))
     assert set(w2.names) == names
@@ -259,6 +260,7 @@ def test_conflicts_are_in_the_summary_and_the_journal(s, tmp_path):
     summ = res.summary()
     assert summ["conflicts"] == [c.to_dict() for c in res.conflicts]
     s.save(tmp_path / "c")
+    s.close()
     again = Session.load(tmp_path / "c")
     assert [c.message for c in again.journal[-1].conflicts] == [c.message for c in res.conflicts]
 
