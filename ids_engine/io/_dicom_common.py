@@ -54,6 +54,19 @@ _FILE_FIELD = "File Meta Information"
 
 _MISSING = object()
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PREAMBLE_BYTES = 128
+# The longest element header (explicit VR with a 4-byte length); pydicom stops quietly on a shorter tail.
+_LONG_HEADER_BYTES = 12
+
+# Storage classes the readers use: a file declaring one must carry a Modality.
+_READ_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose Storage",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage",
+}
+
 
 class NotDicomError(InputError):
     """A file that is not DICOM at all (a folder scan skips these; explicit paths do not)."""
@@ -68,6 +81,28 @@ def _looks_like_raw_dicom(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _cut_in_preamble(path: Path) -> str | None:
+    """Why a file that ends before its 'DICM' marker looks like a DICOM file cut short (else None).
+
+    An empty ``*.dcm`` file, or a shorter-than-132-byte file of zero bytes followed by
+    the start of 'DICM': a folder scan must not skip these as "not DICOM" (a CT slice or
+    the structure set would vanish without a word).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_PREAMBLE_BYTES + 4)
+    except OSError:
+        return None
+    if len(head) >= _PREAMBLE_BYTES + 4:
+        return None
+    if not head:
+        return "the file is empty" if path.suffix.lower() == ".dcm" else None
+    if not any(head[:_PREAMBLE_BYTES]) and b"DICM".startswith(head[_PREAMBLE_BYTES:]):
+        return (f"the file is truncated: {len(head)} bytes, inside the {_PREAMBLE_BYTES}-byte preamble and "
+                "'DICM' marker")
+    return None
 
 
 def read_dataset(path: "str | Path", *, stop_before_pixels: bool = False) -> Dataset:
@@ -91,14 +126,24 @@ def read_dataset(path: "str | Path", *, stop_before_pixels: bool = False) -> Dat
     NotDicomError
         The file is not DICOM (an :class:`InputError` naming the file).
     InputError
-        The file does not exist or cannot be parsed.
+        The file does not exist, cannot be parsed or is cut short (its last element
+        ends past the end of the file, it ends inside an element header or the
+        preamble, it has no data elements, or its file meta names a CT, RTSTRUCT or
+        RTDOSE storage class but it has no Modality).
     """
     p = Path(path)
     if not p.is_file():
         raise InputError("no such file", p, _FILE_FIELD)
     try:
-        return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
+        _check_complete(ds, p)
+        return ds
+    except InputError:
+        raise
     except InvalidDicomError as exc:
+        cut_short = _cut_in_preamble(p)
+        if cut_short:
+            raise InputError(cut_short, p, _FILE_FIELD) from exc
         if not _looks_like_raw_dicom(p):
             raise NotDicomError(
                 "not a DICOM file (no 'DICM' marker after the 128-byte preamble)", p, _FILE_FIELD
@@ -115,7 +160,39 @@ def read_dataset(path: "str | Path", *, stop_before_pixels: bool = False) -> Dat
         raise NotDicomError(f"not a DICOM file ({type(exc).__name__}: {exc})", p, _FILE_FIELD) from exc
     if not ok:
         raise NotDicomError("not a DICOM file (no SOPClassUID or Modality)", p, _FILE_FIELD)
+    _check_complete(ds, p)
     return ds
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """Refuse a file cut short (pydicom reads what is there and stops quietly at the end).
+
+    The last element must end within the file (an element with an undefined length that
+    is cut short is already a pydicom error), the data set must not be empty, and a file
+    whose file meta declares a storage class this package reads must carry its Modality:
+    without it a folder scan would skip the file and, say, a CT slice would vanish.
+    """
+    tags = list(ds.keys())
+    if not tags:
+        raise InputError("no data elements after the file meta information: the file is empty or truncated",
+                         path, _FILE_FIELD)
+    last = ds.get_item(tags[-1])
+    length = getattr(last, "length", None)
+    value_tell = getattr(last, "value_tell", None)
+    if isinstance(length, int) and isinstance(value_tell, int) and length != _UNDEFINED_LENGTH:
+        size = path.stat().st_size
+        end = value_tell + length
+        keyword = pydicom.datadict.keyword_for_tag(last.tag) or str(last.tag)
+        if end > size:
+            raise InputError(f"the file is truncated: {max(0, size - value_tell)} of the {length} bytes of its last "
+                             f"element are present ({size} bytes in the file, {end} expected)", path, keyword)
+        if 0 < size - end < _LONG_HEADER_BYTES:
+            raise InputError(f"the file is truncated: it ends {size - end} bytes into the header of the element "
+                             f"after {keyword}", path, keyword)
+    sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    if sop_class in _READ_SOP_CLASSES and not str(ds.get("Modality", "") or "").strip():
+        raise InputError(f"required tag is missing, though the file meta says {_READ_SOP_CLASSES[sop_class]}: "
+                         "the file is truncated or incomplete", path, "Modality")
 
 
 def modality_of(ds: Dataset) -> str:

@@ -201,8 +201,18 @@ def _slice_hu(ds: Dataset, path: Path, rows: int, cols: int) -> np.ndarray:
     """One slice in HU, float32 (rows, cols)."""
     if "PixelData" not in ds:
         raise InputError("required tag is missing", path, "PixelData")
-    if get_int(ds, "SamplesPerPixel", path, default=1) != 1:
+    samples = get_int(ds, "SamplesPerPixel", path, default=1)
+    if samples != 1:
         raise InputError("CT must be greyscale (one sample per pixel)", path, "SamplesPerPixel")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        # Native pixel data: the length is known (pydicom would pad or mis-shape a short one).
+        bits = get_int(ds, "BitsAllocated", path)
+        expected = rows * cols * samples * bits // 8
+        have = len(ds.PixelData)
+        if have not in (expected, expected + expected % 2):
+            raise InputError(f"pixel data has {have} bytes, expected {expected} (Rows {rows} x Columns {cols} x "
+                             f"BitsAllocated {bits} / 8): the file is truncated or damaged", path, "PixelData")
     try:
         pixels = ds.pixel_array
     except Exception as exc:

@@ -74,7 +74,11 @@ def read_rtstruct(path: "str | Path", grid: Grid, frame_of_reference_uid: str | 
         Naming the file and the field: not DICOM, not RTSTRUCT, another frame of
         reference, a contour off the CT slices or outside the grid, a non-planar contour,
         two contours of one ROI at different z on the same slice, an ROI whose contours
-        enclose no voxel centre ("empty structure"), duplicate ROI names, missing tags.
+        enclose no voxel centre ("empty structure"), duplicate ROI names, missing tags;
+        an incomplete or truncated structure set: no ROIContourSequence or
+        RTROIObservationsSequence, an ROI without an ROIContourSequence item, an ROI
+        with contours but without an RTROIObservationsSequence item (its kind would be
+        unknown), a file cut short (see :func:`~._dicom_common.read_dataset`).
     """
     ds = read_dataset(path)
     return structures_from_dataset(ds, Path(path), grid, frame_of_reference_uid)
@@ -116,15 +120,15 @@ def structures_from_dataset(
             raise InputError(f"two ROIs are called {name!r}", path, "ROIName")
         rois[number] = {"name": name, "frame": get_str(item, "ReferencedFrameOfReferenceUID", path),
                         "type": "", "colour": None, "contours": []}
-    for item in get_sequence(ds, "RTROIObservationsSequence", path, required=False):
-        number = get_int(item, "ReferencedROINumber", path)
-        if number in rois:
-            rois[number]["type"] = get_str(item, "RTROIInterpretedType", path, default="")
-    for item in get_sequence(ds, "ROIContourSequence", path, required=False):
+    # Both sequences are required (type 1): a structure set cut short after its ROI list
+    # would otherwise give a patient with fewer structures, or with targets taken as OARs.
+    contoured = set()
+    for item in get_sequence(ds, "ROIContourSequence", path):
         number = get_int(item, "ReferencedROINumber", path)
         if number not in rois:
             raise InputError(f"ROIContourSequence refers to ROI number {number}, which StructureSetROISequence "
                              "does not define", path, "ReferencedROINumber")
+        contoured.add(number)
         roi = rois[number]
         if "ROIDisplayColor" in item:
             rgb = get_floats(item, "ROIDisplayColor", path, count=3)
@@ -132,6 +136,16 @@ def structures_from_dataset(
         for contour in get_sequence(item, "ContourSequence", path, required=False):
             if get_str(contour, "ContourGeometricType", path).upper() == "CLOSED_PLANAR":
                 roi["contours"].append(get_floats(contour, "ContourData", path))
+    observed = set()
+    for item in get_sequence(ds, "RTROIObservationsSequence", path):
+        number = get_int(item, "ReferencedROINumber", path)
+        observed.add(number)
+        if number in rois:
+            rois[number]["type"] = get_str(item, "RTROIInterpretedType", path, default="")
+
+    _check_every_roi_listed(rois, contoured, path, "ROIContourSequence")
+    _check_every_roi_listed({k: r for k, r in rois.items() if r["contours"]}, observed, path,
+                            "RTROIObservationsSequence")
 
     structures = []
     for n, (number, roi) in enumerate(rois.items()):
@@ -150,6 +164,14 @@ def structures_from_dataset(
         structures.append(Structure(roi["name"], _kind(roi["type"]), mask, grid, roi["colour"] or default_colour(n),
                                     meta={"roi_number": number, "interpreted_type": roi["type"]}))
     return structures
+
+
+def _check_every_roi_listed(rois: dict[int, dict], listed: set[int], path: Path, keyword: str) -> None:
+    """Every ROI of ``rois`` needs an item in the sequence ``keyword`` (the structure set is incomplete or cut short)."""
+    missing = [f"{r['name']!r} (ROI number {number})" for number, r in rois.items() if number not in listed]
+    if missing:
+        raise InputError(f"no item for {len(missing)} of {len(rois)} ROIs: {', '.join(missing)}; the structure set "
+                         "is incomplete or truncated", path, keyword)
 
 
 def _polygon_on_grid(data: np.ndarray, grid: Grid, path: Path, label: str, c: int):

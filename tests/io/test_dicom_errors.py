@@ -304,3 +304,101 @@ def test_write_rtstruct_needs_the_patients_ct(case, tmp_path):
     _raises(lambda: write_rtstruct(other, tmp_path / "RS.dcm", files), file="CT_0000.dcm",
             field="FrameOfReferenceUID")
     assert not (tmp_path / "RS.dcm").exists()
+
+
+# ---------------------------------------------------------------- truncation
+def _element_ends(path: Path) -> list[int]:
+    """File offsets where the top-level elements of a DICOM file end (cuts there leave whole elements)."""
+    ds = pydicom.dcmread(path)
+    ends = []
+    for tag in ds.keys():
+        el = ds.get_item(tag)
+        if isinstance(getattr(el, "value_tell", None), int):
+            ends.append(el.value_tell + el.length)
+    return ends
+
+
+def _cut_points(path: Path, n: int = 10) -> list[int]:
+    """``n`` cuts spread over the file, a few in the preamble, and every top-level element boundary."""
+    size = path.stat().st_size
+    cuts = {0, 60, 130, *np.linspace(0, size, n + 2, dtype=int)[1:-1].tolist(), *_element_ends(path)}
+    return sorted(c for c in cuts if c < size)
+
+
+def test_truncated_rtstruct_is_refused_never_fewer_structures(case):
+    """A structure set cut anywhere is an error naming it, never a patient with fewer structures or changed kinds."""
+    _, folder = case
+    want = read_dicom(folder)
+    rs = folder / "RS.dcm"
+    data = rs.read_bytes()
+    cuts = _cut_points(rs)
+    assert len(cuts) > 30
+    refused = 0
+    for cut in cuts:
+        rs.write_bytes(data[:cut])
+        try:
+            got = read_dicom(folder)
+        except InputError as err:
+            assert "RS.dcm" in str(err), (cut, str(err))
+            refused += 1
+            continue
+        assert [(s.name, s.kind) for s in got.structures] == [(s.name, s.kind) for s in want.structures], cut
+        for a, b in zip(got.structures, want.structures):
+            np.testing.assert_array_equal(a.mask, b.mask)
+    assert refused == len(cuts)  # none of these cuts leaves a whole structure set
+
+
+def test_structure_set_cut_after_the_roi_list_names_the_missing_part(case):
+    patient, folder = case
+    rs = folder / "RS.dcm"
+    _edit(rs, lambda ds: delattr(ds, "RTROIObservationsSequence"))
+    _raises(lambda: read_dicom(folder), file="RS.dcm", field="RTROIObservationsSequence", words="missing")
+    _edit(rs, lambda ds: delattr(ds, "ROIContourSequence"))
+    _raises(lambda: read_dicom(folder), file="RS.dcm", field="ROIContourSequence", words="missing")
+
+
+def test_roi_without_contour_item_or_observation(case):
+    patient, folder = case
+    rs = folder / "RS.dcm"
+    original = rs.read_bytes()
+
+    def drop_last(keyword):
+        def change(ds):
+            setattr(ds, keyword, pydicom.Sequence(list(ds[keyword].value)[:-1]))
+        return change
+
+    _edit(rs, drop_last("RTROIObservationsSequence"))
+    _raises(lambda: read_rtstruct(rs, GRID), file="RS.dcm", field="RTROIObservationsSequence",
+            words="no item for 1 of 5 ROIs: 'Diag' (ROI number 5)")
+    rs.write_bytes(original)
+    _edit(rs, drop_last("ROIContourSequence"))
+    _raises(lambda: read_rtstruct(rs, GRID), file="RS.dcm", field="ROIContourSequence",
+            words="no item for 1 of 5 ROIs: 'Diag' (ROI number 5)")
+
+
+@pytest.mark.parametrize("name", ["CT_0019.dcm", "CT_0010.dcm"])
+def test_truncated_ct_slice_is_named(case, name):
+    """A CT slice cut anywhere (the last one too) is an error naming it, never a shorter grid or a "missing slice"."""
+    _, folder = case
+    path = folder / name
+    data = path.read_bytes()
+    cuts = _cut_points(path, n=8)
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError) as info:
+            read_ct_series(folder)
+        assert name in str(info.value), (cut, str(info.value))
+        assert "missing slice" not in str(info.value), (cut, str(info.value))
+
+
+def test_truncated_pixel_data_says_how_many_bytes(case):
+    _, folder = case
+    path = folder / "CT_0019.dcm"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    _raises(lambda: read_ct_series(folder), file="CT_0019.dcm", field="PixelData",
+            words="2200 of the 3200 bytes of its last element are present")
+    path.write_bytes(data)
+    _edit(path, lambda ds: setattr(ds, "PixelData", ds.PixelData[:-2]))
+    _raises(lambda: read_ct_series(folder), file="CT_0019.dcm", field="PixelData",
+            words="pixel data has 3198 bytes, expected 3200")
