@@ -1,6 +1,6 @@
 """SVD pencil-beam dose engine: machine model, geometry cache, full and incremental dose, influence."""
 
-from ._engine import BeamGeometry, DoseEngine, EngineOptions, FluencePatch, calibrate
+from ._engine import BeamGeometry, DoseEngine, EngineOptions, FluencePatch, calibrate, central_axis_ssd_mm
 from ._influence import InfluenceMatrix, influence_matrix
 from ids_engine.model import PhotonMachine, default_6mv
 
@@ -12,6 +12,7 @@ __all__ = [
     "InfluenceMatrix",
     "PhotonMachine",
     "calibrate",
+    "central_axis_ssd_mm",
     "default_6mv",
     "influence_matrix",
 ]

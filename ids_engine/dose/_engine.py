@@ -48,7 +48,7 @@ from ids_engine.model import Beam, FluenceGrid, Grid, Patient
 
 from ids_engine.model import PhotonMachine, default_6mv
 
-__all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "calibrate"]
+__all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "calibrate", "central_axis_ssd_mm"]
 
 
 @dataclass(frozen=True)
@@ -210,13 +210,25 @@ class _Level:
 
 @dataclass(eq=False)
 class BeamGeometry:
-    """Per-beam geometry cache (on the device): fine and coarse voxel levels and the fluence grids."""
+    """Per-beam geometry cache (on the device): fine and coarse voxel levels and the fluence grids.
+
+    ``ssd_mm`` is the beam's central-axis SSD (None when the axis misses the body) and
+    ``machine`` the engine's machine with the kernel set tabulated nearest that SSD
+    (:meth:`PhotonMachine.for_ssd`; the engine's own machine when it has a single set).
+    """
 
     beam: Beam
     fluence_grid: FluenceGrid
     fine: _Level
     coarse: _Level
     coarse_fluence_factor: int
+    ssd_mm: float | None = None
+    machine: PhotonMachine | None = None
+
+    @property
+    def kernel_ssd_mm(self) -> float | None:
+        """SSD (mm) of the kernel set this beam uses (None for an SSD-independent machine)."""
+        return self.machine.kernel_ssd_mm if self.machine is not None else None
 
 
 def _gather(xp, lvl: _Level, ranges):
@@ -248,6 +260,51 @@ def _pool():
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(n, 4)), thread_name_prefix="ids-dose")
     return _POOL
+
+
+# matRad's threshold on the relative electron density for the skin along a ray (matRad_computeSSD).
+SSD_DENSITY_THRESHOLD = 0.05
+
+
+def central_axis_ssd_mm(density_zyx, grid: Grid, beam: Beam, patient_position: str = "HFS",
+                        threshold: float = SSD_DENSITY_THRESHOLD) -> float | None:
+    """Source-surface distance along a beam's central axis (mm), as matRad computes a ray's SSD.
+
+    The central axis is traced (Siddon, float64, on the host) from the source over twice the
+    SAD, through and beyond the isocentre; the SSD is the distance from the source to where it
+    enters the first voxel whose density exceeds ``threshold`` (matRad_computeSSD). None when
+    the axis misses every such voxel.
+
+    Parameters
+    ----------
+    density_zyx : (nz, ny, nx) relative electron density on ``grid`` (NumPy or CuPy), zero
+        outside the body; only the voxels on the axis are read.
+    grid : the CT grid.
+    beam : the beam (source, direction and SAD).
+    """
+    s = np.asarray(beam.source_mm_xyz(patient_position), dtype=np.float64)
+    length = 2.0 * beam.sad_mm
+    delta = np.asarray(beam.direction_xyz(patient_position), dtype=np.float64) * length
+    n_xyz = np.array(grid.shape_zyx[::-1])
+    d = np.array(grid.spacing_mm_zyx[::-1], dtype=np.float64)
+    o = np.array(grid.origin_mm_xyz, dtype=np.float64)
+    alphas = [np.array([0.0, 1.0])]
+    for a in range(3):
+        if delta[a] != 0.0:
+            al = (o[a] + (np.arange(n_xyz[a] + 1) - 0.5) * d[a] - s[a]) / delta[a]
+            alphas.append(al[(al > 0.0) & (al < 1.0)])
+    al = np.unique(np.concatenate(alphas))
+    mid = 0.5 * (al[:-1] + al[1:])
+    idx = np.floor((s + mid[:, None] * delta - o) / d + 0.5).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < n_xyz), axis=1)
+    if not inside.any():
+        return None
+    i, j, k = idx[inside].T
+    rho = np.asarray(backend.asnumpy(density_zyx[k, j, i]), dtype=np.float64)
+    hit = np.flatnonzero(rho > threshold)
+    if hit.size == 0:
+        return None
+    return float(al[:-1][inside][hit[0]] * length)
 
 
 def _auto_fluence_grid(beam: Beam, points_xyz: np.ndarray, position: str, pitch: float, margin_mm: float, align: int) -> FluenceGrid:
@@ -366,7 +423,8 @@ class DoseEngine:
             self._density = self.xp.asarray(dens)
         return self._density
 
-    def _build_level(self, beam: Beam, grid: Grid, index: np.ndarray, fgrid: FluenceGrid, factor: int, components: tuple[int, ...]) -> _Level:
+    def _build_level(self, beam: Beam, grid: Grid, index: np.ndarray, fgrid: FluenceGrid, factor: int,
+                     components: tuple[int, ...], machine: PhotonMachine) -> _Level:
         xp = self.xp
         opts = self.options
         pos = self.patient.patient_position
@@ -397,10 +455,10 @@ class DoseEngine:
         # in float64 on the host for both backends (a 0.5 mm table was 0.6 % low at 1.25 mm).
         isq = (beam.sad_mm / bev[:, 2]) ** 2
         depth_h = backend.asnumpy(depth)
-        w = self.machine.depth_components(depth_h, components) * (isq * self.machine.gy_per_mu)
+        w = machine.depth_components(depth_h, components) * (isq * machine.gy_per_mu)
         # A coarse amplitude is the block sum of factor^2 fine amplitudes, each of which
         # stands for one fine cell's area: so the kernel sums to 1 / factor^2.
-        kernels = _stack_centred([_kernel_grid(self.machine, c, pitch, opts.kernel_fraction) for c in components])
+        kernels = _stack_centred([_kernel_grid(machine, c, pitch, opts.kernel_fraction) for c in components])
         kernels /= np.float32(factor * factor)
         half = (kernels.shape[-1] - 1) // 2
         order_dev = xp.asarray(order)
@@ -434,9 +492,12 @@ class DoseEngine:
             from dataclasses import replace
 
             beam = replace(beam, fluence_grid=fgrid)
-        fine = self._build_level(beam, self.grid, self.body_index, fgrid, 1, self.machine.narrow_components)
-        coarse = self._build_level(beam, self.coarse_grid, self.coarse_index, fgrid, f, self.machine.broad_components)
-        geo = BeamGeometry(beam, fgrid, fine, coarse, f)
+        # matRad's rule: the kernel set tabulated nearest the central axis's SSD, per beam.
+        ssd = central_axis_ssd_mm(self._density_device(), self.grid, beam, pos)
+        machine = self.machine.for_ssd(ssd) if ssd is not None else self.machine
+        fine = self._build_level(beam, self.grid, self.body_index, fgrid, 1, machine.narrow_components, machine)
+        coarse = self._build_level(beam, self.coarse_grid, self.coarse_index, fgrid, f, machine.broad_components, machine)
+        geo = BeamGeometry(beam, fgrid, fine, coarse, f, ssd, machine)
         xp = self.xp
         self.beams.append(beam)
         self.geometry.append(geo)
@@ -812,6 +873,8 @@ class DoseEngine:
             "fluence_shapes_vu": [list(g.fluence_grid.shape_vu) for g in self.geometry],
             "fluence_pitch_mm": self.options.fluence_pitch_mm,
             "machine": self.machine.name,
+            "ssd_mm": [g.ssd_mm for g in self.geometry],
+            "kernel_ssd_mm": [g.kernel_ssd_mm for g in self.geometry],
             "backend": backend.backend_name(),
         }
 
@@ -828,13 +891,16 @@ def calibrate(machine: PhotonMachine, options: EngineOptions | None = None, *, f
     """
     options = options or EngineOptions()
     ssd = float(ssd_mm if ssd_mm is not None else machine.sad_mm)
+    # The reference condition's kernels (matRad machines tabulate one set per SSD); the
+    # resulting Gy per MU holds for every set.
+    reference = machine.for_ssd(ssd)
     pitch = options.fluence_pitch_mm
     f = int(options.coarse_fluence_factor)
     c_axis = np.zeros(3)
     for comp in range(3):
         coarse = comp not in machine.narrow_components
         p = pitch * f if coarse else pitch
-        k = _kernel_grid(machine, comp, p, options.kernel_fraction).astype(np.float64)
+        k = _kernel_grid(reference, comp, p, options.kernel_fraction).astype(np.float64)
         half = (k.shape[0] - 1) // 2
         # Sum of the kernel over the field's cells (a cell grid with a node on the axis). On
         # the coarse grid a cell counts with the fraction of it inside the field, as block

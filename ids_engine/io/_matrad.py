@@ -469,8 +469,13 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
     Both MATLAB v5 and v7.3 (HDF5) files are read.
 
     matRad tabulates the lateral kernels of its three SVD components for many SSDs
-    (``machine.data.kernel``, a struct array); the set whose SSD is nearest ``ssd_mm`` is
-    taken (``meta["kernel_ssd_mm"]``). matRad's kernels carry the components' amplitudes,
+    (``machine.data.kernel``, a struct array). All sets are kept (``kernel_ssds_mm``,
+    ``kernel_sets_per_mm2``) and the dose engine picks, per beam, the set tabulated nearest
+    the beam's central-axis SSD, as matRad's photon engine does (initBeam of
+    matRad_PhotonPencilBeamSVDEngine: the ray nearest the central axis, its SSD from
+    matRad_computeSSD, then ``min(abs([machine.data.kernel.SSD] - SSD))``). The set nearest
+    ``ssd_mm`` is the machine's default ``kernels_per_mm2`` (``meta["kernel_ssd_mm"]``), for
+    uses without a beam. matRad's kernels carry the components' amplitudes,
     so the weights are (1, 1, 1), and since each SVD component mixes primary and scatter,
     all three are narrow (``narrow_components=(0, 1, 2)``).
 
@@ -489,7 +494,8 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
     Parameters
     ----------
     path : the .mat file.
-    ssd_mm : source-surface distance (mm) whose kernels are wanted.
+    ssd_mm : source-surface distance (mm) whose kernels are the default set; the engine
+        chooses per beam regardless.
 
     Raises
     ------
@@ -543,14 +549,16 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
                          path, "machine.data.kernel")
     ssds = np.array([_scalar(k.get("SSD"), path, f"machine.data.kernel({i + 1}).SSD") for i, k in enumerate(kernels)])
     pick = int(np.argmin(np.abs(ssds - float(ssd_mm))))
-    chosen = kernels[pick]
-    profiles = []
-    for c in (1, 2, 3):
-        field = f"machine.data.kernel({pick + 1}).kernel{c}"
-        k = _vector(chosen.get(f"kernel{c}"), path, field)
-        if k.size != radius.size:
-            raise InputError(f"has {k.size} values for {radius.size} positions in machine.data.kernelPos", path, field)
-        profiles.append(k)
+    sets = []
+    for s_i, entry in enumerate(kernels):
+        profiles = []
+        for c in (1, 2, 3):
+            field = f"machine.data.kernel({s_i + 1}).kernel{c}"
+            k = _vector(entry.get(f"kernel{c}"), path, field)
+            if k.size != radius.size:
+                raise InputError(f"has {k.size} values for {radius.size} positions in machine.data.kernelPos", path, field)
+            profiles.append(k)
+        sets.append(np.stack(profiles))
 
     version = _scalar(machine["version"], path, "machine.version") if not _is_empty(machine.get("version")) else None
     if version is None or version < 2:
@@ -561,7 +569,8 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
     else:
         scale = 1.0
         normalisation = f"machine.version {version:g}: kernels in 1/mm^2, used as stored"
-    kernels_per_mm2 = np.stack(profiles) * scale
+    kernel_sets = np.stack(sets) * scale
+    kernels_per_mm2 = kernel_sets[pick]
 
     meta = {
         **info,
@@ -598,7 +607,8 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
         # matRad convolves the fluence with a Gaussian of the source's penumbra FWHM before the
         # kernels; convolving the kernels instead is the same (convolution is associative) and
         # turns matRad's pixel kernels (a spike in the r = 0 pixel) into smooth radial profiles.
-        kernels_per_mm2 = _with_source_penumbra(radius, kernels_per_mm2, float(fwhm))
+        kernel_sets = np.stack([_with_source_penumbra(radius, ks, float(fwhm)) for ks in kernel_sets])
+        kernels_per_mm2 = kernel_sets[pick]
         pixel_mm = None
         meta["source_penumbra"] = f"kernels convolved with a Gaussian of FWHM {float(fwhm):g} mm (machine.data.penumbraFWHMatIso)"
 
@@ -616,6 +626,9 @@ def read_matrad_machine(path: "str | Path", ssd_mm: float = 950.0):
             narrow_components=(0, 1, 2),
             kernel_pixel_mm=pixel_mm,
             meta=meta,
+            kernel_ssds_mm=tuple(float(v) for v in ssds),
+            kernel_sets_per_mm2=kernel_sets,
+            kernel_ssd_mm=float(ssds[pick]),
         )
     except ValueError as exc:
         raise InputError(str(exc), path, "machine.data") from None

@@ -53,6 +53,14 @@ class PhotonMachine:
         the engine bins those pixels' mass into its cells.
     gy_per_mu : absolute calibration: Gy per unit fluence (1 MU) in the reference condition
         (see :func:`ids_engine.dose.calibrate`); None until calibrated.
+    kernel_ssds_mm : SSDs (mm) at which the machine tabulates its lateral kernels (matRad
+        machines carry one set per SSD); empty for a machine with one SSD-independent set.
+    kernel_sets_per_mm2 : (ns, 3, nr) the kernel sets, one per ``kernel_ssds_mm`` entry, in
+        the same units and convention as ``kernels_per_mm2``; None when ``kernel_ssds_mm`` is
+        empty.
+    kernel_ssd_mm : the SSD of the set in ``kernels_per_mm2`` (None for an SSD-independent
+        machine). The dose engine uses, per beam, :meth:`for_ssd` of the beam's central-axis
+        SSD, as matRad does.
     """
 
     name: str
@@ -68,6 +76,9 @@ class PhotonMachine:
     kernel_pixel_mm: float | None = None
     gy_per_mu: float | None = None
     meta: dict = field(default_factory=dict)
+    kernel_ssds_mm: tuple[float, ...] = ()
+    kernel_sets_per_mm2: np.ndarray | None = None
+    kernel_ssd_mm: float | None = None
 
     def __post_init__(self) -> None:
         betas = tuple(float(b) for b in self.betas_per_mm)
@@ -91,6 +102,23 @@ class PhotonMachine:
         object.__setattr__(self, "narrow_components", narrow)
         if self.sad_mm <= 0:
             raise ValueError("PhotonMachine.sad_mm must be positive")
+        ssds = tuple(float(v) for v in self.kernel_ssds_mm)
+        if ssds:
+            sets = np.asarray(self.kernel_sets_per_mm2, dtype=np.float64)
+            if sets.shape != (len(ssds), 3, r.size):
+                raise ValueError(f"PhotonMachine.kernel_sets_per_mm2 must have shape ({len(ssds)}, 3, {r.size}), "
+                                 f"got {sets.shape}")
+            if not all(np.isfinite(v) and v > 0 for v in ssds):
+                raise ValueError(f"PhotonMachine.kernel_ssds_mm must be positive, got {ssds}")
+            if self.kernel_ssd_mm is None or float(self.kernel_ssd_mm) not in ssds:
+                raise ValueError(f"PhotonMachine.kernel_ssd_mm must be one of kernel_ssds_mm {ssds}, "
+                                 f"got {self.kernel_ssd_mm}")
+            sets.setflags(write=False)
+            object.__setattr__(self, "kernel_sets_per_mm2", sets)
+            object.__setattr__(self, "kernel_ssd_mm", float(self.kernel_ssd_mm))
+        elif self.kernel_sets_per_mm2 is not None:
+            raise ValueError("PhotonMachine.kernel_sets_per_mm2 needs kernel_ssds_mm")
+        object.__setattr__(self, "kernel_ssds_mm", ssds)
         r.setflags(write=False)
         k.setflags(write=False)
         object.__setattr__(self, "attenuation_per_mm", m)
@@ -160,6 +188,25 @@ class PhotonMachine:
         k = self.kernels_per_mm2[component]
         above = np.nonzero(k >= fraction * k.max())[0]
         return float(self.kernel_radius_mm[above[-1]]) if above.size else float(self.kernel_radius_mm[-1])
+
+    def nearest_kernel_ssd_mm(self, ssd_mm: float) -> float | None:
+        """The tabulated kernel SSD nearest ``ssd_mm`` (the first on a tie, as matRad's ``min``);
+        None for an SSD-independent machine."""
+        if not self.kernel_ssds_mm:
+            return None
+        return self.kernel_ssds_mm[int(np.argmin(np.abs(np.asarray(self.kernel_ssds_mm) - float(ssd_mm))))]
+
+    def for_ssd(self, ssd_mm: float) -> "PhotonMachine":
+        """This machine with the kernel set tabulated nearest ``ssd_mm`` in ``kernels_per_mm2``
+        (matRad's nearest-neighbour rule; itself for an SSD-independent machine). Depth
+        components and calibration are shared by all sets."""
+        pick = self.nearest_kernel_ssd_mm(ssd_mm)
+        if pick is None or pick == self.kernel_ssd_mm:
+            return self
+        from dataclasses import replace
+
+        i = self.kernel_ssds_mm.index(pick)
+        return replace(self, kernels_per_mm2=self.kernel_sets_per_mm2[i], kernel_ssd_mm=pick)
 
     @property
     def broad_components(self) -> tuple[int, ...]:

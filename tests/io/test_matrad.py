@@ -501,7 +501,7 @@ def test_old_machine_kernels_scaled_by_four(tmp_path, fmt, version):
     [
         ("protons", "machine.meta.radiationMode", "'protons'"),
         ("no machine", "machine", "no variable 'machine'"),
-        ("no kernel3", "machine.data.kernel(2).kernel3", "missing"),
+        ("no kernel3", "machine.data.kernel(1).kernel3", "missing"),
         ("no SSD", "machine.data.kernel(1).SSD", "missing"),
         ("no kernel", "machine.data.kernel", "struct array"),
         ("betas", "machine.data.betas", "3 values"),
