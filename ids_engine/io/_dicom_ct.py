@@ -64,7 +64,9 @@ def read_ct_series(
     meta : dict
         ``frame_of_reference_uid``, ``patient_position`` (PatientPosition, HFS when
         absent), ``series_instance_uid``, ``study_instance_uid``, ``files`` (paths in
-        slice order, as str) and ``sop_instance_uids`` (in slice order).
+        slice order, as str), ``sop_instance_uids`` (in slice order) and ``warnings``
+        (list of str: a series without RescaleSlope and RescaleIntercept in every slice
+        is read with slope 1 and intercept 0, and says so here).
 
     Raises
     ------
@@ -72,7 +74,9 @@ def read_ct_series(
         Naming the file and the field: not DICOM, not CT, several series or frames of
         reference, an orientation other than ``[1, 0, 0, 0, 1, 0]``, inconsistent Rows,
         Columns or PixelSpacing, duplicate or missing slices, uneven slice spacing,
-        missing required tags, pixel data that cannot be decoded.
+        missing required tags, pixel data that cannot be decoded or of the wrong length,
+        RescaleSlope <= 0, RescaleSlope or RescaleIntercept in some slices but not all,
+        HU that are not finite in float32.
     """
     if isinstance(folder_or_paths, (str, Path)) and Path(folder_or_paths).is_dir():
         folder = Path(folder_or_paths)
@@ -181,9 +185,14 @@ def ct_from_datasets(
         if spacing <= 0:
             raise InputError("a single slice needs a positive SliceThickness", first_path, "SliceThickness")
 
+    warnings = []
+    rescaled = _series_is_rescaled(items)
     ct_hu = np.empty((len(items), rows, cols), dtype=np.float32)
     for k, (p, ds) in enumerate(items):
-        ct_hu[k] = _slice_hu(ds, p, rows, cols)
+        ct_hu[k] = _slice_hu(ds, p, rows, cols, rescaled=rescaled)
+    if not rescaled:
+        warnings.append(f"no RescaleSlope or RescaleIntercept in any of the {len(items)} CT slices: stored pixel "
+                        f"values taken as HU (slope 1, intercept 0), from {ct_hu.min():g} to {ct_hu.max():g} HU")
 
     grid = Grid((len(items), rows, cols), (spacing, pixel_spacing[0], pixel_spacing[1]), tuple(positions[0]))
     meta = {
@@ -193,12 +202,36 @@ def ct_from_datasets(
         "study_instance_uid": get_str(first, "StudyInstanceUID", first_path, default=""),
         "files": [str(p) for p in paths],
         "sop_instance_uids": [get_str(ds, "SOPInstanceUID", p) for p, ds in items],
+        "warnings": warnings,
     }
     return grid, ct_hu, meta
 
 
-def _slice_hu(ds: Dataset, path: Path, rows: int, cols: int) -> np.ndarray:
-    """One slice in HU, float32 (rows, cols)."""
+_RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept")
+
+
+def _series_is_rescaled(items: list[tuple[Path, Dataset]]) -> bool:
+    """True when every slice has RescaleSlope and RescaleIntercept, False when none has either.
+
+    Anything in between is an error naming a slice without the tag: a slice left at
+    the default (intercept 0) would sit some 1024 HU above its neighbours.
+    """
+    has = {kw: [get_str(ds, kw, p, default="") != "" for p, ds in items] for kw in _RESCALE_TAGS}
+    if not any(has["RescaleSlope"]) and not any(has["RescaleIntercept"]):
+        return False
+    for kw in _RESCALE_TAGS:
+        lacking = [p for (p, _), ok in zip(items, has[kw]) if not ok]
+        if lacking:
+            other = next(o for o in _RESCALE_TAGS if o != kw)
+            more = ", ..." if len(lacking) > 3 else ""
+            where = (f"in {len(lacking)} of {len(items)} slices ({names(lacking[:3])}{more})"
+                     if len(lacking) < len(items) else f"in all {len(items)} slices, which have {other}")
+            raise InputError(f"required tag is missing {where}; the slices cannot be converted to HU", lacking[0], kw)
+    return True
+
+
+def _slice_hu(ds: Dataset, path: Path, rows: int, cols: int, *, rescaled: bool) -> np.ndarray:
+    """One slice in HU, float32 (rows, cols); ``rescaled=False``: stored values are HU."""
     if "PixelData" not in ds:
         raise InputError("required tag is missing", path, "PixelData")
     samples = get_int(ds, "SamplesPerPixel", path, default=1)
@@ -222,9 +255,18 @@ def _slice_hu(ds: Dataset, path: Path, rows: int, cols: int) -> np.ndarray:
     if pixels.shape != (rows, cols):
         raise InputError(f"pixel data shape {pixels.shape} is not Rows x Columns = {(rows, cols)}", path,
                          "PixelData")
-    slope = get_float(ds, "RescaleSlope", path, default=1.0)
-    intercept = get_float(ds, "RescaleIntercept", path, default=0.0)
-    return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+    slope, intercept = 1.0, 0.0
+    if rescaled:
+        slope = get_float(ds, "RescaleSlope", path)
+        if slope <= 0:
+            raise InputError(f"must be positive, got {slope:g}", path, "RescaleSlope")
+        intercept = get_float(ds, "RescaleIntercept", path)
+    hu = pixels.astype(np.float64) * slope + intercept
+    bad = ~(np.abs(hu) <= np.finfo(np.float32).max)  # NaN, inf, or inf once float32
+    if bad.any():
+        raise InputError(f"{int(bad.sum())} of {hu.size} voxels are not finite in float32 HU (RescaleSlope {slope:g}, "
+                         f"RescaleIntercept {intercept:g})", path, "RescaleSlope")
+    return hu.astype(np.float32)
 
 
 def write_dicom_ct(

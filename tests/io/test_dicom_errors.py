@@ -402,3 +402,42 @@ def test_truncated_pixel_data_says_how_many_bytes(case):
     _edit(path, lambda ds: setattr(ds, "PixelData", ds.PixelData[:-2]))
     _raises(lambda: read_ct_series(folder), file="CT_0019.dcm", field="PixelData",
             words="pixel data has 3198 bytes, expected 3200")
+
+
+# ------------------------------------------------------------------- rescale
+@pytest.mark.parametrize(("slope", "shown"), [("0", "got 0"), ("-1", "got -1")])
+def test_rescale_slope_must_be_positive(case, slope, shown):
+    _, folder = case
+    _edit(folder / "CT_0005.dcm", lambda ds: setattr(ds, "RescaleSlope", slope))
+    _raises(lambda: read_ct_series(folder), file="CT_0005.dcm", field="RescaleSlope", words=shown)
+
+
+def test_rescale_tag_missing_in_some_slices(case):
+    _, folder = case
+    _edit(folder / "CT_0007.dcm", lambda ds: delattr(ds, "RescaleIntercept"))
+    _raises(lambda: read_dicom(folder), file="CT_0007.dcm", field="RescaleIntercept",
+            words="missing in 1 of 20 slices (CT_0007.dcm)")
+    for f in _ct_files(folder):
+        _edit(f, lambda ds: delattr(ds, "RescaleIntercept") if "RescaleIntercept" in ds else None)
+    _raises(lambda: read_ct_series(folder), file="CT_0000.dcm", field="RescaleIntercept",
+            words="missing in all 20 slices, which have RescaleSlope")
+
+
+def test_series_without_rescale_tags_is_read_as_hu_with_a_warning(case):
+    patient, folder = case
+    for f in _ct_files(folder):
+        def drop(ds):
+            ds.PixelData = (np.frombuffer(ds.PixelData, "<i2") - 1024).astype("<i2").tobytes()  # stored = HU
+            del ds.RescaleSlope, ds.RescaleIntercept
+        _edit(f, drop)
+    got = read_dicom(folder)
+    np.testing.assert_allclose(got.ct_hu, np.rint(patient.ct_hu), atol=0.5)
+    assert got.meta["warnings"] == ["no RescaleSlope or RescaleIntercept in any of the 20 CT slices: stored "
+                                    "pixel values taken as HU (slope 1, intercept 0), from -1000 to 950 HU"]
+
+
+def test_rescale_to_non_finite_hu(case):
+    _, folder = case
+    _edit(folder / "CT_0003.dcm", lambda ds: setattr(ds, "RescaleSlope", "1e38"))
+    _raises(lambda: read_ct_series(folder), file="CT_0003.dcm", field="RescaleSlope",
+            words="1600 of 1600 voxels are not finite in float32 HU")
