@@ -76,7 +76,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _print_structures(patient)
+    _print_inputs_and_warnings(patient)
     return 0
+
+
+def _print_inputs_and_warnings(patient) -> None:
+    """For ``ids inspect``: the structure set used (or its absence), RT Doses found, the reader's warnings.
+
+    Files are named without their folder (a DICOM folder is often named after the patient).
+    """
+    from ids_engine.io import InputError, read_rtdose
+
+    meta = patient.meta or {}
+    if "rtstruct_file" in meta:  # a DICOM folder
+        if meta["rtstruct_file"]:
+            print(f"\nstructure set: {Path(meta['rtstruct_file']).name}")
+        else:
+            print("\nstructure set: none (no RTSTRUCT in the folder): no structures, the body is a CT threshold")
+        for f in meta.get("rtdose_files") or []:
+            try:
+                dose = read_rtdose(f, patient.grid, patient.frame_of_reference_uid)
+                summary = f"max {float(dose.max()):.2f} Gy on the CT grid"
+            except InputError as exc:
+                summary = f"cannot be read ({exc.field + ': ' if exc.field else ''}{exc.message})"
+            print(f"RT Dose: {Path(f).name}: {summary} (not used by inspect)")
+    for warning in meta.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

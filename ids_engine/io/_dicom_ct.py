@@ -110,8 +110,8 @@ def ct_from_datasets(
         items = by_series[series_instance_uid]
     elif len(by_series) > 1:
         counts = ", ".join(f"{uid} ({len(v)} files, e.g. {v[0][0].name})" for uid, v in by_series.items())
-        raise InputError(f"{len(by_series)} CT series found: {counts}; pass series_instance_uid= to pick one",
-                         where, "SeriesInstanceUID")
+        raise InputError(f"{len(by_series)} CT series found: {counts}; keep one series per folder (from Python, "
+                         "read_dicom(..., series_instance_uid=...) picks one)", where, "SeriesInstanceUID")
 
     # One frame of reference, one patient position.
     first_path, first = items[0]
