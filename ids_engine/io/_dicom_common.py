@@ -56,6 +56,8 @@ _MISSING = object()
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PREAMBLE_BYTES = 128
+# The sequence delimitation item (FFFE,E0DD) with length 0, little and big endian.
+_SEQUENCE_DELIMITERS = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
 # The longest element header (explicit VR with a 4-byte length); pydicom stops quietly on a shorter tail.
 _LONG_HEADER_BYTES = 12
 
@@ -136,7 +138,7 @@ def read_dataset(path: "str | Path", *, stop_before_pixels: bool = False) -> Dat
         raise InputError("no such file", p, _FILE_FIELD)
     try:
         ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
-        _check_complete(ds, p)
+        _check_complete(ds, p, stop_before_pixels=stop_before_pixels)
         return ds
     except InputError:
         raise
@@ -160,29 +162,39 @@ def read_dataset(path: "str | Path", *, stop_before_pixels: bool = False) -> Dat
         raise NotDicomError(f"not a DICOM file ({type(exc).__name__}: {exc})", p, _FILE_FIELD) from exc
     if not ok:
         raise NotDicomError("not a DICOM file (no SOPClassUID or Modality)", p, _FILE_FIELD)
-    _check_complete(ds, p)
+    _check_complete(ds, p, stop_before_pixels=stop_before_pixels)
     return ds
 
 
-def _check_complete(ds: Dataset, path: Path) -> None:
+def _check_complete(ds: Dataset, path: Path, *, stop_before_pixels: bool) -> None:
     """Refuse a file cut short (pydicom reads what is there and stops quietly at the end).
 
-    The last element must end within the file (an element with an undefined length that
-    is cut short is already a pydicom error), the data set must not be empty, and a file
-    whose file meta declares a storage class this package reads must carry its Modality:
-    without it a folder scan would skip the file and, say, a CT slice would vanish.
+    The data set must not be empty; its last element must end within the file and not
+    be followed by a partial element header; a last element of undefined length
+    (encapsulated pixel data, a sequence) must end with the file's last 8 bytes, its
+    sequence delimiter; and a file whose file meta declares a storage class this
+    package reads must carry its Modality: without it a folder scan would skip the file
+    and, say, a CT slice would vanish.
     """
     tags = list(ds.keys())
     if not tags:
         raise InputError("no data elements after the file meta information: the file is empty or truncated",
                          path, _FILE_FIELD)
     last = ds.get_item(tags[-1])
+    keyword = pydicom.datadict.keyword_for_tag(last.tag) or str(last.tag)
     length = getattr(last, "length", None)
     value_tell = getattr(last, "value_tell", None)
-    if isinstance(length, int) and isinstance(value_tell, int) and length != _UNDEFINED_LENGTH:
+    if (length == _UNDEFINED_LENGTH or getattr(last, "is_undefined_length", False)) and not stop_before_pixels:
+        # Ended by a sequence delimitation item, which must then be the end of the file.
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 8))
+            tail = f.read(8)
+        if tail not in _SEQUENCE_DELIMITERS:
+            raise InputError("the file is truncated: it ends before the sequence delimiter of its last element",
+                             path, keyword)
+    elif isinstance(length, int) and isinstance(value_tell, int):
         size = path.stat().st_size
         end = value_tell + length
-        keyword = pydicom.datadict.keyword_for_tag(last.tag) or str(last.tag)
         if end > size:
             raise InputError(f"the file is truncated: {max(0, size - value_tell)} of the {length} bytes of its last "
                              f"element are present ({size} bytes in the file, {end} expected)", path, keyword)

@@ -441,3 +441,15 @@ def test_rescale_to_non_finite_hu(case):
     _edit(folder / "CT_0003.dcm", lambda ds: setattr(ds, "RescaleSlope", "1e38"))
     _raises(lambda: read_ct_series(folder), file="CT_0003.dcm", field="RescaleSlope",
             words="1600 of 1600 voxels are not finite in float32 HU")
+
+
+def test_truncated_encapsulated_pixel_data(case):
+    """Undefined-length pixel data (RLE) cut short: pydicom reads on, the reader names the file."""
+    _, folder = case
+    path = folder / "CT_0019.dcm"
+    _edit(path, lambda ds: ds.compress(pydicom.uid.RLELossless))
+    read_ct_series(folder)  # the compressed slice itself reads
+    data = path.read_bytes()
+    for cut in (4, 8, 100):
+        path.write_bytes(data[:-cut])
+        _raises(lambda: read_ct_series(folder), file="CT_0019.dcm", field="", words="")
