@@ -27,13 +27,14 @@ __all__ = [
     "backend_info",
     "backend_name",
     "cupy_available",
+    "is_counting",
     "reset_backend",
     "synchronize",
     "to_device",
     "xp",
 ]
 
-_CHOICES = ("auto", "cupy", "numpy")
+_CHOICES = ("auto", "cupy", "numpy", "devicecost")
 
 
 class BackendError(RuntimeError):
@@ -90,6 +91,11 @@ def _resolve() -> tuple[ModuleType, BackendInfo]:
         )
     if requested == "numpy":
         return np, BackendInfo("numpy", cpu_name(), requested, "IDS_BACKEND=numpy")
+    if requested == "devicecost":
+        from ids_engine._devicecost import devicecost  # noqa: PLC0415
+
+        return devicecost, BackendInfo("devicecost", cpu_name(), requested,
+                                       "IDS_BACKEND=devicecost: NumPy counting what CuPy would launch and sync")
     cupy, why_not = _import_cupy()
     if cupy is None:
         if requested == "cupy":
@@ -129,13 +135,27 @@ def cupy_available() -> bool:
     return _import_cupy()[0] is not None
 
 
+def _is_counting(a: Any) -> bool:
+    return type(a).__name__ == "DeviceArray" and type(a).__module__ == "ids_engine._devicecost"
+
+
+def is_counting(mod: ModuleType) -> bool:
+    """True for the device-cost counting backend's stand-in for ``cupy`` (IDS_BACKEND=devicecost)."""
+    return getattr(mod, "__name__", "") == "devicecost"
+
+
 def array_module(*arrays: Any) -> ModuleType:
-    """NumPy or CuPy, inferred from the arguments (CuPy if any argument is a CuPy array)."""
+    """NumPy or CuPy, inferred from the arguments (CuPy if any argument is a CuPy array; the
+    counting backend's stand-in if any is one of its device arrays)."""
     for a in arrays:
         if type(a).__module__.startswith("cupy"):
             import cupy  # noqa: PLC0415
 
             return cupy
+        if _is_counting(a):
+            from ids_engine._devicecost import devicecost  # noqa: PLC0415
+
+            return devicecost
     return np
 
 
@@ -149,14 +169,15 @@ def to_device(a: Any, dtype: Any = None) -> Any:
 
 def asnumpy(a: Any) -> np.ndarray:
     """Host (NumPy) copy of an array from either backend."""
-    if type(a).__module__.startswith("cupy"):
+    if type(a).__module__.startswith("cupy") or _is_counting(a):
         return a.get()
     return np.asarray(a)
 
 
 def synchronize(a: Any = None) -> None:
     """Wait for the GPU (no-op on NumPy); call before reading a clock."""
-    if backend_name() == "cupy" or (a is not None and array_module(a) is not np):
-        import cupy  # noqa: PLC0415
-
-        cupy.cuda.get_current_stream().synchronize()
+    mod = array_module(a) if a is not None else xp()
+    if mod is np and backend_name() == "cupy":
+        mod = xp()
+    if mod is not np:
+        mod.cuda.get_current_stream().synchronize()

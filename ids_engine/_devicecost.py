@@ -1,0 +1,544 @@
+"""A device-cost counting backend: NumPy underneath, CuPy's semantics on top (tests, benchmarks).
+
+``IDS_BACKEND=devicecost`` makes :func:`ids_engine.backend.xp` return :data:`devicecost`, a
+stand-in for the ``cupy`` module whose arrays (:class:`DeviceArray`) hold NumPy arrays but
+behave as CuPy arrays do where it matters for cost and correctness on a GPU:
+
+* every operation CuPy runs as a kernel counts as a **launch** (an elementwise ufunc, a
+  reduction, a creation that writes memory, a gather, a scatter, a copy, a RawKernel call,
+  an FFT);
+* every read of a device value by the host counts as a **sync** and a **device-to-host**
+  transfer (``float()``, ``int()``, ``bool()``, ``.item()``, ``.get()``, ``asnumpy``, boolean
+  masks and ``nonzero`` whose output size the host must learn, ``unravel_index``);
+* every host array that reaches the device counts as a **host-to-device** transfer
+  (``asarray`` of a NumPy array, indexing with or assigning a NumPy array);
+* **mistakes CuPy refuses raise here too**: an implicit conversion to NumPy
+  (``np.asarray(device)``, any SciPy function on a device array) and mixing host arrays into
+  device arithmetic raise ``TypeError`` with CuPy's wording.
+
+The counts are deterministic, so launch and sync budgets are tests, not timings. Each count is
+attributed to the first caller outside this module (``file:line function``): see
+:func:`counting`. The model follows CuPy 13: one launch per ufunc call and per reduction,
+creation routines other than ``empty`` write memory (one launch), ``cupyx.scipy.signal.
+fftconvolve`` is two forward FFTs, a product, an inverse FFT and a copy (five launches, the
+padding copies included as two more), a ``RawKernel`` call is one launch. It is a model, not
+a profiler: it errs towards counting what CuPy would do in the common case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+__all__ = ["DeviceArray", "Ledger", "counting", "devicecost", "is_device_array", "register_raw_kernel"]
+
+_HERE = str(Path(__file__).resolve())
+_NUMPY_DIR = str(Path(np.__file__).resolve().parent)
+
+
+# --------------------------------------------------------------------------- ledger
+@dataclass
+class Ledger:
+    """Counts of device operations, in total and per call site."""
+
+    launches: int = 0
+    syncs: int = 0
+    h2d: int = 0
+    d2h: int = 0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    sites: Counter = field(default_factory=Counter)  # (kind, "file:line function") -> count
+
+    def add(self, kind: str, n: int = 1, nbytes: int = 0) -> None:
+        setattr(self, kind, getattr(self, kind) + n)
+        if kind == "h2d":
+            self.h2d_bytes += nbytes
+        elif kind == "d2h":
+            self.d2h_bytes += nbytes
+        self.sites[(kind, _call_site())] += n
+
+    def top(self, kind: str = "launches", n: int = 10) -> list[tuple[str, int]]:
+        """The ``n`` call sites with the most operations of ``kind``."""
+        rows = [(site, c) for (k, site), c in self.sites.items() if k == kind]
+        return sorted(rows, key=lambda r: -r[1])[:n]
+
+    def summary(self) -> dict:
+        return {"launches": self.launches, "syncs": self.syncs, "h2d": self.h2d, "d2h": self.d2h,
+                "h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes}
+
+
+_LEDGERS: list[Ledger] = []
+_LOCK = threading.Lock()
+
+
+def _call_site() -> str:
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename in (_HERE, __file__) or f.f_code.co_filename.startswith(("<", _NUMPY_DIR))):
+        f = f.f_back
+    if f is None:  # pragma: no cover
+        return "?"
+    name = f.f_code.co_filename
+    parts = Path(name).parts
+    short = "/".join(parts[-2:]) if len(parts) >= 2 else name
+    return f"{short}:{f.f_lineno} {f.f_code.co_name}"
+
+
+def _count(kind: str, n: int = 1, nbytes: int = 0) -> None:
+    if n <= 0 or not _LEDGERS:
+        return
+    with _LOCK:
+        for led in _LEDGERS:
+            led.add(kind, n, nbytes)
+
+
+@contextlib.contextmanager
+def counting():
+    """Count the device operations of the block: ``with counting() as c: ...; c.launches``."""
+    led = Ledger()
+    with _LOCK:
+        _LEDGERS.append(led)
+    try:
+        yield led
+    finally:
+        with _LOCK:
+            _LEDGERS.remove(led)
+
+
+# --------------------------------------------------------------------------- arrays
+_IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
+             "Please use `.get()` to construct a NumPy array explicitly.")
+
+
+def is_device_array(a) -> bool:
+    return isinstance(a, DeviceArray)
+
+
+def _wrap(x):
+    """Wrap a NumPy result as a device array (0-d for scalars, as CuPy returns them)."""
+    if isinstance(x, np.ndarray):
+        return DeviceArray(x)
+    if isinstance(x, np.generic):
+        return DeviceArray(np.asarray(x))
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v) for v in x]
+    return x
+
+
+def _unwrap(x, what: str):
+    """The NumPy array behind a device argument; host arrays are refused (CuPy would)."""
+    if isinstance(x, DeviceArray):
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"Unsupported type {type(x)} (a host NumPy array passed to {what}: "
+                        "copy it to the device first)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, what) for v in x)
+    return x
+
+
+def _h2d(x):
+    """Copy host data to the device (counted), or return a device array as it is."""
+    if isinstance(x, DeviceArray):
+        return x._a
+    if isinstance(x, (list, tuple)) and any(isinstance(v, DeviceArray) for v in x):
+        return np.asarray([v._a if isinstance(v, DeviceArray) else v for v in x])
+    a = np.asarray(x)
+    _count("h2d", 1, a.nbytes)
+    return a
+
+
+def _index_key(key):
+    """Translate an index for the NumPy array behind, counting what CuPy would do with it."""
+    launches, syncs = 0, 0
+    parts = key if isinstance(key, tuple) else (key,)
+    out = []
+    for k in parts:
+        if isinstance(k, DeviceArray):
+            launches = 1
+            if k.dtype == bool:
+                syncs += 1  # the host must learn how many elements the mask selects
+            out.append(k._a)
+        elif isinstance(k, (np.ndarray, list)):
+            a = np.asarray(k)
+            _count("h2d", 1, a.nbytes)
+            launches = 1
+            if a.dtype == bool:
+                syncs += 1
+            out.append(a)
+        else:
+            out.append(k)
+    return (tuple(out) if isinstance(key, tuple) else out[0]), launches, syncs
+
+
+class DeviceArray(NDArrayOperatorsMixin):
+    """A "device" array: a NumPy array that only the counting backend's functions may touch."""
+
+    __slots__ = ("_a",)
+    __array_priority__ = 100.0
+
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+
+    # ---- attributes (no device work)
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: DeviceArray(self._a.T))
+
+    @property
+    def device(self):
+        return _Device(0)
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype})"
+
+    def __iter__(self):
+        for k in range(len(self._a)):
+            yield DeviceArray(self._a[k])
+
+    # ---- host reads: a sync and a transfer each
+    def get(self, stream=None) -> np.ndarray:
+        _count("syncs")
+        _count("d2h", 1, self._a.nbytes)
+        return self._a.copy()
+
+    def item(self):
+        _count("syncs")
+        _count("d2h", 1, self._a.itemsize)
+        return self._a.item()
+
+    def tolist(self):
+        return self.get().tolist()
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        if self._a.dtype.kind not in "iub":
+            raise TypeError("only integer arrays can be used as an index")
+        return int(self.item())
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(_IMPLICIT)
+
+    # ---- NumPy protocols: what CuPy supports runs here (counted), the rest raises
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = _unwrap(inputs, f"numpy.{ufunc.__name__}")
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = _unwrap(out, f"numpy.{ufunc.__name__}")
+        _count("launches")
+        result = getattr(ufunc, method)(*args, **kwargs)
+        if method == "at":
+            return None
+        if out is not None:  # CuPy returns the very array passed as out=
+            return out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        mod = func.__module__ or "numpy"
+        sub = mod.split(".")[1:] if mod.startswith("numpy") else None
+        target = devicecost
+        for part in sub or ():
+            if part in ("core", "lib", "_core") or part.startswith("_"):
+                continue
+            target = getattr(target, part, None)
+        impl = getattr(target, func.__name__, None) if target is not None else None
+        if impl is None or sub is None:
+            raise TypeError(f"no implementation found for '{mod}.{func.__name__}' on a device array "
+                            "(CuPy has none either): copy it to the host explicitly")
+        return impl(*args, **kwargs)
+
+    # ---- indexing
+    def __getitem__(self, key):
+        k, launches, syncs = _index_key(key)
+        _count("syncs", syncs)
+        _count("launches", launches)
+        return _wrap(self._a[k])
+
+    def __setitem__(self, key, value):
+        k, launches, syncs = _index_key(key)
+        _count("syncs", syncs)
+        if isinstance(value, DeviceArray):
+            value = value._a
+        elif isinstance(value, np.ndarray) and value.ndim > 0:
+            _count("h2d", 1, value.nbytes)
+        _count("launches", 1)
+        self._a[k] = value
+
+    # ---- methods CuPy has (views cost nothing, the rest one launch)
+    def reshape(self, *shape, order="C"):
+        view = self._a.reshape(*shape, order=order)
+        if not np.shares_memory(view, self._a):
+            _count("launches")
+        return DeviceArray(view)
+
+    def ravel(self, order="C"):
+        return self.reshape(-1, order=order)
+
+    def view(self, dtype=None):
+        return DeviceArray(self._a.view(dtype) if dtype is not None else self._a.view())
+
+    def transpose(self, *axes):
+        return DeviceArray(self._a.transpose(*axes))
+
+    def swapaxes(self, a, b):
+        return DeviceArray(self._a.swapaxes(a, b))
+
+    def squeeze(self, axis=None):
+        return DeviceArray(self._a.squeeze(axis))
+
+    def astype(self, dtype, copy=True, **kw):
+        if not copy and np.dtype(dtype) == self._a.dtype:
+            return self
+        _count("launches")
+        return DeviceArray(self._a.astype(dtype, copy=True))
+
+    def copy(self, order="C"):
+        _count("launches")
+        return DeviceArray(self._a.copy(order=order))
+
+    def fill(self, value):
+        _count("launches")
+        self._a.fill(value)
+
+    def nonzero(self):
+        _count("launches", 2)
+        _count("syncs")
+        return _wrap(self._a.nonzero())
+
+    def dot(self, other):
+        _count("launches")
+        return _wrap(self._a.dot(_unwrap(other, "dot")))
+
+    def __matmul__(self, other):
+        _count("launches")
+        return _wrap(self._a @ _unwrap(other, "matmul"))
+
+    def __rmatmul__(self, other):
+        _count("launches")
+        return _wrap(_unwrap(other, "matmul") @ self._a)
+
+
+def _reduction(name: str):
+    def method(self, *args, **kwargs):
+        if "out" in kwargs:
+            kwargs["out"] = _unwrap(kwargs["out"], name)
+        _count("launches")
+        return _wrap(getattr(self._a, name)(*args, **kwargs))
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("sum", "prod", "max", "min", "mean", "any", "all", "argmax", "argmin", "cumsum", "std", "var",
+              "clip", "round", "conj", "repeat", "take", "sort", "argsort", "flatten"):
+    setattr(DeviceArray, _name, _reduction(_name))
+
+
+# --------------------------------------------------------------------------- the module
+# Functions whose output size depends on the data: the host waits for the count.
+_SYNCING = {"nonzero": 1, "flatnonzero": 1, "argwhere": 1, "unique": 1, "extract": 1, "compress": 1,
+            "unravel_index": 2, "bincount": 1}
+_FREE = {"empty", "empty_like", "broadcast_to", "broadcast_arrays", "expand_dims", "squeeze", "transpose",
+         "swapaxes", "moveaxis", "atleast_1d", "atleast_2d", "atleast_3d", "shape", "ndim", "size", "result_type",
+         "can_cast", "promote_types", "isscalar", "iscomplexobj", "ravel", "reshape"}
+_CREATE_FROM_HOST = {"asarray", "array", "ascontiguousarray", "asanyarray", "asfortranarray"}
+_NOT_IN_CUPY = {"vectorize", "frompyfunc", "fromfunction", "loadtxt", "genfromtxt", "save", "savez", "load",
+                "set_printoptions", "printoptions"}
+
+
+def _asarray(a, dtype=None, order=None, copy=None, **_):
+    host = _h2d(a)
+    out = np.asarray(host, dtype=dtype, order=order)
+    if isinstance(a, DeviceArray) and out is not a._a:
+        _count("launches")  # a dtype or layout change on the device
+    elif isinstance(a, DeviceArray):
+        return a
+    return DeviceArray(out)
+
+
+def _array(a, dtype=None, copy=True, order="K", **_):
+    if isinstance(a, DeviceArray):
+        if not copy and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        _count("launches")
+        return DeviceArray(np.array(a._a, dtype=dtype, order=order))
+    return DeviceArray(np.array(_h2d(a), dtype=dtype, order=order))
+
+
+def _ascontiguousarray(a, dtype=None, **_):
+    if isinstance(a, DeviceArray):
+        if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        _count("launches")
+        return DeviceArray(np.ascontiguousarray(a._a, dtype=dtype))
+    return DeviceArray(np.ascontiguousarray(_h2d(a), dtype=dtype))
+
+
+def _asnumpy(a, stream=None, **_):
+    if isinstance(a, DeviceArray):
+        return a.get()
+    return np.asarray(a)
+
+
+def _function(name: str, fn):
+    syncs = _SYNCING.get(name, 0)
+    launches = 0 if name in _FREE else 1
+
+    def wrapper(*args, **kwargs):
+        a = _unwrap(args, f"cupy.{name}")
+        kw = {k: _unwrap(v, f"cupy.{name}") for k, v in kwargs.items()}
+        _count("launches", launches + (1 if syncs else 0))
+        _count("syncs", syncs)
+        return _wrap(fn(*a, **kw))
+
+    wrapper.__name__ = name
+    wrapper.__doc__ = f"Counting stand-in for cupy.{name}."
+    return wrapper
+
+
+class _Namespace(types.ModuleType):
+    """A module whose attributes are NumPy's functions, counted and on device arrays."""
+
+    def __init__(self, name: str, source) -> None:
+        super().__init__(name)
+        self._source = source
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in _NOT_IN_CUPY:
+            raise AttributeError(f"module 'cupy' has no attribute {name!r}")
+        obj = getattr(self._source, name)
+        if isinstance(obj, np.ufunc):
+            value = obj  # dispatches through DeviceArray.__array_ufunc__
+        elif callable(obj) and not isinstance(obj, type):
+            value = _function(name, obj)
+        else:
+            value = obj  # dtypes, constants
+        setattr(self, name, value)
+        return value
+
+
+class _Device:
+    def __init__(self, device_id: int = 0) -> None:
+        self.id = device_id
+
+    def synchronize(self) -> None:
+        _count("syncs")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Stream:
+    def synchronize(self) -> None:
+        _count("syncs")
+
+
+class _RawFunction:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, grid, block, args, **kwargs):
+        twin = _RAW_TWINS.get(self.name)
+        if twin is None:
+            raise RuntimeError(f"counting backend: no NumPy twin registered for the kernel {self.name!r}")
+        for a in args:
+            if isinstance(a, np.ndarray):
+                raise TypeError(f"kernel {self.name}: a host NumPy array passed as a kernel argument")
+            if isinstance(a, (int, float)) and not isinstance(a, (np.generic, bool)):
+                raise TypeError(f"kernel {self.name}: pass scalars as sized NumPy scalars (np.int32, np.float32), "
+                                f"not Python {type(a).__name__}")
+        _count("launches")
+        twin(grid, block, tuple(a._a if isinstance(a, DeviceArray) else a for a in args))
+
+
+class _RawModule:
+    def __init__(self, code: str = "", options=(), name_expressions=None, **kwargs) -> None:
+        self.code = code
+
+    def get_function(self, name: str) -> _RawFunction:
+        if f"void {name}(" not in self.code.replace("void  ", "void "):
+            raise RuntimeError(f"counting backend: the kernel source defines no function {name!r}")
+        return _RawFunction(name)
+
+
+_RAW_TWINS: dict = {}
+
+
+def register_raw_kernel(name: str, twin) -> None:
+    """Register the NumPy twin the counting backend runs for the CUDA kernel ``name``:
+    ``twin(grid, block, args)`` with the kernel's arguments (NumPy arrays and scalars),
+    writing its outputs in place as the kernel would."""
+    _RAW_TWINS[name] = twin
+
+
+def _fftconvolve(in1, in2, mode="full", axes=None):
+    from scipy.signal import fftconvolve
+
+    a, b = _unwrap(in1, "fftconvolve"), _unwrap(in2, "fftconvolve")
+    _count("launches", 7)  # pad x2, rfftn x2, product, irfftn, crop copy
+    return DeviceArray(np.asarray(fftconvolve(a, b, mode=mode, axes=axes), dtype=np.result_type(a, b)))
+
+
+def _memoize(for_each_device=False):
+    def deco(fn):
+        cache = {}
+
+        def wrapper(*args):
+            if args not in cache:
+                cache[args] = fn(*args)
+            return cache[args]
+
+        return wrapper
+
+    return deco
+
+
+devicecost = _Namespace("devicecost", np)
+devicecost.__doc__ = "The counting backend's stand-in for the cupy module (see ids_engine._devicecost)."
+devicecost.ndarray = DeviceArray
+devicecost.asarray = _asarray
+devicecost.array = _array
+devicecost.asanyarray = _asarray
+devicecost.ascontiguousarray = _ascontiguousarray
+devicecost.asnumpy = _asnumpy
+devicecost.get_array_module = lambda *a: devicecost if any(isinstance(v, DeviceArray) for v in a) else np
+devicecost.RawModule = _RawModule
+devicecost.memoize = _memoize
+devicecost.fft = _Namespace("devicecost.fft", np.fft)
+devicecost.linalg = _Namespace("devicecost.linalg", np.linalg)
+devicecost.cuda = types.SimpleNamespace(
+    Device=_Device, get_current_stream=lambda: _Stream(),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+devicecost.cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(signal=types.SimpleNamespace(fftconvolve=_fftconvolve)))
+devicecost.__version__ = "devicecost (NumPy " + np.__version__ + ")"
