@@ -25,12 +25,10 @@ Operations (each dispatches on the array type of its first array argument):
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 
 from ids_engine.backend import array_module
+from ids_engine.kernels._cuda import CudaKernel
 
 __all__ = [
     "accumulate_bilinear",
@@ -39,9 +37,6 @@ __all__ = [
     "convolve_full_batched",
     "sample_bilinear",
 ]
-
-_CUDA_DIR = Path(__file__).with_name("cuda")
-
 
 # --------------------------------------------------------------------------- convolution
 def convolve_full(fluence, kernel):
@@ -134,12 +129,25 @@ def accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu=(0,
     return dose_flat
 
 
-@lru_cache(maxsize=None)
-def _cuda_accumulate():  # pragma: no cover - GPU only
-    import cupy
-
-    src = (_CUDA_DIR / "accumulate_bilinear.cu").read_text()
-    return cupy.RawModule(code=src).get_function("accumulate_bilinear")
+# One thread per voxel; see cuda/accumulate_bilinear.cu.
+_ACCUMULATE = CudaKernel(
+    "accumulate_bilinear.cu",
+    "accumulate_bilinear",
+    (
+        "float* dose",
+        "const int* vox",
+        "const float* u",
+        "const float* v",
+        "const float* weights",
+        "const float* maps",
+        "int n",
+        "int nc",
+        "int h",
+        "int w",
+        "float v0",
+        "float u0",
+    ),
+)
 
 
 def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
@@ -157,30 +165,25 @@ def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
     xp = array_module(dose_flat, maps)
     if xp is np:
         return accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu)
-    import cupy  # pragma: no cover - GPU only
-
-    n = int(vox.shape[0])
+    n = int(vox.shape[0])  # pragma: no cover - GPU only
     if n == 0:
         return dose_flat
     nc, h, w = (int(s) for s in maps.shape)
-    fn = _cuda_accumulate()
     threads = 256
-    fn(
+    _ACCUMULATE.launch(
         ((n + threads - 1) // threads,),
         (threads,),
-        (
-            dose_flat,
-            cupy.ascontiguousarray(vox, dtype=cupy.int32),
-            cupy.ascontiguousarray(u, dtype=cupy.float32),
-            cupy.ascontiguousarray(v, dtype=cupy.float32),
-            cupy.ascontiguousarray(weights, dtype=cupy.float32),
-            cupy.ascontiguousarray(maps, dtype=cupy.float32),
-            np.int32(n),
-            np.int32(nc),
-            np.int32(h),
-            np.int32(w),
-            np.float32(origin_vu[0]),
-            np.float32(origin_vu[1]),
-        ),
+        dose=dose_flat,
+        vox=vox,
+        u=u,
+        v=v,
+        weights=weights,
+        maps=maps,
+        n=n,
+        nc=nc,
+        h=h,
+        w=w,
+        v0=origin_vu[0],
+        u0=origin_vu[1],
     )
     return dose_flat

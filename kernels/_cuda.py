@@ -1,0 +1,171 @@
+"""CUDA kernel declarations: one :class:`CudaKernel` per ``extern "C" __global__`` function.
+
+A launcher module declares each kernel it launches once, at module level, with the C
+parameter list of its ``cuda/*.cu`` source, the ``#define`` constants and the NVRTC
+options. The same declaration
+
+* builds the argument tuple at launch (:meth:`CudaKernel.arguments`): arrays as
+  C-contiguous arrays of the declared dtype, scalars as NumPy scalars of the declared
+  C type (a Python ``int`` or ``float`` would be passed as 64 bits), by parameter name;
+* compiles the module lazily with ``cupy.RawModule``, cached per CUDA device
+  (:meth:`CudaKernel.function`);
+* is read by ``tests/kernels/test_nvrtc.py``, which compiles ``code()`` with NVRTC for the
+  target architectures (no GPU needed) and checks the declared parameters against the
+  signature in the source and against the keyword arguments of every ``.launch(...)``
+  call in the launcher.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ids_engine.backend import array_module
+
+__all__ = ["CUDA_DIR", "CudaKernel", "SCALAR_DTYPES", "parse_param"]
+
+CUDA_DIR = Path(__file__).with_name("cuda")
+
+# C scalar type (as written in a parameter list) -> the NumPy dtype a launch passes.
+SCALAR_DTYPES: dict[str, type[np.generic]] = {
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "long long": np.int64,
+    "float": np.float32,
+    "double": np.float64,
+}
+
+_IGNORED_QUALIFIERS = ("__restrict__", "__restrict", "restrict")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kernel parameter, normalised: ``const float* __restrict__ u`` is
+    ``Param("u", "float", pointer=True, const=True)``; ``const int n`` is
+    ``Param("n", "int", pointer=False, const=False)`` (top-level ``const`` of a scalar is
+    no part of the calling convention)."""
+
+    name: str
+    ctype: str
+    pointer: bool
+    const: bool
+
+    @property
+    def dtype(self) -> type[np.generic]:
+        return SCALAR_DTYPES[self.ctype]
+
+
+def parse_param(text: str) -> Param:
+    """A :class:`Param` from one C parameter declaration, e.g. ``"const float* __restrict__ u"``."""
+    words = text.replace("*", " * ").split()
+    words = [w for w in words if w not in _IGNORED_QUALIFIERS]
+    if len(words) < 2:
+        raise ValueError(f"cannot parse kernel parameter {text!r}")
+    name, type_words = words[-1], words[:-1]
+    stars = type_words.count("*")
+    if stars > 1:
+        raise ValueError(f"kernel parameter {text!r}: pointers to pointers are not supported")
+    pointer = stars == 1
+    before = type_words[: type_words.index("*")] if pointer else type_words
+    # `float const*` and `const float*` both make the pointee const; a const after the star
+    # (`float* const p`) is top-level and, like a scalar's, does not matter to the caller.
+    const = pointer and "const" in before
+    ctype = " ".join(w for w in before if w != "const")
+    if ctype not in SCALAR_DTYPES:
+        raise ValueError(f"kernel parameter {text!r}: C type {ctype!r} is not one of {sorted(SCALAR_DTYPES)}")
+    return Param(name, ctype, pointer, const)
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """A ``extern "C" __global__`` function in ``cuda/<source>``.
+
+    Parameters
+    ----------
+    source : file name under ``kernels/cuda/``.
+    name : the kernel's C name.
+    params : the C parameter declarations, in order, e.g. ``("float* dose", "const int* vox", "int n")``.
+        Pointers to non-const data are outputs: they must be passed as C-contiguous
+        arrays of the declared dtype (a converted copy would lose the kernel's writes).
+    defines : ``#define`` constants prepended to the source, ``((name, value), ...)``.
+    options : NVRTC options given to ``cupy.RawModule`` (CuPy adds ``-arch`` and ``-ftz=true``).
+    """
+
+    source: str
+    name: str
+    params: tuple[str, ...]
+    defines: tuple[tuple[str, int | float], ...] = ()
+    options: tuple[str, ...] = ("--std=c++17",)
+
+    @property
+    def parameters(self) -> tuple[Param, ...]:
+        return tuple(parse_param(p) for p in self.params)
+
+    def code(self) -> str:
+        """The CUDA source as compiled: the ``#define`` lines, then the file (``#line`` keeps
+        compiler messages on the file's own line numbers)."""
+        defines = "".join(f"#define {k} {_c_literal(v)}\n" for k, v in self.defines)
+        return f'{defines}#line 1 "{self.source}"\n' + (CUDA_DIR / self.source).read_text()
+
+    def arguments(self, **values: Any) -> tuple:
+        """The argument tuple of a launch, in declaration order, from keyword arguments named
+        like the C parameters (all of them, no others)."""
+        params = self.parameters
+        names = [p.name for p in params]
+        missing = [n for n in names if n not in values]
+        extra = [n for n in values if n not in names]
+        if missing or extra:
+            raise TypeError(f"{self.name}: missing arguments {missing}, unexpected {extra}")
+        return tuple(_argument(self.name, p, values[p.name]) for p in params)
+
+    def function(self) -> Any:  # pragma: no cover - GPU only
+        """The compiled ``cupy.RawKernel``-like function on the current CUDA device."""
+        import cupy
+
+        return _compiled(self, cupy.cuda.Device().id)
+
+    def launch(self, grid: tuple[int, ...], block: tuple[int, ...], **values: Any) -> None:  # pragma: no cover - GPU only
+        """Launch on the current device and stream (arguments as for :meth:`arguments`)."""
+        self.function()(grid, block, self.arguments(**values))
+
+
+def _c_literal(value: int | float) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"#define values must be int or float, got {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    return f"{value!r}f" if np.float32(value) == value else repr(value)
+
+
+def _argument(kernel: str, p: Param, value: Any) -> Any:
+    dtype = p.dtype
+    if not p.pointer:
+        try:
+            return dtype(operator.index(value) if np.issubdtype(dtype, np.integer) else value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"{kernel}: argument {p.name!r} ({p.ctype}) cannot take {value!r}: {exc}") from exc
+    if not hasattr(value, "dtype"):
+        raise TypeError(f"{kernel}: argument {p.name!r} ({p.ctype}*) must be an array, got {type(value).__name__}")
+    if p.const:
+        return array_module(value).ascontiguousarray(value, dtype=dtype)
+    if value.dtype != dtype or not value.flags.c_contiguous:
+        raise TypeError(
+            f"{kernel}: output {p.name!r} ({p.ctype}*) must be a C-contiguous {np.dtype(dtype).name} array, "
+            f"got {value.dtype} (C-contiguous: {value.flags.c_contiguous})"
+        )
+    return value
+
+
+@lru_cache(maxsize=None)
+def _compiled(kernel: CudaKernel, device_id: int) -> Any:  # pragma: no cover - GPU only
+    # A loaded module belongs to one device's context: keyed on the device, compiled and
+    # loaded with that device current.
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel.code(), options=kernel.options).get_function(kernel.name)
