@@ -43,7 +43,7 @@ from ids_engine.dmr import (
     resolve,
     tpi_maps,
 )
-from ids_engine.dmr._requests import ball_mask, request_to_dict
+from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
@@ -619,6 +619,7 @@ class Session:
         viewer's stacked previews of the same drag). Any error after the plan started to change
         puts the plan back exactly as it was before the request, then propagates.
         """
+        recovery_steps, max_voxels = check_run_options(recovery_steps, max_voxels)
         with self._lock:
             if isinstance(req, Pin):
                 g = self.patient.grid

@@ -11,6 +11,8 @@ from ._requests import (
     RequestError,
     SetVoxelDose,
     Unpin,
+    check_run_options,
+    request_fields,
     request_from_dict,
 )
 from ._resolve import ResolveContext, Resolved, resolve
@@ -33,9 +35,11 @@ __all__ = [
     "StepResult",
     "Unpin",
     "Watch",
+    "check_run_options",
     "distance_grid",
     "modify_joint",
     "recover",
+    "request_fields",
     "request_from_dict",
     "resolve",
     "tpi_maps",

@@ -6,7 +6,7 @@ resolver per request kind.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 
 import numpy as np
 
@@ -19,12 +19,100 @@ __all__ = [
     "RequestError",
     "SetVoxelDose",
     "Unpin",
+    "check_run_options",
+    "request_fields",
     "request_from_dict",
 ]
 
 
 class RequestError(ValueError):
-    """A request that cannot be carried out; the plan is left untouched."""
+    """A request that cannot be carried out; the plan is left untouched.
+
+    A bad field also sets ``field`` (its name, e.g. ``"slice_index"``) and ``rule`` (what it
+    must be, e.g. ``"must be an integer"``), so a script can name its own entry and value.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, rule: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.rule = rule
+
+
+def _bad(what: str, rule: str, value) -> RequestError:
+    """The error for field ``what`` ("Class.field") whose ``value`` breaks ``rule``."""
+    return RequestError(f"{what} {rule}, got {plain(value)}", field=what.rpartition(".")[2], rule=rule)
+
+
+# ---------------------------------------------------------------------------- field checks
+# Requests come from scripts (JSON), the viewer and the Python API: every field is checked
+# on construction and a bad one is a RequestError naming the request, the field and the
+# value as the user wrote it (plain numbers, never ``np.float64(0.0)``).
+def plain(value) -> str:
+    """A value as a user would write it: ``0``, ``-5.5``, ``'x'``, ``[21, 22, 40]``, ``nan``."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(plain(v) for v in value) + "]"
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{plain(k)}: {plain(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+# Positions (voxel units) and sizes (mm) beyond this are typing errors, not geometry: refused
+# before they can overflow the mask arithmetic.
+GEOMETRY_LIMIT = 1e6
+
+
+def _number(what: str, value, *, positive: bool = False, non_negative: bool = False, limit: float | None = None) -> float:
+    """A finite real number (optionally > 0 or >= 0, at most ``limit`` in size), as a Python float."""
+    if not _is_number(value) or not np.isfinite(value):
+        raise _bad(what, "must be a finite number", value)
+    if positive and not value > 0:
+        raise _bad(what, "must be positive", value)
+    if non_negative and value < 0:
+        raise _bad(what, "must be non-negative", value)
+    if limit is not None and abs(value) > limit:
+        raise _bad(what, f"must be at most {plain(limit)}", value)
+    return float(value)
+
+
+def _whole(what: str, value) -> int:
+    """An integer (a float with an integral value is accepted), as a Python int."""
+    if not _is_number(value) or not np.isfinite(value) or float(value) != int(value):
+        raise _bad(what, "must be an integer", value)
+    return int(value)
+
+
+def _vector(what: str, value, n: int, *, integer: bool = False) -> tuple:
+    """``n`` finite numbers (integers with ``integer``), as a tuple of Python floats or ints."""
+    unit = "integers" if integer else "numbers"
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_number(v) for v in value):
+        raise _bad(what, f"must be {n} {unit}", value)
+    if not all(np.isfinite(v) for v in value):
+        raise _bad(what, f"must be {n} finite {unit}", value)
+    if integer and any(float(v) != int(v) for v in value):
+        raise _bad(what, f"must be {n} integers (voxel indices)", value)
+    if any(abs(v) > GEOMETRY_LIMIT for v in value):
+        raise _bad(what, f"must be at most {plain(GEOMETRY_LIMIT)} in size (voxel units)", value)
+    return tuple(int(v) for v in value) if integer else tuple(float(v) for v in value)
+
+
+def _name(what: str, value, *, optional: bool = False) -> "str | None":
+    if optional and value is None:
+        return None
+    if not isinstance(value, str) or (not optional and not value.strip()):
+        raise _bad(what, "must be a structure name" if optional else "must be a non-empty name", value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -36,12 +124,8 @@ class SetVoxelDose:
     kind: str = "set_voxel_dose"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "index_zyx", tuple(int(v) for v in self.index_zyx))
-        if len(self.index_zyx) != 3:
-            raise RequestError("SetVoxelDose.index_zyx must be three integers")
-        if not np.isfinite(self.dose_gy) or self.dose_gy < 0:
-            raise RequestError(f"SetVoxelDose.dose_gy must be a non-negative dose, got {self.dose_gy}")
-        object.__setattr__(self, "dose_gy", float(self.dose_gy))
+        object.__setattr__(self, "index_zyx", _vector("SetVoxelDose.index_zyx", self.index_zyx, 3, integer=True))
+        object.__setattr__(self, "dose_gy", _number("SetVoxelDose.dose_gy", self.dose_gy, non_negative=True))
 
 
 @dataclass(frozen=True)
@@ -66,15 +150,13 @@ class MoveIsodoseLine:
     kind: str = "move_isodose_line"
 
     def __post_init__(self) -> None:
-        if self.axis not in ("z", "y", "x"):
-            raise RequestError(f"MoveIsodoseLine.axis must be 'z', 'y' or 'x', got {self.axis!r}")
-        if not self.level_gy > 0:
-            raise RequestError(f"MoveIsodoseLine.level_gy must be positive, got {self.level_gy}")
-        if not self.width_mm > 0:
-            raise RequestError(f"MoveIsodoseLine.width_mm must be positive, got {self.width_mm}")
-        object.__setattr__(self, "start_rc", tuple(float(v) for v in self.start_rc))
-        object.__setattr__(self, "end_rc", tuple(float(v) for v in self.end_rc))
-        object.__setattr__(self, "slice_index", int(self.slice_index))
+        if not isinstance(self.axis, str) or self.axis not in ("z", "y", "x"):
+            raise _bad("MoveIsodoseLine.axis", "must be 'z', 'y' or 'x'", self.axis)
+        object.__setattr__(self, "slice_index", _whole("MoveIsodoseLine.slice_index", self.slice_index))
+        object.__setattr__(self, "level_gy", _number("MoveIsodoseLine.level_gy", self.level_gy, positive=True))
+        object.__setattr__(self, "width_mm", _number("MoveIsodoseLine.width_mm", self.width_mm, positive=True, limit=GEOMETRY_LIMIT))
+        object.__setattr__(self, "start_rc", _vector("MoveIsodoseLine.start_rc", self.start_rc, 2))
+        object.__setattr__(self, "end_rc", _vector("MoveIsodoseLine.end_rc", self.end_rc, 2))
 
 
 @dataclass(frozen=True)
@@ -89,12 +171,10 @@ class MoveIsodoseSurface:
     kind: str = "move_isodose_surface"
 
     def __post_init__(self) -> None:
-        if not self.level_gy > 0:
-            raise RequestError(f"MoveIsodoseSurface.level_gy must be positive, got {self.level_gy}")
-        if not self.radius_mm > 0:
-            raise RequestError(f"MoveIsodoseSurface.radius_mm must be positive, got {self.radius_mm}")
-        object.__setattr__(self, "start_zyx", tuple(float(v) for v in self.start_zyx))
-        object.__setattr__(self, "end_zyx", tuple(float(v) for v in self.end_zyx))
+        object.__setattr__(self, "level_gy", _number("MoveIsodoseSurface.level_gy", self.level_gy, positive=True))
+        object.__setattr__(self, "radius_mm", _number("MoveIsodoseSurface.radius_mm", self.radius_mm, positive=True, limit=GEOMETRY_LIMIT))
+        object.__setattr__(self, "start_zyx", _vector("MoveIsodoseSurface.start_zyx", self.start_zyx, 3))
+        object.__setattr__(self, "end_zyx", _vector("MoveIsodoseSurface.end_zyx", self.end_zyx, 3))
 
 
 @dataclass(frozen=True)
@@ -110,11 +190,17 @@ class EraseSpot:
     kind: str = "erase_spot"
 
     def __post_init__(self) -> None:
-        if not (0 <= self.low_gy <= self.high_gy):
-            raise RequestError(f"EraseSpot bounds must satisfy 0 <= low <= high, got [{self.low_gy}, {self.high_gy}]")
-        if not self.radius_mm > 0:
-            raise RequestError("EraseSpot.radius_mm must be positive")
-        object.__setattr__(self, "centre_zyx", tuple(float(v) for v in self.centre_zyx))
+        object.__setattr__(self, "centre_zyx", _vector("EraseSpot.centre_zyx", self.centre_zyx, 3))
+        object.__setattr__(self, "radius_mm", _number("EraseSpot.radius_mm", self.radius_mm, positive=True, limit=GEOMETRY_LIMIT))
+        lo = _number("EraseSpot.low_gy", self.low_gy)
+        hi = _number("EraseSpot.high_gy", self.high_gy)
+        if not (0 <= lo <= hi):
+            field = "low_gy" if lo < 0 else "high_gy"
+            raise RequestError(f"EraseSpot bounds must satisfy 0 <= low <= high, got [{plain(lo)}, {plain(hi)}]",
+                               field=field, rule="must satisfy 0 <= low <= high")
+        object.__setattr__(self, "low_gy", lo)
+        object.__setattr__(self, "high_gy", hi)
+        object.__setattr__(self, "structure", _name("EraseSpot.structure", self.structure, optional=True))
 
 
 @dataclass(frozen=True)
@@ -127,9 +213,9 @@ class Pin:
     kind: str = "pin"
 
     def __post_init__(self) -> None:
-        if not self.radius_mm > 0:
-            raise RequestError(f"Pin.radius_mm must be positive, got {self.radius_mm}")
-        object.__setattr__(self, "centre_zyx", tuple(float(v) for v in self.centre_zyx))
+        object.__setattr__(self, "name", _name("Pin.name", self.name))
+        object.__setattr__(self, "centre_zyx", _vector("Pin.centre_zyx", self.centre_zyx, 3))
+        object.__setattr__(self, "radius_mm", _number("Pin.radius_mm", self.radius_mm, positive=True, limit=GEOMETRY_LIMIT))
 
 
 @dataclass(frozen=True)
@@ -138,6 +224,9 @@ class Unpin:
 
     name: str
     kind: str = "unpin"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", _name("Unpin.name", self.name))
 
 
 Request = SetVoxelDose | MoveIsodoseLine | MoveIsodoseSurface | EraseSpot | Pin | Unpin
@@ -149,13 +238,44 @@ def request_to_dict(req) -> dict:
     return asdict(req)
 
 
+def request_fields(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) field names of a request kind (``kind`` itself not included)."""
+    fields = _KINDS[kind].__dataclass_fields__.values()
+    required = tuple(f.name for f in fields if f.name != "kind" and f.default is MISSING)
+    optional = tuple(f.name for f in fields if f.name != "kind" and f.default is not MISSING)
+    return required, optional
+
+
 def request_from_dict(d: dict):
-    """Rebuild a request from its dict form (journal)."""
-    try:
-        cls = _KINDS[d["kind"]]
-    except KeyError as exc:
-        raise RequestError(f"unknown request kind {d.get('kind')!r}") from exc
-    return cls(**{k: v for k, v in d.items()})
+    """Rebuild a request from its dict form (journal, scripts); RequestError names what is wrong."""
+    if not isinstance(d, dict):
+        raise RequestError(f"a request is an object with a 'kind' and its fields, got {plain(d)}")
+    kind = d.get("kind")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise RequestError(f"unknown request kind {plain(kind)}; known: {', '.join(_KINDS)}")
+    required, optional = request_fields(kind)
+    unknown = [k for k in d if k != "kind" and k not in required + optional]
+    if unknown:
+        raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(plain, unknown))} for a "
+                           f"{kind} request; expected: {', '.join(required + optional)}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise RequestError(f"a {kind} request needs the field{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(map(plain, missing))} (fields: {', '.join(required + optional)})")
+    return _KINDS[kind](**{k: v for k, v in d.items() if k != "kind"})
+
+
+def check_run_options(recovery_steps, max_voxels) -> tuple:
+    """Validated ``Session.run`` overrides: (recovery_steps or None, max_voxels or None)."""
+    if recovery_steps is not None:
+        recovery_steps = _whole("recovery_steps", recovery_steps)
+        if recovery_steps < 0:
+            raise _bad("recovery_steps", "must be 0 or more", recovery_steps)
+    if max_voxels is not None:
+        max_voxels = _whole("max_voxels", max_voxels)
+        if max_voxels < 1:
+            raise _bad("max_voxels", "must be 1 or more", max_voxels)
+    return recovery_steps, max_voxels
 
 
 def ball_mask(shape_zyx, spacing_mm_zyx, centre_zyx, radius_mm) -> np.ndarray:
@@ -169,8 +289,9 @@ def capsule_mask(shape_zyx, spacing_mm_zyx, a_zyx, b_zyx, radius_mm) -> np.ndarr
     a = np.asarray(a_zyx, float)
     b = np.asarray(b_zyx, float)
     r_vox = radius_mm / sp
-    lo = np.maximum(np.floor(np.minimum(a, b) - r_vox - 1), 0).astype(int)
-    hi = np.minimum(np.ceil(np.maximum(a, b) + r_vox + 2), shape_zyx).astype(int)
+    # Clipped in floating point first: a point far off the grid must not overflow the cast.
+    lo = np.clip(np.floor(np.minimum(a, b) - r_vox - 1), 0, shape_zyx).astype(int)
+    hi = np.clip(np.ceil(np.maximum(a, b) + r_vox + 2), 0, shape_zyx).astype(int)
     out = np.zeros(shape_zyx, bool)
     if np.any(hi <= lo):
         return out

@@ -112,8 +112,8 @@ def _check_dose(ctx: ResolveContext, dose_gy: float, what: str) -> None:
 
 
 def _box(shape, lo_f, hi_f):
-    lo = np.maximum(np.floor(lo_f) - 1, 0).astype(int)
-    hi = np.minimum(np.ceil(hi_f) + 2, shape).astype(int)
+    lo = np.clip(np.floor(lo_f) - 1, 0, shape).astype(int)  # clipped before the cast (far-off points)
+    hi = np.clip(np.ceil(hi_f) + 2, 0, shape).astype(int)
     return lo, hi
 
 
@@ -360,5 +360,6 @@ def resolve(req, ctx: ResolveContext) -> Resolved:
     """Resolve a shaping request with the resolver of its kind (RequestError when it cannot be done)."""
     fn = RESOLVERS.get(type(req))
     if fn is None:
-        raise RequestError(f"cannot resolve request {req!r}")
+        raise RequestError(f"not a dose shaping request: a {type(req).__name__} (expected SetVoxelDose, "
+                           "MoveIsodoseLine, MoveIsodoseSurface, EraseSpot, Pin or Unpin)")
     return fn(req, ctx)

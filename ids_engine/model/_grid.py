@@ -108,7 +108,7 @@ class Grid:
         outside = np.any((idx < 0) | (idx >= shape), axis=-1)
         if np.any(outside):
             bad = np.asarray(points_xyz, dtype=float).reshape(-1, 3)[np.ravel(outside)][0]
-            raise ValueError(f"point {tuple(np.round(bad, 2))} mm lies outside the grid {self.describe()}")
+            raise ValueError(f"point {tuple(round(float(v), 2) for v in bad)} mm lies outside the grid {self.describe()}")
         return idx
 
     def contains(self, points_xyz) -> np.ndarray:
