@@ -6,6 +6,7 @@ Every subcommand has ``--help``. Long work shows a progress bar on a terminal.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,16 +45,44 @@ def _print_structures(patient) -> None:
 
 
 # ------------------------------------------------------------------ commands
+# What ``ids info`` reports: (name shown, distribution names, what it is for). Versions come
+# from the installed distributions' metadata, so nothing (CUDA, Qt) is initialised to print them.
+LIBRARIES = (
+    ("numpy", ("numpy",), "required"),
+    ("scipy", ("scipy",), "required"),
+    ("pydicom", ("pydicom",), "required"),
+    ("h5py", ("h5py",), "required"),
+    ("cupy", ("cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy"), "gpu extra"),
+    ("vispy", ("vispy",), "viewer extra"),
+    ("PyQt6", ("PyQt6",), "viewer extra"),
+    ("matplotlib", ("matplotlib",), "bench extra"),
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed version of each library of :data:`LIBRARIES` (None when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name, dists, _ in LIBRARIES:
+        out[name] = None
+        for d in dists:
+            try:
+                out[name] = version(d)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(f"ids-engine {__version__}")
     print(_backend_line())
-    print(f"python {sys.version.split()[0]}, numpy {np.__version__}")
-    try:
-        import scipy
-
-        print(f"scipy {scipy.__version__}")
-    except ImportError:  # pragma: no cover
-        pass
+    print(f"python {sys.version.split()[0]}")
+    versions = library_versions()
+    for name, _, role in LIBRARIES:
+        v = versions[name]
+        print(f"{name} {v}" if v else f"{name} not installed ({role})")
     return 0
 
 
@@ -159,15 +188,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_shape(args: argparse.Namespace) -> int:
+    from ids_engine._files import FolderLockedError
     from ids_engine.io import InputError
-    from ids_engine.scripting import ScriptError, load_script, run_script
+    from ids_engine.scripting import ScriptError, ScriptInterrupted, load_script, run_script
 
     try:
         doc = load_script(args.script)
-        rep = run_script(doc, args.out, progress=TextProgressBar())
-    except (ScriptError, InputError) as exc:
+        rep = run_script(doc, args.out, force=args.force, progress=TextProgressBar())
+    except (ScriptError, InputError, FolderLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ScriptInterrupted as exc:
+        print(f"\n{exc} (reopen with ids view --session {exc.folder}); no report was written", file=sys.stderr)
+        return 130
     print(f"session saved to {args.out} (reopen with ids view --session {args.out}); report: {Path(args.out) / 'report.md'}")
     if rep.get("conflicts"):
         print(f"{rep['conflicts']} conflict(s): recovery could not keep everything (see the report's Conflicts section)")
@@ -198,6 +231,35 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {value}")
+    return value
+
+
+def _float(text: str, *, positive: bool) -> float:
+    rule = "a positive number" if positive else "a number, 0 or more"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, positive=True)
+
+
+def _non_negative_float(text: str) -> float:
+    return _float(text, positive=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ids", description="ids-engine: interactive dose shaping for IMRT planning.")
     p.add_argument("--version", action="store_true", help="print the version and the array backend, then exit")
@@ -205,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="version, array backend (IDS_BACKEND) and device",
                        description="Print the version, the array backend chosen by IDS_BACKEND "
-                                   "(auto|cupy|numpy), its device and the library versions.")
+                                   "(auto|cupy|numpy), its device and the versions of Python and of the libraries "
+                                   "(numpy, scipy, pydicom, h5py; cupy, vispy, PyQt6 and matplotlib when installed).")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("demo", help="load a built-in phantom and plan it with open fields",
@@ -213,16 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "open-field plan (9 equispaced beams by default) and report DVH metrics.")
     s.add_argument("--phantom", choices=["horseshoe", "tg119", "water", "slab"], default="horseshoe")
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical")
-    s.add_argument("--beams", type=int, default=9, help="number of equispaced coplanar beams (default 9)")
-    s.add_argument("--prescription-gy", type=float, default=60.0, help="target median dose (default 60 Gy)")
-    s.add_argument("--margin-mm", type=float, default=8.0, help="aperture margin around the target (default 8 mm)")
+    s.add_argument("--beams", type=_positive_int, default=9, help="number of equispaced coplanar beams (default 9)")
+    s.add_argument("--prescription-gy", type=_positive_float, default=60.0, help="target median dose (default 60 Gy)")
+    s.add_argument("--margin-mm", type=_non_negative_float, default=8.0,
+                   help="aperture margin around the target (default 8 mm)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("shape", help="run a scripted sequence of dose shaping requests",
                        description="Run the requests of a JSON script (see ids_engine.scripting) on an open-field "
-                                   "plan, save the session and write report.json and report.md.")
+                                   "plan, save the session and write report.json and report.md. The whole script "
+                                   "is checked before anything is computed; the session is journaled as each "
+                                   "request completes, so an interruption loses at most the request in flight.")
     s.add_argument("script", help="JSON script of requests")
-    s.add_argument("--out", required=True, help="folder for the saved session and the report")
+    s.add_argument("--out", required=True,
+                   help="folder for the session (journaled request by request) and the report; "
+                        "must not exist or be empty")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing --out folder, once the new session is complete")
     s.set_defaults(func=cmd_shape)
 
     s = sub.add_parser("view", help="open the desktop viewer (needs the 'viewer' extra)",
@@ -253,9 +323,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (ids inspect ... | head) shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away: stop quietly, as a shell tool does (128 + SIGPIPE), and point
+        # stdout at devnull so the interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout has no file descriptor (e.g. captured)
+            pass
+        return 141
     except backend.BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable or unwritable files the commands did not name themselves
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
