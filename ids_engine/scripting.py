@@ -142,10 +142,13 @@ def _check_case(where: str, case) -> None:
         raise ScriptError(f"{where}.{kind} must be a {'folder' if kind == 'dicom' else 'file'} path, got {plain(value)}")
     # The path itself is not repeated: a DICOM folder is often named after the patient.
     p = Path(value)
-    if kind == "dicom" and not p.is_dir():
-        raise ScriptError(f"{where}.dicom: {'not a folder' if p.exists() else 'no such folder'}")
-    if kind == "matrad" and not p.is_file():
-        raise ScriptError(f"{where}.matrad: {'not a file' if p.exists() else 'no such file'}")
+    try:
+        if kind == "dicom" and not p.is_dir():
+            raise ScriptError(f"{where}.dicom: {'not a folder' if p.exists() else 'no such folder'}")
+        if kind == "matrad" and not p.is_file():
+            raise ScriptError(f"{where}.matrad: {'not a file' if p.exists() else 'no such file'}")
+    except OSError as exc:  # e.g. a parent folder that may not be listed
+        raise ScriptError(f"{where}.{kind}: cannot be read ({exc.strerror or exc})") from None
 
 
 def check_out_folder(out: "str | Path", *, force: bool = False) -> Path:

@@ -417,3 +417,17 @@ def test_errors_name_the_case_not_the_dicom_folder(tmp_path, capsys):
     rc, out, err = run(["shape", str(script), "--out", str(tmp_path / "out")], capsys)
     line = assert_one_line_error(rc, out, err, "DICOM case")
     assert PATIENT_FOLDER not in line
+
+
+def test_an_unreadable_dicom_folder_is_one_line_without_its_path(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / PATIENT_FOLDER
+    folder.mkdir()
+
+    def denied(spec):
+        raise PermissionError(13, "Permission denied", str(folder / "CT1.dcm"))
+
+    monkeypatch.setattr(session_module, "case_from_spec", denied)
+    script = write_script(tmp_path, case={"dicom": str(folder)})
+    rc, out, err = run(["shape", str(script), "--out", str(tmp_path / "out")], capsys)
+    line = assert_one_line_error(rc, out, err, "case: cannot read DICOM case", "CT1.dcm: Permission denied")
+    assert PATIENT_FOLDER not in line
