@@ -47,7 +47,14 @@ from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_di
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
-__all__ = ["Conflict", "DMROptions", "LatestRequestQueue", "RequestResult", "Session", "case_from_spec"]
+__all__ = ["CaseChangedError", "Conflict", "DMROptions", "FolderLockedError", "LatestRequestQueue", "RequestResult",
+           "Session", "case_fingerprint", "case_from_spec", "case_label"]
+
+_log = logging.getLogger(__name__)
+
+
+class CaseChangedError(ValueError):
+    """A saved session's case (CT, grid, structures) is not the one its requests were made on."""
 
 
 @dataclass(frozen=True)
