@@ -8,7 +8,8 @@ options. The same declaration
   C-contiguous arrays of the declared dtype, scalars as NumPy scalars of the declared
   C type (a Python ``int`` or ``float`` would be passed as 64 bits), by parameter name;
 * compiles the module lazily with ``cupy.RawModule``, cached per CUDA device
-  (:meth:`CudaKernel.function`);
+  (:meth:`CudaKernel.function`), on the backend of the arrays it is given (CuPy, or the
+  device-cost counting backend's stand-in, which runs a registered NumPy twin);
 * is read by ``tests/kernels/test_nvrtc.py``, which compiles ``code()`` with NVRTC for the
   target architectures (no GPU needed) and checks the declared parameters against the
   signature in the source and against the keyword arguments of every ``.launch(...)``
@@ -123,15 +124,19 @@ class CudaKernel:
             raise TypeError(f"{self.name}: missing arguments {missing}, unexpected {extra}")
         return tuple(_argument(self.name, p, values[p.name]) for p in params)
 
-    def function(self) -> Any:  # pragma: no cover - GPU only
-        """The compiled ``cupy.RawKernel``-like function on the current CUDA device."""
-        import cupy
+    def function(self, xp: Any) -> Any:
+        """The compiled kernel on the current device of ``xp``: ``cupy``, or a stand-in with
+        its ``RawModule`` and ``cuda.Device`` (the device-cost counting backend)."""
+        return _compiled(xp, self, xp.cuda.Device().id)
 
-        return _compiled(self, cupy.cuda.Device().id)
-
-    def launch(self, grid: tuple[int, ...], block: tuple[int, ...], **values: Any) -> None:  # pragma: no cover - GPU only
-        """Launch on the current device and stream (arguments as for :meth:`arguments`)."""
-        self.function()(grid, block, self.arguments(**values))
+    def launch(self, grid: tuple[int, ...], block: tuple[int, ...], **values: Any) -> None:
+        """Launch on the current device and stream of the arrays' backend (arguments as for
+        :meth:`arguments`)."""
+        args = self.arguments(**values)
+        xp = array_module(*(a for a in args if not isinstance(a, np.generic)))
+        if xp is np:
+            raise TypeError(f"{self.name}: a CUDA kernel needs device arrays, got only NumPy arrays")
+        self.function(xp)(grid, block, args)
 
 
 def _c_literal(value: int | float) -> str:
@@ -162,10 +167,8 @@ def _argument(kernel: str, p: Param, value: Any) -> Any:
 
 
 @lru_cache(maxsize=None)
-def _compiled(kernel: CudaKernel, device_id: int) -> Any:  # pragma: no cover - GPU only
+def _compiled(xp: Any, kernel: CudaKernel, device_id: int) -> Any:
     # A loaded module belongs to one device's context: keyed on the device, compiled and
     # loaded with that device current.
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=kernel.code(), options=kernel.options).get_function(kernel.name)
+    with xp.cuda.Device(device_id):
+        return xp.RawModule(code=kernel.code(), options=kernel.options).get_function(kernel.name)

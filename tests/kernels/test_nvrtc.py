@@ -348,6 +348,36 @@ def test_arguments_refuse_what_the_kernel_would_misread():
         kernel.arguments(out=out, idx=idx, n=2**40, scale=1.0)
 
 
+def test_launch_compiles_once_per_device_and_passes_sized_arguments(tmp_path, monkeypatch):
+    # The device-cost counting backend stands in for CuPy: its RawModule runs a registered
+    # NumPy twin and refuses host arrays and unsized Python scalars, as a CuPy launch would.
+    from ids_engine._devicecost import counting, devicecost as dc, register_raw_kernel
+
+    monkeypatch.setattr("ids_engine.kernels._cuda.CUDA_DIR", Path(tmp_path))
+    (tmp_path / "k.cu").write_text(
+        'extern "C" __global__ void nvrtc_test_axpy(float* out, const float* x, int n, float a) {}\n')
+    kernel = CudaKernel("k.cu", "nvrtc_test_axpy", ("float* out", "const float* x", "int n", "float a"))
+    seen = []
+
+    def twin(grid, block, args):
+        out, x, n, a = args
+        seen.append(tuple(type(v) for v in (n, a)))
+        out[:n] += a * x[:n]
+
+    register_raw_kernel("nvrtc_test_axpy", twin)
+    out = dc.zeros(4, dc.float32)
+    x = dc.asarray(np.arange(4, dtype=np.float64))  # converted to float32 on the device
+    with counting() as c:
+        kernel.launch((1,), (32,), out=out, x=x, n=3, a=2)
+        kernel.launch((1,), (32,), out=out, x=x, n=3, a=2)
+    np.testing.assert_array_equal(out.get(), [0, 4, 8, 0])
+    assert seen == [(np.int32, np.float32)] * 2
+    assert c.launches == 2 + 2  # the kernel twice, the float64 -> float32 conversion twice
+    assert kernel.function(dc) is kernel.function(dc)  # compiled once for the device
+    with pytest.raises(TypeError, match="needs device arrays"):
+        kernel.launch((1,), (32,), out=np.zeros(4, np.float32), x=np.ones(4, np.float32), n=3, a=2)
+
+
 @pytest.mark.parametrize("text, param", [
     ("const float* __restrict__ u", Param("u", "float", True, True)),
     ("float const *u", Param("u", "float", True, True)),
