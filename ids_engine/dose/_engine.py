@@ -300,7 +300,8 @@ def central_axis_ssd_mm(density_zyx, grid: Grid, beam: Beam, patient_position: s
     if not inside.any():
         return None
     i, j, k = idx[inside].T
-    rho = np.asarray(backend.asnumpy(density_zyx[k, j, i]), dtype=np.float64)
+    xp = backend.array_module(density_zyx)
+    rho = np.asarray(backend.asnumpy(density_zyx[xp.asarray(k), xp.asarray(j), xp.asarray(i)]), dtype=np.float64)
     hit = np.flatnonzero(rho > threshold)
     if hit.size == 0:
         return None
