@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ids_engine.backend import array_module
+from ids_engine._devicecost import register_raw_kernel
+from ids_engine.backend import array_module, is_counting
 from ids_engine.kernels._cuda import CudaKernel
 
 __all__ = [
@@ -39,13 +40,21 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- convolution
+def _fftconvolve(xp):
+    """SciPy's ``fftconvolve`` for NumPy arrays, CuPy's (cupyx) for device arrays."""
+    if xp is np:
+        from scipy.signal import fftconvolve
+    elif is_counting(xp):
+        fftconvolve = xp.cupyx.scipy.signal.fftconvolve
+    else:  # pragma: no cover - GPU only
+        from cupyx.scipy.signal import fftconvolve
+    return fftconvolve
+
+
 def convolve_full(fluence, kernel):
     """Full 2D convolution of ``fluence`` (h, w) with ``kernel`` (kh, kw), float32, shape (h+kh-1, w+kw-1)."""
     xp = array_module(fluence, kernel)
-    if xp is np:
-        from scipy.signal import fftconvolve
-    else:  # pragma: no cover - GPU only
-        from cupyx.scipy.signal import fftconvolve
+    fftconvolve = _fftconvolve(xp)
     out = fftconvolve(fluence.astype(xp.float32, copy=False), kernel.astype(xp.float32, copy=False), mode="full")
     return out.astype(xp.float32, copy=False)
 
@@ -54,10 +63,7 @@ def convolve_full_batched(stack, kernels):
     """Full 2D convolutions of every patch in ``stack`` (k, h, w) with every kernel in
     ``kernels`` (nc, kh, kw), float32, shape (k, nc, h+kh-1, w+kw-1), in one batched FFT."""
     xp = array_module(stack, kernels)
-    if xp is np:
-        from scipy.signal import fftconvolve
-    else:  # pragma: no cover - GPU only
-        from cupyx.scipy.signal import fftconvolve
+    fftconvolve = _fftconvolve(xp)
     a = stack.astype(xp.float32, copy=False)[:, None]
     k = kernels.astype(xp.float32, copy=False)[None]
     out = fftconvolve(a, k, mode="full", axes=(-2, -1))
@@ -148,6 +154,19 @@ _ACCUMULATE = CudaKernel(
         "float u0",
     ),
 )
+
+
+def _accumulate_twin(grid, block, args) -> None:
+    """The kernel's semantics on NumPy arrays (atomicAdd: duplicate voxels add up), run by the
+    device-cost counting backend in place of the CUDA kernel."""
+    dose, vox, u, v, weights, maps, n, nc, h, w, v0, u0 = args
+    n = int(n)
+    contrib = bilinear_contribution_numpy(u[:n], v[:n], weights.reshape(int(nc), -1)[:, :n],
+                                          maps.reshape(int(nc), int(h), int(w)), (float(v0), float(u0)))
+    np.add.at(dose, vox[:n], contrib)
+
+
+register_raw_kernel("accumulate_bilinear", _accumulate_twin)
 
 
 def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
