@@ -510,6 +510,12 @@ def _fftconvolve(in1, in2, mode="full", axes=None):
     return DeviceArray(np.asarray(fftconvolve(a, b, mode=mode, axes=axes), dtype=np.result_type(a, b)))
 
 
+def _scatter_add(a, slices, value):
+    target = _unwrap(a, "cupyx.scatter_add")
+    _count("launches")
+    np.add.at(target, _unwrap(slices, "cupyx.scatter_add"), _unwrap(value, "cupyx.scatter_add"))
+
+
 def _memoize(for_each_device=False):
     def deco(fn):
         cache = {}
@@ -540,5 +546,6 @@ devicecost.linalg = _Namespace("devicecost.linalg", np.linalg)
 devicecost.cuda = types.SimpleNamespace(
     Device=_Device, get_current_stream=lambda: _Stream(),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-devicecost.cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(signal=types.SimpleNamespace(fftconvolve=_fftconvolve)))
+devicecost.cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(signal=types.SimpleNamespace(fftconvolve=_fftconvolve)),
+                                         scatter_add=_scatter_add)
 devicecost.__version__ = "devicecost (NumPy " + np.__version__ + ")"

@@ -34,6 +34,9 @@ from ids_engine.kernels._cuda import CudaKernel
 __all__ = [
     "accumulate_bilinear",
     "accumulate_bilinear_numpy",
+    "accumulate_segments",
+    "accumulate_segments_numpy",
+    "segment_contribution_numpy",
     "convolve_full",
     "convolve_full_batched",
     "sample_bilinear",
@@ -109,23 +112,37 @@ def bilinear_contribution_numpy(u, v, weights, maps, origin_vu=(0, 0)) -> np.nda
     The maps get a border of two zero cells on each side, so that every lookup can be
     clamped into the padded array without branches: a voxel outside the maps lands on zeros.
     """
+    return _bilinear_padded(u, v, weights, _pad2(maps), maps.shape[1], maps.shape[2], origin_vu)
+
+
+def _pad2(maps) -> np.ndarray:
+    """(nc, h * w) -> flat (nc, (h + 4) * (w + 4)) copy with a border of two zero cells."""
     nc, h, w = maps.shape
     padded = np.zeros((nc, h + 4, w + 4), np.float32)
     padded[:, 2:-2, 2:-2] = maps
-    flat = padded.reshape(nc, -1)
+    return padded.reshape(nc, -1)
+
+
+def _bilinear_padded(u, v, weights, flat, h: int, w: int, origin_vu) -> np.ndarray:
     tv = v - np.float32(origin_vu[0] - 2)
     tu = u - np.float32(origin_vu[1] - 2)
-    r = np.clip(tv, 0, h + 2).astype(np.int32)  # floor for the (clamped) non-negative values
-    c = np.clip(tu, 0, w + 2).astype(np.int32)
-    fv = np.clip(tv - r, 0, 1).astype(np.float32)
-    fu = np.clip(tu - c, 0, 1).astype(np.float32)
-    i00 = r * (w + 4) + c
+    np.clip(tv, 0, h + 2, out=tv)
+    np.clip(tu, 0, w + 2, out=tu)
+    r = tv.astype(np.int32)  # floor for the (clamped) non-negative values
+    c = tu.astype(np.int32)
+    fv = tv - r  # in [0, 1] after the clamp
+    fu = tu - c
+    i00 = r * np.int32(w + 4) + c
     out = np.zeros(u.shape[0], np.float32)
-    for k in range(nc):
+    for k in range(flat.shape[0]):
         m = flat[k]
-        top = m.take(i00) + fu * (m.take(i00 + 1) - m.take(i00))
-        bottom = m.take(i00 + (w + 4)) + fu * (m.take(i00 + (w + 5)) - m.take(i00 + (w + 4)))
-        out += weights[k] * (top + fv * (bottom - top))
+        a = m.take(i00)
+        top = a + fu * (m.take(i00 + 1) - a)
+        b = m.take(i00 + (w + 4))
+        bottom = b + fu * (m.take(i00 + (w + 5)) - b)
+        top += fv * (bottom - top)
+        top *= weights[k]
+        out += top
     return out
 
 
@@ -206,3 +223,133 @@ def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
         u0=origin_vu[1],
     )
     return dose_flat
+
+
+# --------------------------------------------------------------------------- segments
+# One launch per level for a whole incremental update: the voxels to update are given as
+# segments (contiguous runs of a level's tile-sorted voxel arrays, all beams concatenated),
+# each reading one convolved change window of a stack.
+def segment_contribution_numpy(u, v, weights, maps_p, box, ranges):
+    """The contribution of one window to the voxels of some ranges of the level arrays.
+
+    Parameters
+    ----------
+    u, v, weights : the level's (n,) fractional column / row and (nc, n) component weights.
+    maps_p : (nc, mh, mw) float32 convolved change window.
+    box : (6,) ints: window origin row and column on the level grid, then the valid rows
+        [r_lo, r_hi) and columns [c_lo, c_hi) on the level grid (outside: zero); the valid
+        box lies inside the window.
+    ranges : (start, end) pairs into the level arrays.
+
+    Returns a list of ``(start, end, contribution)``, one per range, float32 values.
+    """
+    o_r, o_c, r_lo, r_hi, c_lo, c_hi = (int(x) for x in box)
+    window = maps_p[:, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c]
+    flat = _pad2(window)
+    h, w = window.shape[1], window.shape[2]
+    return [(s, e, _bilinear_padded(u[s:e], v[s:e], weights[:, s:e], flat, h, w, (r_lo, c_lo))) for s, e in ranges]
+
+
+def accumulate_segments_numpy(dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box):
+    """NumPy twin of :func:`accumulate_segments` (segments of one window never repeat a voxel;
+    windows are applied in order)."""
+    seg_first = np.asarray(seg_first)
+    seg_start = np.asarray(seg_start)
+    seg_patch = np.asarray(seg_patch)
+    for p in range(maps.shape[0]):
+        segs = np.flatnonzero(seg_patch == p)
+        if segs.size == 0:
+            continue
+        ranges = [(int(seg_start[k]), int(seg_start[k] + seg_first[k + 1] - seg_first[k])) for k in segs]
+        for s, e, contrib in segment_contribution_numpy(u, v, weights, maps[p], patch_box[p], ranges):
+            np.add.at(dose, vox[s:e], contrib)
+    return dose
+
+
+def _accumulate_segments_twin(grid, block, args) -> None:
+    (dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box,
+     n_threads, n_segments, n_level, nc, mh, mw) = args
+    s = int(n_segments)
+    accumulate_segments_numpy(dose, vox, u, v, weights.reshape(int(nc), int(n_level)),
+                              maps.reshape(-1, int(nc), int(mh), int(mw)), seg_first[: s + 1], seg_start[:s],
+                              seg_patch[:s], patch_box.reshape(-1, 6))
+
+
+register_raw_kernel("accumulate_segments", _accumulate_segments_twin)
+
+# One thread per voxel of all segments; see cuda/accumulate_segments.cu.
+_SEGMENTS = CudaKernel(
+    "accumulate_segments.cu",
+    "accumulate_segments",
+    (
+        "float* dose",
+        "const int* vox",
+        "const float* u",
+        "const float* v",
+        "const float* weights",
+        "const float* maps",
+        "const int* seg_first",
+        "const int* seg_start",
+        "const int* seg_patch",
+        "const int* patch_box",
+        "int n_threads",
+        "int n_segments",
+        "int n_level",
+        "int nc",
+        "int mh",
+        "int mw",
+    ),
+)
+
+
+def accumulate_segments(dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box, n_threads):
+    """Add the convolved change windows ``maps`` to the dose of the voxels of some segments.
+
+    For every segment ``s`` and every position ``i`` in ``[seg_start[s], seg_start[s] +
+    seg_first[s + 1] - seg_first[s])`` of the level arrays, with ``p = seg_patch[s]``::
+
+        dose[vox[i]] += sum_c weights[c, i] * bilerp(maps[p, c], v[i] - o_r, u[i] - o_c)
+
+    where a bilinear corner outside the window's valid box counts as zero.
+
+    Parameters
+    ----------
+    dose : (N,) float32 level dose, modified in place.
+    vox : (n,) int32 level voxel indices; u, v : (n,) float32 fractional column / row on the
+        level's fluence grid; weights : (nc, n) float32 (all beams' level arrays concatenated).
+    maps : (P, nc, mh, mw) float32 change windows.
+    seg_first : (S + 1,) int32 first thread of each segment (prefix sums of the lengths).
+    seg_start : (S,) int32 first position of each segment in the level arrays.
+    seg_patch : (S,) int32 window of each segment.
+    patch_box : (P, 6) int32 per window: origin row, origin column, valid rows [r_lo, r_hi),
+        valid columns [c_lo, c_hi), all on the level grid.
+    n_threads : ``seg_first[S]`` (known on the host: no sync).
+    """
+    xp = array_module(dose, maps)
+    if xp is np:
+        return accumulate_segments_numpy(dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box)
+    n_threads = int(n_threads)  # pragma: no cover - GPU only
+    if n_threads == 0:
+        return dose
+    threads = 256
+    _SEGMENTS.launch(
+        ((n_threads + threads - 1) // threads,),
+        (threads,),
+        dose=dose,
+        vox=vox,
+        u=u,
+        v=v,
+        weights=weights,
+        maps=maps,
+        seg_first=seg_first,
+        seg_start=seg_start,
+        seg_patch=seg_patch,
+        patch_box=patch_box,
+        n_threads=n_threads,
+        n_segments=int(seg_start.shape[0]),
+        n_level=int(vox.shape[0]),
+        nc=int(maps.shape[1]),
+        mh=int(maps.shape[2]),
+        mw=int(maps.shape[3]),
+    )
+    return dose

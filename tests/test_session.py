@@ -210,10 +210,10 @@ def test_tpi_map_against_brute_force(base_session):
     eng = s.engine
     mask = s.target_mask
     tpi = tpi_maps(eng, mask, 5)[0]
-    lvl = eng.geometry[0].fine
-    vox = np.asarray(lvl.vox)
+    lvl = eng.geometry[0].fine.host
+    vox = lvl.vox
     sel = mask.ravel()[vox]
-    u, v, depth = np.asarray(lvl.u)[sel], np.asarray(lvl.v)[sel], np.asarray(lvl.depth_mm)[sel]
+    u, v, depth = lvl.u_cells[sel], lvl.v_cells[sel], lvl.depth_mm[sel]
     d1 = eng.machine.depth_components(depth)[0]
     ref = np.zeros_like(np.asarray(tpi), dtype=np.float64)
     for r, c, w in zip(np.floor(v / 5).astype(int), np.floor(u / 5).astype(int), d1):

@@ -73,6 +73,7 @@ class StepResult:
     objective_after: float
     scales: np.ndarray
     rows_after_gy: np.ndarray
+    watch_after_gy: np.ndarray | None = None  # the whole watch's dose after, when the solve was given it
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +114,9 @@ class Modifier:
         m = engine.machine
         comp = m.narrow_components[0]
         self.kernel_radius_mm = float(kernel_radius_mm or m.kernel_reach_mm(comp, 1e-3))
-        self._kernel = lambda r: m.kernel_at(comp, r)
+        # Each beam's own kernel set (matRad machines tabulate one per SSD).
+        self._machines = [g.machine or m for g in engine.geometry]
+        self._comp = comp
         # Stage timings (ms), accumulated; with ``profile`` the GPU is synchronised at each
         # stage boundary so the split is true (a little slower).
         self.profile = False
@@ -166,13 +169,13 @@ class Modifier:
                 continue
             rr = np.arange(r0, r1)[:, None]
             cc = np.arange(c0, c1)[None, :]
-            k = self._kernel(np.hypot(rr - v, cc - u) * pitch)
+            k = self._machines[b].kernel_at(self._comp, np.hypot(rr - v, cc - u) * pitch)
             t = tpis[b]
             tr = np.clip(rr // cp, 0, t.shape[0] - 1)
             tc = np.clip(cc // cp, 0, t.shape[1] - 1)
             a = k * np.exp(-mu * t[tr, tc])
             if movable and not raise_dose:
-                psi = backend.asnumpy(eng.fluence(b)[r0:r1, c0:c1])
+                psi = eng.fluence_host(b)[r0:r1, c0:c1]
                 a = np.where(psi > 0, a, 0.0)
             if not np.any(a > 0):
                 continue
@@ -245,7 +248,8 @@ class Modifier:
     # ------------------------------------------------------------------ joint solve
     def solve_step(self, rows, row_lo, row_hi, row_goal, row_weight, col_voxels, col_signs, *,
                    regularisation: float = 1e-3, keep_weight: float = 0.01, compensate: int = 3,
-                   iterations: int = 3, accept_hi=None, per_beam: bool | None = None) -> "StepResult":
+                   iterations: int = 3, accept_hi=None, per_beam: bool | None = None,
+                   watch=None) -> "StepResult":
         """One guarded joint solve: patches at ``col_voxels`` scaled together so that the rows
         end in their bands.
 
@@ -271,6 +275,10 @@ class Modifier:
             (a soft cap the solve respects but that does not make a step worse).
         per_beam : each beam's part of each patch a column of its own (the beam mix is solved
             too); default: ``self.per_beam``.
+        watch : ``(voxels, dose_gy, row_pos)``: the watched voxels the rows are taken from
+            (``rows == voxels[row_pos]``) and their current dose, just read by the caller. The
+            solve then reads the dose of all of them once after applying its patches and returns
+            it (``watch_after_gy``), so a recovery step costs one device read, not three.
 
         Scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k n_k^2 f_k^2``, ``f >= 0``, with
         ``n_k = max(||W^1/2 G_k||, 0.1 max_j ||W^1/2 G_j||)``
@@ -292,12 +300,18 @@ class Modifier:
         for v, sgn in zip(col_voxels, col_signs):
             cols.extend(self._columns(v, sgn > 0, per_beam))
         t0 = self._tick("create_patch", t0)
-        before = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+        if watch is not None:
+            w_vox, w_before, row_pos = watch
+            w_before = np.asarray(w_before, np.float64)
+            before = w_before[row_pos]
+        else:
+            w_vox = w_before = row_pos = None
+            before = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
         acc_hi = hi if accept_hi is None else np.asarray(accept_hi, float)
         viol0 = _violation(before, lo, hi)
         obj0 = float(np.sum(weight * _violation(before, lo, acc_hi) ** 2))
         if not cols:
-            return StepResult([], False, obj0, obj0, np.zeros(0), before)
+            return StepResult([], False, obj0, obj0, np.zeros(0), before, w_before)
         g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
         t0 = self._tick("convolution", t0)
         active = viol0 > 0
@@ -332,31 +346,37 @@ class Modifier:
             active |= newly
         t0 = self._tick("convolution", t0)
         if not np.any(f > 0):
-            return StepResult([], False, obj0, obj0, f, before)
+            return StepResult([], False, obj0, obj0, f, before, w_before)
         combined = self._combine([(fk, ps) for fk, ps in zip(f, cols) if fk > 0])
         clipped = self._clip_nonnegative(combined)
         t0 = self._tick("create_patch", t0)
         if not clipped:
-            return StepResult([], False, obj0, obj0, f, before)
+            return StepResult([], False, obj0, obj0, f, before, w_before)
         applied = list(clipped)
         eng.apply_patches(clipped)
-        after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
+        if watch is not None:
+            w_after = backend.asnumpy(eng.dose_at_voxels(w_vox)).astype(np.float64)
+            after = w_after[row_pos]
+        else:
+            w_after = None
+            after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
         obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
         accepted = obj1 < obj0
         if not accepted:
-            half = [FluencePatch(p.beam, p.row0, p.col0, (np.float32(-0.5) * p.delta).astype(np.float32)) for p in clipped]
-            eng.apply_patches(half)
-            applied.extend(half)
-            after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
-            obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
-            accepted = obj1 < obj0
-            if not accepted:
-                eng.apply_patches(half)
-                applied.extend(half)
-                after = before
-                obj1 = obj0
+            # Half the step, judged without reading the dose again (the dose is linear in the
+            # patches); if that is not better either, the whole step is taken back.
+            half_after = before + 0.5 * (after - before)
+            half_obj = float(np.sum(weight * _violation(half_after, lo, acc_hi) ** 2))
+            scale = np.float32(-0.5) if half_obj < obj0 else np.float32(-1.0)
+            back = [FluencePatch(p.beam, p.row0, p.col0, (scale * p.delta).astype(np.float32)) for p in clipped]
+            eng.apply_patches(back)
+            applied.extend(back)
+            accepted = half_obj < obj0
+            after, obj1 = (half_after, half_obj) if accepted else (before, obj0)
+            if w_after is not None:
+                w_after = w_before + 0.5 * (w_after - w_before) if accepted else w_before
         self._tick("update_dose_cube", t0)
-        return StepResult(applied, accepted, obj0, obj1, f, after)
+        return StepResult(applied, accepted, obj0, obj1, f, after, w_after)
 
     def _columns(self, voxel: int, raise_dose: bool, per_beam: bool) -> list[list[FluencePatch]]:
         """The columns of a joint solve for one voxel: its normalised patch as one column, or
@@ -391,7 +411,7 @@ class Modifier:
         out = []
         for p in patches:
             h, w = p.shape
-            psi = backend.asnumpy(eng.fluence(p.beam)[p.row0 : p.row0 + h, p.col0 : p.col0 + w]).astype(np.float32)
+            psi = eng.fluence_host(p.beam)[p.row0 : p.row0 + h, p.col0 : p.col0 + w]
             new = np.maximum(psi + p.delta, np.float32(0))
             delta = (new - psi).astype(np.float32)
             if np.any(delta != 0):

@@ -171,13 +171,13 @@ class _Rows:
         self.vox = np.asarray(watch.voxels, np.int64)
         sp = np.asarray(eng.grid.spacing_mm_zyx, float)
         self.coords = np.stack(np.unravel_index(self.vox, eng.grid.shape_zyx), axis=-1) * sp
-        self.vox_dev = eng.xp.asarray(self.vox)
         self.tree = cKDTree(self.coords)
         self.bev_u, self.bev_v = [], []
-        for geo in eng.geometry:
-            pos = geo.fine.position[self.vox_dev]
-            self.bev_u.append(backend.asnumpy(geo.fine.u[pos]).astype(np.float32))
-            self.bev_v.append(backend.asnumpy(geo.fine.v[pos]).astype(np.float32))
+        for geo in eng.geometry:  # host copies of the geometry: no device work
+            h = geo.fine.host
+            pos = h.position[self.vox]
+            self.bev_u.append(h.u_cells[pos].astype(np.float32))
+            self.bev_v.append(h.v_cells[pos].astype(np.float32))
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
         always = np.flatnonzero(self.hard)
@@ -227,17 +227,20 @@ class _Rows:
             capped = capped[np.linspace(0, capped.size - 1, opts.max_rows_capped).round().astype(int)]
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
 
-    def solve(self, modifier, rows, cols, signs):
+    def solve(self, modifier, rows, cols, signs, dose):
         """A guarded joint solve on these rows; a rejected one is tried again with per-beam
-        columns (the beam mix solved too). Returns (patches applied, last StepResult)."""
+        columns (the beam mix solved too). ``dose``: the watch's dose just read; the result's
+        ``watch_after_gy`` is the watch's dose after (one device read per solve). Returns
+        (patches applied, last StepResult)."""
         w, opts = self.watch, self.opts
         args = (self.vox[rows], w.lo[rows], self.hi_solve[rows], w.goal[rows], w.weight[rows], self.vox[cols], list(signs))
         kw = dict(regularisation=opts.regularisation, keep_weight=opts.keep_weight, compensate=opts.max_compensate,
                   accept_hi=w.hi[rows])
-        res = modifier.solve_step(*args, **kw)
+        res = modifier.solve_step(*args, watch=(self.vox, dose, rows), **kw)
         patches = list(res.patches)
         if not res.accepted and not modifier.per_beam:
-            res = modifier.solve_step(*args, per_beam=True, **kw)
+            # A rejected step leaves the plan where it was (its dose is the one it started from).
+            res = modifier.solve_step(*args, per_beam=True, watch=(self.vox, res.watch_after_gy, rows), **kw)
             patches.extend(res.patches)
         return patches, res
 
@@ -261,8 +264,8 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
     before = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
     applied: list = []
     passes = 0
+    dose = backend.asnumpy(eng.dose_at_voxels(rs.vox)).astype(np.float64)
     for passes in range(1, max_passes + 1):
-        dose = backend.asnumpy(eng.dose_at_voxels(rs.vox_dev)).astype(np.float64)
         viol = watch.violation(dose)
         off = viol[ci] > 0
         if not off.any():
@@ -274,8 +277,9 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
         extra = [np.flatnonzero(kinds == k) for k in ("request", "guard")]
         extra = [e[np.linspace(0, e.size - 1, min(e.size, 64)).round().astype(int)] if e.size else e for e in extra]
         rows = np.unique(np.concatenate([rows, *extra]))
-        got, res = rs.solve(modifier, rows, ci[off], np.sign(goal_c[off] - dose[ci[off]]))
+        got, res = rs.solve(modifier, rows, ci[off], np.sign(goal_c[off] - dose[ci[off]]), dose)
         applied.extend(got)
+        dose = res.watch_after_gy
         if not res.accepted:
             break
     after = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
@@ -289,17 +293,17 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     eng = modifier.engine
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
     rs = _Rows(modifier, watch, opts)
-    vox, vox_dev, coords, hard = rs.vox, rs.vox_dev, rs.coords, rs.hard
+    vox, coords, hard = rs.vox, rs.coords, rs.hard
     tabu = np.zeros(vox.size, bool)
     chosen, accepted, patches, objective = [], [], [], []
     best_step, best_n_patches = 0, 0
     best_key = (np.inf, np.inf)
     hard_eps = max(1e-3 * float(np.nanmax(np.abs(np.where(np.isfinite(watch.goal), watch.goal, 0)))), 1e-6)
     n_done = 0
-    dose = np.zeros(0)
+    # The watch's dose: read once here, then carried by each solve (one device read per step).
+    dose = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
     for step in range(steps + 1):
         t0 = time.perf_counter()
-        dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)
         viol = watch.violation(dose)
         obj = float(np.sum(watch.weight * viol**2))
         objective.append(obj)
@@ -325,9 +329,10 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         rows = rs.select(np.asarray(cluster, np.int64), dose, viol)
         timings["select_location"] += (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        got, res = rs.solve(modifier, rows, cluster, [direction] * len(cluster))
+        got, res = rs.solve(modifier, rows, cluster, [direction] * len(cluster), dose)
         timings["modify_step"] += (time.perf_counter() - t0) * 1000
         patches.extend(got)
+        dose = res.watch_after_gy
         chosen.append(int(vox[r]))
         accepted.append(bool(res.accepted))
         if not res.accepted:
@@ -342,7 +347,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[best_n_patches:]]))
         eng.apply_patches(back)
         patches.extend(back)
-        dose = backend.asnumpy(eng.dose_at_voxels(vox_dev)).astype(np.float64)
+        dose = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
         timings["return_to_best"] = (time.perf_counter() - t0) * 1000
     backend.synchronize()
     remaining = int(np.count_nonzero(watch.violation(dose) > 1e-6))

@@ -3,15 +3,13 @@
 ``TPI(b, s) = sum over voxels i of the tissue whose ray in beam b passes through control
 point s of D_1(l_b(i))``: the depth-dose-weighted amount of that tissue behind each control
 point. A control point is a block of ``cp_cells`` x ``cp_cells`` fine fluence amplitudes
-(5 x 5 in the paper). Computed once per geometry, on the device, as a scatter-add over the
-engine's per-beam voxel cache.
+(5 x 5 in the paper). Computed once per geometry, on the host, as a histogram over the
+host copy of the engine's per-beam voxel cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from ids_engine import backend
 
 __all__ = ["tpi_maps"]
 
@@ -27,27 +25,24 @@ def tpi_maps(engine, mask_zyx: np.ndarray, cp_cells: int = 5) -> list:
 
     Returns
     -------
-    list of (ncr, ncc) float32 device arrays, one per beam, ``ncr = ceil(nv / cp_cells)``.
-    ``D_1`` is the machine's first (primary) depth component, unnormalised; only ratios of
-    TPI values matter (mu in eq. 3 is chosen relative to them).
+    list of (ncr, ncc) float32 host arrays, one per beam, ``ncr = ceil(nv / cp_cells)``.
+    ``D_1`` is the beam's first (primary) depth component (from the kernel set it uses),
+    unnormalised; only ratios of TPI values matter (mu in eq. 3 is chosen relative to them).
+    Computed on the host from the engine's host copy of the geometry (no device work).
     """
-    xp = engine.xp
     flat = np.flatnonzero(np.asarray(mask_zyx, bool).ravel() & engine.body_mask.ravel())
-    flat_dev = xp.asarray(flat)
-    d_tab, c_tab = engine.machine.depth_table()
-    d_tab = xp.asarray(d_tab)
-    d1_tab = xp.asarray(c_tab[0])
     out = []
     for geo in engine.geometry:
-        lvl = geo.fine
+        lvl = geo.fine.host
+        d_tab, c_tab = (geo.machine or engine.machine).depth_table()
         # The tissue's voxels through the cache's position index: no pass over the whole body.
-        pos = lvl.position[flat_dev]
+        pos = lvl.position[flat]
+        pos = pos[pos >= 0]
         nv, nu = geo.fluence_grid.shape_vu
         ncr, ncc = -(-nv // cp_cells), -(-nu // cp_cells)
-        r = xp.clip(xp.floor(lvl.v[pos] / cp_cells).astype(xp.int64), 0, ncr - 1)
-        c = xp.clip(xp.floor(lvl.u[pos] / cp_cells).astype(xp.int64), 0, ncc - 1)
-        w = xp.interp(lvl.depth_mm[pos].astype(xp.float64), d_tab, d1_tab)
-        tpi = xp.bincount(r * ncc + c, weights=w, minlength=ncr * ncc).astype(xp.float32)
+        r = np.clip(np.floor(lvl.v_cells[pos] / cp_cells).astype(np.int64), 0, ncr - 1)
+        c = np.clip(np.floor(lvl.u_cells[pos] / cp_cells).astype(np.int64), 0, ncc - 1)
+        w = np.interp(lvl.depth_mm[pos].astype(np.float64), d_tab, c_tab[0])
+        tpi = np.bincount(r * ncc + c, weights=w, minlength=ncr * ncc).astype(np.float32)
         out.append(tpi.reshape(ncr, ncc))
-    backend.synchronize()
     return out
