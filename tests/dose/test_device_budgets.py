@@ -1,0 +1,102 @@
+"""Launch, sync and transfer budgets of the interactive loop (issue 10), counted on the
+device-cost backend (what CuPy would do), so they hold without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ids_engine import backend
+from ids_engine._devicecost import DeviceArray, counting
+from ids_engine.dmr import SetVoxelDose
+from ids_engine.dose import FluencePatch
+
+RX = 60.0
+# (launches, syncs) per stage, issue 10's goals.
+BUDGET = {"incremental_update": (20, 0), "dmr_step": (60, 2)}
+
+
+@pytest.fixture(scope="module")
+def counted_session():
+    import os
+
+    from ids_engine.session import Session
+
+    old = os.environ.get("IDS_BACKEND")
+    os.environ["IDS_BACKEND"] = "devicecost"
+    backend.reset_backend()
+    try:
+        yield Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
+    finally:
+        if old is None:
+            os.environ.pop("IDS_BACKEND", None)
+        else:
+            os.environ["IDS_BACKEND"] = old
+        backend.reset_backend()
+
+
+def _oar_rim_voxel(s) -> tuple[int, int, int]:
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    j = int(np.flatnonzero(oar[c[0], :, c[2]]).min())
+    return (int(c[0]), j, int(c[2]))
+
+
+def test_engine_state_lives_on_the_device(counted_session):
+    eng = counted_session.engine
+    for a in (eng.dose_fine, eng.dose_coarse, eng._fluence_buf, *eng._maps_buf.values(),
+              *(la.vox for la in eng._levels.values()), *(la.weights for la in eng._levels.values())):
+        assert isinstance(a, DeviceArray)
+
+
+def test_incremental_update_of_nine_beams_is_a_handful_of_launches_and_no_sync(counted_session):
+    eng = counted_session.engine
+    patches = [FluencePatch(b, g.fluence_grid.shape_vu[0] // 2 - 12, g.fluence_grid.shape_vu[1] // 2 - 12,
+                            np.full((25, 25), 0.01, np.float32)) for b, g in enumerate(eng.geometry)]
+    eng.apply_patches(patches)  # first call for this window shape caches the kernel spectra
+    with counting() as c:
+        eng.apply_patches([FluencePatch(p.beam, p.row0, p.col0, -p.delta) for p in patches])
+    launches, syncs = BUDGET["incremental_update"]
+    assert c.launches <= launches, c.top("launches")
+    assert c.syncs == syncs and c.d2h == 0
+    assert c.h2d <= 2  # the packed windows and the packed index tables
+
+
+def test_a_dmr_step_stays_within_its_launch_and_sync_budget(counted_session):
+    s = counted_session
+    m = _oar_rim_voxel(s)
+    with counting() as c0:
+        s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=0)
+    s.undo()
+    with counting() as c5:
+        res = s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=5)
+    s.undo()
+    steps = res.recovery_steps
+    assert steps == 5
+    launches, syncs = BUDGET["dmr_step"]
+    assert (c5.launches - c0.launches) <= launches * steps, c5.top("launches")
+    assert (c5.syncs - c0.syncs) <= syncs * steps, c5.top("syncs")
+
+
+def test_reading_the_dose_at_voxels_is_one_sync(counted_session):
+    eng = counted_session.engine
+    vox = np.random.default_rng(3).choice(eng.body_index, 500, replace=False)
+    with counting() as c:
+        d = eng.dose_at_voxels(vox)
+    assert c.syncs == 0 and c.launches <= 6 and c.h2d == 2
+    with counting() as c:
+        backend.asnumpy(d)
+    assert c.syncs == 1 and c.d2h == 1
+
+
+def test_dmr_queries_are_answered_on_the_host(counted_session):
+    """A patch's dose at voxels, a voxel's BEV position and the fluence under a patch: no device work."""
+    eng = counted_session.engine
+    vox = eng.body_index[:: max(1, eng.body_index.size // 200)]
+    p = FluencePatch(0, 40, 40, np.full((10, 10), 0.05, np.float32))
+    with counting() as c:
+        eng.delta_at_voxels([p], vox)
+        eng.delta_matrix([[p], [FluencePatch(1, 30, 30, np.ones((5, 5), np.float32))]], vox)
+        eng.voxel_bev(2, vox[:10])
+        eng.fluence_host(3)[10:20, 10:20].sum()
+    assert (c.launches, c.syncs, c.h2d, c.d2h) == (0, 0, 0, 0)
