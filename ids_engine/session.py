@@ -47,7 +47,7 @@ from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_di
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
-__all__ = ["CaseChangedError", "Conflict", "DMROptions", "FolderLockedError", "LatestRequestQueue", "RequestResult",
+__all__ = ["CaseChangedError", "Conflict", "DMROptions", "DisplayReadout", "FolderLockedError", "LatestRequestQueue", "RequestResult",
            "Session", "case_fingerprint", "case_from_spec", "case_label"]
 
 _log = logging.getLogger(__name__)
@@ -222,6 +222,21 @@ def case_from_spec(spec: dict) -> Patient:
     raise ValueError(f"case description {spec!r} names no phantom, dicom folder or matrad file")
 
 
+@dataclass(frozen=True, eq=False)
+class DisplayReadout:
+    """What a viewer frame shows (host arrays, Gy): the slices through ``index_zyx`` (axial
+    (ny, nx) at z, coronal (nz, nx) at y, sagittal (nz, ny) at x), the dose maximum and the
+    structures' DVHs (None when not asked for)."""
+
+    index_zyx: tuple[int, int, int]
+    axial_gy: np.ndarray
+    coronal_gy: np.ndarray
+    sagittal_gy: np.ndarray
+    max_gy: float
+    dvhs: tuple | None
+    plan_id: int
+
+
 def case_label(spec: dict) -> str:
     """A name for a case in reports and logs that does not repeat its input path (a DICOM
     folder is often named after the patient): the phantom's name, or the kind of input and
@@ -387,6 +402,33 @@ class Session:
         """Host copy of the dose cube (Gy, (z, y, x))."""
         with self._lock:
             return self.engine.dose_cube_host()
+
+    def display_readout(self, index_zyx, *, dvhs: bool = True) -> "DisplayReadout":
+        """What a viewer shows, read from the device without copying the dose cube: the three
+        orthogonal slices through ``index_zyx`` and the maximum (one transfer), and the DVH of
+        every structure (bin counts computed on the device, one transfer)."""
+        from ids_engine.evaluation import DeviceDVH
+
+        g = self.patient.grid
+        k, j, i = (int(v) for v in index_zyx)
+        nz, ny, nx = g.shape_zyx
+        if not (0 <= k < nz and 0 <= j < ny and 0 <= i < nx):
+            raise ValueError(f"display_readout: index_zyx {(k, j, i)} is outside the grid {g.shape_zyx}")
+        with self._lock:
+            xp = self.engine.xp
+            cube = self.engine.dose_cube()
+            packed = xp.concatenate([cube[k].reshape(-1), cube[:, j].reshape(-1), cube[:, :, i].reshape(-1),
+                                     cube.max().reshape(1)])
+            host = backend.asnumpy(packed)
+            curves = None
+            if dvhs:
+                if getattr(self, "_device_dvh", None) is None:
+                    self._device_dvh = DeviceDVH([(st.name, st.mask) for st in self.patient.structures],
+                                                 g.voxel_volume_cc, max_gy=2.0 * self.prescription_gy + 1.0)
+                curves = self._device_dvh.compute(cube.reshape(-1))
+        a, c = ny * nx, nz * nx
+        return DisplayReadout((k, j, i), host[:a].reshape(ny, nx), host[a : a + c].reshape(nz, nx),
+                              host[a + c : a + c + nz * ny].reshape(nz, ny), float(host[-1]), curves, self.plan_id)
 
     def dose_at(self, index_zyx) -> float:
         flat = int(np.ravel_multi_index(tuple(int(v) for v in index_zyx), self.patient.grid.shape_zyx))

@@ -100,3 +100,40 @@ def test_dmr_queries_are_answered_on_the_host(counted_session):
         eng.voxel_bev(2, vox[:10])
         eng.fluence_host(3)[10:20, 10:20].sum()
     assert (c.launches, c.syncs, c.h2d, c.d2h) == (0, 0, 0, 0)
+
+
+def test_a_preview_copies_the_displayed_slices_and_dvh_counts_not_the_cube(counted_session):
+    s = counted_session
+    g = s.patient.grid
+    centre = tuple(n // 2 for n in g.shape_zyx)
+    s.display_readout(centre)  # the structures' indices go to the device once
+    with counting() as c:
+        r = s.display_readout(centre)
+    cube_bytes = g.size * 4
+    assert c.syncs == 2 and c.d2h == 2
+    assert c.d2h_bytes < cube_bytes / 5, (c.d2h_bytes, cube_bytes)
+    dose = s.dose()
+    k, j, i = centre
+    np.testing.assert_array_equal(r.axial_gy, dose[k])
+    np.testing.assert_array_equal(r.coronal_gy, dose[:, j])
+    np.testing.assert_array_equal(r.sagittal_gy, dose[:, :, i])
+    assert r.max_gy == pytest.approx(float(dose.max()))
+
+
+def test_device_dvh_matches_the_exact_dvh_to_one_bin(coarse_horseshoe_session):
+    from ids_engine.evaluation import dvh
+
+    s = coarse_horseshoe_session
+    r = s.display_readout(tuple(n // 2 for n in s.patient.grid.shape_zyx))
+    dose = s.dose()
+    vcc = s.patient.grid.voxel_volume_cc
+    for curve in r.dvhs:
+        exact = dvh(curve.name, dose, s.patient.structure(curve.name).mask, vcc)
+        assert curve.volume_cc == pytest.approx(exact.volume_cc)
+        # Same 0.1 Gy bins from 0; a voxel on a bin edge may fall on either side (float32
+        # binning on the device): each point of the curve lies between its neighbours' exact values.
+        n = min(curve.dose_gy.size, exact.dose_gy.size) - 1
+        ex = np.concatenate([[1.0], exact.volume_fraction[:n + 1], [0.0]])
+        got = curve.volume_fraction[:n]
+        assert np.all(got <= ex[:n] + 1e-9) and np.all(got >= ex[2 : n + 2] - 1e-9)
+        assert np.mean(np.abs(got - exact.volume_fraction[:n])) < 1e-4
