@@ -21,8 +21,10 @@ attributed to the first caller outside this module (``file:line function``): see
 :func:`counting`. The model follows CuPy 13: one launch per ufunc call and per reduction,
 creation routines other than ``empty`` write memory (one launch), ``cupyx.scipy.signal.
 fftconvolve`` is two forward FFTs, a product, an inverse FFT and a copy (five launches, the
-padding copies included as two more), a ``RawKernel`` call is one launch. It is a model, not
-a profiler: it errs towards counting what CuPy would do in the common case.
+padding copies included as two more), a ``RawKernel`` call is one launch, a
+``cupyx.scipy.sparse`` COO-to-CSC conversion ten launches and one sync, a sparse product one
+launch. It is a model, not a profiler: it errs towards counting what CuPy would do in the common
+case.
 """
 
 from __future__ import annotations
@@ -374,12 +376,15 @@ _NOT_IN_CUPY = {"vectorize", "frompyfunc", "fromfunction", "loadtxt", "genfromtx
 
 def _asarray(a, dtype=None, order=None, copy=None, **_):
     host = _h2d(a)
+    if not isinstance(a, DeviceArray):
+        # A copy, as a host-to-device transfer is: the device array never aliases host memory
+        # (writes to one must not show in the other, as on a GPU).
+        return DeviceArray(np.array(host, dtype=dtype, order=order or "K"))
     out = np.asarray(host, dtype=dtype, order=order)
-    if isinstance(a, DeviceArray) and out is not a._a:
+    if out is not a._a:
         _count("launches")  # a dtype or layout change on the device
-    elif isinstance(a, DeviceArray):
-        return a
-    return DeviceArray(out)
+        return DeviceArray(out)
+    return a
 
 
 def _array(a, dtype=None, copy=True, order="K", **_):
@@ -397,7 +402,7 @@ def _ascontiguousarray(a, dtype=None, **_):
             return a
         _count("launches")
         return DeviceArray(np.ascontiguousarray(a._a, dtype=dtype))
-    return DeviceArray(np.ascontiguousarray(_h2d(a), dtype=dtype))
+    return DeviceArray(np.array(_h2d(a), dtype=dtype, order="C"))  # a copy: no aliasing of host memory
 
 
 def _asnumpy(a, stream=None, **_):
@@ -516,6 +521,88 @@ def _scatter_add(a, slices, value):
     np.add.at(target, _unwrap(slices, "cupyx.scatter_add"), _unwrap(value, "cupyx.scatter_add"))
 
 
+class _CscMatrix:
+    """Stand-in for ``cupyx.scipy.sparse.csc_matrix``: ``data``, ``indices`` and ``indptr`` on the
+    device. ``get()`` is the explicit copy to a SciPy matrix; a product with a device array is
+    one launch (cuSPARSE); a host operand raises, as in CuPy."""
+
+    format = "csc"
+
+    def __init__(self, data, indices, indptr, shape) -> None:
+        self.data, self.indices, self.indptr = DeviceArray(data), DeviceArray(indices), DeviceArray(indptr)
+        self.shape = tuple(int(s) for s in shape)
+
+    dtype = property(lambda self: self.data.dtype)
+    nnz = property(lambda self: int(self.data.shape[0]))  # known on the host: no sync
+    ndim = 2
+
+    def __repr__(self) -> str:
+        return f"<devicecost csc_matrix shape={self.shape} nnz={self.nnz} dtype={self.dtype}>"
+
+    def _host(self):
+        import scipy.sparse as sp  # noqa: PLC0415
+
+        return sp.csc_matrix((self.data._a, self.indices._a, self.indptr._a), shape=self.shape)
+
+    def get(self, stream=None):
+        _count("syncs")
+        for a in (self.data, self.indices, self.indptr):
+            _count("d2h", 1, a.nbytes)
+        return self._host().copy()
+
+    def tocsc(self, copy=False):
+        return self
+
+    def toarray(self):
+        _count("launches")
+        return DeviceArray(self._host().toarray())
+
+    def __matmul__(self, other):
+        if not isinstance(other, DeviceArray):
+            raise TypeError(f"Unsupported type {type(other)} (a host operand of a device sparse matrix product: "
+                            "copy it to the device first)")
+        _count("launches")
+        return DeviceArray(np.asarray(self._host() @ other._a))
+
+    dot = __matmul__
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(_IMPLICIT)
+
+
+class _CooMatrix:
+    """Stand-in for ``cupyx.scipy.sparse.coo_matrix((data, (row, col)), shape)`` (device triplets);
+    ``tocsc()`` sums duplicates as CuPy's does (a sort, a segmented sum, a compression: counted as
+    ten launches and one sync, where the host learns the number of distinct entries)."""
+
+    format = "coo"
+
+    def __init__(self, arg, shape=None, dtype=None) -> None:
+        data, (row, col) = arg
+        for a in (data, row, col):
+            if not isinstance(a, DeviceArray):
+                raise TypeError(f"Unsupported type {type(a)} (coo_matrix needs device arrays)")
+        if shape is None:
+            raise ValueError("coo_matrix: give the shape")
+        if dtype is not None and np.dtype(dtype) != data.dtype:
+            data = data.astype(dtype)
+        self.data, self.row, self.col = data, row, col
+        self.shape = tuple(int(s) for s in shape)
+
+    nnz = property(lambda self: int(self.data.shape[0]))
+    dtype = property(lambda self: self.data.dtype)
+
+    def tocsc(self, copy=False) -> _CscMatrix:
+        import scipy.sparse as sp  # noqa: PLC0415
+
+        _count("launches", 10)
+        _count("syncs")
+        m = sp.coo_matrix((self.data._a, (self.row._a, self.col._a)), shape=self.shape).tocsc()
+        m.sum_duplicates()
+        return _CscMatrix(m.data, m.indices.astype(np.int32, copy=False), m.indptr.astype(np.int32, copy=False),
+                          self.shape)
+
+
 def _memoize(for_each_device=False):
     def deco(fn):
         cache = {}
@@ -546,6 +633,8 @@ devicecost.linalg = _Namespace("devicecost.linalg", np.linalg)
 devicecost.cuda = types.SimpleNamespace(
     Device=_Device, get_current_stream=lambda: _Stream(),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-devicecost.cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(signal=types.SimpleNamespace(fftconvolve=_fftconvolve)),
-                                         scatter_add=_scatter_add)
+devicecost.cupyx = types.SimpleNamespace(
+    scipy=types.SimpleNamespace(signal=types.SimpleNamespace(fftconvolve=_fftconvolve),
+                                sparse=types.SimpleNamespace(coo_matrix=_CooMatrix, csc_matrix=_CscMatrix)),
+    scatter_add=_scatter_add)
 devicecost.__version__ = "devicecost (NumPy " + np.__version__ + ")"

@@ -40,6 +40,17 @@ def xp_name(request, monkeypatch):
     backend.reset_backend()
 
 
+@pytest.fixture(params=["devicecost", pytest.param("cupy", marks=pytest.mark.gpu)])
+def device_backend(request, monkeypatch):
+    """Run a test body on a device backend: the device-cost counting backend (NumPy underneath,
+    CuPy's semantics and refusals on top: runs everywhere) and CuPy (GPU only). Sets
+    IDS_BACKEND and yields its name; the test compares against NumPy itself."""
+    monkeypatch.setenv("IDS_BACKEND", request.param)
+    backend.reset_backend()
+    yield request.param
+    backend.reset_backend()
+
+
 @pytest.fixture(scope="module")
 def coarse_horseshoe_session():
     """A coarse horseshoe session (9 open fields, 60 Gy), one per test module."""

@@ -48,6 +48,44 @@ def test_host_to_device_copies_are_counted():
     assert c.launches == 1  # one scatter kernel
 
 
+def test_host_to_device_copies_never_alias_host_memory():
+    """A device array made from a host array is a copy (as on a GPU): writes to either side do
+    not show in the other, so a host mirror the engine forgets to update is caught."""
+    for make in (dc.asarray, dc.array, dc.ascontiguousarray):
+        h = np.zeros(4, np.float32)
+        d = make(h)
+        d += 1.0
+        h[0] = 5.0
+        np.testing.assert_array_equal(h, [5, 0, 0, 0])
+        np.testing.assert_array_equal(d.get(), [1, 1, 1, 1])
+
+
+def test_sparse_coo_to_csc_on_the_device():
+    from scipy import sparse
+
+    csp = dc.cupyx.scipy.sparse
+    vals = dc.asarray(np.array([1.0, 2.0, 3.0, 4.0], np.float32))
+    rows = dc.asarray(np.array([0, 2, 0, 1], np.int32))
+    cols = dc.asarray(np.array([1, 0, 1, 2], np.int32))  # (0, 1) twice: summed
+    with counting() as c:
+        m = csp.coo_matrix((vals, (rows, cols)), shape=(3, 3)).tocsc()
+    assert c.launches == 10 and c.syncs == 1 and c.d2h == 0
+    assert m.shape == (3, 3) and m.nnz == 3 and m.dtype == np.float32
+    assert all(isinstance(a, DeviceArray) for a in (m.data, m.indices, m.indptr))
+    want = np.array([[0, 4, 0], [0, 0, 4], [2, 0, 0]], np.float32)
+    with counting() as c:
+        y = m @ dc.asarray(np.array([1.0, 10.0, 100.0], np.float32))
+        h = m.get()
+    assert c.launches == 1 and c.syncs == 1
+    assert isinstance(y, DeviceArray) and isinstance(h, sparse.csc_matrix)
+    np.testing.assert_array_equal(h.toarray(), want)
+    np.testing.assert_array_equal(y.get(), want @ [1, 10, 100])
+    with pytest.raises(TypeError, match="host operand"):
+        m @ np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="device arrays"):
+        csp.coo_matrix((np.ones(2, np.float32), (rows[:2], cols[:2])), shape=(3, 3))
+
+
 def test_data_dependent_sizes_sync():
     a = dc.asarray(np.array([0, 3, 0, 5]))
     with counting() as c:

@@ -29,7 +29,7 @@ class InfluenceMatrix:
     """A sparse dose-influence matrix and what its rows and columns mean.
 
     matrix : (n_voxels, n_beamlets) CSC, Gy per unit beamlet weight (MU), scipy (NumPy) or
-        cupyx.scipy (CuPy) sparse.
+        cupyx.scipy (CuPy; on the counting backend its stand-in) sparse, on the engine's device.
     grid : the dose grid of the rows; ``voxels`` are flat indices into it.
     beamlets : (n_beamlets, 3) int: beam, fine-grid row0, col0 of each beamlet block.
     beamlet_cells : block size in fine amplitudes.
@@ -127,6 +127,7 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
         jr0 = xp.floor(vf / bc).astype(xp.int64)
         jc0 = xp.floor(uf / bc).astype(xp.int64)
         vox_rows = xp.arange(voxels.size, dtype=xp.int64)
+        col_dev = xp.asarray(col_of)  # one upload per beam, not one per window
         wf = w[list(geo.fine.components)] if geo.fine.components else None
         wc = w[list(geo.coarse.components)] if geo.coarse.components else None
         for dr in range(-nwin, nwin + 1):
@@ -141,7 +142,7 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
                     ok &= xp.hypot(vf - cr, uf - cc) * fg.pitch_mm <= cutoff_mm
                 jr_s = xp.where(ok, jr, 0)
                 jc_s = xp.where(ok, jc, 0)
-                col = xp.asarray(col_of)[jr_s, jc_s]
+                col = col_dev[jr_s, jc_s]
                 ok &= col >= 0
                 if not bool(ok.any()):
                     continue

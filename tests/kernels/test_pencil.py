@@ -87,3 +87,47 @@ def test_convolve_cuda_matches_numpy(rng):
     k = rng.random((21, 21)).astype(np.float32)
     np.testing.assert_allclose(cupy.asnumpy(convolve_full(cupy.asarray(a), cupy.asarray(k))), convolve_full(a, k),
                                rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- device backends
+# ``device_backend``: the device-cost counting backend everywhere (CuPy's semantics over NumPy),
+# CuPy on a GPU; each against the NumPy twin or the float64 reference.
+def test_sample_bilinear_device_matches_numpy(device_backend, rng):
+    from ids_engine import backend
+
+    xp = backend.xp()
+    _, u, v, _, maps = _case(rng, nc=3)
+    for origin in ((0, 0), (2, -3)):
+        host = sample_bilinear(maps, v, u, origin)
+        dev = sample_bilinear(xp.asarray(maps), xp.asarray(v), xp.asarray(u), origin)
+        assert backend.array_module(dev) is xp and dev.dtype == np.float32
+        np.testing.assert_allclose(backend.asnumpy(dev), host, **TOL[np.float32])
+
+
+def test_accumulate_device_adds_up_duplicate_voxels(device_backend, rng):
+    """atomicAdd semantics: a voxel listed several times gets every contribution."""
+    from ids_engine import backend
+
+    xp = backend.xp()
+    vox, u, v, weights, maps = _case(rng)
+    # Every fifth voxel again, and one voxel five times, with their own positions and weights.
+    dup = np.concatenate([vox[::5], np.repeat(vox[7], 4)])
+    vox_d = np.concatenate([vox, dup]).astype(np.int32)
+    n_extra = dup.size
+    u_d = np.concatenate([u, rng.uniform(-4, 27, n_extra).astype(np.float32)])
+    v_d = np.concatenate([v, rng.uniform(-4, 21, n_extra).astype(np.float32)])
+    w_d = np.concatenate([weights, rng.random((weights.shape[0], n_extra)).astype(np.float32)], axis=1)
+    origin = (1, 2)
+    ref = _reference(5000, vox_d, u_d, v_d, w_d, maps, origin)
+    start = rng.random(5000).astype(np.float32)  # accumulates onto what is there
+    dev = accumulate_bilinear(xp.asarray(start), xp.asarray(vox_d), xp.asarray(u_d), xp.asarray(v_d),
+                              xp.asarray(w_d), xp.asarray(maps), origin)
+    got = backend.asnumpy(dev)
+    np.testing.assert_allclose(got, start + ref, **TOL[np.float32])
+    # The same as the NumPy twin run once per group of distinct voxels.
+    n = vox.size
+    twin = accumulate_bilinear_numpy(start.copy(), vox, u_d[:n], v_d[:n], w_d[:, :n], maps, origin)
+    for part in (slice(n, n + vox[::5].size), *(slice(k, k + 1) for k in range(n + vox[::5].size, vox_d.size))):
+        twin = accumulate_bilinear_numpy(twin, vox_d[part], u_d[part], v_d[part], w_d[:, part], maps, origin)
+    np.testing.assert_allclose(got, twin, **TOL[np.float32])
+    assert np.abs(got[vox[7]] - start[vox[7]]) > 0
