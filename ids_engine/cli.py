@@ -211,6 +211,8 @@ def cmd_shape(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    import os
+
     try:
         from ids_engine.viewer import launch
     except ImportError as exc:
@@ -220,6 +222,14 @@ def cmd_view(args: argparse.Namespace) -> int:
         if value and not Path(value).exists():
             print(f"error: {flag} {value}: no such file or folder", file=sys.stderr)
             return 2
+    # Without a display Qt aborts the process with a page of plugin advice; say it in one line.
+    # (X11 and Wayland desktops set one of these; macOS and Windows need neither.)
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if (sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
+            and not platform.startswith(("eglfs", "linuxfb", "vnc"))):
+        print("error: ids view needs a display: neither DISPLAY nor WAYLAND_DISPLAY is set (run it in a desktop "
+              "session, over ssh -X, or headless under xvfb-run -a ids view ...)", file=sys.stderr)
+        return 2
     case = None
     if args.dicom:
         case = {"dicom": args.dicom}
@@ -295,10 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing --out folder, once the new session is complete")
     s.set_defaults(func=cmd_shape)
 
-    s = sub.add_parser("view", help="open the desktop viewer (needs the 'viewer' extra)",
+    from ids_engine.phantoms import PHANTOMS
+
+    s = sub.add_parser("view", help="open the desktop viewer (needs the 'viewer' extra and a display)",
                        description="Open the vispy + PyQt6 viewer on a built-in phantom (default: horseshoe), "
-                                   "a DICOM folder, a matRad file or a saved session.")
-    s.add_argument("--phantom", choices=["horseshoe", "tg119"], default="horseshoe")
+                                   "a DICOM folder, a matRad file or a saved session. Phantoms without a target "
+                                   "(water, slab) open for dose display: one open field with its depth dose and "
+                                   "profile.")
+    s.add_argument("--phantom", choices=list(PHANTOMS), default="horseshoe",
+                   help="built-in phantom (the list File > Open phantom offers)")
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical")
     s.add_argument("--dicom", help="DICOM folder (CT + RTSTRUCT)")
     s.add_argument("--matrad", help="matRad .mat phantom")

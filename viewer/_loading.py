@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,10 +19,11 @@ from ids_engine.model import Beam, Patient
 from ids_engine.planning import conformal_aperture
 from ids_engine.session import Session, case_from_spec
 
+from ._field import open_field_display_session
 from ._meshes import SurfaceMesh, mask_mesh
 
 __all__ = ["CaseDisplay", "DEFAULT_PRESCRIPTION_GY", "SessionLoader", "build_session", "case_display",
-           "open_field_session"]
+           "open_field_session", "reference_dose"]
 
 DEFAULT_PRESCRIPTION_GY = 60.0
 OPEN_FIELD_MARGIN_MM = 8.0  # as Session.open_field_plan
@@ -29,9 +31,13 @@ OPEN_FIELD_MARGIN_MM = 8.0  # as Session.open_field_plan
 
 def build_session(case: dict, prescription_gy: float = DEFAULT_PRESCRIPTION_GY, progress=None) -> Session:
     """A session for a case description ({"phantom": .., "resolution": ..}, {"dicom": ..} or
-    {"matrad": ..}), starting from the open-field plan (9 equispaced beams)."""
+    {"matrad": ..}), starting from the open-field plan (9 equispaced beams). A case without a
+    target (the water and slab boxes) opens for dose display: one open field (see
+    :func:`~ids_engine.viewer._field.open_field_display_session`)."""
     case = {k: v for k, v in case.items() if k != "prescription_gy"}
     patient = case_from_spec(case)
+    if not patient.targets:
+        return open_field_display_session(patient, prescription_gy, case, progress=progress)
     return Session.open_field_plan(patient, prescription_gy=prescription_gy, case=case, progress=progress)
 
 
@@ -62,11 +68,41 @@ def open_field_session(patient: Patient, beams: Sequence[Beam], prescription_gy:
 
 @dataclass(frozen=True, eq=False)
 class CaseDisplay:
-    """What the views need of a patient besides the dose (host values, built once per case)."""
+    """What the views need of a patient besides the dose (host values, built once per case).
+
+    reference_gy : (z, y, x) float32 Gy on the CT grid, an RT Dose found beside a DICOM case
+        (resampled onto the CT grid) to compare the plan with, or None.
+    notes : what the planner should know about the case as opened (the reference dose read,
+        or why an RT Dose could not be used), one line each.
+    """
 
     structures: tuple  # (name, rgb, mask) for contours
     body_mesh: SurfaceMesh | None
     structure_meshes: tuple  # (name, rgb, SurfaceMesh) of the structures other than the body
+    reference_gy: np.ndarray | None = None
+    reference_name: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def reference_dose(patient: Patient) -> tuple[np.ndarray | None, str, tuple[str, ...]]:
+    """The first readable RT Dose of a DICOM case (``patient.meta["rtdose_files"]``) on the CT
+    grid: (dose (z, y, x) float32 Gy or None, its file name, notes for the planner)."""
+    from ids_engine.io import InputError, read_rtdose
+
+    files = list(patient.meta.get("rtdose_files") or ())
+    notes: list[str] = []
+    for f in files:
+        try:
+            dose = read_rtdose(f, patient.grid, patient.frame_of_reference_uid or None)
+        except (InputError, OSError, ValueError) as exc:
+            notes.append(f"RT Dose {Path(f).name} not used: {exc}")
+            continue
+        notes.insert(0, f"Reference dose {Path(f).name} loaded (max {float(dose.max()):.3g} Gy): "
+                        "Dose: Plan − reference shows the difference on the slices")
+        if len(files) > 1:
+            notes.append(f"{len(files)} RT Dose files in the folder; the first readable one is the reference")
+        return dose.astype(np.float32, copy=False), Path(f).name, tuple(notes)
+    return None, "", tuple(notes)
 
 
 def case_display(session: Session) -> CaseDisplay:
@@ -77,7 +113,11 @@ def case_display(session: Session) -> CaseDisplay:
     body = mask_mesh(ext.mask, sp) if ext.mask.any() else None
     meshes = tuple((s.name, tuple(s.colour), mask_mesh(s.mask, sp)) for s in p.structures
                    if s.mask.any() and s.name != ext.name)
-    return CaseDisplay(contours, body, meshes)
+    reference, name, notes = reference_dose(p)
+    if not p.targets:
+        notes = (f"{p.name} has no target: dose display of one open field (depth dose and profile in the "
+                 "Open field panel); nothing to shape",) + notes
+    return CaseDisplay(contours, body, meshes, reference, name, notes)
 
 
 class SessionLoader(QtCore.QObject):

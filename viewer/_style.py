@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "DIFF_RANGE_PCT",
     "ISODOSE_PCT",
+    "ORIENTATION",
+    "WASH_RANGE",
     "WINDOW_PRESETS",
     "IsodoseLevel",
     "compose_slice_rgba",
+    "difference_colour",
+    "difference_wash_rgba",
     "dose_wash_rgba",
+    "format_levels",
     "isodose_colour",
     "isodose_levels",
+    "parse_isodose_levels",
 ]
+
+# DICOM patient coordinates: +x towards the patient's left, +y posterior, +z towards the
+# head. Letters of the (negative, positive) end of each (z, y, x) index axis (grid indices
+# grow with the coordinates; see ids_engine.model.Grid).
+ORIENTATION = {"x": ("R", "L"), "y": ("A", "P"), "z": ("F", "H")}
 
 # Isodose levels shown by default, % of the prescription.
 ISODOSE_PCT = (30.0, 50.0, 70.0, 90.0, 95.0, 100.0, 107.0)
@@ -43,6 +56,23 @@ _WASH_RGB = np.array([
 ])
 
 
+# The dose wash spans these fractions of the prescription (transparent below the first).
+WASH_RANGE = (0.2, 1.2)
+
+# The difference wash (plan - reference) saturates at this % of the prescription and is
+# transparent within DIFF_THRESHOLD_PCT of zero.
+DIFF_RANGE_PCT = 10.0
+DIFF_THRESHOLD_PCT = 1.0
+_DIFF_STOPS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+_DIFF_RGB = np.array([
+    [0.15, 0.30, 1.00],
+    [0.35, 0.75, 1.00],
+    [0.95, 0.95, 0.95],
+    [1.00, 0.65, 0.20],
+    [1.00, 0.15, 0.10],
+])
+
+
 def isodose_colour(fraction: float) -> tuple[float, float, float]:
     """RGB (0..1) of the isodose at ``fraction`` of the prescription (same table as the wash)."""
     return tuple(float(np.interp(fraction, _WASH_STOPS, _WASH_RGB[:, k])) for k in range(3))
@@ -65,6 +95,82 @@ def isodose_levels(prescription_gy: float, pcts=ISODOSE_PCT) -> tuple[IsodoseLev
     return tuple(IsodoseLevel(prescription_gy * p / 100.0, float(p), isodose_colour(p / 100.0)) for p in pcts)
 
 
+_TOKEN = re.compile(r"\s*(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(%|gy)|([,;]))\s*", re.IGNORECASE)
+MAX_LEVEL_PCT = 300.0
+
+
+def parse_isodose_levels(text: str, prescription_gy: float) -> tuple[float, ...]:
+    """Isodose levels typed by the planner, as sorted % of the prescription.
+
+    Values are separated by commas, semicolons or spaces; each may carry a unit ("57 Gy",
+    "95%"). A unit also applies to the bare values before it back to the previous unit
+    ("30, 50, 70 %" is three percentages); bare values after the last unit take that unit,
+    and with no unit at all they are percentages. E.g. "20 Gy, 50 95 100 107 %".
+
+    Raises ValueError naming the offending text: nothing typed, a value that is not a
+    positive number, or a level above ``MAX_LEVEL_PCT`` % of the prescription.
+    """
+    if not prescription_gy > 0:
+        raise ValueError(f"the prescription must be positive, got {prescription_gy:g} Gy")
+    values: list[float] = []
+    units: list[str | None] = []
+    pos = 0
+    text = str(text)
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            bad = text[pos:].split()[0] if text[pos:].split() else text[pos:]
+            raise ValueError(f"{bad!r} is not a number, % or Gy")
+        pos = m.end()
+        if m.group(1) is not None:
+            values.append(float(m.group(1)))
+            units.append(None)
+        elif m.group(2) is not None:
+            unit = "%" if m.group(2) == "%" else "Gy"
+            if not units or units[-1] is not None:
+                raise ValueError(f"{m.group(2)!r} follows no value")
+            k = len(units) - 1
+            while k >= 0 and units[k] is None:
+                units[k] = unit
+                k -= 1
+    if not values:
+        raise ValueError("type at least one isodose level, e.g. 50, 95, 100 % or 57 Gy")
+    last = next((u for u in reversed(units) if u is not None), "%")
+    pcts = []
+    for v, u in zip(values, units):
+        pct = v if (u or last) == "%" else 100.0 * v / prescription_gy
+        shown = f"{v:g} {u or last}"
+        if not (np.isfinite(pct) and pct > 0):
+            raise ValueError(f"isodose level {shown} must be positive")
+        if pct > MAX_LEVEL_PCT:
+            raise ValueError(f"isodose level {shown} is above {MAX_LEVEL_PCT:g} % of the prescription")
+        pcts.append(round(pct, 6))
+    return tuple(sorted(set(pcts)))
+
+
+def format_levels(pcts) -> str:
+    """Levels (% of the prescription) as the text :func:`parse_isodose_levels` reads back."""
+    return ", ".join(f"{p:.4g}" for p in pcts) + " %"
+
+
+def difference_colour(fraction: float) -> tuple[float, float, float]:
+    """RGB of the difference wash at ``fraction`` of its range (-1 .. 1)."""
+    return tuple(float(np.interp(fraction, _DIFF_STOPS, _DIFF_RGB[:, k])) for k in range(3))
+
+
+def difference_wash_rgba(diff_gy: np.ndarray, prescription_gy: float, alpha: float = 0.45) -> np.ndarray:
+    """Colour-wash RGBA (float32, 0..1) of a dose difference slice (plan - reference, Gy):
+    blue where the plan is lower, red where it is higher, saturating at
+    ``DIFF_RANGE_PCT`` % of the prescription; transparent within ``DIFF_THRESHOLD_PCT`` %."""
+    f = np.asarray(diff_gy, dtype=np.float32) / np.float32(DIFF_RANGE_PCT / 100.0 * prescription_gy)
+    rgba = np.empty(f.shape + (4,), np.float32)
+    for k in range(3):
+        rgba[..., k] = np.interp(f, _DIFF_STOPS, _DIFF_RGB[:, k])
+    t = DIFF_THRESHOLD_PCT / DIFF_RANGE_PCT
+    rgba[..., 3] = alpha * np.clip((np.abs(f) - t) / t, 0.0, 1.0)
+    return rgba
+
+
 def dose_wash_rgba(dose_gy: np.ndarray, prescription_gy: float, alpha: float = 0.45,
                    threshold_fraction: float = 0.2) -> np.ndarray:
     """Colour-wash RGBA (float32, 0..1) of a dose slice; transparent below the threshold."""
@@ -78,13 +184,16 @@ def dose_wash_rgba(dose_gy: np.ndarray, prescription_gy: float, alpha: float = 0
 
 
 def compose_slice_rgba(ct_hu: np.ndarray, window_hu: float, level_hu: float, dose_gy: np.ndarray | None,
-                       prescription_gy: float, wash_alpha: float = 0.45) -> np.ndarray:
-    """CT slice in grey (window/level) with the dose wash blended on top: (rows, cols, 4) uint8."""
+                       prescription_gy: float, wash_alpha: float = 0.45, *, difference: bool = False) -> np.ndarray:
+    """CT slice in grey (window/level) with the dose wash blended on top: (rows, cols, 4) uint8.
+    With ``difference`` the slice ``dose_gy`` is a dose difference (Gy) and gets the
+    difference wash."""
     lo = level_hu - window_hu / 2.0
     grey = np.clip((np.asarray(ct_hu, np.float32) - lo) / max(window_hu, 1.0), 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     if dose_gy is not None and wash_alpha > 0:
-        wash = dose_wash_rgba(dose_gy, prescription_gy, wash_alpha)
+        wash = (difference_wash_rgba(dose_gy, prescription_gy, wash_alpha) if difference
+                else dose_wash_rgba(dose_gy, prescription_gy, wash_alpha))
         a = wash[..., 3:4]
         rgb = rgb * (1.0 - a) + wash[..., :3] * a
     out = np.empty(rgb.shape[:2] + (4,), np.uint8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PyQt6 import QtCore, QtGui, QtWidgets
@@ -19,13 +20,15 @@ from ids_engine.session import Session
 from ._backend import use_qt
 from ._loading import (DEFAULT_PRESCRIPTION_GY, CaseDisplay, SessionLoader, build_session, case_display,
                        open_field_session)
-from ._style import ISODOSE_PCT, WINDOW_PRESETS, isodose_levels
+from ._style import ISODOSE_PCT, WINDOW_PRESETS, format_levels, isodose_levels, parse_isodose_levels
 from ._theme import apply_theme
 from .dvh import DVHPanel
+from .field_panel import FieldPanel
+from .legend import WashLegend
 from .panels import BeamPanel, HistoryList
 from .slices import AXES, SliceView
 from .view3d import View3D
-from .worker import QtEngineWorker, Snapshot, conflict_status_text
+from .worker import QtEngineWorker, Snapshot, conflict_status_text, voxel_text
 
 __all__ = ["MainWindow", "launch"]
 
@@ -55,7 +58,12 @@ class MainWindow(QtWidgets.QMainWindow):
         self.snapshot: Snapshot | None = None
         self.last_job_id = 0
         self.levels = ()
+        self.level_pcts: tuple[float, ...] = ISODOSE_PCT  # the isodose levels shown, % of the prescription
         self.selected_voxel: tuple[int, int, int] | None = None
+        self.reference_gy: np.ndarray | None = None  # a reference dose (RT Dose of a DICOM case), host (z, y, x) Gy
+        self.display_only = False  # a case without a target: dose display, nothing to shape
+        self._hover_zyx = None  # where the mouse is (voxel units), for the read-out
+        self._awaiting_dose = False  # a case is open but its first dose has not arrived
         self._drag: dict | None = None
         self._groups = 0
         self._pending_commit = 0
@@ -72,8 +80,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.view3d = View3D()
         self._build_central()
         self.dvh = DVHPanel()
+        self.field = FieldPanel()
         self.beams = BeamPanel()
         self.history = HistoryList()
+        self._case_notes: tuple[str, ...] = ()
         self._build_docks()
         self._build_actions()
         self._build_toolbars()
@@ -114,6 +124,9 @@ class MainWindow(QtWidgets.QMainWindow):
             return d
 
         self.dvh_dock = dock("Dose-volume histogram", self.dvh, "dvh")
+        self.field_dock = dock("Open field", self.field, "field")
+        self.tabifyDockWidget(self.dvh_dock, self.field_dock)
+        self.field_dock.hide()
         self.beams_dock = dock("Beams", self.beams, "beams")
         self.history_dock = dock("History", self.history, "history")
         self.resizeDocks([self.dvh_dock], [470], QtCore.Qt.Orientation.Horizontal)
@@ -251,6 +264,30 @@ class MainWindow(QtWidgets.QMainWindow):
         db.addWidget(self.case_label)
         self.display_bar = db
 
+        self.addToolBarBreak()
+        lb = self.addToolBar("Dose display")
+        lb.setObjectName("dose-display")
+        lb.setMovable(False)
+        lb.addWidget(QtWidgets.QLabel("Isodoses"))
+        self.levels_edit = QtWidgets.QLineEdit(format_levels(self.level_pcts))
+        self.levels_edit.setMinimumWidth(230)
+        self.levels_edit.setMaximumWidth(320)
+        self.levels_edit.setToolTip("Isodose levels shown: values in % of the prescription or Gy, e.g. "
+                                    "\"20 Gy, 50 95 100 107 %\"; press Enter to apply")
+        lb.addWidget(self.levels_edit)
+        lb.addWidget(QtWidgets.QLabel("Dose"))
+        self.dose_mode_box = QtWidgets.QComboBox()
+        self.dose_mode_box.addItem("Plan", "plan")
+        self.dose_mode_box.addItem("Plan − reference", "difference")
+        self.dose_mode_box.setToolTip("What the slices' colour wash shows; Plan − reference needs a reference "
+                                      "dose (an RT Dose in the DICOM folder)")
+        self.dose_mode_box.setEnabled(False)
+        lb.addWidget(self.dose_mode_box)
+        lb.addSeparator()
+        self.legend = WashLegend()
+        lb.addWidget(self.legend)
+        self.dose_bar = lb
+
         self.level_box.currentIndexChanged.connect(self._on_level_changed)
         self.dose_box.valueChanged.connect(self._on_dose_value)
         self.radius_box.valueChanged.connect(lambda r: [v.set_brush_radius(r) for v in self.slice_views.values()])
@@ -259,6 +296,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.level_hu_box.valueChanged.connect(self._on_window_boxes)
         self.unit_box.currentTextChanged.connect(self._set_label_unit)
         self.wash_slider.valueChanged.connect(lambda _v: self._toggle_wash(self.act_wash.isChecked()))
+        self.levels_edit.returnPressed.connect(self._on_levels_typed)
+        self.dose_mode_box.currentIndexChanged.connect(self._on_dose_mode)
 
     def _build_menus(self) -> None:
         mb = self.menuBar()
@@ -294,8 +333,8 @@ class MainWindow(QtWidgets.QMainWindow):
         sb.addPermanentWidget(self.perf)
 
     def _connect_views(self) -> None:
-        for v in self.slice_views.values():
-            v.hovered.connect(self._on_hover)
+        for axis, v in self.slice_views.items():
+            v.hovered.connect(lambda zyx, a=axis: self._on_hover(zyx, a))
             v.slice_changed.connect(self._on_slice_changed)
             v.crosshair_moved.connect(self._on_crosshair)
             v.voxel_picked.connect(self.select_voxel)
@@ -329,6 +368,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self._loader.start(lambda progress: build_session(case, rx, progress=progress))
 
     def open_session(self, folder: str) -> None:
+        if self.session is not None and _same_folder(_journal_folder(self.session), folder):
+            # Reopening the folder the open session journals to: it holds the folder's lock,
+            # and what it would reopen is this session, so let it go first.
+            self._stop_worker()
+            self.session.close()
         self._begin_loading(f"Reopening the session in {folder}…")
         self._loader.start(lambda progress: Session.load(folder, progress=progress))
 
@@ -355,41 +399,59 @@ class MainWindow(QtWidgets.QMainWindow):
         """Show a session (built elsewhere); from now on only the worker's thread uses it."""
         self._stop_worker()
         display = display or case_display(session)
+        if self.session is not None and self.session is not session:
+            self.session.close()  # stop journaling the replaced plan and free its folder
         self.session = session
         p = session.patient
         rx = session.prescription_gy
-        self.levels = isodose_levels(rx)
         self.selected_voxel = None
         self.snapshot = None
+        self._hover_zyx = None
+        self.display_only = not p.targets
+        self.reference_gy = display.reference_gy
         for v in self.slice_views.values():
             v.set_case(p.ct_hu, p.grid, display.structures, rx)
             v.set_brush_radius(self.radius_box.value())
             v.set_window(self.window_box.value(), self.level_hu_box.value())
+            v.set_reference(display.reference_gy)
+        self.dose_mode_box.blockSignals(True)
+        self.dose_mode_box.setCurrentIndex(0)
+        self.dose_mode_box.blockSignals(False)
+        self.dose_mode_box.setEnabled(display.reference_gy is not None)
+        self.legend.set_prescription(rx)
+        self.legend.set_mode("plan")
         self.view3d.set_case(p.grid.spacing_mm_zyx, p.grid.shape_zyx, display.body_mesh, display.structure_meshes)
         self.dvh.set_case({s.name: tuple(s.colour) for s in p.structures}, rx)
+        self.field.set_curves(None)
+        if self.display_only:
+            self.field_dock.show()
+            self.field_dock.raise_()
+        else:
+            self.field_dock.hide()
         self.beams.set_beams([g.beam for g in session.engine.geometry])
         self.history.set_history((), ())
-        self.level_box.blockSignals(True)
-        self.level_box.clear()
-        for lev in self.levels:
-            self.level_box.addItem(f"{lev.pct:g}%  ({lev.gy:.3g} Gy)", lev.gy)
-        self.level_box.setCurrentIndex(ISODOSE_PCT.index(95.0) if 95.0 in ISODOSE_PCT else 0)
-        self.level_box.blockSignals(False)
+        self._set_levels(self.level_pcts, select_pct=95.0)
         self.erase_structure.clear()
         self.erase_structure.addItem("any structure", None)
         for s in p.structures:
             self.erase_structure.addItem(f"in {s.name}", s.name)
-        self._push_levels()
         n_beams = len(session.engine.geometry)
-        self.case_label.setText(f"{p.name}  ·  {p.grid.describe()}  ·  Rx {rx:g} Gy  ·  {n_beams} beams")
+        what = "dose display (no target)" if self.display_only else f"{n_beams} beams"
+        self.case_label.setText(f"{p.name}  ·  {p.grid.describe()}  ·  Rx {rx:g} Gy  ·  {what}")
         self.setWindowTitle(f"ids-engine — {p.name}")
         self.worker = QtEngineWorker(session, self, surface_level_gy=self.selected_level_gy)
         self.worker.snapshot.connect(self._on_snapshot)
         self.worker.message.connect(self._on_worker_message)
         self.worker.engine.start()
         self.last_job_id = 1  # start() queues a refresh, job 1
+        if self.display_only and not self.tool_actions["navigate"].isChecked():
+            self.set_tool("navigate")
         self._set_enabled(True)
-        self.statusBar().showMessage("Ready", 3000)
+        # The case is open but its dose is not: no "Ready" (and no stale hint) until it arrives.
+        self.readout.setText("")
+        self._case_notes = display.notes
+        self._awaiting_dose = True
+        self.statusBar().showMessage(f"Computing the dose of {p.name}…")
 
     def _begin_loading(self, text: str) -> None:
         self._set_enabled(False)
@@ -495,14 +557,29 @@ class MainWindow(QtWidgets.QMainWindow):
     def save_session_dialog(self) -> None:
         if self.worker is None:
             return
-        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Save the session into a folder")
+        # A save dialog, so the planner can name a new folder (it is created).
+        folder, _ = QtWidgets.QFileDialog.getSaveFileName(
+            self, "Save the session as a folder", "", "Session folder (*)",
+            options=QtWidgets.QFileDialog.Option.ShowDirsOnly)
         if folder:
             self.save_session(folder)
 
-    def save_session(self, folder: str) -> int:
-        """Queue a save (the worker writes it between requests); returns the job id."""
-        self.last_job_id = self.worker.engine.save(folder)
+    def save_session(self, folder: str, overwrite: bool = False) -> int:
+        """Queue a save into ``folder`` (created if missing; the worker writes it between
+        requests); returns the job id. A non-empty folder that is not this session's is
+        refused by the worker unless ``overwrite``, and the window then asks the planner."""
+        self.last_job_id = self.worker.engine.save(folder, overwrite)
         return self.last_job_id
+
+    def _on_save_refused(self, folder: str) -> None:
+        if self.worker is None:
+            return
+        if self.confirm("Replace the folder?",
+                        f"{folder} is not empty and is not this session's folder. Replace its contents with "
+                        "this session?"):
+            self.save_session(folder, overwrite=True)
+        else:
+            self.statusBar().showMessage(f"Not saved: {folder} is not empty", 6000)
 
     def save_screenshot_dialog(self) -> None:
         path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save a screenshot", "ids-engine.png", "PNG (*.png)")
@@ -520,18 +597,26 @@ class MainWindow(QtWidgets.QMainWindow):
 
     # ------------------------------------------------------------------ state helpers
     def _set_enabled(self, on: bool) -> None:
-        for a in list(self.tool_actions.values()) + [self.act_save_session, self.act_pin_dvh, self.act_clear_dvh,
-                                                      self.act_reset]:
+        shape = on and not self.display_only  # a case without a target has nothing to shape
+        for a in (self.act_save_session, self.act_pin_dvh, self.act_clear_dvh, self.act_reset,
+                  self.tool_actions["navigate"]):
             a.setEnabled(on)
-        self.act_undo.setEnabled(on and bool(self.snapshot and self.snapshot.history))
-        self.act_redo.setEnabled(on and bool(self.snapshot and self.snapshot.undone))
-        self.act_unpin.setEnabled(on and bool(self.snapshot and self.snapshot.pin_names))
-        for w in (self.level_box, self.radius_box, self.erase_low, self.erase_high, self.erase_structure, self.beams):
-            w.setEnabled(on)
-        self.dose_box.setEnabled(on and self.selected_voxel is not None)
+        for name, a in self.tool_actions.items():
+            if name != "navigate":
+                a.setEnabled(shape)
+        self.act_undo.setEnabled(shape and bool(self.snapshot and self.snapshot.history))
+        self.act_redo.setEnabled(shape and bool(self.snapshot and self.snapshot.undone))
+        self.act_unpin.setEnabled(shape and bool(self.snapshot and self.snapshot.pin_names))
+        for w in (self.radius_box, self.erase_low, self.erase_high, self.erase_structure, self.beams):
+            w.setEnabled(shape)
+        self.level_box.setEnabled(on)
+        self.levels_edit.setEnabled(on)
+        self.dose_box.setEnabled(shape and self.selected_voxel is not None)
+
+    HINT = "Open a case: File → Open phantom, DICOM folder or matRad file, or a saved session"
 
     def _show_hint(self) -> None:
-        self.readout.setText("Open a case: File → Open phantom, DICOM folder or matRad file, or a saved session")
+        self.readout.setText(self.HINT)
 
     @property
     def selected_level_gy(self) -> float:
@@ -543,6 +628,55 @@ class MainWindow(QtWidgets.QMainWindow):
             if abs(lev.gy - self.selected_level_gy) < 1e-9:
                 return lev
         return None
+
+    def _set_levels(self, pcts, select_pct: float | None = None) -> None:
+        """Show isodose lines at ``pcts`` (% of the prescription) and offer them for dragging;
+        keeps the selected level when it is still there, else the one nearest ``select_pct``
+        (or 95 %)."""
+        rx = self.session.prescription_gy if self.session is not None else 1.0
+        keep = self._selected_level().pct if select_pct is None and self._selected_level() else select_pct
+        self.level_pcts = tuple(float(v) for v in pcts)
+        self.levels = isodose_levels(rx, self.level_pcts)
+        self.levels_edit.setText(format_levels(self.level_pcts))
+        self.levels_edit.setStyleSheet("")
+        self.level_box.blockSignals(True)
+        self.level_box.clear()
+        for lev in self.levels:
+            self.level_box.addItem(f"{lev.pct:g}%  ({lev.gy:.3g} Gy)", lev.gy)
+        target = 95.0 if keep is None else keep
+        self.level_box.setCurrentIndex(int(np.argmin([abs(p - target) for p in self.level_pcts])))
+        self.level_box.blockSignals(False)
+        self._push_levels()
+        if self.worker is not None:
+            self.last_job_id = self.worker.engine.set_surface_level(self.selected_level_gy)
+
+    def set_isodose_levels(self, text: str) -> bool:
+        """Apply isodose levels typed by the planner (% or Gy, see
+        :func:`~ids_engine.viewer._style.parse_isodose_levels`); a bad entry is reported and
+        changes nothing. Returns whether the levels were applied."""
+        rx = self.session.prescription_gy if self.session is not None else 100.0
+        try:
+            pcts = parse_isodose_levels(text, rx)
+        except ValueError as exc:
+            self.levels_edit.setStyleSheet("QLineEdit { border: 1px solid #e5534b; }")
+            self.statusBar().showMessage(f"⚠ Isodose levels not changed: {exc}", 8000)
+            return False
+        self._set_levels(pcts)
+        shown = ", ".join(f"{lev.pct:.4g}% ({lev.gy:.3g} Gy)" for lev in self.levels)
+        self.statusBar().showMessage(f"Isodose levels: {shown}", 5000)
+        return True
+
+    def _on_levels_typed(self) -> None:
+        self.set_isodose_levels(self.levels_edit.text())
+
+    def _on_dose_mode(self, _index: int) -> None:
+        mode = self.dose_mode_box.currentData() or "plan"
+        if mode == "difference" and self.reference_gy is None:
+            return
+        for v in self.slice_views.values():
+            v.set_dose_mode(mode)
+        self.legend.set_mode(mode)
+        self._update_readout()
 
     def _push_levels(self) -> None:
         unit = self.unit_box.currentText()
@@ -619,17 +753,42 @@ class MainWindow(QtWidgets.QMainWindow):
         for v in self.slice_views.values():
             v.set_crosshair(zyx)
 
-    def _on_hover(self, zyx) -> None:
-        if zyx is None or self.session is None:
+    def _on_hover(self, zyx, axis: str | None = None) -> None:
+        """The mouse moved over a slice view (``zyx`` in voxel units, None: off the image)."""
+        if zyx is not None and axis is not None:
+            for a, v in self.slice_views.items():  # one brush ring: the view under the mouse
+                if a != axis:
+                    v.hide_brush()
+        self._hover_zyx = None if zyx is None else tuple(float(v) for v in zyx)
+        self._update_readout()
+
+    def readout_index(self) -> tuple[int, int, int] | None:
+        """The voxel (index_zyx) the read-out describes, or None."""
+        if self._hover_zyx is None or self.session is None:
+            return None
+        shape = self.session.patient.grid.shape_zyx
+        return tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(self._hover_zyx, shape))
+
+    def _update_readout(self) -> None:
+        """The read-out under the cursor, from the newest snapshot (called on every hover and
+        every snapshot, so it never shows a dose from before a request)."""
+        idx = self.readout_index()
+        if idx is None:
             self.readout.setText("")
             return
         p = self.session.patient
-        idx = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(zyx, p.grid.shape_zyx))
         x, y, z = p.grid.index_to_world(idx)
-        text = f"x {x:7.1f}  y {y:7.1f}  z {z:7.1f} mm   ·   {p.ct_hu[idx]:6.0f} HU"
+        text = f"voxel {voxel_text(idx)}   ·   x {x:.1f}  y {y:.1f}  z {z:.1f} mm   ·   {p.ct_hu[idx]:.0f} HU"
+        rx = self.session.prescription_gy
         if self.snapshot is not None:
             d = float(self.snapshot.dose_gy[idx])
-            text += f"   ·   {d:6.2f} Gy ({100.0 * d / self.session.prescription_gy:5.1f} %)"
+            text += f"   ·   {d:.2f} Gy ({100.0 * d / rx:.1f} %)"
+            if self.reference_gy is not None:
+                ref = float(self.reference_gy[idx])
+                text += (f"   ·   reference {ref:.2f} Gy, plan − reference {d - ref:+.2f} Gy "
+                         f"({100.0 * (d - ref) / rx:+.1f} %)")
+        else:
+            text += "   ·   dose not computed yet"
         names = [s.name for s in p.structures if s.mask[idx]]
         if names:
             text += "   ·   " + ", ".join(names)
@@ -654,8 +813,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self.dose_box.blockSignals(False)
         self.dose_box.setFocus()
         self.dose_box.selectAll()
-        k, j, i = self.selected_voxel
-        self.statusBar().showMessage(f"Voxel ({i}, {j}, {k}): type its dose and press Enter, or scroll", 6000)
+        self.statusBar().showMessage(f"Voxel {voxel_text(self.selected_voxel)}: type its dose and press Enter, "
+                                     "or scroll", 6000)
 
     def set_voxel_dose(self, dose_gy: float) -> int:
         """Request the selected voxel's dose (what Enter in the dose box does)."""
@@ -775,25 +934,37 @@ class MainWindow(QtWidgets.QMainWindow):
             self.view3d.set_surface(snap.surface, snap.surface_level_gy, lev.colour if lev else (1.0, 0.8, 0.1))
         if snap.dvhs is not None:
             self.dvh.set_curves(snap.dvhs, f"plan {snap.plan_id}")
+        if snap.field is not None:
+            self.field.set_curves(snap.field)
         self.history.set_history(snap.history, snap.undone)
+        self._update_readout()  # the dose under the cursor is this snapshot's, not the last hover's
         if self._pending_commit and snap.job_id >= self._pending_commit:
             self._pending_commit = 0
             for v in self.slice_views.values():
                 v.clear_drag_preview()
             self.view3d.clear_drag_preview()
-        idle = self._drag is None and not self._loader.busy
+        idle = self._drag is None and not self._loader.busy and not self.display_only
         self.act_undo.setEnabled(idle and bool(snap.history))
         self.act_redo.setEnabled(idle and bool(snap.undone))
         self.act_unpin.setEnabled(bool(snap.pin_names))
         conflicts = [c["message"] for c in snap.outcome.get("conflicts", ())] if snap.outcome is not None else []
-        if snap.final and conflicts:
+        number = next((e.number for e in snap.history if snap.outcome and e.id == snap.outcome["id"]), None)
+        if self._awaiting_dose:
+            self._awaiting_dose = False
+            notes = "; ".join(self._case_notes)
+            self.statusBar().showMessage(f"Ready: {self.session.patient.name}" + (f". {notes}" if notes else ""),
+                                         12000 if notes else 3000)
+        elif snap.final and conflicts:
             # Never silent: what recovery could not keep stays longer than the usual read-out.
             self.statusBar().showMessage(conflict_status_text(conflicts), CONFLICT_MESSAGE_MS)
         elif snap.outcome is not None and snap.final and snap.outcome["final_gy"]:
             r = snap.outcome
             self.statusBar().showMessage(
-                f"#{r['id']}: requested {r['requested_gy'][0]:.2f} Gy, reached {r['final_gy'][0]:.2f} Gy "
+                f"#{number or r['id']}: requested {r['requested_gy'][0]:.2f} Gy, reached {r['final_gy'][0]:.2f} Gy "
                 f"after {r['recovery_steps']} recovery steps", 5000)
+        if snap.save_refused:
+            folder = snap.save_refused
+            QtCore.QTimer.singleShot(0, lambda: self._on_save_refused(folder))
         # Frame time: applying the snapshot plus the canvas draws it causes (added as they end).
         self._frame_ms = (time.perf_counter() - t0) * 1000.0
         self._latency_ms = (time.perf_counter() - snap.submitted_at) * 1000.0
@@ -819,6 +990,15 @@ class MainWindow(QtWidgets.QMainWindow):
         if t is not None:
             self._frame_ms += (time.perf_counter() - t) * 1000.0
             self._update_perf()
+
+
+def _journal_folder(session: Session) -> Path | None:
+    # TODO(issue 9): a public Session attribute for the folder it journals to.
+    return getattr(session, "_journal_dir", None)
+
+
+def _same_folder(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def launch(case: dict | None = None, session_folder: str | None = None) -> int:

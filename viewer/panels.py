@@ -172,6 +172,8 @@ class BeamPanel(QtWidgets.QWidget):
 class HistoryList(QtWidgets.QListWidget):
     """The request history: the starting plan, applied requests, then undone ones (greyed).
 
+    Entries are numbered by their place in the history (#1 the first request), so the
+    numbers run on without gaps whatever ids drag previews consumed.
     A request with conflicts (what recovery could not keep) is drawn in amber with a warning
     icon and a "⚠ N conflicts" tag; its tooltip lists the conflicts' messages.
     Clicking a row emits ``goto(n)``: undo or redo until ``n`` requests are applied.
@@ -194,11 +196,11 @@ class HistoryList(QtWidgets.QListWidget):
         grey = QtGui.QColor("#6b737c")
         for e in history:
             tag = "  (preview)" if e.preview else ""
-            item = QtWidgets.QListWidgetItem(f"#{e.id}  {e.text}{tag}   {e.engine_ms:.0f} ms")
+            item = QtWidgets.QListWidgetItem(f"#{e.number}  {e.text}{tag}   {e.engine_ms:.0f} ms")
             self._mark_conflicts(item, e)
             self.addItem(item)
         for e in undone:
-            item = QtWidgets.QListWidgetItem(f"#{e.id}  {e.text}  (undone)")
+            item = QtWidgets.QListWidgetItem(f"#{e.number}  {e.text}  (undone)")
             self._mark_conflicts(item, e)
             item.setForeground(grey)
             f = item.font()

@@ -9,7 +9,11 @@ rows j, columns i; "y" coronal: rows k, columns i; "x" sagittal: rows k, columns
 same (row, column) convention as :class:`ids_engine.dmr.MoveIsodoseLine`. The scene is in
 millimetres from the centre of voxel 0: scene (X, Y) = (column * column spacing,
 row * row spacing). Axial views have anterior up, coronal and sagittal superior up; the
-patient's left is on the viewer's right.
+patient's left is on the viewer's right. Letters at the view's edges (A/P, R/L, H/F, DICOM
+patient coordinates) are derived from the scene transform, so they follow what is drawn.
+
+Slices and voxels are named 0-based in (z, y, x) order, as scripts give ``index_zyx``:
+the axial view's header says "slice z=21".
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from vispy.visuals.transforms import STTransform
 
 from ._backend import use_qt
 from ._contours import isoline_segments, label_anchor, nearest_on_segments
-from ._style import IsodoseLevel, compose_slice_rgba
+from ._style import ORIENTATION, IsodoseLevel, compose_slice_rgba
 
 __all__ = ["AXES", "SliceView", "rc_to_zyx", "take_slice", "zyx_to_rc"]
 
@@ -145,6 +149,13 @@ class SliceView(QtWidgets.QFrame):
         self._brush = scene.visuals.Line(parent=vs, connect="strip", width=1.5, color=(1, 1, 1, 0.8))
         self._preview = scene.visuals.Line(parent=vs, connect="segments", width=2.6, color=(1, 1, 1, 1))
         self._drag_arrow = scene.visuals.Line(parent=vs, connect="segments", width=2, color=(1, 1, 1, 0.85))
+        # Orientation letters in canvas pixels (parent: the canvas scene, not the camera's).
+        self._orient = scene.visuals.Text(parent=self.canvas.scene, font_size=11, bold=True, face="DejaVu Sans",
+                                          color=(1.0, 0.92, 0.3, 0.95), anchor_x="center", anchor_y="center")
+        self._orient.order = 100
+        self._orient.set_gl_state("translucent", depth_test=False)
+        self._orient.visible = False
+        self.orientation: dict[str, str] = {}  # side (left, right, top, bottom) -> letter
         # A 2D overlay stack: no depth test, drawn in this order.
         stack = (self._image, self._structures, self._pins, self._isodoses, self._selected_iso, self._crosshair,
                  self._label_halo, self._labels, self._marker, self._brush, self._preview, self._drag_arrow)
@@ -159,6 +170,8 @@ class SliceView(QtWidgets.QFrame):
         self.spacing_mm_zyx = (1.0, 1.0, 1.0)
         self.structures: list[tuple[str, tuple, np.ndarray]] = []
         self.dose_gy: np.ndarray | None = None
+        self.reference_gy: np.ndarray | None = None
+        self.dose_mode = "plan"  # "plan" or "difference" (plan - reference)
         self.pins_mask: np.ndarray | None = None
         self.prescription_gy = 1.0
         self.levels: tuple[IsodoseLevel, ...] = ()
@@ -183,7 +196,8 @@ class SliceView(QtWidgets.QFrame):
         ev.mouse_release.connect(self._on_release)
         ev.mouse_wheel.connect(self._on_wheel)
         ev.key_press.connect(self._on_key)
-        ev.resize.connect(lambda _e: self._refresh_isodoses())  # label spacing is in screen pixels
+        ev.resize.connect(self._on_resize)
+        self.canvas.native.installEventFilter(self)
         self.set_tool("navigate")
 
     # ------------------------------------------------------------------ geometry
@@ -245,8 +259,11 @@ class SliceView(QtWidgets.QFrame):
         self.structures = list(structures)
         self.prescription_gy = float(prescription_gy)
         self.dose_gy = None
+        self.reference_gy = None
+        self.dose_mode = "plan"
         self.pins_mask = None
         self.marker_zyx = None
+        self._hover_rc = None
         self._structure_cache.clear()
         self.slice_index = self.n_slices // 2
         shape = ct_hu.shape
@@ -267,6 +284,7 @@ class SliceView(QtWidgets.QFrame):
         pad = 0.02 * max(w, h)
         self.view.camera.set_range(x=(-sc / 2 - pad, w - sc / 2 + pad), y=(-sr / 2 - pad, h - sr / 2 + pad), margin=0)
         self._refresh_isodoses()
+        self._refresh_orientation()
 
     def set_dose(self, dose_gy: np.ndarray | None, pins_mask: np.ndarray | None = None) -> None:
         self.dose_gy = dose_gy
@@ -274,6 +292,22 @@ class SliceView(QtWidgets.QFrame):
         self._refresh_image()
         self._refresh_isodoses()
         self._refresh_pins()
+
+    def set_reference(self, reference_gy: np.ndarray | None) -> None:
+        """A reference dose (z, y, x) Gy on the CT grid to compare with, or None."""
+        self.reference_gy = reference_gy
+        if reference_gy is None:
+            self.dose_mode = "plan"
+        self._refresh_image()
+
+    def set_dose_mode(self, mode: str) -> None:
+        """What the wash shows: "plan" (the plan's dose) or "difference" (plan - reference)."""
+        if mode not in ("plan", "difference"):
+            raise ValueError(f"dose mode must be 'plan' or 'difference', got {mode!r}")
+        if mode == "difference" and self.reference_gy is None:
+            raise ValueError("no reference dose to show the difference to")
+        self.dose_mode = mode
+        self._refresh_image()
 
     def set_levels(self, levels, selected_gy: float | None, label_unit: str) -> None:
         self.levels = tuple(levels)
@@ -323,6 +357,21 @@ class SliceView(QtWidgets.QFrame):
         self.brush_radius_mm = float(radius_mm)
         self._refresh_brush()
 
+    def hide_brush(self) -> None:
+        """Forget the hover position (the mouse is in another view): no brush ring here."""
+        self._hover_rc = None
+        self._refresh_brush()
+
+    @property
+    def brush_visible(self) -> bool:
+        return bool(self._brush.visible)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt name)
+        if obj is self.canvas.native and event.type() == QtCore.QEvent.Type.Leave and self._drag is None:
+            self.hide_brush()
+            self.hovered.emit(None)
+        return super().eventFilter(obj, event)
+
     def clear_drag_preview(self) -> None:
         if self._drag is None:
             self._preview.visible = False
@@ -356,16 +405,55 @@ class SliceView(QtWidgets.QFrame):
 
     def _refresh_header(self) -> None:
         mm = self.grid.axis_mm(self.axis)[self.slice_index]
-        self.header.setText(f"{AXES[self.axis]}    {self.axis} = {mm:.1f} mm    "
-                            f"slice {self.slice_index + 1} of {self.n_slices}")
+        a = self.axis
+        self.header.setText(f"{AXES[a]}    slice {a}={self.slice_index} (0–{self.n_slices - 1})    {a} = {mm:.1f} mm")
+
+    def _on_resize(self, _event=None) -> None:
+        self._refresh_isodoses()  # label spacing is in screen pixels
+        self._refresh_orientation()
+
+    def _refresh_orientation(self) -> None:
+        """Letters for the patient directions at the four edges, read off the scene transform
+        (where a step along the row and the column index goes on screen)."""
+        if self.ct_hu is None:
+            self._orient.visible = False
+            return
+        r_ax, c_ax = ("zyx"[k] for k in _ROW_COL[self.axis])
+        p0, p_row, p_col = (self.rc_to_canvas(rc) for rc in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)))
+        letters = {}
+        for name, step in ((r_ax, p_row - p0), (c_ax, p_col - p0)):
+            neg, pos = ORIENTATION[name]
+            if abs(step[0]) >= abs(step[1]):  # this index runs across the screen
+                letters["right"], letters["left"] = (pos, neg) if step[0] > 0 else (neg, pos)
+            else:  # canvas y grows downwards
+                letters["bottom"], letters["top"] = (pos, neg) if step[1] > 0 else (neg, pos)
+        w, h = self.canvas.size
+        where = {"left": (12.0, h / 2.0), "right": (w - 12.0, h / 2.0), "top": (w / 2.0, 12.0),
+                 "bottom": (w / 2.0, h - 12.0)}
+        sides = [s for s in ("left", "right", "top", "bottom") if s in letters]
+        self.orientation = {s: letters[s] for s in sides}
+        self._orient.text = [letters[s] for s in sides]
+        self._orient.pos = np.array([where[s] for s in sides], np.float32)
+        self._orient.visible = True
+        self.canvas.update()
+
+    def displayed_slice(self) -> np.ndarray | None:
+        """What the wash shows on the current slice (Gy): the plan's dose, or plan minus
+        reference in the difference mode; None before the first dose."""
+        if self.dose_gy is None or self.ct_hu is None:
+            return None
+        dose = take_slice(self.dose_gy, self.axis, self.slice_index)
+        if self.dose_mode == "difference" and self.reference_gy is not None:
+            return dose - take_slice(self.reference_gy, self.axis, self.slice_index)
+        return dose
 
     def _refresh_image(self) -> None:
         if self.ct_hu is None:
             return
         ct = take_slice(self.ct_hu, self.axis, self.slice_index)
-        dose = None if self.dose_gy is None else take_slice(self.dose_gy, self.axis, self.slice_index)
-        self._image.set_data(compose_slice_rgba(ct, self.window_hu, self.level_hu, dose, self.prescription_gy,
-                                                self.wash_alpha))
+        self._image.set_data(compose_slice_rgba(ct, self.window_hu, self.level_hu, self.displayed_slice(),
+                                                self.prescription_gy, self.wash_alpha,
+                                                difference=self.dose_mode == "difference"))
         self.canvas.update()
 
     def _refresh_structures(self) -> None:

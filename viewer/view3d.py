@@ -5,6 +5,11 @@ Like the slice views it only renders what it is given (meshes from the loader an
 the latest dose cube for picking) and reports gestures as Qt signals in voxel coordinates.
 The scene is in millimetres from the centre of voxel 0 along the grid axes (x, y, z).
 
+An orientation cue sits in the bottom-left corner: three axes along +x (red, the patient's
+left, "L"), +y (green, posterior, "P") and +z (blue, the head, "H"), DICOM patient
+coordinates, in a small view whose camera turns with the main one (the scene's axes are the
+grid's, which grow with x, y and z).
+
 Surface drag: a press casts the mouse ray through the dose cube and grabs the first point
 where the dose reaches the surface level; moving the mouse drags that point within the
 plane through it that faces the camera.
@@ -75,6 +80,10 @@ class View3D(QtWidgets.QFrame):
     message(str).
     """
 
+    AXIS_LETTERS = ("L", "P", "H")  # the +x, +y, +z ends (DICOM patient coordinates)
+    AXIS_COLOURS = ((1.0, 0.3, 0.3), (0.3, 1.0, 0.4), (0.35, 0.55, 1.0))
+    CUE_PX = 90  # side of the orientation cue, logical pixels
+
     surface_drag_started = QtCore.pyqtSignal(object)
     surface_drag_moved = QtCore.pyqtSignal(object)
     surface_drag_finished = QtCore.pyqtSignal(object)
@@ -125,6 +134,27 @@ class View3D(QtWidgets.QFrame):
         self._drag_line.order = 10
         self._drag_line.set_gl_state(depth_test=False)
         self._drag_line.visible = False
+        self.cue = scene.widgets.ViewBox(parent=self.canvas.scene)
+        self.cue.order = 50
+        self.cue.size = (self.CUE_PX, self.CUE_PX)
+        cam = self.view.camera
+        self.cue.camera = scene.TurntableCamera(fov=0.0, elevation=cam.elevation, azimuth=cam.azimuth, up="+z",
+                                                interactive=False)
+        self.cue.camera.center = (0.0, 0.0, 0.0)
+        self.cue.camera.scale_factor = 3.0
+        self.cue.camera.link(cam, props=["azimuth", "elevation", "roll"])
+        ends = np.eye(3, dtype=np.float32)
+        colours = np.array([(*c, 1.0) for c in self.AXIS_COLOURS], np.float32)
+        self._axes = scene.visuals.Line(pos=np.stack([np.zeros((3, 3), np.float32), ends], 1).reshape(-1, 3),
+                                        color=np.repeat(colours, 2, axis=0), connect="segments", width=3,
+                                        parent=self.cue.scene)
+        self._axis_labels = scene.visuals.Text(list(self.AXIS_LETTERS), pos=1.3 * ends, color=colours, font_size=10,
+                                               bold=True, face="DejaVu Sans", anchor_x="center", anchor_y="center",
+                                               parent=self.cue.scene)
+        for v in (self._axes, self._axis_labels):
+            v.set_gl_state(depth_test=False)
+        self.canvas.events.resize.connect(lambda _e: self._place_cue())
+        self._place_cue()
 
         self.spacing_mm_zyx = (1.0, 1.0, 1.0)
         self.dose_gy: np.ndarray | None = None
@@ -171,6 +201,17 @@ class View3D(QtWidgets.QFrame):
         cam.center = tuple(extent / 2.0)
         cam.scale_factor = float(np.linalg.norm(extent)) * 0.8
         self.canvas.update()
+
+    def _place_cue(self) -> None:
+        h = self.canvas.size[1]
+        self.cue.pos = (4, h - self.CUE_PX - 4)
+        self.canvas.update()
+
+    def cue_to_canvas(self, xyz) -> np.ndarray:
+        """Canvas pixel (logical) of a point of the orientation cue (unit axes along x, y, z)."""
+        tr = self.cue.scene.node_transform(self.canvas.scene)
+        p = np.asarray(tr.map([*xyz, 1.0]), float)
+        return p[:2] / p[3]
 
     def set_dose(self, dose_gy: np.ndarray | None) -> None:
         """The latest dose cube (used for picking the surface)."""

@@ -29,11 +29,13 @@ from PyQt6 import QtCore
 
 from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose, Unpin
 from ids_engine.evaluation import DVH, dvh
-from ids_engine.session import LatestRequestQueue, RequestResult, Session
+from ids_engine.session import FolderLockedError, LatestRequestQueue, RequestResult, Session
 
+from ._field import FieldCurves, field_curves
 from ._meshes import SurfaceMesh, level_mesh
 
-__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "conflict_status_text", "describe_request"]
+__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "conflict_status_text", "describe_request",
+           "voxel_text"]
 
 # Recovery steps of a drag preview (full recovery runs on release). Measured on the clinical
 # horseshoe, 2 CPU cores, GUI idle: 3 steps on 6 voxels 245 ms, 1 step on 4 voxels 151 ms,
@@ -50,6 +52,9 @@ PREVIEW_DVH_BUDGET_MS = 25.0
 class HistoryEntry:
     """One journal entry as the history list shows it.
 
+    id : the session's request id (drag previews consume ids, so these can skip).
+    number : the entry's place in the history, 1 for the first request: what the history
+        list and the status bar show (contiguous, as in a script's list of requests).
     conflicts : one line per :class:`~ids_engine.session.Conflict` of the request (what recovery
         could not keep); empty for drag previews, whose single recovery step would flag
         conflicts that the full recovery on release resolves.
@@ -60,6 +65,7 @@ class HistoryEntry:
     engine_ms: float
     preview: bool = False
     conflicts: tuple[str, ...] = ()
+    number: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +80,10 @@ class Snapshot:
     surface : the isodose surface at ``surface_level_gy``, or None when not recomputed.
     final : False for a drag preview (few recovery steps).
     dropped : stale jobs coalesced away so far.
+    field : the open field's depth dose and profile, for a case without a target (final
+        snapshots only), else None.
+    save_refused : the folder of a save that was refused because it is not empty and not
+        this session's (the window asks before replacing it), else None.
     """
 
     job_id: int
@@ -92,6 +102,8 @@ class Snapshot:
     submitted_at: float
     dropped: int = 0
     outcome: dict | None = None  # RequestResult.summary() of the request this job ran, if any
+    field: FieldCurves | None = None
+    save_refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,7 @@ class _Job:
     group: int | None = None
     target: int | None = None
     path: str | None = None
+    overwrite: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def coalesce_key(self):
@@ -113,21 +126,29 @@ class _Job:
         return None
 
 
+def voxel_text(index_zyx) -> str:
+    """A voxel as scripts name it (``index_zyx``, 0-based): "(z=21, y=30, x=40)"; fractional
+    positions are rounded to the nearest voxel."""
+    k, j, i = (int(round(float(v))) for v in index_zyx)
+    return f"(z={k}, y={j}, x={i})"
+
+
 def describe_request(req) -> str:
-    """A short human-readable line for a request."""
+    """A short human-readable line for a request (voxels and slices 0-based, in (z, y, x)
+    order, as scripts give them)."""
     if isinstance(req, SetVoxelDose):
-        k, j, i = req.index_zyx
-        return f"Set dose at ({i}, {j}, {k}) to {req.dose_gy:.3g} Gy"
+        return f"Set dose at voxel {voxel_text(req.index_zyx)} to {req.dose_gy:.3g} Gy"
     if isinstance(req, MoveIsodoseLine):
         plane = {"z": "axial", "y": "coronal", "x": "sagittal"}[req.axis]
-        return f"Drag {req.level_gy:.3g} Gy line ({plane} {req.slice_index})"
+        return f"Drag {req.level_gy:.3g} Gy line ({plane} slice {req.axis}={req.slice_index})"
     if isinstance(req, MoveIsodoseSurface):
-        return f"Drag {req.level_gy:.3g} Gy surface"
+        return f"Drag {req.level_gy:.3g} Gy surface from {voxel_text(req.start_zyx)}"
     if isinstance(req, EraseSpot):
         where = f" in {req.structure}" if req.structure else ""
-        return f"Erase spot r {req.radius_mm:g} mm to [{req.low_gy:.3g}, {req.high_gy:.3g}] Gy{where}"
+        return (f"Erase spot at {voxel_text(req.centre_zyx)} r {req.radius_mm:g} mm to "
+                f"[{req.low_gy:.3g}, {req.high_gy:.3g}] Gy{where}")
     if isinstance(req, Pin):
-        return f"Pin {req.name} (r {req.radius_mm:g} mm)"
+        return f"Pin {req.name} at {voxel_text(req.centre_zyx)} (r {req.radius_mm:g} mm)"
     if isinstance(req, Unpin):
         return f"Unpin {req.name}"
     return str(req)
@@ -143,10 +164,10 @@ def conflict_status_text(messages) -> str:
     return f"⚠ Conflict: {messages[0]}{more}"
 
 
-def _entry(res: RequestResult, preview: bool = False) -> HistoryEntry:
+def _entry(res: RequestResult, number: int, preview: bool = False) -> HistoryEntry:
     ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery"))
     conflicts = () if preview else tuple(c.message for c in res.conflicts)
-    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts)
+    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts, number)
 
 
 class EngineWorker:
@@ -239,8 +260,11 @@ class EngineWorker:
     def refresh(self) -> int:
         return self._put("refresh")
 
-    def save(self, folder: str) -> int:
-        return self._put("save", path=str(folder))
+    def save(self, folder: str, overwrite: bool = False) -> int:
+        """Save the session into ``folder`` (created if missing) and keep journaling there. A
+        non-empty folder that is not this session's is refused (the snapshot's
+        ``save_refused``) unless ``overwrite``."""
+        return self._put("save", path=str(folder), overwrite=bool(overwrite))
 
     def set_surface_level(self, level_gy: float) -> int:
         self._surface_level_gy = float(level_gy)
@@ -297,6 +321,7 @@ class EngineWorker:
         t0 = time.perf_counter()
         result = None
         final = True
+        refused = None
         try:
             if job.kind == "run":
                 result = s.run(job.request)
@@ -335,15 +360,20 @@ class EngineWorker:
                 while len(s.journal) < job.target and self._redo:
                     self._redo_one()
             elif job.kind == "save":
-                s.save(job.path)
-                self._on_message(f"Session saved to {job.path}", False)
+                try:
+                    s.save(job.path, overwrite=job.overwrite)
+                except FileExistsError as exc:
+                    refused = job.path
+                    self._on_message(str(exc), True)
+                else:
+                    self._on_message(f"Session saved to {job.path}", False)
             # "refresh" and "surface" only rebuild the snapshot.
-        except (RequestError, ValueError, KeyError, OSError) as exc:
+        except (RequestError, ValueError, KeyError, OSError, FolderLockedError) as exc:
             # The plan is as before the job (a failed commit has still taken its previews back);
             # the snapshot below tells the GUI the job is done.
             self._on_message(str(exc), True)
         engine_ms = (time.perf_counter() - t0) * 1000.0
-        self._on_snapshot(self._snapshot(job, final, engine_ms, result))
+        self._on_snapshot(self._snapshot(job, final, engine_ms, result, refused))
 
     def _redo_one(self) -> None:
         if self._redo:
@@ -352,12 +382,12 @@ class EngineWorker:
             if res is None or res.id != expected.id:
                 raise RuntimeError("engine worker: the session's redo stack is out of step with the worker's")
 
-    def _snapshot(self, job: _Job, final: bool, engine_ms: float, result) -> Snapshot:
+    def _snapshot(self, job: _Job, final: bool, engine_ms: float, result, save_refused: str | None = None) -> Snapshot:
         s = self.session
         dose = s.dose()
         previews = {i for ids in self._previews.values() for i in ids}
-        history = tuple(_entry(r, r.id in previews) for r in s.journal)
-        undone = tuple(_entry(r) for r in reversed(self._redo))
+        history = tuple(_entry(r, n, r.id in previews) for n, r in enumerate(s.journal, 1))
+        undone = tuple(_entry(r, n) for n, r in enumerate(reversed(self._redo), len(history) + 1))
         pins_mask = None
         if s.pins:
             pins_mask = np.zeros(dose.shape, bool)
@@ -369,12 +399,17 @@ class EngineWorker:
             vcc = s.patient.grid.voxel_volume_cc
             dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
             self._dvh_ms = (time.perf_counter() - t) * 1000.0
-        surface = None
+        surface = field = None
         if final:
             surface = level_mesh(dose, self._surface_level_gy, s.patient.grid.spacing_mm_zyx)
+            p = s.patient
+            if not p.targets and len(s.engine.geometry) == 1:
+                field = field_curves(dose, p.grid, s.engine.geometry[0].beam, p.external.mask,
+                                     patient_position=p.patient_position)
         return Snapshot(job.id, job.kind, final, dose, s.plan_id, history, undone, pins_mask, tuple(s.pins),
                         dvhs, surface, self._surface_level_gy, engine_ms, job.submitted_at,
-                        self.dropped + self._latest.dropped, result.summary() if result is not None else None)
+                        self.dropped + self._latest.dropped, result.summary() if result is not None else None,
+                        field, save_refused)
 
 
 class QtEngineWorker(QtCore.QObject):

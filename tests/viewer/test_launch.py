@@ -59,3 +59,16 @@ def test_launch_signature():
 
     params = inspect.signature(launch).parameters
     assert list(params) == ["case", "session_folder"]
+
+
+def test_ids_view_without_a_display_says_so_in_one_line():
+    """Qt would abort with a page of plugin advice; ``ids view`` names the problem and exits 2."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    code = "import sys; from ids_engine.cli import main; sys.exit(main(['view', '--phantom', 'water']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ids view needs a display"), proc.stderr
+    assert "qt.qpa" not in proc.stderr and "Traceback" not in proc.stderr

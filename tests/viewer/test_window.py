@@ -200,7 +200,8 @@ def test_slice_navigation_crosshair_and_hover_readout(qtbot, window, session):
     assert axial.slice_index == k0 - 1
     QTest.keyClick(native, QtCore.Qt.Key.Key_Up)
     assert axial.slice_index == k0
-    assert f"{k0 + 1} of" in axial.header.text()
+    # 0-based, named by axis as scripts do (index_zyx), like the history's "axial slice z=21".
+    assert f"slice z={k0} (0–{axial.n_slices - 1})" in axial.header.text()
 
     # Navigate tool: a click moves the crosshair and the other planes follow.
     window.tool_actions["navigate"].trigger()

@@ -82,7 +82,8 @@ def test_request_runs_and_undo_redo_goto(worker, session):
     snap = rec.wait_for(worker.submit(SetVoxelDose(idx, 45.0)))
     assert len(session.journal) == 1
     assert abs(float(snap.dose_gy[idx]) - 45.0) < 2.0 < abs(before - 45.0)
-    assert [h.text for h in snap.history] == [f"Set dose at ({idx[2]}, {idx[1]}, {idx[0]}) to 45 Gy"]
+    # Voxels as scripts give them: index_zyx, 0-based.
+    assert [h.text for h in snap.history] == [f"Set dose at voxel (z={idx[0]}, y={idx[1]}, x={idx[2]}) to 45 Gy"]
 
     snap = rec.wait_for(worker.undo())
     assert len(session.journal) == 0 and len(snap.undone) == 1
@@ -190,3 +191,72 @@ def test_qt_worker_delivers_snapshots_in_the_gui_thread(qtbot, session):
     finally:
         w.engine.stop()
         rewind(session)
+
+
+def test_history_numbers_run_on_although_previews_consume_ids(worker, session):
+    """Previews taken back on release use up session ids; the history counts its own entries."""
+    rec = worker.recorder
+    idx = _interior_voxel(session)
+    other = (idx[0], idx[1], idx[2] - 2)
+    for v in (52.0, 54.0):
+        rec.wait_for(worker.preview(SetVoxelDose(other, v), group=7))
+    worker.commit(SetVoxelDose(other, 55.0), group=7)
+    snap = rec.wait_for(worker.submit(SetVoxelDose(idx, 48.0)))
+    assert [e.number for e in snap.history] == [1, 2]
+    assert snap.history[0].id > 1  # the session's ids did skip
+    snap = rec.wait_for(worker.undo())
+    assert [e.number for e in snap.history] == [1] and [e.number for e in snap.undone] == [2]
+
+
+def test_save_creates_the_folder_and_refuses_a_foreign_non_empty_one(worker, session, tmp_path):
+    rec = worker.recorder
+    new = tmp_path / "new" / "session"
+    snap = rec.wait_for(worker.save(str(new)))
+    assert snap.save_refused is None and (new / "session.json").is_file()
+    snap = rec.wait_for(worker.save(str(new)))  # its own folder: saved again, not refused
+    assert snap.save_refused is None
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    snap = rec.wait_for(worker.save(str(foreign)))
+    assert snap.save_refused == str(foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert any("not empty" in text and error for text, error in rec.messages)
+    snap = rec.wait_for(worker.save(str(foreign), overwrite=True))
+    assert snap.save_refused is None and (foreign / "session.json").is_file()
+    assert not (foreign / "notes.txt").exists()
+    session.close()
+
+
+def test_a_phantom_without_target_opens_as_one_open_field_with_depth_dose_and_profile():
+    """Water box (coarse): one 10 x 10 cm field at SSD 85 cm; the worker's curves are physics:
+    100 % at d_max in the build-up region, a falling depth dose, and a profile whose 50 %
+    points sit at the field edge projected to the profile depth."""
+    from ids_engine.viewer._field import FIELD_SIZE_MM
+    from ids_engine.viewer._loading import build_session, case_display
+
+    s = build_session({"phantom": "water", "resolution": "coarse"}, 60.0)
+    assert len(s.engine.geometry) == 1 and not s.patient.targets
+    display = case_display(s)
+    assert any("no target" in n for n in display.notes)
+    rec = Recorder()
+    w = EngineWorker(s, rec.snapshot, rec.message).start()
+    try:
+        snap = rec.wait_for(1)
+    finally:
+        w.stop()
+    c = snap.field
+    assert c is not None
+    assert c.ssd_mm == pytest.approx(850.0, abs=1.0)  # 300 mm box centred on the isocentre, SAD 1000 mm
+    assert c.max_gy == pytest.approx(60.0, rel=1e-3)  # normalised: 100 % = the prescription
+    assert 5.0 <= c.dmax_mm <= 30.0
+    pdd = c.depth_dose_pct()
+    at = lambda d: float(np.interp(d, c.depth_mm, pdd))  # noqa: E731
+    assert 55.0 < at(100.0) < 80.0 and at(200.0) < at(100.0) < at(50.0)
+    prof = c.profile_gy / float(np.interp(0.0, c.offaxis_mm, c.profile_gy))
+    half = FIELD_SIZE_MM / 2.0 * (c.ssd_mm + c.profile_depth_mm) / 1000.0
+    right = c.offaxis_mm[c.offaxis_mm > 0][np.argmax(prof[c.offaxis_mm > 0] < 0.5)]
+    left = c.offaxis_mm[c.offaxis_mm < 0][::-1][np.argmax(prof[c.offaxis_mm < 0][::-1] < 0.5)]
+    assert right == pytest.approx(half, abs=4.0) and left == pytest.approx(-half, abs=4.0)
+    assert float(snap.dose_gy.max()) == pytest.approx(60.0, rel=0.05)
