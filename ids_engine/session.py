@@ -862,6 +862,11 @@ class Session:
         """Start journaling to ``folder`` (autosave after every operation); same as :meth:`save`."""
         return self.save(folder, overwrite=overwrite)
 
+    @property
+    def folder(self) -> Path | None:
+        """The session folder this session journals to (and holds the lock of), or None."""
+        return self._journal_dir
+
     def close(self) -> None:
         """Stop journaling and release the session folder (another process may then open it)."""
         with self._lock:

@@ -993,8 +993,7 @@ class MainWindow(QtWidgets.QMainWindow):
 
 
 def _journal_folder(session: Session) -> Path | None:
-    # TODO(issue 9): a public Session attribute for the folder it journals to.
-    return getattr(session, "_journal_dir", None)
+    return session.folder
 
 
 def _same_folder(a, b) -> bool:
