@@ -143,13 +143,12 @@ def _beam_paths(s: Session, flat: np.ndarray) -> np.ndarray:
     out = np.zeros(eng.grid.size, bool)
     reach = s.modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm + 2.0
     for geo in eng.geometry:
-        lvl = geo.fine
-        pos = backend.asnumpy(lvl.position[flat])
-        u = backend.asnumpy(lvl.u[pos])
-        v = backend.asnumpy(lvl.v[pos])
-        au, av = backend.asnumpy(lvl.u), backend.asnumpy(lvl.v)
+        lvl = geo.fine.host
+        pos = lvl.position[flat]
+        u, v = lvl.u_cells[pos], lvl.v_cells[pos]
+        au, av = lvl.u_cells, lvl.v_cells
         inside = (au >= u.min() - reach) & (au <= u.max() + reach) & (av >= v.min() - reach) & (av <= v.max() + reach)
-        out[backend.asnumpy(lvl.vox)[inside]] = True
+        out[lvl.vox[inside]] = True
     return out.reshape(eng.grid.shape_zyx)
 
 

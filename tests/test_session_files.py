@@ -21,6 +21,7 @@ from ids_engine.session import (
     FolderLockedError,
     Session,
     case_fingerprint,
+    case_from_spec,
     case_label,
 )
 from ids_engine.session import fingerprint_differences
@@ -241,3 +242,35 @@ for k in range(10000):
         assert names == [f"p{k}" for k in range(len(names))]  # a prefix, nothing reordered or lost in between
         counts.append(len(names))
     assert max(counts) > 0
+
+
+def test_a_dicom_folder_changed_since_the_session_was_saved_is_refused(tmp_path):
+    """The issue's case: the input folder is replaced by another CT (same patient, different
+    values); replaying onto it would put the requests on other anatomy."""
+    import os as _os
+
+    from tests.io.test_dicom import make_patient, write_case
+
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    patient, _, _ = write_case(case_dir)
+    s = Session.open_field_plan(case_from_spec({"dicom": str(case_dir)}), n_beams=3, prescription_gy=RX,
+                                case={"dicom": str(case_dir)})
+    s.run(Pin("p", tuple(int(v) for v in np.argwhere(s.patient.targets[0].mask)[0]), 2.0))
+    s.save(tmp_path / "sess")
+    s.close()
+    # The same patient re-scanned: the CT values differ in the body.
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = make_patient()
+    ct = changed.ct_hu.copy()
+    ct[changed.structure("BODY").mask] += 40.0
+    write_case(other, dataclasses.replace(changed, ct_hu=ct))
+    _os.rename(case_dir, tmp_path / "case-old")
+    _os.rename(other, case_dir)
+    with pytest.raises(CaseChangedError, match="the CT values differ"):
+        Session.load(tmp_path / "sess")
+    # Put back, it opens again.
+    _os.rename(case_dir, tmp_path / "other")
+    _os.rename(tmp_path / "case-old", case_dir)
+    assert "p" in Session.load(tmp_path / "sess", keep_journaling=False).pins
