@@ -56,6 +56,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.session: Session | None = None
         self.worker: QtEngineWorker | None = None
         self.snapshot: Snapshot | None = None
+        # The newest final snapshot's dose cube (host (z, y, x) Gy): previews carry only the
+        # displayed slices, so the 3D view, scrolling and screenshots keep this one.
+        self.dose_gy: np.ndarray | None = None
         self.last_job_id = 0
         self.levels = ()
         self.level_pcts: tuple[float, ...] = ISODOSE_PCT  # the isodose levels shown, % of the prescription
@@ -406,6 +409,7 @@ class MainWindow(QtWidgets.QMainWindow):
         rx = session.prescription_gy
         self.selected_voxel = None
         self.snapshot = None
+        self.dose_gy = None
         self._hover_zyx = None
         self.display_only = not p.targets
         self.reference_gy = display.reference_gy
@@ -442,6 +446,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.worker = QtEngineWorker(session, self, surface_level_gy=self.selected_level_gy)
         self.worker.snapshot.connect(self._on_snapshot)
         self.worker.message.connect(self._on_worker_message)
+        self.worker.engine.set_display_index(self.display_index_zyx())
         self.worker.engine.start()
         self.last_job_id = 1  # start() queues a refresh, job 1
         if self.display_only and not self.tool_actions["navigate"].isChecked():
@@ -741,10 +746,20 @@ class MainWindow(QtWidgets.QMainWindow):
         self.statusBar().showMessage(tip, 5000)
 
     # ------------------------------------------------------------------ navigation
+    def display_index_zyx(self) -> tuple[int, int, int]:
+        """The displayed slices: the axial view's z, the coronal's y, the sagittal's x."""
+        return tuple(self.slice_views[a].slice_index for a in "zyx")
+
+    def _push_display_index(self) -> None:
+        """Tell the worker which slices are displayed (what a preview copies to the host)."""
+        if self.worker is not None:
+            self.worker.engine.set_display_index(self.display_index_zyx())
+
     def _on_crosshair(self, zyx) -> None:
         for axis, v in self.slice_views.items():
             v.set_crosshair(zyx)
             v.set_slice(int(round(zyx["zyx".index(axis)])))
+        self._push_display_index()
 
     def _on_slice_changed(self, axis: str, index: int) -> None:
         k = "zyx".index(axis)
@@ -752,6 +767,7 @@ class MainWindow(QtWidgets.QMainWindow):
         zyx[k] = float(index)
         for v in self.slice_views.values():
             v.set_crosshair(zyx)
+        self._push_display_index()
 
     def _on_hover(self, zyx, axis: str | None = None) -> None:
         """The mouse moved over a slice view (``zyx`` in voxel units, None: off the image)."""
@@ -780,8 +796,8 @@ class MainWindow(QtWidgets.QMainWindow):
         x, y, z = p.grid.index_to_world(idx)
         text = f"voxel {voxel_text(idx)}   ·   x {x:.1f}  y {y:.1f}  z {z:.1f} mm   ·   {p.ct_hu[idx]:.0f} HU"
         rx = self.session.prescription_gy
-        if self.snapshot is not None:
-            d = float(self.snapshot.dose_gy[idx])
+        d = self.dose_at(idx)
+        if d is not None:
             text += f"   ·   {d:.2f} Gy ({100.0 * d / rx:.1f} %)"
             if self.reference_gy is not None:
                 ref = float(self.reference_gy[idx])
@@ -793,6 +809,21 @@ class MainWindow(QtWidgets.QMainWindow):
         if names:
             text += "   ·   " + ", ".join(names)
         self.readout.setText(text)
+
+    def dose_at(self, index_zyx) -> float | None:
+        """The displayed plan dose (Gy) at a voxel: a preview's slice when the voxel lies on one
+        of the slices it carries, else the newest final cube; None before the first dose."""
+        idx = tuple(int(v) for v in index_zyx)
+        r = self.snapshot.readout if self.snapshot is not None else None
+        if r is not None:
+            (k, j, i), (k0, j0, i0) = idx, r.index_zyx
+            if k == k0:
+                return float(r.axial_gy[j, i])
+            if j == j0:
+                return float(r.coronal_gy[k, i])
+            if i == i0:
+                return float(r.sagittal_gy[k, j])
+        return None if self.dose_gy is None else float(self.dose_gy[idx])
 
     # ------------------------------------------------------------------ requests
     def _submit(self, request) -> int:
@@ -807,9 +838,10 @@ class MainWindow(QtWidgets.QMainWindow):
         for v in self.slice_views.values():
             v.set_marker(self.selected_voxel)
         self.dose_box.setEnabled(True)
-        if self.snapshot is not None:
+        d = self.dose_at(self.selected_voxel)
+        if d is not None:
             self.dose_box.blockSignals(True)
-            self.dose_box.setValue(float(self.snapshot.dose_gy[self.selected_voxel]))
+            self.dose_box.setValue(d)
             self.dose_box.blockSignals(False)
         self.dose_box.setFocus()
         self.dose_box.selectAll()
@@ -874,7 +906,7 @@ class MainWindow(QtWidgets.QMainWindow):
         if d is None or "axis" not in d or np.hypot(*np.subtract(rc, d["last"])) < 0.5:
             return
         d["last"] = tuple(rc)
-        self.last_job_id = self.worker.engine.preview(self._line_request(rc), d["group"])
+        self.last_job_id = self.worker.engine.preview(self._line_request(rc), d["group"], self.display_index_zyx())
 
     def _on_line_drag_finished(self, rc) -> None:
         d = self._drag
@@ -906,7 +938,8 @@ class MainWindow(QtWidgets.QMainWindow):
         if d is None or "start_zyx" not in d or np.linalg.norm(np.subtract(end_zyx, d["last"])) < 0.5:
             return
         d["last"] = tuple(end_zyx)
-        self.last_job_id = self.worker.engine.preview(self._surface_request(end_zyx), d["group"])
+        self.last_job_id = self.worker.engine.preview(self._surface_request(end_zyx), d["group"],
+                                                      self.display_index_zyx())
 
     def _on_surface_drag_finished(self, end_zyx) -> None:
         d = self._drag
@@ -926,9 +959,17 @@ class MainWindow(QtWidgets.QMainWindow):
     def _on_snapshot(self, snap: Snapshot) -> None:
         t0 = time.perf_counter()
         self.snapshot = snap
-        for v in self.slice_views.values():
-            v.set_dose(snap.dose_gy, snap.pins_mask)
-        self.view3d.set_dose(snap.dose_gy)
+        if snap.dose_gy is not None:
+            self.dose_gy = snap.dose_gy
+            for v in self.slice_views.values():
+                v.set_dose(snap.dose_gy, snap.pins_mask)
+            self.view3d.set_dose(snap.dose_gy)
+        elif snap.readout is not None:
+            # A preview: each view shows its slice if it is the one displayed, else keeps its
+            # image; the 3D view keeps the last final dose.
+            r = snap.readout
+            for axis, sl in (("z", r.axial_gy), ("y", r.coronal_gy), ("x", r.sagittal_gy)):
+                self.slice_views[axis].set_preview(sl, r.index_zyx["zyx".index(axis)], snap.pins_mask)
         if snap.surface is not None:
             lev = self._selected_level()
             self.view3d.set_surface(snap.surface, snap.surface_level_gy, lev.colour if lev else (1.0, 0.8, 0.1))

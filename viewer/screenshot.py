@@ -60,7 +60,7 @@ def take_screenshot(path: str, resolution: str = "clinical", size=(1600, 1000)) 
     if len(segs):
         mid = segs.mean(axis=1)
         a = mid[np.argmax(mid[:, 1])]  # the right-most point of the line
-        dose = take_slice(window.snapshot.dose_gy, "z", k)
+        dose = take_slice(window.dose_gy, "z", k)
         b = (a[0], min(a[1] + 4.0, dose.shape[1] - 2))
         window.last_job_id = window.worker.engine.submit(MoveIsodoseLine("z", k, 0.95 * rx, tuple(a), b))
         _wait(app, window)

@@ -1,7 +1,7 @@
 """Axial, coronal and sagittal slice views (vispy SceneCanvas in a Qt widget).
 
-A :class:`SliceView` renders host arrays it is given (CT, structure masks, the latest dose
-snapshot, pins) and turns mouse and key input into Qt signals in voxel coordinates. It never
+A :class:`SliceView` renders host arrays it is given (CT, structure masks, the newest final
+dose cube or a drag preview's slice, pins) and turns mouse and key input into Qt signals in voxel coordinates. It never
 calls the engine: the main window turns its signals into requests for the worker.
 
 Coordinates: a slice is a 2D array of the (z, y, x) volume with ``axis`` fixed ("z" axial:
@@ -169,7 +169,10 @@ class SliceView(QtWidgets.QFrame):
         self.grid = None
         self.spacing_mm_zyx = (1.0, 1.0, 1.0)
         self.structures: list[tuple[str, tuple, np.ndarray]] = []
-        self.dose_gy: np.ndarray | None = None
+        self.dose_gy: np.ndarray | None = None  # the newest final dose cube
+        # A drag preview's dose on one slice: (slice index, (rows, columns) Gy), or None. Shown
+        # instead of the cube's slice while the view displays that slice.
+        self.preview: tuple[int, np.ndarray] | None = None
         self.reference_gy: np.ndarray | None = None
         self.dose_mode = "plan"  # "plan" or "difference" (plan - reference)
         self.pins_mask: np.ndarray | None = None
@@ -259,6 +262,7 @@ class SliceView(QtWidgets.QFrame):
         self.structures = list(structures)
         self.prescription_gy = float(prescription_gy)
         self.dose_gy = None
+        self.preview = None
         self.reference_gy = None
         self.dose_mode = "plan"
         self.pins_mask = None
@@ -287,11 +291,35 @@ class SliceView(QtWidgets.QFrame):
         self._refresh_orientation()
 
     def set_dose(self, dose_gy: np.ndarray | None, pins_mask: np.ndarray | None = None) -> None:
+        """A final dose cube (z, y, x) Gy; it replaces any drag preview."""
         self.dose_gy = dose_gy
+        self.preview = None
         self.pins_mask = pins_mask
         self._refresh_image()
         self._refresh_isodoses()
         self._refresh_pins()
+
+    def set_preview(self, dose_slice_gy: np.ndarray, index: int, pins_mask: np.ndarray | None = None) -> bool:
+        """A drag preview's dose on slice ``index`` of this view's axis ((rows, columns) Gy, as
+        :func:`take_slice` cuts it). Shown if the view displays that slice; otherwise the view
+        keeps its last image. Returns whether it is shown."""
+        if self.ct_hu is None or int(index) != self.slice_index:
+            return False
+        self.preview = (int(index), dose_slice_gy)
+        self.pins_mask = pins_mask
+        self._refresh_image()
+        self._refresh_isodoses()
+        self._refresh_pins()
+        return True
+
+    def dose_slice(self) -> np.ndarray | None:
+        """The plan's dose on the displayed slice (Gy): a drag preview's if it is of this
+        slice, else the newest final cube's; None before the first dose."""
+        if self.preview is not None and self.preview[0] == self.slice_index:
+            return self.preview[1]
+        if self.dose_gy is None:
+            return None
+        return take_slice(self.dose_gy, self.axis, self.slice_index)
 
     def set_reference(self, reference_gy: np.ndarray | None) -> None:
         """A reference dose (z, y, x) Gy on the CT grid to compare with, or None."""
@@ -440,9 +468,9 @@ class SliceView(QtWidgets.QFrame):
     def displayed_slice(self) -> np.ndarray | None:
         """What the wash shows on the current slice (Gy): the plan's dose, or plan minus
         reference in the difference mode; None before the first dose."""
-        if self.dose_gy is None or self.ct_hu is None:
+        dose = self.dose_slice()
+        if dose is None or self.ct_hu is None:
             return None
-        dose = take_slice(self.dose_gy, self.axis, self.slice_index)
         if self.dose_mode == "difference" and self.reference_gy is not None:
             return dose - take_slice(self.reference_gy, self.axis, self.slice_index)
         return dose
@@ -482,12 +510,12 @@ class SliceView(QtWidgets.QFrame):
 
     def _refresh_isodoses(self) -> None:
         self._iso_segments.clear()
-        if self.dose_gy is None or self.ct_hu is None:
+        d = self.dose_slice()
+        if d is None or self.ct_hu is None:
             self._set_segments(self._isodoses, None)
             self._set_segments(self._selected_iso, None)
             self._labels.visible = self._label_halo.visible = False
             return
-        d = take_slice(self.dose_gy, self.axis, self.slice_index)
         pos, col, sel_pos, sel_col = [], [], [], []
         texts, tpos, tcol = [], [], []
         # Labels of nested lines fan out around the high-dose region, one direction per level.

@@ -4,8 +4,12 @@ The GUI submits jobs (requests, drag previews, undo/redo, save); each gets an in
 The worker thread drains its queues so that only the newest of each kind runs: drag previews
 go through :class:`~ids_engine.session.LatestRequestQueue` (a coalescing slot), and runs of
 queued jobs of the same kind and target (e.g. scrolling one voxel's dose) collapse to the
-newest. After each job it emits a :class:`Snapshot`: host copies of what the views display
-(dose cube, DVHs, the isodose surface mesh, history).
+newest. After each job it emits a :class:`Snapshot`: host copies of what the views display.
+A final snapshot carries the dose cube (the 3D view, scrolling, screenshots and the isodose
+surface need it), DVHs, the surface mesh and the history; a drag preview carries only a
+:class:`~ids_engine.session.DisplayReadout`: the three slices the GUI shows (it keeps the
+worker told of them, :meth:`EngineWorker.set_display_index`) and the DVHs, computed where the
+dose lives, so a preview never copies the cube to the host.
 
 A drag is a *group*: while the mouse moves, previews run with few recovery steps; on release
 the worker undoes the group's previews and runs the final request with full recovery, so
@@ -29,7 +33,7 @@ from PyQt6 import QtCore
 
 from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose, Unpin
 from ids_engine.evaluation import DVH, dvh
-from ids_engine.session import FolderLockedError, LatestRequestQueue, RequestResult, Session
+from ids_engine.session import DisplayReadout, FolderLockedError, LatestRequestQueue, RequestResult, Session
 
 from ._field import FieldCurves, field_curves
 from ._meshes import SurfaceMesh, level_mesh
@@ -44,7 +48,8 @@ PREVIEW_RECOVERY_STEPS = 1
 # Voxels a drag preview is solved on (the release uses the session's full setting): the
 # preview's cost grows with this number, so a coarser preview keeps the drag fluid on a CPU.
 PREVIEW_MAX_VOXELS = 4
-# Recompute DVHs for a preview only if the last DVH pass took less than this (ms).
+# A preview carries DVHs only if the last final snapshot's DVH pass took less than this (ms);
+# a preview's DVHs are binned where the dose lives, which costs less than that pass.
 PREVIEW_DVH_BUDGET_MS = 25.0
 
 
@@ -72,7 +77,9 @@ class HistoryEntry:
 class Snapshot:
     """What the views display after a job (host arrays owned by the GUI from now on).
 
-    dose_gy : (z, y, x) float32, Gy.
+    dose_gy : (z, y, x) float32, Gy, in final snapshots; None in previews (see ``readout``).
+    readout : a preview's slices through the displayed position, its maximum and DVHs
+        (:meth:`Session.display_readout`); None in final snapshots.
     history : applied journal entries, oldest first.
     undone : undone entries that redo would bring back, in the order they were applied.
     pins_mask : bool (z, y, x) union of the pinned regions, or None when nothing is pinned.
@@ -89,7 +96,7 @@ class Snapshot:
     job_id: int
     job_kind: str
     final: bool
-    dose_gy: np.ndarray
+    dose_gy: np.ndarray | None
     plan_id: int
     history: tuple[HistoryEntry, ...]
     undone: tuple[HistoryEntry, ...]
@@ -104,6 +111,7 @@ class Snapshot:
     outcome: dict | None = None  # RequestResult.summary() of the request this job ran, if any
     field: FieldCurves | None = None
     save_refused: str | None = None
+    readout: DisplayReadout | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,10 @@ class EngineWorker:
         self._closed_groups: set[int] = set()
         self._dvh_ms = 0.0
         self.dropped = 0
+        # The slices the GUI displays (axial z, coronal y, sagittal x): set from the GUI thread,
+        # read by the worker's thread when it builds a preview.
+        self._display_lock = threading.Lock()
+        self._display_index_zyx = tuple(int(n) // 2 for n in session.patient.grid.shape_zyx)
 
     # ------------------------------------------------------------------ control
     def start(self) -> "EngineWorker":
@@ -235,8 +247,12 @@ class EngineWorker:
         """Run a request with full recovery."""
         return self._put("run", request=request)
 
-    def preview(self, request, group: int) -> int:
-        """A drag's intermediate request: coalesced with the group's newer previews, few recovery steps."""
+    def preview(self, request, group: int, display_index_zyx=None) -> int:
+        """A drag's intermediate request: coalesced with the group's newer previews, few recovery
+        steps. Its snapshot carries the slices through ``display_index_zyx`` (None: the newest
+        :meth:`set_display_index`)."""
+        if display_index_zyx is not None:
+            self.set_display_index(display_index_zyx)
         job = _Job(next(self._ids), "preview", request=request, group=group)
         self._latest.put(job)
         self._wake.set()
@@ -265,6 +281,19 @@ class EngineWorker:
         non-empty folder that is not this session's is refused (the snapshot's
         ``save_refused``) unless ``overwrite``."""
         return self._put("save", path=str(folder), overwrite=bool(overwrite))
+
+    def set_display_index(self, index_zyx) -> None:
+        """The slices the views display (0-based (z, y, x): the axial view's z, the coronal's y,
+        the sagittal's x); previews copy these three slices to the host. Any thread."""
+        shape = self.session.patient.grid.shape_zyx
+        index = tuple(int(np.clip(int(v), 0, n - 1)) for v, n in zip(index_zyx, shape))
+        with self._display_lock:
+            self._display_index_zyx = index
+
+    @property
+    def display_index_zyx(self) -> tuple[int, int, int]:
+        with self._display_lock:
+            return self._display_index_zyx
 
     def set_surface_level(self, level_gy: float) -> int:
         self._surface_level_gy = float(level_gy)
@@ -384,23 +413,25 @@ class EngineWorker:
 
     def _snapshot(self, job: _Job, final: bool, engine_ms: float, result, save_refused: str | None = None) -> Snapshot:
         s = self.session
-        dose = s.dose()
         previews = {i for ids in self._previews.values() for i in ids}
         history = tuple(_entry(r, n, r.id in previews) for n, r in enumerate(s.journal, 1))
         undone = tuple(_entry(r, n) for n, r in enumerate(reversed(self._redo), len(history) + 1))
         pins_mask = None
         if s.pins:
-            pins_mask = np.zeros(dose.shape, bool)
+            pins_mask = np.zeros(s.patient.grid.shape_zyx, bool)
             for m in s.pins.values():
                 pins_mask |= m
-        dvhs = None
-        if final or self._dvh_ms < PREVIEW_DVH_BUDGET_MS:
+        dose = readout = dvhs = surface = field = None
+        if not final:
+            # Only what is displayed comes to the host: three slices and the DVH bin counts.
+            readout = s.display_readout(self.display_index_zyx, dvhs=self._dvh_ms < PREVIEW_DVH_BUDGET_MS)
+            dvhs = readout.dvhs
+        else:
+            dose = s.dose()
             t = time.perf_counter()
             vcc = s.patient.grid.voxel_volume_cc
             dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
             self._dvh_ms = (time.perf_counter() - t) * 1000.0
-        surface = field = None
-        if final:
             surface = level_mesh(dose, self._surface_level_gy, s.patient.grid.spacing_mm_zyx)
             p = s.patient
             if not p.targets and len(s.engine.geometry) == 1:
@@ -409,7 +440,7 @@ class EngineWorker:
         return Snapshot(job.id, job.kind, final, dose, s.plan_id, history, undone, pins_mask, tuple(s.pins),
                         dvhs, surface, self._surface_level_gy, engine_ms, job.submitted_at,
                         self.dropped + self._latest.dropped, result.summary() if result is not None else None,
-                        field, save_refused)
+                        field, save_refused, readout)
 
 
 class QtEngineWorker(QtCore.QObject):

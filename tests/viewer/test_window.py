@@ -184,6 +184,47 @@ def test_drag_isodose_line_with_the_mouse_moves_the_rendered_line(qtbot, window,
     assert np.logical_and(before, restored).sum() / max(np.logical_or(before, restored).sum(), 1) > 0.9
 
 
+def test_a_drag_preview_updates_the_displayed_slice_from_its_readout(qtbot, window, session):
+    from PyQt6 import QtCore
+    from PyQt6.QtTest import QTest
+
+    view = window.slice_views["z"]
+    native = view.canvas.native
+    level = window.selected_level_gy
+    final_dose = window.dose_gy
+    segs = view.isodose_segments(level)
+    mid = segs.mean(axis=1)
+    a_rc = mid[np.argmax(mid[:, 1])]
+    b_rc = (a_rc[0], a_rc[1] + 4.0)
+    pa, pb = view.rc_to_canvas(a_rc), view.rc_to_canvas(b_rc)
+    reach_before = view.isodose_segments(level)[..., 1].max()
+
+    window.tool_actions["drag_isodose"].trigger()
+    left = QtCore.Qt.MouseButton.LeftButton
+    QTest.mousePress(native, left, QtCore.Qt.KeyboardModifier.NoModifier, _qpoint(pa))
+    for t in np.linspace(0.0, 1.0, 4)[1:]:
+        QTest.mouseMove(native, _qpoint(pa + t * (pb - pa)))
+        qtbot.wait(20)
+    qtbot.waitUntil(lambda: window.snapshot.readout is not None, timeout=WAIT_MS)  # button still down
+    snap = window.snapshot
+    r = snap.readout
+    assert snap.dose_gy is None and not snap.final
+    assert r.index_zyx == window.display_index_zyx()
+    # Each slice view shows the readout's slice of its axis; the 3D view keeps the final dose.
+    for axis, sl in (("z", r.axial_gy), ("y", r.coronal_gy), ("x", r.sagittal_gy)):
+        assert window.slice_views[axis].dose_slice() is sl
+    assert window.dose_gy is final_dose and window.view3d.dose_gy is final_dose
+    assert not np.array_equal(view.displayed_slice(), final_dose[view.slice_index])
+    assert view.isodose_segments(level)[..., 1].max() > reach_before + 0.5, "the previewed line did not move"
+    # The read-out under the cursor reads the preview's slice.
+    j, i = int(round(a_rc[0])), int(round(a_rc[1])) + 2
+    assert window.dose_at((view.slice_index, j, i)) == pytest.approx(float(r.axial_gy[j, i]))
+    QTest.mouseRelease(native, left, QtCore.Qt.KeyboardModifier.NoModifier, _qpoint(pb))
+    qtbot.waitUntil(lambda: window.idle and bool(session.journal), timeout=WAIT_MS)
+    assert window.snapshot.final and view.preview is None
+    np.testing.assert_array_equal(view.dose_slice(), window.dose_gy[view.slice_index])
+
+
 def test_slice_navigation_crosshair_and_hover_readout(qtbot, window, session):
     from PyQt6 import QtCore
     from PyQt6.QtTest import QTest

@@ -260,3 +260,34 @@ def test_a_phantom_without_target_opens_as_one_open_field_with_depth_dose_and_pr
     left = c.offaxis_mm[c.offaxis_mm < 0][::-1][np.argmax(prof[c.offaxis_mm < 0][::-1] < 0.5)]
     assert right == pytest.approx(half, abs=4.0) and left == pytest.approx(-half, abs=4.0)
     assert float(snap.dose_gy.max()) == pytest.approx(60.0, rel=0.05)
+
+
+def test_a_preview_snapshot_carries_the_displayed_slices_not_the_cube(worker, session):
+    rec = worker.recorder
+    level = 0.95 * session.prescription_gy
+    k = session.patient.grid.shape_zyx[0] // 2
+    rows, cols = np.nonzero(session.dose()[k] >= level)
+    j = int(rows[np.argmax(cols)])
+    start = (float(j), float(cols.max()))
+    shown = (k, j, int(cols.max()) - 1)  # not the grid's centre: the slices follow the GUI's index
+    snap = rec.wait_for(worker.preview(MoveIsodoseLine("z", k, level, start, (start[0], start[1] + 3.0)), group=3,
+                                       display_index_zyx=shown))
+    try:
+        assert snap.job_kind == "preview" and not snap.final
+        assert snap.dose_gy is None and snap.surface is None
+        r = snap.readout
+        assert r.index_zyx == shown and r.plan_id == snap.plan_id == session.plan_id
+        dose = session.dose()  # the worker is idle: the plan the preview showed
+        np.testing.assert_array_equal(r.axial_gy, dose[shown[0]])
+        np.testing.assert_array_equal(r.coronal_gy, dose[:, shown[1]])
+        np.testing.assert_array_equal(r.sagittal_gy, dose[:, :, shown[2]])
+        assert r.max_gy == pytest.approx(float(dose.max()))
+        assert snap.dvhs is r.dvhs and {d.name for d in snap.dvhs} == {s.name for s in session.patient.structures}
+    finally:
+        rec.wait_for(worker.commit(None, group=3))
+
+
+def test_display_index_is_clipped_to_the_grid(worker, session):
+    nz, ny, nx = session.patient.grid.shape_zyx
+    worker.set_display_index((-4, ny + 7, 2))
+    assert worker.display_index_zyx == (0, ny - 1, 2)
