@@ -149,6 +149,9 @@ class RequestResult:
     feature_goal: np.ndarray = field(default_factory=lambda: np.zeros(0))
     conflicts: tuple = ()
     best_step: int = 0
+    # How many of ``patches`` each engine call applied, in order: a replay applies them in
+    # the same calls, so it rebuilds the plan bit for bit (float32 sums depend on grouping).
+    patch_groups: tuple = ()
 
     @property
     def has_feature(self) -> bool:
@@ -168,6 +171,7 @@ class RequestResult:
             "remaining_candidates": self.remaining_candidates,
             "conflicts": [c.to_dict() for c in self.conflicts],
             "patches": len(self.patches),
+            "patch_groups": list(self.patch_groups),
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
@@ -699,13 +703,18 @@ class Session:
             watch = self.build_watch(resolved, ignore_ids=ignore_features_of)
             timings["reference"] = (time.perf_counter() - t0) * 1000
             snap = self.engine.snapshot()
+            self.engine.apply_log = []
             try:
                 mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
                                                                     cancel, progress)
             except BaseException:
                 self.engine.restore(snap)
                 raise
-            return self._journal(req, resolved, mod, rec, timings, patches, conflicts)
+            finally:
+                groups, self.engine.apply_log = tuple(self.engine.apply_log), None
+            if sum(groups) != len(patches):  # pragma: no cover - a patch applied outside the journal
+                raise RuntimeError(f"{req.kind}: {sum(groups)} patches applied but {len(patches)} journaled")
+            return self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups)
 
     def _modify_recover(self, req, resolved: Resolved, watch: Watch, timings: dict, recovery_steps, cancel,
                         progress) -> tuple:
@@ -735,7 +744,8 @@ class Session:
         patches = list(mod.patches) + (list(rec.patches) if rec else [])
         return mod, rec, conflicts, patches
 
-    def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = ()) -> RequestResult:
+    def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
+                 patch_groups: tuple = ()) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)
                  if resolved.voxels.size else np.zeros(0))
         res = RequestResult(
@@ -745,7 +755,7 @@ class Session:
             remaining_candidates=rec.remaining_candidates if rec else 0, patches=patches, timings_ms=timings,
             feature_voxels=np.asarray(resolved.feature_voxels, np.int64), feature_lo=np.asarray(resolved.feature_lo, float),
             feature_hi=np.asarray(resolved.feature_hi, float), feature_goal=np.asarray(resolved.feature_goal, float),
-            conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0)
+            conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0, patch_groups=tuple(patch_groups))
         self._next_id += 1
         self.journal.append(res)
         self._redo.clear()
@@ -775,12 +785,23 @@ class Session:
                 return None
             res = self._redo.pop()
             self._apply_pins_redo(res)
-            self.engine.apply_patches(res.patches)
+            self._apply_groups(res.patches, res.patch_groups)
             self.journal.append(res)
             if res.patches:
                 self.plan_id += 1
             self._append_op({"op": "redo"})
             return res
+
+    def _apply_groups(self, patches: list, groups: tuple) -> None:
+        """Apply patches in the engine calls they were first applied in (all at once when the
+        grouping is unknown, e.g. a journal written before it was kept)."""
+        if not groups or sum(groups) != len(patches):
+            self.engine.apply_patches(patches)
+            return
+        k = 0
+        for n in groups:
+            self.engine.apply_patches(patches[k : k + n])
+            k += n
 
     def _apply_pins_undo(self, res: RequestResult) -> None:
         if isinstance(res.request, (Pin, Unpin)):
@@ -1086,9 +1107,11 @@ class Session:
                 feature = {"feature_voxels": vox, "feature_lo": ref - tol, "feature_hi": ref + tol, "feature_goal": ref}
         elif isinstance(req, Unpin):
             self.pins.pop(req.name, None)
+        groups = tuple(int(n) for n in summ.get("patch_groups", ()))
         if patches:
-            self.engine.apply_patches(patches)
-        res = RequestResult(request=req, voxels=np.zeros(0, np.int64), patches=patches, conflicts=conflicts, **fields,
+            self._apply_groups(patches, groups)
+        res = RequestResult(request=req, voxels=np.zeros(0, np.int64), patches=patches, conflicts=conflicts,
+                            patch_groups=groups, **fields,
                             **{k: np.asarray(v) for k, v in (feature or {}).items()})
         self.journal.append(res)
         self._redo.clear()

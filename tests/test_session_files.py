@@ -274,3 +274,21 @@ def test_a_dicom_folder_changed_since_the_session_was_saved_is_refused(tmp_path)
     _os.rename(case_dir, tmp_path / "other")
     _os.rename(tmp_path / "case-old", case_dir)
     assert "p" in Session.load(tmp_path / "sess", keep_journaling=False).pins
+
+
+def test_reopening_rebuilds_the_plan_bit_for_bit(tmp_path):
+    """A fresh session's requests (with rejected steps and take-backs) replayed from its folder
+    give the very same fluence and dose: the patches are applied in the calls they first were."""
+    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
+    s.attach_journal(tmp_path / "s")
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    j = int(np.flatnonzero(oar[c[0], :, c[2]]).min())
+    r1 = s.run(SetVoxelDose((int(c[0]), j, int(c[2])), 0.55 * RX), recovery_steps=6)
+    s.run(SetVoxelDose(_target_voxel(s), 1.04 * RX), recovery_steps=4)
+    assert len(r1.patch_groups) > 1 and sum(r1.patch_groups) == len(r1.patches)
+    s.close()
+    again = Session.load(tmp_path / "s", keep_journaling=False)
+    for a, b in zip(again.engine.fluences_host(), s.engine.fluences_host()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again.dose(), s.dose())

@@ -76,7 +76,7 @@ __all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "SSD_D
            "central_axis_ssd_mm"]
 
 LEVELS = ("fine", "coarse")
-_SPECTRA_CACHE = 8  # kernel spectra kept per level (one per FFT shape)
+_SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
 
 
 _POOL = None
@@ -98,7 +98,7 @@ def _cores() -> int:
 
 def _fft_len(n: int) -> int:
     """An FFT length >= n that is fast and taken from a small set (so few spectra are cached)."""
-    return sfft.next_fast_len(-(-n // 8) * 8, real=True)
+    return sfft.next_fast_len(-(-n // 16) * 16, real=True)
 
 
 @dataclass(eq=False)
@@ -143,10 +143,16 @@ class _Uploads:
     def __init__(self) -> None:
         self._parts: dict = {np.dtype(np.int32): [], np.dtype(np.float32): []}
 
+    ALIGN = 64  # elements: every part starts 256 bytes into the buffer (cuFFT needs aligned input)
+
     def add(self, a: np.ndarray):
         a = np.ascontiguousarray(a)
         parts = self._parts[a.dtype]
         start = sum(p.size for p, _ in parts)
+        pad = -start % self.ALIGN
+        if pad:
+            parts.append((np.zeros(pad, a.dtype), (pad,)))
+            start += pad
         parts.append((a.ravel(), a.shape))
         return a.dtype, start, a.shape
 
@@ -205,6 +211,9 @@ class DoseEngine:
         self.beams: list[Beam] = []
         self.geometry: list[BeamGeometry] = []
         self._density = None
+        # When a list, apply_patches appends the number of patches of each call (a session
+        # journals the grouping so that a replay repeats the same calls, bit for bit).
+        self.apply_log: list[int] | None = None
         total = len(beams)
         for i, b in enumerate(beams):
             if progress:
@@ -442,19 +451,22 @@ class DoseEngine:
                     f"patch for beam {p.beam} at rows {p.row0}:{p.row0 + h}, cols {p.col0}:{p.col0 + w} "
                     f"leaves the fluence grid {nv}x{nu}"
                 )
+        if self.apply_log is not None and patches:
+            self.apply_log.append(len(patches))
         windows = _merge_per_beam(patches)
         if not windows:
             return
         uploads = _Uploads()
         fluence_keys = None
-        for b, r0, c0, d in windows:
-            h, w = d.shape
-            self._state[b].fluence_host[r0 : r0 + h, c0 : c0 + w] += d
         if self.xp is not np:
             idx = np.concatenate([self._fluence_index(b, r0, c0, d.shape) for b, r0, c0, d in windows])
             vals = np.concatenate([d.ravel() for _, _, _, d in windows])
             fluence_keys = (uploads.add(idx), uploads.add(vals))
         self._propagate(windows, uploads, fluence_keys)
+        # The host copy last: if the pass above failed, host and device still agree.
+        for b, r0, c0, d in windows:
+            h, w = d.shape
+            self._state[b].fluence_host[r0 : r0 + h, c0 : c0 + w] += d
 
     def _fluence_index(self, b: int, r0: int, c0: int, shape) -> np.ndarray:
         nu = self.geometry[b].fluence_grid.shape_vu[1]

@@ -137,3 +137,16 @@ def test_device_dvh_matches_the_exact_dvh_to_one_bin(coarse_horseshoe_session):
         got = curve.volume_fraction[:n]
         assert np.all(got <= ex[:n] + 1e-9) and np.all(got >= ex[2 : n + 2] - 1e-9)
         assert np.mean(np.abs(got - exact.volume_fraction[:n])) < 1e-4
+
+
+def test_every_uploaded_part_starts_aligned_for_cufft():
+    """cuFFT refuses misaligned input: each part of a packed upload starts 256 bytes in."""
+    from ids_engine.dose._engine import _Uploads
+
+    up = _Uploads()
+    keys = [up.add(np.ones(n, np.float32)) for n in (25, 7, 64, 1)] + [up.add(np.ones((3, 5), np.int32))]
+    sent = up.send(np)
+    for key, n in zip(keys, (25, 7, 64, 1, 15)):
+        dtype, start, shape = key
+        assert start % 64 == 0
+        assert _Uploads.view(sent, key).size == n and np.all(_Uploads.view(sent, key) == 1)
