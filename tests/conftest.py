@@ -6,6 +6,9 @@ Markers (strict): ``gpu`` (needs CuPy and a CUDA device; skipped otherwise), ``v
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 
@@ -38,6 +41,23 @@ def xp_name(request, monkeypatch):
     backend.reset_backend()
     yield request.param
     backend.reset_backend()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the block with ``IDS_BACKEND=name`` (the backend reset before and after); for
+    module-scoped fixtures, where ``monkeypatch`` is not available."""
+    old = os.environ.get("IDS_BACKEND")
+    os.environ["IDS_BACKEND"] = name
+    backend.reset_backend()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("IDS_BACKEND", None)
+        else:
+            os.environ["IDS_BACKEND"] = old
+        backend.reset_backend()
 
 
 @pytest.fixture(params=["devicecost", pytest.param("cupy", marks=pytest.mark.gpu)])

@@ -13,8 +13,6 @@ and sums in other orders (``atomicAdd`` on a GPU).
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import numpy as np
 import pytest
@@ -26,6 +24,8 @@ from ids_engine.dose import DoseEngine, FluencePatch, influence_matrix
 from ids_engine.model import Beam
 from ids_engine.phantoms import PHANTOMS
 from ids_engine.planning import conformal_aperture, equispaced_beams
+
+from tests.conftest import use_backend
 
 from .test_physics import water_phantom
 
@@ -45,22 +45,6 @@ def _close(got, ref, kind: str) -> None:
     assert got.shape == ref.shape
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     np.testing.assert_allclose(got, ref, rtol=TOL[kind]["rtol"], atol=TOL[kind]["atol"] * scale)
-
-
-@contextlib.contextmanager
-def _backend(name: str):
-    """Run the block with ``IDS_BACKEND=name`` (backend reset before and after)."""
-    old = os.environ.get("IDS_BACKEND")
-    os.environ["IDS_BACKEND"] = name
-    backend.reset_backend()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("IDS_BACKEND", None)
-        else:
-            os.environ["IDS_BACKEND"] = old
-        backend.reset_backend()
 
 
 def _device_array_type(name: str):
@@ -88,7 +72,7 @@ class _Engines:
 
     def __call__(self, name: str) -> DoseEngine:
         if name not in self._built:
-            with _backend(name):
+            with use_backend(name):
                 self._built[name] = DoseEngine(self.patient, self.beams)
                 assert self._built[name].describe()["backend"] == name
         return self._built[name]
@@ -303,7 +287,7 @@ def _request_run(name: str):
     """A coarse horseshoe session on backend ``name``: SetVoxelDose with 4 recovery steps, then undo."""
     from ids_engine.session import Session
 
-    with _backend(name):
+    with use_backend(name):
         s = Session.from_phantom("horseshoe", "coarse", n_beams=5, prescription_gy=60.0)
         before = s.dose()
         oar = s.patient.structure("OAR").mask

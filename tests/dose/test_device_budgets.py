@@ -10,6 +10,7 @@ from ids_engine import backend
 from ids_engine._devicecost import DeviceArray, counting
 from ids_engine.dmr import SetVoxelDose
 from ids_engine.dose import FluencePatch
+from tests.conftest import use_backend
 
 RX = 60.0
 # (launches, syncs) per stage, issue 10's goals.
@@ -18,21 +19,10 @@ BUDGET = {"incremental_update": (20, 0), "dmr_step": (60, 2)}
 
 @pytest.fixture(scope="module")
 def counted_session():
-    import os
-
     from ids_engine.session import Session
 
-    old = os.environ.get("IDS_BACKEND")
-    os.environ["IDS_BACKEND"] = "devicecost"
-    backend.reset_backend()
-    try:
+    with use_backend("devicecost"):
         yield Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
-    finally:
-        if old is None:
-            os.environ.pop("IDS_BACKEND", None)
-        else:
-            os.environ["IDS_BACKEND"] = old
-        backend.reset_backend()
 
 
 def _oar_rim_voxel(s) -> tuple[int, int, int]:

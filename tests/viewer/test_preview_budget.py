@@ -3,7 +3,6 @@ the device-cost backend (what CuPy would transfer), so it holds without a GPU.""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -11,9 +10,9 @@ from .conftest import require_viewer_packages
 
 require_viewer_packages()
 
-from ids_engine import backend  # noqa: E402
 from ids_engine._devicecost import counting  # noqa: E402
 from ids_engine.viewer.worker import EngineWorker, _Job  # noqa: E402
+from tests.conftest import use_backend  # noqa: E402
 
 pytestmark = pytest.mark.viewer
 
@@ -22,17 +21,8 @@ pytestmark = pytest.mark.viewer
 def counted_session():
     from ids_engine.session import Session
 
-    old = os.environ.get("IDS_BACKEND")
-    os.environ["IDS_BACKEND"] = "devicecost"
-    backend.reset_backend()
-    try:
+    with use_backend("devicecost"):
         yield Session.from_phantom("horseshoe", "coarse")
-    finally:
-        if old is None:
-            os.environ.pop("IDS_BACKEND", None)
-        else:
-            os.environ["IDS_BACKEND"] = old
-        backend.reset_backend()
 
 
 def test_a_preview_snapshot_copies_less_than_a_fifth_of_the_cube(counted_session):
