@@ -1,6 +1,48 @@
-"""Plan evaluation: DVHs and DVH metrics, isodose positions."""
+"""Plan evaluation: DVHs and DVH metrics, conformity and homogeneity indices, goal checks,
+plan comparison, plan reports, isodose positions."""
 
 from ._dvh import DVH, DeviceDVH, dvh, dvh_metrics
+from ._goals import Goal, GoalResult, check_goals, parse_goal, tg119_goals
 from ._isodose import beside_shift_mm, drag_landing_mm, level_crossing_mm
+from ._metrics import (
+    DMAX_VOLUME_CC,
+    Metric,
+    StructureDose,
+    conformity_index,
+    gradient_index,
+    homogeneity_index,
+    parse_metric,
+)
+from ._report import PlanReport, Prescription, dvh_png, write_plan_report
+from ._table import MetricRow, PlanComparison, compare_plans, default_metrics, plan_metrics
 
-__all__ = ["DVH", "DeviceDVH", "beside_shift_mm", "drag_landing_mm", "dvh", "dvh_metrics", "level_crossing_mm"]
+__all__ = [
+    "DMAX_VOLUME_CC",
+    "DVH",
+    "DeviceDVH",
+    "Goal",
+    "GoalResult",
+    "Metric",
+    "MetricRow",
+    "PlanComparison",
+    "PlanReport",
+    "Prescription",
+    "StructureDose",
+    "beside_shift_mm",
+    "check_goals",
+    "compare_plans",
+    "conformity_index",
+    "default_metrics",
+    "drag_landing_mm",
+    "dvh",
+    "dvh_metrics",
+    "dvh_png",
+    "gradient_index",
+    "homogeneity_index",
+    "level_crossing_mm",
+    "parse_goal",
+    "parse_metric",
+    "plan_metrics",
+    "tg119_goals",
+    "write_plan_report",
+]
