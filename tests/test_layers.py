@@ -11,7 +11,7 @@ Rules:
 * ``cupy`` / ``cupyx`` only in ``ids_engine/backend.py`` and ``kernels/``;
 * ``PyQt6`` / ``vispy`` (and other Qt bindings) only in ``viewer/``;
 * the lower layers (``model``, ``io``, ``phantoms``, ``dose``, ``kernels``, ``backend``,
-  ``_progress``) never import ``ids_engine.session``, ``ids_engine.dmr``,
+  ``_progress``, ``optimise``) never import ``ids_engine.session``, ``ids_engine.dmr``,
   ``ids_engine.cli`` or ``ids_engine.viewer``: imports point downward;
 * nothing imports the repository folders ``kernels`` / ``viewer`` by their top-level
   name: they are installed as ``ids_engine.kernels`` / ``ids_engine.viewer`` only.
@@ -41,6 +41,7 @@ LOWER = (
     "ids_engine.kernels",
     "ids_engine.backend",
     "ids_engine._progress",
+    "ids_engine.optimise",
 )
 
 # Files outside backend.py and kernels/ that still import CuPy (layering debt, to be moved

@@ -1,0 +1,50 @@
+"""Inverse planning: goals per structure, protocol files, fluence-map optimisation.
+
+Goals (frozen dataclasses; doses in Gy, volumes in percent) are objectives (met as far as
+their importances allow) or constraints (must be met). :func:`optimise_fluence` finds
+non-negative beamlet weights for them on an influence matrix (L-BFGS-B, constraints by an
+augmented Lagrangian) and reports any constraint it could not meet by name and amount.
+:func:`read_protocol` reads goals from a TOML protocol file; :func:`protocol_from_matrad`
+converts matRad ``cst`` objectives as the matRad reader keeps them.
+"""
+
+from ._goals import (
+    Goal,
+    GoalResult,
+    MaxDVH,
+    MaxDose,
+    MaxEUD,
+    MaxMeanDose,
+    MinDVH,
+    MinDose,
+    MinEUD,
+    MinMeanDose,
+    UniformDose,
+    evaluate_goals,
+)
+from ._optimiser import FluenceResult, UnmetConstraint, optimise_fluence
+from ._protocol import GOAL_KINDS, Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
+
+__all__ = [
+    "GOAL_KINDS",
+    "FluenceResult",
+    "Goal",
+    "GoalResult",
+    "MaxDVH",
+    "MaxDose",
+    "MaxEUD",
+    "MaxMeanDose",
+    "MinDVH",
+    "MinDose",
+    "MinEUD",
+    "MinMeanDose",
+    "Protocol",
+    "UniformDose",
+    "UnmetConstraint",
+    "dvh_goal",
+    "evaluate_goals",
+    "goals_from_matrad",
+    "optimise_fluence",
+    "protocol_from_matrad",
+    "read_protocol",
+]
