@@ -1,5 +1,5 @@
 """Dose engine benchmark: geometry cache, full dose, patch convolution, incremental update,
-point doses, influence matrix, on the horseshoe (clinical grid, 9 beams) and TG-119 phantoms.
+point doses, influence matrix and its tail offset, on the horseshoe (clinical grid, 9 beams) and TG-119 phantoms.
 
 Usage: ``python bench/bench_dose.py [--phantom horseshoe tg119] [--resolution clinical] [--repeats 7]``
 Prints a table beside the IDS paper's Table 1 and writes ``bench/results/dose-<phantom>-<backend>-<device>.json``.
@@ -101,22 +101,37 @@ def bench_phantom(name: str, resolution: str, repeats: int) -> dict:
 
     stages["influence_matrix"] = time_stage(build_dij, n=max(1, repeats // 7), warmup=0)
     dij = info["dij"]
-    # Quality: incremental == full, and dij vs engine point dose.
+    w = np.ones(dij.shape[1], np.float32)
+    stages["influence_tail_offset"] = time_stage(lambda: dij.tail_offset(eng, w), n=3)
+    # Quality: incremental == full, and the matrix vs the engine's dose cube at its rows (the
+    # nearest CT voxels), without and with the tail offset of the 50 mm cutoff: taken at the
+    # same weights, and stale (taken at w, used at the next round's weights w2).
     eng.apply_patches(patches_pos)
     inc = backend.asnumpy(eng.dose_cube())
     eng.recompute()
     full = backend.asnumpy(eng.dose_cube())
-    w = np.ones(dij.shape[1], np.float32)
-    eng.set_fluences(dij.fluence_maps(w))
-    ref = backend.asnumpy(eng.dose_at_points(dij.points_xyz()))
-    got = backend.asnumpy(dij.matrix @ backend.to_device(w))
+    ref = backend.asnumpy(dij.engine_dose(eng, w))
+    got = backend.asnumpy(dij.dose(backend.to_device(w)))
+    off = dij.tail_offset(eng, w)
+    with_off = backend.asnumpy(dij.dose(backend.to_device(w), off))
+    w2 = (w * rng.uniform(0.8, 1.2, w.size)).astype(np.float32)
+    ref2 = backend.asnumpy(dij.engine_dose(eng, w2))
+    stale = backend.asnumpy(dij.dose(backend.to_device(w2), off))
+
+    def rel(a, r):
+        scale = max(float(r.max()), 1e-12)
+        return float(np.abs(a - r).max() / scale), float(np.abs(a - r).mean() / scale)
+
     quality = {
         "incremental_vs_full_max_abs_gy_per_max": float(np.abs(inc - full).max() / max(np.abs(full).max(), 1e-12)),
         "influence_nnz": int(dij.matrix.nnz),
         "influence_shape": list(dij.shape),
-        "influence_vs_engine_max_rel_err_50mm_cutoff": float(np.abs(got - ref).max() / max(ref.max(), 1e-12)),
-        "influence_vs_engine_mean_rel_err_50mm_cutoff": float(np.abs(got - ref).mean() / max(ref.max(), 1e-12)),
     }
+    for label, (a, r) in {"50mm_cutoff": (got, ref), "50mm_cutoff_tail_offset": (with_off, ref),
+                          "50mm_cutoff_stale_tail_offset": (stale, ref2)}.items():
+        mx, mean = rel(a, r)
+        quality[f"influence_vs_engine_max_rel_err_{label}"] = mx
+        quality[f"influence_vs_engine_mean_rel_err_{label}"] = mean
     case = {"phantom": name, "resolution": resolution, **{k: v for k, v in eng.describe().items() if k != "backend"},
             "patch": f"{PATCH_CPS}x{PATCH_CPS} control points ({side}x{side} amplitudes) in each of 9 beams",
             "influence_grid_shape_zyx": list(g3.shape_zyx), "beamlet_mm": 4.0}

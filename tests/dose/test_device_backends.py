@@ -280,6 +280,10 @@ def test_influence_matrix_matches_numpy(device_backend, water_engines):
     prod = got.matrix @ backend.to_device(w)
     assert isinstance(prod, _device_array_type(device_backend))
     _close(_host(prod), want.matrix @ w, "dij")
+    # The tail offset comes from the device engine; with it the matrix gives NumPy's engine dose.
+    off = got.tail_offset(dev, w)
+    assert isinstance(off, _device_array_type(device_backend))
+    _close(_host(got.dose(backend.to_device(w), off)), want.dose(w, want.tail_offset(ref, w)), "read")
 
 
 # ----------------------------------------------------------------------------- session
