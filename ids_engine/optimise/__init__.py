@@ -9,6 +9,7 @@ converts matRad ``cst`` objectives as the matRad reader keeps them.
 """
 
 from ._goals import (
+    GOAL_KINDS,
     Goal,
     GoalResult,
     MaxDVH,
@@ -23,7 +24,7 @@ from ._goals import (
     evaluate_goals,
 )
 from ._optimiser import FluenceResult, UnmetConstraint, optimise_fluence
-from ._protocol import GOAL_KINDS, Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
+from ._protocol import Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
 
 __all__ = [
     "GOAL_KINDS",

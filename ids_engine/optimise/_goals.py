@@ -29,6 +29,7 @@ import numpy as np
 from ids_engine.backend import array_module
 
 __all__ = [
+    "GOAL_KINDS",
     "Goal",
     "GoalResult",
     "MaxDVH",

@@ -15,9 +15,9 @@ last round's. The loop ends when every constraint is met within the tolerance, o
 reported by name and amount (never raised). DVH constraints bind the voxels of an active
 set chosen from the dose at the start of each round (see :class:`~._goals.MaxDVH`).
 
-The matrix may be dense (NumPy) or sparse (SciPy; cupyx on a GPU): the array namespace
-comes from the matrix. The weights live on the host in float64 (L-BFGS-B runs there);
-the dose stays with the matrix.
+The matrix may be dense (NumPy) or sparse (SciPy CSR/CSC; cupyx on a GPU): the array
+namespace comes from the matrix. The weights live on the host in float64 (L-BFGS-B runs
+there; one vector of n_beamlets crosses per evaluation); the dose stays with the matrix.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def optimise_fluence(
     max_iterations: int = 1000,
     max_rounds: int = 20,
     tolerance_gy: float = 0.01,
-    ftol: float = 1e-10,
+    ftol: float = 1e-8,
     progress: Progress = None,
     cancel: Callable[[], bool] | None = None,
 ) -> FluenceResult:
@@ -173,11 +173,14 @@ def optimise_fluence(
     if shape is None or len(shape) != 2:
         raise ValueError(f"influence must be a 2-D matrix (n_voxels, n_beamlets), got shape {shape}")
     n_vox, n_beam = int(shape[0]), int(shape[1])
-    if hasattr(influence, "tocsr"):
+    if getattr(influence, "format", "csr") not in ("csr", "csc"):
         influence = influence.tocsr()
     xp = array_module(influence)
     voxels = {k: xp.asarray(v) for k, v in _check_voxels(goals, structure_voxels, n_vox).items()}
-    dtype = influence.dtype if influence.dtype.kind == "f" else np.float64
+    # On the host the dose and gradients are float64 whatever the matrix holds (SciPy
+    # up-casts a float32 matrix times a float64 vector), so L-BFGS-B sees smooth values; on
+    # a GPU they stay in the matrix's float32.
+    dtype = np.float64 if xp is np or influence.dtype.kind != "f" else influence.dtype
     offset = None
     if dose_offset_gy is not None:
         offset = xp.asarray(dose_offset_gy, dtype=dtype)
@@ -196,9 +199,11 @@ def optimise_fluence(
     problem = _Problem(influence, goals, voxels, offset, dtype)
     constraints = problem.constraints
     counts = {"nit": 0}
+    accepted: dict[str, np.ndarray] = {}
 
     def callback(intermediate_result):
         counts["nit"] += 1
+        accepted["x"] = np.array(intermediate_result.x, dtype=np.float64)
         if progress is not None:
             progress(min(counts["nit"], max_iterations), max_iterations,
                      f"objective {problem.objective_at(intermediate_result.x):.6g}")
@@ -230,21 +235,21 @@ def optimise_fluence(
             w = np.maximum(res.x, 0.0)
             message = str(res.message)
         except _Cancelled:
-            if problem.last_x is not None:
-                w = np.maximum(problem.last_x, 0.0)
+            # The last accepted iterate (not a line-search trial point).
+            w = np.maximum(accepted.get("x", w), 0.0)
             cancelled, message = True, "cancelled"
             break
         d = problem.dose(w)
+        if counts["nit"] >= max_iterations:
+            message = "iteration budget spent"
         if not constraints:
             break
         worst = max(problem.violations(d))
         problem.update_multipliers(d)
-        met = all(r.met for r in evaluate_goals(d, constraints, voxels, tolerance_gy=tolerance_gy))
-        if met and worst <= tolerance_gy:
+        if all(r.met for r in evaluate_goals(d, constraints, voxels, tolerance_gy=tolerance_gy)):
             message = f"constraints met after {rounds} round(s)"
             break
         if counts["nit"] >= max_iterations:
-            message = "iteration budget spent"
             break
         if worst > 0.25 * prev_violation:
             problem.mu = min(problem.mu * 10.0, mu_max)

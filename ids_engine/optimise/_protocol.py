@@ -56,7 +56,7 @@ from ids_engine.io import InputError
 
 from ._goals import GOAL_KINDS, Goal, MaxDose, MaxDVH, MaxEUD, MaxMeanDose, MinDose, MinDVH, MinEUD, MinMeanDose, UniformDose
 
-__all__ = ["GOAL_KINDS", "Protocol", "dvh_goal", "goals_from_matrad", "protocol_from_matrad", "read_protocol"]
+__all__ = ["Protocol", "dvh_goal", "goals_from_matrad", "protocol_from_matrad", "read_protocol"]
 
 # Parameters each kind takes, in the order its dataclass takes them.
 _PARAMETERS: dict[str, tuple[str, ...]] = {

@@ -51,14 +51,17 @@ def test_uniform_dose_with_one_beamlet_is_the_projection(rng):
     assert res.beamlet_weights[0] == pytest.approx(expected, rel=1e-7)
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "scipy.sparse"])
-def test_least_squares_matches_nnls_with_offset(rng, sparse):
+@pytest.mark.parametrize(("sparse", "dtype"), [(False, np.float64), (True, np.float64), (True, np.float32)],
+                         ids=["dense", "csr-float64", "csc-float32"])
+def test_least_squares_matches_nnls_with_offset(rng, sparse, dtype):
     a = rng.random((50, 8)) * (rng.random((50, 8)) < 0.6)
     prescription = rng.uniform(20.0, 60.0, 50)
     offset = rng.uniform(0.0, 2.0, 50)
+    a = a.astype(dtype).astype(np.float64)  # the float32 matrix's values, exactly
     expected, _ = scipy.optimize.nnls(a, prescription - offset)
     assert (expected == 0).any(), "the test wants some bounds active"
-    matrix = scipy.sparse.csr_matrix(a.astype(np.float64)) if sparse else a
+    matrix = scipy.sparse.csc_matrix(a.astype(dtype)) if sparse and dtype == np.float32 else (
+        scipy.sparse.csr_matrix(a) if sparse else a)
     res = optimise_fluence(matrix, [UniformDose("all", 0.0)], {"all": np.arange(50)},
                            dose_offset_gy=offset - prescription)
     np.testing.assert_allclose(res.beamlet_weights, expected, rtol=1e-4, atol=1e-4)
@@ -173,7 +176,7 @@ def test_progress_reports_objective_and_cancel_stops(rng):
 def test_iteration_budget(rng):
     a, voxels = _two_structure_problem(rng, n_beam=30)
     res = optimise_fluence(a, [UniformDose("t", 60.0), MaxDose("o", 10.0)], voxels, max_iterations=5)
-    assert res.iterations == 5
+    assert res.iterations == 5 and res.message == "iteration budget spent"
 
 
 def test_bad_input_names_what_is_wrong(rng):
