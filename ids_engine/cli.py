@@ -210,6 +210,123 @@ def cmd_shape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _case_spec(text: str, resolution: str) -> dict:
+    """A case description from the command line: a built-in phantom's name, a DICOM folder or
+    a matRad .mat file."""
+    from ids_engine.phantoms import PHANTOMS
+
+    if text in PHANTOMS:
+        return {"phantom": text, "resolution": resolution}
+    path = Path(text)
+    if path.is_dir():
+        return {"dicom": str(path)}
+    if path.suffix.lower() == ".mat" and path.is_file():
+        return {"matrad": str(path)}
+    raise ValueError(f"CASE {text}: not a built-in phantom ({', '.join(PHANTOMS)}), a DICOM folder or a matRad .mat file")
+
+
+def _report_goals(goals) -> list[str]:
+    """The protocol's goals that are DVH points, as goal checks for the report."""
+    out = []
+    for g in goals:
+        kind = getattr(g, "kind", "")
+        if kind == "min_dvh":
+            out.append(f"{g.structure} D{g.volume_pct:g} >= {g.dose_gy:g} Gy")
+        elif kind == "max_dvh":
+            out.append(f"{g.structure} V{g.dose_gy:g}Gy <= {g.volume_pct:g} %")
+        elif kind == "min_dose":
+            out.append(f"{g.structure} Dmin >= {g.dose_gy:g} Gy")
+        elif kind == "max_dose":
+            out.append(f"{g.structure} Dmax <= {g.dose_gy:g} Gy")
+        elif kind == "min_mean_dose":
+            out.append(f"{g.structure} Dmean >= {g.dose_gy:g} Gy")
+        elif kind == "max_mean_dose":
+            out.append(f"{g.structure} Dmean <= {g.dose_gy:g} Gy")
+    return out
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ids_engine._files import FolderLockedError, atomic_text
+    from ids_engine.evaluation import check_goals, tg119_goals, write_plan_report
+    from ids_engine.io import InputError
+    from ids_engine.optimise import read_protocol
+    from ids_engine.planning import equispaced_beams, optimise_plan
+    from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
+    from ids_engine.session import Session, case_from_spec, case_label
+
+    # Everything that can be checked is checked before anything is computed.
+    try:
+        out = check_out_folder(args.out, force=args.force)
+        spec = _case_spec(args.case, args.resolution)
+        protocol = read_protocol(args.protocol)
+        label = case_label(spec)
+        patient = case_from_spec(spec)
+        missing = [n for n in protocol.structures if n not in patient.structure_names]
+        if missing:
+            raise ValueError(f"{args.protocol}: the protocol names {', '.join(missing)}, which the case ({label}) "
+                             f"does not have (structures: {', '.join(patient.structure_names)})")
+        if not patient.targets:
+            raise ValueError(f"case ({label}) has no target structure: the beams are aimed at the first target")
+        checks = list(_report_goals(protocol.goals))
+        if args.check:
+            checks += list(tg119_goals(args.check.split("-", 1)[1]))
+    except (ScriptError, InputError, ValueError, FolderLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ids-engine {__version__} | {_backend_line()}")
+    print(f"case: {label}; protocol: {protocol.name or Path(args.protocol).name} ({len(protocol.goals)} goals)")
+    target = patient.targets[0]
+    beams = equispaced_beams(args.beams, target.centroid_xyz())
+    t0 = time.perf_counter()
+    session = Session(patient, beams, prescription_gy=args.prescription_gy, case=spec, progress=TextProgressBar())
+    cancelled = {"flag": False}
+    try:
+        plan = optimise_plan(session.engine, protocol.goals, progress=TextProgressBar())
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        print("\ninterrupted: no plan written", file=sys.stderr)
+        return 130
+    session.set_plan(plan.fluences)
+    total_s = time.perf_counter() - t0
+    dose = session.dose()
+    results = check_goals(dose, patient, checks, prescription_gy=args.prescription_gy) if checks else ()
+    dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
+    dest.mkdir(parents=True, exist_ok=True)
+    session.save(dest / "session")
+    session.close()
+    write_plan_report(dest, dose, patient, prescription=args.prescription_gy, beams=beams, goals=checks, case_label=label)
+    res = plan.result
+    doc = {
+        "case": label, "protocol": protocol.name, "prescription_gy": args.prescription_gy, "beams": args.beams,
+        "influence": {"shape": list(plan.influence.shape), "cutoff_mm": plan.influence.cutoff_mm,
+                      "beamlet_cells": plan.influence.beamlet_cells},
+        "optimiser": {"objective": res.objective, "iterations": res.iterations, "evaluations": res.evaluations,
+                      "rounds": res.rounds, "tail_rounds": plan.tail_rounds, "message": res.message,
+                      "tail_error_pct_of_max": plan.tail_error_pct, "cancelled": cancelled["flag"] or res.cancelled},
+        "protocol_goals": [{"goal": g.goal.label, "achieved": g.achieved, "limit": g.limit, "unit": g.unit, "met": g.met}
+                           for g in res.goals],
+        "unmet_constraints": [str(u) for u in res.unmet_constraints],
+        "checks": [{"goal": f"{r.goal.structure} {r.goal.metric} {r.goal.comparator} {r.goal.value:g} {r.goal.unit}",
+                    "achieved": r.achieved, "passed": r.passed} for r in results],
+        "timings_s": {**{k: round(v, 3) for k, v in plan.timings_s.items()}, "total": round(total_s, 3)},
+    }
+    atomic_text(dest / "plan.json", json.dumps(doc, indent=1))
+    if dest != out:
+        _swap_in(dest, out)
+    print(f"\noptimised in {total_s:.1f} s (influence matrix {plan.timings_s['influence_matrix']:.1f} s, "
+          f"{res.iterations} iterations); the optimiser's dose is within {plan.tail_error_pct:.2g} % of the engine's")
+    for u in res.unmet_constraints:
+        print(f"  constraint not met: {u}")
+    for r in results:
+        state = "pass" if r.passed else "FAIL"
+        print(f"  {state}  {r.goal.structure} {r.goal.metric} {r.goal.comparator} {r.goal.value:g} {r.goal.unit}: "
+              f"{r.achieved:.2f}")
+    print(f"plan saved to {out}: session/ (reopen with ids view --session {out / 'session'}), plan_report.md, "
+          f"plan_report.html, plan.json")
+    return 0
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     import os
 
@@ -304,6 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace an existing --out folder, once the new session is complete")
     s.set_defaults(func=cmd_shape)
+
+    s = sub.add_parser("plan", help="optimise a plan for a protocol of goals (inverse planning)",
+                       description="Optimise the fluence of equispaced coplanar beams for the goals of a TOML "
+                                   "protocol (see ids_engine.optimise) on the engine's own dose model, then write "
+                                   "the plan as a session folder (open it in the viewer to shape it), a report "
+                                   "(Markdown, HTML, DVH PNG) and plan.json.")
+    s.add_argument("case", help="a built-in phantom (e.g. tg119, horseshoe), a DICOM folder or a matRad .mat file")
+    s.add_argument("protocol", help="TOML protocol of goals (e.g. examples/protocols/tg119_harder.toml)")
+    s.add_argument("--out", required=True, help="folder for the plan; must not exist or be empty")
+    s.add_argument("--force", action="store_true", help="replace an existing --out folder once the new plan is complete")
+    s.add_argument("--beams", type=_positive_int, default=9, help="number of equispaced coplanar beams (default 9)")
+    s.add_argument("--prescription-gy", type=_positive_float, default=60.0, help="prescription (default 60 Gy)")
+    s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical", help="built-in phantoms' grid")
+    s.add_argument("--check", choices=["tg119-easier", "tg119-harder"],
+                   help="also check the published TG-119 goals in the report")
+    s.set_defaults(func=cmd_plan)
 
     from ids_engine.phantoms import PHANTOMS
 

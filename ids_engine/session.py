@@ -396,6 +396,18 @@ class Session:
         s.initial_fluences = s.engine.fluences_host()
         return s
 
+    def set_plan(self, fluences) -> None:
+        """Make ``fluences`` (host maps, one per beam, e.g. an optimised plan) this session's
+        starting plan. Only before the first request: the journal replays from it."""
+        with self._lock:
+            if self.journal or self._redo:
+                raise ValueError("set_plan: the session already has requests; start a new session for another plan")
+            self.engine.set_fluences(fluences)
+            self.initial_fluences = self.engine.fluences_host()
+            self.plan_id += 1
+            if self._journal_dir is not None:  # the folder's starting plan follows
+                self._start_journal(self._journal_dir, self._lock_file)
+
     @classmethod
     def from_phantom(cls, name: str = "horseshoe", resolution: str = "clinical", **kwargs) -> "Session":
         case = {"phantom": name, "resolution": resolution}

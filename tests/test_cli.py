@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "inspect": ("DICOM", "matRad", "structures"),
     "shape": ("JSON", "requests", "report"),
     "view": ("viewer", "phantom", "session"),
+    "plan": ("protocol", "goals", "session"),
 }
 
 

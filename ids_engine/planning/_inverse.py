@@ -1,0 +1,134 @@
+"""Inverse planning on the engine: influence matrix, fluence optimisation with the cutoff's
+tail corrected, the final dose from the engine itself.
+
+The influence matrix is the engine's own model with a lateral cutoff (sparse); what the
+cutoff drops is put back as a dose offset ``engine dose(w) - A w`` taken at the weights of
+the previous round, so after a few rounds (warm-started) the optimiser works on the dose the
+engine computes, and the plan's reported dose is the engine's dose (issue 11, "One dose
+model everywhere").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ids_engine import backend
+from ids_engine.dose import InfluenceMatrix, influence_matrix
+from ids_engine.optimise import FluenceResult, Goal, optimise_fluence
+
+__all__ = ["InversePlan", "optimise_plan"]
+
+
+@dataclass(frozen=True, eq=False)
+class InversePlan:
+    """An optimised plan.
+
+    fluences : per beam, (nv, nu) float32 host fluence maps (MU per amplitude), set on the engine.
+    result : the last optimiser round (goals evaluated on ``A w + offset``).
+    influence : the matrix the optimiser worked on.
+    tail_rounds : optimiser rounds after the first, each with a refreshed tail offset.
+    tail_error_pct : max |engine dose - (A w + offset)| at the rows, % of the maximum dose,
+        at the final weights with the last offset (how far the optimiser's dose was from the
+        engine's).
+    timings_s : influence matrix, optimisation, tail offsets.
+    """
+
+    fluences: list
+    result: FluenceResult
+    influence: InfluenceMatrix
+    tail_rounds: int
+    tail_error_pct: float
+    timings_s: dict
+
+
+def structure_rows(influence: InfluenceMatrix, patient, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Row indices of each named structure's voxels in ``influence`` (CT-grid rows)."""
+    rows = {}
+    ct = np.asarray(influence.ct_voxels)
+    order = np.argsort(ct, kind="stable")
+    for name in names:
+        try:
+            mask = patient.structure(name).mask
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"the protocol names structure {name!r}, which the case does not have "
+                             f"(structures: {', '.join(patient.structure_names)})") from exc
+        flat = np.flatnonzero(mask.ravel())
+        pos = np.searchsorted(ct[order], flat)
+        pos = np.minimum(pos, ct.size - 1)
+        hit = ct[order][pos] == flat
+        r = np.sort(order[pos[hit]])
+        if r.size == 0:
+            raise ValueError(f"structure {name!r} has no voxel among the influence matrix's rows (outside the body?)")
+        rows[name] = r.astype(np.int64)
+    return rows
+
+
+def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50.0, beamlet_cells: int | None = None,
+                  tail_rounds: int = 2, initial_fluences=None, max_iterations: int = 400, progress=None,
+                  cancel=None) -> InversePlan:
+    """Optimise ``engine``'s fluence for ``goals`` and leave the result set on the engine.
+
+    Parameters
+    ----------
+    engine : a :class:`~ids_engine.dose.DoseEngine`; its fluence is replaced by the result.
+    goals : objectives and constraints (:mod:`ids_engine.optimise`) on the patient's structures.
+    cutoff_mm, beamlet_cells : the influence matrix (see :func:`~ids_engine.dose.influence_matrix`).
+    tail_rounds : rounds after the first, each warm-started with the cutoff's tail offset
+        taken at the previous round's weights.
+    initial_fluences : a warm start (per beam fluence maps, e.g. an approved plan's); the
+        beamlet weights start at each beamlet block's mean fluence.
+    max_iterations : L-BFGS-B iterations per round.
+    progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops between iterations.
+    """
+    goals = tuple(goals)
+    t = {}
+    t0 = time.perf_counter()
+    # Rows: the voxels of the structures the goals are about (a goal on the body brings them all).
+    names = list(dict.fromkeys(g.structure for g in goals))
+    mask = np.zeros(engine.grid.shape_zyx, bool)
+    for name in names:
+        try:
+            mask |= engine.patient.structure(name).mask
+        except KeyError as exc:
+            raise ValueError(f"the goals name structure {name!r}, which the case does not have "
+                             f"(structures: {', '.join(engine.patient.structure_names)})") from exc
+    mask &= engine.body_mask
+    A = influence_matrix(engine, voxel_mask=mask, cutoff_mm=cutoff_mm, beamlet_cells=beamlet_cells, progress=progress)
+    t["influence_matrix"] = time.perf_counter() - t0
+    rows = structure_rows(A, engine.patient, names)
+    w = None if initial_fluences is None else _weights_from_fluences(A, initial_fluences)
+    offset = None
+    t["optimise"] = t["tail_offset"] = 0.0
+    res = None
+    for r in range(tail_rounds + 1):
+        t0 = time.perf_counter()
+        res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset,
+                               max_iterations=max_iterations, progress=progress, cancel=cancel)
+        t["optimise"] += time.perf_counter() - t0
+        w = res.beamlet_weights
+        if res.cancelled:
+            break
+        t0 = time.perf_counter()
+        new_offset = A.tail_offset(engine, w)
+        t["tail_offset"] += time.perf_counter() - t0
+        if r == tail_rounds:
+            break
+        offset = new_offset
+    # How far the optimiser's last dose model was from the engine at the final weights.
+    engine_rows = backend.asnumpy(A.engine_dose(engine, w)).astype(np.float64)
+    model = backend.asnumpy(A.dose(engine.xp.asarray(np.asarray(w, np.float32)),
+                                   offset)).astype(np.float64)
+    peak = max(float(np.abs(engine_rows).max()), 1e-12)
+    fluences = A.fluence_maps(w)
+    engine.set_fluences(fluences)
+    return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t)
+
+
+def _weights_from_fluences(A: InfluenceMatrix, fluences) -> np.ndarray:
+    bc = A.beamlet_cells
+    maps = [np.asarray(backend.asnumpy(f), np.float32) for f in fluences]
+    return np.array([float(maps[b][r0 : r0 + bc, c0 : c0 + bc].mean()) for b, r0, c0 in A.beamlets])

@@ -1,0 +1,67 @@
+"""``ids plan``: inverse planning from the command line, on the coarse TG-119 phantom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ids_engine.cli import main
+
+PROTOCOL = Path(__file__).resolve().parents[1] / "examples" / "protocols" / "tg119_harder.toml"
+
+
+@pytest.fixture(scope="module")
+def plan_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "tg119"
+    rc = main(["plan", "tg119", str(PROTOCOL), "--out", str(out), "--resolution", "coarse",
+               "--prescription-gy", "50", "--check", "tg119-harder"])
+    assert rc == 0
+    return out
+
+
+def test_plan_writes_session_report_and_results(plan_folder):
+    for name in ("plan.json", "plan_report.md", "plan_report.html", "session/session.json", "session/journal.jsonl"):
+        assert (plan_folder / name).exists(), name
+    doc = json.loads((plan_folder / "plan.json").read_text())
+    assert doc["case"] == "phantom tg119 (coarse)"
+    # The optimiser worked on the engine's dose (the cutoff's tail put back).
+    assert doc["optimiser"]["tail_error_pct_of_max"] < 0.05
+    checks = {c["goal"]: c for c in doc["checks"]}
+    # TG-119's published goals, the harder set, on the coarse grid with 9 beams.
+    assert checks["OuterTarget D95 >= 50 Gy"]["achieved"] > 49.9
+    assert checks["OuterTarget D10 <= 55 Gy"]["passed"]
+    assert checks["Core D10 <= 10 Gy"]["passed"]
+    assert "| Core | D10 <= 10 Gy (harder) |" in (plan_folder / "plan_report.md").read_text()
+
+
+def test_the_planned_session_reopens_to_the_same_dose(plan_folder):
+    from ids_engine.evaluation import StructureDose
+    from ids_engine.session import Session
+
+    s = Session.load(plan_folder / "session", keep_journaling=False)
+    d = s.dose()
+    core = StructureDose(d, s.patient.structure("Core").mask, s.patient.grid.voxel_volume_cc)
+    doc = json.loads((plan_folder / "plan.json").read_text())
+    d10 = next(c["achieved"] for c in doc["checks"] if c["goal"] == "Core D10 <= 10 Gy")
+    assert core.dose_at_volume_pct(10) == pytest.approx(d10, abs=1e-3)
+    assert np.isfinite(d).all()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["tg119", "{protocol_bad}", "--out", "{out}"], "Spine"),
+    (["nowhere", "{protocol}", "--out", "{out}"], "not a built-in phantom"),
+    (["tg119", "{protocol}", "--out", "{file}"], "a file, not a folder"),
+])
+def test_plan_errors_are_one_line_before_any_computing(tmp_path, capsys, args, match):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[goal]]\nstructure = "Spine"\nkind = "max_dose"\ndose_gy = 45\n')
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    subs = {"{protocol}": str(PROTOCOL), "{protocol_bad}": str(bad), "{out}": str(tmp_path / "o"), "{file}": str(a_file)}
+    rc = main(["plan", *[subs.get(a, a) for a in args], "--resolution", "coarse"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
