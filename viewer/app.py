@@ -25,6 +25,8 @@ from ._theme import apply_theme
 from .dvh import DVHPanel
 from .field_panel import FieldPanel
 from .legend import WashLegend
+from .metrics_panel import MetricsPanel
+from .optimise_dialog import OptimiseDialog
 from .panels import BeamPanel, HistoryList
 from .slices import AXES, SliceView
 from .view3d import View3D
@@ -83,6 +85,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.view3d = View3D()
         self._build_central()
         self.dvh = DVHPanel()
+        self.metrics = MetricsPanel()
+        self.optimise_dlg: OptimiseDialog | None = None
         self.field = FieldPanel()
         self.beams = BeamPanel()
         self.history = HistoryList()
@@ -127,13 +131,18 @@ class MainWindow(QtWidgets.QMainWindow):
             return d
 
         self.dvh_dock = dock("Dose-volume histogram", self.dvh, "dvh")
+        self.metrics_dock = dock("Plan metrics", self.metrics, "metrics")
+        # The metrics right under the DVH, in view together (split before the DVH dock gets
+        # the field as a tab: Qt does not split a tabbed dock); side by side they would take
+        # half the slices' width.
+        self.splitDockWidget(self.dvh_dock, self.metrics_dock, QtCore.Qt.Orientation.Vertical)
         self.field_dock = dock("Open field", self.field, "field")
         self.tabifyDockWidget(self.dvh_dock, self.field_dock)
         self.field_dock.hide()
         self.beams_dock = dock("Beams", self.beams, "beams")
         self.history_dock = dock("History", self.history, "history")
         self.resizeDocks([self.dvh_dock], [470], QtCore.Qt.Orientation.Horizontal)
-        self.resizeDocks([self.dvh_dock, self.beams_dock, self.history_dock], [430, 200, 260],
+        self.resizeDocks([self.dvh_dock, self.metrics_dock, self.beams_dock, self.history_dock], [290, 300, 120, 140],
                          QtCore.Qt.Orientation.Vertical)
 
     def _action(self, text, slot=None, shortcut=None, tip=None, checkable=False) -> QtGui.QAction:
@@ -168,6 +177,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_pin_dvh = A("&Pin DVH snapshot", self.dvh.pin_snapshot, "Ctrl+B")
         self.act_clear_dvh = A("&Clear DVH snapshots", self.dvh.clear_snapshots)
         self.act_cc = A("Volume in &cc", lambda on: self.dvh.unit_box.setCurrentIndex(1 if on else 0), checkable=True)
+        self.act_optimise = A("&Optimise…", self.optimise_dialog, None,
+                              "Optimise the plan's fluences for a protocol's goals (a session without requests)")
         self.act_help = A("&Mouse and keys", self.show_help, "F1")
         self.tool_group = QtGui.QActionGroup(self)
         self.tool_actions = {}
@@ -317,6 +328,8 @@ class MainWindow(QtWidgets.QMainWindow):
         m = mb.addMenu("&View")
         for a in (self.act_reset, self.act_percent, self.act_wash):
             m.addAction(a)
+        m = mb.addMenu("&Plan")
+        m.addAction(self.act_optimise)
         m = mb.addMenu("&DVH")
         for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc):
             m.addAction(a)
@@ -426,6 +439,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.legend.set_mode("plan")
         self.view3d.set_case(p.grid.spacing_mm_zyx, p.grid.shape_zyx, display.body_mesh, display.structure_meshes)
         self.dvh.set_case({s.name: tuple(s.colour) for s in p.structures}, rx)
+        self.metrics.clear()
         self.field.set_curves(None)
         if self.display_only:
             self.field_dock.show()
@@ -493,6 +507,9 @@ class MainWindow(QtWidgets.QMainWindow):
         return str(case.get("dicom") or case.get("matrad") or case)
 
     def _stop_worker(self) -> None:
+        if self.optimise_dlg is not None:
+            self.optimise_dlg.reject()
+            self.optimise_dlg = None
         if self.worker is not None:
             self.worker.snapshot.disconnect(self._on_snapshot)
             self.worker.message.disconnect(self._on_worker_message)
@@ -592,6 +609,18 @@ class MainWindow(QtWidgets.QMainWindow):
             self.grab().save(path)
             self.statusBar().showMessage(f"Screenshot saved to {path}", 4000)
 
+    def optimise_dialog(self) -> OptimiseDialog | None:
+        """Plan → Optimise…: a (non-modal) dialog that optimises on the worker."""
+        if self.worker is None or self.display_only:
+            return None
+        if self.optimise_dlg is not None:
+            self.optimise_dlg.reject()
+        snap = self.snapshot
+        has_requests = bool(snap is not None and (snap.history or snap.undone))
+        self.optimise_dlg = OptimiseDialog(self.worker, has_requests, self)
+        self.optimise_dlg.show()
+        return self.optimise_dlg
+
     def show_help(self) -> None:
         lines = [f"<b>{text}</b> ({key}): {tip}" for _, text, key, tip in _TOOLS]
         lines += ["<b>Slices</b>: wheel or PageUp/PageDown/Up/Down change slice; Ctrl+wheel zooms; Home resets; "
@@ -606,6 +635,7 @@ class MainWindow(QtWidgets.QMainWindow):
         for a in (self.act_save_session, self.act_pin_dvh, self.act_clear_dvh, self.act_reset,
                   self.tool_actions["navigate"]):
             a.setEnabled(on)
+        self.act_optimise.setEnabled(shape)
         for name, a in self.tool_actions.items():
             if name != "navigate":
                 a.setEnabled(shape)
@@ -975,6 +1005,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self.view3d.set_surface(snap.surface, snap.surface_level_gy, lev.colour if lev else (1.0, 0.8, 0.1))
         if snap.dvhs is not None:
             self.dvh.set_curves(snap.dvhs, f"plan {snap.plan_id}")
+        if snap.metrics is not None:
+            self.metrics.set_metrics(snap.metrics)
         if snap.field is not None:
             self.field.set_curves(snap.field)
         self.history.set_history(snap.history, snap.undone)

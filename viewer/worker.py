@@ -15,6 +15,12 @@ A drag is a *group*: while the mouse moves, previews run with few recovery steps
 the worker undoes the group's previews and runs the final request with full recovery, so
 the journal holds one entry per drag and the result does not carry the previews' side effects.
 
+A final snapshot also carries :class:`~._metrics.LiveMetrics` (per-structure DVH points, CI,
+HI and the protocol's goals with pass/fail), computed here from the host cube so the metrics
+panel only renders; previews carry none. An *optimise* job reads a protocol, runs
+:func:`~ids_engine.planning.optimise_plan` (progress and cancel wired through the worker) and
+makes the result the session's plan; the protocol's goals then drive the pass/fail.
+
 :class:`EngineWorker` is plain Python (threading + callbacks) so it can be tested without a
 window or event loop; :class:`QtEngineWorker` forwards its callbacks as Qt signals.
 """
@@ -37,6 +43,7 @@ from ids_engine.session import DisplayReadout, FolderLockedError, LatestRequestQ
 
 from ._field import FieldCurves, field_curves
 from ._meshes import SurfaceMesh, level_mesh
+from ._metrics import LiveMetrics, live_metrics, protocol_checks
 
 __all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "conflict_status_text", "describe_request",
            "voxel_text"]
@@ -112,12 +119,14 @@ class Snapshot:
     field: FieldCurves | None = None
     save_refused: str | None = None
     readout: DisplayReadout | None = None
+    metrics: LiveMetrics | None = None
+    optimised: dict | None = None  # an optimise job's outcome (see EngineWorker.optimise)
 
 
 @dataclass(frozen=True)
 class _Job:
     id: int
-    kind: str  # run | preview | commit | undo | redo | goto | refresh | surface | save
+    kind: str  # run | preview | commit | undo | redo | goto | refresh | surface | save | optimise
     request: object = None
     group: int | None = None
     target: int | None = None
@@ -186,16 +195,21 @@ class EngineWorker:
     session : the session; from now on only this worker's thread calls it.
     on_snapshot : called (on the worker thread) with each :class:`Snapshot`.
     on_message : called with (text, is_error) for request errors and notices.
+    on_progress : called with (done, total, label) while an optimisation runs.
     preview_recovery_steps : recovery steps of drag previews.
     surface_level_gy : the isodose surface level (None: the prescription).
     """
 
     def __init__(self, session: Session, on_snapshot: Callable[[Snapshot], None],
                  on_message: Callable[[str, bool], None] | None = None, *,
+                 on_progress: Callable[[int, int, str], None] | None = None,
                  preview_recovery_steps: int = PREVIEW_RECOVERY_STEPS, surface_level_gy: float | None = None) -> None:
         self.session = session
         self._on_snapshot = on_snapshot
         self._on_message = on_message or (lambda text, error: None)
+        self._on_progress = on_progress or (lambda done, total, label: None)
+        self._cancel = threading.Event()  # set by cancel_optimisation (any thread)
+        self._goals: tuple = ()  # evaluation goals of the protocol the plan was optimised for
         self.preview_recovery_steps = int(preview_recovery_steps)
         self._surface_level_gy = float(surface_level_gy or session.prescription_gy)
         self._ids = itertools.count(1)
@@ -282,6 +296,24 @@ class EngineWorker:
         ``save_refused``) unless ``overwrite``."""
         return self._put("save", path=str(folder), overwrite=bool(overwrite))
 
+    def optimise(self, protocol_path: str) -> int:
+        """Optimise the session's plan for the protocol in ``protocol_path`` (TOML, see
+        :func:`ids_engine.optimise.read_protocol`) and make it the session's starting plan. Only
+        for a session without requests. The job's snapshot carries ``optimised``: ``protocol``
+        (its name), ``cancelled``, ``error`` (a message, or None), ``iterations``,
+        ``unmet`` (constraints not met); cancelled or failed, the plan stays as it was."""
+        self._cancel.clear()
+        return self._put("optimise", path=str(protocol_path))
+
+    def cancel_optimisation(self) -> None:
+        """Stop a running optimisation between iterations (any thread)."""
+        self._cancel.set()
+
+    @property
+    def goals(self) -> tuple:
+        """The :class:`~ids_engine.evaluation.Goal` checks the metrics' pass/fail follows."""
+        return self._goals
+
     def set_display_index(self, index_zyx) -> None:
         """The slices the views display (0-based (z, y, x): the axial view's z, the coronal's y,
         the sagittal's x); previews copy these three slices to the host. Any thread."""
@@ -351,6 +383,7 @@ class EngineWorker:
         result = None
         final = True
         refused = None
+        optimised = None
         try:
             if job.kind == "run":
                 result = s.run(job.request)
@@ -396,13 +429,54 @@ class EngineWorker:
                     self._on_message(str(exc), True)
                 else:
                     self._on_message(f"Session saved to {job.path}", False)
+            elif job.kind == "optimise":
+                optimised = self._optimise(job.path)
             # "refresh" and "surface" only rebuild the snapshot.
         except (RequestError, ValueError, KeyError, OSError, FolderLockedError) as exc:
             # The plan is as before the job (a failed commit has still taken its previews back);
             # the snapshot below tells the GUI the job is done.
             self._on_message(str(exc), True)
         engine_ms = (time.perf_counter() - t0) * 1000.0
-        self._on_snapshot(self._snapshot(job, final, engine_ms, result, refused))
+        self._on_snapshot(self._snapshot(job, final, engine_ms, result, refused, optimised))
+
+    def _optimise(self, path: str) -> dict:
+        from ids_engine import planning
+        from ids_engine.io import InputError
+        from ids_engine.optimise import read_protocol
+
+        s = self.session
+        out = {"protocol": path, "cancelled": False, "error": None, "iterations": 0, "unmet": ()}
+        try:
+            protocol = read_protocol(path)
+            out["protocol"] = protocol.name or path
+            names = s.patient.structure_names
+            missing = [n for n in protocol.structures if n not in names]
+            if missing:
+                raise ValueError(f"{path}: the protocol names {', '.join(missing)}, which this case does not have "
+                                 f"(structures: {', '.join(names)})")
+            if s.journal or self._redo:
+                raise ValueError("the session already has requests: optimise a fresh case (File > Open), "
+                                 "then shape the optimised plan")
+            checks = protocol_checks(protocol.goals)
+            before = s.engine.fluences_host()
+            plan = planning.optimise_plan(s.engine, protocol.goals, progress=self._on_progress,
+                                          cancel=self._cancel.is_set)
+        except (InputError, ValueError, KeyError, OSError) as exc:
+            out["error"] = str(exc).strip("'\"")
+            self._on_message(f"Optimisation failed: {out['error']}", True)
+            return out
+        res = plan.result
+        out["iterations"] = int(res.iterations)
+        if res.cancelled or self._cancel.is_set():
+            s.engine.set_fluences(before)  # optimise_plan left its last iterate on the engine
+            out["cancelled"] = True
+            self._on_message("Optimisation cancelled: the plan is as before", False)
+            return out
+        s.set_plan(plan.fluences)
+        self._goals = checks
+        out["unmet"] = tuple(str(u) for u in res.unmet_constraints)
+        self._on_message(f"Optimised for {out['protocol']} ({res.iterations} iterations)", False)
+        return out
 
     def _redo_one(self) -> None:
         if self._redo:
@@ -411,7 +485,8 @@ class EngineWorker:
             if res is None or res.id != expected.id:
                 raise RuntimeError("engine worker: the session's redo stack is out of step with the worker's")
 
-    def _snapshot(self, job: _Job, final: bool, engine_ms: float, result, save_refused: str | None = None) -> Snapshot:
+    def _snapshot(self, job: _Job, final: bool, engine_ms: float, result, save_refused: str | None = None,
+                  optimised: dict | None = None) -> Snapshot:
         s = self.session
         previews = {i for ids in self._previews.values() for i in ids}
         history = tuple(_entry(r, n, r.id in previews) for n, r in enumerate(s.journal, 1))
@@ -421,7 +496,7 @@ class EngineWorker:
             pins_mask = np.zeros(s.patient.grid.shape_zyx, bool)
             for m in s.pins.values():
                 pins_mask |= m
-        dose = readout = dvhs = surface = field = None
+        dose = readout = dvhs = surface = field = metrics = None
         if not final:
             # Only what is displayed comes to the host: three slices and the DVH bin counts.
             readout = s.display_readout(self.display_index_zyx, dvhs=self._dvh_ms < PREVIEW_DVH_BUDGET_MS)
@@ -432,6 +507,7 @@ class EngineWorker:
             vcc = s.patient.grid.voxel_volume_cc
             dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
             self._dvh_ms = (time.perf_counter() - t) * 1000.0
+            metrics = live_metrics(dose, s.patient, s.prescription_gy, self._goals)
             surface = level_mesh(dose, self._surface_level_gy, s.patient.grid.spacing_mm_zyx)
             p = s.patient
             if not p.targets and len(s.engine.geometry) == 1:
@@ -440,19 +516,21 @@ class EngineWorker:
         return Snapshot(job.id, job.kind, final, dose, s.plan_id, history, undone, pins_mask, tuple(s.pins),
                         dvhs, surface, self._surface_level_gy, engine_ms, job.submitted_at,
                         self.dropped + self._latest.dropped, result.summary() if result is not None else None,
-                        field, save_refused, readout)
+                        field, save_refused, readout, metrics, optimised)
 
 
 class QtEngineWorker(QtCore.QObject):
     """An :class:`EngineWorker` (``.engine``) whose reports arrive as Qt signals.
 
-    ``snapshot(Snapshot)`` and ``message(str, bool)`` are emitted from the worker thread; Qt
+    ``snapshot(Snapshot)``, ``message(str, bool)`` and ``progress(int, int, str)`` are emitted from the worker thread; Qt
     queues them to the receivers' (GUI) thread, so slots run there.
     """
 
     snapshot = QtCore.pyqtSignal(object)
     message = QtCore.pyqtSignal(str, bool)
+    progress = QtCore.pyqtSignal(int, int, str)
 
     def __init__(self, session: Session, parent=None, **kwargs) -> None:
         super().__init__(parent)
-        self.engine = EngineWorker(session, self.snapshot.emit, self.message.emit, **kwargs)
+        self.engine = EngineWorker(session, self.snapshot.emit, self.message.emit, on_progress=self.progress.emit,
+                                   **kwargs)
