@@ -225,26 +225,6 @@ def _case_spec(text: str, resolution: str) -> dict:
     raise ValueError(f"CASE {text}: not a built-in phantom ({', '.join(PHANTOMS)}), a DICOM folder or a matRad .mat file")
 
 
-def _report_goals(goals) -> list[str]:
-    """The protocol's goals that are DVH points, as goal checks for the report."""
-    out = []
-    for g in goals:
-        kind = getattr(g, "kind", "")
-        if kind == "min_dvh":
-            out.append(f"{g.structure} D{g.volume_pct:g} >= {g.dose_gy:g} Gy")
-        elif kind == "max_dvh":
-            out.append(f"{g.structure} V{g.dose_gy:g}Gy <= {g.volume_pct:g} %")
-        elif kind == "min_dose":
-            out.append(f"{g.structure} Dmin >= {g.dose_gy:g} Gy")
-        elif kind == "max_dose":
-            out.append(f"{g.structure} Dmax <= {g.dose_gy:g} Gy")
-        elif kind == "min_mean_dose":
-            out.append(f"{g.structure} Dmean >= {g.dose_gy:g} Gy")
-        elif kind == "max_mean_dose":
-            out.append(f"{g.structure} Dmean <= {g.dose_gy:g} Gy")
-    return out
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -252,7 +232,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ids_engine.evaluation import check_goals, tg119_goals, write_plan_report
     from ids_engine.io import InputError
     from ids_engine.optimise import read_protocol
-    from ids_engine.planning import equispaced_beams, optimise_plan
+    from ids_engine.planning import equispaced_beams, goal_checks, optimise_plan
     from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
     from ids_engine.session import Session, case_from_spec, case_label
 
@@ -269,7 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              f"does not have (structures: {', '.join(patient.structure_names)})")
         if not patient.targets:
             raise ValueError(f"case ({label}) has no target structure: the beams are aimed at the first target")
-        checks = list(_report_goals(protocol.goals))
+        checks = list(goal_checks(protocol.goals))
         if args.check:
             checks += list(tg119_goals(args.check.split("-", 1)[1]))
     except (ScriptError, InputError, ValueError, FolderLockedError) as exc:
@@ -301,7 +281,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "case": label, "protocol": protocol.name, "prescription_gy": args.prescription_gy, "beams": args.beams,
         "influence": {"shape": list(plan.influence.shape), "cutoff_mm": plan.influence.cutoff_mm,
                       "beamlet_cells": plan.influence.beamlet_cells},
-        "optimiser": {"objective": res.objective, "iterations": res.iterations, "evaluations": res.evaluations,
+        "optimiser": {"objective": res.objective, "iterations": plan.iterations, "evaluations": res.evaluations,
                       "rounds": res.rounds, "tail_rounds": plan.tail_rounds, "message": res.message,
                       "tail_error_pct_of_max": plan.tail_error_pct, "cancelled": cancelled["flag"] or res.cancelled},
         "protocol_goals": [{"goal": g.goal.label, "achieved": g.achieved, "limit": g.limit, "unit": g.unit, "met": g.met}
@@ -315,7 +295,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if dest != out:
         _swap_in(dest, out)
     print(f"\noptimised in {total_s:.1f} s (influence matrix {plan.timings_s['influence_matrix']:.1f} s, "
-          f"{res.iterations} iterations); the optimiser's dose is within {plan.tail_error_pct:.2g} % of the engine's")
+          f"{plan.iterations} iterations); the optimiser's dose is within {plan.tail_error_pct:.2g} % of the engine's")
     for u in res.unmet_constraints:
         print(f"  constraint not met: {u}")
     for r in results:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ids_engine.evaluation import Goal, StructureDose, conformity_index, homogeneity_index, parse_goal, parse_metric
+from ids_engine.evaluation import Goal, StructureDose, conformity_index, homogeneity_index, parse_metric
 
 __all__ = ["METRIC_COLUMNS", "GoalCheck", "LiveMetrics", "StructureMetrics", "live_metrics", "protocol_checks"]
 
@@ -119,20 +119,8 @@ def live_metrics(dose_gy: np.ndarray, patient, prescription_gy: float, goals=())
 
 
 def protocol_checks(goals) -> tuple[Goal, ...]:
-    """The goals of an optimisation protocol (:mod:`ids_engine.optimise` goals) that are DVH
-    points, as :class:`~ids_engine.evaluation.Goal` checks; EUD and uniform-dose objectives
-    have no DVH point and are left out (as in ``ids plan``'s report)."""
-    out = []
-    for g in goals:
-        kind = getattr(g, "kind", "")
-        text = {
-            "min_dvh": lambda: f"{g.structure} D{g.volume_pct:g} >= {g.dose_gy:g} Gy",
-            "max_dvh": lambda: f"{g.structure} V{g.dose_gy:g}Gy <= {g.volume_pct:g} %",
-            "min_dose": lambda: f"{g.structure} Dmin >= {g.dose_gy:g} Gy",
-            "max_dose": lambda: f"{g.structure} Dmax <= {g.dose_gy:g} Gy",
-            "min_mean_dose": lambda: f"{g.structure} Dmean >= {g.dose_gy:g} Gy",
-            "max_mean_dose": lambda: f"{g.structure} Dmean <= {g.dose_gy:g} Gy",
-        }.get(kind)
-        if text is not None:
-            out.append(parse_goal(text()))
-    return tuple(out)
+    """The goals of an optimisation protocol that are DVH points, as checks (see
+    :func:`ids_engine.planning.goal_checks`)."""
+    from ids_engine.planning import goal_checks
+
+    return goal_checks(goals)

@@ -466,7 +466,7 @@ class EngineWorker:
             self._on_message(f"Optimisation failed: {out['error']}", True)
             return out
         res = plan.result
-        out["iterations"] = int(res.iterations)
+        out["iterations"] = int(plan.iterations)
         if res.cancelled or self._cancel.is_set():
             s.engine.set_fluences(before)  # optimise_plan left its last iterate on the engine
             out["cancelled"] = True
@@ -475,7 +475,7 @@ class EngineWorker:
         s.set_plan(plan.fluences)
         self._goals = checks
         out["unmet"] = tuple(str(u) for u in res.unmet_constraints)
-        self._on_message(f"Optimised for {out['protocol']} ({res.iterations} iterations)", False)
+        self._on_message(f"Optimised for {out['protocol']} ({plan.iterations} iterations)", False)
         return out
 
     def _redo_one(self) -> None:

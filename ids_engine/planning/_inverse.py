@@ -20,7 +20,7 @@ from ids_engine import backend
 from ids_engine.dose import InfluenceMatrix, influence_matrix
 from ids_engine.optimise import FluenceResult, Goal, optimise_fluence
 
-__all__ = ["InversePlan", "optimise_plan"]
+__all__ = ["InversePlan", "goal_checks", "optimise_plan"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +43,31 @@ class InversePlan:
     tail_rounds: int
     tail_error_pct: float
     timings_s: dict
+    iterations: int = 0  # L-BFGS-B iterations over all rounds
+
+
+_CHECK_TEXT = {
+    "min_dvh": "{s} D{v:g} >= {d:g} Gy",
+    "max_dvh": "{s} V{d:g}Gy <= {v:g} %",
+    "min_dose": "{s} Dmin >= {d:g} Gy",
+    "max_dose": "{s} Dmax <= {d:g} Gy",
+    "min_mean_dose": "{s} Dmean >= {d:g} Gy",
+    "max_mean_dose": "{s} Dmean <= {d:g} Gy",
+}
+
+
+def goal_checks(goals) -> tuple:
+    """The optimisation goals that are DVH points, as :class:`ids_engine.evaluation.Goal`
+    checks (for reports and the viewer's metrics); EUD and uniform-dose objectives have no
+    DVH point and are left out."""
+    from ids_engine.evaluation import parse_goal
+
+    out = []
+    for g in goals:
+        fmt = _CHECK_TEXT.get(getattr(g, "kind", ""))
+        if fmt is not None:
+            out.append(parse_goal(fmt.format(s=g.structure, d=g.dose_gy, v=getattr(g, "volume_pct", 0.0))))
+    return tuple(out)
 
 
 def structure_rows(influence: InfluenceMatrix, patient, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -104,12 +129,14 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     offset = None
     t["optimise"] = t["tail_offset"] = 0.0
     res = None
+    iterations = 0
     for r in range(tail_rounds + 1):
         t0 = time.perf_counter()
         res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset,
                                max_iterations=max_iterations, progress=progress, cancel=cancel)
         t["optimise"] += time.perf_counter() - t0
         w = res.beamlet_weights
+        iterations += res.iterations
         if res.cancelled:
             break
         t0 = time.perf_counter()
@@ -125,7 +152,7 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     peak = max(float(np.abs(engine_rows).max()), 1e-12)
     fluences = A.fluence_maps(w)
     engine.set_fluences(fluences)
-    return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t)
+    return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t, iterations)
 
 
 def _weights_from_fluences(A: InfluenceMatrix, fluences) -> np.ndarray:

@@ -132,7 +132,7 @@ def test_optimise_dialog_sets_the_plan_cancels_and_reports_bad_protocols(qtbot, 
             threading.Event().wait(0.01)
             assert n < 3000, "cancel() never came"
         progress(1, 1, "optimising")
-        return SimpleNamespace(fluences=fluences, result=SimpleNamespace(cancelled=cancel(), iterations=max(n, 7),
+        return SimpleNamespace(fluences=fluences, iterations=max(n, 7), result=SimpleNamespace(cancelled=cancel(), iterations=max(n, 7),
                                                                           unmet_constraints=()))
 
     monkeypatch.setattr(planning, "optimise_plan", stub)

@@ -127,7 +127,7 @@ def test_cancel_stops_the_optimisation_and_keeps_the_plan(worker, session, tmp_p
             threading.Event().wait(0.01)
             assert n < 3000, "cancel() never came"
         calls.append(n)
-        return SimpleNamespace(fluences=engine.fluences_host(), result=SimpleNamespace(cancelled=True, iterations=n,
+        return SimpleNamespace(fluences=engine.fluences_host(), iterations=n, result=SimpleNamespace(cancelled=True, iterations=n,
                                                                                         unmet_constraints=()))
 
     monkeypatch.setattr(planning, "optimise_plan", stub)
