@@ -16,29 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ids_engine import backend, session as session_module
+from ids_engine import session as session_module
 from ids_engine.cli import LIBRARIES, main
 from ids_engine.io import write_dicom_ct, write_rtstruct
 from ids_engine.model import Grid, Patient, Structure, StructureKind
 from ids_engine.session import Session
+from tests.test_cli import _fresh_backend, run  # noqa: F401  (the autouse fixture and the runner)
 
 COARSE = {"phantom": "horseshoe", "resolution": "coarse"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_backend():
-    backend.reset_backend()
-    yield
-    backend.reset_backend()
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, out: str, err: str, *expected: str) -> str:
