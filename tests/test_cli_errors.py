@@ -21,7 +21,10 @@ from ids_engine.cli import LIBRARIES, main
 from ids_engine.io import write_dicom_ct, write_rtstruct
 from ids_engine.model import Grid, Patient, Structure, StructureKind
 from ids_engine.session import Session
-from tests.test_cli import _fresh_backend, run  # noqa: F401  (the autouse fixture and the runner)
+from tests.test_cli import _fresh_backend, run
+
+# test_cli's autouse fixture (each CLI call resolves IDS_BACKEND afresh) applies here too.
+_fresh_backend = _fresh_backend
 
 COARSE = {"phantom": "horseshoe", "resolution": "coarse"}
 
