@@ -65,3 +65,23 @@ def test_plan_errors_are_one_line_before_any_computing(tmp_path, capsys, args, m
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_only_beamlets_that_reach_the_target_are_optimised():
+    from ids_engine.dose import DoseEngine
+    from ids_engine.phantoms import PHANTOMS
+    from ids_engine.planning import equispaced_beams, target_beamlets
+
+    p = PHANTOMS["tg119"](resolution="coarse")
+    target = p.structure("OuterTarget").mask
+    eng = DoseEngine(p, equispaced_beams(3, p.structure("OuterTarget").centroid_xyz()))
+    masks = target_beamlets(eng, target, 4, margin_mm=0.0)
+    wide = target_beamlets(eng, target, 4, margin_mm=12.0)
+    flat = np.flatnonzero(target.ravel())
+    for geo, m, w in zip(eng.geometry, masks, wide):
+        h = geo.fine.host
+        pos = h.position[flat]
+        # Every target voxel's beamlet is in; the grid (covering the whole body) is mostly out.
+        assert m[np.floor(h.v_cells[pos]).astype(int) // 4, np.floor(h.u_cells[pos]).astype(int) // 4].all()
+        assert m.sum() < 0.5 * m.size
+        assert (w >= m).all() and w.sum() > m.sum()

@@ -20,7 +20,7 @@ from ids_engine import backend
 from ids_engine.dose import InfluenceMatrix, influence_matrix
 from ids_engine.optimise import FluenceResult, Goal, optimise_fluence
 
-__all__ = ["InversePlan", "goal_checks", "optimise_plan"]
+__all__ = ["InversePlan", "goal_checks", "optimise_plan", "target_beamlets"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,9 +92,35 @@ def structure_rows(influence: InfluenceMatrix, patient, names: Sequence[str]) ->
     return rows
 
 
+def target_beamlets(engine, mask_zyx: np.ndarray, beamlet_cells: int, margin_mm: float = 10.0) -> list[np.ndarray]:
+    """Per beam, the beamlets (bool (ceil(nv / bc), ceil(nu / bc))) whose block lies within
+    ``margin_mm`` (isocentre plane) of the beam's-eye-view projection of ``mask_zyx``'s voxels:
+    the beamlets that can reach the targets (the rest only add dose elsewhere)."""
+    flat = np.flatnonzero(np.asarray(mask_zyx, bool).ravel() & engine.body_mask.ravel())
+    out = []
+    for geo in engine.geometry:
+        h = geo.fine.host
+        pos = h.position[flat]
+        pos = pos[pos >= 0]
+        nv, nu = geo.fluence_grid.shape_vu
+        bc = int(beamlet_cells)
+        nbr, nbc = -(-nv // bc), -(-nu // bc)
+        m = np.zeros((nbr, nbc), bool)
+        r = np.clip(np.floor(h.v_cells[pos]).astype(np.int64) // bc, 0, nbr - 1)
+        c = np.clip(np.floor(h.u_cells[pos]).astype(np.int64) // bc, 0, nbc - 1)
+        m[r, c] = True
+        grow = int(np.ceil(margin_mm / (geo.fluence_grid.pitch_mm * bc)))
+        if grow > 0:
+            from scipy import ndimage
+
+            m = ndimage.binary_dilation(m, iterations=grow)
+        out.append(m)
+    return out
+
+
 def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50.0, beamlet_cells: int | None = None,
-                  tail_rounds: int = 2, initial_fluences=None, max_iterations: int = 400, progress=None,
-                  cancel=None) -> InversePlan:
+                  beamlet_margin_mm: float | None = 10.0, tail_rounds: int = 2, initial_fluences=None,
+                  max_iterations: int = 400, progress=None, cancel=None) -> InversePlan:
     """Optimise ``engine``'s fluence for ``goals`` and leave the result set on the engine.
 
     Parameters
@@ -102,6 +128,9 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     engine : a :class:`~ids_engine.dose.DoseEngine`; its fluence is replaced by the result.
     goals : objectives and constraints (:mod:`ids_engine.optimise`) on the patient's structures.
     cutoff_mm, beamlet_cells : the influence matrix (see :func:`~ids_engine.dose.influence_matrix`).
+    beamlet_margin_mm : only beamlets within this margin of the targets' projection in each
+        beam are optimised (:func:`target_beamlets`); None optimises every beamlet of the
+        fluence grids (which cover the whole body).
     tail_rounds : rounds after the first, each warm-started with the cutoff's tail offset
         taken at the previous round's weights.
     initial_fluences : a warm start (per beam fluence maps, e.g. an approved plan's); the
@@ -122,7 +151,15 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
             raise ValueError(f"the goals name structure {name!r}, which the case does not have "
                              f"(structures: {', '.join(engine.patient.structure_names)})") from exc
     mask &= engine.body_mask
-    A = influence_matrix(engine, voxel_mask=mask, cutoff_mm=cutoff_mm, beamlet_cells=beamlet_cells, progress=progress)
+    bc = int(beamlet_cells or engine.geometry[0].coarse_fluence_factor)
+    masks = None
+    if beamlet_margin_mm is not None and engine.patient.targets:
+        targets = np.zeros(engine.grid.shape_zyx, bool)
+        for st in engine.patient.targets:
+            targets |= st.mask
+        masks = target_beamlets(engine, targets, bc, beamlet_margin_mm)
+    A = influence_matrix(engine, voxel_mask=mask, cutoff_mm=cutoff_mm, beamlet_cells=bc, beamlet_masks=masks,
+                         progress=progress)
     t["influence_matrix"] = time.perf_counter() - t0
     rows = structure_rows(A, engine.patient, names)
     w = None if initial_fluences is None else _weights_from_fluences(A, initial_fluences)
