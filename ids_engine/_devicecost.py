@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["DeviceArray", "Ledger", "counting", "devicecost", "is_device_array", "register_raw_kernel"]
+__all__ = ["DeviceArray", "Ledger", "counting", "devicecost", "register_raw_kernel"]
 
 _HERE = str(Path(__file__).resolve())
 _NUMPY_DIR = str(Path(np.__file__).resolve().parent)
@@ -117,10 +117,6 @@ def counting():
 # --------------------------------------------------------------------------- arrays
 _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
              "Please use `.get()` to construct a NumPy array explicitly.")
-
-
-def is_device_array(a) -> bool:
-    return isinstance(a, DeviceArray)
 
 
 def _wrap(x):

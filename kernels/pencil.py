@@ -7,12 +7,13 @@ Operations (each dispatches on the array type of its first array argument):
     with a lateral kernel on the same grid. NumPy: ``scipy.signal.fftconvolve``; CuPy:
     ``cupyx.scipy.signal.fftconvolve``. Both compute the same linear map in float32.
 
-``accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu)``
-    For each voxel ``n``: ``dose_flat[vox[n]] += sum_c weights[c, n] * bilerp(maps[c], v[n] - v0, u[n] - u0)``,
-    with zero outside the maps. This is the hot loop of the full and the incremental dose.
-    NumPy twin: :func:`accumulate_bilinear_numpy` (vectorised; ``vox`` must hold no
-    duplicates, which holds within one beam). CUDA: ``cuda/accumulate_bilinear.cu``, one
-    thread per voxel, ``atomicAdd`` (duplicates allowed).
+``accumulate_segments(dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box, n_threads)``
+    For each voxel ``i`` of some segments of a level's arrays, with the segment's window ``p``:
+    ``dose[vox[i]] += sum_c weights[c, i] * bilerp(maps[p, c], v[i] - o_r, u[i] - o_c)``,
+    zero outside the window's valid box. The hot loop of the full and the incremental dose
+    (one launch per level for every beam). NumPy twin: :func:`accumulate_segments_numpy`;
+    CUDA: ``cuda/accumulate_segments.cu``, one thread per voxel, ``atomicAdd`` (duplicates
+    allowed).
 
 ``convolve_full_batched(stack, kernels)``
     Full 2D convolutions of a stack of patches ``(k, h, w)`` with a stack of kernels
@@ -32,8 +33,6 @@ from ids_engine.backend import array_module, is_counting
 from ids_engine.kernels._cuda import CudaKernel
 
 __all__ = [
-    "accumulate_bilinear",
-    "accumulate_bilinear_numpy",
     "accumulate_segments",
     "accumulate_segments_numpy",
     "segment_contribution_numpy",
@@ -106,15 +105,6 @@ def sample_bilinear(maps, v, u, origin_vu=(0, 0)):
     return out
 
 
-def bilinear_contribution_numpy(u, v, weights, maps, origin_vu=(0, 0)) -> np.ndarray:
-    """``sum_c weights[c, n] * bilerp(maps[c], v[n] - v0, u[n] - u0)`` (zero outside the maps), float32.
-
-    The maps get a border of two zero cells on each side, so that every lookup can be
-    clamped into the padded array without branches: a voxel outside the maps lands on zeros.
-    """
-    return _bilinear_padded(u, v, weights, _pad2(maps), maps.shape[1], maps.shape[2], origin_vu)
-
-
 def _pad2(maps) -> np.ndarray:
     """(nc, h * w) -> flat (nc, (h + 4) * (w + 4)) copy with a border of two zero cells."""
     nc, h, w = maps.shape
@@ -144,85 +134,6 @@ def _bilinear_padded(u, v, weights, flat, h: int, w: int, origin_vu) -> np.ndarr
         top *= weights[k]
         out += top
     return out
-
-
-def accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
-    """NumPy twin of :func:`accumulate_bilinear` (``vox`` without duplicates)."""
-    dose_flat[vox] += bilinear_contribution_numpy(u, v, weights, maps, origin_vu)
-    return dose_flat
-
-
-# One thread per voxel; see cuda/accumulate_bilinear.cu.
-_ACCUMULATE = CudaKernel(
-    "accumulate_bilinear.cu",
-    "accumulate_bilinear",
-    (
-        "float* dose",
-        "const int* vox",
-        "const float* u",
-        "const float* v",
-        "const float* weights",
-        "const float* maps",
-        "int n",
-        "int nc",
-        "int h",
-        "int w",
-        "float v0",
-        "float u0",
-    ),
-)
-
-
-def _accumulate_twin(grid, block, args) -> None:
-    """The kernel's semantics on NumPy arrays (atomicAdd: duplicate voxels add up), run by the
-    device-cost counting backend in place of the CUDA kernel."""
-    dose, vox, u, v, weights, maps, n, nc, h, w, v0, u0 = args
-    n = int(n)
-    contrib = bilinear_contribution_numpy(u[:n], v[:n], weights.reshape(int(nc), -1)[:, :n],
-                                          maps.reshape(int(nc), int(h), int(w)), (float(v0), float(u0)))
-    np.add.at(dose, vox[:n], contrib)
-
-
-register_raw_kernel("accumulate_bilinear", _accumulate_twin)
-
-
-def accumulate_bilinear(dose_flat, vox, u, v, weights, maps, origin_vu=(0, 0)):
-    """Add ``sum_c weights[c, n] * bilerp(maps[c], v[n], u[n])`` to ``dose_flat[vox[n]]``.
-
-    Parameters
-    ----------
-    dose_flat : (N,) float32, modified in place (and returned).
-    vox : (n,) int32 flat voxel indices (NumPy: no duplicates).
-    u, v : (n,) float32 fractional column / row index into the maps' parent grid.
-    weights : (nc, n) float32 per-voxel component weights (depth dose x inverse square x calibration).
-    maps : (nc, h, w) float32 convolved fluence (or its change) on a window of that grid.
-    origin_vu : (row, col) of ``maps[:, 0, 0]`` in the parent grid.
-    """
-    xp = array_module(dose_flat, maps)
-    if xp is np:
-        return accumulate_bilinear_numpy(dose_flat, vox, u, v, weights, maps, origin_vu)
-    n = int(vox.shape[0])  # pragma: no cover - GPU only
-    if n == 0:
-        return dose_flat
-    nc, h, w = (int(s) for s in maps.shape)
-    threads = 256
-    _ACCUMULATE.launch(
-        ((n + threads - 1) // threads,),
-        (threads,),
-        dose=dose_flat,
-        vox=vox,
-        u=u,
-        v=v,
-        weights=weights,
-        maps=maps,
-        n=n,
-        nc=nc,
-        h=h,
-        w=w,
-        v0=origin_vu[0],
-        u0=origin_vu[1],
-    )
-    return dose_flat
 
 
 # --------------------------------------------------------------------------- segments

@@ -28,7 +28,7 @@ REQUIRED = (
     "ids_engine/cli.py",
     "ids_engine/kernels/__init__.py",
     "ids_engine/kernels/pencil.py",
-    "ids_engine/kernels/cuda/accumulate_bilinear.cu",
+    "ids_engine/kernels/cuda/accumulate_segments.cu",
     "ids_engine/viewer/__init__.py",
 )
 FORBIDDEN_TOP = ("kernels", "viewer", "tests", "bench", "docs")
@@ -95,7 +95,7 @@ def test_wheel_contents(wheel):
 _CHECK = """
 import importlib.resources, sys
 import ids_engine, ids_engine.cli, ids_engine.kernels.pencil, ids_engine.viewer
-cu = importlib.resources.files("ids_engine.kernels") / "cuda" / "accumulate_bilinear.cu"
+cu = importlib.resources.files("ids_engine.kernels") / "cuda" / "accumulate_segments.cu"
 assert cu.is_file() and "accumulate" in cu.read_text(), cu
 try:
     import kernels
@@ -149,5 +149,5 @@ def test_editable_install_maps_repo_folders():
     assert Path(ids_engine.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
     assert Path(ids_engine.kernels.pencil.__file__).resolve() == REPO / "kernels" / "pencil.py"
     assert Path(ids_engine.viewer.__file__).resolve() == REPO / "viewer" / "__init__.py"
-    cu = Path(ids_engine.kernels.__file__).parent / "cuda" / "accumulate_bilinear.cu"
+    cu = Path(ids_engine.kernels.__file__).parent / "cuda" / "accumulate_segments.cu"
     assert cu.is_file()

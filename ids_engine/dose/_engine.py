@@ -379,14 +379,6 @@ class DoseEngine:
     def fluences_host(self) -> list[np.ndarray]:
         return [st.fluence_host.copy() for st in self._state]
 
-    @property
-    def _maps_fine(self) -> list:
-        return [st.maps["fine"] for st in self._state]
-
-    @property
-    def _maps_coarse(self) -> list:
-        return [st.maps["coarse"] for st in self._state]
-
     def set_fluences(self, fluences: Sequence) -> None:
         """Replace all fluence maps and recompute the dose from scratch."""
         if len(fluences) != self.n_beams:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ids_engine.kernels.pencil import accumulate_bilinear, accumulate_bilinear_numpy, convolve_full, sample_bilinear
+from ids_engine.kernels.pencil import accumulate_segments, convolve_full, sample_bilinear
 
 # Tolerances per dtype (CONVENTIONS item 13).
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -32,6 +32,18 @@ def _reference(n_dose, vox, u, v, weights, maps, origin):
     return out
 
 
+def _accumulate(dose, vox, u, v, weights, maps, origin=(0, 0), xp=np):
+    """``dose[vox[n]] += sum_c weights[c, n] * bilerp(maps[c], v[n] - v0, u[n] - u0)`` for every n:
+    :func:`accumulate_segments` with one window (its valid box the whole window) and one
+    segment over all the voxels."""
+    n = int(vox.size)
+    h, w = maps.shape[1:]
+    box = np.array([[origin[0], origin[1], origin[0], origin[0] + h, origin[1], origin[1] + w]], np.int32)
+    tables = [np.array([0, n], np.int32), np.array([0], np.int32), np.array([0], np.int32), box]
+    dev = (lambda a: a) if xp is np else xp.asarray  # noqa: E731
+    return accumulate_segments(dose, dev(vox), dev(u), dev(v), dev(weights), dev(maps[None]), *map(dev, tables), n)
+
+
 def _case(rng, n=400, nc=2, h=17, w=23):
     vox = rng.choice(5000, size=n, replace=False).astype(np.int32)
     # Positions inside, on the edges of and outside the maps (origin shifts them).
@@ -46,14 +58,14 @@ def _case(rng, n=400, nc=2, h=17, w=23):
 def test_accumulate_numpy_twin_against_reference(rng, origin):
     vox, u, v, weights, maps = _case(rng)
     ref = _reference(5000, vox, u + origin[1], v + origin[0], weights, maps, origin)
-    got = accumulate_bilinear_numpy(np.zeros(5000, np.float32), vox, u + origin[1], v + origin[0], weights, maps, origin)
+    got = _accumulate(np.zeros(5000, np.float32), vox, u + origin[1], v + origin[0], weights, maps, origin)
     np.testing.assert_allclose(got, ref, **TOL[np.float32])
 
 
 def test_sample_bilinear_matches_accumulate(rng):
     vox, u, v, weights, maps = _case(rng, nc=1)
     s = sample_bilinear(maps, v, u)
-    got = accumulate_bilinear_numpy(np.zeros(5000, np.float32), vox, u, v, weights, maps)
+    got = _accumulate(np.zeros(5000, np.float32), vox, u, v, weights, maps)
     np.testing.assert_allclose(got[vox], weights[0] * s[0], **TOL[np.float32])
 
 
@@ -73,9 +85,8 @@ def test_accumulate_cuda_matches_numpy(rng):
 
     vox, u, v, weights, maps = _case(rng)
     # Duplicates are allowed on the GPU (atomicAdd): add a repeated voxel on both sides.
-    host = accumulate_bilinear_numpy(np.zeros(5000, np.float32), vox, u, v, weights, maps, (1, 2))
-    dev = accumulate_bilinear(cupy.zeros(5000, cupy.float32), cupy.asarray(vox), cupy.asarray(u), cupy.asarray(v),
-                              cupy.asarray(weights), cupy.asarray(maps), (1, 2))
+    host = _accumulate(np.zeros(5000, np.float32), vox, u, v, weights, maps, (1, 2))
+    dev = _accumulate(cupy.zeros(5000, cupy.float32), vox, u, v, weights, maps, (1, 2), xp=cupy)
     np.testing.assert_allclose(cupy.asnumpy(dev), host, **TOL[np.float32])
 
 
@@ -120,14 +131,13 @@ def test_accumulate_device_adds_up_duplicate_voxels(device_backend, rng):
     origin = (1, 2)
     ref = _reference(5000, vox_d, u_d, v_d, w_d, maps, origin)
     start = rng.random(5000).astype(np.float32)  # accumulates onto what is there
-    dev = accumulate_bilinear(xp.asarray(start), xp.asarray(vox_d), xp.asarray(u_d), xp.asarray(v_d),
-                              xp.asarray(w_d), xp.asarray(maps), origin)
+    dev = _accumulate(xp.asarray(start), vox_d, u_d, v_d, w_d, maps, origin, xp=xp)
     got = backend.asnumpy(dev)
     np.testing.assert_allclose(got, start + ref, **TOL[np.float32])
     # The same as the NumPy twin run once per group of distinct voxels.
     n = vox.size
-    twin = accumulate_bilinear_numpy(start.copy(), vox, u_d[:n], v_d[:n], w_d[:, :n], maps, origin)
+    twin = _accumulate(start.copy(), vox, u_d[:n], v_d[:n], np.ascontiguousarray(w_d[:, :n]), maps, origin)
     for part in (slice(n, n + vox[::5].size), *(slice(k, k + 1) for k in range(n + vox[::5].size, vox_d.size))):
-        twin = accumulate_bilinear_numpy(twin, vox_d[part], u_d[part], v_d[part], w_d[:, part], maps, origin)
+        twin = _accumulate(twin, vox_d[part], u_d[part], v_d[part], np.ascontiguousarray(w_d[:, part]), maps, origin)
     np.testing.assert_allclose(got, twin, **TOL[np.float32])
     assert np.abs(got[vox[7]] - start[vox[7]]) > 0
