@@ -292,3 +292,14 @@ def test_reopening_rebuilds_the_plan_bit_for_bit(tmp_path):
     for a, b in zip(again.engine.fluences_host(), s.engine.fluences_host()):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(again.dose(), s.dose())
+
+
+def test_bad_display_readout_and_set_plan_calls_are_refused(session):
+    with pytest.raises(ValueError, match=r"display_readout: index_zyx \(0, 0, 999\) is outside the grid"):
+        session.display_readout((0, 0, 999))
+    session.run(Pin("p", _target_voxel(session), 2.0))
+    before = session.engine.fluences_host()
+    with pytest.raises(ValueError, match="set_plan: the session already has requests"):
+        session.set_plan([f * 2 for f in before])
+    for a, b in zip(session.engine.fluences_host(), before):
+        np.testing.assert_array_equal(a, b)
