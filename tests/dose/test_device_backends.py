@@ -27,6 +27,7 @@ from ids_engine.planning import conformal_aperture, equispaced_beams
 
 from tests.conftest import use_backend
 
+from .test_influence import _beamlets_in
 from .test_physics import water_phantom
 
 # Tolerances (float32, CONVENTIONS item 13): rtol, and atol as a fraction of the reference's
@@ -248,23 +249,11 @@ def water_engines():
     return _Engines(p, [Beam(gantry_deg=0.0), Beam(gantry_deg=90.0)])
 
 
-def _beamlet_masks(eng, half_mm):
-    bc = eng.geometry[0].coarse_fluence_factor
-    out = []
-    for g in eng.geometry:
-        ap = g.fluence_grid.rectangle_mask((-half_mm, half_mm), (-half_mm, half_mm))
-        nbr, nbc = -(-ap.shape[0] // bc), -(-ap.shape[1] // bc)
-        pad = np.zeros((nbr * bc, nbc * bc), bool)
-        pad[: ap.shape[0], : ap.shape[1]] = ap
-        out.append(pad.reshape(nbr, bc, nbc, bc).any(axis=(1, 3)))
-    return out
-
-
 def test_influence_matrix_matches_numpy(device_backend, water_engines):
     import scipy.sparse as sp
 
     ref, dev = water_engines("numpy"), water_engines(device_backend)
-    masks = _beamlet_masks(ref, 8.0)
+    masks = _beamlets_in(ref, 8.0)
     want = influence_matrix(ref, beamlet_masks=masks, cutoff_mm=12.0)
     got = influence_matrix(dev, beamlet_masks=masks, cutoff_mm=12.0)
     assert not isinstance(got.matrix, sp.spmatrix)  # built on the device
