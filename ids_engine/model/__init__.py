@@ -2,6 +2,7 @@
 
 from ._beam import SUPPORT_FROM_PATIENT, Beam, FluenceGrid, rotation_matrix_patient_to_beam
 from ._grid import Grid
+from ._mlc import MLC, default_mlc
 from ._machine import PhotonMachine, default_6mv
 from ._patient import DEFAULT_DENSITY_CURVE, PATIENT_POSITIONS, DensityCurve, Patient, PointOfInterest
 from ._structure import Structure, StructureKind, contract, default_colour, expand, intersection, subtract, union
@@ -12,6 +13,7 @@ __all__ = [
     "DensityCurve",
     "FluenceGrid",
     "Grid",
+    "MLC",
     "PATIENT_POSITIONS",
     "Patient",
     "PhotonMachine",
@@ -21,6 +23,7 @@ __all__ = [
     "StructureKind",
     "contract",
     "default_6mv",
+    "default_mlc",
     "default_colour",
     "expand",
     "intersection",

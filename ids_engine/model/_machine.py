@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._mlc import MLC, default_mlc
+
 __all__ = ["PhotonMachine", "default_6mv"]
 
 
@@ -61,6 +63,8 @@ class PhotonMachine:
     kernel_ssd_mm : the SSD of the set in ``kernels_per_mm2`` (None for an SSD-independent
         machine). The dose engine uses, per beam, :meth:`for_ssd` of the beam's central-axis
         SSD, as matRad does.
+    mlc : the machine's multileaf collimator (None: none modelled; planning tools then use
+        :func:`~ids_engine.model.default_mlc`).
     """
 
     name: str
@@ -79,6 +83,7 @@ class PhotonMachine:
     kernel_ssds_mm: tuple[float, ...] = ()
     kernel_sets_per_mm2: np.ndarray | None = None
     kernel_ssd_mm: float | None = None
+    mlc: MLC | None = None
 
     def __post_init__(self) -> None:
         betas = tuple(float(b) for b in self.betas_per_mm)
@@ -271,4 +276,5 @@ def default_6mv() -> PhotonMachine:
         kernel_radius_mm=r,
         kernels_per_mm2=kernels,
         source="ids-engine generic analytic 6 MV model (Bortfeld 1993 parameter forms)",
+        mlc=default_mlc(),
     )
