@@ -437,7 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read a case and print its grid, structures and volumes.")
     s.add_argument("path", help="DICOM folder or matRad .mat file")
     s.set_defaults(func=cmd_inspect)
+
+    # Commands that live in their own modules: each has add_parser(sub), which adds its
+    # subcommand(s) with set_defaults(func=...).
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # pragma: no cover - a module not yet built
+        module.add_parser(sub)
     return p
+
+
+_COMMAND_MODULES = (
+    "ids_engine.cli_forward",   # plans, prescription, MU, auto weight, physics summary
+    "ids_engine.cli_beams",     # beams, arcs, conformal MLC beams
+    "ids_engine.cli_points",    # points, point files, DVH by sampling
+    "ids_engine.cli_sequence",  # MLC leaf sequencing, deliverable-dose check
+    "ids_engine.cli_export",    # DICOM RT export/import, Transa, anonymisation
+)
 
 
 def main(argv: list[str] | None = None) -> int:
