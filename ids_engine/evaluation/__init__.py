@@ -46,3 +46,29 @@ __all__ = [
     "tg119_goals",
     "write_plan_report",
 ]
+
+from ._dvh_sampling import (  # noqa: E402 (issue 12: DVHs with partial volumes, random sampling)
+    DVHCurve,
+    DVHSamplingState,
+    dkw_bound,
+    dvh_max_difference,
+    dvh_standard_error,
+    exact_dvh,
+    plot_dvhs,
+    sample_dvhs,
+    sampled_dvh,
+    structure_occupancy,
+)
+
+__all__ += [
+    "DVHCurve",
+    "DVHSamplingState",
+    "dkw_bound",
+    "dvh_max_difference",
+    "dvh_standard_error",
+    "exact_dvh",
+    "plot_dvhs",
+    "sample_dvhs",
+    "sampled_dvh",
+    "structure_occupancy",
+]

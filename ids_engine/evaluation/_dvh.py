@@ -24,15 +24,24 @@ class DVH:
     volume_cc: float
 
 
-def dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, voxel_volume_cc: float, bin_gy: float = 0.1) -> DVH:
-    """Exact cumulative DVH of the voxels in ``mask`` (host arrays, any matching shape)."""
-    d = np.asarray(dose_gy, dtype=np.float64)[np.asarray(mask, dtype=bool)]
-    if d.size == 0:
+def dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, voxel_volume_cc: float, bin_gy: float = 0.1,
+        *, weights: np.ndarray | None = None) -> DVH:
+    """Exact cumulative DVH of the voxels in ``mask`` (host arrays, any matching shape).
+
+    ``weights`` (same shape, >= 0) gives each voxel (or sample point) its share of
+    ``voxel_volume_cc``, e.g. the fractional occupancy of voxels at the structure's edge
+    (:func:`ids_engine.evaluation.exact_dvh`); without it every voxel counts fully.
+    """
+    m = np.asarray(mask, dtype=bool)
+    d = np.asarray(dose_gy, dtype=np.float64)[m]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)[m]
+    total = float(d.size) if w is None else float(w.sum())
+    if d.size == 0 or not total > 0:
         raise ValueError(f"DVH of {name!r}: the structure is empty")
     edges = np.arange(0.0, d.max() + 2 * bin_gy, bin_gy)
-    counts = np.histogram(d, bins=np.append(edges, np.inf))[0]
-    cum = counts[::-1].cumsum()[::-1] / d.size
-    return DVH(name, edges, cum, d.size * voxel_volume_cc)
+    counts = np.histogram(d, bins=np.append(edges, np.inf), weights=w)[0]
+    cum = counts[::-1].cumsum()[::-1] / total
+    return DVH(name, edges, cum, total * voxel_volume_cc)
 
 
 class DeviceDVH:
