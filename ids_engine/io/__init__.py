@@ -19,3 +19,36 @@ __all__ = [
     "write_rtdose",
     "write_rtstruct",
 ]
+
+# DICOM RT Plan export and import, complete RT sets, anonymisation, Elekta Transa (issue 13).
+from ._anonymise import Anonymiser, anonymise_files  # noqa: E402
+from ._dicom_export import (  # noqa: E402
+    ExportedSet,
+    RTSet,
+    dose_agreement,
+    export_rt_set,
+    missing_required_attributes,
+    open_field_segments,
+    plan_dose,
+    plan_fluences,
+    read_rt_set,
+)
+from ._dicom_rtplan import RESEARCH_USE_ONLY, ImportedRTPlan, read_rtplan, write_rtplan  # noqa: E402
+
+__all__ += [
+    "Anonymiser",
+    "ExportedSet",
+    "ImportedRTPlan",
+    "RESEARCH_USE_ONLY",
+    "RTSet",
+    "anonymise_files",
+    "dose_agreement",
+    "export_rt_set",
+    "missing_required_attributes",
+    "open_field_segments",
+    "plan_dose",
+    "plan_fluences",
+    "read_rt_set",
+    "read_rtplan",
+    "write_rtplan",
+]

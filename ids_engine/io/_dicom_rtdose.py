@@ -147,7 +147,7 @@ def write_rtdose(
     dose_gy: np.ndarray,
     grid: Grid,
     path: "str | Path",
-    frame_of_reference_uid: str,
+    frame_of_reference_uid: str | None = None,
     *,
     ct_files: Sequence["str | Path"] | None = None,
     rtplan_sop_instance_uid: str | None = None,
@@ -164,7 +164,9 @@ def write_rtdose(
     dose_gy : float array, shape ``grid.shape_zyx`` (z, y, x), Gy, finite and >= 0.
     grid : where the dose lives (ImagePositionPatient is its origin).
     path : the file to write.
-    frame_of_reference_uid : FrameOfReferenceUID (the CT's).
+    frame_of_reference_uid : FrameOfReferenceUID (the CT's); None takes the one of
+        ``ct_files`` (a built-in phantom has none until its CT is written with
+        :func:`write_dicom_ct`, whose files then give it).
     ct_files : CT slices to copy the patient and study modules from (so the dose joins
         the CT's study); a new study when None.
     rtplan_sop_instance_uid : the plan this dose belongs to (ReferencedRTPlanSequence).
@@ -180,8 +182,18 @@ def write_rtdose(
         raise ValueError(f"dose_gy shape {dose.shape} does not match grid shape {grid.shape_zyx}")
     if not np.all(np.isfinite(dose)) or dose.min() < 0:
         raise ValueError("dose_gy must be finite and >= 0")
+    ct = None
+    if ct_files:
+        ct = read_dataset(ct_files[0], stop_before_pixels=True)
+        check_modality(ct, ct_files[0], "CT")
+        ct_frame = get_str(ct, "FrameOfReferenceUID", ct_files[0])
+        if frame_of_reference_uid and frame_of_reference_uid != ct_frame:
+            raise InputError(f"the CT is in frame of reference {ct_frame}, the dose was to be in "
+                             f"{frame_of_reference_uid}", ct_files[0], "FrameOfReferenceUID")
+        frame_of_reference_uid = ct_frame
     if not frame_of_reference_uid:
-        raise ValueError("frame_of_reference_uid must be given (the CT's)")
+        raise ValueError("write_rtdose: no frame of reference: give frame_of_reference_uid or the CT's files "
+                         "(for a phantom, write its CT first with write_dicom_ct and pass ct_files)")
     nz, ny, nx = grid.shape_zyx
     dz, dy, dx = grid.spacing_mm_zyx
     peak = float(dose.max())
@@ -189,9 +201,7 @@ def write_rtdose(
     stored = np.clip(np.rint(dose / scaling), 0, 4294967295).astype("<u4")
 
     ds = new_dataset(RTDoseStorage, "RTDOSE")
-    if ct_files:
-        ct = read_dataset(ct_files[0], stop_before_pixels=True)
-        check_modality(ct, ct_files[0], "CT")
+    if ct is not None:
         copy_patient_and_study(ds, ct)
     if "StudyInstanceUID" not in ds:
         set_patient_and_study(ds, patient_name="", patient_id="IDS-ENGINE", study_instance_uid=generate_uid())
