@@ -52,3 +52,15 @@ __all__ += [
     "read_rtplan",
     "write_rtplan",
 ]
+from ._transa import (  # noqa: E402
+    TRANSA_CONFIG_NAME,
+    TransaConfig,
+    find_transa_config,
+    read_transa_config,
+    read_transa_plan,
+    transa_patient_id,
+    write_transa,
+)
+
+__all__ += ["TRANSA_CONFIG_NAME", "TransaConfig", "find_transa_config", "read_transa_config", "read_transa_plan",
+            "transa_patient_id", "write_transa"]

@@ -52,8 +52,9 @@ __all__ = [
 
 # ------------------------------------------------------------------ plan -> fluence -> dose
 def plan_fluences(plan: DeliverablePlan, fluence_grids: Sequence[FluenceGrid]) -> list[np.ndarray]:
-    """Each beam's fluence (MU per amplitude, (nv, nu) float32 on its grid): the sum over its
-    segments of ``mu`` times :func:`~ids_engine.deliver.aperture_fluence` (area fractions,
+    """Each beam's fluence over the whole course (MU per amplitude, (nv, nu) float32 on its
+    grid, as the dose engine takes it): ``plan.fractions`` times the sum over its segments of
+    ``mu`` (per fraction) times :func:`~ids_engine.deliver.aperture_fluence` (area fractions,
     leaf transmission inside the jaws; jaws opaque)."""
     if len(fluence_grids) != len(plan.beams):
         raise ValueError(f"plan_fluences: {len(fluence_grids)} fluence grids for {len(plan.beams)} beams")
@@ -63,7 +64,7 @@ def plan_fluences(plan: DeliverablePlan, fluence_grids: Sequence[FluenceGrid]) -
         for seg in sb.segments:
             if seg.mu > 0:
                 f += seg.mu * aperture_fluence(seg.aperture, sb.mlc, grid)
-        out.append(f.astype(np.float32))
+        out.append((f * plan.fractions).astype(np.float32))
     return out
 
 
@@ -82,9 +83,10 @@ def plan_dose(patient: Patient, plan: DeliverablePlan, *, machine=None, engine_o
     return engine.dose_cube_host()
 
 
-def open_field_segments(fluence: np.ndarray, grid: FluenceGrid, mlc: MLC, *, rel_tol: float = 1e-3) -> tuple[Segment, ...]:
+def open_field_segments(fluence: np.ndarray, grid: FluenceGrid, mlc: MLC, *, fractions: int = 1,
+                        rel_tol: float = 1e-3) -> tuple[Segment, ...]:
     """One segment for a uniform (open-field) fluence map: the MLC aperture of its non-zero
-    cells and their common level as MU.
+    cells and their common level divided by ``fractions`` as MU per fraction.
 
     Each leaf pair opens from the lowest to the highest ``u`` edge of the non-zero cells whose
     centre lies within the pair's ``v`` range; the jaws frame the open cells. For modulated
@@ -92,7 +94,7 @@ def open_field_segments(fluence: np.ndarray, grid: FluenceGrid, mlc: MLC, *, rel
 
     Parameters
     ----------
-    fluence : (nv, nu) MU per amplitude on ``grid``, >= 0, one non-zero level.
+    fluence : (nv, nu) MU per amplitude over the course on ``grid``, >= 0, one non-zero level.
 
     Raises
     ------
@@ -131,7 +133,7 @@ def open_field_segments(fluence: np.ndarray, grid: FluenceGrid, mlc: MLC, *, rel
     closed = x2 <= x1
     x1[closed] = mid
     x2[closed] = mid
-    return (Segment(Aperture(x1, x2, jaw_x, jaw_y), level),)
+    return (Segment(Aperture(x1, x2, jaw_x, jaw_y), level / int(fractions)),)
 
 
 def dose_agreement(reference_gy: np.ndarray, evaluated_gy: np.ndarray, spacing_mm_zyx, *, dose_pct: float = 1.0,
@@ -327,7 +329,7 @@ def export_rt_set(
     Parameters
     ----------
     patient : the patient.
-    plan : the deliverable plan (segments' ``mu`` are plan totals).
+    plan : the deliverable plan (segments' ``mu`` are MU per fraction).
     folder : where to write (created; files of the same names are replaced).
     dose_gy : the plan's dose on the patient's grid; None computes it with :func:`plan_dose`.
     machine, engine_options : for :func:`plan_dose`.
@@ -407,15 +409,15 @@ def _summary(patient: Patient, plan: DeliverablePlan, dose_gy: np.ndarray, n_ct:
              f"{plan.fractions} fraction(s); machine name {machine_name}; "
              f"{'anonymised' if anonymised else 'not anonymised'}.", "",
              "## Beams", "",
-             "| # | name | gantry deg | collimator deg | couch deg | energy MV | segments | MU (plan) | MU / fraction |",
+             "| # | name | gantry deg | collimator deg | couch deg | energy MV | segments | MU / fraction | MU (course) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n, sb in enumerate(plan.beams, start=1):
         b = sb.beam
         segs = sum(1 for s in sb.segments if s.mu > 0)
         lines.append(f"| {n} | {b.name} | {b.gantry_deg:g} | {b.collimator_deg:g} | {b.couch_deg:g} | {b.energy_mv:g} | "
-                     f"{segs} | {sb.mu:.1f} | {sb.mu / plan.fractions:.1f} |")
+                     f"{segs} | {sb.mu:.1f} | {sb.mu * plan.fractions:.1f} |")
     total = sum(sb.mu for sb in plan.beams)
-    lines += ["", f"Total {total:.1f} MU ({total / plan.fractions:.1f} per fraction), "
+    lines += ["", f"Total {total:.1f} MU per fraction ({total * plan.fractions:.1f} over the course), "
               f"{sum(sum(1 for s in sb.segments if s.mu > 0) for sb in plan.beams)} segments.", "",
               "## Dose (RT Dose, deliverable segments recomputed with the ids-engine pencil beam)", "",
               f"Maximum {float(dose_gy.max()):.2f} Gy.", "",

@@ -5,10 +5,10 @@ Frames: leaf and jaw positions are IEC 61217 beam-limiting-device coordinates pr
 the isocentre plane, mm (DICOM's own convention for ``LeafJawPositions``); angles are IEC
 61217 degrees; the isocentre is in DICOM patient coordinates, mm.
 
-Meterset convention: :class:`~ids_engine.deliver.Segment` ``mu`` is the plan's total over all
-fractions (the dose engine's fluence delivers the whole plan); DICOM ``BeamMeterset`` is per
-fraction, so ``BeamMeterset = sum(mu) / NumberOfFractionsPlanned`` on writing and the
-reverse on reading.
+Meterset convention (the sequencer's, :func:`ids_engine.deliver.sequence_beam`):
+:class:`~ids_engine.deliver.Segment` ``mu`` is MU per fraction, as DICOM's ``BeamMeterset``
+is, so ``BeamMeterset = sum(mu)`` of the beam's segments; the whole plan delivers
+``fractions`` times that (the dose engine's fluence is MU over the course).
 
 Step-and-shoot encoding: segment k of a beam is two control points with the same aperture,
 cumulative meterset weights ``W_k`` and ``W_{k+1}`` (``FinalCumulativeMetersetWeight`` 1).
@@ -163,7 +163,7 @@ def write_rtplan(
 
     Parameters
     ----------
-    plan : the plan; ``Segment.mu`` are totals over ``plan.fractions`` fractions.
+    plan : the plan; ``Segment.mu`` are MU per fraction.
     path : the file to write.
     frame_of_reference_uid : the CT's FrameOfReferenceUID.
     patient_position : PatientSetupSequence's PatientPosition (the CT's).
@@ -245,7 +245,7 @@ def write_rtplan(
         beams.append(_beam_item(n, sb, machine_name=machine_name, patient_setup_number=1))
         r = Dataset()
         r.ReferencedBeamNumber = n
-        r.BeamMeterset = ds_number(sb.mu / fractions)
+        r.BeamMeterset = ds_number(sb.mu)
         refs.append(r)
     group.ReferencedBeamSequence = DicomSequence(refs)
     ds.FractionGroupSequence = DicomSequence([group])
@@ -486,9 +486,8 @@ def _read_beam(item: Dataset, b: int, path: Path, meterset_total_mu: float, defa
 def read_rtplan(path: "str | Path", *, mlc: MLC | None = None) -> ImportedRTPlan:
     """Read a DICOM RT Plan (ours or another system's) into beams and step-and-shoot segments.
 
-    Only the treatment beams of the first fraction group are read, with their
-    ``BeamMeterset`` times ``NumberOfFractionsPlanned`` as the total MU (see the module
-    docstring); setup beams and beams the fraction group does not list are skipped (noted).
+    Only the treatment beams of the first fraction group are read, their ``BeamMeterset``
+    (MU per fraction) shared among the segments (see the module docstring); setup beams and beams the fraction group does not list are skipped (noted).
     Values a control point does not repeat carry over from the previous one. A plan
     without an MLC (jaws only) gets ``mlc`` (default :func:`~ids_engine.model.default_mlc`)
     with its leaves open at the X jaws.
@@ -563,7 +562,7 @@ def read_rtplan(path: "str | Path", *, mlc: MLC | None = None) -> ImportedRTPlan
             why = "a setup beam" if kind != "TREATMENT" else "not in the fraction group"
             notes.append(f"beam number {number} skipped: {why}")
             continue
-        sb, machine = _read_beam(item, b, path, meterset[number] * fractions, mlc, notes)
+        sb, machine = _read_beam(item, b, path, meterset[number], mlc, notes)
         beams.append(sb)
         machines.append(machine)
 

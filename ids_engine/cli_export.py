@@ -1,0 +1,218 @@
+"""``ids export``: a shaped plan as a deliverable DICOM RT set (and optionally Elekta Transa files).
+
+``ids export SESSION_OR_PHANTOM --out DIR`` sequences the plan's fluence into MLC segments,
+recomputes the deliverable dose from the segments, and writes CT (for phantoms), RT
+Structure Set, RT Plan (research use only), RT Dose and ``summary.md``.
+
+:func:`deliverable_plan` and :func:`export_session` are what the viewer's File > Export runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_parser", "deliverable_plan", "export_session"]
+
+
+def deliverable_plan(engine, *, prescription_gy: float, fractions: int = 1, name: str = "ids plan", mlc=None):
+    """The engine's current fluence as a :class:`~ids_engine.deliver.DeliverablePlan`.
+
+    Sequenced with :func:`ids_engine.deliver.sequence_plan` when the package has it; without
+    it, uniform (open-field) maps become one segment each (:func:`ids_engine.io.open_field_segments`)
+    and modulated maps are refused.
+
+    Parameters
+    ----------
+    engine : a :class:`~ids_engine.dose.DoseEngine` (e.g. ``session.engine``); its beams carry
+        the fluence grids.
+    prescription_gy, fractions, name : of the plan (the fluence gives the whole course's dose;
+        segment MU are per fraction).
+    mlc : the MLC (default: the engine machine's, else :func:`~ids_engine.model.default_mlc`).
+    """
+    import dataclasses
+
+    from ids_engine import deliver
+    from ids_engine.deliver import DeliverablePlan, SequencedBeam
+    from ids_engine.io import open_field_segments
+    from ids_engine.model import default_mlc
+
+    mlc = mlc or getattr(engine.machine, "mlc", None) or default_mlc()
+    beams = [g.beam for g in engine.geometry]
+    fluences = engine.fluences_host()
+    sequencer = getattr(deliver, "sequence_plan", None)
+    if sequencer is not None:
+        kwargs = {}
+        params = inspect.signature(sequencer).parameters
+        for key, value in (("prescription_gy", prescription_gy), ("fractions", fractions), ("name", name)):
+            if key in params:
+                kwargs[key] = value
+        plan = sequencer(beams, fluences, mlc, **kwargs)
+        return dataclasses.replace(plan, name=name, prescription_gy=float(prescription_gy), fractions=int(fractions))
+    out = []
+    for b, (beam, f) in enumerate(zip(beams, fluences)):
+        try:
+            segments = open_field_segments(f, beam.fluence_grid, mlc, fractions=fractions)
+        except ValueError as exc:
+            raise ValueError(f"beam {b + 1} ({beam.name}): {exc}; this installation has no MLC sequencer "
+                             "(ids_engine.deliver.sequence_plan)") from None
+        out.append(SequencedBeam(beam, mlc, segments))
+    return DeliverablePlan(name, tuple(out), float(prescription_gy), int(fractions))
+
+
+def export_session(session, out: "str | Path", *, fractions: int = 1, anonymise: bool = False,
+                   patient_name: str | None = None, patient_id: str | None = None, machine_name: str = "ids-engine",
+                   case_label: str = "", progress=None):
+    """Sequence a session's current plan and write its DICOM RT set into ``out`` (see
+    :func:`ids_engine.io.export_rt_set`); the summary also compares the deliverable dose with
+    the fluence dose the session shows.
+
+    Returns
+    -------
+    (ExportedSet, DeliverablePlan, dict)
+        What was written, the plan, and the agreement of the deliverable dose with the
+        session's (:func:`ids_engine.io.dose_agreement`, 3 % / 3 mm).
+    """
+    from ids_engine.io import dose_agreement, export_rt_set, plan_dose
+
+    engine = session.engine
+    if progress:
+        progress(0, 3, "sequencing")
+    plan = deliverable_plan(engine, prescription_gy=session.prescription_gy, fractions=fractions,
+                            name=(case_label or "ids plan")[:64])
+    if progress:
+        progress(1, 3, "deliverable dose")
+    dose = plan_dose(session.patient, plan, machine=engine.machine, engine_options=engine.options)
+    fluence_dose = session.dose()
+    agreement = dose_agreement(fluence_dose, dose, session.patient.grid.spacing_mm_zyx, dose_pct=3.0, distance_mm=3.0)
+    if progress:
+        progress(2, 3, "writing DICOM")
+    exported = export_rt_set(session.patient, plan, out, dose_gy=dose, anonymise=anonymise, patient_name=patient_name,
+                             patient_id=patient_id, machine_name=machine_name, case_label=case_label)
+    with open(exported.summary, "a", encoding="utf-8") as fh:
+        fh.write("\n## Deliverable dose against the fluence dose\n\n"
+                 f"Global gamma 3 % / 3 mm over voxels above 10 % of the maximum (searched on the CT grid): "
+                 f"{agreement['pass_rate_pct']:.1f} % pass, largest dose difference "
+                 f"{agreement['max_diff_pct']:.1f} % of the fluence dose's maximum.\n")
+    if progress:
+        progress(3, 3, "done")
+    return exported, plan, agreement
+
+
+def _split_name(text: str) -> tuple[str, str, str]:
+    parts = (text or "").split("^") + ["", "", ""]
+    return parts[0], parts[1], parts[2]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ids_engine import __version__
+    from ids_engine._files import FolderLockedError
+    from ids_engine._progress import TextProgressBar
+    from ids_engine.io import InputError, read_transa_config, write_transa
+    from ids_engine.phantoms import PHANTOMS
+    from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
+    from ids_engine.session import Session, case_label
+
+    try:
+        out = check_out_folder(args.out, force=args.force)
+        config = read_transa_config(args.transa) if args.transa else None
+        source = Path(args.plan)
+        if args.plan in PHANTOMS and not source.exists():
+            spec = {"phantom": args.plan, "resolution": args.resolution}
+            session = Session.from_phantom(args.plan, args.resolution, n_beams=args.beams,
+                                           prescription_gy=args.prescription_gy, progress=TextProgressBar())
+        elif source.is_dir() and (source / "session.json").is_file():
+            session = Session.load(source, keep_journaling=False, progress=TextProgressBar())
+            spec = session.case
+        else:
+            raise ValueError(f"{args.plan}: not a saved session folder (with session.json) or a built-in phantom "
+                             f"({', '.join(PHANTOMS)})")
+        label = case_label(spec)
+    except (ScriptError, InputError, ValueError, FolderLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ids-engine {__version__} | exporting {label}, prescription {session.prescription_gy:g} Gy in "
+          f"{args.fractions} fraction(s)")
+    dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
+    try:
+        exported, plan, agreement = export_session(
+            session, dest, fractions=args.fractions, anonymise=args.anonymise, patient_name=args.patient_name,
+            patient_id=args.patient_id, machine_name=args.machine_name, case_label=label, progress=TextProgressBar())
+        transa_files = []
+        if config is not None:
+            last, first, middle = _split_name(args.patient_name or "")
+            transa_dir = (Path(args.transa_dir) if args.transa_dir
+                          else Path(config.directory) if config.directory else dest / "transa")
+            transa_files = write_transa(plan, config, directory=transa_dir, department_number=args.department_number,
+                                        last_name=last, first_name=first, middle_name=middle)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        session.close()
+    if dest != out:
+        _swap_in(dest, out)
+    segs = sum(1 for sb in plan.beams for s in sb.segments if s.mu > 0)
+    mu = sum(sb.mu for sb in plan.beams)
+    print(f"{len(plan.beams)} beams, {segs} segments, {mu:.0f} MU per fraction ({mu * plan.fractions:.0f} over the course); "
+          f"deliverable dose vs fluence dose: gamma 3 %/3 mm {agreement['pass_rate_pct']:.1f} % pass")
+    print(f"written to {out}: {len(exported.ct_files)} CT slices, RS.dcm, RP.dcm (research use only), RD.dcm, "
+          f"summary.md{' (anonymised)' if args.anonymise else ''}")
+    if transa_files:
+        where = out / "transa" if transa_dir == dest / "transa" else transa_dir
+        print(f"Transa: {len(transa_files)} plan file(s) under {where}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser(
+        "export", help="write a plan as a deliverable DICOM RT set (CT, RTSTRUCT, RTPLAN, RTDOSE)",
+        description="Sequence a shaped plan into MLC segments and write a DICOM RT set: CT (for built-in phantoms, "
+                    "with a new frame of reference), RT Structure Set, RT Plan (marked research use only, "
+                    "UNAPPROVED), RT Dose of the deliverable segments and summary.md. Optionally anonymised, and "
+                    "Elekta Transa-style field shapes.")
+    s.add_argument("plan", metavar="SESSION_OR_PHANTOM",
+                   help="a saved session folder (ids shape / ids plan / the viewer) or a built-in phantom name "
+                        "(its open-field plan)")
+    s.add_argument("--out", required=True, help="folder for the DICOM files; must not exist or be empty")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the export is complete")
+    s.add_argument("--anonymise", action="store_true",
+                   help="remap names, IDs, dates and UIDs consistently across the files of the export")
+    s.add_argument("--fractions", type=_positive_int, default=1,
+                   help="NumberOfFractionsPlanned; BeamMeterset is the plan's MU divided by it (default 1)")
+    s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical", help="a phantom's grid")
+    s.add_argument("--beams", type=_positive_int, default=9, help="a phantom's open-field beams (default 9)")
+    s.add_argument("--prescription-gy", type=_positive_float, default=60.0, help="a phantom's prescription (60 Gy)")
+    s.add_argument("--patient-name", default=None, help="PatientName for a written CT, DICOM style Last^First^Middle")
+    s.add_argument("--patient-id", default=None, help="PatientID for a written CT (default IDS-ENGINE)")
+    s.add_argument("--machine-name", default="ids-engine", help="TreatmentMachineName (default ids-engine)")
+    s.add_argument("--transa", metavar="CONFIG", help="also write Elekta Transa-style files configured by this "
+                                                      "ElektaTransa.loc file")
+    s.add_argument("--transa-dir", help="Transa export directory (default: the configuration's, else OUT/transa)")
+    s.add_argument("--department-number", default="", help="department number for the Transa patient ID")
+    s.set_defaults(func=cmd_export)
