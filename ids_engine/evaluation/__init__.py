@@ -116,3 +116,11 @@ __all__ += [
     "read_point_positions",
     "write_point_file",
 ]
+
+# Physics summary of a forward plan (issue 12).
+from ._physics_summary import PhysicsSummary, SummaryPoint, physics_summary, write_physics_summary  # noqa: E402
+__all__ += ["PhysicsSummary", "SummaryPoint", "physics_summary", "write_physics_summary"]  # noqa: E402
+
+# Gamma index (issue 13: deliverable-dose check).
+from ._gamma import gamma_index, gamma_pass_rate, gamma_summary, grid_axes_mm  # noqa: E402
+__all__ += ["gamma_index", "gamma_pass_rate", "gamma_summary", "grid_axes_mm"]  # noqa: E402

@@ -147,6 +147,10 @@ def dmax_point_mm_xyz(beam, patient: Patient) -> np.ndarray:
     return beam.source_mm_xyz(patient.patient_position) + d * beam.direction_xyz(patient.patient_position)
 
 
+def _beam_name(plan, b: int) -> str:
+    return plan.beams[b].name if plan is not None and b < plan.n_beams else f"beam {b}"
+
+
 def _points(refs, n: int, where: str) -> tuple[PointRef, ...]:
     if refs is None or len(refs) == 0:
         return tuple(PointRef("isocentre", b) for b in range(n))
@@ -186,6 +190,10 @@ class DoseToPoints:
         object.__setattr__(self, "doses_gy", d)
         object.__setattr__(self, "points", _points(self.points, len(d), "DoseToPoints.points"))
 
+    def describe(self, plan: "Plan | None" = None) -> str:
+        parts = [f"{_beam_name(plan, b)} {d:g} Gy to {p.describe(plan)}" for b, (d, p) in enumerate(zip(self.doses_gy, self.points))]
+        return "dose to a point per beam: " + "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class MonitorUnits:
@@ -195,6 +203,9 @@ class MonitorUnits:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mu", _values(self.mu, "MonitorUnits.mu", positive=False))
+
+    def describe(self, plan: "Plan | None" = None) -> str:
+        return "monitor units per beam: " + "; ".join(f"{_beam_name(plan, b)} {m:g} MU" for b, m in enumerate(self.mu))
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,12 @@ class DoseToNormalisation:
         object.__setattr__(self, "percent", p)
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "points", _points(self.points, len(w), "DoseToNormalisation.points"))
+
+    def describe(self, plan: "Plan | None" = None) -> str:
+        w = "; ".join(f"{_beam_name(plan, b)} weight {w:g} at {p.describe(plan)}"
+                      for b, (w, p) in enumerate(zip(self.weights, self.points)))
+        return (f"dose to the normalisation point: {self.dose_gy:g} Gy at {self.percent:g} % "
+                f"(the point gets {self.normalisation_dose_gy:.4g} Gy); {w}")
 
     @property
     def normalisation_dose_gy(self) -> float:
