@@ -156,7 +156,7 @@ def _crop_dose(dose: np.ndarray, region: _Region) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- exact
-def exact_dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, grid, *, supersample: int = 3,
+def exact_dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, grid, *, supersample: int = 4,
               bin_gy: float = 0.1) -> DVH:
     """The DVH of every voxel of a structure with partial volumes at its edges.
 
@@ -171,7 +171,8 @@ def exact_dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, grid, *, supersa
     dose_gy : float (z, y, x) Gy on ``grid``.
     mask : bool (z, y, x) on ``grid``.
     grid : :class:`ids_engine.model.Grid`.
-    supersample : sub-points per axis and voxel (1: voxel centres; 3: 27 points per voxel).
+    supersample : sub-points per axis and voxel (1: voxel centres; 4: 64 points per voxel; in a
+        steep gradient the curve moves by about 0.1 % of the volume from 4 to 8).
     bin_gy : DVH bin width.
     """
     dose = _check_dose(dose_gy, grid)
@@ -352,13 +353,15 @@ class DVHCurve:
 
 
 def plot_dvhs(path, curves: Sequence[DVHCurve], *, volume: str = "%", title: str = "",
-              prescription_gy: float | None = None, bands: dict | None = None):
+              prescription_gy: float | None = None, bands: dict | None = None,
+              dose_range_gy: tuple[float, float] | None = None):
     """Several plans' and structures' DVHs in one PNG (matplotlib, no pyplot state).
 
     Colour per structure (each curve's ``colour``), line style per plan (solid, dashed,
     dotted, dash-dot in the order plans first appear), as the seed's DVH popup does.
     ``volume``: "%" of each structure or "cc". ``bands``: optional {curve index: (n,) half
     widths (fraction)} drawn as shaded bands (e.g. sampling standard errors).
+    ``dose_range_gy``: the dose axis' (low, high), default from 0 to the highest dose.
     Returns the path, or None when matplotlib is not installed.
     """
     from pathlib import Path
@@ -390,7 +393,10 @@ def plot_dvhs(path, curves: Sequence[DVHCurve], *, volume: str = "%", title: str
         ax.axvline(prescription_gy, color="0.4", linewidth=0.8, linestyle="--", label=f"Rx {prescription_gy:g} Gy")
     ax.set_xlabel("Dose (Gy)")
     ax.set_ylabel("Volume (%)" if volume == "%" else "Volume (cc)")
-    ax.set_xlim(left=0)
+    if dose_range_gy is not None:
+        ax.set_xlim(*dose_range_gy)
+    else:
+        ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(True, linewidth=0.3)
     ax.legend(loc="best", fontsize=7)

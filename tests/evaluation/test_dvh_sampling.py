@@ -196,3 +196,24 @@ def test_plot_has_a_colour_per_structure_and_a_style_per_plan(tmp_path):
     is_red = np.all(np.abs(img - red) < 0.15, axis=-1).sum()
     is_blue = np.all(np.abs(img - blue) < 0.15, axis=-1).sum()
     assert is_red > 200 and is_blue > 100
+
+
+def test_ids_dvh_cli(tmp_path, capsys):
+    import json
+
+    from ids_engine.cli import main
+
+    out = tmp_path / "dvh"
+    rc = main(["dvh", "horseshoe", "--beams", "3", "--structures", "OAR", "--sampled", "--density", "0.2",
+               "--volume", "cc", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert (out / "dvh.png").stat().st_size > 10_000 and (out / "convergence.png").stat().st_size > 10_000
+    doc = json.loads((out / "dvh.json").read_text())
+    oar = doc["plans"][0]["structures"][0]
+    assert oar["name"] == "OAR" and oar["volume_cc"] < oar["voxel_volume_cc"]
+    n = oar["sampled_points"]
+    assert n >= 0.2 * oar["volume_cc"] * 1000
+    assert oar["max_difference_pct"] / 100 <= dkw_bound(n, 1e-6) + 0.005
+    rc = main(["dvh", "horseshoe", "--structures", "Liver", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "no structure 'Liver'" in capsys.readouterr().err

@@ -220,3 +220,40 @@ def test_rando_report_sorted_by_slice_row_column():
     assert "Plan ID: 3" in text and "5 points matched" in text
     # The largest |difference| in % is the 2 7 13 point's +7.14 %.
     assert "largest +7.14 %" in text
+
+
+# --------------------------------------------------------------------------- ids points
+def test_ids_points_cli(tmp_path, capsys):
+    from ids_engine.cli import main
+
+    pos = tmp_path / "pos.txt"
+    pos.write_text("// label x y z\n<* 01 1 01 *> 0 -30 10\n<* 2 1 1 *> 0 40 0\n")
+    meas = tmp_path / "meas.txt"
+    meas.write_text("// measured\n<* iso *> 6000\n<* 2 1 1 *> 5500\n<* 1 01 01 *> 1\n")
+    out = tmp_path / "out"
+    rc = main(["points", "horseshoe", "--beams", "3", "--positions", str(pos), "--bev-point", "ant=0:0,0,20",
+               "--measured", str(meas), "--measured-unit", "cGy", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    values = read_point_file(out / "points.txt")
+    assert [v.label for v in values] == ["ISO", "01 1 01", "2 1 1", "ant"]
+    # The open-field plan is normalised to a median target dose of 60 Gy: the isocentre is near it.
+    assert values[0].value == pytest.approx(60.0, rel=0.05)
+    doc = (out / "points.json").read_text()
+    import json
+
+    d = json.loads(doc)
+    ant = d["points"][3]
+    np.testing.assert_allclose(ant["bev_mm_xyz"][0], (0, 0, 20), atol=1e-6)
+    assert sum(ant["per_beam_gy"]) == pytest.approx(ant["total_gy"])
+    # Measured in cGy, matched by label; "1 01 01" matches nothing ("01 1 01" normalises to "01101").
+    cmp = (out / "comparison.md").read_text()
+    assert "| 2 1 1 | 2 | 1 | 1 |" in cmp and "55.0000 m" in cmp and "Measured only (no computed point): 1 01 01" in cmp
+    # A non-empty folder is refused without --force; bad input names itself.
+    rc = main(["points", "horseshoe", "--out", str(out)])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    rc = main(["points", "horseshoe", "--bev-point", "a=B9:0,0,0", "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "no beam 'B9'" in capsys.readouterr().err
+    meas.write_text("<* 11 1 1 *> 1\n<* 1 1 11 *> 2\n")
+    rc = main(["points", "horseshoe", "--measured", str(meas), "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "'11 1 1' (line 1) and '1 1 11' (line 2)" in capsys.readouterr().err
