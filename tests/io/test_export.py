@@ -1,0 +1,196 @@
+"""A complete DICOM RT set for a shaped plan: written, checked for required attributes and
+cross-references, read back by us and by dicompyler-core, re-imported to the same dose;
+``ids export`` on a saved session and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from ids_engine.cli import main
+from ids_engine.cli_export import deliverable_plan, export_session
+from ids_engine.io import (
+    InputError,
+    dose_agreement,
+    export_rt_set,
+    missing_required_attributes,
+    plan_dose,
+    read_dicom,
+    read_rt_set,
+    read_rtdose,
+    write_dicom_ct,
+    write_rtdose,
+)
+from ids_engine.phantoms import water_box
+from ids_engine.session import Session
+
+from .test_rtplan import dicomparser
+
+FRACTIONS = 2
+
+
+def wedged(session: Session) -> list[np.ndarray]:
+    """The open-field maps modulated by a linear wedge along u (0.5 to 1.5): a shaped plan."""
+    out = []
+    for g, f in zip(session.engine.geometry, session.engine.fluences_host()):
+        u = g.fluence_grid.u_mm()
+        w = 1.0 + 0.5 * u / np.abs(u).max()
+        out.append((f * w[None, :]).astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    session = Session.from_phantom("horseshoe", "coarse", n_beams=3)
+    session.set_plan(wedged(session))
+    folder = tmp_path_factory.mktemp("export")
+    ex, plan, agreement = export_session(session, folder, fractions=FRACTIONS, case_label="horseshoe test",
+                                         patient_name="Test^Phantom", patient_id="T-1")
+    yield session, ex, plan, agreement
+    session.close()
+
+
+def _read(path):
+    return pydicom.dcmread(path)
+
+
+def test_the_set_is_complete_and_every_file_has_its_required_attributes(exported):
+    _, ex, plan, _ = exported
+    names = sorted(p.name for p in ex.folder.iterdir())
+    assert {"RS.dcm", "RP.dcm", "RD.dcm", "summary.md"} <= set(names)
+    assert len(ex.ct_files) == 43 and all(p.is_file() for p in ex.ct_files)
+    for path in (*ex.ct_files[:2], ex.rtstruct, ex.rtplan, ex.rtdose):
+        assert missing_required_attributes(_read(path)) == [], path.name
+    # The sequencer made several segments per beam of the wedged fluence.
+    assert all(len(sb.segments) > 1 for sb in plan.beams)
+    summary = ex.summary.read_text()
+    assert "Research use only" in summary and "Deliverable dose against the fluence dose" in summary
+
+
+def test_every_file_references_the_ct_study_frame_and_each_other(exported):
+    _, ex, _, _ = exported
+    ct, rs, rp, rd = (_read(p) for p in (ex.ct_files[0], ex.rtstruct, ex.rtplan, ex.rtdose))
+    for ds in (rs, rp, rd):
+        assert ds.StudyInstanceUID == ct.StudyInstanceUID
+        assert ds.PatientID == "T-1" and str(ds.PatientName) == "Test^Phantom"
+    assert ct.FrameOfReferenceUID == rp.FrameOfReferenceUID == rd.FrameOfReferenceUID == ex.frame_of_reference_uid
+    assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0] \
+        .SeriesInstanceUID == ct.SeriesInstanceUID
+    assert rp.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == rs.SOPInstanceUID
+    assert rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == rp.SOPInstanceUID
+    assert rp.ApprovalStatus == "UNAPPROVED" and rd.DoseSummationType == "PLAN"
+    uids = {ds.SOPInstanceUID for ds in (ct, rs, rp, rd)}
+    assert len(uids) == 4 and all(u.startswith("1.2.826.0.1.3680043.8.498.") for u in uids)  # pydicom's root
+    # The prescription goes to the target ROI of the structure set.
+    target = rp.DoseReferenceSequence[0].ReferencedROINumber
+    roi = {r.ROINumber: r.ROIName for r in rs.StructureSetROISequence}
+    assert roi[target] == "PTV"
+
+
+def test_the_rt_dose_holds_the_exported_dose(exported):
+    _, ex, _, _ = exported
+    rd = _read(ex.rtdose)
+    stored = rd.pixel_array.astype(np.float64) * float(rd.DoseGridScaling)
+    assert stored.max() == pytest.approx(float(ex.dose_gy.max()), rel=1e-6)
+    np.testing.assert_allclose(stored, ex.dose_gy, rtol=0, atol=1e-6 * float(ex.dose_gy.max()))
+
+
+def test_reimport_recomputes_the_same_dose_within_1_pct_1_mm(exported):
+    session, ex, plan, _ = exported
+    rt = read_rt_set(ex.folder)
+    assert rt.patient.grid == session.patient.grid
+    for a in session.patient.structures:
+        assert np.array_equal(rt.patient.structure(a.name).mask, a.mask), a.name
+    assert rt.plan is not None and rt.plan.research_export and rt.plan.plan.fractions == FRACTIONS
+    assert [len(sb.segments) for sb in rt.plan.plan.beams] == [sum(1 for s in sb.segments if s.mu > 0) for sb in plan.beams]
+    np.testing.assert_allclose(rt.dose_gy, ex.dose_gy, rtol=0, atol=1e-5 * float(ex.dose_gy.max()))
+    again = plan_dose(rt.patient, rt.plan.plan)
+    g = dose_agreement(rt.dose_gy, again, rt.patient.grid.spacing_mm_zyx, dose_pct=1.0, distance_mm=1.0)
+    assert g["pass_rate_pct"] == 100.0 and g["max_diff_pct"] < 1.0
+    # The deliverable dose is the plan's: the target's median within 3 % of the prescription.
+    median = float(np.median(again[rt.patient.structure("PTV").mask]))
+    assert median == pytest.approx(session.prescription_gy, rel=0.03)
+
+
+def test_dicompyler_core_reads_the_set(exported):
+    parser = dicomparser()
+    _, ex, _, _ = exported
+    rs = parser.DicomParser(str(ex.rtstruct))
+    assert sorted(s["name"] for s in rs.GetStructures().values()) == ["BODY", "OAR", "PTV"]
+    rd = parser.DicomParser(str(ex.rtdose))
+    info = rd.GetDoseData()
+    assert info["dosesummationtype"] == "PLAN" and info["doseunits"] == "GY" and info["frames"] == 43
+    peak = rd.GetDoseGrid(float(_read(ex.ct_files[20]).ImagePositionPatient[2]))
+    assert float(peak.max()) * float(info["dosegridscaling"]) == pytest.approx(float(ex.dose_gy[20].max()), rel=1e-6)
+    assert rd.GetReferencedRTPlan() == _read(ex.rtplan).SOPInstanceUID
+    assert parser.DicomParser(str(ex.rtplan)).GetPlan()["rxdose"] == 6000
+
+
+def test_a_dicom_case_is_exported_with_its_own_ct_and_frame(exported, tmp_path):
+    _, ex, _, _ = exported
+    rt = read_rt_set(ex.folder)
+    again = export_rt_set(rt.patient, rt.plan.plan, tmp_path / "again", dose_gy=rt.dose_gy)
+    assert again.frame_of_reference_uid == ex.frame_of_reference_uid
+    assert [p.name for p in again.ct_files] == [p.name for p in ex.ct_files]
+    assert _read(again.ct_files[5]).SOPInstanceUID == _read(ex.ct_files[5]).SOPInstanceUID
+    back = read_rt_set(tmp_path / "again")
+    np.testing.assert_allclose(back.dose_gy, rt.dose_gy, rtol=0, atol=1e-5 * float(rt.dose_gy.max()))
+
+
+def test_rtdose_for_a_phantom_takes_the_frame_of_its_written_ct(tmp_path):
+    patient = water_box("coarse", size_mm=(40.0, 40.0, 20.0))
+    assert patient.frame_of_reference_uid == ""
+    dose = np.linspace(0, 2, patient.grid.size, dtype=np.float32).reshape(patient.grid.shape_zyx)
+    with pytest.raises(ValueError, match="write_dicom_ct"):
+        write_rtdose(dose, patient.grid, tmp_path / "RD.dcm")
+    ct = write_dicom_ct(patient, tmp_path)
+    write_rtdose(dose, patient.grid, tmp_path / "RD.dcm", ct_files=ct)
+    back = read_dicom(tmp_path)
+    assert read_rtdose(tmp_path / "RD.dcm", back.grid, back.frame_of_reference_uid) == pytest.approx(dose, abs=1e-6)
+    with pytest.raises(InputError, match="FrameOfReferenceUID"):
+        write_rtdose(dose, patient.grid, tmp_path / "RD2.dcm", "1.2.3", ct_files=ct)
+
+
+def test_without_a_sequencer_a_modulated_map_is_refused_and_open_fields_pass(monkeypatch):
+    import ids_engine.deliver as deliver
+
+    session = Session.from_phantom("horseshoe", "coarse", n_beams=1)
+    try:
+        monkeypatch.delattr(deliver, "sequence_plan")
+        plan = deliverable_plan(session.engine, prescription_gy=60.0, fractions=3)
+        assert len(plan.beams[0].segments) == 1
+        assert plan.beams[0].mu * 3 == pytest.approx(float(session.engine.fluences_host()[0].max()), rel=1e-6)
+        session.set_plan(wedged(session))
+        with pytest.raises(ValueError, match="modulated"):
+            deliverable_plan(session.engine, prescription_gy=60.0)
+    finally:
+        session.close()
+
+
+# ------------------------------------------------------------------ ids export
+def test_ids_export_of_a_saved_session(tmp_path, capsys):
+    session = Session.from_phantom("horseshoe", "coarse", n_beams=2)
+    session.set_plan(wedged(session))
+    session.save(tmp_path / "session")
+    session.close()
+    out = tmp_path / "dicom"
+    assert main(["export", str(tmp_path / "session"), "--out", str(out), "--fractions", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "2 beams" in text and "research use only" in text
+    rt = read_rt_set(out)
+    assert rt.plan.plan.fractions == 5 and len(rt.plan.plan.beams) == 2
+    # A non-empty folder is refused without --force, and nothing in it changes.
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["export", str(tmp_path / "session"), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_ids_export_refusals(tmp_path, capsys):
+    assert main(["export", "nowhere", "--out", str(tmp_path / "a")]) == 2
+    assert "not a saved session folder" in capsys.readouterr().err
+    assert main(["export", "water", "--resolution", "coarse", "--out", str(tmp_path / "b")]) == 2
+    assert "no target" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
