@@ -308,7 +308,7 @@ def write_transa(plan: DeliverablePlan, config: TransaConfig, *, directory: "str
 
 
 def read_transa_plan(path: "str | Path") -> dict:
-    """Read back a plan file :func:`write_transa` wrote: ``{"machine", "patient_id", "plan",
+    """Read back a plan file :func:`write_transa` wrote: ``{"machine", "patient_id", "plan", "n_fields",
     "fields": [{"name", "energy_mv", "collimator_deg", "jaw_x_mm", "jaw_y_mm", "leaf_x1_mm",
     "leaf_x2_mm", "shape"}]}`` (for checks and tests)."""
     path = Path(path)
@@ -341,7 +341,7 @@ def read_transa_plan(path: "str | Path") -> dict:
                 else:
                     field_[key.lower()] = value
             else:
-                doc[{"MACHINE": "machine", "PATIENT_ID": "patient_id"}.get(key, key.lower())] = value
+                doc[{"MACHINE": "machine", "PATIENT_ID": "patient_id", "FIELDS": "n_fields"}.get(key, key.lower())] = value
         except ValueError as exc:
             raise InputError(f"bad value {value!r} ({exc})", path, f"line {n}: {key}") from None
     return doc
