@@ -4,7 +4,8 @@
 recomputes the deliverable dose from the segments, and writes CT (for phantoms), RT
 Structure Set, RT Plan (research use only), RT Dose and ``summary.md``.
 
-:func:`deliverable_plan` and :func:`export_session` are what the viewer's File > Export runs.
+:func:`plan_state` and :func:`export_state` are what the viewer's File > Export runs (the copy
+under the session's lock, the rest on a background thread).
 """
 
 from __future__ import annotations
@@ -13,15 +14,41 @@ import argparse
 import inspect
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_parser", "deliverable_plan", "export_session"]
+__all__ = ["PlanState", "add_parser", "deliverable_plan", "export_session", "export_state", "plan_state"]
 
 
-def deliverable_plan(engine, *, prescription_gy: float, fractions: int = 1, name: str = "ids plan", mlc=None):
-    """The engine's current fluence as a :class:`~ids_engine.deliver.DeliverablePlan`.
+@dataclass(frozen=True, eq=False)
+class PlanState:
+    """A consistent host copy of what an export needs from a session: the patient, the beams
+    (with their fluence grids), the fluence maps (MU over the course, one per beam), the dose
+    the session shows (Gy, (z, y, x)), the machine, the engine options and the prescription."""
+
+    patient: object
+    beams: tuple
+    fluences: tuple
+    dose_gy: np.ndarray
+    machine: object
+    engine_options: object
+    prescription_gy: float
+
+
+def plan_state(session) -> PlanState:
+    """Copy a session's current plan. Taken under the session's own lock, which every request
+    holds, so the copy is one plan even while another thread (the viewer's worker) shapes it."""
+    with session._lock:
+        engine = session.engine
+        return PlanState(session.patient, tuple(g.beam for g in engine.geometry), tuple(engine.fluences_host()),
+                         session.dose(), engine.machine, engine.options, float(session.prescription_gy))
+
+
+def deliverable_plan(beams, fluences, mlc=None, *, prescription_gy: float, fractions: int = 1,
+                     name: str = "ids plan"):
+    """Fluence maps as a :class:`~ids_engine.deliver.DeliverablePlan`.
 
     Sequenced with :func:`ids_engine.deliver.sequence_plan` when the package has it; without
     it, uniform (open-field) maps become one segment each (:func:`ids_engine.io.open_field_segments`)
@@ -29,11 +56,10 @@ def deliverable_plan(engine, *, prescription_gy: float, fractions: int = 1, name
 
     Parameters
     ----------
-    engine : a :class:`~ids_engine.dose.DoseEngine` (e.g. ``session.engine``); its beams carry
-        the fluence grids.
-    prescription_gy, fractions, name : of the plan (the fluence gives the whole course's dose;
-        segment MU are per fraction).
-    mlc : the MLC (default: the engine machine's, else :func:`~ids_engine.model.default_mlc`).
+    beams : the beams, with their fluence grids (``[g.beam for g in engine.geometry]``).
+    fluences : one (nv, nu) map per beam, MU over the course (``engine.fluences_host()``).
+    mlc : the MLC (default :func:`~ids_engine.model.default_mlc`).
+    prescription_gy, fractions, name : of the plan (segment MU are per fraction).
     """
     import dataclasses
 
@@ -42,9 +68,8 @@ def deliverable_plan(engine, *, prescription_gy: float, fractions: int = 1, name
     from ids_engine.io import open_field_segments
     from ids_engine.model import default_mlc
 
-    mlc = mlc or getattr(engine.machine, "mlc", None) or default_mlc()
-    beams = [g.beam for g in engine.geometry]
-    fluences = engine.fluences_host()
+    mlc = mlc or default_mlc()
+    beams, fluences = list(beams), list(fluences)
     sequencer = getattr(deliver, "sequence_plan", None)
     if sequencer is not None:
         kwargs = {}
@@ -65,12 +90,12 @@ def deliverable_plan(engine, *, prescription_gy: float, fractions: int = 1, name
     return DeliverablePlan(name, tuple(out), float(prescription_gy), int(fractions))
 
 
-def export_session(session, out: "str | Path", *, fractions: int = 1, anonymise: bool = False,
-                   patient_name: str | None = None, patient_id: str | None = None, machine_name: str = "ids-engine",
-                   case_label: str = "", progress=None):
-    """Sequence a session's current plan and write its DICOM RT set into ``out`` (see
-    :func:`ids_engine.io.export_rt_set`); the summary also compares the deliverable dose with
-    the fluence dose the session shows.
+def export_state(state: PlanState, out: "str | Path", *, fractions: int = 1, anonymise: bool = False,
+                 patient_name: str | None = None, patient_id: str | None = None, machine_name: str = "ids-engine",
+                 case_label: str = "", progress=None):
+    """Sequence a plan and write its DICOM RT set into ``out`` (see
+    :func:`ids_engine.io.export_rt_set`); the summary also compares the deliverable dose
+    with the fluence dose the session shows.
 
     Returns
     -------
@@ -80,19 +105,18 @@ def export_session(session, out: "str | Path", *, fractions: int = 1, anonymise:
     """
     from ids_engine.io import dose_agreement, export_rt_set, plan_dose
 
-    engine = session.engine
     if progress:
         progress(0, 3, "sequencing")
-    plan = deliverable_plan(engine, prescription_gy=session.prescription_gy, fractions=fractions,
-                            name=(case_label or "ids plan")[:64])
+    mlc = getattr(state.machine, "mlc", None)
+    plan = deliverable_plan(state.beams, state.fluences, mlc, prescription_gy=state.prescription_gy,
+                            fractions=fractions, name=(case_label or "ids plan")[:64])
     if progress:
         progress(1, 3, "deliverable dose")
-    dose = plan_dose(session.patient, plan, machine=engine.machine, engine_options=engine.options)
-    fluence_dose = session.dose()
-    agreement = dose_agreement(fluence_dose, dose, session.patient.grid.spacing_mm_zyx, dose_pct=3.0, distance_mm=3.0)
+    dose = plan_dose(state.patient, plan, machine=state.machine, engine_options=state.engine_options)
+    agreement = dose_agreement(state.dose_gy, dose, state.patient.grid.spacing_mm_zyx, dose_pct=3.0, distance_mm=3.0)
     if progress:
         progress(2, 3, "writing DICOM")
-    exported = export_rt_set(session.patient, plan, out, dose_gy=dose, anonymise=anonymise, patient_name=patient_name,
+    exported = export_rt_set(state.patient, plan, out, dose_gy=dose, anonymise=anonymise, patient_name=patient_name,
                              patient_id=patient_id, machine_name=machine_name, case_label=case_label)
     with open(exported.summary, "a", encoding="utf-8") as fh:
         fh.write("\n## Deliverable dose against the fluence dose\n\n"
@@ -102,6 +126,11 @@ def export_session(session, out: "str | Path", *, fractions: int = 1, anonymise:
     if progress:
         progress(3, 3, "done")
     return exported, plan, agreement
+
+
+def export_session(session, out: "str | Path", **kwargs):
+    """:func:`export_state` of :func:`plan_state` ``(session)``."""
+    return export_state(plan_state(session), out, **kwargs)
 
 
 def _split_name(text: str) -> tuple[str, str, str]:

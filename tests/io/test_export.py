@@ -159,12 +159,14 @@ def test_without_a_sequencer_a_modulated_map_is_refused_and_open_fields_pass(mon
     session = Session.from_phantom("horseshoe", "coarse", n_beams=1)
     try:
         monkeypatch.delattr(deliver, "sequence_plan")
-        plan = deliverable_plan(session.engine, prescription_gy=60.0, fractions=3)
+        engine = session.engine
+        plan = deliverable_plan([g.beam for g in engine.geometry], engine.fluences_host(), prescription_gy=60.0,
+                                fractions=3)
         assert len(plan.beams[0].segments) == 1
         assert plan.beams[0].mu * 3 == pytest.approx(float(session.engine.fluences_host()[0].max()), rel=1e-6)
         session.set_plan(wedged(session))
         with pytest.raises(ValueError, match="modulated"):
-            deliverable_plan(session.engine, prescription_gy=60.0)
+            deliverable_plan([g.beam for g in engine.geometry], engine.fluences_host(), prescription_gy=60.0)
     finally:
         session.close()
 
