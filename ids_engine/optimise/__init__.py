@@ -5,7 +5,9 @@ their importances allow) or constraints (must be met). :func:`optimise_fluence` 
 non-negative beamlet weights for them on an influence matrix (L-BFGS-B, constraints by an
 augmented Lagrangian) and reports any constraint it could not meet by name and amount.
 :func:`read_protocol` reads goals from a TOML protocol file; :func:`protocol_from_matrad`
-converts matRad ``cst`` objectives as the matRad reader keeps them.
+converts matRad ``cst`` objectives as the matRad reader keeps them. :func:`tune_importance`
+adjusts objectives' importance factors with Powell's method to improve a DVH score (Xing
+et al. 1999).
 """
 
 from ._goals import (
@@ -22,6 +24,14 @@ from ._goals import (
     MinMeanDose,
     UniformDose,
     evaluate_goals,
+)
+from ._importance import (
+    ImportanceTuning,
+    TuningStep,
+    dvh_score,
+    goal_shortfall_gy,
+    score_goals_from_checks,
+    tune_importance,
 )
 from ._optimiser import FluenceResult, UnmetConstraint, optimise_fluence
 from ._protocol import Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
@@ -48,4 +58,10 @@ __all__ = [
     "optimise_fluence",
     "protocol_from_matrad",
     "read_protocol",
+    "ImportanceTuning",
+    "TuningStep",
+    "dvh_score",
+    "goal_shortfall_gy",
+    "score_goals_from_checks",
+    "tune_importance",
 ]

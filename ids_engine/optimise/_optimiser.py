@@ -16,7 +16,12 @@ reported by name and amount (never raised). DVH constraints bind the voxels of a
 set chosen from the dose at the start of each round (see :class:`~._goals.MaxDVH`).
 
 The matrix may be dense (NumPy) or sparse (SciPy CSR/CSC; cupyx on a GPU): the array
-namespace comes from the matrix. The weights live on the host in float64 (L-BFGS-B runs
+namespace comes from the matrix. On the host the dose and the gradients are float64; a
+large float32 matrix (at least ``_FLOAT32_PRODUCTS_NNZ`` stored entries) is multiplied by
+float32 vectors and the products widened to float64, since SciPy would otherwise copy the
+whole matrix to float64 in every product (measured on the clinical TG-119 matrix, 17 M
+entries, 2 cores: 21 ms per evaluation instead of 75 ms); the products' rounding (about
+1e-6 of the dose) is far below the dose model's own accuracy. The weights live on the host in float64 (L-BFGS-B runs
 there; one vector of n_beamlets crosses per evaluation); the dose stays with the matrix.
 """
 
@@ -36,6 +41,9 @@ from ids_engine.backend import array_module, asnumpy
 from ._goals import Goal, GoalResult, evaluate_goals
 
 __all__ = ["FluenceResult", "UnmetConstraint", "optimise_fluence"]
+
+# Host float32 matrices with at least this many stored entries multiply float32 vectors.
+_FLOAT32_PRODUCTS_NNZ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -296,6 +304,12 @@ class _Problem:
         self.voxels = voxels
         self.offset = offset
         self.dtype = dtype
+        # The dtype of the vectors the matrix multiplies (module docstring).
+        nnz = getattr(influence, "nnz", None)
+        if nnz is None:
+            nnz = int(np.prod(influence.shape))
+        big32 = self.xp is np and influence.dtype == np.float32 and nnz >= _FLOAT32_PRODUCTS_NNZ
+        self.product_dtype = np.float32 if big32 else dtype
         self.n_voxels = int(influence.shape[0])
         self.objectives = [g for g in goals if not g.constraint]
         self.constraints = [g for g in goals if g.constraint]
@@ -308,7 +322,9 @@ class _Problem:
 
     def dose(self, w: np.ndarray):
         """``A @ w + offset`` (n_voxels,), Gy, on the matrix's backend."""
-        d = self.influence @ self.xp.asarray(w, dtype=self.dtype)
+        d = self.influence @ self.xp.asarray(w, dtype=self.product_dtype)
+        if d.dtype != self.dtype:
+            d = d.astype(self.dtype)
         return d + self.offset if self.offset is not None else d
 
     def objective_part(self, d):
@@ -357,6 +373,8 @@ class _Problem:
             total += float(xp.sum(shifted * shifted - lam * lam)) / (2.0 * self.mu)
             grad[idx] += c.residual_vjp(ds, shifted, self.active[k])
         self.evaluations += 1
+        if grad.dtype != self.product_dtype:
+            grad = grad.astype(self.product_dtype)
         return total, np.asarray(asnumpy(self.influence_t @ grad), dtype=np.float64)
 
     def violations(self, d) -> list[float]:

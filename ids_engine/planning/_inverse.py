@@ -18,7 +18,8 @@ import numpy as np
 
 from ids_engine import backend
 from ids_engine.dose import InfluenceMatrix, influence_matrix
-from ids_engine.optimise import FluenceResult, Goal, optimise_fluence
+from ids_engine.optimise import FluenceResult, Goal, ImportanceTuning, optimise_fluence
+from ids_engine.optimise import tune_importance as _tune
 
 __all__ = ["InversePlan", "goal_checks", "optimise_plan", "target_beamlets"]
 
@@ -34,7 +35,10 @@ class InversePlan:
     tail_error_pct : max |engine dose - (A w + offset)| at the rows, % of the maximum dose,
         at the final weights with the last offset (how far the optimiser's dose was from the
         engine's).
-    timings_s : influence matrix, optimisation, tail offsets.
+    timings_s : influence matrix, optimisation, tail offsets (and importance tuning).
+    iterations : L-BFGS-B iterations over all rounds (tuning's not included).
+    tuning : the importance-factor tuning (:func:`~ids_engine.optimise.tune_importance`) when
+        asked for; ``result.goals`` then carry the tuned importances.
     """
 
     fluences: list
@@ -43,7 +47,8 @@ class InversePlan:
     tail_rounds: int
     tail_error_pct: float
     timings_s: dict
-    iterations: int = 0  # L-BFGS-B iterations over all rounds
+    iterations: int = 0
+    tuning: ImportanceTuning | None = None
 
 
 _CHECK_TEXT = {
@@ -120,7 +125,9 @@ def target_beamlets(engine, mask_zyx: np.ndarray, beamlet_cells: int, margin_mm:
 
 def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50.0, beamlet_cells: int | None = None,
                   beamlet_margin_mm: float | None = 10.0, tail_rounds: int = 2, initial_fluences=None,
-                  max_iterations: int = 400, progress=None, cancel=None) -> InversePlan:
+                  max_iterations: int = 400, tune_importance: bool = False, score_goals: Sequence[Goal] | None = None,
+                  tuning_evaluations: int = 30, tuning_margin_gy: float = 0.2, progress=None,
+                  cancel=None) -> InversePlan:
     """Optimise ``engine``'s fluence for ``goals`` and leave the result set on the engine.
 
     Parameters
@@ -136,13 +143,22 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     initial_fluences : a warm start (per beam fluence maps, e.g. an approved plan's); the
         beamlet weights start at each beamlet block's mean fluence.
     max_iterations : L-BFGS-B iterations per round.
+    tune_importance : first tune the objectives' importance factors with Powell's method
+        (Xing et al. 1999; :func:`~ids_engine.optimise.tune_importance`) on the matrix
+        without the tail offset, scoring ``score_goals`` (default: ``goals``); the rounds
+        then start from the tuned plan with the tuned importances and its tail offset.
+    score_goals : the goals the tuning scores (sum of squared shortfalls in Gy).
+    tuning_evaluations : fluence optimisations the tuning may spend.
+    tuning_margin_gy : score goals count as met with this much dose to spare (the tail
+        rounds move the dose a little).
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops between iterations.
     """
     goals = tuple(goals)
     t = {}
     t0 = time.perf_counter()
     # Rows: the voxels of the structures the goals are about (a goal on the body brings them all).
-    names = list(dict.fromkeys(g.structure for g in goals))
+    score_goals = None if score_goals is None else tuple(score_goals)
+    names = list(dict.fromkeys(g.structure for g in goals + (score_goals or ())))
     mask = np.zeros(engine.grid.shape_zyx, bool)
     for name in names:
         try:
@@ -167,6 +183,20 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     t["optimise"] = t["tail_offset"] = 0.0
     res = None
     iterations = 0
+    tuning = None
+    if tune_importance:
+        t0 = time.perf_counter()
+        tuning = _tune(A.matrix, goals, rows, score_goals=score_goals, initial_weights=w,
+                       max_evaluations=tuning_evaluations, margin_gy=tuning_margin_gy,
+                       max_iterations=max_iterations, progress=progress,
+                       cancel=cancel)
+        t["importance_tuning"] = time.perf_counter() - t0
+        goals = tuning.goals
+        w = tuning.result.beamlet_weights
+        # The tuned plan's tail offset: every round below then works on the engine's dose.
+        t0 = time.perf_counter()
+        offset = A.tail_offset(engine, w)
+        t["tail_offset"] += time.perf_counter() - t0
     for r in range(tail_rounds + 1):
         t0 = time.perf_counter()
         res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset,
@@ -189,7 +219,8 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     peak = max(float(np.abs(engine_rows).max()), 1e-12)
     fluences = A.fluence_maps(w)
     engine.set_fluences(fluences)
-    return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t, iterations)
+    return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t, iterations,
+                       tuning)
 
 
 def _weights_from_fluences(A: InfluenceMatrix, fluences) -> np.ndarray:
