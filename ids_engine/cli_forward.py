@@ -353,7 +353,7 @@ def _oar(name):
 def _install(book, plan, patient, doses, res, method, pname, goals, MonitorUnits, apply_prescription) -> dict:
     """A plan ``pname`` (a copy of ``plan``) with the solution's whole MU, and its comparison row."""
     book.copy(plan.name, pname)
-    new, mu_res = apply_prescription(book.get(pname), patient, doses, MonitorUnits(tuple(res.mu)))
+    new, _ = apply_prescription(book.get(pname), patient, doses, MonitorUnits(tuple(np.rint(res.mu))))
     book.put(new)
     dose = doses.dose(new.mu)
     return {"method": method, "plan": pname, "plan_id": new.plan_id, "mu": list(new.mu),

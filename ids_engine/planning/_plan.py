@@ -338,9 +338,9 @@ class PlanBook:
         self.selected = name
         return plan
 
-    def update(self, name: str | None = None, **changes) -> Plan:
+    def update(self, plan_name: str | None = None, /, **changes) -> Plan:
         """Change a plan (the selected one by default) through :meth:`Plan.changed`."""
-        plan = self.get(name)
+        plan = self.get(plan_name)
         if "name" in changes:
             raise PlanBookError("use rename() to rename a plan")
         new = plan.changed(**changes)
