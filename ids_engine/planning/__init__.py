@@ -9,7 +9,7 @@ __all__ = ["InversePlan", "conformal_aperture", "equispaced_beams", "goal_checks
 from ._plan import BeamField, Plan, PlanBook, PlanBookError  # noqa: E402
 from ._prescription import (  # noqa: E402
     BeamDoses, DoseToNormalisation, DoseToPoints, MonitorUnits, MUResult, PointRef, PrescriptionError,
-    apply_prescription, compute_mu, nominal_dmax_mm,
+    apply_prescription, compute_mu, nominal_dmax_mm, normalisation_dose_gy,
 )
 from ._autoweight import (  # noqa: E402
     AUTO_WEIGHT_METHODS, AutoWeightInfeasible, AutoWeightProblem, AutoWeightResult, UpperLimitSearch, VolumeGoal,
@@ -19,5 +19,5 @@ from ._autoweight import (  # noqa: E402
 __all__ += ["AUTO_WEIGHT_METHODS", "AutoWeightInfeasible", "AutoWeightProblem", "AutoWeightResult", "BeamDoses",  # noqa: E402
             "BeamField", "DoseToNormalisation", "DoseToPoints", "MUResult", "MonitorUnits", "Plan", "PlanBook",
             "PlanBookError", "PointRef", "PrescriptionError", "UpperLimitSearch", "Violation", "VolumeGoal",
-            "apply_prescription", "auto_weight", "compute_mu", "nominal_dmax_mm", "objective", "objective_terms",
+            "apply_prescription", "auto_weight", "compute_mu", "nominal_dmax_mm", "normalisation_dose_gy", "objective", "objective_terms",
             "search_upper_limit", "solve_annealing", "solve_cimmino", "solve_downhill", "solve_simplex"]

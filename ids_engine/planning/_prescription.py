@@ -51,6 +51,7 @@ __all__ = [
     "apply_prescription",
     "compute_mu",
     "nominal_dmax_mm",
+    "normalisation_dose_gy",
 ]
 
 # Nominal depth of maximum dose on the central axis by nominal energy (MV), mm: typical
@@ -197,12 +198,16 @@ class DoseToPoints:
 
 @dataclass(frozen=True)
 class MonitorUnits:
-    """The monitor units of each beam (rounded to whole MU when applied)."""
+    """The monitor units of each beam (rounded to whole MU when applied); ``points[b]`` is
+    where beam ``b``'s dose is reported (default its isocentre)."""
 
     mu: tuple[float, ...]
+    points: tuple[PointRef, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mu", _values(self.mu, "MonitorUnits.mu", positive=False))
+        mu = _values(self.mu, "MonitorUnits.mu", positive=False)
+        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "points", _points(self.points, len(mu), "MonitorUnits.points"))
 
     def describe(self, plan: "Plan | None" = None) -> str:
         return "monitor units per beam: " + "; ".join(f"{_beam_name(plan, b)} {m:g} MU" for b, m in enumerate(self.mu))
@@ -437,10 +442,7 @@ def compute_mu(plan: "Plan", patient: Patient, doses: BeamDoses, prescription=No
     if not doses.matches(plan):
         raise PrescriptionError(f"plan {plan.name!r}: its beams changed since the doses per MU were computed")
     n = plan.n_beams
-    if isinstance(rx, MonitorUnits):
-        points = tuple(PointRef("isocentre", b) for b in range(n))
-    else:
-        points = rx.points
+    points = rx.points
     values = rx.mu if isinstance(rx, MonitorUnits) else rx.doses_gy if isinstance(rx, DoseToPoints) else rx.weights
     if len(values) != n:
         raise PrescriptionError(f"plan {plan.name!r}: the prescription has {len(values)} values for {n} beams")
@@ -476,6 +478,15 @@ def compute_mu(plan: "Plan", patient: Patient, doses: BeamDoses, prescription=No
     mu = np.rint(exact)
     return MUResult(tuple(float(v) for v in exact), tuple(float(v) for v in mu), points,
                     tuple(float(v) for v in own * mu), tuple(float(v) for v in rate @ mu), float(norm_rate @ mu))
+
+
+def normalisation_dose_gy(plan: "Plan", patient: Patient, doses: BeamDoses) -> float:
+    """The dose (Gy) of the plan's MU at its normalisation point: 100 % when doses are shown
+    in percent (seed: "Show Dose or Percent")."""
+    if not doses.matches(plan):
+        raise PrescriptionError(f"plan {plan.name!r}: its beams changed since the doses per MU were computed")
+    xyz = plan.normalisation.position_mm_xyz(plan, patient)
+    return float(doses.at_points(xyz[None])[0] @ np.asarray(plan.mu, dtype=np.float64))
 
 
 def apply_prescription(plan: "Plan", patient: Patient, doses: BeamDoses, prescription=None) -> tuple["Plan", MUResult]:
