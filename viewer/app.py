@@ -7,7 +7,9 @@ thread, and from then on only the worker's thread touches them.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,34 @@ _TOOLS = (
 )
 
 
+class _Exporter(QtCore.QObject):
+    """Runs File → Export's work on a background thread; ``done(result)``, ``failed(str)`` and
+    ``progress(done, total, label)`` arrive in the GUI thread."""
+
+    done = QtCore.pyqtSignal(object)
+    failed = QtCore.pyqtSignal(str)
+    progress = QtCore.pyqtSignal(int, int, str)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.busy = False
+
+    def start(self, work) -> None:
+        self.busy = True
+
+        def run():
+            try:
+                result = work(lambda d, t, label="": self.progress.emit(int(d), int(t), str(label)))
+            except Exception as exc:  # shown to the planner; the plan is untouched
+                self.busy = False
+                self.failed.emit(f"{type(exc).__name__}: {exc}")
+                return
+            self.busy = False
+            self.done.emit(result)
+
+        threading.Thread(target=run, name="ids-viewer-export", daemon=True).start()
+
+
 class MainWindow(QtWidgets.QMainWindow):
     """Slices, 3D view, DVH, beams and history around one engine worker."""
 
@@ -80,6 +110,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self._loader.done.connect(self._on_loaded)
         self._loader.failed.connect(self._on_load_failed)
         self._loader.progress.connect(self._on_load_progress)
+        self._exporter = _Exporter(self)
+        self._exporter.done.connect(self._on_exported)
+        self._exporter.failed.connect(self._on_export_failed)
+        self._exporter.progress.connect(self._on_load_progress)
+        self.last_export = None  # (folder, ExportedSet, DeliverablePlan, agreement) of the last export
 
         self.slice_views = {a: SliceView(a) for a in AXES}
         self.view3d = View3D()
@@ -165,6 +200,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_open_session = A("Open &session…", self.open_session_dialog, "Ctrl+Shift+O")
         self.act_save_session = A("&Save session…", self.save_session_dialog, "Ctrl+S")
         self.act_screenshot = A("Save screens&hot…", self.save_screenshot_dialog)
+        self.act_export = A("&Export DICOM RT…", self.export_dialog, "Ctrl+E",
+                            "Sequence the plan into MLC segments and write CT, RT Structure Set, RT Plan (research "
+                            "use only), RT Dose and a summary into a folder")
         self.act_quit = A("&Quit", self.close, "Ctrl+Q")
         self.act_undo = A("&Undo", self.undo, "Ctrl+Z", "Take back the last request")
         self.act_redo = A("&Redo", self.redo, "Ctrl+Shift+Z", "Re-apply the last undone request")
@@ -317,7 +355,7 @@ class MainWindow(QtWidgets.QMainWindow):
         mb = self.menuBar()
         m = mb.addMenu("&File")
         for a in (self.act_open_phantom, self.act_open_dicom, self.act_open_matrad, None, self.act_open_session,
-                  self.act_save_session, None, self.act_screenshot, None, self.act_quit):
+                  self.act_save_session, self.act_export, None, self.act_screenshot, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)
         m = mb.addMenu("&Edit")
         for a in (self.act_undo, self.act_redo, None, self.act_unpin):
@@ -609,6 +647,79 @@ class MainWindow(QtWidgets.QMainWindow):
             self.grab().save(path)
             self.statusBar().showMessage(f"Screenshot saved to {path}", 4000)
 
+    def export_dialog(self) -> None:
+        if self.session is None:
+            return
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Export the plan as DICOM RT into a folder")
+        if folder:
+            self.export_plan(folder)
+
+    def export_plan(self, folder: str, *, fractions: int = 1, anonymise: bool = False) -> bool:
+        """File → Export…: sequence the current plan and write its DICOM RT set into ``folder``
+        (see ``ids export``) on a background thread, with a busy bar in the status bar. The plan
+        is copied there under the session's own lock (:func:`ids_engine.cli_export.plan_state`),
+        so shaping may go on meanwhile. A non-empty folder is replaced only after the planner
+        confirms (the new set is written beside it and swapped in). Returns whether the export
+        started; ``last_export`` holds its result once done."""
+        from ids_engine.cli_export import export_state, plan_state
+        from ids_engine.scripting import _swap_in
+        from ids_engine.session import case_label
+
+        if self.session is None or self._exporter.busy:
+            return False
+        out = Path(folder)
+        if out.exists() and not out.is_dir():
+            self.statusBar().showMessage(f"Not exported: {out} is a file", 6000)
+            return False
+        replace = out.is_dir() and any(out.iterdir())
+        if replace and not self.confirm("Replace the folder?", f"{out} is not empty. Replace its contents with the "
+                                                              "exported plan?"):
+            self.statusBar().showMessage(f"Not exported: {out} is not empty", 6000)
+            return False
+        session = self.session
+        label = case_label(session.case) if session.case else session.patient.name
+        dest = out.parent / f"{out.name}.partial-{time.time_ns()}" if replace else out
+
+        def work(progress):
+            try:
+                result = export_state(plan_state(session), dest, fractions=fractions, anonymise=anonymise,
+                                      case_label=label, progress=progress)
+            except BaseException:
+                if replace:
+                    shutil.rmtree(dest, ignore_errors=True)
+                raise
+            if replace:
+                _swap_in(dest, out)
+            return (str(out), *result)
+
+        self.statusBar().showMessage(f"Exporting the plan to {out}…")
+        self.load_progress.setRange(0, 0)
+        self.load_progress.show()
+        QtWidgets.QApplication.setOverrideCursor(QtCore.Qt.CursorShape.BusyCursor)
+        self._exporter.start(work)
+        self.act_export.setEnabled(False)
+        return True
+
+    def _export_finished(self) -> None:
+        self.load_progress.hide()
+        QtWidgets.QApplication.restoreOverrideCursor()
+        self.act_export.setEnabled(self.session is not None)
+
+    def _on_exported(self, result) -> None:
+        self._export_finished()
+        self.last_export = result
+        folder, exported, plan, agreement = result
+        segments = sum(1 for sb in plan.beams for seg in sb.segments if seg.mu > 0)
+        self.statusBar().showMessage(
+            f"Exported to {folder}: {len(plan.beams)} beams, {segments} segments, "
+            f"{sum(sb.mu for sb in plan.beams):.0f} MU; deliverable vs shown dose: gamma 3 %/3 mm "
+            f"{agreement['pass_rate_pct']:.1f} % pass (research use only)", 15000)
+
+    def _on_export_failed(self, text: str) -> None:
+        self._export_finished()
+        self.statusBar().showMessage("Export failed", 6000)
+        QtWidgets.QMessageBox.warning(self, "Export failed", text)
+
     def optimise_dialog(self) -> OptimiseDialog | None:
         """Plan → Optimise…: a (non-modal) dialog that optimises on the worker."""
         if self.worker is None or self.display_only:
@@ -636,6 +747,7 @@ class MainWindow(QtWidgets.QMainWindow):
                   self.tool_actions["navigate"]):
             a.setEnabled(on)
         self.act_optimise.setEnabled(shape)
+        self.act_export.setEnabled(on and not self._exporter.busy)
         for name, a in self.tool_actions.items():
             if name != "navigate":
                 a.setEnabled(shape)
