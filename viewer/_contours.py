@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["isoline_segments", "label_anchor", "nearest_on_segments"]
+__all__ = ["asterisk_segments", "downhill_ticks", "hot_spot_rc", "isoline_segments", "label_anchor",
+           "nearest_on_segments"]
 
 # Corner bits: 1 = (r, c), 2 = (r, c+1), 4 = (r+1, c+1), 8 = (r+1, c) above the level.
 # Edges: 0 top (r, c..c+1), 1 right (r..r+1, c+1), 2 bottom (r+1, c..c+1), 3 left (r..r+1, c).
@@ -131,3 +132,75 @@ def nearest_on_segments(segments: np.ndarray, point_rc, scale_rc=(1.0, 1.0)) -> 
     d = np.linalg.norm(q - p, axis=1)
     k = int(np.argmin(d))
     return q[k] / s, float(d[k])
+
+
+def _bilinear(field: np.ndarray, rc: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a 2D field at fractional (row, col) points (n, 2), clamped to the edge."""
+    f = np.asarray(field, np.float64)
+    r = np.clip(rc[:, 0], 0.0, f.shape[0] - 1.0)
+    c = np.clip(rc[:, 1], 0.0, f.shape[1] - 1.0)
+    r0 = np.minimum(np.floor(r).astype(int), f.shape[0] - 2) if f.shape[0] > 1 else np.zeros(len(r), int)
+    c0 = np.minimum(np.floor(c).astype(int), f.shape[1] - 2) if f.shape[1] > 1 else np.zeros(len(c), int)
+    tr, tc = r - r0, c - c0
+    r1, c1 = np.minimum(r0 + 1, f.shape[0] - 1), np.minimum(c0 + 1, f.shape[1] - 1)
+    return ((1 - tr) * (1 - tc) * f[r0, c0] + (1 - tr) * tc * f[r0, c1] + tr * (1 - tc) * f[r1, c0]
+            + tr * tc * f[r1, c1])
+
+
+def downhill_ticks(segments: np.ndarray, field: np.ndarray, length_mm: float, spacing_mm: float,
+                   scale_rc=(1.0, 1.0)) -> np.ndarray:
+    """Tick marks on the downhill (lower value) side of an isoline, as on a topographic map
+    (seed 001: "tick marks on the down hill side (lower dose) of the isodose line").
+
+    At most one tick per ``spacing_mm`` square (the midpoint of the first segment falling in
+    it), perpendicular to its segment, ``length_mm`` long, on the side where the field is
+    lower (sampled bilinearly a third of a voxel to either side).
+
+    Parameters
+    ----------
+    segments : (n, 2, 2) segments of (row, col), from :func:`isoline_segments`.
+    field : the (rows, cols) field the segments are an isoline of.
+    length_mm, spacing_mm : tick length and spacing, in the units ``scale_rc`` gives.
+    scale_rc : mm per row and per column.
+
+    Returns
+    -------
+    (m, 2, 2) tick segments of (row, col), each from the line outwards.
+    """
+    if len(segments) == 0:
+        return np.zeros((0, 2, 2))
+    s = np.asarray(scale_rc, np.float64)
+    mid = segments.mean(axis=1)
+    d = (segments[:, 1] - segments[:, 0]) * s  # mm
+    n = np.linalg.norm(d, axis=1)
+    keep = n > 1e-9
+    cell = np.floor(mid * s / float(spacing_mm)).astype(np.int64)
+    _, first = np.unique(cell[keep], axis=0, return_index=True)
+    idx = np.flatnonzero(keep)[np.sort(first)]
+    mid, d, n = mid[idx], d[idx], n[idx]
+    normal_mm = np.stack([-d[:, 1], d[:, 0]], -1) / n[:, None]  # perpendicular, in mm
+    probe = normal_mm / s * (1.0 / 3.0) / np.maximum(np.abs(normal_mm / s).max(axis=1, keepdims=True), 1e-12)
+    plus = _bilinear(field, mid + probe)
+    minus = _bilinear(field, mid - probe)
+    sign = np.where(plus <= minus, 1.0, -1.0)[:, None]
+    end = mid + sign * normal_mm * float(length_mm) / s
+    return np.stack([mid, end], 1)
+
+
+def hot_spot_rc(field: np.ndarray) -> tuple[tuple[int, int], float] | None:
+    """The hottest sample of a 2D field: ((row, col), value); None if the field is empty or not
+    positive anywhere (seed 001: "the hot spot in that frame will be ... marked")."""
+    f = np.asarray(field)
+    if f.size == 0 or not np.nanmax(f) > 0:
+        return None
+    k = int(np.nanargmax(f))
+    r, c = np.unravel_index(k, f.shape)
+    return (int(r), int(c)), float(f[r, c])
+
+
+def asterisk_segments(centre_xy, radius: float, spokes: int = 4) -> np.ndarray:
+    """An asterisk (star) of ``spokes`` lines through ``centre_xy``: (spokes, 2, 2) segments."""
+    t = np.pi * np.arange(spokes) / spokes + np.pi / 2
+    d = radius * np.stack([np.cos(t), np.sin(t)], -1)
+    c = np.asarray(centre_xy, np.float64)
+    return np.stack([c - d, c + d], 1)

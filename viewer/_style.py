@@ -13,7 +13,9 @@ __all__ = [
     "ORIENTATION",
     "WASH_RANGE",
     "WINDOW_PRESETS",
+    "IsodoseDisplay",
     "IsodoseLevel",
+    "TINT_COLOURS",
     "compose_slice_rgba",
     "difference_colour",
     "difference_wash_rgba",
@@ -86,8 +88,85 @@ class IsodoseLevel:
     pct: float
     colour: tuple[float, float, float]
 
-    def label(self, unit: str) -> str:
-        return f"{self.pct:g}%" if unit == "%" else f"{self.gy:.3g} Gy"
+    def label(self, unit: str, normalisation_gy: float | None = None) -> str:
+        """The line's label: Gy, or % of the normalisation point's dose when one is given
+        (seed 001: the same line, only its label changes), else % of the prescription."""
+        if unit != "%":
+            return f"{self.gy:.3g} Gy"
+        if normalisation_gy:
+            return f"{100.0 * self.gy / normalisation_gy:.4g}%"
+        return f"{self.pct:g}%"
+
+
+# The seed's tint colours: the primary colours and the additions of two of them.
+TINT_COLOURS = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+}
+
+NORMAL_LINE_WIDTH_PX = 1.4
+
+
+def _pct_key(pct: float) -> float:
+    return round(float(pct), 4)
+
+
+@dataclass(frozen=True)
+class IsodoseDisplay:
+    """How the 2D isodose lines are drawn (seed 001, "2d Isodose Control"), for every slice view.
+
+    styles : per level (keyed by % of the prescription) ``(pct, rgb or None, width_px)``: a
+        colour replacing the table's, and a line width in pixels (0: the normal width).
+    tint_pct : the one level whose region (dose at or above it) is tinted, or None.
+    tint_colour, tint_alpha : the tint's colour (one of :data:`TINT_COLOURS` in the dialog) and opacity.
+    ticks : tick marks on the downhill (lower dose) side of every line, as on a topographic map.
+    hot_spot : mark each frame's hottest point with an asterisk and its dose.
+    normalisation_gy : the dose at the normalisation point; % labels are % of it (None: of the
+        prescription).
+    """
+
+    styles: tuple[tuple[float, tuple[float, float, float] | None, float], ...] = ()
+    tint_pct: float | None = None
+    tint_colour: tuple[float, float, float] = TINT_COLOURS["red"]
+    tint_alpha: float = 0.3
+    ticks: bool = True
+    hot_spot: bool = True
+    normalisation_gy: float | None = None
+
+    def __post_init__(self) -> None:
+        styles = []
+        for pct, rgb, width in self.styles:
+            if not float(width) >= 0:
+                raise ValueError(f"IsodoseDisplay.styles: line width of {pct:g} % must be >= 0 pixels, got {width}")
+            styles.append((_pct_key(pct), None if rgb is None else tuple(float(c) for c in rgb), float(width)))
+        object.__setattr__(self, "styles", tuple(styles))
+        if not 0.0 <= float(self.tint_alpha) <= 1.0:
+            raise ValueError(f"IsodoseDisplay.tint_alpha must be in 0..1, got {self.tint_alpha}")
+        if self.normalisation_gy is not None and not float(self.normalisation_gy) > 0:
+            raise ValueError(f"IsodoseDisplay.normalisation_gy must be positive, got {self.normalisation_gy}")
+
+    def style(self, level: "IsodoseLevel") -> tuple[tuple[float, float, float], float]:
+        """(rgb, width in pixels) of a level's line."""
+        key = _pct_key(level.pct)
+        for pct, rgb, width in self.styles:
+            if pct == key:
+                return (rgb or level.colour), (width if width > 0 else NORMAL_LINE_WIDTH_PX)
+        return level.colour, NORMAL_LINE_WIDTH_PX
+
+    def with_style(self, pct: float, colour=None, width_px: float = 0.0) -> "IsodoseDisplay":
+        """A copy with the line at ``pct`` % drawn in ``colour`` (None: the table's) and ``width_px``."""
+        from dataclasses import replace
+
+        key = _pct_key(pct)
+        kept = tuple(s for s in self.styles if s[0] != key)
+        return replace(self, styles=kept + ((key, colour, float(width_px)),))
+
+    def tinted(self, level: "IsodoseLevel") -> bool:
+        return self.tint_pct is not None and _pct_key(self.tint_pct) == _pct_key(level.pct)
 
 
 def isodose_levels(prescription_gy: float, pcts=ISODOSE_PCT) -> tuple[IsodoseLevel, ...]:
@@ -184,10 +263,13 @@ def dose_wash_rgba(dose_gy: np.ndarray, prescription_gy: float, alpha: float = 0
 
 
 def compose_slice_rgba(ct_hu: np.ndarray, window_hu: float, level_hu: float, dose_gy: np.ndarray | None,
-                       prescription_gy: float, wash_alpha: float = 0.45, *, difference: bool = False) -> np.ndarray:
+                       prescription_gy: float, wash_alpha: float = 0.45, *, difference: bool = False,
+                       tint: tuple[float, tuple[float, float, float], float] | None = None) -> np.ndarray:
     """CT slice in grey (window/level) with the dose wash blended on top: (rows, cols, 4) uint8.
     With ``difference`` the slice ``dose_gy`` is a dose difference (Gy) and gets the
-    difference wash."""
+    difference wash. ``tint`` ``(level_gy, rgb, alpha)``: the region where the dose is at or
+    above the level is tinted in one colour on top (seed 001: an isodose's boundary and
+    interior), voxel by voxel: its edge lies within half a voxel of the isodose line."""
     lo = level_hu - window_hu / 2.0
     grey = np.clip((np.asarray(ct_hu, np.float32) - lo) / max(window_hu, 1.0), 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
@@ -196,6 +278,10 @@ def compose_slice_rgba(ct_hu: np.ndarray, window_hu: float, level_hu: float, dos
                 else dose_wash_rgba(dose_gy, prescription_gy, wash_alpha))
         a = wash[..., 3:4]
         rgb = rgb * (1.0 - a) + wash[..., :3] * a
+    if dose_gy is not None and tint is not None and not difference:
+        level_gy, colour, alpha = tint
+        inside = (np.asarray(dose_gy, np.float32) >= np.float32(level_gy))[..., None]
+        rgb = np.where(inside, rgb * (1.0 - alpha) + np.asarray(colour, np.float32) * alpha, rgb)
     out = np.empty(rgb.shape[:2] + (4,), np.uint8)
     out[..., :3] = np.round(rgb * 255.0)
     out[..., 3] = 255

@@ -26,8 +26,8 @@ from vispy.util import keys as vkeys
 from vispy.visuals.transforms import STTransform
 
 from ._backend import use_qt
-from ._contours import isoline_segments, label_anchor, nearest_on_segments
-from ._style import ORIENTATION, IsodoseLevel, compose_slice_rgba
+from ._contours import asterisk_segments, downhill_ticks, hot_spot_rc, isoline_segments, label_anchor, nearest_on_segments
+from ._style import NORMAL_LINE_WIDTH_PX, ORIENTATION, IsodoseDisplay, IsodoseLevel, compose_slice_rgba
 
 __all__ = ["AXES", "SliceView", "rc_to_zyx", "take_slice", "zyx_to_rc"]
 
@@ -50,6 +50,12 @@ _GRAB_TOLERANCE_MM = 4.0
 _GRAB_TOLERANCE_PX = 6.0
 # Isodose labels keep at least this far apart (screen pixels).
 _LABEL_SEPARATION_PX = 40.0
+# Downhill ticks on the isodose lines: length and spacing along the line (screen pixels).
+_TICK_LENGTH_PX = 5.0
+_TICK_SPACING_PX = 22.0
+# The hot spot's asterisk: radius (screen pixels) and colour.
+_HOT_RADIUS_PX = 7.0
+HOT_SPOT_COLOUR = (1.0, 1.0, 1.0)
 
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
@@ -138,8 +144,14 @@ class SliceView(QtWidgets.QFrame):
         self._image = scene.visuals.Image(np.zeros((2, 2, 4), np.uint8), parent=vs, interpolation="nearest")
         self._structures = scene.visuals.Line(parent=vs, connect="segments", width=2.2)
         self._pins = scene.visuals.Line(parent=vs, connect="segments", width=1.5, color=(1, 1, 1, 0.9))
-        self._isodoses = scene.visuals.Line(parent=vs, connect="segments", width=1.4)
+        self._isodoses = scene.visuals.Line(parent=vs, connect="segments", width=NORMAL_LINE_WIDTH_PX)
+        self._ticks = scene.visuals.Line(parent=vs, connect="segments", width=1.0)
         self._selected_iso = scene.visuals.Line(parent=vs, connect="segments", width=3.0)
+        # Lines drawn wider than normal (IsodoseDisplay styles): one visual per width, made on demand.
+        self._wide_isodoses: dict[float, scene.visuals.Line] = {}
+        self._hot = scene.visuals.Line(parent=vs, connect="segments", width=2.0, color=(*HOT_SPOT_COLOUR, 1.0))
+        self._hot_label = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="top",
+                                             face="DejaVu Sans", bold=True, color=(*HOT_SPOT_COLOUR, 1.0))
         self._label_halo = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="bottom",
                                               face="DejaVu Sans", bold=True, color=(0.0, 0.0, 0.0, 0.75))
         self._labels = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="bottom",
@@ -157,8 +169,9 @@ class SliceView(QtWidgets.QFrame):
         self._orient.visible = False
         self.orientation: dict[str, str] = {}  # side (left, right, top, bottom) -> letter
         # A 2D overlay stack: no depth test, drawn in this order.
-        stack = (self._image, self._structures, self._pins, self._isodoses, self._selected_iso, self._crosshair,
-                 self._label_halo, self._labels, self._marker, self._brush, self._preview, self._drag_arrow)
+        stack = (self._image, self._structures, self._pins, self._isodoses, self._ticks, self._selected_iso,
+                 self._crosshair, self._hot, self._hot_label, self._label_halo, self._labels, self._marker,
+                 self._brush, self._preview, self._drag_arrow)
         for k, v in enumerate(stack):
             v.order = k
             v.set_gl_state("translucent", depth_test=False)
@@ -178,6 +191,8 @@ class SliceView(QtWidgets.QFrame):
         self.pins_mask: np.ndarray | None = None
         self.prescription_gy = 1.0
         self.levels: tuple[IsodoseLevel, ...] = ()
+        self.display = IsodoseDisplay()  # line styles, tint, ticks, hot spot, normalisation
+        self.hot_spot: tuple[tuple[int, int], float] | None = None  # ((row, col), Gy) of the frame shown
         self.selected_level_gy: float | None = None
         self.label_unit = "Gy"
         self.window_hu, self.level_hu = 400.0, 40.0
@@ -343,6 +358,13 @@ class SliceView(QtWidgets.QFrame):
         self.label_unit = label_unit
         self._refresh_isodoses()
 
+    def set_isodose_display(self, display: IsodoseDisplay) -> None:
+        """How the isodose lines are drawn: per-line colour and width, the tinted level, downhill
+        ticks, the hot spot, % of the normalisation point (seed 001's 2d isodose control)."""
+        self.display = display
+        self._refresh_image()
+        self._refresh_isodoses()
+
     def set_window(self, window_hu: float, level_hu: float) -> None:
         self.window_hu, self.level_hu = float(window_hu), float(level_hu)
         self._refresh_image()
@@ -415,7 +437,8 @@ class SliceView(QtWidgets.QFrame):
         for v in (self._image, self._structures, self._isodoses, self._selected_iso, self._labels, self._label_halo,
                   self._crosshair):
             v.visible = on
-        for v in (self._pins, self._marker, self._brush, self._preview, self._drag_arrow):
+        for v in (self._pins, self._marker, self._brush, self._preview, self._drag_arrow, self._ticks, self._hot,
+                  self._hot_label, *self._wide_isodoses.values()):
             v.visible = False
 
     def refresh(self) -> None:
@@ -479,9 +502,13 @@ class SliceView(QtWidgets.QFrame):
         if self.ct_hu is None:
             return
         ct = take_slice(self.ct_hu, self.axis, self.slice_index)
+        disp = self.display
+        tint = None
+        if disp.tint_pct is not None:
+            tint = (self.prescription_gy * disp.tint_pct / 100.0, disp.tint_colour, disp.tint_alpha)
         self._image.set_data(compose_slice_rgba(ct, self.window_hu, self.level_hu, self.displayed_slice(),
                                                 self.prescription_gy, self.wash_alpha,
-                                                difference=self.dose_mode == "difference"))
+                                                difference=self.dose_mode == "difference", tint=tint))
         self.canvas.update()
 
     def _refresh_structures(self) -> None:
@@ -512,37 +539,55 @@ class SliceView(QtWidgets.QFrame):
         self._iso_segments.clear()
         d = self.dose_slice()
         if d is None or self.ct_hu is None:
-            self._set_segments(self._isodoses, None)
-            self._set_segments(self._selected_iso, None)
+            for v in (self._isodoses, self._selected_iso, self._ticks, *self._wide_isodoses.values()):
+                self._set_segments(v, None)
             self._labels.visible = self._label_halo.visible = False
+            self._refresh_hot_spot(None)
             return
-        pos, col, sel_pos, sel_col = [], [], [], []
+        disp = self.display
+        by_width: dict[float, tuple[list, list]] = {}
+        sel_pos, sel_col, tick_pos, tick_col = [], [], [], []
         texts, tpos, tcol = [], [], []
         # Labels of nested lines fan out around the high-dose region, one direction per level.
         hot = np.argwhere(d >= 0.5 * d.max()) if d.max() > 0 else np.zeros((0, 2))
         centre = hot.mean(axis=0) if len(hot) else None
         avoid: list[np.ndarray] = []
-        min_sep_mm = _LABEL_SEPARATION_PX * self._mm_per_pixel()
+        px = self._mm_per_pixel()
+        min_sep_mm = _LABEL_SEPARATION_PX * px
         for k, lev in enumerate(self.levels):
             s = isoline_segments(d, lev.gy)
             self._iso_segments[lev.gy] = s
             if not len(s):
                 continue
-            rgba = np.r_[lev.colour, 1.0]
+            colour, width = disp.style(lev)
+            rgba = np.r_[colour, 1.0]
             xy = self.rc_to_scene(s.reshape(-1, 2))
             if self.selected_level_gy is not None and abs(lev.gy - self.selected_level_gy) < 1e-6:
                 sel_pos.append(xy)
                 sel_col.append(np.tile(rgba, (len(xy), 1)))
             else:
+                pos, col = by_width.setdefault(width, ([], []))
                 pos.append(xy)
                 col.append(np.tile(rgba, (len(xy), 1)))
+            if disp.ticks:
+                t = downhill_ticks(s, d, _TICK_LENGTH_PX * px, _TICK_SPACING_PX * px, self.spacing_rc)
+                if len(t):
+                    tick_pos.append(self.rc_to_scene(t.reshape(-1, 2)))
+                    tick_col.append(np.tile(rgba, (2 * len(t), 1)))
             theta = np.radians(-150.0 + 40.0 * k)
             anchor = label_anchor(s, (np.sin(theta), np.cos(theta)), centre, avoid, min_sep_mm, self.spacing_rc)
             avoid.append(anchor)
-            texts.append(lev.label(self.label_unit))
+            texts.append(lev.label(self.label_unit, disp.normalisation_gy))
             tpos.append(self.rc_to_scene(anchor))
             tcol.append(rgba)
-        self._set_segments(self._isodoses, (np.concatenate(pos), np.concatenate(col)) if pos else None)
+        normal = by_width.pop(NORMAL_LINE_WIDTH_PX, None)
+        self._set_segments(self._isodoses, (np.concatenate(normal[0]), np.concatenate(normal[1])) if normal else None)
+        for width, visual in self._wide_isodoses.items():
+            if width not in by_width:
+                self._set_segments(visual, None)
+        for width, (pos, col) in by_width.items():
+            self._set_segments(self._wide_line(width), (np.concatenate(pos), np.concatenate(col)))
+        self._set_segments(self._ticks, (np.concatenate(tick_pos), np.concatenate(tick_col)) if tick_pos else None)
         self._set_segments(self._selected_iso, (np.concatenate(sel_pos), np.concatenate(sel_col)) if sel_pos else None)
         if texts:
             self._labels.text = texts
@@ -550,13 +595,45 @@ class SliceView(QtWidgets.QFrame):
             self._labels.color = np.asarray(tcol, np.float32)
             # A dark halo (the text drawn four times, one pixel off each way) keeps the
             # labels legible on the colour wash.
-            px = self._mm_per_pixel()
             offsets = np.array([[px, 0.0], [-px, 0.0], [0.0, px], [0.0, -px]])
             self._label_halo.text = [t for t in texts for _ in offsets]
             self._label_halo.pos = (np.asarray(tpos)[:, None, :] + offsets[None]).reshape(-1, 2).astype(np.float32)
             self._labels.visible = self._label_halo.visible = True
         else:
             self._labels.visible = self._label_halo.visible = False
+        self._refresh_hot_spot(d)
+
+    def _wide_line(self, width: float):
+        """The line visual for isodoses drawn ``width`` pixels wide (made on first use)."""
+        v = self._wide_isodoses.get(width)
+        if v is None:
+            v = scene.visuals.Line(parent=self.view.scene, connect="segments", width=float(width))
+            v.order = self._isodoses.order
+            v.set_gl_state("translucent", depth_test=False)
+            self._wide_isodoses[width] = v
+        return v
+
+    def _refresh_hot_spot(self, dose_slice) -> None:
+        """Mark the frame's hottest point with an asterisk and its dose (seed 001)."""
+        found = None if dose_slice is None or self.dose_mode == "difference" else hot_spot_rc(dose_slice)
+        self.hot_spot = found
+        if found is None or not self.display.hot_spot:
+            self._hot.visible = self._hot_label.visible = False
+            self.canvas.update()
+            return
+        rc, gy = found
+        px = self._mm_per_pixel()
+        xy = self.rc_to_scene(np.asarray(rc, np.float64))
+        self._hot.set_data(pos=asterisk_segments(xy, _HOT_RADIUS_PX * px).reshape(-1, 2).astype(np.float32))
+        norm = self.display.normalisation_gy or self.prescription_gy
+        self._hot_label.text = f"{100.0 * gy / norm:.1f}%" if self.label_unit == "%" else f"{gy:.2f} Gy"
+        self._hot_label.pos = (xy + np.array([_HOT_RADIUS_PX * px, _HOT_RADIUS_PX * px])).astype(np.float32)
+        self._hot.visible = self._hot_label.visible = True
+        self.canvas.update()
+
+    def hot_spot_canvas(self) -> np.ndarray | None:
+        """Canvas pixel of the hot spot marked on this frame, or None (for tests and tools)."""
+        return None if self.hot_spot is None else self.rc_to_canvas(self.hot_spot[0])
 
     def _refresh_pins(self) -> None:
         if self.pins_mask is None or self.ct_hu is None:

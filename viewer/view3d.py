@@ -218,11 +218,30 @@ class View3D(QtWidgets.QFrame):
         self.dose_gy = dose_gy
 
     def set_surface(self, mesh: SurfaceMesh | None, level_gy: float, colour) -> None:
+        """The one isodose surface shown (seed 001: only one at a time), its level and colour."""
         self.surface_mesh = mesh
         self.surface_level_gy = float(level_gy)
         self.surface_colour = tuple(colour)
+        self.header.setText(f"3D    isodose surface {self.surface_level_gy:.3g} Gy" if mesh is not None else "3D")
         if self._drag is None:
             self._show_mesh(mesh)
+
+    def set_surface_mode(self, mode: str, opacity_pct: int | None = None) -> None:
+        """Solid, Wire or Off, and optionally the opacity (5-100 %), as the header's controls do."""
+        if mode not in SURFACE_MODES:
+            raise ValueError(f"surface mode must be one of {SURFACE_MODES}, got {mode!r}")
+        if opacity_pct is not None:
+            self.opacity.setValue(int(opacity_pct))
+        self.mode_box.setCurrentText(mode)
+        self._style_surface()
+
+    @property
+    def surface_visible(self) -> bool:
+        return bool(self._surface.visible)
+
+    @property
+    def wireframe(self) -> bool:
+        return bool(self._wire.enabled)
 
     def set_tool(self, tool: str) -> None:
         if self._drag is not None:
