@@ -128,3 +128,18 @@ def test_beam_doses_cache_runs_the_engine_once_per_beam(box):
     eng = doses.engine
     eng.set_fluences([f * m for f, m in zip(doses.unit_fluences, (10, 20, 30, 40))])
     assert np.allclose(eng.dose_cube_host(), doses.dose((10, 20, 30, 40)), atol=1e-5 * 40)
+
+
+def test_monitor_units_report_at_chosen_points_and_percent_reference(box):
+    from ids_engine.planning import normalisation_dose_gy
+
+    patient, plan, doses = box
+    rx = MonitorUnits((100, 0, 0, 0), (PointRef("dmax", 0), None, None, None))
+    new, res = apply_prescription(plan, patient, doses, rx)
+    r_dmax = doses.at_points(PointRef("dmax", 0).position_mm_xyz(plan, patient)[None])[0, 0]
+    assert res.beam_dose_gy[0] == pytest.approx(100 * r_dmax)
+    # At SSD 900 mm the dmax dose per MU exceeds 1 cGy by about the inverse square (1015/915)^2.
+    assert 100 * r_dmax == pytest.approx((1015 / 915) ** 2, rel=0.06)
+    # 100 % is the normalisation point's dose (here the isocentre) for the plan's MU.
+    assert normalisation_dose_gy(new, patient, doses) == pytest.approx(res.normalisation_gy)
+    assert res.normalisation_gy == pytest.approx(100 * doses.at_points(np.zeros((1, 3)))[0, 0])
