@@ -20,8 +20,8 @@ comment line; every setting is a line ``/* name */ value``. The names are the se
 Assumption: the seed says the file "specifies the directory where the beam data files are
 to be written to", but its example lost that line. We read it from a line
 ``/* directory where plans are to be exported to */ /home/export.d/patients`` or from the
-first line that is neither a comment nor a ``/* */`` setting; without one, the caller's
-directory is used. Names are matched without regard to case or spacing; an unknown name,
+first line that is neither a comment nor a ``/* */`` setting (a relative path is taken
+relative to the configuration file's folder); without one, the caller's directory is used. Names are matched without regard to case or spacing; an unknown name,
 a missing setting, a version other than 1 or a value that is not a whole number is an
 :class:`~ids_engine.io.InputError` naming the file, the line and the setting.
 :func:`find_transa_config` looks for the file where the seed says: the machine's beam data
@@ -179,6 +179,8 @@ def read_transa_config(path: "str | Path") -> TransaConfig:
         if attr in ("plans_per_patient", "beams_per_plan") and number < 1:
             raise InputError(f"/* {label} */ must be at least 1, got {number}", path, where)
         values[attr] = number
+    if values.get("directory") and not Path(str(values["directory"])).is_absolute():
+        values["directory"] = str(path.parent / str(values["directory"]))
     missing = [a for a in _REQUIRED if a not in values]
     if missing:
         raise InputError(f"missing setting(s): {', '.join(missing)}", path)

@@ -68,6 +68,21 @@ def test_the_set_is_complete_and_every_file_has_its_required_attributes(exported
     assert "Research use only" in summary and "Deliverable dose against the fluence dose" in summary
 
 
+def test_pydicom_strict_validation_accepts_every_value(exported, tmp_path, monkeypatch):
+    """pydicom's own validation, set to raise: every value's VR (length, characters, format) on
+    reading each file and on writing it again."""
+    from pydicom import config
+
+    _, ex, _, _ = exported
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.RAISE)
+    for path in (ex.ct_files[0], ex.rtstruct, ex.rtplan, ex.rtdose):
+        ds = pydicom.dcmread(path)
+        for elem in ds.iterall():
+            _ = elem.value  # converts (and so validates) every value, nested ones included
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+
+
 def test_every_file_references_the_ct_study_frame_and_each_other(exported):
     _, ex, _, _ = exported
     ct, rs, rp, rd = (_read(p) for p in (ex.ct_files[0], ex.rtstruct, ex.rtplan, ex.rtdose))

@@ -74,6 +74,7 @@ def test_the_seed_example_configuration_is_read(tmp_path):
     text = SEED_CONFIG.replace("{directory}", "/* directory where plans are to be exported to */ /srv/x")
     assert read_transa_config(config_file(tmp_path, text=text)).directory == "/srv/x"
     assert read_transa_config(config_file(tmp_path, "")).directory == ""
+    assert read_transa_config(config_file(tmp_path, "out/patients")).directory == str(tmp_path / "out/patients")
 
 
 def test_the_config_is_found_in_the_machine_directory_first(tmp_path):
