@@ -1,4 +1,5 @@
-"""``ids export``: a shaped plan as a deliverable DICOM RT set (and optionally Elekta Transa files).
+"""``ids export``: a shaped plan as a deliverable DICOM RT set (and optionally Elekta Transa files);
+``ids import-plan``: the dose of a DICOM RT Plan recomputed with our engine.
 
 ``ids export SESSION_OR_PHANTOM --out DIR`` sequences the plan's fluence into MLC segments,
 recomputes the deliverable dose from the segments, and writes CT (for phantoms), RT
@@ -198,6 +199,72 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_plan(args: argparse.Namespace) -> int:
+    from ids_engine._files import atomic_text
+    from ids_engine.dose import default_6mv
+    from ids_engine.evaluation import dvh_metrics
+    from ids_engine.io import InputError, dose_agreement, plan_dose, read_rt_set, write_rtdose
+    from ids_engine.scripting import ScriptError, check_out_folder
+
+    try:
+        out = check_out_folder(args.out, force=args.force)
+        rt = read_rt_set(args.folder)
+        if rt.plan is None:
+            raise InputError("no RTPLAN file in the folder", args.folder, "Modality")
+        if not rt.plan.plan.beams:
+            raise InputError("the plan has no treatment beams to recompute", rt.plan.path, "BeamSequence")
+    except (ScriptError, InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    imported = rt.plan
+    plan = imported.plan
+    for note in imported.notes:
+        print(f"note: {note}")
+    dose = plan_dose(rt.patient, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    ct = rt.patient.meta["files"]
+    rd = write_rtdose(dose, rt.patient.grid, out / "RD_ids.dcm", rt.patient.frame_of_reference_uid, ct_files=ct,
+                      rtplan_sop_instance_uid=imported.sop_instance_uid, dose_summation_type="PLAN")
+    machine = default_6mv()
+    lines = ["# ids-engine dose of an imported RT Plan", "",
+             f"Plan {plan.name!r} ({Path(imported.path).name}): {len(plan.beams)} treatment beams, "
+             f"{plan.fractions} fraction(s), prescription {plan.prescription_gy:g} Gy; recomputed with the "
+             f"ids-engine pencil beam ({machine.name}) on the CT grid; RD_ids.dcm references the plan.", "",
+             "| beam | gantry deg | collimator deg | couch deg | energy MV | segments | MU / fraction |",
+             "|---|---|---|---|---|---|---|"]
+    for sb in plan.beams:
+        b = sb.beam
+        lines.append(f"| {b.name} | {b.gantry_deg:g} | {b.collimator_deg:g} | {b.couch_deg:g} | {b.energy_mv:g} | "
+                     f"{len(sb.segments)} | {sb.mu:.1f} |")
+    energies = sorted({sb.beam.energy_mv for sb in plan.beams} - {machine.energy_mv})
+    notes = list(imported.notes) + ([f"beams of {', '.join(f'{e:g}' for e in energies)} MV computed with the "
+                                     f"{machine.energy_mv:g} MV machine model"] if energies else [])
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    lines += ["", f"Dose maximum {float(dose.max()):.2f} Gy.", "",
+              "| structure | mean Gy | D95 Gy | max Gy |", "|---|---|---|---|"]
+    for st in rt.patient.structures:
+        if not st.is_empty:
+            m = dvh_metrics(dose, st.mask)
+            lines.append(f"| {st.name} | {m['mean_gy']:.2f} | {m['D95_gy']:.2f} | {m['max_gy']:.2f} |")
+    agreement = None
+    if rt.dose_gy is not None and float(rt.dose_gy.max()) > 0:
+        sp = rt.patient.grid.spacing_mm_zyx
+        agreement = {k: dose_agreement(rt.dose_gy, dose, sp, dose_pct=k, distance_mm=k) for k in (1.0, 3.0)}
+        lines += ["", f"## Against the folder's RT Dose ({Path(rt.rtdose_file).name})", "",
+                  "| criterion | gamma pass % | largest difference % of max |", "|---|---|---|"]
+        lines += [f"| {k:g} % / {k:g} mm | {a['pass_rate_pct']:.1f} | {a['max_diff_pct']:.2f} |"
+                  for k, a in agreement.items()]
+    atomic_text(out / "summary.md", "\n".join(lines) + "\n")
+    print(f"{len(plan.beams)} beams, {sum(len(sb.segments) for sb in plan.beams)} segments, "
+          f"{sum(sb.mu for sb in plan.beams):.0f} MU per fraction; dose maximum {float(dose.max()):.2f} Gy")
+    if agreement:
+        print(f"against the folder's RT Dose: gamma 1 %/1 mm {agreement[1.0]['pass_rate_pct']:.1f} % pass, "
+              f"3 %/3 mm {agreement[3.0]['pass_rate_pct']:.1f} % pass")
+    print(f"written to {out}: {rd.name}, summary.md")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -245,3 +312,15 @@ def add_parser(sub) -> None:
     s.add_argument("--transa-dir", help="Transa export directory (default: the configuration's, else OUT/transa)")
     s.add_argument("--department-number", default="", help="department number for the Transa patient ID")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "import-plan", help="recompute the dose of a DICOM RT Plan (CT + RTSTRUCT + RTPLAN folder)",
+        description="Read a folder holding a CT series, its RT Structure Set and an RT Plan (ours or another "
+                    "system's: beams and MLC control points become step-and-shoot segments), recompute the plan's "
+                    "dose with the ids-engine pencil beam and write it as RD_ids.dcm with summary.md; an RT Dose "
+                    "in the folder is compared (gamma 1 %/1 mm and 3 %/3 mm). A truncated or inconsistent plan is "
+                    "refused naming the file and the field.")
+    s.add_argument("folder", help="DICOM folder with CT, RTSTRUCT and one RTPLAN (and optionally one RTDOSE)")
+    s.add_argument("--out", required=True, help="folder for RD_ids.dcm and summary.md; must not exist or be empty")
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    s.set_defaults(func=cmd_import_plan)

@@ -577,7 +577,7 @@ def read_rtplan(path: "str | Path", *, mlc: MLC | None = None) -> ImportedRTPlan
     positions = [get_str(s, "PatientPosition", path, default="") for s in
                  get_sequence(ds, "PatientSetupSequence", path, required=False)]
     structure_refs = get_sequence(ds, "ReferencedStructureSetSequence", path, required=False)
-    name = get_str(ds, "RTPlanLabel", path, default="") or path.stem
+    name = get_str(ds, "RTPlanName", path, default="") or get_str(ds, "RTPlanLabel", path, default="") or path.stem
     plan = DeliverablePlan(name=name, beams=tuple(beams), prescription_gy=prescription, fractions=fractions)
     return ImportedRTPlan(
         plan=plan,

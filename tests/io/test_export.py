@@ -186,6 +186,24 @@ def test_without_a_sequencer_a_modulated_map_is_refused_and_open_fields_pass(mon
         session.close()
 
 
+# ------------------------------------------------------------------ ids import-plan
+def test_ids_import_plan_recomputes_the_exported_dose(exported, tmp_path, capsys):
+    _, ex, _, _ = exported
+    out = tmp_path / "imported"
+    assert main(["import-plan", str(ex.folder), "--out", str(out)]) == 0
+    assert "gamma 1 %/1 mm 100.0 % pass" in capsys.readouterr().out
+    back = read_rtdose(out / "RD_ids.dcm", read_dicom(ex.folder).grid)
+    np.testing.assert_allclose(back, ex.dose_gy, rtol=0, atol=0.01 * float(ex.dose_gy.max()))
+    assert "horseshoe test" in (out / "summary.md").read_text()
+
+
+def test_ids_import_plan_without_a_plan_is_refused(tmp_path, capsys):
+    patient = water_box("coarse", size_mm=(20.0, 20.0, 10.0))
+    write_dicom_ct(patient, tmp_path / "ct")
+    assert main(["import-plan", str(tmp_path / "ct"), "--out", str(tmp_path / "out")]) == 2
+    assert "no RTPLAN" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ ids export
 def test_ids_export_of_a_saved_session(tmp_path, capsys):
     session = Session.from_phantom("horseshoe", "coarse", n_beams=2)
