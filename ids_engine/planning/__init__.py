@@ -21,3 +21,18 @@ __all__ += ["AUTO_WEIGHT_METHODS", "AutoWeightInfeasible", "AutoWeightProblem", 
             "PlanBookError", "PointRef", "PrescriptionError", "UpperLimitSearch", "Violation", "VolumeGoal",
             "apply_prescription", "auto_weight", "compute_mu", "nominal_dmax_mm", "normalisation_dose_gy", "objective", "objective_terms",
             "search_upper_limit", "solve_annealing", "solve_cimmino", "solve_downhill", "solve_simplex"]
+
+# Forward planning (issue 12): beam operations, arcs, Make Conformed Beams.
+from ._beams import (  # noqa: E402
+    copy_beam, find_beam, mirror_aperture, mirror_fluence, mirror_fluence_grid, move_isocentres, new_beam,
+    parallel_opposed, unique_name,
+)
+from ._arcs import Arc, arc_angles, arc_direction, simulate_arcs  # noqa: E402
+from ._conformal import (  # noqa: E402
+    LEAF_MODES, BEVProjection, ConformedBeam, aperture_area_mm2, conformed_fluences, fit_aperture,
+    make_conformed_beams, project_structure,
+)
+__all__ += ["Arc", "BEVProjection", "ConformedBeam", "LEAF_MODES", "aperture_area_mm2", "arc_angles",  # noqa: E402
+            "arc_direction", "conformed_fluences", "copy_beam", "find_beam", "fit_aperture", "make_conformed_beams",
+            "mirror_aperture", "mirror_fluence", "mirror_fluence_grid", "move_isocentres", "new_beam",
+            "parallel_opposed", "project_structure", "simulate_arcs", "unique_name"]
