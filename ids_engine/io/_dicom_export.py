@@ -330,7 +330,8 @@ def export_rt_set(
     ----------
     patient : the patient.
     plan : the deliverable plan (segments' ``mu`` are MU per fraction).
-    folder : where to write (created; files of the same names are replaced).
+    folder : where to write (created; files of the same names are replaced; not the case's own
+        DICOM folder).
     dose_gy : the plan's dose on the patient's grid; None computes it with :func:`plan_dose`.
     machine, engine_options : for :func:`plan_dose`.
     anonymise : True (or an :class:`Anonymiser` to share its mapping) anonymises every file
@@ -357,6 +358,8 @@ def export_rt_set(
     tick(0, "CT")
     src = [Path(p) for p in (patient.meta or {}).get("files", [])]
     if patient.frame_of_reference_uid and src and all(p.is_file() for p in src):
+        if any(p.resolve().parent == folder.resolve() for p in src):
+            raise ValueError(f"export_rt_set: {folder} holds the case's own CT; export into another folder")
         ct_files = []
         for k, p in enumerate(src):  # in slice order; renamed (source names may carry identifiers)
             target = folder / f"CT_{k:04d}.dcm"

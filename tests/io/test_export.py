@@ -150,6 +150,8 @@ def test_a_dicom_case_is_exported_with_its_own_ct_and_frame(exported, tmp_path):
     assert again.frame_of_reference_uid == ex.frame_of_reference_uid
     assert [p.name for p in again.ct_files] == [p.name for p in ex.ct_files]
     assert _read(again.ct_files[5]).SOPInstanceUID == _read(ex.ct_files[5]).SOPInstanceUID
+    with pytest.raises(ValueError, match="own CT"):
+        export_rt_set(rt.patient, rt.plan.plan, ex.folder, dose_gy=rt.dose_gy)
     back = read_rt_set(tmp_path / "again")
     np.testing.assert_allclose(back.dose_gy, rt.dose_gy, rtol=0, atol=1e-5 * float(rt.dose_gy.max()))
 
