@@ -1,6 +1,15 @@
 """Deliverable plans: MLC apertures, segments, sequenced beams (shared by forward planning,
 sequencing and DICOM RT export); leaf sequencing of fluence maps."""
 
+from ._deliverable import (
+    DEFAULT_TONGUE_GROOVE_MM,
+    DeliverableCheck,
+    check_deliverable,
+    deliverable_fluences,
+    reoptimise_weights,
+    segment_fluence,
+    segment_influence,
+)
 from ._sequencing import (
     IntegerSegment,
     LeafMatrix,
@@ -16,7 +25,9 @@ from ._sequencing import (
 from ._types import Aperture, DeliverablePlan, Segment, SequencedBeam, aperture_fluence
 
 __all__ = [
+    "DEFAULT_TONGUE_GROOVE_MM",
     "Aperture",
+    "DeliverableCheck",
     "DeliverablePlan",
     "IntegerSegment",
     "LeafMatrix",
@@ -25,6 +36,11 @@ __all__ = [
     "SequencedFluence",
     "SequencingError",
     "aperture_fluence",
+    "check_deliverable",
+    "deliverable_fluences",
+    "reoptimise_weights",
+    "segment_fluence",
+    "segment_influence",
     "complexity",
     "decompose",
     "leaf_matrix",

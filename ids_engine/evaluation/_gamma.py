@@ -80,7 +80,11 @@ def _interp(dose: np.ndarray, axes: list[np.ndarray], pts: np.ndarray) -> np.nda
             idx[d] = 0.0
             continue
         outside |= (x < a[0] - 1e-9) | (x > a[-1] + 1e-9)
-        idx[d] = np.interp(x, a, np.arange(a.size, dtype=np.float64))
+        da = np.diff(a)
+        if np.allclose(da, da[0], rtol=1e-9, atol=0):  # regular axis: no search needed
+            idx[d] = (x - a[0]) / da[0]
+        else:
+            idx[d] = np.interp(x, a, np.arange(a.size, dtype=np.float64))
     out = ndimage.map_coordinates(dose, idx, order=1, mode="nearest")
     out[outside] = np.inf
     return out
