@@ -300,7 +300,8 @@ def add_parser(sub) -> None:
     s.add_argument("--anonymise", action="store_true",
                    help="remap names, IDs, dates and UIDs consistently across the files of the export")
     s.add_argument("--fractions", type=_positive_int, default=1,
-                   help="NumberOfFractionsPlanned; BeamMeterset is the plan's MU divided by it (default 1)")
+                   help="NumberOfFractionsPlanned: the plan's fluence (MU over the course) is shared among "
+                        "them, BeamMeterset is MU per fraction (default 1)")
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical", help="a phantom's grid")
     s.add_argument("--beams", type=_positive_int, default=9, help="a phantom's open-field beams (default 9)")
     s.add_argument("--prescription-gy", type=_positive_float, default=60.0, help="a phantom's prescription (60 Gy)")
