@@ -185,6 +185,17 @@ class ImportanceTuning:
         """L-BFGS-B iterations over all evaluations."""
         return sum(s.iterations for s in self.path)
 
+    def text(self) -> str:
+        """The path as lines for a terminal: each evaluation's importances and score."""
+        names = [self.goals[i].name or f"{self.goals[i].structure} {self.goals[i]._describe()}" for i in self.tuned]
+        lines = [f"importance tuning ({len(self.path)} evaluations, {self.time_s:.1f} s): {self.message}; "
+                 f"score {self.initial_score:.4g} -> {self.best_score:.4g} Gy^2",
+                 "  step  " + "  ".join(f"{n[:16]:>16}" for n in names) + "       score"]
+        for k, s in enumerate(self.path):
+            mark = " *" if k == self.best else ""
+            lines.append(f"  {k:>4}  " + "  ".join(f"{v:>16.4g}" for v in s.importances) + f"  {s.score:>10.4g}{mark}")
+        return "\n".join(lines)
+
     def summary(self) -> dict:
         """A JSON-ready record: tuned goals, score goals, the path and the best step."""
         return {

@@ -76,6 +76,7 @@ def test_tuning_finds_the_band_where_every_score_goal_is_met():
         pp, qq = step.importances
         ww = 60.0 * pp / (pp + qq / 4.0)
         assert step.score == pytest.approx(max(54.0 - ww, 0.0) ** 2 + max(0.5 * ww - 28.5, 0.0) ** 2, abs=1e-4)
+    assert "score 36 -> 0 Gy^2" in tuned.text() and tuned.text().count("\n") == len(tuned.path) + 1
     summary = tuned.summary()
     assert summary["evaluations"] == len(tuned.path) and summary["best_score"] == 0.0
 
