@@ -243,6 +243,7 @@ class DeliverableCheck:
         rx = self.plan.prescription_gy
         lines = [f"# {title}", "",
                  f"Sequenced with {o.get('method', '?')} ({o.get('levels', '?')} levels, bixel {o.get('bixel_mm', '?')} mm, "
+                 f"pair fluence {o.get('pair_sampling', 'mean')}, "
                  f"minimum {o.get('min_mu', '?')} MU per segment and fraction, {self.plan.fractions} fraction(s)) on MLC "
                  f"{self.plan.beams[0].mlc.name if self.plan.beams else '?'}; deliverable fluence = aperture area "
                  f"fractions + leaf transmission ({self.plan.beams[0].mlc.transmission if self.plan.beams else 0:g}) + "

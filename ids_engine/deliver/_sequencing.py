@@ -5,9 +5,9 @@ Three steps (:func:`sequence_fluence`):
 1. **Resampling onto leaf pairs.** The fluence (nv, nu) on the beam's
    :class:`~ids_engine.model.FluenceGrid` (IEC 61217 beam-limiting-device frame at the
    isocentre plane: leaves move along ``u`` = X_b, pairs are stacked along ``v`` = Y_b) is
-   averaged over each leaf pair's width (rows of the leaf matrix) and over bins of
-   ``bixel_mm`` along ``u`` (columns, aligned on the beam axis): the resolution of the leaf
-   positions.
+   averaged over each leaf pair's width (rows of the leaf matrix; or sampled along the pair's
+   centre line) and over bins of ``bixel_mm`` along ``u`` (columns, counted from the grid's
+   first cell edge): the resolution of the leaf positions.
 2. **Quantisation.** The leaf matrix is divided into ``levels`` equal steps of the maximum and
    rounded: an integer matrix ``A``; one unit of ``A`` is ``step_mu`` MU. The step is raised
    (fewer levels) when a level would be under ``min_mu`` MU per fraction, so that every
@@ -107,7 +107,8 @@ def _check_fluence(fluence, grid: FluenceGrid, where: str) -> np.ndarray:
     return f
 
 
-def leaf_matrix(fluence_mu, grid: FluenceGrid, mlc: MLC, *, bixel_mm: float = 2.5, where: str = "fluence") -> LeafMatrix:
+def leaf_matrix(fluence_mu, grid: FluenceGrid, mlc: MLC, *, bixel_mm: float = 2.5, pair_sampling: str = "mean",
+                where: str = "fluence") -> LeafMatrix:
     """Average a fluence map onto the MLC's leaf pairs and ``bixel_mm`` columns.
 
     Parameters
@@ -116,6 +117,10 @@ def leaf_matrix(fluence_mu, grid: FluenceGrid, mlc: MLC, *, bixel_mm: float = 2.
     grid : the beam's fluence grid.
     mlc : the collimator.
     bixel_mm : column width along the leaf motion, mm (>= the MLC's minimum gap).
+    pair_sampling : ``"mean"`` (each row is the fluence averaged over the pair's width: the
+        best constant in the least-squares sense, right for modulated maps) or ``"centre"``
+        (the fluence along the pair's centre line: keeps an open field's rows binary, so it
+        stays one segment, at the price of ignoring detail finer than a leaf).
     where : how errors name the map (e.g. the beam).
 
     Raises
@@ -152,14 +157,24 @@ def leaf_matrix(fluence_mu, grid: FluenceGrid, mlc: MLC, *, bixel_mm: float = 2.
     k1 = int(np.searchsorted(edges, v_hi, side="left"))
     k0, k1 = max(k0, 0), min(k1, mlc.n_pairs)
     pairs = np.arange(k0, k1)
-    wv = _overlap_matrix(v - p / 2, v + p / 2, edges[k0:k1], edges[k0 + 1 : k1 + 1])  # (rows, nv) mm
-    per_pair = (wv @ f) / np.diff(edges[k0 : k1 + 1])[:, None]  # (rows, nu): mean over the pair's width
-    # Columns: bixels aligned on the beam axis, clipped to the largest field.
-    c0 = np.floor(u_lo / bixel_mm + 1e-9) * bixel_mm
-    c1 = np.ceil(u_hi / bixel_mm - 1e-9) * bixel_mm
-    col_edges = np.clip(np.arange(c0, c1 + bixel_mm / 2, bixel_mm), -half_x, half_x)
+    if pair_sampling == "mean":
+        wv = _overlap_matrix(v - p / 2, v + p / 2, edges[k0:k1], edges[k0 + 1 : k1 + 1])  # (rows, nv) mm
+        per_pair = np.einsum("kv,vu->ku", wv, f) / np.diff(edges[k0 : k1 + 1])[:, None]  # mean over the pair
+    elif pair_sampling == "centre":
+        centre = 0.5 * (edges[k0:k1] + edges[k0 + 1 : k1 + 1])
+        r = np.rint((centre - v[0]) / p).astype(int)
+        inside = (r >= 0) & (r < f.shape[0])
+        per_pair = np.where(inside[:, None], f[np.clip(r, 0, f.shape[0] - 1)], 0.0)
+    else:
+        raise SequencingError(f"pair_sampling must be 'mean' or 'centre', got {pair_sampling!r}")
+    # Columns: bixels counted from the fluence grid's first cell edge (a bixel of a whole
+    # number of cells holds whole cells), clipped to the largest field.
+    base = u[0] - p / 2
+    c0 = base + np.floor((u_lo - base) / bixel_mm + 1e-9) * bixel_mm
+    c1 = base + np.ceil((u_hi - base) / bixel_mm - 1e-9) * bixel_mm
+    col_edges = np.clip(c0 + bixel_mm * np.arange(int(round((c1 - c0) / bixel_mm)) + 1), -half_x, half_x)
     wu = _overlap_matrix(u - p / 2, u + p / 2, col_edges[:-1], col_edges[1:])  # (cols, nu) mm
-    values = (per_pair @ wu.T) / np.diff(col_edges)[None, :]
+    values = np.einsum("ku,cu->kc", per_pair, wu) / np.diff(col_edges)[None, :]
     return LeafMatrix(values, pairs, col_edges)
 
 
@@ -384,7 +399,7 @@ def _check_leaf_travel(ap: Aperture, mlc: MLC, where: str) -> None:
 
 def sequence_fluence(fluence_mu, grid: FluenceGrid, mlc: MLC | None = None, *, levels: int = 10,
                      min_mu: float = 1.0, fractions: int = 1, bixel_mm: float = 2.5, method: str = "auto",
-                     where: str = "fluence") -> SequencedFluence:
+                     pair_sampling: str = "mean", where: str = "fluence") -> SequencedFluence:
     """Sequence one fluence map (see the module's description of the three steps).
 
     Parameters
@@ -396,6 +411,7 @@ def sequence_fluence(fluence_mu, grid: FluenceGrid, mlc: MLC | None = None, *, l
     min_mu : least MU per segment and fraction.
     fractions : the course's fractions; segment MU are per fraction.
     bixel_mm : leaf-position resolution along X_b, mm.
+    pair_sampling : ``"mean"`` or ``"centre"`` (see :func:`leaf_matrix`).
     method : ``"engel"``, ``"sweep"`` or ``"auto"`` (Engel where the MLC allows
         interdigitation, the sweep with rod pushing where it does not).
     where : how errors name the map.
@@ -412,7 +428,7 @@ def sequence_fluence(fluence_mu, grid: FluenceGrid, mlc: MLC | None = None, *, l
     if method == "engel" and not mlc.interdigitation:
         raise SequencingError(f"{where}: method 'engel' cannot honour MLC {mlc.name!r}'s no-interdigitation "
                               "constraint; use 'sweep' or 'auto'")
-    lm = leaf_matrix(fluence_mu, grid, mlc, bixel_mm=bixel_mm, where=where)
+    lm = leaf_matrix(fluence_mu, grid, mlc, bixel_mm=bixel_mm, pair_sampling=pair_sampling, where=where)
     peak = float(lm.values_mu.max()) if lm.values_mu.size else 0.0
     if peak <= 0:
         return SequencedFluence(lm, np.zeros(lm.values_mu.shape, np.int64), 0.0, (), (), np.zeros(0), method)
@@ -428,20 +444,21 @@ def sequence_fluence(fluence_mu, grid: FluenceGrid, mlc: MLC | None = None, *, l
 
 
 def sequence_beam(beam: Beam, fluence_mu, mlc: MLC | None = None, *, levels: int = 10, min_mu: float = 1.0,
-                  fractions: int = 1, bixel_mm: float = 2.5, method: str = "auto") -> SequencedBeam:
+                  fractions: int = 1, bixel_mm: float = 2.5, method: str = "auto",
+                  pair_sampling: str = "mean") -> SequencedBeam:
     """One beam's fluence (on ``beam.fluence_grid``, MU over the course) as step-and-shoot
     segments; ``Segment.mu`` is MU per fraction. See :func:`sequence_fluence`."""
     if beam.fluence_grid is None:
         raise SequencingError(f"beam {beam.name!r} has no fluence grid (take the beams from the dose engine)")
     mlc = mlc or default_mlc()
     sf = sequence_fluence(fluence_mu, beam.fluence_grid, mlc, levels=levels, min_mu=min_mu, fractions=fractions,
-                          bixel_mm=bixel_mm, method=method, where=f"beam {beam.name!r}")
+                          bixel_mm=bixel_mm, method=method, pair_sampling=pair_sampling, where=f"beam {beam.name!r}")
     return SequencedBeam(beam, mlc, tuple(Segment(ap, m) for ap, m in zip(sf.apertures, sf.mu)))
 
 
 def sequence_plan(beams: Sequence[Beam], fluences: Sequence, mlc: MLC | None = None, *, levels: int = 10,
                   min_mu: float = 1.0, fractions: int = 1, bixel_mm: float = 2.5, method: str = "auto",
-                  prescription_gy: float = 0.0, name: str = "sequenced") -> DeliverablePlan:
+                  pair_sampling: str = "mean", prescription_gy: float = 0.0, name: str = "sequenced") -> DeliverablePlan:
     """Sequence every beam of a plan (see :func:`sequence_beam`).
 
     Parameters
@@ -457,5 +474,5 @@ def sequence_plan(beams: Sequence[Beam], fluences: Sequence, mlc: MLC | None = N
     if len(beams) != len(fluences):
         raise SequencingError(f"{len(beams)} beams but {len(fluences)} fluence maps")
     seq = tuple(sequence_beam(b, f, mlc, levels=levels, min_mu=min_mu, fractions=fractions, bixel_mm=bixel_mm,
-                              method=method) for b, f in zip(beams, fluences))
+                              method=method, pair_sampling=pair_sampling) for b, f in zip(beams, fluences))
     return DeliverablePlan(name, seq, float(prescription_gy), int(fractions))

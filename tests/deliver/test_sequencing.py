@@ -212,3 +212,23 @@ def test_sequence_beam_and_plan_refusals():
     nogrid = Beam(name="B2", gantry_deg=0.0, isocentre_mm_xyz=(0, 0, 0))
     with pytest.raises(SequencingError, match="no fluence grid"):
         sequence_beam(nogrid, f)
+
+
+def test_pair_sampling_of_an_open_field_off_the_leaf_boundaries():
+    # An open field of 7 MU on a 1 mm grid whose edges (Y_b -7.5..7.5) cut pairs 28 and 31 in half.
+    grid = FluenceGrid((30, 40), 1.0, (-19.5, -15.0))
+    f = np.zeros(grid.shape_vu)
+    v = grid.v_mm()
+    f[(v >= -7) & (v <= 7), 10:30] = 7.0  # cells -7.5..7.5 mm
+    mean = sequence_fluence(f, grid, default_mlc(), levels=10, min_mu=0.0, bixel_mm=1.0)
+    # The mean over the half-covered pairs is half the field: two levels, two segments.
+    assert mean.matrix.values_mu[0].max() == pytest.approx(3.5) and len(mean.segments) == 2
+    assert mean.mu.sum() == pytest.approx(7.0)
+    # Along the pairs' centre lines the field is binary: one segment of 7 MU, pairs 28-31 open.
+    centre = sequence_fluence(f, grid, default_mlc(), levels=10, min_mu=0.0, bixel_mm=1.0, pair_sampling="centre")
+    assert len(centre.segments) == 1 and centre.mu[0] == pytest.approx(7.0)
+    ap = centre.apertures[0]
+    assert np.array_equal(np.nonzero(ap.leaf_x2_mm - ap.leaf_x1_mm > 1)[0], [28, 29, 30, 31])
+    assert ap.leaf_x1_mm[29] == pytest.approx(-10.0) and ap.leaf_x2_mm[29] == pytest.approx(10.0)
+    with pytest.raises(SequencingError, match="pair_sampling"):
+        sequence_fluence(f, grid, default_mlc(), pair_sampling="edge")
