@@ -131,3 +131,41 @@ def test_check_closes_the_gap_and_reports(case):
     md = chk.to_markdown()
     assert "| B1 G0 |" in md and "3%/3mm" in md and "2%/2mm" in md and "| PTV | D95 |" in md
     assert [r["segments"] for r in chk.beam_rows()] == [len(sb.segments) for sb in plan.beams]
+
+
+# ------------------------------------------------------------------ ids sequence
+def test_cli_sequence_on_a_saved_session(tmp_path, capsys):
+    import json
+
+    from ids_engine.cli import main
+    from ids_engine.session import Session, case_from_spec
+
+    spec = {"phantom": "water", "resolution": "coarse"}
+    p = case_from_spec(spec)
+    beams = equispaced_beams(2, (0.0, 0.0, 0.0))
+    with Session(p, beams, prescription_gy=2.0, case=spec) as s:
+        maps = []
+        for g in s.engine.geometry:
+            fg = g.beam.fluence_grid
+            uu, vv = np.meshgrid(fg.u_mm(), fg.v_mm())
+            maps.append(((np.abs(uu) <= 30) & (np.abs(vv) <= 20)) * (100.0 + uu).astype(np.float32))
+        s.set_plan(maps)
+        s.save(tmp_path / "session")
+    out = tmp_path / "seq"
+    rc = main(["sequence", str(tmp_path / "session"), "--out", str(out), "--levels", "4", "--gamma-points", "300",
+               "--no-reoptimise"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "segments.json").read_text())
+    assert [b["name"] for b in doc["beams"]] == [b.name for b in beams]
+    seg = doc["beams"][0]["segments"][0]
+    assert len(seg["leaf_x1_mm"]) == 60 and "mu_reoptimised" not in seg
+    # A ramp of 70..130 MU in 4 levels of its peak: the MU of a beam are its peak (the last
+    # 2.5 mm bixel's mean, 129 MU) as the ramp only rises along each row.
+    assert doc["beams"][0]["mu"] == pytest.approx(129.0, abs=1.0)
+    assert (out / "deliverable_report.md").read_text().startswith("# Deliverable dose check")
+    assert len(list(out.glob("segments_*.png"))) == 2
+    # Refusals: the same non-empty folder, an unknown source.
+    assert main(["sequence", str(tmp_path / "session"), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["sequence", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a session folder" in capsys.readouterr().err
