@@ -389,7 +389,7 @@ def _infeasible(problem: AutoWeightProblem, G, h, tags) -> AutoWeightInfeasible:
 
 # ----------------------------------------------------------------------------- Cimmino
 def solve_cimmino(problem: AutoWeightProblem, *, stop_distance_mu: float = 0.01, max_iterations: int = 5000,
-                  relaxation: float = 1.0, start_mu=None) -> AutoWeightResult:
+                  relaxation: float = 1.0, start_mu=None, progress=None, cancel=None) -> AutoWeightResult:
     """Cimmino's simultaneous projections (see the module docstring).
 
     Parameters
@@ -400,6 +400,8 @@ def solve_cimmino(problem: AutoWeightProblem, *, stop_distance_mu: float = 0.01,
     relaxation : the step's relaxation parameter, in (0, 2) (1: the weighted mean of the
         projections).
     start_mu : starting MU (default 0 for every beam).
+    progress, cancel : optional ``progress(done, total, label)`` and ``cancel() -> bool``
+        callables (checked every 100 iterations; a cancelled run returns where it got to).
     """
     if not 0 < relaxation < 2:
         raise ValueError(f"cimmino: relaxation must lie in (0, 2), got {relaxation!r}")
@@ -438,13 +440,19 @@ def solve_cimmino(problem: AutoWeightProblem, *, stop_distance_mu: float = 0.01,
         if moved < threshold:
             message = f"converged: moved {moved:.3g} MU < {stop_distance_mu:g} MU / total weight {total_weight:g}"
             break
+        if it % 100 == 0:
+            if progress:
+                progress(it, int(max_iterations), "cimmino")
+            if cancel and cancel():
+                message = f"cancelled after {it} iterations"
+                break
     return _result("cimmino", problem, x, it, t0, message, stop_distance_mu=stop_distance_mu,
                    max_iterations=int(max_iterations), relaxation=relaxation, total_weight=total_weight)
 
 
 # ----------------------------------------------------------------------------- downhill search
 def solve_downhill(problem: AutoWeightProblem, *, start_mu=None, max_iterations: int = 4000,
-                   tolerance_mu: float = 0.05) -> AutoWeightResult:
+                   tolerance_mu: float = 0.05, progress=None, cancel=None) -> AutoWeightResult:
     """Downhill search (Nelder-Mead downhill simplex, MU >= 0) on :func:`objective`.
 
     Parameters
@@ -453,6 +461,8 @@ def solve_downhill(problem: AutoWeightProblem, *, start_mu=None, max_iterations:
         the targets); the first simplex steps by 20 % of it along each beam.
     max_iterations : iteration limit.
     tolerance_mu : stop when the simplex is smaller than this (MU) and the objective flat.
+    progress, cancel : optional ``progress(done, total, label)`` and ``cancel() -> bool``
+        callables (every iteration; a cancelled run returns its best point so far).
     """
     from scipy.optimize import minimize
 
@@ -462,10 +472,21 @@ def solve_downhill(problem: AutoWeightProblem, *, start_mu=None, max_iterations:
     nb = problem.n_beams
     step = np.maximum(0.2 * x0, 1.0)
     simplex = np.vstack([x0] + [x0 + step[i] * np.eye(nb)[i] for i in range(nb)])
-    res = minimize(f, x0, method="Nelder-Mead", bounds=[(0, None)] * nb,
+    count = [0]
+
+    def callback(intermediate_result):
+        count[0] += 1
+        if progress:
+            progress(count[0], int(max_iterations), "downhill")
+        if cancel and cancel():
+            count.append("cancelled")
+            raise StopIteration
+
+    res = minimize(f, x0, method="Nelder-Mead", bounds=[(0, None)] * nb, callback=callback,
                    options={"initial_simplex": simplex, "maxiter": int(max_iterations), "xatol": tolerance_mu,
                             "fatol": 1e-12, "adaptive": nb > 4})
-    return _result("downhill", problem, res.x, int(res.nit), t0, str(res.message), max_iterations=int(max_iterations),
+    message = f"cancelled after {res.nit} iterations" if "cancelled" in count else str(res.message)
+    return _result("downhill", problem, res.x, int(res.nit), t0, message, max_iterations=int(max_iterations),
                    tolerance_mu=tolerance_mu)
 
 
@@ -479,7 +500,7 @@ def annealing_steps(sd0_mu: float, increment: float = 0.01, min_sd_mu: float = 0
 
 def solve_annealing(problem: AutoWeightProblem, *, start_mu=None, sd0_mu: float | None = None,
                     iterations_per_step: int = 10, increment: float = 0.01, min_sd_mu: float = 0.5,
-                    seed: int = 0) -> AutoWeightResult:
+                    seed: int = 0, progress=None, cancel=None) -> AutoWeightResult:
     """Simulated annealing with the seed's cooling schedule (see the module docstring).
 
     Parameters
@@ -490,6 +511,8 @@ def solve_annealing(problem: AutoWeightProblem, *, start_mu=None, sd0_mu: float 
     increment : added to the sum after each step; ``sd_fraction = exp(-sum)`` (0.01).
     min_sd_mu : stop when the standard deviation falls below this (0.5 MU).
     seed : the random generator's seed (the result is reproducible).
+    progress, cancel : optional ``progress(done, total, label)`` (cooling steps) and
+        ``cancel() -> bool`` callables, called every step; a cancelled run returns the best seen.
     """
     if int(iterations_per_step) < 1 or not increment > 0 or not min_sd_mu > 0:
         raise ValueError("annealing: iterations_per_step >= 1, increment > 0 and min_sd_mu > 0 are needed")
@@ -503,7 +526,12 @@ def solve_annealing(problem: AutoWeightProblem, *, start_mu=None, sd0_mu: float 
     total, sd_fraction, variance = 0.0, 1.0, 0.0
     it = 0
     accepted_up = 0
+    n_steps, step = annealing_steps(sd0, increment, min_sd_mu), 0
+    stopped = ""
     while sd0 * sd_fraction >= min_sd_mu:
+        if cancel and cancel():
+            stopped = "cancelled; "
+            break
         sd = sd0 * sd_fraction
         costs = np.empty(int(iterations_per_step))
         for k in range(int(iterations_per_step)):
@@ -521,8 +549,12 @@ def solve_annealing(problem: AutoWeightProblem, *, start_mu=None, sd0_mu: float 
         variance = float(np.var(costs))
         total += increment
         sd_fraction = float(np.exp(-total))
+        step += 1
+        if progress:
+            progress(step, n_steps, "annealing")
     return _result("annealing", problem, best_x, it, t0,
-                   f"standard deviation below {min_sd_mu:g} MU after {it} iterations ({accepted_up} increases accepted)",
+                   f"{stopped or 'standard deviation below ' + format(min_sd_mu, 'g') + ' MU '}after {it} iterations "
+                   f"({accepted_up} increases accepted)",
                    sd0_mu=sd0, iterations_per_step=int(iterations_per_step), increment=increment, min_sd_mu=min_sd_mu,
                    seed=seed)
 

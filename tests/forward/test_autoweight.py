@@ -190,3 +190,22 @@ def test_four_field_box_ring_limit_spreads_the_simplex(box):
     # A new problem with other limits reuses the cached samples (same arrays).
     again = AutoWeightProblem.from_doses(doses, patient, goals, max_points=1500, seed=0)
     assert all(a is b for a, b in zip(again.rates, prob.rates))
+
+
+def test_progress_and_cancel():
+    seen = []
+    r = solve_annealing(small(), sd0_mu=2.0, progress=lambda d, t, lab: seen.append((d, t, lab)))
+    assert seen[-1] == (139, 139, "annealing") and len(seen) == 139
+    calls = [0]
+
+    def stop():
+        calls[0] += 1
+        return calls[0] > 5
+
+    r = solve_annealing(small(), sd0_mu=2.0, cancel=stop)
+    assert r.iterations == 50 and r.message.startswith("cancelled")
+    r = solve_downhill(small(), cancel=lambda: True)
+    assert r.iterations <= 2 and r.message.startswith("cancelled")
+    r = solve_cimmino(small(oar_max=0.0), stop_distance_mu=1e-12, max_iterations=10000, relaxation=0.01,
+                      cancel=lambda: True)
+    assert r.iterations == 100 and r.message.startswith("cancelled")
