@@ -266,9 +266,7 @@ def run_autoweight(doc: dict, out, *, methods=METHODS, force: bool = False, prog
     doses = BeamDoses(patient, plan, progress=progress)
     t_doses = time.perf_counter() - t0
     echo(f"case: {label}; plan {plan.name!r}: {plan.n_beams} beams; dose per MU of each beam in {t_doses:.2f} s")
-    book = PlanBook({"case_file": doc})
-    book.case.pop("_path", None)
-    book.case["case_file"] = {k: v for k, v in doc.items() if k != "_path"}
+    book = PlanBook({"case_file": {k: v for k, v in doc.items() if k != "_path"}})
     book.add(plan)
     summaries = []
     rx_gy = max((g.min_gy for g in goals or () if g.role == "target"), default=None)
