@@ -53,6 +53,12 @@ class _UsageError(ValueError):
     pass
 
 
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(p, 79) for p in text.split("\n\n"))
+
+
 def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("case", nargs="?", help="built-in phantom name, DICOM folder or matRad .mat file "
                    "(not needed with --session)")
@@ -66,7 +72,7 @@ def _common(s: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("points", help="dose per point per beam, the seed's point file, comparison with measured",
-                       description=_POINTS_HELP,
+                       description=_wrap(_POINTS_HELP),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(s)
     s.add_argument("--session", help="a saved session folder (its plan; CASE is then not needed)")
@@ -83,7 +89,7 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_points)
 
     s = sub.add_parser("dvh", help="DVHs exact (partial volumes) and by random sampling, PNG",
-                       description=_DVH_HELP,
+                       description=_wrap(_DVH_HELP),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(s)
     s.add_argument("--session", action="append", default=[], help="a saved session folder; repeat for several "
