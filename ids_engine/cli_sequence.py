@@ -265,8 +265,8 @@ def add_parser(sub) -> None:
                         "centre line (open fields stay one segment; use with --bixel-mm 1)")
     s.add_argument("--method", choices=("auto", "engel", "sweep"), default="auto",
                    help="segmentation (default auto: engel, or sweep when the MLC forbids interdigitation)")
-    s.add_argument("--tongue-groove-mm", type=lambda t: _number(t, False), default=1.0,
-                   help="tongue-and-groove strip width along leaf-pair boundaries, mm (default 1; 0: none)")
+    s.add_argument("--tongue-groove-mm", type=lambda t: _number(t, False), default=0.5,
+                   help="tongue-and-groove strip width along leaf-pair boundaries, mm (default 0.5; 0: none)")
     s.add_argument("--no-reoptimise", action="store_true", help="skip the re-optimisation of the segment MU")
     s.add_argument("--gamma-points", type=_positive_int, default=20000,
                    help="reference voxels evaluated per gamma (seeded subset; default 20000)")
