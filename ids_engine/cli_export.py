@@ -114,15 +114,15 @@ def export_state(state: PlanState, out: "str | Path", *, fractions: int = 1, ano
     if progress:
         progress(1, 3, "deliverable dose")
     dose = plan_dose(state.patient, plan, machine=state.machine, engine_options=state.engine_options)
-    agreement = dose_agreement(state.dose_gy, dose, state.patient.grid.spacing_mm_zyx, dose_pct=3.0, distance_mm=3.0)
+    agreement = dose_agreement(state.dose_gy, dose, state.patient.grid, dose_pct=3.0, distance_mm=3.0)
     if progress:
         progress(2, 3, "writing DICOM")
     exported = export_rt_set(state.patient, plan, out, dose_gy=dose, anonymise=anonymise, patient_name=patient_name,
                              patient_id=patient_id, machine_name=machine_name, case_label=case_label)
     with open(exported.summary, "a", encoding="utf-8") as fh:
         fh.write("\n## Deliverable dose against the fluence dose\n\n"
-                 f"Global gamma 3 % / 3 mm over voxels above 10 % of the maximum (searched on the CT grid): "
-                 f"{agreement['pass_rate_pct']:.1f} % pass, largest dose difference "
+                 f"Global gamma 3 % / 3 mm (interpolated search) at {agreement['points']} voxels drawn from those "
+                 f"above 10 % of the maximum: {agreement['pass_rate_pct']:.1f} % pass, largest dose difference "
                  f"{agreement['max_diff_pct']:.1f} % of the fluence dose's maximum.\n")
     if progress:
         progress(3, 3, "done")
@@ -249,8 +249,8 @@ def cmd_import_plan(args: argparse.Namespace) -> int:
             lines.append(f"| {st.name} | {m['mean_gy']:.2f} | {m['D95_gy']:.2f} | {m['max_gy']:.2f} |")
     agreement = None
     if rt.dose_gy is not None and float(rt.dose_gy.max()) > 0:
-        sp = rt.patient.grid.spacing_mm_zyx
-        agreement = {k: dose_agreement(rt.dose_gy, dose, sp, dose_pct=k, distance_mm=k) for k in (1.0, 3.0)}
+        agreement = {k: dose_agreement(rt.dose_gy, dose, rt.patient.grid, dose_pct=k, distance_mm=k)
+                     for k in (1.0, 3.0)}
         lines += ["", f"## Against the folder's RT Dose ({Path(rt.rtdose_file).name})", "",
                   "| criterion | gamma pass % | largest difference % of max |", "|---|---|---|"]
         lines += [f"| {k:g} % / {k:g} mm | {a['pass_rate_pct']:.1f} | {a['max_diff_pct']:.2f} |"

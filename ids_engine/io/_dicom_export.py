@@ -136,37 +136,33 @@ def open_field_segments(fluence: np.ndarray, grid: FluenceGrid, mlc: MLC, *, fra
     return (Segment(Aperture(x1, x2, jaw_x, jaw_y), level / int(fractions)),)
 
 
-def dose_agreement(reference_gy: np.ndarray, evaluated_gy: np.ndarray, spacing_mm_zyx, *, dose_pct: float = 1.0,
-                   distance_mm: float = 1.0, threshold_pct: float = 10.0) -> dict:
-    """Global gamma (``dose_pct`` % of the reference maximum / ``distance_mm``) of two doses on one
-    grid, searched over the grid's own voxels within ``distance_mm`` (no interpolation: a
-    coarse grid makes it a dose-difference test).
+def dose_agreement(reference_gy: np.ndarray, evaluated_gy: np.ndarray, grid, *, dose_pct: float = 1.0,
+                   distance_mm: float = 1.0, cutoff_pct: float = 10.0, max_points: int | None = 5000,
+                   seed: int = 0) -> dict:
+    """Global gamma (``dose_pct`` % of the reference maximum / ``distance_mm``) of two doses on
+    ``grid`` (:func:`ids_engine.evaluation.gamma_index`, interpolated search, capped at 2),
+    over the voxels above ``cutoff_pct`` % of the reference maximum (a seeded subset of
+    ``max_points`` of them; None: all), and the largest dose difference over the whole grid.
 
-    Returns ``{"pass_rate_pct", "max_gamma", "max_diff_pct"}`` over the voxels with a
-    reference dose above ``threshold_pct`` % of its maximum.
+    Returns
+    -------
+    dict
+        ``pass_rate_pct``, ``max_gamma``, ``points`` (evaluated), ``max_diff_pct`` (% of the
+        reference maximum).
     """
+    from ..evaluation import gamma_index, gamma_summary, grid_axes_mm
+
     ref = np.asarray(reference_gy, dtype=np.float64)
     ev = np.asarray(evaluated_gy, dtype=np.float64)
-    if ref.shape != ev.shape:
-        raise ValueError(f"dose_agreement: shapes {ref.shape} and {ev.shape} differ")
+    if ref.shape != ev.shape or ref.shape != grid.shape_zyx:
+        raise ValueError(f"dose_agreement: shapes {ref.shape} and {ev.shape} must both be the grid's {grid.shape_zyx}")
     peak = float(ref.max())
     if peak <= 0:
         raise ValueError("dose_agreement: the reference dose is zero everywhere")
-    dd = dose_pct / 100.0 * peak
-    sp = np.asarray(spacing_mm_zyx, dtype=np.float64)
-    reach = np.floor(distance_mm / sp + 1e-9).astype(int)
-    best = np.full(ref.shape, np.inf)
-    for dz in range(-reach[0], reach[0] + 1):
-        for dy in range(-reach[1], reach[1] + 1):
-            for dx in range(-reach[2], reach[2] + 1):
-                dist2 = (dz * sp[0]) ** 2 + (dy * sp[1]) ** 2 + (dx * sp[2]) ** 2
-                if dist2 > distance_mm ** 2 + 1e-9:
-                    continue
-                shifted = np.roll(ev, (dz, dy, dx), axis=(0, 1, 2))
-                best = np.minimum(best, dist2 / distance_mm ** 2 + ((shifted - ref) / dd) ** 2)
-    sel = ref > threshold_pct / 100.0 * peak
-    gamma = np.sqrt(best[sel])
-    return {"pass_rate_pct": float(100.0 * np.mean(gamma <= 1.0)), "max_gamma": float(gamma.max()),
+    axes = grid_axes_mm(grid)
+    g = gamma_summary(gamma_index(axes, ref, axes, ev, dose_percent=dose_pct, dta_mm=distance_mm,
+                                  cutoff_percent=cutoff_pct, max_gamma=2.0, max_points=max_points, seed=seed))
+    return {"pass_rate_pct": g["pass_rate_pct"], "max_gamma": g["max"], "points": g["points"],
             "max_diff_pct": float(100.0 * np.abs(ev - ref).max() / peak)}
 
 

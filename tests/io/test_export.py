@@ -122,8 +122,12 @@ def test_reimport_recomputes_the_same_dose_within_1_pct_1_mm(exported):
     assert [len(sb.segments) for sb in rt.plan.plan.beams] == [sum(1 for s in sb.segments if s.mu > 0) for sb in plan.beams]
     np.testing.assert_allclose(rt.dose_gy, ex.dose_gy, rtol=0, atol=1e-5 * float(ex.dose_gy.max()))
     again = plan_dose(rt.patient, rt.plan.plan)
-    g = dose_agreement(rt.dose_gy, again, rt.patient.grid.spacing_mm_zyx, dose_pct=1.0, distance_mm=1.0)
-    assert g["pass_rate_pct"] == 100.0 and g["max_diff_pct"] < 1.0
+    g = dose_agreement(rt.dose_gy, again, rt.patient.grid, dose_pct=1.0, distance_mm=1.0, max_points=None)
+    assert g["pass_rate_pct"] == 100.0 and g["max_diff_pct"] < 1.0 and g["points"] > 10000
+    # The check can fail: the dose shifted by one voxel (4 mm) does not pass 1 %/1 mm.
+    shifted = np.roll(again, 1, axis=2)
+    assert dose_agreement(rt.dose_gy, shifted, rt.patient.grid, dose_pct=1.0, distance_mm=1.0,
+                          max_points=300)["pass_rate_pct"] < 90.0
     # The deliverable dose is the plan's: the target's median within 3 % of the prescription.
     median = float(np.median(again[rt.patient.structure("PTV").mask]))
     assert median == pytest.approx(session.prescription_gy, rel=0.03)
