@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ..deliver import Aperture, DeliverablePlan, Segment, aperture_fluence
+from ..deliver import DEFAULT_TONGUE_GROOVE_MM, Aperture, DeliverablePlan, Segment, segment_fluence
 from ..model import MLC, FluenceGrid, Patient, StructureKind
 from ._anonymise import Anonymiser, anonymise_files
 from ._dicom import read_dicom
@@ -51,11 +51,14 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ plan -> fluence -> dose
-def plan_fluences(plan: DeliverablePlan, fluence_grids: Sequence[FluenceGrid]) -> list[np.ndarray]:
+def plan_fluences(plan: DeliverablePlan, fluence_grids: Sequence[FluenceGrid], *,
+                  tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM) -> list[np.ndarray]:
     """Each beam's fluence over the whole course (MU per amplitude, (nv, nu) float32 on its
     grid, as the dose engine takes it): ``plan.fractions`` times the sum over its segments of
-    ``mu`` (per fraction) times :func:`~ids_engine.deliver.aperture_fluence` (area fractions,
-    leaf transmission inside the jaws; jaws opaque)."""
+    ``mu`` (per fraction) times :func:`~ids_engine.deliver.segment_fluence` (open-area
+    fractions, leaf transmission inside the jaws, jaws opaque, a tongue-and-groove strip of
+    ``tongue_groove_mm`` along each leaf-pair boundary: the model of the deliverable-dose check,
+    so the exported RT Dose is the dose ``ids sequence`` reports)."""
     if len(fluence_grids) != len(plan.beams):
         raise ValueError(f"plan_fluences: {len(fluence_grids)} fluence grids for {len(plan.beams)} beams")
     out = []
@@ -63,13 +66,13 @@ def plan_fluences(plan: DeliverablePlan, fluence_grids: Sequence[FluenceGrid]) -
         f = np.zeros(grid.shape_vu, dtype=np.float64)
         for seg in sb.segments:
             if seg.mu > 0:
-                f += seg.mu * aperture_fluence(seg.aperture, sb.mlc, grid)
+                f += seg.mu * segment_fluence(seg.aperture, sb.mlc, grid, tongue_groove_mm=tongue_groove_mm)
         out.append((f * plan.fractions).astype(np.float32))
     return out
 
 
 def plan_dose(patient: Patient, plan: DeliverablePlan, *, machine=None, engine_options=None,
-              progress=None) -> np.ndarray:
+              tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, progress=None) -> np.ndarray:
     """The dose of a deliverable plan with our engine: (z, y, x) float32 Gy on the patient's grid.
 
     The engine is built for the plan's beams (a beam without a fluence grid gets the
@@ -79,7 +82,8 @@ def plan_dose(patient: Patient, plan: DeliverablePlan, *, machine=None, engine_o
     from ..dose import DoseEngine
 
     engine = DoseEngine(patient, [sb.beam for sb in plan.beams], machine, options=engine_options, progress=progress)
-    engine.set_fluences(plan_fluences(plan, [g.fluence_grid for g in engine.geometry]))
+    engine.set_fluences(plan_fluences(plan, [g.fluence_grid for g in engine.geometry],
+                                      tongue_groove_mm=tongue_groove_mm))
     return engine.dose_cube_host()
 
 
