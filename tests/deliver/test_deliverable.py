@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from ids_engine import backend
 from ids_engine.deliver import (
     Aperture,
     Segment,
@@ -87,7 +88,7 @@ def test_segment_influence_is_the_engine_dose_of_the_segments(case):
     w = np.array([s.mu for sb in plan.beams for s in sb.segments])
     try:
         engine.set_fluences(deliverable_fluences(plan, tongue_groove_mm=1.0))
-        direct = np.asarray(engine.dose_at_voxels(idx))
+        direct = backend.asnumpy(engine.dose_at_voxels(idx))
     finally:
         engine.set_fluences(fluences)
     np.testing.assert_allclose(A @ w, direct, atol=1e-4 * direct.max())
