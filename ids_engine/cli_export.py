@@ -139,15 +139,36 @@ def _split_name(text: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def _dicom_patient_module(patient) -> tuple[str, str]:
+    """(PatientName, PatientID) of a DICOM case's CT (empty for other cases)."""
+    from ids_engine.io._dicom_common import read_dataset
+
+    files = (patient.meta or {}).get("files") or []
+    if not files:
+        return "", ""
+    ds = read_dataset(files[0], stop_before_pixels=True)
+    return str(ds.get("PatientName", "") or ""), str(ds.get("PatientID", "") or "")
+
+
+def _has_rtplan(folder: Path) -> bool:
+    from ids_engine.io._dicom_common import modality_of, scan_folder
+
+    return any(modality_of(ds) == "RTPLAN" for _, ds in scan_folder(folder, stop_before_pixels=True))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shutil
+
     from ids_engine import __version__
     from ids_engine._files import FolderLockedError
     from ids_engine._progress import TextProgressBar
-    from ids_engine.io import InputError, read_transa_config, write_transa
+    from ids_engine.io import InputError, export_rt_set, read_rt_set, read_transa_config, write_transa
     from ids_engine.phantoms import PHANTOMS
     from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
     from ids_engine.session import Session, case_label
 
+    session = rt = None
     try:
         out = check_out_folder(args.out, force=args.force)
         config = read_transa_config(args.transa) if args.transa else None
@@ -159,38 +180,67 @@ def cmd_export(args: argparse.Namespace) -> int:
         elif source.is_dir() and (source / "session.json").is_file():
             session = Session.load(source, keep_journaling=False, progress=TextProgressBar())
             spec = session.case
+        elif source.is_dir() and _has_rtplan(source):
+            rt = read_rt_set(source)
+            spec = {"dicom": str(source)}
         else:
-            raise ValueError(f"{args.plan}: not a saved session folder (with session.json) or a built-in phantom "
-                             f"({', '.join(PHANTOMS)})")
+            raise ValueError(f"{args.plan}: not a saved session folder (with session.json), a DICOM folder with an "
+                             f"RT Plan, or a built-in phantom ({', '.join(PHANTOMS)})")
         label = case_label(spec)
     except (ScriptError, InputError, ValueError, FolderLockedError) as exc:
+        if session is not None:
+            session.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"ids-engine {__version__} | exporting {label}, prescription {session.prescription_gy:g} Gy in "
-          f"{args.fractions} fraction(s)")
+    patient = session.patient if session is not None else rt.patient
+    name, pid = _dicom_patient_module(patient)
+    if rt is not None:
+        plan = rt.plan.plan
+        if args.fractions is not None:
+            plan = dataclasses.replace(plan, fractions=args.fractions)
+        for note in rt.plan.notes:
+            print(f"note: {note}")
+        what = f"the RT Plan {Path(rt.plan.path).name} ({len(plan.beams)} beams)"
+    else:
+        what = f"the plan, prescription {session.prescription_gy:g} Gy"
+    fractions = args.fractions or (plan.fractions if rt is not None else 1)
+    print(f"ids-engine {__version__} | exporting {what} of {label} in {fractions} fraction(s)")
     dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
+    created = not out.exists()
     try:
-        exported, plan, agreement = export_session(
-            session, dest, fractions=args.fractions, anonymise=args.anonymise, patient_name=args.patient_name,
-            patient_id=args.patient_id, machine_name=args.machine_name, case_label=label, progress=TextProgressBar())
+        if session is not None:
+            exported, plan, agreement = export_session(
+                session, dest, fractions=fractions, anonymise=args.anonymise, patient_name=args.patient_name,
+                patient_id=args.patient_id, machine_name=args.machine_name, case_label=label,
+                progress=TextProgressBar())
+        else:
+            exported = export_rt_set(patient, plan, dest, anonymise=args.anonymise, machine_name=args.machine_name,
+                                     case_label=label, progress=TextProgressBar())
+            agreement = None
         transa_files = []
         if config is not None:
-            last, first, middle = _split_name(args.patient_name or "")
+            last, first, middle = _split_name(args.patient_name or name)
             transa_dir = (Path(args.transa_dir) if args.transa_dir
                           else Path(config.directory) if config.directory else dest / "transa")
-            transa_files = write_transa(plan, config, directory=transa_dir, department_number=args.department_number,
+            transa_files = write_transa(plan, config, directory=transa_dir,
+                                        department_number=args.department_number or args.patient_id or pid,
                                         last_name=last, first_name=first, middle_name=middle)
     except (InputError, ValueError) as exc:
+        if dest != out or created:
+            shutil.rmtree(dest, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     if dest != out:
         _swap_in(dest, out)
     segs = sum(1 for sb in plan.beams for s in sb.segments if s.mu > 0)
     mu = sum(sb.mu for sb in plan.beams)
-    print(f"{len(plan.beams)} beams, {segs} segments, {mu:.0f} MU per fraction ({mu * plan.fractions:.0f} over the course); "
-          f"deliverable dose vs fluence dose: gamma 3 %/3 mm {agreement['pass_rate_pct']:.1f} % pass")
+    line = f"{len(plan.beams)} beams, {segs} segments, {mu:.0f} MU per fraction ({mu * plan.fractions:.0f} over the course)"
+    if agreement is not None:
+        line += f"; deliverable dose vs fluence dose: gamma 3 %/3 mm {agreement['pass_rate_pct']:.1f} % pass"
+    print(line)
     print(f"written to {out}: {len(exported.ct_files)} CT slices, RS.dcm, RP.dcm (research use only), RD.dcm, "
           f"summary.md{' (anonymised)' if args.anonymise else ''}")
     if transa_files:
@@ -292,26 +342,31 @@ def add_parser(sub) -> None:
                     "with a new frame of reference), RT Structure Set, RT Plan (marked research use only, "
                     "UNAPPROVED), RT Dose of the deliverable segments and summary.md. Optionally anonymised, and "
                     "Elekta Transa-style field shapes.")
-    s.add_argument("plan", metavar="SESSION_OR_PHANTOM",
-                   help="a saved session folder (ids shape / ids plan / the viewer) or a built-in phantom name "
-                        "(its open-field plan)")
+    s.add_argument("plan", metavar="SESSION_OR_PLAN",
+                   help="a saved session folder (ids shape / ids plan / the viewer), a DICOM folder with CT, "
+                        "RTSTRUCT and an RT Plan (re-exported, e.g. to Transa), or a built-in phantom name (its "
+                        "open-field plan)")
     s.add_argument("--out", required=True, help="folder for the DICOM files; must not exist or be empty")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the export is complete")
     s.add_argument("--anonymise", action="store_true",
                    help="remap names, IDs, dates and UIDs consistently across the files of the export")
-    s.add_argument("--fractions", type=_positive_int, default=1,
+    s.add_argument("--fractions", type=_positive_int, default=None,
                    help="NumberOfFractionsPlanned: the plan's fluence (MU over the course) is shared among "
-                        "them, BeamMeterset is MU per fraction (default 1)")
+                        "them, BeamMeterset is MU per fraction (default 1; an RT Plan keeps its own)")
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical", help="a phantom's grid")
     s.add_argument("--beams", type=_positive_int, default=9, help="a phantom's open-field beams (default 9)")
     s.add_argument("--prescription-gy", type=_positive_float, default=60.0, help="a phantom's prescription (60 Gy)")
-    s.add_argument("--patient-name", default=None, help="PatientName for a written CT, DICOM style Last^First^Middle")
+    s.add_argument("--patient-name", default=None,
+                   help="PatientName for a written CT, DICOM style Last^First^Middle (also the Transa names; "
+                        "default for a DICOM case: its CT's)")
     s.add_argument("--patient-id", default=None, help="PatientID for a written CT (default IDS-ENGINE)")
     s.add_argument("--machine-name", default="ids-engine", help="TreatmentMachineName (default ids-engine)")
     s.add_argument("--transa", metavar="CONFIG", help="also write Elekta Transa-style files configured by this "
                                                       "ElektaTransa.loc file")
     s.add_argument("--transa-dir", help="Transa export directory (default: the configuration's, else OUT/transa)")
-    s.add_argument("--department-number", default="", help="department number for the Transa patient ID")
+    s.add_argument("--department-number", default="",
+                   help="department number for the Transa patient ID (default: --patient-id, else the DICOM "
+                        "case's PatientID)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

@@ -229,9 +229,36 @@ def test_ids_export_of_a_saved_session(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_ids_export_of_an_rt_plan_folder_to_transa(exported, tmp_path, capsys):
+    """Another system's set (here ours) re-exported: its plan, fractions and CT frame kept, the
+    Transa patient ID from the CT's PatientID (T-1) and name (Test^Phantom)."""
+    from ids_engine.io import read_transa_plan
+
+    _, ex, plan, _ = exported
+    config = tmp_path / "ElektaTransa.loc"
+    config.write_text("/* file format version this file */ 1\n/* limit of number of plans per patient directory */ 3\n"
+                      "/* limit of number of beams per plan */ 8\n/* name of machine to put in the file */MLC_01\n"
+                      "/* number of characters of patient dept. id # to use */ 7\n"
+                      "/* number of characters of last name of patient to use */ 3\n"
+                      "/* number of characters of first name of patient to use */ 1\n"
+                      "/* number of characters of middle name of patient to use */ 0\n")
+    out = tmp_path / "again"
+    assert main(["export", str(ex.folder), "--out", str(out), "--transa", str(config)]) == 0
+    assert "transa" in capsys.readouterr().out.lower()
+    rt = read_rt_set(out)
+    assert rt.plan.plan.fractions == FRACTIONS and rt.patient.frame_of_reference_uid == ex.frame_of_reference_uid
+    files = sorted((out / "transa").rglob("PLAN*.TXT"))
+    assert files and all(f.parent.name.startswith("T1TESP") for f in files)
+    fields = [f for path in files for f in read_transa_plan(path)["fields"]]
+    assert len(fields) == sum(1 for sb in plan.beams for s in sb.segments if s.mu > 0)
+
+
 def test_ids_export_refusals(tmp_path, capsys):
     assert main(["export", "nowhere", "--out", str(tmp_path / "a")]) == 2
     assert "not a saved session folder" in capsys.readouterr().err
+    assert main(["export", "horseshoe", "--resolution", "coarse", "--beams", "1", "--out", str(tmp_path / "c"),
+                 "--transa", str(tmp_path / "missing.loc")]) == 2
+    assert "missing.loc" in capsys.readouterr().err
     assert main(["export", "water", "--resolution", "coarse", "--out", str(tmp_path / "b")]) == 2
     assert "no target" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
