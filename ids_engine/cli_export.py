@@ -219,11 +219,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             agreement = None
         transa_files = []
         if config is not None:
-            last, first, middle = _split_name(args.patient_name or name)
+            department = args.department_number or args.patient_id or pid
+            name = args.patient_name or name
+            if args.anonymise:  # the pseudonyms the DICOM files carry, never the real identifiers
+                from ids_engine.io._dicom_common import read_dataset
+
+                ct = read_dataset(exported.ct_files[0], stop_before_pixels=True)
+                name, department = str(ct.get("PatientName", "")), str(ct.get("PatientID", ""))
+            last, first, middle = _split_name(name)
             transa_dir = (Path(args.transa_dir) if args.transa_dir
                           else Path(config.directory) if config.directory else dest / "transa")
-            transa_files = write_transa(plan, config, directory=transa_dir,
-                                        department_number=args.department_number or args.patient_id or pid,
+            transa_files = write_transa(plan, config, directory=transa_dir, department_number=department,
                                         last_name=last, first_name=first, middle_name=middle)
     except (InputError, ValueError) as exc:
         if dest != out or created:
@@ -349,7 +355,8 @@ def add_parser(sub) -> None:
     s.add_argument("--out", required=True, help="folder for the DICOM files; must not exist or be empty")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the export is complete")
     s.add_argument("--anonymise", action="store_true",
-                   help="remap names, IDs, dates and UIDs consistently across the files of the export")
+                   help="remap names, IDs, dates and UIDs consistently across the files of the export (Transa "
+                        "patient IDs are then built from the pseudonyms)")
     s.add_argument("--fractions", type=_positive_int, default=None,
                    help="NumberOfFractionsPlanned: the plan's fluence (MU over the course) is shared among "
                         "them, BeamMeterset is MU per fraction (default 1; an RT Plan keeps its own)")

@@ -251,6 +251,10 @@ def test_ids_export_of_an_rt_plan_folder_to_transa(exported, tmp_path, capsys):
     assert files and all(f.parent.name.startswith("T1TESP") for f in files)
     fields = [f for path in files for f in read_transa_plan(path)["fields"]]
     assert len(fields) == sum(1 for sb in plan.beams for s in sb.segments if s.mu > 0)
+    # Anonymised, the Transa IDs come from the pseudonyms too.
+    assert main(["export", str(ex.folder), "--out", str(tmp_path / "anon"), "--anonymise", "--transa", str(config)]) == 0
+    ids = {p.name for p in (tmp_path / "anon" / "transa").iterdir()}
+    assert ids and all(i.startswith("ANON") and "T1" not in i for i in ids)
 
 
 def test_ids_export_refusals(tmp_path, capsys):
