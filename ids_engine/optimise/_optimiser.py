@@ -235,9 +235,20 @@ def optimise_fluence(
             cancelled, message = True, "cancelled"
             break
         rounds += 1
+        # L-BFGS-B stops when an iteration lowers f by less than ftol * max(|f|, 1): below 1
+        # that is an absolute amount, which ends a warm start near a small optimum (a tuning
+        # step, an already good plan) after one iteration. An objective below 1 at the
+        # round's start is therefore scaled up to 1 (larger ones are left as they are).
+        f_start = problem.lagrangian(w)[0]
+        scale = 1.0 / f_start if 0.0 < f_start < 1.0 else 1.0
+
+        def scaled(x, scale=scale):
+            f, g = problem.lagrangian(x)
+            return f * scale, g * scale
+
         try:
             res = scipy.optimize.minimize(
-                problem.lagrangian, w, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                scaled, w, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
                 options={"maxiter": max_iterations - counts["nit"], "ftol": ftol, "gtol": 1e-12, "maxcor": 20},
             )
             w = np.maximum(res.x, 0.0)
