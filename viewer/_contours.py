@@ -167,7 +167,7 @@ def downhill_ticks(segments: np.ndarray, field: np.ndarray, length_mm: float, sp
     -------
     (m, 2, 2) tick segments of (row, col), each from the line outwards.
     """
-    if len(segments) == 0:
+    if len(segments) == 0 or not (length_mm > 0 and spacing_mm > 0):
         return np.zeros((0, 2, 2))
     s = np.asarray(scale_rc, np.float64)
     mid = segments.mean(axis=1)

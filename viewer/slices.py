@@ -552,7 +552,7 @@ class SliceView(QtWidgets.QFrame):
         hot = np.argwhere(d >= 0.5 * d.max()) if d.max() > 0 else np.zeros((0, 2))
         centre = hot.mean(axis=0) if len(hot) else None
         avoid: list[np.ndarray] = []
-        px = self._mm_per_pixel()
+        px = self._pixel_mm()
         min_sep_mm = _LABEL_SEPARATION_PX * px
         for k, lev in enumerate(self.levels):
             s = isoline_segments(d, lev.gy)
@@ -603,6 +603,13 @@ class SliceView(QtWidgets.QFrame):
             self._labels.visible = self._label_halo.visible = False
         self._refresh_hot_spot(d)
 
+    def _pixel_mm(self) -> float:
+        """mm per screen pixel; before the canvas has its size (a window not yet exposed) the
+        transform is degenerate, and a quarter voxel stands in."""
+        with np.errstate(all="ignore"):
+            px = self._mm_per_pixel()
+        return px if np.isfinite(px) and px > 0 else 0.25 * min(self.spacing_rc)
+
     def _wide_line(self, width: float):
         """The line visual for isodoses drawn ``width`` pixels wide (made on first use)."""
         v = self._wide_isodoses.get(width)
@@ -622,7 +629,7 @@ class SliceView(QtWidgets.QFrame):
             self.canvas.update()
             return
         rc, gy = found
-        px = self._mm_per_pixel()
+        px = self._pixel_mm()
         xy = self.rc_to_scene(np.asarray(rc, np.float64))
         self._hot.set_data(pos=asterisk_segments(xy, _HOT_RADIUS_PX * px).reshape(-1, 2).astype(np.float32))
         norm = self.display.normalisation_gy or self.prescription_gy
