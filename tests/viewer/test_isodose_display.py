@@ -271,3 +271,45 @@ def test_one_3d_surface_solid_wire_off(qtbot, window):
     with pytest.raises(ValueError, match="surface mode"):
         v3.set_surface_mode("Glass")
     v3.set_surface_mode("Solid", 55)
+
+
+# --------------------------------------------------------------------------- DVH popup (sampling)
+def _sampling_dialog(qtbot, density):
+    from ids_engine.phantoms import PHANTOMS
+    from ids_engine.viewer.dvh_sampling import SampledDVHDialog
+
+    p = PHANTOMS["horseshoe"](resolution="coarse")
+    c = p.grid.voxel_centres_xyz()
+    dose = (60.0 * np.exp(-np.sum((c - p.structure("PTV").centroid_xyz()) ** 2, axis=-1) / (2 * 40.0 ** 2)))
+    dlg = SampledDVHDialog(dose.astype(np.float32), p, 60.0, "plan 3", density_per_mm3=density)
+    qtbot.addWidget(dlg)
+    return dlg
+
+
+def test_dvh_popup_samples_until_the_density_and_draws_the_curves(qtbot):
+    from ids_engine.evaluation import dkw_bound, dvh_max_difference
+
+    dlg = _sampling_dialog(qtbot, 1.0)
+    assert [s.name for s in dlg.chosen()] == ["PTV", "OAR"]  # the body is left out by default
+    dlg.start()
+    assert dlg.status.text() == "running" and not dlg.compute_button.isEnabled()
+    qtbot.waitUntil(lambda: dlg.compute_button.isEnabled(), timeout=WAIT_MS)
+    s = dlg.last_state
+    assert s.done and min(s.density_per_mm3) >= 1.0
+    assert dlg.status.text().startswith("done:")
+    assert dlg.plot.current.curves == s.dvhs and dlg.plot.snapshots[0].label == "exact"
+    for h, e, n in zip(s.dvhs, dlg.exact, s.points):
+        assert dvh_max_difference(h, e) < dkw_bound(n, 1e-6) + 0.005
+    dlg.close()
+
+
+def test_dvh_popup_stops(qtbot):
+    dlg = _sampling_dialog(qtbot, 1e6)  # far more points than anyone waits for
+    dlg.start()
+    qtbot.waitUntil(lambda: dlg.last_state is not None and dlg.last_state.round >= 1, timeout=WAIT_MS)
+    dlg.stop()
+    assert dlg.wait(30.0)
+    qtbot.waitUntil(lambda: dlg.compute_button.isEnabled(), timeout=WAIT_MS)
+    assert dlg.status.text().startswith("stopped:") and not dlg.last_state.done
+    assert dlg.plot.current is not None  # the curves drawn so far stay
+    dlg.close()
