@@ -18,6 +18,8 @@ the axial view's header says "slice z=21".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PyQt6 import QtCore, QtGui, QtWidgets
 from vispy import scene
@@ -29,7 +31,7 @@ from ._backend import use_qt
 from ._contours import asterisk_segments, downhill_ticks, hot_spot_rc, isoline_segments, label_anchor, nearest_on_segments
 from ._style import NORMAL_LINE_WIDTH_PX, ORIENTATION, IsodoseDisplay, IsodoseLevel, compose_slice_rgba
 
-__all__ = ["AXES", "SliceView", "rc_to_zyx", "take_slice", "zyx_to_rc"]
+__all__ = ["AXES", "PointMark", "SliceView", "point_marks", "rc_to_zyx", "take_slice", "zyx_to_rc"]
 
 AXES = {"z": "Axial", "y": "Coronal", "x": "Sagittal"}
 _ROW_COL = {"z": (1, 2), "y": (0, 2), "x": (0, 1)}  # which (z, y, x) axes are rows, columns
@@ -56,6 +58,38 @@ _TICK_SPACING_PX = 22.0
 # The hot spot's asterisk: radius (screen pixels) and colour.
 _HOT_RADIUS_PX = 7.0
 HOT_SPOT_COLOUR = (1.0, 1.0, 1.0)
+# Points of interest: a cross with its label and doses.
+POINT_COLOUR = (1.0, 0.95, 0.55, 1.0)
+_POINT_RADIUS_PX = 5.0
+
+
+@dataclass(frozen=True)
+class PointMark:
+    """A point of interest drawn on the slices: its label, position (z, y, x voxel units) and
+    the lines written under the label (its dose, a measured dose with an "m")."""
+
+    label: str
+    zyx: tuple[float, float, float]
+    lines: tuple[str, ...] = ()
+
+
+def point_marks(labels, positions_mm_xyz, grid, dose_gy=None, measured_gy=None) -> tuple[PointMark, ...]:
+    """Marks for points given in patient mm: the computed dose below each label, the measured
+    one below that with an "m" appended (seed 001, "Display Point Dose", "Compare to
+    Measured"); a dose of None (or nan) is left out. Points outside the grid are left out."""
+    idx = grid.world_to_index(np.asarray(positions_mm_xyz, np.float64).reshape(-1, 3))
+    inside = grid.contains(np.asarray(positions_mm_xyz, np.float64).reshape(-1, 3))
+    out = []
+    for k, lab in enumerate(labels):
+        if not inside[k]:
+            continue
+        lines = []
+        for value, suffix in ((None if dose_gy is None else dose_gy[k], " Gy"),
+                              (None if measured_gy is None else measured_gy[k], " Gy m")):
+            if value is not None and np.isfinite(value):
+                lines.append(f"{float(value):.2f}{suffix}")
+        out.append(PointMark(str(lab), tuple(float(v) for v in idx[k]), tuple(lines)))
+    return tuple(out)
 
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
@@ -152,6 +186,9 @@ class SliceView(QtWidgets.QFrame):
         self._hot = scene.visuals.Line(parent=vs, connect="segments", width=2.0, color=(*HOT_SPOT_COLOUR, 1.0))
         self._hot_label = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="top",
                                              face="DejaVu Sans", bold=True, color=(*HOT_SPOT_COLOUR, 1.0))
+        self._points = scene.visuals.Line(parent=vs, connect="segments", width=1.6, color=POINT_COLOUR)
+        self._point_labels = scene.visuals.Text(parent=vs, font_size=7, anchor_x="left", anchor_y="top",
+                                                face="DejaVu Sans", color=POINT_COLOUR)
         self._label_halo = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="bottom",
                                               face="DejaVu Sans", bold=True, color=(0.0, 0.0, 0.0, 0.75))
         self._labels = scene.visuals.Text(parent=vs, font_size=8, anchor_x="left", anchor_y="bottom",
@@ -170,7 +207,8 @@ class SliceView(QtWidgets.QFrame):
         self.orientation: dict[str, str] = {}  # side (left, right, top, bottom) -> letter
         # A 2D overlay stack: no depth test, drawn in this order.
         stack = (self._image, self._structures, self._pins, self._isodoses, self._ticks, self._selected_iso,
-                 self._crosshair, self._hot, self._hot_label, self._label_halo, self._labels, self._marker,
+                 self._crosshair, self._hot, self._hot_label, self._points, self._point_labels, self._label_halo,
+                 self._labels, self._marker,
                  self._brush, self._preview, self._drag_arrow)
         for k, v in enumerate(stack):
             v.order = k
@@ -193,6 +231,7 @@ class SliceView(QtWidgets.QFrame):
         self.levels: tuple[IsodoseLevel, ...] = ()
         self.display = IsodoseDisplay()  # line styles, tint, ticks, hot spot, normalisation
         self.hot_spot: tuple[tuple[int, int], float] | None = None  # ((row, col), Gy) of the frame shown
+        self.points: tuple[PointMark, ...] = ()  # drawn on the slice they lie in
         self.selected_level_gy: float | None = None
         self.label_unit = "Gy"
         self.window_hu, self.level_hu = 400.0, 40.0
@@ -438,7 +477,7 @@ class SliceView(QtWidgets.QFrame):
                   self._crosshair):
             v.visible = on
         for v in (self._pins, self._marker, self._brush, self._preview, self._drag_arrow, self._ticks, self._hot,
-                  self._hot_label, *self._wide_isodoses.values()):
+                  self._hot_label, self._points, self._point_labels, *self._wide_isodoses.values()):
             v.visible = False
 
     def refresh(self) -> None:
@@ -453,6 +492,34 @@ class SliceView(QtWidgets.QFrame):
         self._refresh_crosshair()
         self._refresh_marker()
         self._refresh_brush()
+        self._refresh_points()
+
+    def set_points(self, points) -> None:
+        """Points of interest to draw (:class:`PointMark`, e.g. from :func:`point_marks`); each
+        shows on the slice it lies in (nearest slice), with its label and dose lines."""
+        self.points = tuple(points)
+        self._refresh_points()
+
+    def shown_points(self) -> tuple[PointMark, ...]:
+        """The points drawn on the current slice."""
+        k = "zyx".index(self.axis)
+        return tuple(p for p in self.points if int(round(p.zyx[k])) == self.slice_index)
+
+    def _refresh_points(self) -> None:
+        shown = self.shown_points() if self.ct_hu is not None else ()
+        if not shown:
+            self._points.visible = self._point_labels.visible = False
+            self.canvas.update()
+            return
+        px = self._pixel_mm()
+        xy = np.array([self.rc_to_scene(np.asarray(zyx_to_rc(self.axis, p.zyx))) for p in shown])
+        r = _POINT_RADIUS_PX * px
+        cross = np.concatenate([np.stack([xy - (r, 0), xy + (r, 0)], 1), np.stack([xy - (0, r), xy + (0, r)], 1)])
+        self._points.set_data(pos=cross.reshape(-1, 2).astype(np.float32))
+        self._point_labels.text = ["\n".join((p.label, *p.lines)) for p in shown]
+        self._point_labels.pos = (xy + (r, r)).astype(np.float32)
+        self._points.visible = self._point_labels.visible = True
+        self.canvas.update()
 
     def _refresh_header(self) -> None:
         mm = self.grid.axis_mm(self.axis)[self.slice_index]

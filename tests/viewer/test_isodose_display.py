@@ -313,3 +313,34 @@ def test_dvh_popup_stops(qtbot):
     assert dlg.status.text().startswith("stopped:") and not dlg.last_state.done
     assert dlg.plot.current is not None  # the curves drawn so far stay
     dlg.close()
+
+
+@needs_display
+def test_point_doses_shown_on_their_slice_with_measured_values(qtbot, window, session):
+    from ids_engine.evaluation import point_doses
+    from ids_engine.model import PointOfInterest
+    from ids_engine.viewer.slices import POINT_COLOUR, point_marks
+
+    g = session.patient.grid
+    pts = [PointOfInterest("iso", (0.0, 0.0, 0.0)), PointOfInterest("01 1 01", (0.0, -30.0, 12.0)),
+           PointOfInterest("far", (9999.0, 0.0, 0.0))]
+    d = point_doses(session.engine, pts)
+    marks = point_marks(d.labels, d.positions_mm_xyz, g, d.total_gy, [60.5, float("nan"), 1.0])
+    assert [m.label for m in marks] == ["iso", "01 1 01"]  # outside the grid: not drawn
+    assert marks[0].lines == (f"{d.total_gy[0]:.2f} Gy", "60.50 Gy m")
+    assert marks[1].lines == (f"{d.total_gy[1]:.2f} Gy",)
+    view = window.slice_views["z"]
+    k = int(round(marks[0].zyx[0]))
+    view.set_slice(k)
+    view.set_points(marks)
+    shown = view.shown_points()
+    assert marks[0] in shown and (marks[1] in shown) == (int(round(marks[1].zyx[0])) == k)
+    img = view.canvas.render()
+    ratio = img.shape[1] / view.canvas.size[0]
+    x, y = (view.zyx_to_canvas(marks[0].zyx) * ratio).round().astype(int)
+    near = _colour_pixels(img[max(y - 8, 0):y + 9, max(x - 8, 0):x + 9], POINT_COLOUR[:3], 40)
+    assert near.sum() >= 6, "the point's cross is not drawn"
+    view.set_slice(k + 3 if k + 3 < view.n_slices else k - 3)
+    assert marks[0] not in view.shown_points() and not (view._points.visible and not view.shown_points())
+    view.set_points(())
+    view.set_slice(k)
