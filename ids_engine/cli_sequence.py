@@ -36,13 +36,15 @@ def plan_to_dict(plan, reoptimised=None, options: dict | None = None) -> dict:
     for i, sb in enumerate(plan.beams):
         b = sb.beam
         re_sb = reoptimised.beams[i] if reoptimised is not None else None
+        # Re-optimised segments keep their Aperture objects; pruned ones are absent (0 MU).
+        re_mu = {id(s.aperture): s.mu for s in re_sb.segments} if re_sb is not None else {}
         segs = []
-        for k, s in enumerate(sb.segments):
+        for s in sb.segments:
             d = {"mu": round(s.mu, 4), "jaw_x_mm": list(s.aperture.jaw_x_mm), "jaw_y_mm": list(s.aperture.jaw_y_mm),
                  "leaf_x1_mm": [round(float(v), 3) for v in s.aperture.leaf_x1_mm],
                  "leaf_x2_mm": [round(float(v), 3) for v in s.aperture.leaf_x2_mm]}
             if re_sb is not None:
-                d["mu_reoptimised"] = round(re_sb.segments[k].mu, 4)
+                d["mu_reoptimised"] = round(re_mu.get(id(s.aperture), 0.0), 4)
             segs.append(d)
         entry = {"name": b.name, "gantry_deg": b.gantry_deg, "collimator_deg": b.collimator_deg,
                  "couch_deg": b.couch_deg, "isocentre_mm_xyz": list(b.isocentre_mm_xyz), "energy_mv": b.energy_mv,
@@ -120,7 +122,8 @@ def segments_png(path, sequenced_beam, fluence_mu, deliverable_mu, *, fractions:
                                ap.jaw_y_mm[1] - ap.jaw_y_mm[0], fill=False, edgecolor="orange", linestyle="--", lw=0.8))
         mu = f"{s.mu:.1f} MU"
         if reoptimised_beam is not None:
-            mu += f" -> {reoptimised_beam.segments[k].mu:.1f}"
+            re_mu = {id(r.aperture): r.mu for r in reoptimised_beam.segments}
+            mu += f" -> {re_mu[id(ap)]:.1f}" if id(ap) in re_mu else " -> removed"
         ax.set_title(f"segment {k + 1}: {mu}", fontsize=8)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
@@ -184,7 +187,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
               f"per fraction over {len(plan.beams)} beams (sequenced in {t_seq:.2f} s, {opts['method']})")
         t0 = time.perf_counter()
         chk = check_deliverable(engine, plan, tongue_groove_mm=args.tongue_groove_mm, reoptimise=not args.no_reoptimise,
-                                min_mu=args.min_mu, gamma_points=args.gamma_points, options=opts,
+                                min_mu=args.min_mu, prune_tolerance=None if args.keep_segments else 0.01,
+                                gamma_points=args.gamma_points, options=opts,
                                 progress=TextProgressBar())
         t_chk = time.perf_counter() - t0
         dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
@@ -214,7 +218,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
     if chk.reoptimisation:
         r = chk.reoptimisation
         print(f"  segment MU re-optimised: RMS dose difference at {r['voxels']} voxels {r['rms_before_gy']:.3f} -> "
-              f"{r['rms_after_gy']:.3f} Gy; total {sum(b.mu for b in chk.reoptimised.beams):.1f} MU per fraction")
+              f"{r['rms_after_gy']:.3f} Gy; {sum(len(b.segments) for b in chk.reoptimised.beams)} segments "
+              f"({r['segments_removed']} removed), {sum(b.mu for b in chk.reoptimised.beams):.1f} MU per fraction")
     print(f"written to {out}: segments.json, deliverable_report.md, deliverable.json"
           + (f", {pngs} segment picture(s)" if pngs else " (no pictures: matplotlib is not installed)"))
     return 0
@@ -268,6 +273,9 @@ def add_parser(sub) -> None:
     s.add_argument("--tongue-groove-mm", type=lambda t: _number(t, False), default=0.5,
                    help="tongue-and-groove strip width along leaf-pair boundaries, mm (default 0.5; 0: none)")
     s.add_argument("--no-reoptimise", action="store_true", help="skip the re-optimisation of the segment MU")
+    s.add_argument("--keep-segments", action="store_true",
+                   help="keep the segments the re-optimisation holds at the minimum MU (default: removed when the "
+                        "fit loses at most 1 %%)")
     s.add_argument("--gamma-points", type=_positive_int, default=20000,
                    help="reference voxels evaluated per gamma (seeded subset; default 20000)")
     s.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse",

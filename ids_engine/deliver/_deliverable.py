@@ -152,13 +152,14 @@ def _sample(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose_gy: np.ndarray, *,
                        min_mu: float = 1.0, sample_voxels: int = 4000, target_importance: float = 1.0,
                        oar_importance: float = 1.0, body_importance: float = 2.0, tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM,
-                       seed: int = 0, cache: dict | None = None) -> tuple[DeliverablePlan, dict]:
+                       prune_tolerance: float | None = 0.01, seed: int = 0,
+                       cache: dict | None = None) -> tuple[DeliverablePlan, dict]:
     """Segment MU that best reproduce ``reference_dose_gy`` at sampled voxels.
 
     Parameters
     ----------
     engine : the dose engine of the plan's beams.
-    plan : the sequenced plan (its apertures are kept, only the MU change).
+    plan : the sequenced plan (its apertures are kept, only the MU change, or segments go).
     reference_dose_gy : (z, y, x) float, Gy: the dose to reproduce (the fluence plan's).
     min_mu : lower bound of every segment's MU per fraction (the machine's minimum).
     sample_voxels : voxels sampled (seeded) in the targets, as many in the organs at risk and
@@ -170,8 +171,13 @@ def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose
         1/1/2 improved target D95, core dose and gamma together; 1/1/0.5 traded the gamma
         for the target).
 
-    Returns the plan with new MU and a dict: ``rms_before_gy``, ``rms_after_gy`` (weighted RMS
-    dose difference at the sample), ``voxels``, ``segments``, ``solver``.
+    prune_tolerance : segments the fit holds at ``min_mu`` are removed (at least one kept per
+        beam) and the MU fitted again, if the weighted RMS difference grows by at most this
+        fraction (default 1 %); None keeps every segment.
+
+    Returns the plan with new MU (and without the pruned segments; the others keep their
+    :class:`Aperture` objects) and a dict: ``rms_before_gy``, ``rms_after_gy`` (weighted RMS
+    dose difference at the sample), ``voxels``, ``segments``, ``segments_removed``, ``solver``.
     """
     rng = np.random.default_rng(seed)
     p = engine.patient
@@ -194,20 +200,41 @@ def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose
     w0 = np.array([s.mu for sb in plan.beams for s in sb.segments])
     Aw = A * w_rows[:, None]
     dw = d * w_rows
-    lo = np.full(w0.size, float(min_mu))
-    res = lsq_linear(Aw, dw, bounds=(lo, np.full(w0.size, np.inf)), method="bvls", lsmr_tol="auto")
-    w1 = np.maximum(res.x, lo)
     norm = np.sqrt(np.sum(w_rows**2))
+
+    def solve(cols: np.ndarray) -> tuple[np.ndarray, str]:
+        lo = np.full(cols.size, float(min_mu))
+        r = lsq_linear(Aw[:, cols], dw, bounds=(lo, np.full(cols.size, np.inf)), method="bvls", lsmr_tol="auto")
+        w = np.zeros(w0.size)
+        w[cols] = np.maximum(r.x, lo)
+        return w, r.message.strip()
 
     def rms(w):
         return float(np.linalg.norm(Aw @ w - dw) / norm)
 
+    keep = np.arange(w0.size)
+    w1, message = solve(keep)
+    removed = 0
+    if prune_tolerance is not None and w0.size:
+        # Segments held at the minimum MU are the ones the fit would take lower: drop them
+        # (keeping at least one segment per beam) if the fit loses at most the tolerance.
+        beam_of = np.repeat(np.arange(len(plan.beams)), [len(sb.segments) for sb in plan.beams])
+        at_min = w1 <= float(min_mu) * (1 + 1e-6) + 1e-9
+        for b in range(len(plan.beams)):
+            mine = beam_of == b
+            if mine.any() and at_min[mine].all():
+                at_min[np.flatnonzero(mine)[np.argmax(w1[mine])]] = False
+        if at_min.any():
+            trial, trial_message = solve(np.flatnonzero(~at_min))
+            if rms(trial) <= rms(w1) * (1 + prune_tolerance):
+                w1, message, removed = trial, trial_message, int(at_min.sum())
     info = {"rms_before_gy": rms(w0), "rms_after_gy": rms(w1), "voxels": int(idx.size), "segments": int(w0.size),
-            "solver": f"scipy lsq_linear bvls ({res.message.strip()})"}
+            "segments_removed": removed, "solver": f"scipy lsq_linear bvls ({message})"}
     beams, k = [], 0
     for sb in plan.beams:
-        segs = tuple(Segment(s.aperture, float(w1[k + i])) for i, s in enumerate(sb.segments))
-        k += len(sb.segments)
+        n = len(sb.segments)
+        segs = tuple(Segment(s.aperture, float(w1[k + i])) for i, s in enumerate(sb.segments) if w1[k + i] > 0)
+        k += n
         beams.append(dataclasses.replace(sb, segments=segs))
     return dataclasses.replace(plan, beams=tuple(beams)), info
 
@@ -242,6 +269,7 @@ class DeliverableCheck:
         for i, sb in enumerate(self.plan.beams):
             r = {"beam": sb.beam.name, "segments": len(sb.segments), "mu": sb.mu}
             if self.reoptimised is not None:
+                r["segments_reoptimised"] = len(self.reoptimised.beams[i].segments)
                 r["mu_reoptimised"] = self.reoptimised.beams[i].mu
             rows.append(r)
         return rows
@@ -259,13 +287,15 @@ class DeliverableCheck:
                  "## Segments and MU (per fraction)", ""]
         rows = self.beam_rows()
         has_re = self.reoptimised is not None
-        lines.append("| Beam | Segments | MU | " + ("MU re-optimised |" if has_re else ""))
-        lines.append("| --- | ---: | ---: |" + (" ---: |" if has_re else ""))
+        lines.append("| Beam | Segments | MU |" + (" Segments re-optimised | MU re-optimised |" if has_re else ""))
+        lines.append("| --- | ---: | ---: |" + (" ---: | ---: |" if has_re else ""))
         for r in rows:
-            lines.append(f"| {r['beam']} | {r['segments']} | {r['mu']:.1f} |" + (f" {r['mu_reoptimised']:.1f} |" if has_re else ""))
+            lines.append(f"| {r['beam']} | {r['segments']} | {r['mu']:.1f} |"
+                         + (f" {r['segments_reoptimised']} | {r['mu_reoptimised']:.1f} |" if has_re else ""))
         tot = sum(r["mu"] for r in rows)
         lines.append(f"| total | {sum(r['segments'] for r in rows)} | {tot:.1f} |"
-                     + (f" {sum(r['mu_reoptimised'] for r in rows):.1f} |" if has_re else ""))
+                     + (f" {sum(r['segments_reoptimised'] for r in rows)} | {sum(r['mu_reoptimised'] for r in rows):.1f} |"
+                        if has_re else ""))
         lines += ["", "## Gamma against the fluence dose (global, 10 % low-dose cutoff)", "",
                   "| Dose | Criterion | Pass rate | Mean gamma | 95th percentile | Points |", "| --- | --- | ---: | ---: | ---: | ---: |"]
         for stage, crit in self.gamma.items():
@@ -281,7 +311,8 @@ class DeliverableCheck:
             r = self.reoptimisation
             lines += ["", f"Segment MU re-optimised ({r['solver']}) on {r['voxels']} sampled voxels "
                           f"(targets, organs at risk, rest of the body): weighted RMS dose difference {r['rms_before_gy']:.3f} -> "
-                          f"{r['rms_after_gy']:.3f} Gy."]
+                          f"{r['rms_after_gy']:.3f} Gy; {r.get('segments_removed', 0)} segment(s) held at the minimum MU "
+                          f"removed."]
         for stage, comp in self.comparison.items():
             lines += ["", f"## DVH metrics: fluence plan against the {stage} plan" + (f" (prescription {rx:g} Gy)" if rx else ""), "",
                       comp.to_markdown()]
@@ -290,8 +321,9 @@ class DeliverableCheck:
 
 def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fluences=None,
                       tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, reoptimise: bool = True,
-                      min_mu: float = 1.0, gamma_points: int | None = 20000, sample_voxels: int = 4000,
-                      seed: int = 0, options: dict | None = None, progress=None) -> DeliverableCheck:
+                      min_mu: float = 1.0, prune_tolerance: float | None = 0.01, gamma_points: int | None = 20000,
+                      sample_voxels: int = 4000, seed: int = 0, options: dict | None = None,
+                      progress=None) -> DeliverableCheck:
     """Deliverable dose of ``plan`` against the fluence dose, then with re-optimised MU.
 
     Parameters
@@ -303,6 +335,7 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
     tongue_groove_mm : the tongue-and-groove strip (0: none).
     reoptimise : also re-optimise the segment MU (:func:`reoptimise_weights`).
     min_mu : least MU per segment and fraction in the re-optimisation.
+    prune_tolerance : see :func:`reoptimise_weights` (None: no segment is removed).
     gamma_points : reference voxels evaluated per gamma (seeded subset; None: all).
     options : extra settings recorded in the report (the sequencing's levels, bixel, method).
     progress : optional ``progress(done, total, label)``.
@@ -332,6 +365,7 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
         if reoptimise:
             step(2, "segment weights")
             re_plan, info = reoptimise_weights(engine, plan, ref, min_mu=min_mu, sample_voxels=sample_voxels,
+                                               prune_tolerance=prune_tolerance,
                                                tongue_groove_mm=tongue_groove_mm, seed=seed, cache=cache)
             engine.set_fluences(deliverable_fluences(re_plan, tongue_groove_mm=tongue_groove_mm, cache=cache))
             re_dose = engine.dose_cube_host().astype(np.float32)

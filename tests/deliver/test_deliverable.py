@@ -118,6 +118,29 @@ def test_reoptimisation_recovers_scaled_weights(case):
     assert min(s.mu for sb in bounded.beams for s in sb.segments) >= 30.0 - 1e-9
 
 
+def test_segments_held_at_the_minimum_are_pruned(case):
+    engine, fluences, plan = case
+    engine.set_fluences(deliverable_fluences(plan))
+    ref = engine.dose_cube_host()
+    engine.set_fluences(fluences)
+    # A stray segment: one leaf pair open far off the target, 5 MU. The fit wants 0 MU there,
+    # the bound holds it at the 1 MU minimum, so it is removed.
+    x1 = np.full(60, -0.25)
+    x2 = np.full(60, 0.25)
+    x1[30], x2[30] = 40.0, 45.0
+    stray = Aperture(x1, x2, (40.0, 45.0), (0.0, 5.0))
+    b0 = plan.beams[0]
+    extra = dataclasses.replace(plan, beams=(dataclasses.replace(b0, segments=b0.segments + (Segment(stray, 5.0),)),)
+                                + plan.beams[1:])
+    kept, info_kept = reoptimise_weights(engine, extra, ref, min_mu=1.0, sample_voxels=800, prune_tolerance=None)
+    assert [s.mu for s in kept.beams[0].segments][-1] == pytest.approx(1.0)
+    pruned, info = reoptimise_weights(engine, extra, ref, min_mu=1.0, sample_voxels=800)
+    assert info["segments_removed"] >= 1
+    assert all(s.aperture is not stray for s in pruned.beams[0].segments)
+    assert info["rms_after_gy"] <= info_kept["rms_after_gy"] * 1.01
+    assert all(len(sb.segments) >= 1 for sb in pruned.beams)
+
+
 def test_check_closes_the_gap_and_reports(case):
     engine, fluences, plan = case
     chk = check_deliverable(engine, plan, gamma_points=800, sample_voxels=800, options={"levels": 5, "method": "engel"})
