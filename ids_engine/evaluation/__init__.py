@@ -124,7 +124,3 @@ __all__ += ["PhysicsSummary", "SummaryPoint", "physics_summary", "write_physics_
 # Gamma index (issue 13: deliverable-dose check).
 from ._gamma import gamma_index, gamma_pass_rate, gamma_summary, grid_axes_mm  # noqa: E402
 __all__ += ["gamma_index", "gamma_pass_rate", "gamma_summary", "grid_axes_mm"]  # noqa: E402
-
-# Gamma index (issue 13: deliverable-dose check).
-from ._gamma import gamma_index, gamma_pass_rate, gamma_summary, grid_axes_mm  # noqa: E402
-__all__ += ["gamma_index", "gamma_pass_rate", "gamma_summary", "grid_axes_mm"]  # noqa: E402
