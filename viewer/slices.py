@@ -31,7 +31,8 @@ from ._backend import use_qt
 from ._contours import asterisk_segments, downhill_ticks, hot_spot_rc, isoline_segments, label_anchor, nearest_on_segments
 from ._style import NORMAL_LINE_WIDTH_PX, ORIENTATION, IsodoseDisplay, IsodoseLevel, compose_slice_rgba
 
-__all__ = ["AXES", "PointMark", "SliceView", "point_marks", "rc_to_zyx", "take_slice", "zyx_to_rc"]
+__all__ = ["AXES", "PointMark", "SliceView", "patient_point_marks", "point_marks", "rc_to_zyx", "take_slice",
+           "zyx_to_rc"]
 
 AXES = {"z": "Axial", "y": "Coronal", "x": "Sagittal"}
 _ROW_COL = {"z": (1, 2), "y": (0, 2), "x": (0, 1)}  # which (z, y, x) axes are rows, columns
@@ -90,6 +91,27 @@ def point_marks(labels, positions_mm_xyz, grid, dose_gy=None, measured_gy=None) 
                 lines.append(f"{float(value):.2f}{suffix}")
         out.append(PointMark(str(lab), tuple(float(v) for v in idx[k]), tuple(lines)))
     return tuple(out)
+
+
+def patient_point_marks(patient, dose_gy: np.ndarray, measured: dict | None = None) -> tuple[PointMark, ...]:
+    """Marks for the patient's points with their dose read from a displayed dose cube
+    ((z, y, x) Gy, trilinear between voxel centres: a display value; the engine's reference
+    point dose is :func:`ids_engine.evaluation.point_doses`). ``measured``: {label: Gy},
+    matched by label lower-cased without spaces."""
+    from scipy import ndimage
+
+    from ids_engine.evaluation import normalise_label
+
+    pts = patient.points
+    if not pts:
+        return ()
+    xyz = np.array([p.position_mm_xyz for p in pts], np.float64)
+    idx = patient.grid.world_to_index(xyz)
+    dose = ndimage.map_coordinates(np.asarray(dose_gy, np.float32), idx.T, order=1, mode="nearest")
+    m = {normalise_label(k): v for k, v in (measured or {}).items()}
+    meas = [m.get(normalise_label(p.label)) for p in pts]
+    return point_marks([p.label for p in pts], xyz, patient.grid, dose,
+                       [np.nan if v is None else v for v in meas])
 
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:

@@ -344,3 +344,11 @@ def test_point_doses_shown_on_their_slice_with_measured_values(qtbot, window, se
     assert marks[0] not in view.shown_points() and not (view._points.visible and not view.shown_points())
     view.set_points(())
     view.set_slice(k)
+    # The patient's own points, their dose read from the displayed cube: close to the engine's.
+    from ids_engine.viewer.slices import patient_point_marks
+
+    own = patient_point_marks(session.patient, session.dose(), {"I S O": 61.0})
+    ref = point_doses(session.engine)
+    assert [m.label for m in own] == list(ref.labels) == ["ISO"]
+    assert float(own[0].lines[0].split()[0]) == pytest.approx(ref.total_gy[0], rel=0.01)
+    assert own[0].lines[1] == "61.00 Gy m"
