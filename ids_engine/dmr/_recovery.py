@@ -144,6 +144,24 @@ def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, sha
     return dist[c[:, 0], c[:, 1], c[:, 2]].astype(np.float64)
 
 
+def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest ``keys``, in increasing order (stable on ties)."""
+    if keys.size > 4 * k:
+        part = np.argpartition(keys, k)[:k]
+        return part[np.argsort(keys[part], kind="stable")]
+    return np.argsort(keys, kind="stable")[:k]
+
+
+def _rows_for(modifier, watch: "Watch", opts: "RecoveryOptions") -> "_Rows":
+    """The watch's row helper, built once per watch (the modification and recovery share it)."""
+    key = (id(modifier), opts)
+    cached = watch.__dict__.get("_rows_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, _Rows(modifier, watch, opts))
+        watch.__dict__["_rows_cache"] = cached
+    return cached[1]
+
+
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
     """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one."""
     kept: list[int] = []
@@ -172,12 +190,19 @@ class _Rows:
         sp = np.asarray(eng.grid.spacing_mm_zyx, float)
         self.coords = np.stack(np.unravel_index(self.vox, eng.grid.shape_zyx), axis=-1) * sp
         self.tree = cKDTree(self.coords)
-        self.bev_u, self.bev_v = [], []
+        self.bev_u, self.bev_v, self.bev_w, self.by_v = [], [], [], []
         for geo in eng.geometry:  # host copies of the geometry: no device work
             h = geo.fine.host
             pos = h.position[self.vox]
-            self.bev_u.append(h.u_cells[pos].astype(np.float32))
-            self.bev_v.append(h.v_cells[pos].astype(np.float32))
+            out = pos < 0  # not reached by this beam: never under its patches
+            self.bev_u.append(np.where(out, np.nan, h.u_cells[pos]).astype(np.float32))
+            bv = np.where(out, np.inf, h.v_cells[pos]).astype(np.float32)
+            self.bev_v.append(bv)
+            order = np.argsort(bv, kind="stable")
+            self.by_v.append((order, bv[order]))
+            # Dose per unit fluence on the ray (the primary's depth dose and inverse square):
+            # how strongly a patch at this voxel's BEV position changes its dose.
+            self.bev_w.append(np.where(pos >= 0, h.weights[0][pos], 0.0).astype(np.float32))
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
         always = np.flatnonzero(self.hard)
@@ -209,22 +234,49 @@ class _Rows:
         keep = np.flatnonzero(inband & (w.weight <= 1.0))
         if keep.size > opts.max_rows_keep:
             keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
-        slack = np.minimum(self.hi_solve - dose, dose - w.lo)
-        cand = np.flatnonzero((viol == 0) & ~near & (slack < opts.risk_slack_gy))
-        touched = np.zeros(cand.size, bool)
-        for bu_all, bv_all in zip(self.bev_u, self.bev_v):
+        # The watched voxels under the columns' patches in any beam (each beam's voxels are
+        # kept sorted by their BEV row, so the patch's rows are one slice), then those in
+        # their band, not near, and with little room.
+        under = []
+        reach = self.reach_cells
+        for bu_all, bv_all, (order, v_sorted) in zip(self.bev_u, self.bev_v, self.by_v):
             cu, cv = bu_all[cols], bv_all[cols]
-            bu, bv = bu_all[cand], bv_all[cand]
-            touched |= ((bu >= cu.min() - self.reach_cells) & (bu <= cu.max() + self.reach_cells)
-                        & (bv >= cv.min() - self.reach_cells) & (bv <= cv.max() + self.reach_cells))
-        touched_all = cand[touched]
-        risk = touched_all[np.argsort(slack[touched_all], kind="stable")][: opts.max_rows_risk]
+            ok = np.isfinite(cv)
+            if not ok.any():
+                continue
+            a, b = np.searchsorted(v_sorted, [cv[ok].min() - reach, cv[ok].max() + reach], side="left")
+            idx = order[a:b]
+            bu = bu_all[idx]
+            under.append(idx[(bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
+        mark = np.zeros(self.vox.size, bool)
+        for idx in under:
+            mark[idx] = True
+        mark &= ~near
+        touched_all = np.flatnonzero(mark)
+        slack = np.minimum(self.hi_solve[touched_all] - dose[touched_all], dose[touched_all] - w.lo[touched_all])
+        pick = (viol[touched_all] == 0) & (slack < opts.risk_slack_gy)
+        touched_all, slack = touched_all[pick], slack[pick]
+        risk = touched_all[_smallest(slack, opts.max_rows_risk)]
         # Soft-capped voxels (far target, normal tissue) all have about the same room, so the
-        # least-room order does not find where the patches will make a hot spot: an even
-        # sample of those under the patches instead (the active set then finds the ones at risk).
+        # least-room order does not find where the patches will make a hot spot.
         capped = touched_all[self.capped[touched_all]]
         if capped.size > opts.max_rows_capped:
-            capped = capped[np.linspace(0, capped.size - 1, opts.max_rows_capped).round().astype(int)]
+            # Rank by how much a patch at the columns would raise each one (its dose per unit
+            # fluence, times the narrow kernel's fall-off from the nearest column's
+            # projection), per Gy of room left: the stripes along the beams' entrance are
+            # a few mm wide, an even sample misses their peaks.
+            sens = np.zeros(capped.size, np.float32)
+            s2 = 2.0 * (self.reach_cells / 3.0) ** 2
+            for bu_all, bv_all, bw_all in zip(self.bev_u, self.bev_v, self.bev_w):
+                bu, bv = bu_all[capped], bv_all[capped]
+                d2 = np.full(capped.size, np.inf, np.float32)
+                for cu, cv in zip(bu_all[cols], bv_all[cols]):
+                    if np.isfinite(cv):
+                        np.minimum(d2, (bu - cu) ** 2 + (bv - cv) ** 2, out=d2)
+                d2 = np.where(np.isfinite(d2), d2, np.inf)
+                sens = np.maximum(sens, bw_all[capped] * np.exp(-d2 / s2))
+            room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
+            capped = capped[_smallest(-(sens / room), opts.max_rows_capped)]
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
 
     def solve(self, modifier, rows, cols, signs, dose):
@@ -255,7 +307,7 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
 
     opts = options or RecoveryOptions()
     eng = modifier.engine
-    rs = _Rows(modifier, watch, opts)
+    rs = _rows_for(modifier, watch, opts)
     cols_flat = np.asarray(voxels, np.int64)
     goal_c = np.asarray(target_gy, float)
     ci = np.minimum(np.searchsorted(rs.vox, cols_flat), max(rs.vox.size - 1, 0))
@@ -292,7 +344,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     opts = options or RecoveryOptions()
     eng = modifier.engine
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
-    rs = _Rows(modifier, watch, opts)
+    rs = _rows_for(modifier, watch, opts)
     vox, coords, hard = rs.vox, rs.coords, rs.hard
     tabu = np.zeros(vox.size, bool)
     chosen, accepted, patches, objective = [], [], [], []
