@@ -23,6 +23,14 @@ SUBCOMMANDS = {
     "shape": ("JSON", "requests", "report"),
     "view": ("viewer", "phantom", "session"),
     "plan": ("protocol", "goals", "session"),
+    # Commands in their own modules (ids_engine/cli_*.py).
+    "autoweight": ("case", "prescription", "monitor units"),
+    "conform": ("arc", "target", "margin"),
+    "points": ("point", "measured", "beam"),
+    "dvh": ("sampling", "partial volumes", "session"),
+    "sequence": ("segments", "deliverable"),
+    "export": ("DICOM", "research"),
+    "import-plan": ("RT Plan", "dose"),
 }
 
 

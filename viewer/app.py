@@ -30,7 +30,7 @@ from .legend import WashLegend
 from .metrics_panel import MetricsPanel
 from .optimise_dialog import OptimiseDialog
 from .panels import BeamPanel, HistoryList
-from .slices import AXES, SliceView
+from .slices import AXES, SliceView, patient_point_marks
 from .view3d import View3D
 from .worker import QtEngineWorker, Snapshot, conflict_status_text, voxel_text
 
@@ -217,6 +217,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_cc = A("Volume in &cc", lambda on: self.dvh.unit_box.setCurrentIndex(1 if on else 0), checkable=True)
         self.act_optimise = A("&Optimise…", self.optimise_dialog, None,
                               "Optimise the plan's fluences for a protocol's goals (a session without requests)")
+        self.act_isodose_control = A("&Isodose control…", self.show_isodose_control, None,
+                                     "Isodose levels in Gy or % of the normalisation point, line colour and width, "
+                                     "tinted region, the 3D surface's level and mode")
+        self.act_sampled_dvh = A("DVH by random &sampling…", self.show_sampled_dvh, None,
+                                 "Niemierko-Goitein random sampling to 1 point per mm³, converging live, stoppable")
         self.act_help = A("&Mouse and keys", self.show_help, "F1")
         self.tool_group = QtGui.QActionGroup(self)
         self.tool_actions = {}
@@ -364,12 +369,12 @@ class MainWindow(QtWidgets.QMainWindow):
         for a in self.tool_actions.values():
             m.addAction(a)
         m = mb.addMenu("&View")
-        for a in (self.act_reset, self.act_percent, self.act_wash):
+        for a in (self.act_reset, self.act_percent, self.act_wash, self.act_isodose_control):
             m.addAction(a)
         m = mb.addMenu("&Plan")
         m.addAction(self.act_optimise)
         m = mb.addMenu("&DVH")
-        for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc):
+        for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc, self.act_sampled_dvh):
             m.addAction(a)
         m = mb.addMenu("&Help")
         m.addAction(self.act_help)
@@ -1098,13 +1103,35 @@ class MainWindow(QtWidgets.QMainWindow):
         """True when the newest submitted job's snapshot is shown and no drag is under way."""
         return self.snapshot is not None and self.snapshot.job_id >= self.last_job_id and self._drag is None
 
+    def show_isodose_control(self) -> None:
+        from .isodose_control import IsodoseControl
+
+        if getattr(self, "_isodose_control", None) is None:
+            self._isodose_control = IsodoseControl(self)
+        self._isodose_control.refresh()
+        self._isodose_control.show()
+        self._isodose_control.raise_()
+
+    def show_sampled_dvh(self) -> None:
+        from .dvh_sampling import SampledDVHDialog
+
+        if self.session is None or self.dose_gy is None:
+            self.statusBar().showMessage("Open a case first: no dose to sample", 4000)
+            return
+        dlg = SampledDVHDialog(self.dose_gy, self.session.patient, self.session.prescription_gy,
+                               f"plan {self.snapshot.plan_id}" if self.snapshot else "plan", parent=self)
+        dlg.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
+        dlg.show()
+
     def _on_snapshot(self, snap: Snapshot) -> None:
         t0 = time.perf_counter()
         self.snapshot = snap
         if snap.dose_gy is not None:
             self.dose_gy = snap.dose_gy
+            marks = patient_point_marks(self.session.patient, snap.dose_gy) if self.session is not None else ()
             for v in self.slice_views.values():
                 v.set_dose(snap.dose_gy, snap.pins_mask)
+                v.set_points(marks)
             self.view3d.set_dose(snap.dose_gy)
         elif snap.readout is not None:
             # A preview: each view shows its slice if it is the one displayed, else keeps its
