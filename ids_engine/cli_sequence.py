@@ -186,7 +186,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         print(f"{label}: {sum(len(b.segments) for b in plan.beams)} segments, {sum(b.mu for b in plan.beams):.1f} MU "
               f"per fraction over {len(plan.beams)} beams (sequenced in {t_seq:.2f} s, {opts['method']})")
         t0 = time.perf_counter()
-        chk = check_deliverable(engine, plan, tongue_groove_mm=args.tongue_groove_mm, reoptimise=not args.no_reoptimise,
+        chk = check_deliverable(engine, plan, tongue_groove_mm=args.tongue_groove_mm, leaf_gap_mm=args.leaf_gap_mm,
+                                reoptimise=not args.no_reoptimise,
                                 min_mu=args.min_mu, prune_tolerance=None if args.keep_segments else 0.01,
                                 gamma_points=args.gamma_points, options=opts,
                                 progress=TextProgressBar())
@@ -194,7 +195,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
         dest.mkdir(parents=True, exist_ok=True)
         atomic_text(dest / "segments.json", json.dumps(plan_to_dict(plan, chk.reoptimised, {
-            **opts, "fractions": args.fractions, "tongue_groove_mm": args.tongue_groove_mm}), indent=1))
+            **opts, "fractions": args.fractions, "tongue_groove_mm": args.tongue_groove_mm,
+            "leaf_gap_mm": args.leaf_gap_mm}), indent=1))
         atomic_text(dest / "deliverable_report.md", chk.to_markdown(f"Deliverable dose check: {label}"))
         doc = {"source": label, "beams": chk.beam_rows(), "gamma": chk.gamma, "reoptimisation": chk.reoptimisation,
                "options": chk.options, "timings_s": {"sequencing": round(t_seq, 3), "check": round(t_chk, 3)},
@@ -203,7 +205,7 @@ def cmd_sequence(args: argparse.Namespace) -> int:
                                           if v is not None}}
         atomic_text(dest / "deliverable.json", json.dumps(doc, indent=1))
         final = chk.reoptimised or plan
-        delivered = deliverable_fluences(final, tongue_groove_mm=args.tongue_groove_mm)
+        delivered = deliverable_fluences(final, tongue_groove_mm=args.tongue_groove_mm, leaf_gap_mm=args.leaf_gap_mm)
         pngs = 0
         for i, sb in enumerate(plan.beams):
             pngs += segments_png(dest / f"segments_{i + 1:02d}_{_safe(sb.beam.name)}.png", sb, fluences[i], delivered[i],
@@ -272,6 +274,9 @@ def add_parser(sub) -> None:
                    help="segmentation (default auto: engel, or sweep when the MLC forbids interdigitation)")
     s.add_argument("--tongue-groove-mm", type=lambda t: _number(t, False), default=0.5,
                    help="tongue-and-groove strip width along leaf-pair boundaries, mm (default 0.5; 0: none)")
+    s.add_argument("--leaf-gap-mm", type=lambda t: _number(t, False), default=0.0,
+                   help="rounded leaf ends as a dosimetric leaf gap, mm (default 0: not modelled; commissioned "
+                        "values are typically 1-2)")
     s.add_argument("--no-reoptimise", action="store_true", help="skip the re-optimisation of the segment MU")
     s.add_argument("--keep-segments", action="store_true",
                    help="keep the segments the re-optimisation holds at the minimum MU (default: removed when the "

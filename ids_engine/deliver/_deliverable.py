@@ -7,7 +7,9 @@ fluence grid plus the MLC's leaf transmission inside the jaws
 boundary between two neighbouring leaf pairs a strip ``tongue_groove_mm`` wide (half on
 each side) is open only where *both* pairs are open (the tongue of one leaf shadows the
 groove of the other wherever one of them is closed), as in the usual first-order model (van
-Santvoort and Heijmen, Phys. Med. Biol. 41 (1996) 2091). Rounded leaf ends are not modelled.
+Santvoort and Heijmen, Phys. Med. Biol. 41 (1996) 2091). Rounded leaf ends, optionally, as a
+dosimetric leaf gap: every leaf tip taken ``leaf_gap_mm / 2`` further back (default 0: not
+modelled).
 
 The dose of every segment at sampled voxels comes from the engine's own model
 (:meth:`~ids_engine.dose.DoseEngine.delta_matrix`); the segment weights (MU per fraction,
@@ -44,13 +46,22 @@ DEFAULT_TONGUE_GROOVE_MM = 0.5
 
 
 def segment_fluence(aperture: Aperture, mlc: MLC, grid: FluenceGrid, *,
-                    tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM) -> np.ndarray:
+                    tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, leaf_gap_mm: float = 0.0) -> np.ndarray:
     """(nv, nu) float32 fluence of one MU through ``aperture``: :func:`aperture_fluence` less
-    the tongue-and-groove shadow (see the module description)."""
-    f = aperture_fluence(aperture, mlc, grid).astype(np.float64)
+    the tongue-and-groove shadow (see the module description).
+
+    ``leaf_gap_mm``: rounded leaf ends as a dosimetric leaf gap, each leaf tip taken
+    ``leaf_gap_mm / 2`` further back (every pair, closed ones too; the jaws still limit the
+    field). 0 (default): not modelled; a commissioned value is typically 1-2 mm."""
     w = float(tongue_groove_mm)
     if w < 0 or not np.isfinite(w):
         raise ValueError(f"tongue_groove_mm must be >= 0, got {tongue_groove_mm!r}")
+    g = float(leaf_gap_mm)
+    if g < 0 or not np.isfinite(g):
+        raise ValueError(f"leaf_gap_mm must be >= 0, got {leaf_gap_mm!r}")
+    if g > 0:
+        aperture = Aperture(aperture.leaf_x1_mm - g / 2, aperture.leaf_x2_mm + g / 2, aperture.jaw_x_mm, aperture.jaw_y_mm)
+    f = aperture_fluence(aperture, mlc, grid).astype(np.float64)
     if w == 0 or mlc.n_pairs < 2:
         return f.astype(np.float32)
     p = grid.pitch_mm
@@ -73,7 +84,8 @@ def segment_fluence(aperture: Aperture, mlc: MLC, grid: FluenceGrid, *,
     return (f - (1.0 - mlc.transmission) * loss).astype(np.float32)
 
 
-def _segment_fluences(plan: DeliverablePlan, tongue_groove_mm: float, cache: dict | None = None) -> list[list[np.ndarray]]:
+def _segment_fluences(plan: DeliverablePlan, tongue_groove_mm: float, cache: dict | None = None,
+                      leaf_gap_mm: float = 0.0) -> list[list[np.ndarray]]:
     """Per beam, per segment: :func:`segment_fluence` (``cache`` keyed by the aperture's id,
     so a plan with re-optimised MU but the same apertures reuses them)."""
     out = []
@@ -85,7 +97,7 @@ def _segment_fluences(plan: DeliverablePlan, tongue_groove_mm: float, cache: dic
             if cache is not None and key in cache:
                 row.append(cache[key][1])
                 continue
-            f = segment_fluence(s.aperture, sb.mlc, g, tongue_groove_mm=tongue_groove_mm)
+            f = segment_fluence(s.aperture, sb.mlc, g, tongue_groove_mm=tongue_groove_mm, leaf_gap_mm=leaf_gap_mm)
             if cache is not None:
                 cache[key] = (s.aperture, f)  # the aperture is held so its id stays unique
             row.append(f)
@@ -94,12 +106,12 @@ def _segment_fluences(plan: DeliverablePlan, tongue_groove_mm: float, cache: dic
 
 
 def deliverable_fluences(plan: DeliverablePlan, *, tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM,
-                         cache: dict | None = None) -> list[np.ndarray]:
+                         leaf_gap_mm: float = 0.0, cache: dict | None = None) -> list[np.ndarray]:
     """Per beam, the (nv, nu) float32 fluence the segments deliver over the course (MU, the
     dose engine's unit): sum of segment MU x fractions x :func:`segment_fluence`.
     ``cache``: a dict reused across calls on plans sharing apertures."""
     out = []
-    for sb, fls in zip(plan.beams, _segment_fluences(plan, tongue_groove_mm, cache)):
+    for sb, fls in zip(plan.beams, _segment_fluences(plan, tongue_groove_mm, cache, leaf_gap_mm)):
         f = np.zeros(_grid(sb).shape_vu, np.float64)
         for s, sf in zip(sb.segments, fls):
             f += float(s.mu) * plan.fractions * sf
@@ -114,7 +126,8 @@ def _grid(sb: SequencedBeam) -> FluenceGrid:
 
 
 def segment_influence(engine: DoseEngine, plan: DeliverablePlan, flat_index, *,
-                      tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, cache: dict | None = None) -> np.ndarray:
+                      tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, leaf_gap_mm: float = 0.0,
+                      cache: dict | None = None) -> np.ndarray:
     """(n voxels, n segments) float32: dose (Gy) at CT voxels ``flat_index`` per MU per
     fraction of each segment (over the course's fractions), plan order, beam by beam.
 
@@ -125,7 +138,7 @@ def segment_influence(engine: DoseEngine, plan: DeliverablePlan, flat_index, *,
         if _grid(sb) != engine.geometry[b].beam.fluence_grid:
             raise ValueError(f"beam {sb.beam.name!r}: its fluence grid is not the dose engine's beam {b}'s")
     cols = []
-    for b, (sb, fls) in enumerate(zip(plan.beams, _segment_fluences(plan, tongue_groove_mm, cache))):
+    for b, (sb, fls) in enumerate(zip(plan.beams, _segment_fluences(plan, tongue_groove_mm, cache, leaf_gap_mm))):
         patches = []
         for sf in fls:
             f = sf * np.float32(plan.fractions)
@@ -151,7 +164,8 @@ def _sample(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose_gy: np.ndarray, *,
                        min_mu: float = 1.0, sample_voxels: int = 4000, target_importance: float = 1.0,
-                       oar_importance: float = 1.0, body_importance: float = 2.0, tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM,
+                       oar_importance: float = 1.0, body_importance: float = 2.0,
+                       tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, leaf_gap_mm: float = 0.0,
                        prune_tolerance: float | None = 0.01, seed: int = 0,
                        cache: dict | None = None) -> tuple[DeliverablePlan, dict]:
     """Segment MU that best reproduce ``reference_dose_gy`` at sampled voxels.
@@ -195,7 +209,8 @@ def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose
     if idx.size == 0:
         raise ValueError("reoptimise_weights: the patient has no body voxels to sample")
     w_rows = np.concatenate([np.full(i.size, imp / np.sqrt(max(i.size, 1))) for i, imp in parts])
-    A = segment_influence(engine, plan, idx, tongue_groove_mm=tongue_groove_mm, cache=cache).astype(np.float64)
+    A = segment_influence(engine, plan, idx, tongue_groove_mm=tongue_groove_mm, leaf_gap_mm=leaf_gap_mm,
+                          cache=cache).astype(np.float64)
     d = np.asarray(reference_dose_gy, dtype=np.float64).ravel()[idx]
     w0 = np.array([s.mu for sb in plan.beams for s in sb.segments])
     Aw = A * w_rows[:, None]
@@ -283,7 +298,8 @@ class DeliverableCheck:
                  f"minimum {o.get('min_mu', '?')} MU per segment and fraction, {self.plan.fractions} fraction(s)) on MLC "
                  f"{self.plan.beams[0].mlc.name if self.plan.beams else '?'}; deliverable fluence = aperture area "
                  f"fractions + leaf transmission ({self.plan.beams[0].mlc.transmission if self.plan.beams else 0:g}) + "
-                 f"tongue-and-groove strip {o.get('tongue_groove_mm', 0):g} mm; rounded leaf ends not modelled.", "",
+                 f"tongue-and-groove strip {o.get('tongue_groove_mm', 0):g} mm; rounded leaf ends "
+                 + (f"as a {o['leaf_gap_mm']:g} mm dosimetric leaf gap." if o.get("leaf_gap_mm") else "not modelled."), "",
                  "## Segments and MU (per fraction)", ""]
         rows = self.beam_rows()
         has_re = self.reoptimised is not None
@@ -320,7 +336,8 @@ class DeliverableCheck:
 
 
 def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fluences=None,
-                      tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, reoptimise: bool = True,
+                      tongue_groove_mm: float = DEFAULT_TONGUE_GROOVE_MM, leaf_gap_mm: float = 0.0,
+                      reoptimise: bool = True,
                       min_mu: float = 1.0, prune_tolerance: float | None = 0.01, gamma_points: int | None = 20000,
                       sample_voxels: int = 4000, seed: int = 0, options: dict | None = None,
                       progress=None) -> DeliverableCheck:
@@ -333,6 +350,7 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
     plan : the sequenced plan (e.g. :func:`~ids_engine.deliver.sequence_plan` of the
         engine's fluences).
     tongue_groove_mm : the tongue-and-groove strip (0: none).
+    leaf_gap_mm : the rounded leaf ends' dosimetric leaf gap (0: not modelled).
     reoptimise : also re-optimise the segment MU (:func:`reoptimise_weights`).
     min_mu : least MU per segment and fraction in the re-optimisation.
     prune_tolerance : see :func:`reoptimise_weights` (None: no segment is removed).
@@ -357,7 +375,8 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
         ref = engine.dose_cube_host().astype(np.float32)
         step(1, "deliverable dose")
         cache: dict = {}
-        engine.set_fluences(deliverable_fluences(plan, tongue_groove_mm=tongue_groove_mm, cache=cache))
+        engine.set_fluences(deliverable_fluences(plan, tongue_groove_mm=tongue_groove_mm, leaf_gap_mm=leaf_gap_mm,
+                                                 cache=cache))
         seq = engine.dose_cube_host().astype(np.float32)
         stages = {"sequenced": (seq, plan)}
         info: dict = {}
@@ -366,8 +385,10 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
             step(2, "segment weights")
             re_plan, info = reoptimise_weights(engine, plan, ref, min_mu=min_mu, sample_voxels=sample_voxels,
                                                prune_tolerance=prune_tolerance,
-                                               tongue_groove_mm=tongue_groove_mm, seed=seed, cache=cache)
-            engine.set_fluences(deliverable_fluences(re_plan, tongue_groove_mm=tongue_groove_mm, cache=cache))
+                                               tongue_groove_mm=tongue_groove_mm, leaf_gap_mm=leaf_gap_mm, seed=seed,
+                                               cache=cache)
+            engine.set_fluences(deliverable_fluences(re_plan, tongue_groove_mm=tongue_groove_mm, leaf_gap_mm=leaf_gap_mm,
+                                                     cache=cache))
             re_dose = engine.dose_cube_host().astype(np.float32)
             stages["re-optimised"] = (re_dose, re_plan)
     finally:
@@ -385,6 +406,7 @@ def check_deliverable(engine: DoseEngine, plan: DeliverablePlan, *, reference_fl
         step(4, "DVH metrics")
         comp[name] = compare_plans(ref, dose, engine.patient, prescription_gy=rx, labels=("fluence", name))
     step(6, "done")
-    opts = {"tongue_groove_mm": float(tongue_groove_mm), "gamma_points": gamma_points, "min_mu": min_mu,
+    opts = {"tongue_groove_mm": float(tongue_groove_mm), "leaf_gap_mm": float(leaf_gap_mm), "gamma_points": gamma_points,
+            "min_mu": min_mu,
             **(options or {})}
     return DeliverableCheck(ref, seq, re_dose, plan, re_plan, gam, comp, info, opts)

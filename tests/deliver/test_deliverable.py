@@ -61,6 +61,20 @@ def test_tongue_and_groove_shadows_only_where_one_pair_is_closed():
         segment_fluence(ap, mlc, grid, tongue_groove_mm=-1)
 
 
+def test_leaf_gap_widens_every_open_pair_inside_the_jaws():
+    mlc = MLC(transmission=0.0)
+    grid = FluenceGrid((20, 60), 0.5, (-14.75, -4.75))
+    ap = _two_pair_aperture(-10, 10, 0, 10)  # jaws X -20..20, Y -5..5: pairs 29 and 30 in the field
+    plain = segment_fluence(ap, mlc, grid, tongue_groove_mm=0.0)
+    wide = segment_fluence(ap, mlc, grid, tongue_groove_mm=0.0, leaf_gap_mm=2.0)
+    # Each of the two pairs in the field opens 1 mm more at each end: 2 mm x 5 mm per pair.
+    assert (wide.sum() - plain.sum()) * 0.25 == pytest.approx(2 * 2.0 * 5.0)
+    u = grid.u_mm()
+    assert wide[5, (u > -11) & (u < -10)] == pytest.approx(1.0)  # pair 29's B tip moved to -11
+    with pytest.raises(ValueError, match="leaf_gap_mm"):
+        segment_fluence(ap, mlc, grid, leaf_gap_mm=-1)
+
+
 # ------------------------------------------------------------------ a small water case
 @pytest.fixture(scope="module")
 def case():
