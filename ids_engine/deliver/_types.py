@@ -117,6 +117,7 @@ def aperture_fluence(aperture: Aperture, mlc: MLC, grid: FluenceGrid, *, transmi
     b = np.minimum(aperture.leaf_x2_mm, jx[1])[:, None]
     fu_open = _overlap(u_lo[None, :], u_hi[None, :], a, np.maximum(a, b)) / p
     fu_jaw = _overlap(u_lo[None, :], u_hi[None, :], jx[0], jx[1]) / p
-    open_ = fv.T @ fu_open
-    inside_jaws = fv.T @ np.broadcast_to(fu_jaw, fu_open.shape)
+    # (einsum, not a BLAS product: these are small, and BLAS threads contend on a busy machine)
+    open_ = np.einsum("kv,ku->vu", fv, fu_open)
+    inside_jaws = np.einsum("kv,ku->vu", fv, np.broadcast_to(fu_jaw, fu_open.shape))
     return (open_ + t * (inside_jaws - open_)).astype(np.float32)
