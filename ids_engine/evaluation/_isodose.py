@@ -13,8 +13,9 @@ __all__ = ["beside_shift_mm", "drag_landing_mm", "level_crossing_mm"]
 
 
 def level_crossing_mm(dose_gy: np.ndarray, spacing_mm_zyx, point_zyx, direction_zyx, level_gy: float,
-                      reach_mm: float, step_mm: float = 0.2) -> float | None:
-    """Signed position (mm along ``direction``) of the ``level_gy`` crossing nearest to ``point``.
+                      reach_mm: float, step_mm: float = 0.2, near_mm: float = 0.0) -> float | None:
+    """Signed position (mm along ``direction``) of the ``level_gy`` crossing nearest to ``point``
+    (or to ``point + near_mm * direction``).
 
     The dose is sampled on ``point + t * direction`` for ``|t| <= reach_mm``; a crossing is
     where ``dose - level`` changes sign, located by linear interpolation between samples.
@@ -38,7 +39,7 @@ def level_crossing_mm(dose_gy: np.ndarray, spacing_mm_zyx, point_zyx, direction_
     f0, f1 = f[idx], f[idx + 1]
     frac = np.where(f1 != f0, f0 / (f0 - f1), 0.5)
     cross = t[idx] + frac * step_mm
-    return float(cross[np.argmin(np.abs(cross))])
+    return float(cross[np.argmin(np.abs(cross - near_mm))])
 
 
 def drag_landing_mm(dose_gy: np.ndarray, spacing_mm_zyx, start_zyx, end_zyx, level_gy: float,
@@ -86,6 +87,6 @@ def beside_shift_mm(before_gy: np.ndarray, after_gy: np.ndarray, spacing_mm_zyx,
         c0 = level_crossing_mm(before_gy, sp, q, b - a, level_gy, reach_mm)
         if c0 is None:
             continue
-        c1 = level_crossing_mm(after_gy, sp, q, b - a, level_gy, reach_mm + 6.0)
+        c1 = level_crossing_mm(after_gy, sp, q, b - a, level_gy, reach_mm + 6.0, near_mm=c0)
         out.append(float("inf") if c1 is None else abs(c1 - c0))
     return out
