@@ -142,7 +142,10 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
         taken at the previous round's weights.
     initial_fluences : a warm start (per beam fluence maps, e.g. an approved plan's); the
         beamlet weights start at each beamlet block's mean fluence.
-    max_iterations : L-BFGS-B iterations per round.
+    max_iterations : L-BFGS-B iterations of the first round; each later round (warm-started,
+        absorbing a refreshed tail offset) and every round after importance tuning gets a
+        quarter of it, at least 50 (measured on matRad's TG119.mat, 5 mm beamlets: 600
+        iterations instead of 817, the same D95, D10 and core D10 to 0.01 Gy).
     tune_importance : first tune the objectives' importance factors with Powell's method
         (Xing et al. 1999; :func:`~ids_engine.optimise.tune_importance`) on the matrix
         without the tail offset, scoring ``score_goals`` (default: ``goals``); the rounds
@@ -199,8 +202,11 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
         t["tail_offset"] += time.perf_counter() - t0
     for r in range(tail_rounds + 1):
         t0 = time.perf_counter()
+        # Later rounds start from the previous round's plan and only absorb the refreshed
+        # tail offset: a quarter of the budget.
+        budget = max_iterations if r == 0 and not tune_importance else max(50, max_iterations // 4)
         res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset,
-                               max_iterations=max_iterations, progress=progress, cancel=cancel)
+                               max_iterations=budget, progress=progress, cancel=cancel)
         t["optimise"] += time.perf_counter() - t0
         w = res.beamlet_weights
         iterations += res.iterations
