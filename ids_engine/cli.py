@@ -231,7 +231,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ids_engine._files import FolderLockedError, atomic_text
     from ids_engine.evaluation import check_goals, tg119_goals, write_plan_report
     from ids_engine.io import InputError
-    from ids_engine.optimise import read_protocol
+    from ids_engine.optimise import read_protocol, score_goals_from_checks
     from ids_engine.planning import equispaced_beams, goal_checks, optimise_plan
     from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
     from ids_engine.session import Session, case_from_spec, case_label
@@ -263,7 +263,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     session = Session(patient, beams, prescription_gy=args.prescription_gy, case=spec, progress=TextProgressBar())
     cancelled = {"flag": False}
     try:
-        plan = optimise_plan(session.engine, protocol.goals, progress=TextProgressBar())
+        score = score_goals_from_checks(tg119_goals(args.check.split("-", 1)[1])) if args.check else None
+        plan = optimise_plan(session.engine, protocol.goals, progress=TextProgressBar(),
+                             tune_importance=args.tune_importance, score_goals=score)
     except KeyboardInterrupt:  # pragma: no cover - interactive
         print("\ninterrupted: no plan written", file=sys.stderr)
         return 130
@@ -290,12 +292,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "checks": [{"goal": f"{r.goal.structure} {r.goal.metric} {r.goal.comparator} {r.goal.value:g} {r.goal.unit}",
                     "achieved": r.achieved, "passed": r.passed} for r in results],
         "timings_s": {**{k: round(v, 3) for k, v in plan.timings_s.items()}, "total": round(total_s, 3)},
+        "importance_tuning": plan.tuning.summary() if plan.tuning is not None else None,
     }
     atomic_text(dest / "plan.json", json.dumps(doc, indent=1))
     if dest != out:
         _swap_in(dest, out)
     print(f"\noptimised in {total_s:.1f} s (influence matrix {plan.timings_s['influence_matrix']:.1f} s, "
           f"{plan.iterations} iterations); the optimiser's dose is within {plan.tail_error_pct:.2g} % of the engine's")
+    if plan.tuning is not None:
+        print(plan.tuning.text())
     for u in res.unmet_constraints:
         print(f"  constraint not met: {u}")
     for r in results:
@@ -416,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", choices=["clinical", "coarse"], default="clinical", help="built-in phantoms' grid")
     s.add_argument("--check", choices=["tg119-easier", "tg119-harder"],
                    help="also check the published TG-119 goals in the report")
+    s.add_argument("--tune-importance", action="store_true",
+                   help="tune the objectives' importance factors (Powell's method, Xing et al. 1999) until the plan "
+                        "meets the --check goals (else the protocol's own goals), re-optimising for each")
     s.set_defaults(func=cmd_plan)
 
     from ids_engine.phantoms import PHANTOMS

@@ -85,3 +85,31 @@ def test_only_beamlets_that_reach_the_target_are_optimised():
         assert m[np.floor(h.v_cells[pos]).astype(int) // 4, np.floor(h.u_cells[pos]).astype(int) // 4].all()
         assert m.sum() < 0.5 * m.size
         assert (w >= m).all() and w.sum() > m.sum()
+
+
+@pytest.mark.slow
+def test_tune_importance_brings_a_badly_weighted_protocol_back(tmp_path, capsys):
+    """A protocol whose coverage objectives are weighted 50-100 times too low and its core
+    sparing 10 times too high falls short of the checked goals' margin; ``--tune-importance`` (Powell over the log importances, Xing et al. 1999) records
+    its path of factors and scores in plan.json and ends with a better score."""
+    weak = tmp_path / "weak.toml"
+    text = PROTOCOL.read_text()
+    for old, new in (('importance = 100\nname = "target coverage"', 'importance = 1\nname = "target coverage"'),
+                     ('importance = 50\nname = "no cold spot"', 'importance = 1\nname = "no cold spot"'),
+                     ('importance = 80\nname = "core sparing"', 'importance = 800\nname = "core sparing"')):
+        assert old in text
+        text = text.replace(old, new)
+    weak.write_text(text)
+    out = tmp_path / "tuned"
+    rc = main(["plan", "tg119", str(weak), "--out", str(out), "--resolution", "coarse",
+               "--prescription-gy", "50", "--check", "tg119-harder", "--tune-importance"])
+    assert rc == 0
+    doc = json.loads((out / "plan.json").read_text())
+    tuning = doc["importance_tuning"]
+    assert tuning is not None
+    assert len(tuning["path"]) == tuning["evaluations"] >= 2
+    assert tuning["initial_score"] > 0
+    assert tuning["best_score"] < 0.5 * tuning["initial_score"]
+    assert tuning["path"][tuning["best_step"]]["score"] == tuning["best_score"]
+    printed = capsys.readouterr().out
+    assert "importance" in printed.lower()
