@@ -321,27 +321,9 @@ def cmd_import_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def add_parser(sub) -> None:
+    from ids_engine.cli import _positive_float, _positive_int
+
     s = sub.add_parser(
         "export", help="write a plan as a deliverable DICOM RT set (CT, RTSTRUCT, RTPLAN, RTDOSE)",
         description="Sequence a shaped plan into MLC segments and write a DICOM RT set: CT (for built-in phantoms, "

@@ -227,27 +227,8 @@ def cmd_sequence(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {v}")
-    return v
-
-
-def _number(text: str, positive: bool) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not np.isfinite(v) or v < 0 or (positive and v == 0):
-        raise argparse.ArgumentTypeError(f"must be a {'positive number' if positive else 'number, 0 or more'}, got {text}")
-    return v
-
-
 def add_parser(sub) -> None:
+    from ids_engine.cli import _non_negative_float, _positive_float, _positive_int
     from ids_engine.phantoms import PHANTOMS
 
     s = sub.add_parser(
@@ -262,19 +243,19 @@ def add_parser(sub) -> None:
     s.add_argument("--out", required=True, help="output folder; must not exist or be empty")
     s.add_argument("--force", action="store_true", help="replace an existing --out folder once the new one is complete")
     s.add_argument("--levels", type=_positive_int, default=10, help="intensity levels of each beam's maximum (default 10)")
-    s.add_argument("--min-mu", type=lambda t: _number(t, False), default=1.0,
+    s.add_argument("--min-mu", type=_non_negative_float, default=1.0,
                    help="least MU per segment and fraction (default 1)")
     s.add_argument("--fractions", type=_positive_int, default=1, help="fractions; segment MU are per fraction (default 1)")
-    s.add_argument("--bixel-mm", type=lambda t: _number(t, True), default=2.5,
+    s.add_argument("--bixel-mm", type=_positive_float, default=2.5,
                    help="leaf position resolution along the leaf motion, mm (default 2.5)")
     s.add_argument("--pair-sampling", choices=("mean", "centre"), default="mean",
                    help="a leaf pair's fluence: the mean over its width (default; modulated plans) or the value on its "
                         "centre line (open fields stay one segment; use with --bixel-mm 1)")
     s.add_argument("--method", choices=("auto", "engel", "sweep"), default="auto",
                    help="segmentation (default auto: engel, or sweep when the MLC forbids interdigitation)")
-    s.add_argument("--tongue-groove-mm", type=lambda t: _number(t, False), default=0.5,
+    s.add_argument("--tongue-groove-mm", type=_non_negative_float, default=0.5,
                    help="tongue-and-groove strip width along leaf-pair boundaries, mm (default 0.5; 0: none)")
-    s.add_argument("--leaf-gap-mm", type=lambda t: _number(t, False), default=0.0,
+    s.add_argument("--leaf-gap-mm", type=_non_negative_float, default=0.0,
                    help="rounded leaf ends as a dosimetric leaf gap, mm (default 0: not modelled; commissioned "
                         "values are typically 1-2)")
     s.add_argument("--no-reoptimise", action="store_true", help="skip the re-optimisation of the segment MU")
@@ -286,6 +267,6 @@ def add_parser(sub) -> None:
     s.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse",
                    help="a built-in phantom's grid (default coarse)")
     s.add_argument("--beams", type=_positive_int, default=9, help="a built-in phantom's open-field beams (default 9)")
-    s.add_argument("--prescription-gy", type=lambda t: _number(t, True), default=60.0,
+    s.add_argument("--prescription-gy", type=_positive_float, default=60.0,
                    help="a built-in phantom's prescription (default 60 Gy)")
     s.set_defaults(func=cmd_sequence)

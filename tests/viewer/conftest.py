@@ -61,3 +61,14 @@ def conflicting_requests(session):
     m = oar_rim_voxel(session)
     near = (m[0], m[1] - 2, m[2])
     return Pin("rim", m, 6.0), SetVoxelDose(near, 0.2 * session.prescription_gy)
+
+
+def wait_until(app, condition, timeout_s: float = 60.0) -> None:
+    """Process Qt events until ``condition()`` holds (fails after ``timeout_s``)."""
+    import time
+
+    t0 = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - t0 < timeout_s, "timed out"
+        app.processEvents()
+        time.sleep(0.01)

@@ -3,12 +3,11 @@ the patient's points are marked with their dose on every slice view."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 
-from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages
+from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages, wait_until
 
 require_viewer_packages()
 
@@ -28,14 +27,6 @@ def session():
     s.close()
 
 
-def _wait(app, condition, timeout_s: float = 60.0) -> None:
-    t0 = time.perf_counter()
-    while not condition():
-        assert time.perf_counter() - t0 < timeout_s, "timed out"
-        app.processEvents()
-        time.sleep(0.01)
-
-
 @pytest.fixture(scope="module")
 def window(qapp, session):
     from ids_engine.viewer.app import MainWindow
@@ -43,7 +34,7 @@ def window(qapp, session):
     w = MainWindow()
     w.show()
     w.set_session(session)
-    _wait(qapp, lambda: w.idle and w.dose_gy is not None)
+    wait_until(qapp, lambda: w.idle and w.dose_gy is not None)
     yield w
     w.close()
     w.deleteLater()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages
+from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages, wait_until
 
 require_viewer_packages()
 
@@ -25,16 +25,6 @@ def session():
     s.close()
 
 
-def _wait(app, condition, timeout_s: float = WAIT_MS / 1000) -> None:
-    import time
-
-    t0 = time.perf_counter()
-    while not condition():
-        assert time.perf_counter() - t0 < timeout_s, "timed out"
-        app.processEvents()
-        time.sleep(0.01)
-
-
 @pytest.fixture(scope="module")
 def window(qapp, session):
     """One window for the module (building one costs seconds under Xvfb)."""
@@ -43,7 +33,7 @@ def window(qapp, session):
     w = MainWindow()
     w.show()
     w.set_session(session)
-    _wait(qapp, lambda: w.idle)
+    wait_until(qapp, lambda: w.idle)
     yield w
     w.close()
     w.deleteLater()
