@@ -217,6 +217,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_cc = A("Volume in &cc", lambda on: self.dvh.unit_box.setCurrentIndex(1 if on else 0), checkable=True)
         self.act_optimise = A("&Optimise…", self.optimise_dialog, None,
                               "Optimise the plan's fluences for a protocol's goals (a session without requests)")
+        self.act_forward = A("&Forward planning…", self.show_forward_planning, None,
+                             "Plans, beams, points, prescription, auto weight and the physics summary (seed 001)")
         self.act_isodose_control = A("&Isodose control…", self.show_isodose_control, None,
                                      "Isodose levels in Gy or % of the normalisation point, line colour and width, "
                                      "tinted region, the 3D surface's level and mode")
@@ -373,6 +375,7 @@ class MainWindow(QtWidgets.QMainWindow):
             m.addAction(a)
         m = mb.addMenu("&Plan")
         m.addAction(self.act_optimise)
+        m.addAction(self.act_forward)
         m = mb.addMenu("&DVH")
         for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc, self.act_sampled_dvh):
             m.addAction(a)
@@ -1111,6 +1114,23 @@ class MainWindow(QtWidgets.QMainWindow):
         self._isodose_control.refresh()
         self._isodose_control.show()
         self._isodose_control.raise_()
+
+    def show_forward_planning(self):
+        """Plan → Forward planning…: one non-modal dialog on the session's patient (raised if open)."""
+        from .forward_dialog import ForwardPlanningDialog
+
+        if self.session is None:
+            self.statusBar().showMessage("Open a case first: forward planning needs a patient", 4000)
+            return None
+        dlg = getattr(self, "_forward_dialog", None)
+        if dlg is None or dlg.session is not self.session:
+            if dlg is not None:
+                dlg.close()
+            dlg = self._forward_dialog = ForwardPlanningDialog(self)
+        dlg.show()
+        dlg.raise_()
+        dlg.activateWindow()
+        return dlg
 
     def show_sampled_dvh(self) -> None:
         from .dvh_sampling import SampledDVHDialog
