@@ -56,6 +56,7 @@ LIBRARIES = (
     ("vispy", ("vispy",), "viewer extra"),
     ("PyQt6", ("PyQt6",), "viewer extra"),
     ("matplotlib", ("matplotlib",), "bench extra"),
+    ("numba", ("numba",), "fast extra"),
 )
 
 
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="version, array backend (IDS_BACKEND) and device",
                        description="Print the version, the array backend chosen by IDS_BACKEND "
                                    "(auto|cupy|numpy), its device and the versions of Python and of the libraries "
-                                   "(numpy, scipy, pydicom, h5py; cupy, vispy, PyQt6 and matplotlib when installed).")
+                                   "(numpy, scipy, pydicom, h5py; cupy, vispy, PyQt6, matplotlib and numba when installed).")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("demo", help="load a built-in phantom and plan it with open fields",
