@@ -1124,8 +1124,9 @@ class MainWindow(QtWidgets.QMainWindow):
             return None
         dlg = getattr(self, "_forward_dialog", None)
         if dlg is None or dlg.session is not self.session:
-            if dlg is not None:
+            if dlg is not None:  # a new case: the old dialog's plans were for the old patient
                 dlg.close()
+                dlg.deleteLater()
             dlg = self._forward_dialog = ForwardPlanningDialog(self)
         dlg.show()
         dlg.raise_()

@@ -488,6 +488,13 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         mode = self.mode_box.currentIndex()
         head = ("Dose Gy", "MU", "Weight")[mode]
         rx = p.prescription
+        for r in range(self.rx_table.rowCount()):  # a replaced cell widget is not deleted by the table
+            w = self.rx_table.cellWidget(r, 2)
+            if w is not None:
+                self.rx_table.removeCellWidget(r, 2)
+                w.hide()
+                w.deleteLater()
+        self.rx_table.setRowCount(0)
         self.rx_table.setColumnCount(3)
         self.rx_table.setHorizontalHeaderLabels(["Beam", head, "Point"])
         self.rx_table.setRowCount(p.n_beams)
@@ -542,6 +549,7 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         self._task = None
         self.bar.setRange(0, 1)
         self.bar.setValue(0 if exc else 1)
+        self.bar.setFormat("%p%")
         self._set_busy(False)
         if exc is not None:
             self._say(f"{what} failed: {exc}" if isinstance(exc, ValueError) else f"{what} failed: "
@@ -803,28 +811,33 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         t.setColumnCount(len(heads))
         t.setHorizontalHeaderLabels(heads)
         t.setRowCount(len(rows))
-        errors = []
+        errors, notes = [], []
         for i, r in enumerate(rows):
             t.setItem(i, 0, _item(r.method))
             if r.error:
-                t.setItem(i, 1, _item("no feasible solution: " + r.error))
+                text = r.error if r.error.startswith(f"{r.method}:") else f"{r.method}: {r.error}"
+                cell = _item("no feasible solution (see below)")
+                cell.setToolTip(text)
+                t.setItem(i, 1, cell)
                 t.setSpan(i, 1, 1, len(heads) - 1)
-                errors.append(f"{r.method}: {r.error}")
+                errors.append(text)
                 continue
+            if not r.limits_met:
+                notes.append(f"{r.method} leaves limits unmet on the sample points: {'; '.join(r.violations)}")
             v = r.volumes
             cells = ([f"{m:g}" for m in r.mu] + [f"{v[n]['min_gy']:.3f}" for n in targets]
                      + [f"{v[n]['max_gy']:.3f}" for n in targets] + [f"{v[n]['max_gy']:.3f}" for n in oars]
-                     + ["yes" if r.limits_met else "no: " + "; ".join(r.violations), f"{r.time_s:.2f}"])
+                     + ["yes" if r.limits_met else "no", f"{r.time_s:.2f}"])
             for c, text in enumerate(cells):
                 t.setItem(i, 1 + c, _item(text))
+            t.item(i, len(cells) - 1).setToolTip("; ".join(r.violations) or "every limit met")
         t.resizeColumnsToContents()
         ok = [i for i, r in enumerate(rows) if not r.error]
         if ok:
             t.selectRow(ok[0])
         self.auto_message.setStyleSheet(_RED if errors else "")
-        self.auto_message.setText("\n".join(errors) if errors else
-                                  "Doses for the whole MU on every voxel of each volume; 'limits met' on the "
-                                  "solver's sample points.")
+        self.auto_message.setText("\n".join(errors + notes + [
+            "Doses for the whole MU on every voxel of each volume; 'limits met' on the solver's sample points."]))
 
     def apply_auto_weight(self, row: int | None = None) -> bool:
         """Put the chosen result's whole MU in the selected plan."""

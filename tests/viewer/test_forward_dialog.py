@@ -154,6 +154,36 @@ def test_prescription_points_auto_weight_and_summary(dialog, patient, qapp, tmp_
     assert f"id{d.plan.plan_id}" in md.name and f"{d.plan.plan_id}" in md.read_text()
 
 
+def test_dose_to_points_mode_and_normalisation_choice(dialog, patient):
+    from ids_engine.planning import DoseToPoints, PointRef
+
+    d = dialog
+    _four_field_box(d)
+    before = d.plan.plan_id
+    assert d.set_normalisation(PointRef("dmax", 1))
+    assert d.plan.plan_id == before + 1 and d.norm_box.currentText() == "dmax of Beam 2"
+    d.mode_box.setCurrentIndex(0)  # 0.5 Gy from each beam to its own isocentre
+    for k in range(4):
+        d.rx_table.item(k, 1).setText("0.5")
+    assert isinstance(d.prescription(), DoseToPoints)
+    assert d.apply_prescription()
+    d.wait_idle()
+    assert not d.last_error, d.last_error
+    res, rate = d.mu_result, d.state.cached_doses(d.plan).at_points(np.array([d.plan.beams[0].isocentre_mm_xyz]))[0]
+    assert all(m == round(m) for m in d.plan.mu)
+    # each beam's own dose for the whole MU is 0.5 Gy to within half a MU
+    assert np.allclose(res.beam_dose_gy, 0.5, atol=0.5 * rate.max() + 1e-9)
+    assert np.allclose(res.beam_dose_gy, rate * np.array(d.plan.mu))
+    assert "MU (whole)" in d.rx_result.text()
+    # all four auto-weight methods in one run: one row each, whole MU
+    d.set_volume("BODY", use=False)
+    assert d.run_auto_weight("all")
+    d.wait_idle()
+    assert [r.method for r in d.state.auto_rows] == ["simplex", "cimmino", "downhill", "annealing"]
+    assert d.auto_table.rowCount() == 4
+    assert all(m == round(m) for r in d.state.auto_rows for m in r.mu)
+
+
 def test_conform_on_arc_adds_mlc_beams(dialog):
     d = dialog
     assert d.conform({"target": "PTV", "target_margin_mm": 5.0, "avoid": {"OAR": 3.0}, "start_deg": 0.0,
