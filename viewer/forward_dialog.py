@@ -77,6 +77,13 @@ def _num(text: str, what: str, *, allow_blank: bool = False) -> float | None:
     return v
 
 
+def _xyz(text: str, what: str) -> list[float]:
+    parts = [v for v in str(text).replace(";", ",").split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"{what}: give three coordinates x, y, z in mm, got {text!r}")
+    return [_num(v, f"{what} coordinate") for v in parts]
+
+
 def _spin(lo, hi, value, suffix="", decimals=1, step=1.0) -> QtWidgets.QDoubleSpinBox:
     s = QtWidgets.QDoubleSpinBox()
     s.setRange(lo, hi)
@@ -277,6 +284,15 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
             b.clicked.connect(lambda _=False, f=slot: f(self.selected_beam()))
             ops.addWidget(b)
             buttons.append(b)
+        self.iso_edit = QtWidgets.QLineEdit()
+        self.iso_edit.setPlaceholderText("isocentre x, y, z mm")
+        self.iso_edit.setMaximumWidth(160)
+        set_iso = QtWidgets.QPushButton("Set isocentre")
+        set_iso.setToolTip("Move the selected beam's isocentre (patient mm); new beams take the prior beam's")
+        set_iso.clicked.connect(self._set_iso_clicked)
+        ops.addWidget(self.iso_edit)
+        ops.addWidget(set_iso)
+        buttons.append(set_iso)
         conform = QtWidgets.QPushButton("Conform on arc…")
         conform.clicked.connect(self._conform_clicked)
         ops.addWidget(conform)
@@ -645,6 +661,17 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
     def move_isocentres(self, index: int) -> bool:
         return self._edit(lambda: self.state.move_isocentres(self._need_beam(index)), "isocentres moved")
 
+    def _set_iso_clicked(self) -> None:
+        try:
+            xyz = _xyz(self.iso_edit.text(), "isocentre")
+        except ValueError as exc:
+            self._say(str(exc), error=True)
+            return
+        self.set_isocentre(self.selected_beam(), xyz)
+
+    def set_isocentre(self, index: int, xyz) -> bool:
+        return self._edit(lambda: self.state.set_isocentre(self._need_beam(index), xyz), "isocentre set")
+
     def set_normalisation(self, ref) -> bool:
         if ref is None or ref == self.plan.normalisation:
             return False
@@ -677,9 +704,7 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
     # ------------------------------------------------------------------ points
     def _add_point_clicked(self) -> None:
         try:
-            xyz = [_num(v, "point coordinate") for v in self.point_xyz.text().replace(";", ",").split(",")]
-            if len(xyz) != 3:
-                raise ValueError(f"give three coordinates x, y, z in mm, got {self.point_xyz.text()!r}")
+            xyz = _xyz(self.point_xyz.text(), "point")
         except ValueError as exc:
             self._say(str(exc), error=True)
             return

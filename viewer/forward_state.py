@@ -18,7 +18,7 @@ autoweight`` (:mod:`ids_engine.cli_forward`): the same volume metrics, MU rounde
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -154,6 +154,19 @@ class ForwardState:
     def move_isocentres(self, index: int) -> Plan:
         p = self.plan
         return self._put(p.with_beams(move_isocentres(p.beams, index), p.fields, p.mu))
+
+    def set_isocentre(self, index: int, position_mm_xyz) -> Plan:
+        """Move one beam's isocentre (patient mm); its fluence grid is reset, as
+        :func:`~ids_engine.planning.move_isocentres` does. New beams then take it from the
+        prior beam, and "move isocentres" spreads it to the others."""
+        xyz = tuple(float(v) for v in position_mm_xyz)
+        if len(xyz) != 3 or not all(np.isfinite(xyz)):
+            raise ForwardStateError(f"isocentre: give three finite coordinates (x, y, z) mm, got {position_mm_xyz!r}")
+        p = self.plan
+        i = p.beam_index(index)
+        beams = list(p.beams)
+        beams[i] = replace(beams[i], isocentre_mm_xyz=xyz, fluence_grid=None)
+        return self._put(p.with_beams(beams, p.fields, p.mu))
 
     def set_normalisation(self, ref) -> Plan:
         return self._put(self.plan.changed(normalisation=ref))

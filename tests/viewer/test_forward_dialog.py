@@ -79,6 +79,16 @@ def test_beam_operations(dialog, patient):
     id_before = d.plan.plan_id
     assert d.delete_beam(4) and d.plan.n_beams == 4 and d.plan.plan_id == id_before + 1
     assert not d.copy_beam(-1) and "choose a beam" in d.status.text()
+    # a new isocentre for one beam, then every beam moved to it
+    assert d.set_isocentre(2, (10.0, -5.0, 0.0)) and d.plan.beams[2].isocentre_mm_xyz == (10.0, -5.0, 0.0)
+    assert d.plan.beams[0].isocentre_mm_xyz != (10.0, -5.0, 0.0)
+    id_before = d.plan.plan_id
+    assert d.move_isocentres(2) and d.plan.plan_id == id_before + 1
+    assert all(b.isocentre_mm_xyz == (10.0, -5.0, 0.0) for b in d.plan.beams)
+    assert _cell(d.beam_table, 0, "Isocentre (x, y, z) mm") == "(10.0, -5.0, 0.0)"
+    d.iso_edit.setText("1, 2")
+    d._set_iso_clicked()
+    assert "three coordinates" in d.status.text() and d.plan.plan_id == id_before + 1
 
 
 def test_prescription_points_auto_weight_and_summary(dialog, patient, qapp, tmp_path):
