@@ -207,11 +207,15 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         b_copy.clicked.connect(lambda: self._ask_name("Copy the plan as", self.copy_plan))
         b_ren.clicked.connect(lambda: self._ask_name("Rename the plan to", self.rename_plan))
         b_del.clicked.connect(self.delete_plan)
+        b_save, b_open = QtWidgets.QPushButton("Save plans…"), QtWidgets.QPushButton("Open plans…")
+        b_save.setToolTip("Write the plan book (planbook.json) into a folder")
+        b_save.clicked.connect(lambda: self._folder("Save the plans into", self.save_book))
+        b_open.clicked.connect(lambda: self._folder("Open the plans of", self.open_book))
         left = QtWidgets.QVBoxLayout()
         left.addWidget(QtWidgets.QLabel("Plans"))
         left.addWidget(self.plan_list, 1)
         grid = QtWidgets.QGridLayout()
-        for k, b in enumerate((b_new, b_copy, b_ren, b_del)):
+        for k, b in enumerate((b_new, b_copy, b_ren, b_del, b_save, b_open)):
             grid.addWidget(b, k // 2, k % 2)
         left.addLayout(grid)
         self.plan_label = QtWidgets.QLabel("")
@@ -251,7 +255,7 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         lay = QtWidgets.QVBoxLayout(self)
         lay.addLayout(body, 1)
         lay.addLayout(bottom)
-        self._busy_widgets = [b_new, b_copy, b_ren, b_del, self.plan_list, self.summary_button]
+        self._busy_widgets = [b_new, b_copy, b_ren, b_del, b_save, b_open, self.plan_list, self.summary_button]
 
     def _beams_tab(self) -> QtWidgets.QWidget:
         w = QtWidgets.QWidget()
@@ -636,6 +640,28 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         if name and name != self.state.book.selected:
             self.select_plan(name)
 
+    def _folder(self, title: str, action) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, title)
+        if folder:
+            action(folder)
+
+    def save_book(self, folder) -> bool:
+        return self._edit(lambda: self.state.save_book(folder), f"plans saved in {folder}")
+
+    def open_book(self, folder) -> bool:
+        """Replace the plans by those saved in ``folder`` (for this case)."""
+        if not self._edit(lambda: self.state.load_book(folder), f"plans opened from {folder}"):
+            return False
+        self.auto_table.setRowCount(0)
+        return True
+
+    def _no_plan(self) -> bool:
+        """True (and says so) when no plan is selected."""
+        if self.state.book.selected is None:
+            self._say("No plan: make one with New… (or open saved plans)", error=True)
+            return True
+        return False
+
     def selected_beam(self) -> int:
         return self.beam_table.currentRow()
 
@@ -673,6 +699,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         return self._edit(lambda: self.state.set_isocentre(self._need_beam(index), xyz), "isocentre set")
 
     def set_normalisation(self, ref) -> bool:
+        if self._no_plan():
+            return False
         if ref is None or ref == self.plan.normalisation:
             return False
         return self._edit(lambda: self.state.set_normalisation(ref))
@@ -689,6 +717,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
 
     def conform(self, params: dict) -> bool:
         """Make Conformed Beams with ``params`` (ConformDialog.parameters) and add them."""
+        if self._no_plan():
+            return False
         state, name = self.state, self.plan.name
 
         def done(conformed):
@@ -718,6 +748,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         return self._edit(lambda: self.state.add_point_bev(beam, label, xyz), f"point {label!r} added (BEV)")
 
     def compute_points(self) -> bool:
+        if self._no_plan():
+            return False
         plan, state = self.plan, self.state
         if plan.n_beams == 0:
             self._say(f"plan {plan.name!r} has no beams", error=True)
@@ -748,6 +780,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
 
     def apply_prescription(self, prescription=None) -> bool:
         """Apply the prescription (default: the tab's) to the selected plan: whole MU."""
+        if self._no_plan():
+            return False
         try:
             rx = prescription if prescription is not None else self.prescription()
         except ValueError as exc:
@@ -801,6 +835,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         raise ValueError(f"no volume {name!r} in the table")
 
     def run_auto_weight(self, method: str | None = None) -> bool:
+        if self._no_plan():
+            return False
         if method is not None:
             self.method_box.setCurrentText(method)
         m = self.method_box.currentText()
@@ -866,6 +902,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
 
     def apply_auto_weight(self, row: int | None = None) -> bool:
         """Put the chosen result's whole MU in the selected plan."""
+        if self._no_plan():
+            return False
         i = self.auto_table.currentRow() if row is None else int(row)
         rows = self.state.auto_rows
         if not 0 <= i < len(rows):
@@ -884,6 +922,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
             self.save_summary(folder)
 
     def save_summary(self, folder) -> bool:
+        if self._no_plan():
+            return False
         plan, state = self.plan, self.state
         rx_gy = self.prescription_gy
 

@@ -129,6 +129,22 @@ class ForwardState:
     def _put(self, plan: Plan) -> Plan:
         return self.book.put(plan)
 
+    def save_book(self, folder) -> Path:
+        """Write the plan book (``planbook.json`` + ``.npz``) into ``folder``."""
+        return self.book.save(folder)
+
+    def load_book(self, folder) -> None:
+        """Replace the plans by a saved book's. A book saved for another case is refused
+        (its ``case`` names the case it was made on)."""
+        book = PlanBook.load(folder)
+        if book.case.get("viewer") not in (None, self.case_label):
+            raise ForwardStateError(f"{folder}: the plan book is for {book.case.get('viewer')!r}, "
+                                    f"not for {self.case_label!r}")
+        if book.selected is None and len(book):
+            book.select(book.names[0])
+        self.book = book
+        self.auto_rows, self.auto_goals = [], []
+
     # ------------------------------------------------------------------ beams
     def add_beam(self, *, gantry_deg: float = 0.0, couch_deg: float = 0.0, collimator_deg: float = 0.0,
                  width_mm: float = 100.0, height_mm: float = 100.0, name: str | None = None) -> Plan:

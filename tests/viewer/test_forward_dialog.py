@@ -194,6 +194,21 @@ def test_dose_to_points_mode_and_normalisation_choice(dialog, patient):
     assert all(m == round(m) for r in d.state.auto_rows for m in r.mu)
 
 
+def test_plans_are_saved_and_reopened(dialog, tmp_path):
+    d = dialog
+    _four_field_box(d)
+    assert d.copy_plan("Copy") and d.delete_beam(0)
+    ids = {n: d.state.book.get(n).plan_id for n in d.state.book.names}
+    assert d.save_book(tmp_path) and (tmp_path / "planbook.json").exists()
+    for _ in range(2):
+        assert d.delete_plan()
+    assert d.state.book.names == () and "No plan" in d.plan_label.text()
+    assert not d.compute_points() and "No plan" in d.status.text()
+    assert d.open_book(tmp_path)
+    assert {n: d.state.book.get(n).plan_id for n in d.state.book.names} == ids
+    assert d.plan.name == "Copy" and d.beam_table.rowCount() == 3
+
+
 def test_conform_on_arc_adds_mlc_beams(dialog):
     d = dialog
     assert d.conform({"target": "PTV", "target_margin_mm": 5.0, "avoid": {"OAR": 3.0}, "start_deg": 0.0,
