@@ -210,9 +210,20 @@ def test_plans_are_saved_and_reopened(dialog, tmp_path):
 
 
 def test_conform_on_arc_adds_mlc_beams(dialog):
+    from PyQt6 import QtCore
+
+    from ids_engine.viewer.forward_dialog import ConformDialog
+
     d = dialog
-    assert d.conform({"target": "PTV", "target_margin_mm": 5.0, "avoid": {"OAR": 3.0}, "start_deg": 0.0,
-                      "length_deg": 360.0, "increment_deg": 120.0, "direction": "CW", "leaf_mode": "centre"})
+    form = ConformDialog(d.state.patient, d)
+    assert form.target_box.currentText() == "PTV"
+    row = [form.avoid.item(r, 0).text() for r in range(form.avoid.rowCount())].index("OAR")
+    form.avoid.item(row, 0).setCheckState(QtCore.Qt.CheckState.Checked)
+    form.avoid.item(row, 1).setText("3")
+    form.increment.setValue(120.0)
+    params = form.parameters()
+    assert params["avoid"] == {"OAR": 3.0} and params["target_margin_mm"] == 5.0 and params["leaf_mode"] == "centre"
+    assert d.conform(params)
     d.wait_idle()
     assert not d.last_error, d.last_error
     p = d.plan
