@@ -452,11 +452,13 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         self.plan_list.blockSignals(False)
         if book.selected is None:
             self.plan_label.setText("No plan: make one with New…")
+            self.setWindowTitle("Forward planning")
             self.beam_table.setRowCount(0)
             return
         p = self.plan
         total = sum(p.mu)
         self.plan_label.setText(f"Plan {p.name!r} — plan ID {p.plan_id} — {p.n_beams} beams, {total:g} MU")
+        self.setWindowTitle(f"Forward planning — {p.name} (plan ID {p.plan_id})")
         sel = self.beam_table.currentRow()
         self.beam_table.setRowCount(p.n_beams)
         for r, (b, f, m) in enumerate(zip(p.beams, p.fields, p.mu)):

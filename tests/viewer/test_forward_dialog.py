@@ -60,6 +60,7 @@ def test_plans_keep_their_ids_through_copy_and_rename(dialog):
     assert d.add_beam(gantry_deg=90)
     assert d.plan.plan_id == 3 and d.state.book.get("Plan 1").plan_id == 2  # the source is unchanged
     assert d.rename_plan("Lateral") and d.plan.plan_id == 3 and "plan ID 3" in d.plan_label.text()
+    assert d.windowTitle() == "Forward planning — Lateral (plan ID 3)"
     assert not d.copy_plan("Plan 1")  # a taken name is refused, shown in red
     assert "exists already" in d.status.text() and d.plan.name == "Lateral"
     assert d.select_plan("Plan 1") and d.plan_list.currentItem().text() == "Plan 1"
