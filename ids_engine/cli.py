@@ -464,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMAND_MODULES = (
     "ids_engine.cli_forward",   # plans, prescription, MU, auto weight, physics summary
+    "ids_engine.cli_planbook",  # a saved plan book's plans and beams
     "ids_engine.cli_beams",     # beams, arcs, conformal MLC beams
     "ids_engine.cli_points",    # points, point files, DVH by sampling
     "ids_engine.cli_sequence",  # MLC leaf sequencing, deliverable-dose check

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "plan": ("protocol", "goals", "session"),
     # Commands in their own modules (ids_engine/cli_*.py).
     "autoweight": ("case", "prescription", "monitor units"),
+    "planbook": ("plan book", "copy", "opposed"),
     "conform": ("arc", "target", "margin"),
     "points": ("point", "measured", "beam"),
     "dvh": ("sampling", "partial volumes", "session"),

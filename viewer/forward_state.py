@@ -29,7 +29,7 @@ from ids_engine.evaluation import add_point_in_bev, physics_summary, write_physi
 from ids_engine.model import Beam, PointOfInterest
 from ids_engine.planning import (
     AutoWeightInfeasible, AutoWeightProblem, BeamDoses, BeamField, MonitorUnits, Plan, PlanBook,
-    apply_prescription, auto_weight, copy_beam, make_conformed_beams, mirror_aperture, mirror_fluence,
+    apply_prescription, auto_weight, copy_beam, make_conformed_beams, mirror_field,
     move_isocentres, new_beam, parallel_opposed,
 )
 
@@ -71,15 +71,6 @@ class AutoWeightRow:
 
 def _open_field(width_mm: float, height_mm: float) -> BeamField:
     return BeamField((-width_mm / 2, width_mm / 2), (-height_mm / 2, height_mm / 2))
-
-
-def mirror_field(f: BeamField) -> BeamField:
-    """The field of the parallel-opposed beam covering the same region (mirrored in X_b)."""
-    if f.aperture is not None:
-        return BeamField(f.jaw_x_mm, f.jaw_y_mm, aperture=mirror_aperture(f.aperture))
-    if f.fluence_per_mu is not None:
-        return BeamField(f.jaw_x_mm, f.jaw_y_mm, fluence_per_mu=mirror_fluence(f.fluence_per_mu))
-    return BeamField((-f.jaw_x_mm[1], -f.jaw_x_mm[0]), f.jaw_y_mm)
 
 
 class ForwardState:

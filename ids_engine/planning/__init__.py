@@ -24,7 +24,7 @@ __all__ += ["AUTO_WEIGHT_METHODS", "AutoWeightInfeasible", "AutoWeightProblem", 
 
 # Forward planning (issue 12): beam operations, arcs, Make Conformed Beams.
 from ._beams import (  # noqa: E402
-    copy_beam, find_beam, mirror_aperture, mirror_fluence, mirror_fluence_grid, move_isocentres, new_beam,
+    copy_beam, find_beam, mirror_aperture, mirror_field, mirror_fluence, mirror_fluence_grid, move_isocentres, new_beam,
     parallel_opposed, unique_name,
 )
 from ._arcs import Arc, arc_angles, arc_direction, simulate_arcs  # noqa: E402
@@ -34,5 +34,5 @@ from ._conformal import (  # noqa: E402
 )
 __all__ += ["Arc", "BEVProjection", "ConformedBeam", "LEAF_MODES", "aperture_area_mm2", "arc_angles",  # noqa: E402
             "arc_direction", "conformed_fluences", "copy_beam", "find_beam", "fit_aperture", "make_conformed_beams",
-            "mirror_aperture", "mirror_fluence", "mirror_fluence_grid", "move_isocentres", "new_beam",
+            "mirror_aperture", "mirror_field", "mirror_fluence", "mirror_fluence_grid", "move_isocentres", "new_beam",
             "parallel_opposed", "project_structure", "simulate_arcs", "unique_name"]

@@ -114,6 +114,18 @@ def mirror_aperture(aperture):
                     (-aperture.jaw_x_mm[1], -aperture.jaw_x_mm[0]), aperture.jaw_y_mm)
 
 
+def mirror_field(f):
+    """A :class:`~ids_engine.planning.BeamField` for the parallel-opposed beam covering the
+    same region of the room (mirrored in X_b: aperture, fluence map or open jaws)."""
+    from ._plan import BeamField
+
+    if f.aperture is not None:
+        return BeamField(f.jaw_x_mm, f.jaw_y_mm, aperture=mirror_aperture(f.aperture))
+    if f.fluence_per_mu is not None:
+        return BeamField(f.jaw_x_mm, f.jaw_y_mm, fluence_per_mu=mirror_fluence(f.fluence_per_mu))
+    return BeamField((-f.jaw_x_mm[1], -f.jaw_x_mm[0]), f.jaw_y_mm)
+
+
 def parallel_opposed(beams: Sequence[Beam], which: "int | str", name: str | None = None) -> Beam:
     """The beam parallel-opposed to an existing beam: gantry + 180, same couch and isocentre,
     collimator mirrored to ``(360 - c) mod 360`` (see the module's note), the fluence grid
