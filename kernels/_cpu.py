@@ -1,9 +1,10 @@
 """Compiled CPU twins of hot NumPy kernels (numba, optional).
 
-When numba is installed (the ``fast`` extra) the engine's NumPy path uses these for the
-bilinear read-out of a convolved fluence window at a level's voxels, the inner loop of every
-incremental update; the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the
-reference, and the tests compare the two bit for bit (the same float32 operations in the same
+When numba is installed (the ``fast`` extra) the engine's NumPy path uses
+:func:`accumulate_padded` for the bilinear read-out of a convolved fluence window at a
+level's voxels fused with the add into the dose, the inner loop of every incremental update;
+the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and the CUDA
+kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
 """
 
@@ -13,10 +14,9 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "bilinear_padded"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded"]
 
-bilinear_padded = None
-accumulate_padded = None
+_KERNEL = None  # the compiled loop, when numba is installed
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -27,15 +27,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         HAVE_NUMBA = True
 
         @numba.njit(nogil=True, cache=True)
-        def _bilinear_padded_nb(u, v, weights, flat, h, w, o_v, o_u, out):  # pragma: no cover - compiled
-            _read_out(u, v, weights, flat, h, w, o_v, o_u, out, out, np.arange(0), False)
-
-        @numba.njit(nogil=True, cache=True)
-        def _accumulate_padded_nb(dose, vox, u, v, weights, flat, h, w, o_v, o_u):  # pragma: no cover
-            _read_out(u, v, weights, flat, h, w, o_v, o_u, dose, dose, vox, True)
-
-        @numba.njit(nogil=True, cache=True, inline="always")
-        def _read_out(u, v, weights, flat, h, w, o_v, o_u, out, dose, vox, add):  # pragma: no cover - compiled
+        def _accumulate_padded_nb(dose, vox, u, v, weights, flat, h, w, o_v, o_u):  # pragma: no cover - compiled
             nc = flat.shape[0]
             stride = w + 4
             for i in range(u.shape[0]):
@@ -66,19 +58,16 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                     top = top + fv * (bottom - top)
                     top = top * np.float64(weights[k, i])
                     acc = np.float32(np.float64(acc) + top)
-                if add:
-                    dose[vox[i]] += acc
-                else:
-                    out[i] = acc
+                dose[vox[i]] += acc
 
-        def bilinear_padded(u, v, weights, flat, h: int, w: int, origin_vu) -> np.ndarray:
-            out = np.empty(u.shape[0], np.float32)
-            _bilinear_padded_nb(u, v, weights, flat, np.int32(h), np.int32(w),
-                                np.float32(origin_vu[0] - 2), np.float32(origin_vu[1] - 2), out)
-            return out
+        _KERNEL = _accumulate_padded_nb
 
-        def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
-            """``dose[vox] += bilinear_padded(u, v, weights, flat, h, w, origin_vu)`` in one pass
-            (``vox`` without repeats)."""
-            _accumulate_padded_nb(dose, vox, u, v, weights, flat, np.int32(h), np.int32(w),
-                                  np.float32(origin_vu[0] - 2), np.float32(origin_vu[1] - 2))
+
+def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
+    """``dose[vox] += `` the bilinear read-out of ``flat`` (see
+    :func:`ids_engine.kernels.pencil.padded_window`) at ``(v, u)`` times ``weights``, summed
+    over components, in one pass (``vox`` without repeats). Needs numba (``HAVE_NUMBA``)."""
+    if _KERNEL is None:
+        raise RuntimeError("accumulate_padded needs numba (pip install ids-engine[fast])")
+    _KERNEL(dose, vox, u, v, weights, flat, np.int32(h), np.int32(w),
+            np.float32(origin_vu[0] - 2), np.float32(origin_vu[1] - 2))

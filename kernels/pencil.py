@@ -30,12 +30,12 @@ import numpy as np
 
 from ids_engine._devicecost import register_raw_kernel
 from ids_engine.backend import array_module, is_counting
-from ids_engine.kernels import _cpu
 from ids_engine.kernels._cuda import CudaKernel
 
 __all__ = [
     "accumulate_segments",
     "accumulate_segments_numpy",
+    "padded_window",
     "segment_contribution_numpy",
     "convolve_full",
     "convolve_full_batched",
@@ -141,7 +141,16 @@ def _bilinear_padded(u, v, weights, flat, h: int, w: int, origin_vu) -> np.ndarr
 # One launch per level for a whole incremental update: the voxels to update are given as
 # segments (contiguous runs of a level's tile-sorted voxel arrays, all beams concatenated),
 # each reading one convolved change window of a stack.
-def segment_contribution_numpy(u, v, weights, maps_p, box, ranges, use_compiled: bool = True):
+def padded_window(maps_p, box):
+    """The valid part of a convolved change window (see :func:`segment_contribution_numpy`'s
+    ``box``) as the zero-bordered flat maps the bilinear read-out takes: ``(flat, h, w,
+    origin_vu)``."""
+    o_r, o_c, r_lo, r_hi, c_lo, c_hi = (int(x) for x in box)
+    window = maps_p[:, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c]
+    return _pad2(window), window.shape[1], window.shape[2], (r_lo, c_lo)
+
+
+def segment_contribution_numpy(u, v, weights, maps_p, box, ranges):
     """The contribution of one window to the voxels of some ranges of the level arrays.
 
     Parameters
@@ -153,17 +162,10 @@ def segment_contribution_numpy(u, v, weights, maps_p, box, ranges, use_compiled:
         box lies inside the window.
     ranges : (start, end) pairs into the level arrays.
 
-    use_compiled : use the numba twin of the bilinear read-out when numba is installed
-        (:mod:`ids_engine.kernels._cpu`; identical results).
-
     Returns a list of ``(start, end, contribution)``, one per range, float32 values.
     """
-    o_r, o_c, r_lo, r_hi, c_lo, c_hi = (int(x) for x in box)
-    window = maps_p[:, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c]
-    flat = _pad2(window)
-    h, w = window.shape[1], window.shape[2]
-    bilinear = _cpu.bilinear_padded if (_cpu.HAVE_NUMBA and use_compiled) else _bilinear_padded
-    return [(s, e, bilinear(u[s:e], v[s:e], weights[:, s:e], flat, h, w, (r_lo, c_lo))) for s, e in ranges]
+    flat, h, w, origin = padded_window(maps_p, box)
+    return [(s, e, _bilinear_padded(u[s:e], v[s:e], weights[:, s:e], flat, h, w, origin)) for s, e in ranges]
 
 
 def accumulate_segments_numpy(dose, vox, u, v, weights, maps, seg_first, seg_start, seg_patch, patch_box):

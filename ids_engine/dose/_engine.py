@@ -51,9 +51,9 @@ from scipy import fft as sfft
 from ids_engine import backend
 from ids_engine.kernels import _cpu
 from ids_engine.kernels.pencil import (
-    _pad2,
     accumulate_segments,
     convolve_full_batched,
+    padded_window,
     sample_bilinear,
     segment_contribution_numpy,
 )
@@ -564,12 +564,10 @@ class DoseEngine:
             # Compiled: read out and add in one pass per range, in the same order (identical
             # float32 results; no temporaries, no thread hand-off).
             for dose, la, out_p, box, ranges in jobs:
-                o_r, o_c, r_lo, r_hi, c_lo, c_hi = (int(x) for x in box)
-                window = out_p[:, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c]
-                flat = _pad2(window)
+                flat, h, w, origin = padded_window(out_p, box)
                 for s, e in ranges:
                     _cpu.accumulate_padded(dose, la.vox[s:e], la.u_cells[s:e], la.v_cells[s:e], la.weights[:, s:e],
-                                           flat, window.shape[1], window.shape[2], (r_lo, c_lo))
+                                           flat, h, w, origin)
             return
         if len(jobs) > 1:
             results = list(_pool().map(_job_contribution, jobs))
