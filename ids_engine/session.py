@@ -352,17 +352,11 @@ class Session:
             self.engine.set_fluences(fluences)
         self.initial_fluences = self.engine.fluences_host()
         t0 = time.perf_counter()
-        targets = np.zeros(patient.grid.shape_zyx, bool)
-        for s in patient.targets:
-            targets |= s.mask
-        oars = np.zeros(patient.grid.shape_zyx, bool)
-        for s in patient.oars:
-            oars |= s.mask
-        self.target_mask = targets
-        self.oar_mask = oars
+        self.target_mask = patient.kind_mask("target")
+        self.oar_mask = patient.kind_mask("oar")
         cp = self.options.cp_cells
-        self.tpi_target = tpi_maps(self.engine, targets, cp)
-        self.tpi_oar = tpi_maps(self.engine, oars, cp)
+        self.tpi_target = tpi_maps(self.engine, self.target_mask, cp)
+        self.tpi_oar = tpi_maps(self.engine, self.oar_mask, cp)
         self.tpi_ms = (time.perf_counter() - t0) * 1000
         self.modifier = Modifier(self.engine, self.tpi_target, self.tpi_oar, cp)
         self.pins: dict[str, np.ndarray] = {}

@@ -338,3 +338,16 @@ def test_points_of_interest_are_added_and_validated():
         PointOfInterest(" ", (0, 0, 0))
     with pytest.raises(ValueError, match="three finite numbers"):
         PointOfInterest("X", (0, float("nan"), 0))
+
+
+def test_kind_mask_is_the_union_of_that_kind():
+    from dataclasses import replace
+
+    a, b, c = _box("a", 0, 5, 0, 5, 0, 5), _box("b", 3, 8, 3, 8, 3, 8), _box("c", 10, 12, 10, 12, 10, 12)
+    a = replace(a, kind=StructureKind.TARGET)
+    patient = Patient(BOX_GRID, np.zeros(BOX_GRID.shape_zyx, np.float32), structures=(a, b, c))
+    assert np.array_equal(patient.kind_mask("target"), a.mask)
+    assert np.array_equal(patient.kind_mask("oar"), b.mask | c.mask)
+    assert not patient.kind_mask("external").any()
+    with pytest.raises(ValueError, match="structure kind 'tumour'"):
+        patient.kind_mask("tumour")

@@ -196,12 +196,8 @@ def reoptimise_weights(engine: DoseEngine, plan: DeliverablePlan, reference_dose
     rng = np.random.default_rng(seed)
     p = engine.patient
     body = p.body_mask()
-    targets = np.zeros(p.grid.shape_zyx, bool)
-    for s in p.targets:
-        targets |= s.mask
-    oars = np.zeros(p.grid.shape_zyx, bool)
-    for s in p.oars:
-        oars |= s.mask
+    targets = p.kind_mask("target")
+    oars = p.kind_mask("oar")
     groups = ((targets & body, target_importance), (oars & body & ~targets, oar_importance),
               (body & ~targets & ~oars, body_importance))
     parts = [(_sample(m, sample_voxels, rng), imp) for m, imp in groups]

@@ -156,6 +156,13 @@ class Patient:
     def oars(self) -> tuple[Structure, ...]:
         return self.of_kind(StructureKind.OAR)
 
+    def kind_mask(self, kind: "str | StructureKind") -> np.ndarray:
+        """Bool (z, y, x): the union of every structure of one kind (e.g. all targets)."""
+        out = np.zeros(self.grid.shape_zyx, bool)
+        for s in self.of_kind(kind):
+            out |= s.mask
+        return out
+
     @property
     def external(self) -> Structure:
         """The external (body) contour; falls back to CT > -500 HU if none is given."""

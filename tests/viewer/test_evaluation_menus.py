@@ -21,8 +21,7 @@ def session():
 
     s = Session.from_phantom("horseshoe", "coarse", n_beams=3)
     centre = s.patient.grid.index_to_world(np.array([[s.patient.grid.shape_zyx[0] // 2, 20, 20]]))[0]
-    # (the patient is frozen; a case read with its points would carry them the same way)
-    object.__setattr__(s.patient, "points", (*s.patient.points, PointOfInterest("probe", tuple(float(v) for v in centre))))
+    s.patient = s.patient.with_points(PointOfInterest("probe", tuple(float(v) for v in centre)))
     yield s
     s.close()
 
