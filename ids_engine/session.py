@@ -97,6 +97,23 @@ class DMROptions:
     max_request_pct: float = 200.0
     oar_rise_pct: float = 2.0
 
+    def __post_init__(self) -> None:
+        for name in ("recovery_steps", "cp_cells", "max_request_voxels"):
+            v = getattr(self, name)
+            least = 0 if name == "recovery_steps" else 1
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+                raise ValueError(f"DMROptions.{name} must be a whole number, {least} or more, got {v!r}")
+        for name in ("tolerance_pct", "edge_margin_pct", "target_min_pct", "target_max_pct", "max_rise_pct",
+                     "feature_tolerance_pct", "max_request_pct", "oar_rise_pct"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"DMROptions.{name} must be a finite number, 0 or more (% of the prescription), "
+                                 f"got {v!r}")
+        if self.target_min_pct >= self.target_max_pct:
+            raise ValueError(f"DMROptions: target_min_pct {self.target_min_pct} must be below target_max_pct "
+                             f"{self.target_max_pct}")
+
 
 # Priorities (weights) of the watched voxels: what recovery restores first.
 WEIGHT_TISSUE = 1.0
@@ -1028,8 +1045,12 @@ class Session:
         eo = dict(doc["engine_options"])
         eo["coarse_factor_zyx"] = tuple(eo["coarse_factor_zyx"])
         fluences = [initial[f"fluence_{b}"] for b in range(len(beams))]
+        try:
+            dmr_options = DMROptions(**doc["dmr_options"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{folder / 'session.json'}: field 'dmr_options': {exc}") from None
         s = cls(patient, beams, prescription_gy=doc["prescription_gy"], fluences=fluences,
-                engine_options=EngineOptions(**eo), dmr_options=DMROptions(**doc["dmr_options"]), case=doc["case"],
+                engine_options=EngineOptions(**eo), dmr_options=dmr_options, case=doc["case"],
                 progress=progress)
         s.load_warnings = warnings_
         # Complete lines only: bytes after the last newline are the operation in flight.

@@ -303,3 +303,28 @@ def test_bad_display_readout_and_set_plan_calls_are_refused(session):
         session.set_plan([f * 2 for f in before])
     for a, b in zip(session.engine.fluences_host(), before):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("oar_rise_pct", -1.0, "DMROptions.oar_rise_pct must be a finite number"),
+    ("max_rise_pct", float("nan"), "DMROptions.max_rise_pct must be a finite number"),
+    ("recovery_steps", -3, "DMROptions.recovery_steps must be a whole number, 0 or more"),
+    ("cp_cells", 2.5, "DMROptions.cp_cells must be a whole number, 1 or more"),
+    ("target_min_pct", 110.0, "target_min_pct 110.0 must be below target_max_pct"),
+])
+def test_bad_dmr_options_are_refused_naming_the_field(field, value, match):
+    from ids_engine.session import DMROptions
+
+    with pytest.raises(ValueError, match=match):
+        DMROptions(**{field: value})
+
+
+def test_a_session_file_with_bad_dmr_options_is_refused_naming_the_file(session, tmp_path):
+    folder = tmp_path / "s"
+    session.save(folder)
+    session.close()
+    doc = json.loads((folder / "session.json").read_text())
+    doc["dmr_options"]["oar_rise_pct"] = -2.0
+    (folder / "session.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"session\.json: field 'dmr_options': DMROptions\.oar_rise_pct"):
+        Session.load(folder, keep_journaling=False)
