@@ -250,9 +250,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              f"does not have (structures: {', '.join(patient.structure_names)})")
         if not patient.targets:
             raise ValueError(f"case ({label}) has no target structure: the beams are aimed at the first target")
-        checks = list(goal_checks(protocol.goals))
-        if args.check:
-            checks += list(tg119_goals(args.check.split("-", 1)[1]))
+        published = tuple(tg119_goals(args.check.split("-", 1)[1])) if args.check else ()
+        checks = list(goal_checks(protocol.goals)) + list(published)
     except (ScriptError, InputError, ValueError, FolderLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +263,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     session = Session(patient, beams, prescription_gy=args.prescription_gy, case=spec, progress=TextProgressBar())
     cancelled = {"flag": False}
     try:
-        score = score_goals_from_checks(tg119_goals(args.check.split("-", 1)[1])) if args.check else None
+        score = score_goals_from_checks(published) if published else None
         plan = optimise_plan(session.engine, protocol.goals, progress=TextProgressBar(),
                              tune_importance=args.tune_importance, score_goals=score)
     except KeyboardInterrupt:  # pragma: no cover - interactive
