@@ -79,7 +79,8 @@ class DMROptions:
     feature_tolerance_pct : half width of a set-voxel-dose request's band (% of the prescription).
     max_request_pct : requests above this dose (% of the prescription) are refused.
     oar_rise_pct : how much hotter than before the request an OAR voxel may get during
-        recovery (% of the prescription). Measured on the shaping benchmark: 0.5 % instead
+        recovery (% of the prescription; None: ``tolerance_pct``, as before it had its own
+        setting). Measured on the shaping benchmark: 0.5 % instead
         of 2 % took the ten-request session's OAR mean from 48.36 to 48.29 Gy only, the
         near-rim session's from 47.97 to 48.42 Gy, and the largest far rise of a survey drag
         from 11 % to 21 % of Rx: the tighter band pushes recovery to other beams.
@@ -95,7 +96,7 @@ class DMROptions:
     max_rise_pct: float = 4.5
     feature_tolerance_pct: float = 0.5
     max_request_pct: float = 200.0
-    oar_rise_pct: float = 2.0
+    oar_rise_pct: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("recovery_steps", "cp_cells", "max_request_voxels"):
@@ -106,6 +107,8 @@ class DMROptions:
         for name in ("tolerance_pct", "edge_margin_pct", "target_min_pct", "target_max_pct", "max_rise_pct",
                      "feature_tolerance_pct", "max_request_pct", "oar_rise_pct"):
             v = getattr(self, name)
+            if v is None and name == "oar_rise_pct":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
                     or v < 0:
                 raise ValueError(f"DMROptions.{name} must be a finite number, 0 or more (% of the prescription), "
@@ -579,7 +582,7 @@ class Session:
             floor = resolved.target_lo_floor_gy
             t_lo[it] = np.where(dt >= floor, np.maximum(t_lo[it], floor), t_lo[it])
         t_hi[it] = np.maximum(hi_t, t_lo[it] + slack)  # (an erase bound below coverage: never an empty band)
-        t_hi[io] = before[io] + opts.oar_rise_pct / 100.0 * rx
+        t_hi[io] = before[io] + (tol if opts.oar_rise_pct is None else opts.oar_rise_pct / 100.0 * rx)
         inn = at(nvox)
         cap[inn] = before[inn] + opts.max_rise_pct / 100.0 * rx
         group[it], group[io], group[inn] = 0, 1, 2
