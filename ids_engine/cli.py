@@ -468,6 +468,8 @@ _COMMAND_MODULES = (
     "ids_engine.cli_points",    # points, point files, DVH by sampling
     "ids_engine.cli_sequence",  # MLC leaf sequencing, deliverable-dose check
     "ids_engine.cli_export",    # DICOM RT export/import, Transa, anonymisation
+    "ids_engine.cli_store",     # the plan store: patients, plans, approvals, history
+    "ids_engine.cli_adapt",     # adaptive replanning on a new CT, comparison, qualification
 )
 
 
