@@ -295,6 +295,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "importance_tuning": plan.tuning.summary() if plan.tuning is not None else None,
     }
     atomic_text(dest / "plan.json", json.dumps(doc, indent=1))
+    # The protocol travels with the plan: adaptive replanning re-optimises for the approved goals.
+    atomic_text(dest / "protocol.toml", Path(args.protocol).read_text())
     if dest != out:
         _swap_in(dest, out)
     print(f"\noptimised in {total_s:.1f} s (influence matrix {plan.timings_s['influence_matrix']:.1f} s, "

@@ -23,7 +23,8 @@ def plan_folder(tmp_path_factory):
 
 
 def test_plan_writes_session_report_and_results(plan_folder):
-    for name in ("plan.json", "plan_report.md", "plan_report.html", "session/session.json", "session/journal.jsonl"):
+    for name in ("plan.json", "protocol.toml", "plan_report.md", "plan_report.html", "session/session.json",
+                 "session/journal.jsonl"):
         assert (plan_folder / name).exists(), name
     doc = json.loads((plan_folder / "plan.json").read_text())
     assert doc["case"] == "phantom tg119 (coarse)"
