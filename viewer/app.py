@@ -97,6 +97,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self.selected_voxel: tuple[int, int, int] | None = None
         self.reference_gy: np.ndarray | None = None  # a reference dose (RT Dose of a DICOM case), host (z, y, x) Gy
         self.display_only = False  # a case without a target: dose display, nothing to shape
+        # A forward plan displayed instead of the session's dose (from the newest snapshot),
+        # and the dose 100 % means in the display: the session's prescription, or that plan's
+        # normalisation point dose (seed 001).
+        self.shown_plan = None
+        self.display_rx_gy = 1.0
         self._hover_zyx = None  # where the mouse is (voxel units), for the read-out
         self._awaiting_dose = False  # a case is open but its first dose has not arrived
         self._drag: dict | None = None
@@ -219,6 +224,14 @@ class MainWindow(QtWidgets.QMainWindow):
                               "Optimise the plan's fluences for a protocol's goals (a session without requests)")
         self.act_forward = A("&Forward planning…", self.show_forward_planning, None,
                              "Plans, beams, points, prescription, auto weight and the physics summary (seed 001)")
+        self.act_show_session = A("Show the s&haping session's dose", self.show_session_dose, None,
+                                  "Display the shaping session's dose again (instead of a forward plan's)")
+        self.act_show_session.setEnabled(False)
+        self.act_plan_dvhs = A("DVHs of &plans…", self.show_plan_dvhs, None,
+                               "DVHs of several plans together (line style per plan, colour per structure), "
+                               "exact or by random sampling, % or cc, saved as PNG")
+        self.act_summary_pdf = A("Physics summary (&PDF)…", self.save_physics_summary_dialog, None,
+                                 "The selected forward plan's physics summary as PDF (with Markdown and HTML)")
         self.act_isodose_control = A("&Isodose control…", self.show_isodose_control, None,
                                      "Isodose levels in Gy or % of the normalisation point, line colour and width, "
                                      "tinted region, the 3D surface's level and mode")
@@ -374,10 +387,10 @@ class MainWindow(QtWidgets.QMainWindow):
         for a in (self.act_reset, self.act_percent, self.act_wash, self.act_isodose_control):
             m.addAction(a)
         m = mb.addMenu("&Plan")
-        m.addAction(self.act_optimise)
-        m.addAction(self.act_forward)
+        for a in (self.act_optimise, self.act_forward, self.act_show_session, None, self.act_summary_pdf):
+            m.addSeparator() if a is None else m.addAction(a)
         m = mb.addMenu("&DVH")
-        for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc, self.act_sampled_dvh):
+        for a in (self.act_pin_dvh, self.act_clear_dvh, self.act_cc, self.act_sampled_dvh, self.act_plan_dvhs):
             m.addAction(a)
         m = mb.addMenu("&Help")
         m.addAction(self.act_help)
@@ -461,6 +474,11 @@ class MainWindow(QtWidgets.QMainWindow):
         """Show a session (built elsewhere); from now on only the worker's thread uses it."""
         self._stop_worker()
         display = display or case_display(session)
+        dlg = getattr(self, "_forward_dialog", None)
+        if dlg is not None and dlg.session is not session:  # its plans were for the old patient
+            dlg.close()
+            dlg.deleteLater()
+            self._forward_dialog = None
         if self.session is not None and self.session is not session:
             self.session.close()  # stop journaling the replaced plan and free its folder
         self.session = session
@@ -470,6 +488,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.snapshot = None
         self.dose_gy = None
         self._hover_zyx = None
+        self.shown_plan = None
+        self.display_rx_gy = float(rx)
+        self.act_show_session.setEnabled(False)
         self.display_only = not p.targets
         self.reference_gy = display.reference_gy
         for v in self.slice_views.values():
@@ -750,7 +771,8 @@ class MainWindow(QtWidgets.QMainWindow):
 
     # ------------------------------------------------------------------ state helpers
     def _set_enabled(self, on: bool) -> None:
-        shape = on and not self.display_only  # a case without a target has nothing to shape
+        # A case without a target has nothing to shape; a displayed forward plan is not shaped.
+        shape = on and not self.display_only and self.shown_plan is None
         for a in (self.act_save_session, self.act_pin_dvh, self.act_clear_dvh, self.act_reset,
                   self.tool_actions["navigate"]):
             a.setEnabled(on)
@@ -788,7 +810,7 @@ class MainWindow(QtWidgets.QMainWindow):
         """Show isodose lines at ``pcts`` (% of the prescription) and offer them for dragging;
         keeps the selected level when it is still there, else the one nearest ``select_pct``
         (or 95 %)."""
-        rx = self.session.prescription_gy if self.session is not None else 1.0
+        rx = self.display_rx_gy if self.session is not None else 1.0
         keep = self._selected_level().pct if select_pct is None and self._selected_level() else select_pct
         self.level_pcts = tuple(float(v) for v in pcts)
         self.levels = isodose_levels(rx, self.level_pcts)
@@ -809,7 +831,7 @@ class MainWindow(QtWidgets.QMainWindow):
         """Apply isodose levels typed by the planner (% or Gy, see
         :func:`~ids_engine.viewer._style.parse_isodose_levels`); a bad entry is reported and
         changes nothing. Returns whether the levels were applied."""
-        rx = self.session.prescription_gy if self.session is not None else 100.0
+        rx = self.display_rx_gy if self.session is not None else 100.0
         try:
             pcts = parse_isodose_levels(text, rx)
         except ValueError as exc:
@@ -945,7 +967,7 @@ class MainWindow(QtWidgets.QMainWindow):
         p = self.session.patient
         x, y, z = p.grid.index_to_world(idx)
         text = f"voxel {voxel_text(idx)}   ·   x {x:.1f}  y {y:.1f}  z {z:.1f} mm   ·   {p.ct_hu[idx]:.0f} HU"
-        rx = self.session.prescription_gy
+        rx = self.display_rx_gy
         d = self.dose_at(idx)
         if d is not None:
             text += f"   ·   {d:.2f} Gy ({100.0 * d / rx:.1f} %)"
@@ -1133,23 +1155,104 @@ class MainWindow(QtWidgets.QMainWindow):
         dlg.activateWindow()
         return dlg
 
+    def show_plan_dvhs(self):
+        """DVH → DVHs of plans…: the seed's DVH popup over the forward plans (and the shaping
+        session's dose), opened from the forward-planning dialog."""
+        dlg = self.show_forward_planning()
+        return None if dlg is None else dlg.show_dvh_dialog()
+
+    def save_physics_summary_dialog(self) -> None:
+        """Plan → Physics summary (PDF)…: the forward dialog's selected plan's summary
+        (Markdown, HTML and PDF) into a folder."""
+        dlg = self.show_forward_planning()
+        if dlg is None:
+            return
+        if dlg.state.book.selected is None or dlg.plan.n_beams == 0:
+            self.statusBar().showMessage("Forward planning: make a plan with beams first", 5000)
+            return
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Folder for the physics summary (PDF)")
+        if folder:
+            dlg.save_summary(folder, pdf=True)
+
     def show_sampled_dvh(self) -> None:
         from .dvh_sampling import SampledDVHDialog
 
         if self.session is None or self.dose_gy is None:
             self.statusBar().showMessage("Open a case first: no dose to sample", 4000)
             return
-        dlg = SampledDVHDialog(self.dose_gy, self.session.patient, self.session.prescription_gy,
-                               f"plan {self.snapshot.plan_id}" if self.snapshot else "plan", parent=self)
+        dlg = SampledDVHDialog(self.dose_gy, self.session.patient, self.display_rx_gy,
+                               self.plan_label() if self.snapshot else "plan", parent=self)
         dlg.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
         dlg.show()
+
+    # ------------------------------------------------------------------ forward plans in the frames
+    def show_plan(self, shown) -> int | None:
+        """Display a forward plan's dose (a :class:`~._shown.ShownPlan`) in the slices,
+        isodoses, 3D view, DVH and metrics instead of the session's, with its plan ID in every
+        frame's header, the title and the status bar; None shows the session's dose again.
+        The worker computes the snapshots (one worker, CONVENTIONS item 6); returns the job id."""
+        if self.worker is None:
+            return None
+        self.last_job_id = self.worker.engine.show_plan(shown)
+        return self.last_job_id
+
+    def show_session_dose(self) -> int | None:
+        """Plan → Show the shaping session's dose (after a forward plan was displayed)."""
+        dlg = getattr(self, "_forward_dialog", None)
+        if dlg is not None:
+            dlg.follow_box.setChecked(False)  # the dialog stops sending its selected plan
+        return self.show_plan(None)
+
+    def plan_label(self) -> str:
+        """What the frames show, with its plan ID: "shaping session, plan ID 4" or
+        "forward plan 'Box', plan ID 7"."""
+        if self.shown_plan is not None:
+            return self.shown_plan.label
+        return f"shaping session, plan ID {self.snapshot.plan_id}" if self.snapshot is not None else ""
+
+    def _apply_shown(self, shown) -> None:
+        """The displayed plan changed (a snapshot says so): 100 % now means its reference
+        dose; shaping tools are off while a forward plan is shown."""
+        self.shown_plan = shown
+        rx = shown.reference_gy if shown is not None else self.session.prescription_gy
+        self.display_rx_gy = float(rx)
+        for v in self.slice_views.values():
+            v.set_prescription(rx)
+        self.legend.set_prescription(rx)
+        self.dvh.plot.prescription_gy = float(rx)
+        self._set_levels(self.level_pcts)
+        self.act_show_session.setEnabled(shown is not None)
+        self._set_enabled(True)
+        if shown is not None:
+            if self._drag is not None:
+                self._on_drag_cancelled()
+            self.set_tool("navigate")
+            self.statusBar().showMessage(f"Showing {shown.label}: 100 % = {rx:.4g} Gy ({shown.reference_note}); "
+                                         "shaping is off until Plan → Show the shaping session's dose", 8000)
+        iso = getattr(self, "_isodose_control", None)
+        if iso is not None:
+            iso.refresh()
+
+    def _show_plan_tags(self) -> None:
+        label = self.plan_label()
+        for v in self.slice_views.values():
+            v.set_plan_tag(label)
+        self.view3d.set_plan_tag(label)
+        name = self.session.patient.name if self.session is not None else ""
+        self.setWindowTitle(f"ids-engine — {name}" + (f" — {label}" if self.shown_plan is not None else ""))
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         t0 = time.perf_counter()
         self.snapshot = snap
+        if snap.final and snap.shown is not self.shown_plan:
+            self._apply_shown(snap.shown)
+        self._show_plan_tags()
         if snap.dose_gy is not None:
             self.dose_gy = snap.dose_gy
-            marks = patient_point_marks(self.session.patient, snap.dose_gy) if self.session is not None else ()
+            points_of = self.session.patient if self.session is not None else None
+            if snap.shown is not None and snap.shown.patient is not None:
+                points_of = snap.shown.patient
+            marks = patient_point_marks(points_of, snap.dose_gy) if points_of is not None else ()
             for v in self.slice_views.values():
                 v.set_dose(snap.dose_gy, snap.pins_mask)
                 v.set_points(marks)
@@ -1164,7 +1267,9 @@ class MainWindow(QtWidgets.QMainWindow):
             lev = self._selected_level()
             self.view3d.set_surface(snap.surface, snap.surface_level_gy, lev.colour if lev else (1.0, 0.8, 0.1))
         if snap.dvhs is not None:
-            self.dvh.set_curves(snap.dvhs, f"plan {snap.plan_id}")
+            # The session's curves as before ("plan 7"); a forward plan's by name and plan ID.
+            self.dvh.set_curves(snap.dvhs, self.shown_plan.label if self.shown_plan is not None
+                                else f"plan {snap.plan_id}")
         if snap.metrics is not None:
             self.metrics.set_metrics(snap.metrics)
         if snap.field is not None:
@@ -1176,7 +1281,7 @@ class MainWindow(QtWidgets.QMainWindow):
             for v in self.slice_views.values():
                 v.clear_drag_preview()
             self.view3d.clear_drag_preview()
-        idle = self._drag is None and not self._loader.busy and not self.display_only
+        idle = self._drag is None and not self._loader.busy and not self.display_only and self.shown_plan is None
         self.act_undo.setEnabled(idle and bool(snap.history))
         self.act_redo.setEnabled(idle and bool(snap.undone))
         self.act_unpin.setEnabled(bool(snap.pin_names))
@@ -1208,7 +1313,7 @@ class MainWindow(QtWidgets.QMainWindow):
         if snap is None:
             return
         kind = "preview" if not snap.final else snap.job_kind
-        self.perf.setText(f"plan {snap.plan_id}   ·   engine {snap.engine_ms:5.0f} ms ({kind})   ·   "
+        self.perf.setText(f"{self.plan_label()}   ·   engine {snap.engine_ms:5.0f} ms ({kind})   ·   "
                           f"latency {self._latency_ms:5.0f} ms   ·   frame {self._frame_ms:4.0f} ms   ·   "
                           f"coalesced {snap.dropped}")
 

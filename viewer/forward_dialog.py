@@ -17,7 +17,17 @@ ID above the tabs, updated on every change), and four tabs:
   Run fills a comparison table (MU per beam, target min/max, OAR max, time), infeasible
   methods show the solver's message; Apply puts the chosen row's MU in the plan.
 
-"Save summary…" writes the plan's physics summary (Markdown and HTML) to a folder.
+"Save summary…" writes the plan's physics summary (Markdown, HTML and PDF) to a folder;
+"DVHs…" opens the seed's DVH popup for several plans together (:mod:`.plan_dvh_dialog`).
+
+**The plan in the main window** (seed 001: a plan is displayed in chosen frames, with its plan
+ID): with "Show in main window" ticked (the default), the selected plan's dose, once it has
+monitor units, replaces the shaping session's in the main window's slices, isodoses, 3D view,
+DVH and metrics, each frame naming the plan and its plan ID; selecting another plan or
+changing this one (a new plan ID) switches the display. The dialog hands the window a
+:class:`~._shown.ShownPlan` (the dose for the MU is summed on the window's engine worker);
+when the doses per MU are not cached it first computes them on its own thread.
+"Show shaping dose" gives the window the session's dose back (and unticks the box).
 
 Threads: the forward plans are not the plan the window shapes, so they get their own dose
 engine (built by :class:`~ids_engine.planning.BeamDoses` on the same patient and machine)
@@ -182,7 +192,14 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         except Exception:  # a session without a case spec still plans
             label = "case"
         engine = getattr(s, "engine", None)
-        self.state = ForwardState(s.patient, getattr(engine, "machine", None), label)
+        spec = getattr(s, "case", None)
+        self.state = ForwardState(s.patient, getattr(engine, "machine", None), label,
+                                  dict(spec) if isinstance(spec, dict) and spec else None)
+        # The main window (it displays the selected plan) if it can: tests pass a bare namespace.
+        self.main_window = window if hasattr(window, "show_plan") else None
+        self._shown_key: tuple | None = None  # (plan, plan ID) last handed to the main window
+        self._display_failed: tuple | None = None
+        self.dvh_dialog = None
         self.prescription_gy = float(getattr(s, "prescription_gy", 2.0) or 2.0)
         self.state.new_plan("Plan 1")
         self._task: _Task | None = None
@@ -236,13 +253,29 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         self.status.setObjectName("forwardStatus")
         self.status.setWordWrap(True)
         self.summary_button = QtWidgets.QPushButton("Save summary…")
-        self.summary_button.setToolTip("The plan's physics summary (Markdown and HTML) into a folder")
+        self.summary_button.setToolTip("The plan's physics summary (Markdown, HTML and PDF) into a folder")
         self.summary_button.clicked.connect(self._summary_clicked)
+        self.dvh_button = QtWidgets.QPushButton("DVHs…")
+        self.dvh_button.setToolTip("DVHs of several plans together: line style per plan, colour per structure")
+        self.dvh_button.clicked.connect(self.show_dvh_dialog)
+        self.follow_box = QtWidgets.QCheckBox("Show in main window")
+        self.follow_box.setToolTip("The main window shows the selected plan's dose (once it has MU), with its "
+                                   "plan ID in every frame")
+        self.follow_box.setChecked(self.main_window is not None)
+        self.follow_box.setVisible(self.main_window is not None)
+        self.follow_box.toggled.connect(self._on_follow)
+        self.session_button = QtWidgets.QPushButton("Show shaping dose")
+        self.session_button.setToolTip("The main window shows the shaping session's dose again")
+        self.session_button.setVisible(self.main_window is not None)
+        self.session_button.clicked.connect(self.show_session_dose)
         close = QtWidgets.QPushButton("Close")
         close.clicked.connect(self.close)
         bottom = QtWidgets.QHBoxLayout()
         bottom.addWidget(self.status, 1)
         bottom.addWidget(self.bar)
+        bottom.addWidget(self.follow_box)
+        bottom.addWidget(self.session_button)
+        bottom.addWidget(self.dvh_button)
         bottom.addWidget(self.summary_button)
         bottom.addWidget(close)
 
@@ -255,7 +288,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         lay = QtWidgets.QVBoxLayout(self)
         lay.addLayout(body, 1)
         lay.addLayout(bottom)
-        self._busy_widgets = [b_new, b_copy, b_ren, b_del, b_save, b_open, self.plan_list, self.summary_button]
+        self._busy_widgets = [b_new, b_copy, b_ren, b_del, b_save, b_open, self.plan_list, self.summary_button,
+                              *self._point_buttons]
 
     def _beams_tab(self) -> QtWidgets.QWidget:
         w = QtWidgets.QWidget()
@@ -321,13 +355,25 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         self.compute_points_button = QtWidgets.QPushButton("Compute")
         self.compute_points_button.setToolTip("Dose per point per beam for the plan's MU")
         self.compute_points_button.clicked.connect(self.compute_points)
+        update = QtWidgets.QPushButton("Update point")
+        update.setToolTip("Give the point chosen in the table the label and position typed (patient mm)")
+        update.clicked.connect(self._update_point_clicked)
+        remove = QtWidgets.QPushButton("Remove point")
+        remove.setToolTip("Remove the point chosen in the table (not while a plan normalises or prescribes to it)")
+        remove.clicked.connect(lambda: self.remove_point(self.selected_point()))
+        self.point_table.setSelectionBehavior(QtWidgets.QAbstractItemView.SelectionBehavior.SelectRows)
+        self.point_table.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
+        self.point_table.itemSelectionChanged.connect(self._on_point_chosen)
         row = QtWidgets.QHBoxLayout()
         row.addWidget(self.point_label)
         row.addWidget(self.point_xyz, 1)
         row.addWidget(QtWidgets.QLabel("in"))
         row.addWidget(self.point_frame)
         row.addWidget(add)
+        row.addWidget(update)
+        row.addWidget(remove)
         row.addWidget(self.compute_points_button)
+        self._point_buttons = [add, update, remove]
         lay = QtWidgets.QVBoxLayout(w)
         lay.addWidget(self.point_table, 1)
         lay.addLayout(row)
@@ -454,6 +500,7 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
             self.plan_label.setText("No plan: make one with New…")
             self.setWindowTitle("Forward planning")
             self.beam_table.setRowCount(0)
+            self._fill_point_table()
             return
         p = self.plan
         total = sum(p.mu)
@@ -480,14 +527,34 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
                 self.norm_box.setCurrentIndex(self.norm_box.count() - 1)
         self._fill_point_table()
         self._fill_rx_table()
+        self._sync_display()
 
     def _point_refs(self, p) -> list[PointRef]:
         refs = [PointRef("isocentre", k) for k in range(p.n_beams)] + [PointRef("dmax", k) for k in range(p.n_beams)]
         return refs + [PointRef("point", label=q.label) for q in self.state.patient.points]
 
     def _fill_point_table(self) -> None:
-        p = self.plan
+        sel = self.selected_point()
+        self.point_table.blockSignals(True)
+        try:
+            self._fill_point_rows()
+            labels = [q.label for q in self.state.patient.points]
+            if sel in labels:
+                self.point_table.selectRow(labels.index(sel))
+        finally:
+            self.point_table.blockSignals(False)
+
+    def _fill_point_rows(self) -> None:
         pts = self.state.patient.points
+        if self.state.book.selected is None:
+            self.point_table.setColumnCount(2)
+            self.point_table.setHorizontalHeaderLabels(["Point", "x, y, z mm"])
+            self.point_table.setRowCount(len(pts))
+            for i, q in enumerate(pts):
+                self.point_table.setItem(i, 0, _item(q.label))
+                self.point_table.setItem(i, 1, _item(", ".join(f"{v:.1f}" for v in q.position_mm_xyz)))
+            return
+        p = self.plan
         heads = ["Point", "x, y, z mm"] + [f"{b.name} Gy" for b in p.beams] + ["Total Gy"]
         self.point_table.setColumnCount(len(heads))
         self.point_table.setHorizontalHeaderLabels(heads)
@@ -598,6 +665,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         if self._task is not None:
             self._task.wait(30000)
             QtWidgets.QApplication.instance().processEvents()
+        if self.dvh_dialog is not None:
+            self.dvh_dialog.close()
         super().closeEvent(event)
 
     # ------------------------------------------------------------------ edits (each refreshes)
@@ -748,6 +817,47 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         if beam is None:
             return self._edit(lambda: self.state.add_point(label, xyz), f"point {label!r} added")
         return self._edit(lambda: self.state.add_point_bev(beam, label, xyz), f"point {label!r} added (BEV)")
+
+    def selected_point(self) -> str | None:
+        """The label of the point chosen in the points table, or None."""
+        r = self.point_table.currentRow()
+        pts = self.state.patient.points
+        items = self.point_table.selectedItems()
+        return pts[r].label if items and 0 <= r < len(pts) else None
+
+    def _on_point_chosen(self) -> None:
+        label = self.selected_point()
+        if label is None:
+            return
+        q = self.state.patient.points[[p.label for p in self.state.patient.points].index(label)]
+        self.point_label.setText(q.label)
+        self.point_xyz.setText(", ".join(f"{v:g}" for v in q.position_mm_xyz))
+        self.point_frame.setCurrentIndex(0)
+
+    def remove_point(self, label: str | None) -> bool:
+        """Remove a point (refused, with the reason, while a plan normalises or prescribes to it)."""
+        if label is None:
+            self._say("choose a point in the table first", error=True)
+            return False
+        return self._edit(lambda: self.state.remove_point(label), f"point {label!r} removed")
+
+    def edit_point(self, label: str | None, new_label: str | None = None, xyz=None) -> bool:
+        """Rename and/or move a point (patient mm)."""
+        if label is None:
+            self._say("choose a point in the table first", error=True)
+            return False
+        return self._edit(lambda: self.state.edit_point(label, new_label, xyz), f"point {label!r} updated")
+
+    def _update_point_clicked(self) -> None:
+        if self.point_frame.currentData() is not None:
+            self._say("edit a point in patient coordinates (choose 'patient')", error=True)
+            return
+        try:
+            xyz = _xyz(self.point_xyz.text(), "point")
+        except ValueError as exc:
+            self._say(str(exc), error=True)
+            return
+        self.edit_point(self.selected_point(), self.point_label.text(), xyz)
 
     def compute_points(self) -> bool:
         if self._no_plan():
@@ -923,7 +1033,7 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         if folder:
             self.save_summary(folder)
 
-    def save_summary(self, folder) -> bool:
+    def save_summary(self, folder, *, pdf: bool = True) -> bool:
         if self._no_plan():
             return False
         plan, state = self.plan, self.state
@@ -931,7 +1041,76 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
 
         def done(paths):
             self.last_summary = paths
-            self._say(f"physics summary of plan {plan.name!r} (plan ID {plan.plan_id}): {paths[0]} and {paths[1].name}")
+            self._say(f"physics summary of plan {plan.name!r} (plan ID {plan.plan_id}): {paths[0]} and "
+                      + ", ".join(p.name for p in paths[1:]))
 
         return self._start("Writing the physics summary",
-                           lambda progress: state.write_summary(plan, folder, rx_gy, progress), done)
+                           lambda progress: state.write_summary(plan, folder, rx_gy, progress, pdf=pdf), done)
+
+    # ------------------------------------------------------------------ the plan in the main window
+    def _on_follow(self, on: bool) -> None:
+        self._shown_key = None
+        if on:
+            self._sync_display()
+
+    def show_session_dose(self) -> None:
+        """The main window shows the shaping session's dose again (the box is unticked)."""
+        self.follow_box.setChecked(False)
+        self._shown_key = None
+        if self.main_window is not None:
+            self.main_window.show_plan(None)
+            self._say("the main window shows the shaping session's dose")
+
+    def _sync_display(self) -> None:
+        """Hand the selected plan to the main window when it changed (see the module docstring)."""
+        w = self.main_window
+        if w is None or not self.follow_box.isChecked() or self.state.book.selected is None:
+            return
+        p = self.plan
+        key = (p.name, p.plan_id)
+        if key == self._shown_key or key == self._display_failed:
+            return
+        if p.n_beams == 0 or not any(m > 0 for m in p.mu):
+            return  # nothing to show yet: the window keeps what it shows (its frames say what)
+        try:
+            shown = self.state.shown_plan(p, compute=False)
+        except ValueError as exc:
+            self._display_failed = key
+            self._say(f"plan {p.name!r} cannot be shown: {exc}", error=True)
+            return
+        if shown is not None:
+            self._shown_key = key
+            w.show_plan(shown)
+            return
+        if self._task is not None:
+            return  # the running task's end refreshes and comes back here
+        state = self.state
+
+        def work(progress):
+            try:
+                return state.shown_plan(p, progress)
+            except ValueError as exc:
+                return exc
+
+        def done(out):
+            if isinstance(out, Exception):
+                self._display_failed = key
+                raise ValueError(f"plan {p.name!r} cannot be shown: {out}")
+            if self.follow_box.isChecked() and self.state.book.selected == p.name and self.plan.plan_id == p.plan_id:
+                self._shown_key = key
+                w.show_plan(out)
+                self._say(f"the main window shows plan {p.name!r} (plan ID {p.plan_id})")
+
+        self._start("Computing the dose for the main window", work, done)
+
+    # ------------------------------------------------------------------ DVHs of several plans
+    def show_dvh_dialog(self):
+        """The DVH popup of seed 001 for this dialog's plans (one, raised if open)."""
+        from .plan_dvh_dialog import PlanDVHDialog
+
+        if self.dvh_dialog is None:
+            self.dvh_dialog = PlanDVHDialog(self)
+        self.dvh_dialog.refresh_plans()
+        self.dvh_dialog.show()
+        self.dvh_dialog.raise_()
+        return self.dvh_dialog

@@ -17,6 +17,7 @@ autoweight`` (:mod:`ids_engine.cli_forward`): the same volume metrics, MU rounde
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,12 +27,15 @@ import numpy as np
 
 from ids_engine.cli_forward import _metrics
 from ids_engine.evaluation import add_point_in_bev, physics_summary, write_physics_summary
+from ids_engine.evaluation._physics_summary import write_physics_summary_pdf
 from ids_engine.model import Beam, PointOfInterest
 from ids_engine.planning import (
     AutoWeightInfeasible, AutoWeightProblem, BeamDoses, BeamField, MonitorUnits, Plan, PlanBook,
     apply_prescription, auto_weight, copy_beam, make_conformed_beams, mirror_field,
     move_isocentres, new_beam, parallel_opposed,
 )
+
+from ._shown import ShownPlan
 
 __all__ = ["AutoWeightRow", "ForwardState", "ForwardStateError", "PointRow"]
 
@@ -79,14 +83,20 @@ class ForwardState:
     patient : the window's patient (frozen; points added here make new patients).
     machine : the beam model (the window's engine's), or None for the default.
     case_label : how outputs name the case (never a patient identifier).
+    case_spec : the case description the session was built from (e.g. ``{"phantom":
+        "horseshoe", "resolution": "coarse"}``), saved in the plan book so that ``ids planbook
+        FOLDER dvh|summary`` can rebuild the patient; None: not saved.
     """
 
-    def __init__(self, patient, machine=None, case_label: str = "") -> None:
+    def __init__(self, patient, machine=None, case_label: str = "", case_spec: dict | None = None) -> None:
         self.patient = patient
         self.machine = machine
         self.case_label = case_label
-        self.book = PlanBook({"viewer": case_label})
+        self.book = PlanBook({"viewer": case_label, **({"spec": dict(case_spec)} if case_spec else {})})
         self._doses: dict[str, BeamDoses] = {}
+        # Each plan's normalisation point dose per MU, by (beams, point position): the 100 %
+        # of a displayed plan, without running the engine again.
+        self._norm_rates: dict[tuple, np.ndarray] = {}
         self.auto_rows: list[AutoWeightRow] = []
         self.auto_goals: list = []
 
@@ -221,6 +231,56 @@ class ForwardState:
         beam = self.plan.beams[self.plan.beam_index(beam_index)]
         self.patient = add_point_in_bev(self.patient, beam, label, [float(v) for v in bev_mm_xyz])
 
+    def point_users(self, label: str) -> list[str]:
+        """Which plans use the point ``label`` (as normalisation or prescription point)."""
+        users = []
+        for name in self.book.names:
+            p = self.book.get(name)
+            if p.normalisation.kind == "point" and p.normalisation.label == label:
+                users.append(f"the normalisation point of plan {name!r}")
+            if any(r is not None and r.kind == "point" and r.label == label
+                   for r in getattr(p.prescription, "points", None) or ()):
+                users.append(f"a prescription point of plan {name!r}")
+        return users
+
+    def _point_index(self, label: str) -> int:
+        labels = [q.label for q in self.patient.points]
+        if label not in labels:
+            raise ForwardStateError(f"no point {label!r}; points: {', '.join(labels) or 'none'}")
+        return labels.index(label)
+
+    def remove_point(self, label: str) -> None:
+        """Remove a point (refused while a plan uses it as its normalisation or
+        prescription point: its MU would then refer to a point that is gone)."""
+        k = self._point_index(label)
+        users = self.point_users(label)
+        if users:
+            raise ForwardStateError(f"point {label!r} is {' and '.join(users)}: choose another point there first")
+        pts = self.patient.points
+        self.patient = replace(self.patient, points=pts[:k] + pts[k + 1:])
+
+    def edit_point(self, label: str, new_label: str | None = None, position_mm_xyz=None) -> None:
+        """Rename a point and/or move it (patient mm); refused for a point a plan uses, as
+        :meth:`remove_point` is (its plans' doses would change under the same plan ID)."""
+        k = self._point_index(label)
+        q = self.patient.points[k]
+        new_label = q.label if new_label is None else str(new_label).strip()
+        if not new_label:
+            raise ForwardStateError("a point needs a label")
+        if new_label != label and new_label in [p.label for p in self.patient.points]:
+            raise ForwardStateError(f"a point {new_label!r} exists already")
+        xyz = q.position_mm_xyz if position_mm_xyz is None else tuple(float(v) for v in position_mm_xyz)
+        if len(xyz) != 3 or not all(np.isfinite(xyz)):
+            raise ForwardStateError(f"point {new_label!r}: give three finite coordinates (x, y, z) mm")
+        if (new_label, tuple(xyz)) == (q.label, tuple(q.position_mm_xyz)):
+            return
+        users = self.point_users(label)
+        if users:
+            raise ForwardStateError(f"point {label!r} is {' and '.join(users)}: choose another point there first")
+        pts = list(self.patient.points)
+        pts[k] = replace(q, label=new_label, position_mm_xyz=tuple(xyz))
+        self.patient = replace(self.patient, points=tuple(pts))
+
     # ------------------------------------------------------------------ doses (slow)
     def cached_doses(self, plan: Plan | None = None) -> BeamDoses | None:
         plan = plan or self.plan
@@ -236,6 +296,43 @@ class ForwardState:
                 self._doses.pop(next(iter(self._doses)))
             self._doses[key] = d
         return self._doses[key]
+
+    def shown_plan(self, plan: Plan | None = None, progress=None, *, compute: bool = True) -> ShownPlan | None:
+        """The plan as the main window displays it (:class:`~._shown.ShownPlan`): its dose
+        for its MU, 100 % = its normalisation point's dose. With ``compute`` False, None
+        unless the doses per MU and the normalisation point's dose are cached (no engine run:
+        safe on the GUI thread); otherwise slow (run it off the GUI thread)."""
+        plan = plan or self.plan
+        if plan.n_beams == 0:
+            raise ForwardStateError(f"plan {plan.name!r} has no beams")
+        d = self.cached_doses(plan)
+        if d is None:
+            if not compute:
+                return None
+            d = self.doses(plan, progress)
+        xyz = np.asarray(plan.normalisation.position_mm_xyz(plan, self.patient), dtype=np.float64)
+        key = (plan.beams_key(), tuple(np.round(xyz, 4)))
+        rates = self._norm_rates.get(key)
+        if rates is None:
+            if not compute:
+                return None
+            rates = self._norm_rates[key] = d.at_points(xyz[None])[0]
+        mu = tuple(plan.mu)
+        ref = float(rates @ np.asarray(mu, dtype=np.float64))
+        note = f"{plan.normalisation.describe(plan)}, {ref:.4g} Gy"
+        if not ref > 0:  # e.g. the normalisation point lies outside every field
+            top = float(d.dose(mu).max())
+            ref, note = (top, "the plan's maximum: its normalisation point gets no dose") if top > 0 else \
+                (1.0, "1 Gy: the plan gives no dose")
+        return ShownPlan(plan.name, plan.plan_id, ref, functools.partial(d.dose, mu), self.patient, note)
+
+    def plan_dose(self, name: str, progress=None) -> np.ndarray:
+        """A book plan's dose for its MU (host (z, y, x) Gy; slow when its doses per MU are
+        not cached)."""
+        plan = self.book.get(name)
+        if plan.n_beams == 0:
+            raise ForwardStateError(f"plan {name!r} has no beams")
+        return self.doses(plan, progress).dose(plan.mu)
 
     def point_table(self, plan: Plan, progress=None) -> list[PointRow]:
         """Dose per point per beam for the plan's MU (every point of the patient)."""
@@ -288,13 +385,17 @@ class ForwardState:
         return self._put(new)
 
     def write_summary(self, plan: Plan, folder, prescription_gy: float | None = None,
-                      progress=None) -> tuple[Path, Path]:
-        """The plan's physics summary (Markdown and HTML) in ``folder``."""
+                      progress=None, *, pdf: bool = True) -> tuple[Path, ...]:
+        """The plan's physics summary in ``folder``: Markdown and HTML, and PDF with ``pdf``
+        (same stem, ``physics_<plan>_id<ID>``); returns the paths written."""
         if plan.n_beams == 0:
             raise ForwardStateError(f"plan {plan.name!r} has no beams")
         d = self.doses(plan, progress)
         s = physics_summary(plan, self.patient, d, case_label=self.case_label, prescription_gy=prescription_gy)
-        return write_physics_summary(folder, s)
+        md, html = write_physics_summary(folder, s)
+        if not pdf:
+            return md, html
+        return md, html, write_physics_summary_pdf(md.with_suffix(".pdf"), s)
 
 
 def beam_row(b: Beam, f: BeamField, mu: float) -> list[str]:

@@ -250,6 +250,7 @@ class SliceView(QtWidgets.QFrame):
         self.dose_mode = "plan"  # "plan" or "difference" (plan - reference)
         self.pins_mask: np.ndarray | None = None
         self.prescription_gy = 1.0
+        self.plan_tag = ""  # which plan the frame shows, with its plan ID (seed 001), in the header
         self.levels: tuple[IsodoseLevel, ...] = ()
         self.display = IsodoseDisplay()  # line styles, tint, ticks, hot spot, normalisation
         self.hot_spot: tuple[tuple[int, int], float] | None = None  # ((row, col), Gy) of the frame shown
@@ -413,6 +414,21 @@ class SliceView(QtWidgets.QFrame):
         self.dose_mode = mode
         self._refresh_image()
 
+    def set_prescription(self, prescription_gy: float) -> None:
+        """The dose 100 % means (the wash, the tint level, % labels): the session's
+        prescription, or a displayed forward plan's normalisation point dose."""
+        if not prescription_gy > 0:
+            raise ValueError(f"SliceView.set_prescription: must be positive, got {prescription_gy!r}")
+        self.prescription_gy = float(prescription_gy)
+        self._refresh_image()
+        self._refresh_isodoses()
+
+    def set_plan_tag(self, text: str) -> None:
+        """Name the plan this frame shows (with its plan ID) in the header."""
+        self.plan_tag = str(text)
+        if self.ct_hu is not None:
+            self._refresh_header()
+
     def set_levels(self, levels, selected_gy: float | None, label_unit: str) -> None:
         self.levels = tuple(levels)
         self.selected_level_gy = selected_gy
@@ -546,7 +562,8 @@ class SliceView(QtWidgets.QFrame):
     def _refresh_header(self) -> None:
         mm = self.grid.axis_mm(self.axis)[self.slice_index]
         a = self.axis
-        self.header.setText(f"{AXES[a]}    slice {a}={self.slice_index} (0–{self.n_slices - 1})    {a} = {mm:.1f} mm")
+        tag = f"    ·    {self.plan_tag}" if self.plan_tag else ""
+        self.header.setText(f"{AXES[a]}    slice {a}={self.slice_index} (0–{self.n_slices - 1})    {a} = {mm:.1f} mm{tag}")
 
     def _on_resize(self, _event=None) -> None:
         self._refresh_isodoses()  # label spacing is in screen pixels

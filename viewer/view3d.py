@@ -160,6 +160,7 @@ class View3D(QtWidgets.QFrame):
         self.dose_gy: np.ndarray | None = None
         self.surface_mesh: SurfaceMesh | None = None
         self.surface_level_gy = 0.0
+        self.plan_tag = ""  # which plan the frame shows, with its plan ID (seed 001)
         self.surface_colour = (1.0, 0.8, 0.1)
         self.tool = "navigate"
         self._drag: dict | None = None
@@ -222,9 +223,21 @@ class View3D(QtWidgets.QFrame):
         self.surface_mesh = mesh
         self.surface_level_gy = float(level_gy)
         self.surface_colour = tuple(colour)
-        self.header.setText(f"3D    isodose surface {self.surface_level_gy:.3g} Gy" if mesh is not None else "3D")
+        self._refresh_header()
         if self._drag is None:
             self._show_mesh(mesh)
+
+    def set_plan_tag(self, text: str) -> None:
+        """Name the plan this frame shows (with its plan ID) in the header."""
+        self.plan_tag = str(text)
+        self._refresh_header()
+
+    def _refresh_header(self) -> None:
+        text = "3D"
+        if self.surface_mesh is not None:
+            text += f"    isodose surface {self.surface_level_gy:.3g} Gy"
+        tag = self.plan_tag
+        self.header.setText(text + (f"    ·    {tag}" if tag else ""))
 
     def set_surface_mode(self, mode: str, opacity_pct: int | None = None) -> None:
         """Solid, Wire or Off, and optionally the opacity (5-100 %), as the header's controls do."""

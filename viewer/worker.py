@@ -21,6 +21,12 @@ panel only renders; previews carry none. An *optimise* job reads a protocol, run
 :func:`~ids_engine.planning.optimise_plan` (progress and cancel wired through the worker) and
 makes the result the session's plan; the protocol's goals then drive the pass/fail.
 
+A *show* job (:meth:`EngineWorker.show_plan`) makes the snapshots carry another plan's dose,
+a forward plan's (:class:`~._shown.ShownPlan`, seed 001: plans are displayed in frames with
+their plan ID), computed once on this thread; DVHs, metrics (% of that plan's normalisation
+point) and the isodose surface then come from it, and jobs that would shape the session are
+refused until the session's dose is shown again.
+
 :class:`EngineWorker` is plain Python (threading + callbacks) so it can be tested without a
 window or event loop; :class:`QtEngineWorker` forwards its callbacks as Qt signals.
 """
@@ -44,9 +50,14 @@ from ids_engine.session import DisplayReadout, FolderLockedError, LatestRequestQ
 from ._field import FieldCurves, field_curves
 from ._meshes import SurfaceMesh, level_mesh
 from ._metrics import LiveMetrics, live_metrics, protocol_checks
+from ._shown import ShownPlan
 
-__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "Snapshot", "conflict_status_text", "describe_request",
-           "voxel_text"]
+__all__ = ["EngineWorker", "HistoryEntry", "QtEngineWorker", "ShownPlan", "Snapshot", "conflict_status_text",
+           "describe_request", "voxel_text"]
+
+# Jobs that change the session's plan: refused while another plan's dose is displayed (the
+# planner would shape a dose they cannot see).
+_SHAPING_JOBS = ("run", "preview", "commit", "undo", "redo", "goto", "optimise")
 
 # Recovery steps of a drag preview (full recovery runs on release). Measured on the clinical
 # horseshoe, 2 CPU cores, GUI idle: 3 steps on 6 voxels 245 ms, 1 step on 4 voxels 151 ms,
@@ -121,12 +132,13 @@ class Snapshot:
     readout: DisplayReadout | None = None
     metrics: LiveMetrics | None = None
     optimised: dict | None = None  # an optimise job's outcome (see EngineWorker.optimise)
+    shown: ShownPlan | None = None  # the forward plan whose dose this snapshot carries; None: the session's
 
 
 @dataclass(frozen=True)
 class _Job:
     id: int
-    kind: str  # run | preview | commit | undo | redo | goto | refresh | surface | save | optimise
+    kind: str  # run | preview | commit | undo | redo | goto | refresh | surface | save | optimise | show
     request: object = None
     group: int | None = None
     target: int | None = None
@@ -138,7 +150,7 @@ class _Job:
         """Jobs with equal non-None keys queued back to back collapse to the newest."""
         if self.kind == "run" and isinstance(self.request, SetVoxelDose):
             return ("set", self.request.index_zyx)
-        if self.kind in ("refresh", "surface", "goto"):
+        if self.kind in ("refresh", "surface", "goto", "show"):
             return (self.kind,)
         return None
 
@@ -229,6 +241,9 @@ class EngineWorker:
         # read by the worker's thread when it builds a preview.
         self._display_lock = threading.Lock()
         self._display_index_zyx = tuple(int(n) // 2 for n in session.patient.grid.shape_zyx)
+        # Another plan's dose displayed instead of the session's (worker thread only), and its cube.
+        self._shown: ShownPlan | None = None
+        self._shown_dose: np.ndarray | None = None
 
     # ------------------------------------------------------------------ control
     def start(self) -> "EngineWorker":
@@ -327,6 +342,20 @@ class EngineWorker:
         with self._display_lock:
             return self._display_index_zyx
 
+    def show_plan(self, shown: ShownPlan | None) -> int:
+        """Display ``shown``'s dose (a forward plan) instead of the session's from the next
+        snapshot on, or the session's again with None. While another plan is shown, jobs
+        that would shape the session (requests, drags, undo/redo, optimise) are refused with
+        a message; saving still works. Queued show jobs collapse to the newest."""
+        if shown is not None and not isinstance(shown, ShownPlan):
+            raise TypeError(f"show_plan takes a ShownPlan or None, got {type(shown).__name__}")
+        return self._put("show", request=shown)
+
+    @property
+    def shown(self) -> ShownPlan | None:
+        """The plan displayed instead of the session's (None: the session's)."""
+        return self._shown
+
     def set_surface_level(self, level_gy: float) -> int:
         self._surface_level_gy = float(level_gy)
         return self._put("surface")
@@ -384,8 +413,20 @@ class EngineWorker:
         final = True
         refused = None
         optimised = None
+        if self._shown is not None and job.kind in _SHAPING_JOBS:
+            if job.kind == "preview":
+                return
+            if job.kind == "commit":  # a drag begun before: take its previews back, run nothing
+                job = _Job(job.id, "commit", None, job.group, submitted_at=job.submitted_at)
+            else:
+                self._on_message(f"Not done: {self._shown.label} is displayed; show the shaping session's "
+                                 "dose (Plan > Forward planning > Show shaping dose) to shape it", True)
+                self._on_snapshot(self._snapshot(job, True, 0.0, None))
+                return
         try:
-            if job.kind == "run":
+            if job.kind == "show":
+                self._show(job.request)
+            elif job.kind == "run":
                 result = s.run(job.request)
                 self._redo.clear()
             elif job.kind == "preview":
@@ -438,6 +479,16 @@ class EngineWorker:
             self._on_message(str(exc), True)
         engine_ms = (time.perf_counter() - t0) * 1000.0
         self._on_snapshot(self._snapshot(job, final, engine_ms, result, refused, optimised))
+
+    def _show(self, shown: ShownPlan | None) -> None:
+        if shown is None:
+            self._shown, self._shown_dose = None, None
+            return
+        dose = np.asarray(shown.dose(), dtype=np.float32)
+        shape = tuple(self.session.patient.grid.shape_zyx)
+        if dose.shape != shape:
+            raise ValueError(f"{shown.label}: its dose is {dose.shape}, not the case's grid {shape}")
+        self._shown, self._shown_dose = shown, dose
 
     def _optimise(self, path: str) -> dict:
         from ids_engine import planning
@@ -502,21 +553,27 @@ class EngineWorker:
             readout = s.display_readout(self.display_index_zyx, dvhs=self._dvh_ms < PREVIEW_DVH_BUDGET_MS)
             dvhs = readout.dvhs
         else:
-            dose = s.dose()
+            shown = self._shown
+            dose = self._shown_dose if shown is not None else s.dose()
             t = time.perf_counter()
             vcc = s.patient.grid.voxel_volume_cc
             dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
             self._dvh_ms = (time.perf_counter() - t) * 1000.0
-            metrics = live_metrics(dose, s.patient, s.prescription_gy, self._goals)
+            if shown is not None:  # % of its normalisation point; the protocol's goals are the session's
+                metrics = live_metrics(dose, s.patient, shown.reference_gy, ())
+            else:
+                metrics = live_metrics(dose, s.patient, s.prescription_gy, self._goals)
             surface = level_mesh(dose, self._surface_level_gy, s.patient.grid.spacing_mm_zyx)
             p = s.patient
-            if not p.targets and len(s.engine.geometry) == 1:
+            if shown is None and not p.targets and len(s.engine.geometry) == 1:
                 field = field_curves(dose, p.grid, s.engine.geometry[0].beam, p.external.mask,
                                      patient_position=p.patient_position)
-        return Snapshot(job.id, job.kind, final, dose, s.plan_id, history, undone, pins_mask, tuple(s.pins),
+        shown = self._shown if final else None
+        plan_id = shown.plan_id if shown is not None else s.plan_id
+        return Snapshot(job.id, job.kind, final, dose, plan_id, history, undone, pins_mask, tuple(s.pins),
                         dvhs, surface, self._surface_level_gy, engine_ms, job.submitted_at,
                         self.dropped + self._latest.dropped, result.summary() if result is not None else None,
-                        field, save_refused, readout, metrics, optimised)
+                        field, save_refused, readout, metrics, optimised, shown)
 
 
 class QtEngineWorker(QtCore.QObject):

@@ -13,8 +13,10 @@ the total dose and its percentage of the normalisation point's dose, and per bea
 point's beam's-eye-view coordinates (the seed's x, y, z = IEC beam limiting device frame,
 origin at the isocentre, z towards the source; and u, v projected to the isocentre plane,
 :meth:`~ids_engine.model.Beam.patient_to_bev`), the beam's dose per MU there and its
-contribution; and the DVH metrics of every structure. Written as Markdown and HTML; the case
-is named by a label only, never a patient identifier.
+contribution; and the DVH metrics of every structure. Written as Markdown and HTML, and as
+PDF (:func:`write_physics_summary_pdf`: matplotlib's PdfPages, the tables as text with the
+plan name and ID on every page, and a page with the DVH picture); the case is named by a
+label only, never a patient identifier.
 
 This module knows plans by their attributes (a :class:`ids_engine.planning.Plan` and its
 :class:`ids_engine.planning.BeamDoses`), so that evaluation does not import planning.
@@ -31,9 +33,9 @@ import numpy as np
 
 from ids_engine._files import atomic_text
 
-from ._dvh import dvh_metrics
+from ._dvh import DVH, dvh, dvh_metrics
 
-__all__ = ["PhysicsSummary", "SummaryPoint", "physics_summary", "write_physics_summary"]
+__all__ = ["PhysicsSummary", "SummaryPoint", "physics_summary", "write_physics_summary", "write_physics_summary_pdf"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,16 @@ class SummaryPoint:
     bev_iso_mm_uv: tuple[tuple[float, float], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PhysicsSummary:
-    """The summary's content, and its Markdown and HTML text."""
+    """The summary's content, and its Markdown and HTML text.
+
+    title, head, tables, notes : the printed content (one source for Markdown, HTML and
+        PDF): ``head`` (label, text) pairs, ``tables`` (title, column heads, rows of text).
+    dvhs : ((DVH, rgb), ...) every structure's exact DVH (voxel doses) with its colour, for
+        the PDF's DVH picture.
+    prescription_gy : the dose V95/V107 refer to (None without one).
+    """
 
     plan_name: str
     plan_id: int
@@ -67,6 +76,12 @@ class PhysicsSummary:
     dvh_rows: tuple[dict, ...]
     markdown: str
     html: str
+    title: str = ""
+    head: tuple[tuple[str, str], ...] = ()
+    tables: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]], ...] = ()
+    notes: tuple[str, ...] = ()
+    dvhs: tuple[tuple[DVH, tuple[float, float, float]], ...] = ()
+    prescription_gy: float | None = None
 
 
 def _f(v, nd=1) -> str:
@@ -125,18 +140,29 @@ def physics_summary(plan, patient, doses, *, case_label: str = "", prescription_
                                    tuple(tuple(float(v) for v in row) for row in uv)))
     dose = doses.dose(mu)
     rx_gy = prescription_gy if prescription_gy is not None else (norm_gy if norm_gy > 0 else None)
-    dvh_rows = []
+    dvh_rows, curves = [], []
+    vcc = patient.grid.voxel_volume_cc
     for s in patient.structures:
         if s.is_empty:
             continue
         m = dvh_metrics(dose, s.mask, rx_gy)
         dvh_rows.append({"structure": s.name, "kind": s.kind.value, "volume_cc": s.volume_cc, **m})
+        curves.append((dvh(s.name, dose, s.mask, vcc, bin_gy=_dvh_bin_gy(dose)),
+                       tuple(float(c) for c in s.colour)))
     engine = doses.engine
     machine = engine.machine
     ssd = [g.ssd_mm for g in engine.geometry]
     when = when or _dt.datetime.now(_dt.timezone.utc)
     S = _Sections(plan, patient, case_label, machine, norm_xyz, norm_gy, points, dvh_rows, rx_gy, ssd, when)
-    return PhysicsSummary(plan.name, plan.plan_id, norm_gy, tuple(points), tuple(dvh_rows), S.markdown(), S.html())
+    tables = tuple((t, tuple(c), tuple(tuple(r) for r in rows)) for t, c, rows in S._tables())
+    return PhysicsSummary(plan.name, plan.plan_id, norm_gy, tuple(points), tuple(dvh_rows), S.markdown(), S.html(),
+                          S.title, tuple(S.head), tables, tuple(S.notes), tuple(curves), rx_gy)
+
+
+def _dvh_bin_gy(dose: np.ndarray) -> float:
+    """A DVH bin of about 1/500 of the highest dose (0.1 Gy for 50 Gy, 4 mGy for 2 Gy)."""
+    top = float(np.max(dose)) if dose.size else 0.0
+    return max(top / 500.0, 1e-4) if top > 0 else 0.1
 
 
 class _Sections:
@@ -237,3 +263,122 @@ def write_physics_summary(out_dir, summary: PhysicsSummary, *, stem: str | None 
     atomic_text(md, summary.markdown)
     atomic_text(ht, summary.html)
     return md, ht
+
+
+# --------------------------------------------------------------------------- PDF
+_PAGE_IN = (11.69, 8.27)  # A4 landscape
+_FONT_PT = 6.6
+_LINE_PT = _FONT_PT * 1.38
+_MARGIN_PT = 36.0
+_MAX_CELL = 64  # a cell wider than this wraps onto the next lines of its row
+
+
+def _table_lines(cols, rows) -> list[str]:
+    """A table as fixed-width text lines; long cells wrap within their column."""
+    import textwrap
+
+    widths = [min(max([len(c)] + [len(r[i]) for r in rows]), _MAX_CELL) for i, c in enumerate(cols)]
+
+    def emit(cells) -> list[str]:
+        wrapped = [textwrap.wrap(c, w) or [""] for c, w in zip(cells, widths)]
+        out = []
+        for k in range(max(len(w) for w in wrapped)):
+            parts = [(w[k] if k < len(w) else "") for w in wrapped]
+            out.append("  ".join(p.ljust(wd) if i == 0 or not p.replace(".", "").replace("-", "").isdigit()
+                                 else p.rjust(wd) for i, (p, wd) in enumerate(zip(parts, widths))).rstrip())
+        return out
+
+    lines = emit(cols)
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines += emit(r)
+    return lines
+
+
+def _summary_lines(summary: PhysicsSummary) -> list[tuple[str, str]]:
+    """(style, text) lines: 'title', 'h2', 'text'."""
+    import textwrap
+
+    out = [("title", summary.title), ("text", "")]
+    for k, v in summary.head:
+        for j, line in enumerate(textwrap.wrap(f"{k}: {v}", 170) or [""]):
+            out.append(("text", line if j == 0 else "    " + line))
+    for title, cols, rows in summary.tables:
+        out += [("text", ""), ("h2", title)]
+        out += [("text", line) for line in _table_lines(cols, rows)]
+    out += [("text", ""), ("h2", "Notes")]
+    for n in summary.notes:
+        for j, line in enumerate(textwrap.wrap(n, 170)):
+            out.append(("text", ("- " if j == 0 else "  ") + line))
+    return out
+
+
+def write_physics_summary_pdf(path, summary: PhysicsSummary) -> Path:
+    """The physics summary as a printable PDF (A4 landscape; matplotlib's PdfPages).
+
+    The head, the tables (beams, point doses, each beam's contribution with BEV and patient
+    coordinates, DVH metrics) and the notes as text pages, then a page with the DVH of every
+    structure (colour per structure, % of volume). Every page's header and footer name the
+    plan and its plan ID (seed 001: the ID matches a print-out to the screens); the PDF's
+    title says the same. Written atomically (a temporary file renamed into place).
+    """
+    import os
+
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = _summary_lines(summary)
+    w_pt, h_pt = _PAGE_IN[0] * 72.0, _PAGE_IN[1] * 72.0
+    per_page = int((h_pt - 2 * _MARGIN_PT - 3 * _LINE_PT) // _LINE_PT)
+    pages = [lines[i:i + per_page] for i in range(0, len(lines), per_page)] or [[]]
+    n_pages = len(pages) + (1 if summary.dvhs else 0)
+    ident = f"Plan {summary.plan_name}, plan ID {summary.plan_id}"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    meta = {"Title": summary.title or f"Physics summary: {ident}", "Subject": ident, "Creator": "ids-engine"}
+
+    def frame(fig, k: int) -> None:
+        fig.text(_MARGIN_PT / w_pt, 1 - 0.6 * _MARGIN_PT / h_pt, ident, fontsize=7, family="DejaVu Sans",
+                 va="top", weight="bold")
+        fig.text(1 - _MARGIN_PT / w_pt, 0.5 * _MARGIN_PT / h_pt, f"{ident}  ·  page {k} of {n_pages}",
+                 fontsize=7, family="DejaVu Sans", ha="right", va="bottom")
+
+    try:
+        with PdfPages(tmp, metadata=meta) as pdf:
+            for k, page in enumerate(pages, 1):
+                fig = Figure(figsize=_PAGE_IN)
+                frame(fig, k)
+                y = h_pt - _MARGIN_PT - 1.5 * _LINE_PT
+                for style, text in page:
+                    size = {"title": 11.0, "h2": 8.5}.get(style, _FONT_PT)
+                    family = "DejaVu Sans Mono" if style == "text" else "DejaVu Sans"
+                    if style != "text":
+                        y -= 0.4 * _LINE_PT
+                    if text:
+                        fig.text(_MARGIN_PT / w_pt, y / h_pt, text, fontsize=size, family=family, va="top",
+                                 weight="bold" if style != "text" else "normal")
+                    y -= _LINE_PT * (1.6 if style == "title" else 1.25 if style == "h2" else 1.0)
+                pdf.savefig(fig)
+            if summary.dvhs:
+                fig = Figure(figsize=_PAGE_IN)
+                frame(fig, n_pages)
+                ax = fig.add_axes((0.08, 0.1, 0.62, 0.78))
+                for h, colour in summary.dvhs:
+                    ax.plot(h.dose_gy, 100.0 * np.asarray(h.volume_fraction), color=colour, linewidth=1.4,
+                            drawstyle="steps-post", label=f"{h.name} ({h.volume_cc:.1f} cc)")
+                if summary.prescription_gy:
+                    ax.axvline(summary.prescription_gy, color="0.4", linewidth=0.8, linestyle="--",
+                               label=f"{summary.prescription_gy:.4g} Gy (V95/V107 reference)")
+                ax.set_xlim(left=0)
+                ax.set_ylim(0, 102)
+                ax.set_xlabel("Dose (Gy)")
+                ax.set_ylabel("Volume (%)")
+                ax.grid(True, linewidth=0.3)
+                ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+                ax.set_title(f"Dose-volume histograms: {ident} (every voxel of each structure)", fontsize=9)
+                pdf.savefig(fig)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

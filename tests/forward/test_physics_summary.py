@@ -4,6 +4,7 @@ patient and BEV coordinates, DVH metrics."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import numpy as np
 import pytest
@@ -77,3 +78,48 @@ def test_written_files_and_refusal(summary, box, tmp_path):
     with pytest.raises(ValueError, match=r"plan ID 3\) has other beams"):
         physics_summary(other, patient, doses)
     assert np.isfinite(s.normalisation_gy)
+
+
+def pdf_text(data: bytes) -> str:
+    """The text a PDF's pages draw (matplotlib writes each page's strings in ``[...] TJ``
+    arrays of a zlib-compressed content stream); enough to check what was printed."""
+    import re
+    import zlib
+
+    out = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        try:
+            body = zlib.decompress(m.group(1))
+        except zlib.error:
+            continue
+        for arr in re.finditer(rb"\[(.*?)\]\s*TJ", body, re.S):
+            out.append(b"".join(re.findall(rb"\(((?:\\.|[^\\)])*)\)", arr.group(1))).decode("latin-1"))
+    return "\n".join(out)
+
+
+def test_the_pdf_is_a_valid_pdf_with_the_plan_id_on_every_page(summary, tmp_path):
+    from ids_engine.evaluation._physics_summary import write_physics_summary_pdf
+
+    plan, s = summary
+    path = write_physics_summary_pdf(tmp_path / "physics.pdf", s)
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+    n_pages = len(re.findall(rb"/Type\s*/Page\b", data))
+    assert n_pages >= 2  # the tables, then the DVH picture
+    assert f"plan ID {plan.plan_id}".encode() in data  # the document's title (uncompressed metadata)
+    text = pdf_text(data)
+    assert text.count(f"plan ID {plan.plan_id}") >= 2 * n_pages  # header and footer of every page
+    assert f"page {n_pages} of {n_pages}" in text
+    # The beams with their MU, the per-beam point doses with BEV coordinates, the DVH metrics.
+    assert "Point doses per beam" in text and "BEV x, y, z mm" in text and "DVH metrics" in text
+    for b, m in zip(plan.beams, plan.mu):
+        assert any(line.split()[:2] == [str(plan.beams.index(b) + 1), b.name] and line.split()[-1] == f"{m:g}"
+                   for line in text.splitlines())
+    p1 = next(p for p in s.points if "point P1" in p.label)
+    assert f"{p1.total_gy:.4f}" in text
+    # The DVH page: a curve per structure (its DVH ends at the structure's maximum dose).
+    assert len(s.dvhs) == len(s.dvh_rows) and {h.name for h, _ in s.dvhs} == {r["structure"] for r in s.dvh_rows}
+    for (h, _), r in zip(s.dvhs, s.dvh_rows):
+        last = h.dose_gy[np.flatnonzero(h.volume_fraction > 0)[-1]]
+        assert last <= r["max_gy"] < last + 2 * (h.dose_gy[1] - h.dose_gy[0])
