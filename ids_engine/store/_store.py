@@ -787,12 +787,13 @@ class PlanStore:
 
         store_ref = weakref.ref(self)
         plain = Session._append_op.__get__(session)
+        folder = self.root / "plans" / key / "session"
 
         def _append_op(entry, _plain=plain, _key=key):
             _plain(entry)
             st = store_ref()
-            if st is None or st._closed or session._journal_dir is None:
-                return
+            if st is None or st._closed or session._journal_dir is None or Path(session._journal_dir) != folder:
+                return  # the store closed, or the session journals elsewhere now
             try:
                 with st._tx() as c:
                     st._sync_in(c, _key, session)
