@@ -242,9 +242,11 @@ def _metrics(dose, patient, goals) -> dict:
     return out
 
 
-def run_autoweight(doc: dict, out, *, methods=METHODS, force: bool = False, progress=None, echo=print) -> dict:
+def run_autoweight(doc: dict, out, *, methods=METHODS, force: bool = False, progress=None, echo=print,
+                   pdf: bool = False) -> dict:
     """Run a case file (see the module docstring) into the folder ``out``; returns the
-    comparison (also written as ``comparison.json`` and ``comparison.md``)."""
+    comparison (also written as ``comparison.json`` and ``comparison.md``). With ``pdf``
+    each physics summary is written as PDF too."""
     from ids_engine._files import atomic_text
     from ids_engine.evaluation import physics_summary, write_physics_summary
     from ids_engine.planning import (
@@ -327,7 +329,11 @@ def run_autoweight(doc: dict, out, *, methods=METHODS, force: bool = False, prog
     dest.mkdir(parents=True, exist_ok=True)
     book.save(dest)
     for s in summaries:
-        write_physics_summary(dest, s)
+        md, _ = write_physics_summary(dest, s)
+        if pdf:
+            from ids_engine.evaluation._physics_summary import write_physics_summary_pdf
+
+            write_physics_summary_pdf(md.with_suffix(".pdf"), s)
     comparison = {"case": label, "plan": plan.name, "beams": [b.name for b in plan.beams],
                   "dose_per_mu_s": round(t_doses, 3), "rows": rows}
     atomic_text(dest / "comparison.json", json.dumps(comparison, indent=1) + "\n")
@@ -338,7 +344,7 @@ def run_autoweight(doc: dict, out, *, methods=METHODS, force: bool = False, prog
     if rows:
         echo("\n" + text)
     echo(f"\nwritten to {out}: planbook.json (+ .npz when plans hold arrays), comparison.md/.json, "
-         f"{len(summaries)} physics summaries (physics_<plan>_id<ID>.md/.html)")
+         f"{len(summaries)} physics summaries (physics_<plan>_id<ID>.md/.html{'/.pdf' if pdf else ''})")
     return comparison
 
 
@@ -399,7 +405,8 @@ def cmd_autoweight(args: argparse.Namespace) -> int:
     methods = METHODS if args.method == "all" else (args.method,)
     try:
         doc = load_case_file(args.case)
-        comp = run_autoweight(doc, args.out, methods=methods, force=args.force, progress=TextProgressBar())
+        comp = run_autoweight(doc, args.out, methods=methods, force=args.force, progress=TextProgressBar(),
+                              pdf=args.pdf)
     except (CaseFileError, ScriptError, PrescriptionError, FolderLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -417,4 +424,5 @@ def add_parser(sub) -> None:
     s.add_argument("--method", choices=METHODS + ("all",), default="all", help="auto-weight method (default: all four)")
     s.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out once the new results are complete")
+    s.add_argument("--pdf", action="store_true", help="also write each physics summary as PDF")
     s.set_defaults(func=cmd_autoweight)

@@ -48,6 +48,8 @@ class SampledDVHDialog(QtWidgets.QDialog):
         self.plan_label = plan_label
         self.density_per_mm3 = float(density_per_mm3)
         self.seed = int(seed)
+        # Bins of 1/600 of the prescription: 0.1 Gy for 60 Gy, 3.3 mGy for a 2 Gy forward plan.
+        self.bin_gy = max(float(prescription_gy) / 600.0, 1e-4)
         self.last_state = None
         self.exact: tuple = ()
         self._stop = threading.Event()
@@ -122,14 +124,14 @@ class SampledDVHDialog(QtWidgets.QDialog):
         self.compute_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         dose, grid, stop = self.dose_gy, self.patient.grid, self._stop
-        density, seed = self.density_per_mm3, self.seed
+        density, seed, bin_gy = self.density_per_mm3, self.seed, self.bin_gy
 
         def work():
             how = "done"
             try:
-                exact = tuple(exact_dvh(s.name, dose, s.mask, grid) for s in structures)
+                exact = tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy) for s in structures)
                 self.exact_ready.emit(exact, run)
-                for state in sample_dvhs(dose, structures, grid, density_per_mm3=density, seed=seed,
+                for state in sample_dvhs(dose, structures, grid, density_per_mm3=density, seed=seed, bin_gy=bin_gy,
                                          cancel=stop.is_set):
                     self.state_ready.emit(state, run)
                 if stop.is_set():

@@ -131,7 +131,11 @@ class ForwardState:
         return self.book.put(plan)
 
     def save_book(self, folder) -> Path:
-        """Write the plan book (``planbook.json`` + ``.npz``) into ``folder``."""
+        """Write the plan book (``planbook.json`` + ``.npz``) into ``folder``, with the
+        patient's points in its case record (``ids planbook FOLDER dvh|summary`` rebuild the
+        case from it)."""
+        self.book.case["points"] = [{"label": q.label, "position_mm_xyz": list(q.position_mm_xyz)}
+                                    for q in self.patient.points]
         return self.book.save(folder)
 
     def load_book(self, folder) -> None:

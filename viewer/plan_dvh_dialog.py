@@ -213,6 +213,8 @@ class PlanDVHDialog(QtWidgets.QDialog):
         self._stop = threading.Event()
         stop = self._stop
         self.results, self.order = {}, [label for label, _, _ in jobs]
+        # Common bins for all plans: 1/500 of the highest dose (0.1 Gy for 50 Gy, 4 mGy for 2 Gy).
+        self.bin_gy = bin_gy = max(max(float(d.max()) for _, d, _ in jobs) / 500.0, 1e-4)
         self.plot.current, self.plot.snapshots = None, []
         self.status.setText("running")
         self.stop_button.setEnabled(True)
@@ -223,9 +225,10 @@ class PlanDVHDialog(QtWidgets.QDialog):
                 for label, dose, vols in jobs:
                     chosen = [structures[v] for v in vols]
                     if method == "exact":
-                        self.curves_ready.emit(label, tuple(exact_dvh(s.name, dose, s.mask, grid) for s in chosen), run)
+                        self.curves_ready.emit(label, tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy)
+                                                            for s in chosen), run)
                     else:
-                        for state in sample_dvhs(dose, chosen, grid, cancel=stop.is_set):
+                        for state in sample_dvhs(dose, chosen, grid, bin_gy=bin_gy, cancel=stop.is_set):
                             self.curves_ready.emit(label, state.dvhs, run)
                     if stop.is_set():
                         how = "stopped"

@@ -557,7 +557,9 @@ class EngineWorker:
             dose = self._shown_dose if shown is not None else s.dose()
             t = time.perf_counter()
             vcc = s.patient.grid.voxel_volume_cc
-            dvhs = tuple(dvh(st.name, dose, st.mask, vcc) for st in s.patient.structures if st.mask.any())
+            # A forward plan's dose is often a fraction's (2 Gy): bins of 0.5 % of its 100 %.
+            bin_gy = 0.1 if shown is None else max(shown.reference_gy / 200.0, 1e-4)
+            dvhs = tuple(dvh(st.name, dose, st.mask, vcc, bin_gy) for st in s.patient.structures if st.mask.any())
             self._dvh_ms = (time.perf_counter() - t) * 1000.0
             if shown is not None:  # % of its normalisation point; the protocol's goals are the session's
                 metrics = live_metrics(dose, s.patient, shown.reference_gy, ())

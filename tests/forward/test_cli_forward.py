@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ids_engine.cli import main
@@ -21,7 +22,7 @@ def example_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["autoweight", str(EXAMPLE), "--out", str(out)])
+        rc = main(["autoweight", str(EXAMPLE), "--out", str(out), "--pdf"])
     return rc, out, buf.getvalue()
 
 
@@ -56,6 +57,59 @@ def test_worked_example_writes_the_plan_book_and_summaries(example_run):
         md = (out / f"physics_{name}_id{p.plan_id}.md").read_text()
         assert f"plan {name}, plan ID {p.plan_id}" in md
     assert (out / "physics_box_id2.html").exists() and (out / "comparison.md").exists()
+    for name in book.names:  # --pdf: every summary as PDF too
+        pdf = (out / f"physics_{name}_id{book.get(name).plan_id}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and f"plan ID {book.get(name).plan_id}".encode() in pdf
+
+
+def test_planbook_dvh_of_several_plans(example_run, tmp_path, capsys):
+    from ids_engine.cli_planbook import book_patient
+    from ids_engine.evaluation import exact_dvh
+    from ids_engine.planning import BeamDoses
+
+    _, out, _ = example_run
+    book = PlanBook.load(out)
+    rc = main(["planbook", str(out), "dvh", "box-simplex", "box-cimmino", "--structures", "PTV,RING",
+               "--volume", "cc", "--out", str(tmp_path / "dvh")])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "dvh" / "dvh.png").read_bytes()[:4] == b"\x89PNG"
+    doc = json.loads((tmp_path / "dvh" / "dvh.json").read_text())
+    labels = [f"{n} (plan ID {book.get(n).plan_id})" for n in ("box-simplex", "box-cimmino")]
+    assert [(c["plan"], c["structure"]) for c in doc["curves"]] == [(p, s) for p in labels for s in ("PTV", "RING")]
+    assert doc["method"] == "exact" and doc["volume"] == "cc"
+    # The curves are the exact DVHs of each plan's dose (the case rebuilt from the book).
+    patient, label = book_patient(book, out)
+    assert label == "phantom water (coarse)"
+    plan = book.get("box-cimmino")
+    dose = BeamDoses(patient, plan).dose(plan.mu)
+    want = exact_dvh("RING", dose, patient.structure("RING").mask, patient.grid, bin_gy=doc["bin_gy"])
+    got = doc["curves"][3]
+    assert got["volume_pct"] == pytest.approx(list(100 * want.volume_fraction), abs=1e-3)
+    # The simplex takes the AP/PA pair: its RING gets more dose than Cimmino's four fields.
+    assert max(c["dose_gy"][np.flatnonzero(np.array(c["volume_pct"]) > 0)[-1]] for c in doc["curves"]
+               if c["plan"] == labels[0] and c["structure"] == "RING") > \
+        max(c["dose_gy"][np.flatnonzero(np.array(c["volume_pct"]) > 0)[-1]] for c in doc["curves"]
+            if c["plan"] == labels[1] and c["structure"] == "RING")
+    # Errors name the plan or the folder; nothing is written.
+    assert main(["planbook", str(out), "dvh", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "no plan 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["planbook", str(out), "dvh", "box"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["planbook", str(out), "dvh", "box", "--out", str(tmp_path / "dvh")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_planbook_summary_as_pdf(example_run, tmp_path, capsys):
+    _, out, _ = example_run
+    plan = PlanBook.load(out).get("box-downhill")
+    assert main(["planbook", str(out), "summary", "box-downhill", "--pdf", "--out", str(tmp_path / "s")]) == 0
+    stem = f"physics_box-downhill_id{plan.plan_id}"
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {f"{stem}.md", f"{stem}.html", f"{stem}.pdf"}
+    assert (tmp_path / "s" / f"{stem}.pdf").read_bytes().startswith(b"%PDF-")
+    md = (tmp_path / "s" / f"{stem}.md").read_text()
+    assert f"plan ID {plan.plan_id}" in md and "point P1" in md
+    assert main(["planbook", str(out), "summary", "--out", str(tmp_path / "t")]) == 2
+    assert "takes one PLAN" in capsys.readouterr().err
 
 
 def test_errors_name_the_file_and_the_field(tmp_path, capsys):

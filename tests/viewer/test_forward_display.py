@@ -134,7 +134,9 @@ def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
     assert all(tag in v.header.text() for v in w.slice_views.values()) and tag in w.view3d.header.text()
     assert tag in w.windowTitle() and tag in w.perf.text() and w.dvh.plot.current.label == tag
     ptv = next(h for h in w.dvh.plot.current.curves if h.name == "PTV")
-    assert 1.5 < ptv.dose_gy[np.flatnonzero(ptv.volume_fraction >= 0.5)[-1]] < 2.5  # its median: about 2 Gy
+    mask = s.patient.structure("PTV").mask
+    d50 = ptv.dose_gy[np.flatnonzero(ptv.volume_fraction >= 0.5)[-1]]  # bins of 0.5 % of 100 %
+    assert ptv.dose_gy[1] == pytest.approx(norm / 200.0) and abs(d50 - np.median(w.dose_gy[mask])) <= norm / 200.0
     # Shaping is off while a forward plan is shown.
     assert not w.tool_actions["set_dose"].isEnabled() and w.act_show_session.isEnabled()
 
@@ -191,7 +193,10 @@ def test_plan_dvhs_of_two_plans_and_the_summary_pdf(qapp, window, tmp_path):
     assert pop.plot.current.label == labels[0] and [c.label for c in pop.plot.snapshots] == pop.order[1:]
     p = dlg.state.patient
     doses = dlg.state.cached_doses(book.get("Plan 1"))
-    want = exact_dvh("PTV", doses.dose(book.get("Plan 2").mu), p.structure("PTV").mask, p.grid)
+    want = exact_dvh("PTV", doses.dose(book.get("Plan 2").mu), p.structure("PTV").mask, p.grid, bin_gy=pop.bin_gy)
+    # One bin width for every plan: 1/500 of the highest dose (here the session's 60 Gy plan).
+    assert pop.bin_gy == pytest.approx(float(w.dose_gy.max()) / 500.0, rel=1e-6)
+    assert {round(float(h.dose_gy[1]), 9) for hs in pop.results.values() for h in hs} == {round(pop.bin_gy, 9)}
     got = next(h for h in pop.results[labels[1]] if h.name == "PTV")
     np.testing.assert_allclose(got.volume_fraction, want.volume_fraction)
     assert pop.save_png(tmp_path / "dvhs.png") and (tmp_path / "dvhs.png").read_bytes()[:4] == b"\x89PNG"
@@ -201,7 +206,7 @@ def test_plan_dvhs_of_two_plans_and_the_summary_pdf(qapp, window, tmp_path):
     pop.set_chosen([("Plan 1", "PTV")])
     assert pop.compute() and pop.wait()
     sampled = pop.results[labels[0]][0]
-    exact = exact_dvh("PTV", doses.dose(book.get("Plan 1").mu), p.structure("PTV").mask, p.grid)
+    exact = exact_dvh("PTV", doses.dose(book.get("Plan 1").mu), p.structure("PTV").mask, p.grid, bin_gy=pop.bin_gy)
     n = min(len(sampled.volume_fraction), len(exact.volume_fraction))
     assert np.max(np.abs(sampled.volume_fraction[:n] - exact.volume_fraction[:n])) < 0.03
     assert pop.plot.volume_unit == "cc"
@@ -273,3 +278,26 @@ def test_shown_plan_checks_its_reference():
     assert ShownPlan("A", 3, 2.0, z).label == "forward plan 'A', plan ID 3"
     with pytest.raises(ValueError, match="reference_gy must be positive"):
         ShownPlan("A", 3, 0.0, z)
+
+
+def test_a_viewer_plan_book_records_its_case_and_points_for_the_command_line(tmp_path, capsys):
+    from ids_engine.cli import main
+    from ids_engine.phantoms import water_box
+    from ids_engine.planning import PlanBook
+    from ids_engine.viewer.forward_state import ForwardState, ForwardStateError
+
+    spec = {"phantom": "water", "resolution": "coarse"}
+    st = ForwardState(water_box("coarse"), None, "phantom water (coarse)", spec)
+    st.new_plan("Open")
+    st.add_beam(gantry_deg=0, width_mm=60, height_mm=60)
+    st.book.update(mu=(100.0,))
+    st.add_point("Q1", (0.0, 20.0, 0.0))
+    with pytest.raises(ForwardStateError, match="no point 'nope'"):
+        st.remove_point("nope")
+    st.save_book(tmp_path / "book")
+    book = PlanBook.load(tmp_path / "book")
+    assert book.case["spec"] == spec and book.case["points"][-1] == {"label": "Q1", "position_mm_xyz": [0.0, 20.0, 0.0]}
+    rc = main(["planbook", str(tmp_path / "book"), "summary", "Open", "--out", str(tmp_path / "s")])
+    assert rc == 0, capsys.readouterr().err
+    md = (tmp_path / "s" / f"physics_Open_id{book.get('Open').plan_id}.md").read_text()
+    assert "point Q1" in md and "phantom water (coarse)" in md and "| 100 |" in md
