@@ -229,7 +229,7 @@ def parse_isodose_levels(text: str, prescription_gy: float) -> tuple[float, ...]
 
 def format_levels(pcts) -> str:
     """Levels (% of the prescription) as the text :func:`parse_isodose_levels` reads back."""
-    return ", ".join(f"{p:.4g}" for p in pcts) + " %"
+    return ", ".join(f"{p:.6g}" for p in pcts) + " %"  # 6 digits: a level typed in Gy stays within 1e-5 of it
 
 
 def difference_colour(fraction: float) -> tuple[float, float, float]:

@@ -4,7 +4,8 @@ A small dialog for the main window's slice views: add a level typed in Gy or in 
 normalisation point, delete one, give a line its own colour and width (pixels; 0 is the
 normal width), tint one level's region in one of the six colours, turn the downhill ticks and
 the hot-spot mark on or off, and set the dose that 100 % means (the normalisation point's;
-the prescription by default). The 3D view shows one isodose surface, the level chosen here
+the prescription by default; a forward plan shown in the window brings its own normalisation
+point's dose). The 3D view shows one isodose surface, the level chosen here
 ("Show in 3D"); its solid/wire/off mode and transparency sit on the 3D view's own header.
 
 It changes the window only through what the window offers its menus: ``levels`` and
@@ -72,6 +73,9 @@ class IsodoseControl(QtWidgets.QDialog):
         rx = self._prescription_gy()
         self.norm_check.setChecked(self.display.normalisation_gy is not None)
         self.norm_spin.setValue(self.display.normalisation_gy or rx)
+        self.reference = QtWidgets.QLabel("")
+        self.reference.setObjectName("isodoseReference")
+        self.reference.setWordWrap(True)
         self.message = QtWidgets.QLabel("")
         self.message.setObjectName("isodoseMessage")
 
@@ -98,7 +102,8 @@ class IsodoseControl(QtWidgets.QDialog):
         norm.addWidget(self.norm_check)
         norm.addWidget(self.norm_spin)
         form.addLayout(norm, 10, 0, 1, 2)
-        form.addWidget(self.message, 11, 0, 1, 2)
+        form.addWidget(self.reference, 11, 0, 1, 2)
+        form.addWidget(self.message, 12, 0, 1, 2)
 
         self.add_button.clicked.connect(self._on_add)
         self.value_edit.returnPressed.connect(self._on_add)
@@ -118,8 +123,12 @@ class IsodoseControl(QtWidgets.QDialog):
 
     # ------------------------------------------------------------------ helpers
     def _prescription_gy(self) -> float:
+        """The dose the window's levels are % of: the session's prescription, or the shown
+        forward plan's normalisation point dose."""
         s = getattr(self.window_, "session", None)
-        return float(s.prescription_gy) if s is not None else 1.0
+        if s is None:
+            return 1.0
+        return float(getattr(self.window_, "display_rx_gy", None) or s.prescription_gy)
 
     def _normalisation_gy(self) -> float:
         return self.display.normalisation_gy or self._prescription_gy()
@@ -134,6 +143,12 @@ class IsodoseControl(QtWidgets.QDialog):
 
     def refresh(self) -> None:
         """List the window's levels (after the window changed them)."""
+        shown = getattr(self.window_, "shown_plan", None)
+        rx = self._prescription_gy()
+        if shown is not None:
+            self.reference.setText(f"Levels are % of {rx:.4g} Gy: the normalisation point of {shown.label}")
+        else:
+            self.reference.setText(f"Levels are % of {rx:.4g} Gy: the shaping session's prescription")
         keep = self.current_level()
         self._updating = True
         self.levels_list.clear()

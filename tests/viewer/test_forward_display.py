@@ -153,6 +153,15 @@ def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
     assert w.shown_plan.key == ("Plan 1", p1.plan_id)
     np.testing.assert_allclose(w.dose_gy, doses.dose(p1.mu), rtol=1e-6)
 
+    # The isodose control works in % of the shown plan's normalisation point.
+    w.show_isodose_control()
+    ctl = w._isodose_control
+    assert "normalisation point of forward plan 'Plan 1'" in ctl.reference.text()
+    assert ctl.add_level(42.0, "%")
+    assert any(abs(lev.gy - 0.42 * norm) < 1e-9 and abs(lev.pct - 42.0) < 1e-6 for lev in w.levels)
+    assert ctl.add_level(1.0, "Gy") and any(abs(lev.gy - 1.0) < 1e-5 for lev in w.levels)
+    ctl.close()
+
     # Back to the shaping session's dose: its prescription, its plan ID, shaping on again.
     w.show_session_dose()
     wait_until(qapp, lambda: w.idle and w.shown_plan is None)
@@ -301,3 +310,15 @@ def test_a_viewer_plan_book_records_its_case_and_points_for_the_command_line(tmp
     assert rc == 0, capsys.readouterr().err
     md = (tmp_path / "s" / f"physics_Open_id{book.get('Open').plan_id}.md").read_text()
     assert "point Q1" in md and "phantom water (coarse)" in md and "| 100 |" in md
+
+
+def test_isodose_colours_are_a_fixed_palette_by_level():
+    """The seed assigns colours at random; here each level's default colour is fixed by its
+    % of the normalisation (or prescription) dose, the same in every session and plan, and
+    the default levels all differ."""
+    from ids_engine.viewer._style import ISODOSE_PCT, isodose_colour, isodose_levels
+
+    a, b = isodose_levels(60.0, ISODOSE_PCT), isodose_levels(2.0, ISODOSE_PCT)
+    assert [lev.colour for lev in a] == [lev.colour for lev in b] == [isodose_colour(p / 100.0) for p in ISODOSE_PCT]
+    assert len({lev.colour for lev in a}) == len(ISODOSE_PCT)
+    assert isodose_colour(1.0) == (1.0, 0.55, 0.0) and isodose_colour(1.07) == (1.0, 0.25, 0.9)
