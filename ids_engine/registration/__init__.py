@@ -17,6 +17,7 @@ from ._registration import (
     rotation_matrix,
 )
 from ._sitk import RegistrationCancelled, fov_mask, register_deformable, register_rigid
+from ._transfer import merge_limited_fov, transfer_structures
 from ._variants import Variant, make_variant, variant_from_spec
 
 __all__ = [
@@ -28,12 +29,14 @@ __all__ = [
     "identity_registration",
     "invert_displacement",
     "make_variant",
+    "merge_limited_fov",
     "read_fiducials",
     "register_deformable",
     "register_fiducials",
     "register_rigid",
     "rotation_angles_deg",
     "rotation_matrix",
+    "transfer_structures",
     "variant_from_spec",
     "write_fiducials",
 ]

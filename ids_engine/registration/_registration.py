@@ -113,12 +113,14 @@ def sample_field(field_zyx3: np.ndarray, grid: Grid, points_xyz: np.ndarray) -> 
 
 
 def invert_displacement(field_zyx3: np.ndarray, grid: Grid, *, iterations: int = 30,
-                        tolerance_mm: float = 1e-3) -> tuple[np.ndarray, dict]:
+                        tolerance_mm: float = 0.01) -> tuple[np.ndarray, dict]:
     """The inverse of a displacement field on one grid, by fixed-point iteration.
 
     Given ``d`` with ``x -> x + d(x)``, finds ``e`` with ``y -> y + e(y)`` its inverse:
-    ``e(y) = -d(y + e(y))``, iterated from ``e = -d`` (converges where the map is
-    invertible, i.e. ``|grad d| < 1``; every deformation a smooth registration returns).
+    ``e(y) = -d(y + e(y))``, iterated from ``e = -d`` until no voxel's ``e`` changes by
+    ``tolerance_mm`` (converges where the map is invertible, i.e. ``|grad d| < 1``; the
+    deformations a smooth registration returns). Trilinear interpolation, edge values
+    carried on beyond the grid.
 
     Returns
     -------

@@ -215,7 +215,149 @@ def register_rigid(planning: Patient, new: Patient, *, progress=None, cancel=Non
     return Registration("rigid", planning.grid, new.grid, r, t, metrics=metrics)
 
 
+def _shrunk(image, factor: int):
+    """The image smoothed (Gaussian, half the new spacing) and shrunk by an integer factor."""
+    sitk = _sitk()
+    if factor == 1:
+        return image
+    sigma = 0.5 * factor * min(image.GetSpacing())
+    return sitk.Shrink(sitk.SmoothingRecursiveGaussian(image, sigma), [factor] * 3)
+
+
+def demons_field(fixed, moving, *, levels=(4, 2, 1), iterations=(100, 60, 30), smoothing_mm: float = 1.0,
+                 progress=None, cancel=None):
+    """Multi-resolution fast symmetric-forces demons (SimpleITK); the displacement field on ``fixed``.
+
+    Returns the field ``D`` (float64 image of 3-vectors on the fixed grid) with
+    ``moving(x + D(x)) ~ fixed(x)``, and per-level figures. The field is smoothed by a
+    Gaussian of ``smoothing_mm`` after every iteration (the demons regulariser); each level
+    starts from the previous level's field, resampled.
+    """
+    sitk = _sitk()
+    levels = [int(f) for f in levels]
+    iterations = [int(n) for n in iterations]
+    if len(iterations) != len(levels):
+        raise RegistrationError(f"demons: one iteration count per level, got {iterations} for levels {levels}")
+    keep = [i for i, f in enumerate(levels) if min(fixed.GetSize()) / f >= 8] or [len(levels) - 1]
+    levels = [levels[i] for i in keep]
+    iterations = [iterations[i] for i in keep]
+    if levels[-1] != 1:
+        levels.append(1)
+        iterations.append(iterations[-1])
+    total = sum(iterations)
+    done = [0]
+    cancelled = [False]
+    field = None
+    info = []
+    for f, n in zip(levels, iterations):
+        fx, mv = _shrunk(fixed, f), _shrunk(moving, f)
+        if field is None:
+            field = sitk.Image(fx.GetSize(), sitk.sitkVectorFloat64, 3)
+            field.CopyInformation(fx)
+        else:
+            field = sitk.Resample(field, fx, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+        filt = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        filt.SetNumberOfIterations(n)
+        filt.SetStandardDeviations(float(smoothing_mm))  # physical units (UseImageSpacing is on)
+        filt.SetUseImageSpacing(True)
+
+        def on_iteration(filt=filt):
+            done[0] += 1
+            if progress is not None:
+                progress(min(done[0], total - 1), total, "deformable registration")
+            if cancel is not None and cancel():
+                cancelled[0] = True
+                filt.StopRegistration()
+
+        filt.AddCommand(sitk.sitkIterationEvent, on_iteration)
+        field = filt.Execute(fx, mv, field)
+        if cancelled[0]:
+            raise RegistrationCancelled("deformable registration cancelled")
+        info.append({"shrink": f, "iterations": int(filt.GetElapsedIterations()), "mean_squares": float(filt.GetMetric())})
+    return field, info
+
+
 def register_deformable(planning: Patient, new: Patient, *, initial: Registration | None = None,
-                        progress=None, cancel=None) -> Registration:
-    """Rigid (unless ``initial``) then deformable registration; implemented below."""
-    raise NotImplementedError("register_deformable: in progress")
+                        progress=None, cancel=None, window_hu=DEFAULT_WINDOW_HU, levels=(4, 2, 1),
+                        iterations=(100, 60, 30), smoothing_mm: float = 1.0) -> Registration:
+    """Rigid (unless ``initial``) then deformable registration of the planning CT to the new CT.
+
+    The planning CT is resampled onto the new grid through the rigid part, then registered
+    to the new CT (the fixed image) by multi-resolution fast symmetric-forces demons
+    (SimpleITK; CT-to-CT, same calibration, so intensity differences are meaningful) on HU
+    clipped to ``window_hu``; the field is regularised by a Gaussian of ``smoothing_mm``
+    (1 mm measured best on the horseshoe variants at 2 and 4 mm voxels: Dice higher than
+    with 2 or 4 mm, Jacobian of the map still >= 0.3, i.e. no folding).
+    The result is the pull field ``d`` of :class:`Registration` directly; its inverse
+    ``e`` comes from :func:`invert_displacement` (fixed point; the round-trip residual on
+    the grid is in ``metrics``). A new CT with a limited field of view is registered
+    deformably only inside its box: outside it the mapping is the rigid part.
+
+    Parameters
+    ----------
+    planning, new : the planning CT (moving) and the new CT (fixed).
+    initial : a rigid, fiducial or identity registration to start from (its rigid part
+        is used); default :func:`register_rigid`.
+    progress, cancel : as for :func:`register_rigid` (cancel raises :class:`RegistrationCancelled`).
+
+    Returns
+    -------
+    Registration
+        kind "deformable"; ``metrics``: the rigid stage's metrics under ``"rigid"``, demons
+        levels, mean squared difference (windowed HU) before and after, inverse residual,
+        time_s.
+    """
+    sitk = _sitk()
+    t0 = time.perf_counter()
+    lo, hi = (float(v) for v in window_hu)
+    if not hi > lo:
+        raise RegistrationError(f"register_deformable: window_hu must be (low, high) with high > low, got {window_hu!r}")
+    if initial is None:
+        initial = register_rigid(planning, new, cancel=cancel, window_hu=(lo, hi))
+    elif not isinstance(initial, Registration):
+        raise RegistrationError("register_deformable: initial must be a Registration")
+    elif initial.planning_grid != planning.grid or initial.new_grid != new.grid:
+        raise RegistrationError("register_deformable: initial was made for other grids than these CTs")
+    rigid = Registration("rigid", planning.grid, new.grid, initial.rotation, initial.translation_mm_xyz)
+    t_rigid = time.perf_counter() - t0
+    moved = np.clip(rigid.warp_to_new(planning.ct_hu, order=1, fill=-1000.0), lo, hi)
+    fixed_arr = np.clip(new.ct_hu, lo, hi)
+    inside = fov_mask(new)
+    box = fov_box_mm_xyz(new)
+    if box is not None:
+        idx = np.argwhere(inside)
+        a, b = idx.min(axis=0), idx.max(axis=0) + 1
+    else:
+        a, b = np.zeros(3, int), np.asarray(new.grid.shape_zyx)
+    sl = tuple(slice(int(p), int(q)) for p, q in zip(a, b))
+    sub_grid = Grid(tuple(int(v) for v in b - a), new.grid.spacing_mm_zyx, tuple(new.grid.index_to_world(a)))
+    fixed = image_from_array(fixed_arr[sl], sub_grid)
+    moving = image_from_array(moved[sl], sub_grid)
+    mse_before = float(np.mean((fixed_arr[sl] - moved[sl]) ** 2))
+    field, info = demons_field(fixed, moving, levels=levels, iterations=iterations, smoothing_mm=smoothing_mm,
+                               progress=progress, cancel=cancel)
+    d = np.zeros(tuple(new.grid.shape_zyx) + (3,), np.float32)
+    d[sl] = sitk.GetArrayFromImage(field).astype(np.float32)
+    t_demons = time.perf_counter() - t0 - t_rigid
+    reg = Registration("deformable", planning.grid, new.grid, rigid.rotation, rigid.translation_mm_xyz,
+                       displacement_mm_xyz=d)
+    after = np.clip(reg.warp_to_new(planning.ct_hu, order=1, fill=-1000.0), lo, hi)
+    metrics = dict(reg.metrics)
+    metrics.update({
+        "metric": "fast symmetric forces demons (mean squares)",
+        "rigid": {"kind": initial.kind, **initial.metrics},
+        "levels": info,
+        "smoothing_mm": float(smoothing_mm),
+        "window_hu": [lo, hi],
+        "mean_squares_before": mse_before,
+        "mean_squares_after": float(np.mean((fixed_arr[sl] - after[sl]) ** 2)),
+        "limited_fov": box is not None,
+        "time_rigid_s": round(t_rigid, 3),
+        "time_demons_s": round(t_demons, 3),
+        "time_s": round(time.perf_counter() - t0, 3),
+    })
+    if progress is not None:
+        progress(1, 1, "deformable registration")
+    return Registration("deformable", planning.grid, new.grid, rigid.rotation, rigid.translation_mm_xyz,
+                        displacement_mm_xyz=reg.displacement_mm_xyz,
+                        inverse_displacement_mm_xyz=reg.inverse_displacement_mm_xyz, metrics=metrics)
