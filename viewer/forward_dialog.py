@@ -1067,7 +1067,8 @@ class ForwardPlanningDialog(QtWidgets.QDialog):
         if w is None or not self.follow_box.isChecked() or self.state.book.selected is None:
             return
         p = self.plan
-        key = (p.name, p.plan_id)
+        # The points too: the window draws them with the plan's dose (seed 001: "Display Point Dose").
+        key = (p.name, p.plan_id, tuple((q.label, q.position_mm_xyz) for q in self.state.patient.points))
         if key == self._shown_key or key == self._display_failed:
             return
         if p.n_beams == 0 or not any(m > 0 for m in p.mu):

@@ -124,3 +124,8 @@ __all__ += ["PhysicsSummary", "SummaryPoint", "physics_summary", "write_physics_
 # Gamma index (issue 13: deliverable-dose check).
 from ._gamma import gamma_index, gamma_pass_rate, gamma_summary, grid_axes_mm  # noqa: E402
 __all__ += ["gamma_index", "gamma_pass_rate", "gamma_summary", "grid_axes_mm"]  # noqa: E402
+
+# Physics summary as PDF; DVHs of several plans together (issue 12).
+from ._dvh_plot import DVH_METHODS, plan_dvh_curves, plans_dvh_png  # noqa: E402
+from ._physics_summary import write_physics_summary_pdf  # noqa: E402
+__all__ += ["DVH_METHODS", "plan_dvh_curves", "plans_dvh_png", "write_physics_summary_pdf"]  # noqa: E402

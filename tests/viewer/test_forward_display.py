@@ -153,6 +153,14 @@ def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
     assert w.shown_plan.key == ("Plan 1", p1.plan_id)
     np.testing.assert_allclose(w.dose_gy, doses.dose(p1.mu), rtol=1e-6)
 
+    # A point added in the dialog is drawn with the shown plan's dose (on its slice).
+    iso = p1.beams[0].isocentre_mm_xyz
+    assert dlg.add_point("FW1", iso)
+    wait_until(qapp, lambda: w.idle and any(m.label == "FW1" for m in w.slice_views["z"].points))
+    mark = next(m for m in w.slice_views["z"].points if m.label == "FW1")
+    assert abs(float(mark.lines[0].split()[0]) - norm) < 0.03 * norm, mark.lines  # the cube's dose there
+    assert w.shown_plan.key == ("Plan 1", p1.plan_id)
+
     # The isodose control works in % of the shown plan's normalisation point.
     w.show_isodose_control()
     ctl = w._isodose_control
