@@ -99,16 +99,17 @@ def adapt_batch(approved, new_cts, *, out, scheduler: str | None = None, n_worke
                                  key=f"ids-adapt-{name}-{os.getpid()}"): n
                    for n, (c, name) in enumerate(zip(new_cts, names))}
         results = [None] * len(new_cts)
-        for done, fut in enumerate(as_completed(futures), start=1):
-            n = futures[fut]
-            results[n] = fut.result()
-            if progress is not None:
-                progress(done, len(new_cts), "adaptations")
-            if log is not None:
-                r = results[n]
-                state = ("error: " + r["error"]) if not r["ok"] else (
-                    "auto-qualified for review" if r["auto_qualified_for_review"] else "not qualified")
-                log(f"{names[n]}: {state} ({r['wall_s']:.1f} s)")
+        with client.as_current():
+            for done, fut in enumerate(as_completed(futures), start=1):
+                n = futures[fut]
+                results[n] = fut.result()
+                if progress is not None:
+                    progress(done, len(new_cts), "adaptations")
+                if log is not None:
+                    r = results[n]
+                    state = ("error: " + r["error"]) if not r["ok"] else (
+                        "auto-qualified for review" if r["auto_qualified_for_review"] else "not qualified")
+                    log(f"{names[n]}: {state} ({r['wall_s']:.1f} s)")
         where = client.scheduler.address if hasattr(client, "scheduler") and client.scheduler else scheduler
     finally:
         client.close()

@@ -1,0 +1,121 @@
+"""Adaptation end to end on the coarse horseshoe: identity, a known shift, goals without a protocol."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ids_engine.adapt import AdaptOptions, default_tolerance, derived_goals, load_approved_plan, run_adaptation
+
+SHIFT_SPEC = "horseshoe:coarse;shift_mm=7.808,0,4"  # 2 voxels in x, 1 slice in z
+
+
+def test_approved_plan_brings_goals_beams_fluence_and_requests(approved, approved_dir):
+    assert approved.prescription_gy == 60.0 and len(approved.beams) == 5
+    assert approved.protocol is not None and approved.protocol.name == "Horseshoe"
+    assert [r.kind for r in approved.requests] == ["erase_spot", "set_voxel_dose"]
+    assert all(b.fluence_grid is not None and f.shape == b.fluence_grid.shape_vu
+               for b, f in zip(approved.beams, approved.fluences))
+    # The same plan from the session folder itself (protocol.toml beside it is found too).
+    again = load_approved_plan(approved_dir / "session")
+    assert again.protocol is not None
+    assert np.array_equal(again.dose_gy, approved.dose_gy)
+
+
+def test_not_an_approved_plan(tmp_path):
+    from ids_engine.adapt import AdaptError
+
+    with pytest.raises(AdaptError, match="not an approved plan"):
+        load_approved_plan(tmp_path)
+
+
+def test_goals_derived_from_the_approved_dose(approved):
+    goals = derived_goals(approved)
+    from ids_engine.adapt import structure_metrics
+
+    m = structure_metrics(approved.dose_gy, approved.patient, 60.0)
+    d95 = [g for g in goals if g.structure == "PTV" and g.kind == "min_dvh"][0]
+    assert d95.volume_pct == 95.0 and d95.dose_gy == pytest.approx(m["PTV"]["D95"])
+    assert [g.kind for g in goals if g.structure == "OAR"] == ["max_mean_dose", "max_dvh"]
+
+
+def test_identity_gives_zero_deltas_and_full_gamma(approved, approved_dir, tmp_path):
+    from ids_engine.io import write_dicom_ct, write_rtstruct
+
+    # The new CT is the planning CT itself (DICOM): nothing moved.
+    ct = tmp_path / "same_ct"
+    files = write_dicom_ct(approved.patient, ct)
+    write_rtstruct(approved.patient, ct / "RS.dcm", files)
+    doc = run_adaptation(approved, ct, tmp_path / "out", registration="identity")
+    assert not doc["adaptation"]["reoptimised"]
+    for comp in (doc["comparison"]["adapted"], doc["comparison"]["own_contours"]["adapted"]):
+        assert comp["missing"] == []
+        deltas = [r["delta"] for e in comp["structures"].values() for r in e["metrics"].values()]
+        assert len(deltas) > 20 and max(abs(d) for d in deltas) < 1e-4
+    for g in doc["comparison"]["adapted"]["gamma"].values():
+        assert g["pass_rate_pct"] == 100.0 and g["points"] > 1000
+    assert doc["qualification"]["auto_qualified_for_review"] and doc["qualification"]["reasons"] == []
+    assert all(c["dice"] == 1.0 for c in doc["contours"])
+
+
+@pytest.fixture(scope="module")
+def shifted(approved, tmp_path_factory):
+    """A known shift, rigidly registered, re-optimised (always) and the requests replayed."""
+    pytest.importorskip("SimpleITK")
+    out = tmp_path_factory.mktemp("shift") / "out"
+    doc = run_adaptation(approved, SHIFT_SPEC, out, registration="rigid",
+                         options=AdaptOptions(reoptimise="always", max_iterations=60, tail_rounds=0))
+    return out, doc
+
+
+def test_known_shift_rigid_registration_recovers_coverage(shifted):
+    out, doc = shifted
+    assert doc["registration_error_vs_truth"]["max_mm"] < 1.0
+    assert np.allclose(doc["registration"]["translation_mm_xyz"], [7.808, 0.0, 4.0], atol=0.5)
+    tol_pct = default_tolerance().kind_limits["target"]["D95"].value
+    # The recomputed plan (isocentres moved with the registration) keeps the target's D95, on
+    # the transferred and on the true contours; so does the adapted plan.
+    for part in ("recomputed", "adapted"):
+        for comp in (doc["comparison"][part], doc["comparison"]["own_contours"][part]):
+            assert abs(comp["structures"]["PTV"]["metrics"]["D95"]["delta_pct_rx"]) < tol_pct
+    assert doc["qualification"]["recomputed"]["auto_qualified_for_review"]
+    assert doc["adaptation"]["reoptimised"] and doc["adaptation"]["optimiser"]["iterations"] > 0
+    for name in ("session", "new_ct", "registration", "comparison.json", "qualification.json", "adapt.json",
+                 "adapt_report.md", "adapt_report.html", "adapt_dvh.png", "adapt_isodose.png"):
+        assert (out / name).exists(), name
+    q = json.loads((out / "qualification.json").read_text())
+    assert q["auto_qualified_for_review"] == doc["qualification"]["auto_qualified_for_review"]
+
+
+def test_replayed_requests_move_with_the_anatomy(shifted, approved):
+    out, doc = shifted
+    replay = doc["adaptation"]["replay"]
+    assert [e["original"]["kind"] for e in replay] == ["erase_spot", "set_voxel_dose"]
+    k, j, i = approved.requests[1].index_zyx
+    set_dose = replay[1]
+    # x + 7.8 mm = 2 voxels of 3.904 mm, z + 4 mm = 1 slice: the registration is within half a voxel.
+    assert set_dose["mapped"]["index_zyx"] == [k + 1, j, i + 2]
+    assert set_dose["replayed"]
+    assert np.allclose(replay[0]["mapped"]["centre_zyx"],
+                       np.add(approved.requests[0].centre_zyx, (1.0, 0.0, 2.0)), atol=0.2)
+    # The adapted session reopens from its folder with the replayed requests in its journal.
+    from ids_engine.session import Session
+
+    s = Session.load(out / "session", keep_journaling=False)
+    assert [r.request.kind for r in s.journal] == ["erase_spot", "set_voxel_dose"]
+    assert s.journal[1].request.index_zyx == (k + 1, j, i + 2)
+    assert abs(s.dose_at(s.journal[1].request.index_zyx) - 58.0) < 1.5
+
+
+def test_unregistered_recompute_fails_qualification(approved, tmp_path):
+    # Same shift, no registration: the approved plan lands where the anatomy was; the test
+    # case's true contours show the target under-dosed.
+    doc = run_adaptation(approved, SHIFT_SPEC, tmp_path / "out", registration="identity",
+                         options=AdaptOptions(reoptimise="never", gamma_max_points=5000))
+    q = doc["qualification"]
+    assert not q["auto_qualified_for_review"]
+    assert any(r.startswith("own contours: PTV D95") for r in q["reasons"])
+    own = doc["comparison"]["own_contours"]["recomputed"]["structures"]["PTV"]["metrics"]["D95"]
+    assert own["delta_pct_rx"] < -default_tolerance().kind_limits["target"]["D95"].value
