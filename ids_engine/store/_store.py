@@ -735,6 +735,8 @@ class PlanStore:
             if count_changes:
                 plan_id, changed = plan_id + 1, True
         lines = parse_lines(raw, start, line0)
+        if not lines and not whole and session is None:
+            return 0  # nothing new: no write (a sync of an unchanged plan costs no fsync)
         now = _now()
         for ln in lines:
             affecting = (ln.op == "request" and ln.patches > 0) or \
@@ -1217,14 +1219,15 @@ class PlanStore:
             same(self.root / r[0], r[1], "image set file")
         for r in self._q("SELECT path, file_sha256 FROM structure_sets"):
             same(self.root / r[0], r[1], "structure set file")
-        for row in self._q("SELECT key FROM plans"):
-            key = row[0]
-            if sync:
+        keys = [r[0] for r in self._q("SELECT key FROM plans")]
+        if sync:
+            for key in keys:
                 try:
                     with self._tx() as c:
                         self._sync_in(c, key, None)
                 except StoreIntegrityError as exc:
                     problems.append(str(exc))
+        for key in keys:
             p = self._q("SELECT * FROM plans WHERE key=?", (key,))[0]
             folder = self.root / "plans" / key / "session"
             what = f"plan {p['name']!r}"

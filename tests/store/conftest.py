@@ -22,8 +22,8 @@ def _patient():
     return case_from_spec(CASE)
 
 
-def small_session() -> Session:
-    return Session.open_field_plan(_patient(), n_beams=2, prescription_gy=RX, engine_options=OPTIONS,
+def small_session(n_beams: int = 2) -> Session:
+    return Session.open_field_plan(_patient(), n_beams=n_beams, prescription_gy=RX, engine_options=OPTIONS,
                                    case=CASE)
 
 
