@@ -207,7 +207,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     dict: the summary written to ``adapt.json``.
     """
     from ids_engine import __version__
-    from ids_engine.registration import transfer_structures
+    from ids_engine.registration import merge_limited_fov, transfer_structures
     from ids_engine.scripting import _swap_in, check_out_folder
 
     say = log or (lambda _text: None)
@@ -251,6 +251,15 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
 
     t0 = time.perf_counter()
     bare = replace(nct.patient, structures=())
+    if isinstance(bare.meta, dict) and bare.meta.get("fov_box_mm_xyz") is not None:
+        # A limited field of view around the target (claim 4): the registered planning CT
+        # completes the new CT outside it, so the dose sees the whole patient.
+        bare = merge_limited_fov(planning_image, bare, reg)
+        m = bare.meta["merged_fov"]
+        notes.append(f"the new CT covers a limited field of view: {m['voxels_from_new']} voxels from it, "
+                     f"{m['voxels_from_planning']} from the registered planning CT")
+        timings["merge_fov"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     transferred = transfer_structures(approved.patient, bare, reg)
     timings["transfer_contours"] = time.perf_counter() - t0
 
