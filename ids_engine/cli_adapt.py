@@ -56,11 +56,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     try:
         if args.fiducials and args.registration != "fiducial":
             raise AdaptError("--fiducials is for --registration fiducial")
+        if (args.patient_id or args.plan_name) and not args.store:
+            raise AdaptError("--patient-id and --plan-name are for --store")
+        if args.plan_name and (len(args.new_ct) > 1 or args.scheduler):
+            raise AdaptError("--plan-name names one plan; a batch names its plans 'adapted <date time>'")
         tolerance = read_tolerance(args.tolerance) if args.tolerance else None
         options = AdaptOptions(reoptimise=args.reoptimise, max_iterations=args.max_iterations,
                                replay=not args.no_replay, gamma_max_points=args.gamma_points or None)
         common = dict(registration=args.registration, fiducials=args.fiducials, tolerance=tolerance,
-                      resolution=args.resolution, protocol=args.protocol, options=options, store=args.store)
+                      resolution=args.resolution, protocol=args.protocol, options=options, store=args.store,
+                      patient_id=args.patient_id, plan_name=args.plan_name)
         print(f"ids-engine {__version__}")
         if len(args.new_ct) > 1 or args.scheduler:
             approved = str(Path(args.approved).absolute())
@@ -83,6 +88,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         print("\ninterrupted: nothing written", file=sys.stderr)
         return 130
     _print_result(doc)
+    if "store" in doc:
+        st = doc["store"]
+        print(f"stored in {st['path']} as plan {st['plan_name']!r} ({st['status']}), with the comparison and "
+              "qualification as evidence")
     t = doc["timings_s"]
     print(f"written to {args.out} in {t['total']:.1f} s: session/ (ids view --session {Path(args.out) / 'session'}), "
           "new_ct/, registration/, comparison.json, qualification.json, adapt_report.md, adapt_report.html")
@@ -145,6 +154,9 @@ def add_parser(sub) -> None:
     s.add_argument("--gamma-points", type=_non_negative_int, default=30000,
                    help="gamma on at most this many points (seeded subset; 0: all points; default 30000)")
     s.add_argument("--store", metavar="PATH", help="also put the adapted plan and its evidence into this plan store")
+    s.add_argument("--patient-id", help="with --store: the patient's ID the adapted plan is filed under (a built-in "
+                                        "test case: TEST-<phantom>)")
+    s.add_argument("--plan-name", help="with --store: the adapted plan's name (default 'adapted <date time>')")
     s.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:8786) for the adaptations; default: a local cluster "
                         "when several NEW_CTs are given")

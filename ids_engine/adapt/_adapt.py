@@ -288,7 +288,9 @@ def adapt_plan(approved: ApprovedPlan, new_patient, registration, *, case: dict,
                         entry.update(replayed=True, final_gy=float(np.mean(r.final_gy)) if r.final_gy.size else None,
                                      conflicts=len(r.conflicts))
                     except RequestError as exc:
-                        entry.update(replayed=False, skipped=True, note=f"skipped: the new plan refused it ({exc})")
+                        why = ("not needed: the adapted plan already meets it" if "already" in str(exc)
+                               else "skipped: the adapted plan refused it")
+                        entry.update(replayed=False, skipped=True, note=f"{why} ({exc})")
                 else:
                     entry["replayed"] = False
                 replay.append(entry)

@@ -130,6 +130,12 @@ def _truth_error(registration, truth, planning) -> dict | None:
     return {"mean_mm": float(err.mean()), "max_mm": float(err.max()), "points": int(len(idx))}
 
 
+def _test_patient_id(nct: NewCT) -> str:
+    if nct.variant is None:
+        raise AdaptError("--store: give the patient's ID (--patient-id) to file the adapted plan under")
+    return "TEST-" + nct.source.split(";")[0].split(":")[0]
+
+
 def _same_anatomy(a, b) -> bool:
     """Same structures (names and masks) on the same grid."""
     if a.grid != b.grid or a.structure_names != b.structure_names:
@@ -179,7 +185,8 @@ def _write_new_ct(patient, folder: Path):
 def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiducials=None,
                    tolerance: "ToleranceProfile | str | Path | None" = None, resolution: str | None = None,
                    protocol=None, options: AdaptOptions | None = None, force: bool = False, store=None,
-                   progress=None, cancel=None, log=None, final_path=None) -> dict:
+                   progress=None, cancel=None, log=None, final_path=None, patient_id: str | None = None,
+                   plan_name: str | None = None) -> dict:
     """Adapt an approved plan to a new CT and write the results to ``out`` (layout in the
     module docstring).
 
@@ -195,8 +202,12 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     resolution : for test case specs that name none.
     protocol : a TOML protocol to re-optimise for instead of the one kept with the plan.
     options : :class:`AdaptOptions`.
-    store : a plan store folder (:mod:`ids_engine.store`): the adapted plan, its comparison
-        and qualification are added there too.
+    store : a plan store folder (:mod:`ids_engine.store`): the adapted plan is added there
+        too (its CT as a new image set of ``patient_id``), with its comparison and
+        qualification as "adaptation" evidence; an auto-qualified plan gets the status
+        "auto-qualified".
+    patient_id, plan_name : the store's patient ID (needed for a DICOM new CT; a test case
+        is filed under ``TEST-<phantom>``) and the plan's name (default "adapted <time>").
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops the optimiser.
     log : ``log(text)`` for one line per step (None: silent).
     final_path : where ``out`` will lie in the end when a caller moves it there (a batch
@@ -219,6 +230,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     if not isinstance(tolerance, ToleranceProfile):
         tolerance = default_tolerance() if tolerance is None else read_tolerance(tolerance)
     options = options or AdaptOptions()
+    if store is not None and patient_id is not None and (not isinstance(patient_id, str) or not patient_id.strip()):
+        raise AdaptError("--patient-id: give a non-empty patient ID")
 
     t0 = time.perf_counter()
     if not isinstance(approved, ApprovedPlan):
@@ -229,6 +242,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     t0 = time.perf_counter()
     nct = load_new_ct(str(new_ct), resolution=resolution)
     timings["load_new_ct"] = time.perf_counter() - t0
+    if store is not None and patient_id is None:
+        _test_patient_id(nct)  # refused before anything is computed
     say(f"new CT: {nct.label} ({nct.patient.grid.describe()})")
 
     t0 = time.perf_counter()
@@ -317,7 +332,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         timings["total"] = time.perf_counter() - t_all
         doc = {
             "format": "ids-engine adaptation 1", "version": __version__,
-            "approved": approved.summary() | {"path": approved.path.name},
+            "approved": approved.summary() | {"path": approved.path.name,
+                                              "session_folder": str(approved.session_folder.absolute())},
             "new_ct": {"label": nct.label, "grid": new_patient.grid.describe()},
             "registration": summ,
             "registration_error_vs_truth": _truth_error(reg, getattr(nct.variant, "truth", None), approved.patient),
@@ -346,7 +362,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         _swap_in(dest, out)
     if store is not None:
         t0 = time.perf_counter()
-        doc["store"] = _to_store(store, out, doc)
+        doc["store"] = _to_store(store, out, doc, new_patient, patient_id=patient_id or _test_patient_id(nct),
+                                 plan_name=plan_name)
         doc["timings_s"]["store"] = round(time.perf_counter() - t0, 3)
         from ids_engine._files import atomic_text
 
@@ -354,5 +371,29 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     return doc
 
 
-def _to_store(store, out: Path, doc: dict) -> dict:  # pragma: no cover - filled in once the store exists
-    raise AdaptError("--store: the plan store is not available in this build")
+def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan_name: str | None) -> dict:
+    """Put the adapted plan (``out/session``) into a plan store with its comparison and
+    qualification as evidence; an auto-qualified plan gets the status "auto-qualified"."""
+    from ids_engine.store import PlanStore
+
+    with PlanStore.open(store) as st:
+        pkey = st.add_patient(new_patient, patient_id=patient_id)
+        name = plan_name or f"adapted {time.strftime('%Y-%m-%d %H.%M.%S')}"
+        # An approved plan opened from this store's own folder is the adapted plan's parent.
+        parent = None
+        try:
+            rel = Path(doc["approved"]["session_folder"]).resolve().relative_to((Path(store) / "plans").resolve())
+            if len(rel.parts) == 2 and rel.parts[1] == "session":
+                parent = st.get(rel.parts[0])
+        except (ValueError, KeyError, LookupError):
+            parent = None
+        ref = st.import_session(out / "session", patient_key=pkey, plan_name=name, parent=parent)
+        evidence = {k: doc[k] for k in ("format", "version", "approved", "new_ct", "registration",
+                                        "registration_error_vs_truth", "contours", "tolerance", "adaptation",
+                                        "comparison", "qualification")}
+        ekey = st.attach_evidence(ref, "adaptation", _jsonable(evidence))
+        qualified = bool(doc["qualification"]["auto_qualified_for_review"])
+        if qualified:
+            ref = st.set_status(ref, "auto-qualified", evidence_kind="adaptation")
+        return {"path": str(Path(store)), "patient_key": pkey, "plan_key": ref.key, "plan_name": name,
+                "evidence_key": ekey, "status": ref.status, "parent_key": ref.parent_key}

@@ -13,8 +13,9 @@ SPEC = "horseshoe:coarse;shift_mm=4,-3,0"
 
 def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
     out = tmp_path / "out"
+    store = tmp_path / "store"
     rc = main(["adapt", str(approved_dir), SPEC, "--out", str(out), "--registration", "fiducial",
-               "--gamma-points", "5000"])
+               "--gamma-points", "5000", "--store", str(store), "--plan-name", "week 2"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "registration (fiducial)" in text
@@ -27,6 +28,20 @@ def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
     report = (out / "adapt_report.md").read_text()
     assert "## Decision" in report and "## Gamma" in report and "adapt_dvh.png" in report
     assert "data:image/png;base64" in (out / "adapt_report.html").read_text()
+    # The adapted plan is in the store, with its comparison and qualification as evidence.
+    from ids_engine.store import PlanStore
+
+    with PlanStore.open(store) as st:
+        [ref] = st.list_plans()
+        assert ref.name == "week 2" and ref.n_requests == len(doc["adaptation"]["replay"]) - sum(
+            not e.get("replayed") for e in doc["adaptation"]["replay"])
+        assert ref.status == ("auto-qualified" if q["auto_qualified_for_review"] else "draft")
+        [ev] = st.evidence(ref, "adaptation")
+        assert ev["doc"]["qualification"] == json.loads(json.dumps(q))
+        assert ev["doc"]["comparison"]["adapted"]["gamma"]["3%/3mm"]["points"] == 5000
+        assert st.check() == []
+    assert doc["store"]["plan_name"] == "week 2" and "stored in" in text
+
     # The adapted session's case is the written new CT: it reopens from the folder.
     from ids_engine.session import Session
 
