@@ -54,5 +54,10 @@ class ShownPlan:
 
     @property
     def label(self) -> str:
-        """How frames, the title and the status bar name it."""
+        """How the title, the status bar and the DVH legend name it."""
         return f"forward plan {self.name!r}, plan ID {self.plan_id}"
+
+    @property
+    def frame_tag(self) -> str:
+        """How each frame's header names it (short: it leads the header)."""
+        return f"{self.name} · plan ID {self.plan_id}"

@@ -1235,9 +1235,11 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def _show_plan_tags(self) -> None:
         label = self.plan_label()
+        tag = self.shown_plan.frame_tag if self.shown_plan is not None else (
+            f"shaping · plan ID {self.snapshot.plan_id}" if self.snapshot is not None else "")
         for v in self.slice_views.values():
-            v.set_plan_tag(label)
-        self.view3d.set_plan_tag(label)
+            v.set_plan_tag(tag)
+        self.view3d.set_plan_tag(tag)
         name = self.session.patient.name if self.session is not None else ""
         self.setWindowTitle(f"ids-engine — {name}" + (f" — {label}" if self.shown_plan is not None else ""))
 

@@ -185,6 +185,9 @@ class SliceView(QtWidgets.QFrame):
         self.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
         self.header = QtWidgets.QLabel(AXES[axis])
         self.header.setObjectName("viewHeader")
+        # The header's text (slice, plan and plan ID) changes with every snapshot: it must not
+        # move the layout (a longer text would widen the view and resize the canvas).
+        self.header.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
         self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#0b0d10", size=(320, 320))
         self.canvas.native.setMinimumSize(160, 160)
         self.canvas.native.setFocusPolicy(QtCore.Qt.FocusPolicy.StrongFocus)
@@ -562,8 +565,11 @@ class SliceView(QtWidgets.QFrame):
     def _refresh_header(self) -> None:
         mm = self.grid.axis_mm(self.axis)[self.slice_index]
         a = self.axis
-        tag = f"    ·    {self.plan_tag}" if self.plan_tag else ""
-        self.header.setText(f"{AXES[a]}    slice {a}={self.slice_index} (0–{self.n_slices - 1})    {a} = {mm:.1f} mm{tag}")
+        # The plan first: a narrow view clips the header's end, never the plan ID.
+        tag = f"{self.plan_tag}    ·    " if self.plan_tag else ""
+        text = f"{tag}{AXES[a]}    slice {a}={self.slice_index} (0–{self.n_slices - 1})    {a} = {mm:.1f} mm"
+        self.header.setText(text)
+        self.header.setToolTip(text)
 
     def _on_resize(self, _event=None) -> None:
         self._refresh_isodoses()  # label spacing is in screen pixels

@@ -96,6 +96,7 @@ class View3D(QtWidgets.QFrame):
         self.setObjectName("view-3d")
         self.header = QtWidgets.QLabel("3D")
         self.header.setObjectName("viewHeader")
+        self.header.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
         self.mode_box = QtWidgets.QComboBox()
         self.mode_box.addItems(SURFACE_MODES)
         self.mode_box.setToolTip("Isodose surface: solid, wireframe or hidden")
@@ -237,7 +238,8 @@ class View3D(QtWidgets.QFrame):
         if self.surface_mesh is not None:
             text += f"    isodose surface {self.surface_level_gy:.3g} Gy"
         tag = self.plan_tag
-        self.header.setText(text + (f"    ·    {tag}" if tag else ""))
+        self.header.setText((f"{tag}    ·    " if tag else "") + text)
+        self.header.setToolTip(self.header.text())
 
     def set_surface_mode(self, mode: str, opacity_pct: int | None = None) -> None:
         """Solid, Wire or Off, and optionally the opacity (5-100 %), as the header's controls do."""

@@ -160,8 +160,8 @@ def test_prescription_points_auto_weight_and_summary(dialog, patient, qapp, tmp_
     # Physics summary: Markdown and HTML with the plan ID.
     assert d.save_summary(tmp_path)
     d.wait_idle()
-    md, html = d.last_summary
-    assert md.exists() and html.exists()
+    md, html, pdf = d.last_summary
+    assert md.exists() and html.exists() and pdf.read_bytes().startswith(b"%PDF-")
     assert f"id{d.plan.plan_id}" in md.name and f"{d.plan.plan_id}" in md.read_text()
 
 
