@@ -62,7 +62,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise AdaptError("--plan-name names one plan; a batch names its plans 'adapted <date time>'")
         tolerance = read_tolerance(args.tolerance) if args.tolerance else None
         options = AdaptOptions(reoptimise=args.reoptimise, max_iterations=args.max_iterations,
-                               replay=not args.no_replay, gamma_max_points=args.gamma_points or None)
+                               replay=not args.no_replay, gamma_max_points=args.gamma_points or None,
+                               rotate_beams=args.rotate_beams)
         common = dict(registration=args.registration, fiducials=args.fiducials, tolerance=tolerance,
                       resolution=args.resolution, protocol=args.protocol, options=options, store=args.store,
                       patient_id=args.patient_id, plan_name=args.plan_name)
@@ -150,6 +151,9 @@ def add_parser(sub) -> None:
                         "of tolerance; always; never")
     s.add_argument("--max-iterations", type=_positive_int, default=200,
                    help="optimiser iterations of the warm-started re-optimisation (default 200)")
+    s.add_argument("--rotate-beams", action="store_true",
+                   help="turn the beams with the registered rotation (gantry, couch and collimator angles, as a "
+                        "6-degree-of-freedom couch correction would); default: only the isocentres move")
     s.add_argument("--no-replay", action="store_true", help="do not replay the approved plan's shaping requests")
     s.add_argument("--gamma-points", type=_non_negative_int, default=30000,
                    help="gamma on at most this many points (seeded subset; 0: all points; default 30000)")

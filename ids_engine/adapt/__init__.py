@@ -14,7 +14,15 @@ profile, batches on Dask.
 Registration and contour transfer come from :mod:`ids_engine.registration`.
 """
 
-from ._adapt import AdaptOptions, AdaptResult, adapt_plan, derived_goals, fluence_on_grid, mapped_beams
+from ._adapt import (
+    AdaptOptions,
+    AdaptResult,
+    adapt_plan,
+    beam_angles_following,
+    derived_goals,
+    fluence_on_grid,
+    mapped_beams,
+)
 from ._approved import AdaptError, ApprovedPlan, load_approved_plan
 from ._batch import adapt_batch
 from ._compare import DVH_METRICS, compare_doses, structure_metrics
@@ -37,6 +45,7 @@ __all__ = [
     "ToleranceProfile",
     "adapt_batch",
     "adapt_plan",
+    "beam_angles_following",
     "compare_doses",
     "default_tolerance",
     "derived_goals",

@@ -36,7 +36,8 @@ from ._qualify import Qualification, qualify
 from ._replay import MappedRequest, map_requests
 from ._tolerance import ToleranceProfile, default_tolerance
 
-__all__ = ["AdaptOptions", "AdaptResult", "adapt_plan", "derived_goals", "fluence_on_grid", "mapped_beams"]
+__all__ = ["AdaptOptions", "AdaptResult", "adapt_plan", "beam_angles_following", "derived_goals", "fluence_on_grid",
+           "mapped_beams"]
 
 REOPTIMISE = ("auto", "always", "never")
 
@@ -51,6 +52,10 @@ class AdaptOptions:
         :func:`~ids_engine.planning.optimise_plan` (warm-started: fewer iterations than a
         plan from scratch suffice).
     replay : replay the approved plan's shaping requests after re-optimising.
+    rotate_beams : turn the beams with the registration's rotation (gantry, couch and
+        collimator angles changed as a 6-degree-of-freedom couch correction would), so the
+        approved fluence meets the rotated anatomy as planned; default: only the
+        isocentres move and the beam angles stay.
     gamma_max_points : gamma evaluated on at most this many reference points (seeded
         subset; None: every point above the low-dose threshold).
     """
@@ -61,6 +66,7 @@ class AdaptOptions:
     beamlet_cells: int | None = None
     replay: bool = True
     gamma_max_points: int | None = 30000
+    rotate_beams: bool = False
 
     def __post_init__(self) -> None:
         if self.reoptimise not in REOPTIMISE:
@@ -139,15 +145,46 @@ def fluence_on_grid(fluence: np.ndarray, old_grid, new_grid) -> np.ndarray:
     return ndimage.map_coordinates(f, [rows, cols], order=1, mode="constant", cval=0.0).astype(np.float32)
 
 
-def mapped_beams(beams, registration) -> list:
+def beam_angles_following(beam, rotation, patient_position: str = "HFS") -> tuple[float, float, float]:
+    """(gantry, couch, collimator) degrees of ``beam`` turned with the patient by ``rotation``
+    (3x3, patient frame): the beam-limiting-device frame ``M`` becomes ``M @ R.T``, so every
+    point of the anatomy keeps its beam's-eye-view position (what a 6-degree-of-freedom
+    couch correction achieves). Solved by least squares from the beam's own angles, so the
+    nearest solution is taken (gantry 0 and 180 are gimbal points of the IEC chain)."""
+    from scipy.optimize import least_squares
+
+    from ids_engine.model._beam import rotation_matrix_patient_to_beam
+
+    target = beam.rotation(patient_position) @ np.asarray(rotation, np.float64).T
+    start = np.array([beam.gantry_deg, beam.couch_deg, beam.collimator_deg], np.float64)
+
+    def residual(a):
+        return (rotation_matrix_patient_to_beam(a[0], a[1], a[2], patient_position) - target).ravel()
+
+    def damped(a):  # at a gimbal point the couch and collimator trade off: change them least
+        return np.concatenate([residual(a), 1e-3 * (a[1:] - start[1:])])
+
+    sol = least_squares(damped, start, xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    sol = least_squares(residual, sol.x, xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    if np.abs(residual(sol.x)).max() > 1e-6:  # pragma: no cover - the IEC chain reaches every rotation
+        raise AdaptError(f"beam {beam.name!r}: no gantry, couch and collimator angles follow the rotation")
+    return tuple(float(v) % 360.0 for v in sol.x)
+
+
+def mapped_beams(beams, registration, *, rotate_beams: bool = False, patient_position: str = "HFS") -> list:
     """The beams with their isocentres mapped through the registration's rigid part
-    (``R @ iso + t``, patient mm); angles kept, fluence grid left to the new engine."""
+    (``R @ iso + t``, patient mm); fluence grid left to the new engine. Angles are kept,
+    or with ``rotate_beams`` turned with the patient (:func:`beam_angles_following`)."""
     R = np.asarray(registration.rotation, np.float64)
     t = np.asarray(registration.translation_mm_xyz, np.float64)
     out = []
     for b in beams:
         iso = R @ np.asarray(b.isocentre_mm_xyz, np.float64) + t
-        out.append(replace(b, isocentre_mm_xyz=tuple(float(v) for v in iso), fluence_grid=None))
+        nb = replace(b, isocentre_mm_xyz=tuple(float(v) for v in iso), fluence_grid=None)
+        if rotate_beams and not np.allclose(R, np.eye(3), atol=1e-12):
+            g, c, col = beam_angles_following(b, R, patient_position)
+            nb = replace(nb, gantry_deg=g, couch_deg=c, collimator_deg=col)
+        out.append(nb)
     return out
 
 
@@ -206,7 +243,14 @@ def adapt_plan(approved: ApprovedPlan, new_patient, registration, *, case: dict,
                          f"{new_patient.grid.describe()}")
 
     t0 = time.perf_counter()
-    beams = mapped_beams(approved.beams, registration)
+    beams = mapped_beams(approved.beams, registration, rotate_beams=options.rotate_beams,
+                         patient_position=new_patient.patient_position)
+    if options.rotate_beams:
+        turned = [f"{b.name}: gantry {b.gantry_deg:.1f}, couch {b.couch_deg:.1f}, collimator {b.collimator_deg:.1f}"
+                  for a, b in zip(approved.beams, beams)
+                  if (a.gantry_deg, a.couch_deg, a.collimator_deg) != (b.gantry_deg, b.couch_deg, b.collimator_deg)]
+        if turned:
+            notes.append("beams turned with the patient's rotation (" + "; ".join(turned) + " deg)")
     session = Session(new_patient, beams, prescription_gy=rx, engine_options=approved.engine_options,
                       dmr_options=approved.dmr_options, case=case, progress=progress)
     maps = [fluence_on_grid(f, b.fluence_grid, g.fluence_grid)

@@ -71,3 +71,23 @@ def test_fluence_on_grid_copies_whole_cell_offsets_and_interpolates_otherwise():
     assert np.array_equal(g[:, 1:6], f[1:4]) and not g[:, 0].any() and not g[:, 6].any()
     half = fluence_on_grid(f, old, FluenceGrid((4, 4), 1.0, (-1.5, -1.0)))
     assert half[1, 0] == pytest.approx((f[1, 0] + f[1, 1]) / 2)
+
+
+@pytest.mark.parametrize("gantry", [0.0, 40.0, 180.0, 260.0])
+def test_beams_turned_with_the_patient_see_the_anatomy_where_they_did(gantry):
+    from ids_engine.adapt import mapped_beams
+    from ids_engine.model import Beam
+
+    R = rotation_matrix((1.5, -2.0, 3.0))
+    t = np.array([4.0, -3.0, 2.0])
+    reg = Registration("rigid", GRID, GRID, R, t)
+    b = Beam("b", gantry, 10.0, 5.0, (10.0, 5.0, 0.0))
+    [kept] = mapped_beams([b], reg)
+    [turned] = mapped_beams([b], reg, rotate_beams=True)
+    assert (kept.gantry_deg, kept.couch_deg, kept.collimator_deg) == (b.gantry_deg, b.couch_deg, b.collimator_deg)
+    assert np.allclose(turned.isocentre_mm_xyz, R @ np.array(b.isocentre_mm_xyz) + t)
+    pts = np.random.default_rng(1).normal(size=(20, 3)) * 60.0
+    moved = pts @ R.T + t
+    # Every anatomy point keeps its beam's-eye-view position and depth in the turned beam.
+    assert np.allclose(turned.patient_to_bev(moved), b.patient_to_bev(pts), atol=1e-6)
+    assert not np.allclose(kept.patient_to_bev(moved), b.patient_to_bev(pts), atol=0.5)
