@@ -130,29 +130,30 @@ def invert_displacement(field_zyx3: np.ndarray, grid: Grid, *, iterations: int =
     """
     d = np.asarray(field_zyx3, dtype=np.float64)
     shape = tuple(grid.shape_zyx)
-    base = np.indices(shape, dtype=np.float64)  # (3, nz, ny, nx) k, j, i
-    inv_sp = 1.0 / np.asarray(grid.spacing_mm_zyx, dtype=np.float64)
-    # Work in index units: the displacement (dx, dy, dz) mm -> (dk, dj, di) voxels.
-    d_idx = np.stack([d[..., 2] * inv_sp[0], d[..., 1] * inv_sp[1], d[..., 0] * inv_sp[2]])
-    e_idx = -d_idx.copy()
-    resid = np.zeros(shape)
+    sp = np.asarray(grid.spacing_mm_zyx, dtype=np.float64)[:, None]
+    # Index units: (dx, dy, dz) mm -> (dk, dj, di) voxels, flattened to (3, N).
+    d_idx = np.stack([d[..., 2], d[..., 1], d[..., 0]]) / sp[:, :, None, None].reshape(3, 1, 1, 1)
+    base = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    e_idx = -d_idx.reshape(3, -1).copy()
+    # The equation holds voxel by voxel (e at y depends on d only), so voxels that have
+    # converged leave the iteration: later passes touch only the few that move.
+    active = np.arange(base.shape[1])
     it = 0
     for it in range(1, int(iterations) + 1):
-        coords = base + e_idx
-        d_at = np.stack([ndimage.map_coordinates(d_idx[c], coords, order=1, mode="nearest") for c in range(3)])
-        new = -d_at
-        step = new - e_idx
-        e_idx = new
-        step_mm = np.sqrt(sum((step[c] / inv_sp[c]) ** 2 for c in range(3)))
-        if float(step_mm.max()) < tolerance_mm:
+        coords = base[:, active] + e_idx[:, active]
+        new = -np.stack([ndimage.map_coordinates(d_idx[c], coords, order=1, mode="nearest") for c in range(3)])
+        step_mm = np.sqrt((((new - e_idx[:, active]) * sp) ** 2).sum(axis=0))
+        e_idx[:, active] = new
+        active = active[step_mm >= tolerance_mm]
+        if active.size == 0:
             break
     coords = base + e_idx
-    d_at = np.stack([ndimage.map_coordinates(d_idx[c], coords, order=1, mode="nearest") for c in range(3)])
-    r = e_idx + d_at
-    resid = np.sqrt(sum((r[c] / inv_sp[c]) ** 2 for c in range(3)))
-    e = np.stack([e_idx[2] / inv_sp[2], e_idx[1] / inv_sp[1], e_idx[0] / inv_sp[0]], axis=-1).astype(np.float32)
+    r = e_idx + np.stack([ndimage.map_coordinates(d_idx[c], coords, order=1, mode="nearest") for c in range(3)])
+    resid = np.sqrt(((r * sp) ** 2).sum(axis=0))
+    e_mm = e_idx * sp
+    e = np.stack([e_mm[2], e_mm[1], e_mm[0]], axis=-1).reshape(shape + (3,)).astype(np.float32)
     info = {"inverse_iterations": int(it), "inverse_residual_max_mm": float(resid.max()),
-            "inverse_residual_mean_mm": float(resid.mean())}
+            "inverse_residual_mean_mm": float(resid.mean()), "inverse_unconverged_voxels": int(active.size)}
     return e, info
 
 

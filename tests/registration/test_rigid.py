@@ -69,3 +69,18 @@ def test_bad_metric_is_refused(moved):
 
     with pytest.raises(RegistrationError, match="metric"):
         register_rigid(moved.planning, moved.patient, metric="correlation")
+
+
+def test_rigid_between_different_grids(hs):
+    """Origins and spacings reach SimpleITK correctly: a new CT on another grid registers."""
+    from ids_engine.model import Grid
+    from ids_engine.registration import make_variant
+
+    g = hs.grid
+    new_grid = Grid((40, 50, 70), (4.5, 4.2, 4.4), tuple(np.asarray(g.origin_mm_xyz) + [5.0, 3.0, -2.0]))
+    v = make_variant(hs, shift_mm_xyz=(2.0, 3.0, -1.0), rotation_deg_xyz=(0.0, 2.0, -3.0), new_grid=new_grid)
+    assert v.patient.grid == new_grid
+    reg = register_rigid(v.planning, v.patient)
+    assert reg.new_grid == new_grid and reg.planning_grid == g
+    err_mm, rot_deg = _errors(reg, v.truth, v.planning.structure("PTV").mask, g)
+    assert err_mm < 1.0 and rot_deg < 1.0, (err_mm, rot_deg)
