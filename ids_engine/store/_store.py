@@ -645,12 +645,22 @@ class PlanStore:
 
     def save_session(self, session, *, patient_key: str, plan_name: str, parent=None,
                      attach: bool = False) -> PlanRef:
-        """Store an open session (its starting plan and whole journal) as a new plan.
+        """Store an open session (its starting plan and whole history) as a new plan.
 
-        With ``attach`` the session journals into the stored plan from now on (it must not
-        be journaling elsewhere... it is moved, as :meth:`Session.save` does) and each
-        operation is indexed as it is journaled; otherwise the session is left as it was.
-        The session's current fluence and dose hashes are recorded.
+        With ``attach`` the session journals into the new plan from now on (it leaves the
+        folder or stored plan it journaled to, which stays as it was) and each operation is
+        indexed as it is journaled; otherwise the session goes on as before.
+
+        The stored plan replays bit for bit to the session's fluences and dose:
+
+        * a session opened from this store (:meth:`load_session`, or attached before) is
+          stored by copying its plan's journal, which it has kept exactly as it went;
+        * a session without requests is stored as it is;
+        * any other session's history is written out afresh (its requests, with the undone
+          ones as requests and undos), which replays to the same plan up to float32
+          rounding when requests were undone and dropped: the stored plan is replayed once
+          and, where its bits differ, the session takes the replayed fluences and dose (a
+          difference far below any dose tolerance), so the session and the store agree.
         """
         from ids_engine.session import case_fingerprint
 
@@ -668,20 +678,24 @@ class PlanStore:
         key, staging, lock = self._new_plan_folder()
         with session._lock:
             old_dir, old_lock = session._journal_dir, session._lock_file
+            own = getattr(session, "_store_plan_key", None)
+            exact = (own is not None and old_dir is not None
+                     and Path(old_dir) == self.root / "plans" / own / "session"
+                     and bool(self._q("SELECT 1 FROM plans WHERE key=?", (own,))))
             old_hook = session.__dict__.pop("_append_op", None)  # a store hook of the plan it came from
-            session._lock_file, session._journal_dir = None, None
             try:
-                session._start_journal(staging / "session", lock)
-            finally:
-                if not attach:
-                    session._journal_dir, session._lock_file = old_dir, old_lock
-                    if old_hook is not None:
-                        session._append_op = old_hook
-            try:
+                if exact:
+                    copy_session_folder(Path(old_dir), staging / "session")
+                else:
+                    session._lock_file, session._journal_dir = None, None
+                    try:
+                        session._start_journal(staging / "session", lock)
+                    finally:
+                        session._journal_dir, session._lock_file = old_dir, old_lock
+                    if session.journal or session._redo:
+                        self._adopt_replay(session, staging / "session")
                 doc = json.loads((staging / "session" / "session.json").read_text())
                 final = self._move_in(staging, key, lock)
-                if attach:
-                    session._journal_dir = final / "session"
                 with self._tx() as c:
                     self._check_new_name(patient_key, plan_name)
                     self._insert_plan(c, key, patient_key, plan_name, image_set_key, parent_key, session.plan_id,
@@ -690,20 +704,38 @@ class PlanStore:
                     self._audit(c, "save session", patient_key=patient_key, plan_key=key, plan=plan_name,
                                 plan_id=int(session.plan_id), requests=len(session.journal), parent=parent_key)
             except BaseException:
-                if attach:
-                    session._journal_dir, session._lock_file = old_dir, old_lock
-                    if old_hook is not None:
-                        session._append_op = old_hook
+                if old_hook is not None:
+                    session._append_op = old_hook
                 self._abandon(key, staging, lock)
                 raise
-        if attach:
-            if old_lock is not None and old_lock is not lock:
-                old_lock.release()
-            self._install_hook(session, key)
-        else:
-            lock.release()
+            if attach:
+                if old_lock is not None and old_lock is not lock:
+                    old_lock.release()
+                session._lock_file, session._journal_dir = lock, final / "session"
+                self._install_hook(session, key)
+            else:
+                if old_hook is not None:
+                    session._append_op = old_hook
+                lock.release()
         _log.info("stored a session as plan %r (%s)", plan_name, key)
         return self.get(key)
+
+    @staticmethod
+    def _adopt_replay(session, folder: Path) -> None:
+        """Replay the session folder just written; where its bits differ from the live
+        session's, the session takes the replayed plan state (see :meth:`save_session`)."""
+        from ids_engine.session import Session
+
+        try:
+            replayed = Session.load(folder, keep_journaling=False)
+        except ValueError as exc:  # e.g. a case description this ids-engine cannot rebuild
+            _log.warning("the stored plan could not be replayed to check it (%s); it is stored as written",
+                         type(exc).__name__)
+            return
+        if content_hash(replayed) != content_hash(session) or dose_hash(replayed) != dose_hash(session):
+            session.engine.restore(replayed.engine.snapshot())
+            _log.info("the session took its stored plan's replayed fluences and dose (float32 rounding of undone "
+                      "requests)")
 
     # ------------------------------------------------------------------ the index
     def sync(self, ref, session=None) -> PlanRef:

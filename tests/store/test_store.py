@@ -228,3 +228,31 @@ def test_patients_keep_their_image_sets_and_come_back_as_arrays(store, base_sess
     assert k1 not in ("PID-1",) and "PID" not in k1
     assert store.find_patient("PID-1") == k1 and store.find_patient("nobody") is None
     assert os.path.basename(store.root) == "store"
+
+
+def test_a_session_with_undone_and_dropped_requests_is_stored_so_it_replays_to_itself(store, patient_key,
+                                                                                        session):
+    """Undo then a new request drops the undone one: its history written afresh replays to
+    the plan up to float32 rounding; the store makes the session and the stored plan agree."""
+    _shape(session, 0)
+    _shape(session, 1, 0.95)
+    session.undo()
+    _shape(session, 2, 1.0)  # drops the undone request from the history
+    session.undo()
+    session.redo()
+    ref = store.save_session(session, patient_key=patient_key, plan_name="A")
+    assert store.verify_replay(ref)["match"] is True
+    again = store.load_session(ref, write=False)  # verifies: raises if the bits differ
+    np.testing.assert_array_equal(again.dose(), session.dose())
+    # A session of the store saved under a new name copies its exact journal (undos included).
+    s = store.load_session(ref)
+    s.undo()
+    _shape(s, 3, 0.93)
+    ref2 = store.save_session(s, patient_key=patient_key, plan_name="B", attach=True)
+    assert s.folder == store.session_folder(ref2)
+    assert [h["op"] for h in store.history(ref2)][-2:] == ["undo", "request"]
+    _shape(s, 4, 0.97)
+    s.close()
+    # A keeps what was done before "save as"; B has that and what came after.
+    assert store.get(ref).n_requests == 3 and store.get(ref2).n_requests == 4
+    assert store.verify_replay(ref)["match"] is True and store.verify_replay(ref2)["match"] is True
