@@ -211,6 +211,7 @@ class PlanStore:
         self._conn = conn
         self._lock = threading.RLock()
         self._closed = False
+        self._open_sessions: dict[str, weakref.ref] = {}  # plan key -> the session this store opened for writing
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -836,6 +837,7 @@ class PlanStore:
 
         session._append_op = _append_op
         session._store_plan_key = key
+        self._open_sessions[key] = weakref.ref(session)
 
     # ------------------------------------------------------------------ opening plans
     def load_session(self, ref, *, write: bool | None = None, progress=None, verify: bool = True):
@@ -1038,8 +1040,9 @@ class PlanStore:
         """Approve a plan: record ``user``, the time, the plan ID and the plan's content hash.
 
         ``session``: the plan's own open session (from :meth:`load_session` or
-        ``save_session(attach=True)``); it stops journaling (an approved plan is never
-        changed in place). Without it the plan must not be open for writing elsewhere;
+        ``save_session(attach=True)``; by default the one this store opened for writing, if
+        any); it stops journaling (an approved plan is never changed in place). Otherwise
+        the plan must not be open for writing elsewhere;
         the content hash is the recorded one, or computed by replaying the plan.
         """
         from ids_engine.session import Session
@@ -1050,6 +1053,10 @@ class PlanStore:
         key, name = row["key"], row["name"]
         if row["status"] == "approved":
             raise ApprovedPlanError(f"plan {name!r} is approved already")
+        if session is None and key in self._open_sessions:  # a session this store opened for writing
+            live = self._open_sessions[key]()
+            if live is not None and live.folder is not None and getattr(live, "_store_plan_key", None) == key:
+                session = live
         own = session is not None and getattr(session, "_store_plan_key", None) == key and session.folder is not None
         if session is not None and not own:
             raise StoreError(f"approve: the session given is not plan {name!r}'s open session")
