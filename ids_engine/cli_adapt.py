@@ -126,7 +126,7 @@ def add_parser(sub) -> None:
                     "patient: register the new CT, transfer the approved contours, recompute the approved plan on the "
                     "new anatomy, adapt it (warm-started re-optimisation for the approved goals, then the approved "
                     "shaping requests replayed at their mapped positions), quantify the difference (DVH metric deltas, "
-                    "gamma 3%%/3mm and 2%%/2mm) and qualify it against a tolerance profile. Writes DIR/session/, "
+                    "gamma 3%/3mm and 2%/2mm) and qualify it against a tolerance profile. Writes DIR/session/, "
                     "DIR/new_ct/, DIR/registration/, comparison.json, qualification.json and adapt_report.md/.html. "
                     "Several NEW_CTs run as Dask tasks (a local cluster, or --scheduler).")
     s.add_argument("approved", metavar="APPROVED_PLAN", help="the approved plan: a session folder or an `ids plan --out` folder")
