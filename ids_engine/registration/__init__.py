@@ -7,7 +7,7 @@ Frames: points are DICOM patient coordinates (x, y, z) mm; volumes (z, y, x) on 
 :mod:`ids_engine.registration._sitk` for which image is fixed (the new CT).
 """
 
-from ._fiducials import read_fiducials, register_fiducials, write_fiducials
+from ._fiducials import locate_markers, match_markers, read_fiducials, register_fiducials, write_fiducials
 from ._registration import (
     Registration,
     RegistrationError,
@@ -28,7 +28,9 @@ __all__ = [
     "fov_mask",
     "identity_registration",
     "invert_displacement",
+    "locate_markers",
     "make_variant",
+    "match_markers",
     "merge_limited_fov",
     "read_fiducials",
     "register_deformable",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ids_engine.registration import RegistrationCancelled, register_fiducials, register_rigid, rotation_matrix
+from ids_engine.registration import RegistrationCancelled, register_fiducials, register_rigid
 from ids_engine.registration._registration import rotation_angle_deg
 
 sitk = pytest.importorskip("SimpleITK")
