@@ -313,7 +313,7 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     if not hi > lo:
         raise RegistrationError(f"register_deformable: window_hu must be (low, high) with high > low, got {window_hu!r}")
     if initial is None:
-        initial = register_rigid(planning, new, cancel=cancel, window_hu=(lo, hi))
+        initial = register_rigid(planning, new, progress=progress, cancel=cancel, window_hu=(lo, hi))
     elif not isinstance(initial, Registration):
         raise RegistrationError("register_deformable: initial must be a Registration")
     elif initial.planning_grid != planning.grid or initial.new_grid != new.grid:

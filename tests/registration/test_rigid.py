@@ -34,7 +34,7 @@ def test_rigid_direction_conventions_on_a_pure_shift(hs):
     from ids_engine.registration import make_variant
 
     v = make_variant(hs, shift_mm_xyz=(6.0, 0.0, 0.0), markers=False)
-    reg = register_rigid(v.planning, v.patient)
+    reg = register_rigid(v.planning, v.patient, samples=10000)
     # Planning anatomy at the origin appears at +6 mm x in the new CT (not at -6 mm).
     np.testing.assert_allclose(reg.map_points_xyz([0.0, 0.0, 0.0]), [6.0, 0.0, 0.0], atol=0.5)
     np.testing.assert_allclose(reg.map_points_to_planning_xyz([6.0, 0.0, 0.0]), [0.0, 0.0, 0.0], atol=0.5)
