@@ -107,13 +107,21 @@ def test_status_hint_and_readout_say_what_is_true(qtbot, shared_window, session,
         if w.session is None:
             assert w.readout.text() == w.HINT  # what a new window shows
         w._show_hint()
+        # Every status message, with whether the dose had arrived when it was shown: "Ready"
+        # lasts 3 s, and a loaded machine's first frame (software OpenGL) can take longer, so
+        # the message is checked as it is shown rather than after the frame.
+        shown: list[tuple[str, bool]] = []
+        record = lambda m: shown.append((m, w.dose_gy is not None))  # noqa: E731
+        w.statusBar().messageChanged.connect(record)
         w.set_session(session, display)
         # The dose arrives as a queued signal: until then the window says it is computing.
         assert "Ready" not in w.statusBar().currentMessage()
         assert "Computing the dose" in w.statusBar().currentMessage()
         assert w.readout.text() != w.HINT
         qtbot.waitUntil(lambda: w.idle, timeout=WAIT_MS)
-        assert w.statusBar().currentMessage().startswith("Ready")
+        w.statusBar().messageChanged.disconnect(record)
+        ready = [had_dose for m, had_dose in shown if m.startswith("Ready")]
+        assert ready and all(ready), shown  # shown, and only once the dose was in
         _show(qtbot, w, session, display)
 
         axial = w.slice_views["z"]
