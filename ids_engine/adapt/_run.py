@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,16 @@ __all__ = ["REGISTRATIONS", "NewCT", "load_new_ct", "register", "run_adaptation"
 REGISTRATIONS = ("identity", "rigid", "deformable", "fiducial")
 
 
+@dataclass(frozen=True, eq=False)
 class NewCT:
     """The new CT as read: ``patient`` (its own structures, if any), ``label`` (no patient
-    identifier), ``variant`` (a built-in test case with its known transform, or None)."""
+    identifier), ``variant`` (a built-in test case with its known transform, or None),
+    ``source`` (the folder or spec given)."""
 
-    def __init__(self, patient, label: str, variant=None, source: str = "") -> None:
-        self.patient, self.label, self.variant, self.source = patient, label, variant, source
+    patient: object
+    label: str
+    variant: object = None
+    source: str = ""
 
 
 def load_new_ct(text: str, *, resolution: str | None = None) -> NewCT:
@@ -332,8 +336,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         timings["total"] = time.perf_counter() - t_all
         doc = {
             "format": "ids-engine adaptation 1", "version": __version__,
-            "approved": approved.summary() | {"path": approved.path.name,
-                                              "session_folder": str(approved.session_folder.absolute())},
+            "approved": approved.summary() | {"path": approved.path.name},
             "new_ct": {"label": nct.label, "grid": new_patient.grid.describe()},
             "registration": summ,
             "registration_error_vs_truth": _truth_error(reg, getattr(nct.variant, "truth", None), approved.patient),
@@ -363,7 +366,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     if store is not None:
         t0 = time.perf_counter()
         doc["store"] = _to_store(store, out, doc, new_patient, patient_id=patient_id or _test_patient_id(nct),
-                                 plan_name=plan_name)
+                                 plan_name=plan_name, approved_session=approved.session_folder)
         doc["timings_s"]["store"] = round(time.perf_counter() - t0, 3)
         from ids_engine._files import atomic_text
 
@@ -371,7 +374,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     return doc
 
 
-def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan_name: str | None) -> dict:
+def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan_name: str | None,
+              approved_session: Path) -> dict:
     """Put the adapted plan (``out/session``) into a plan store with its comparison and
     qualification as evidence; an auto-qualified plan gets the status "auto-qualified"."""
     from ids_engine.store import PlanStore
@@ -382,7 +386,7 @@ def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan
         # An approved plan opened from this store's own folder is the adapted plan's parent.
         parent = None
         try:
-            rel = Path(doc["approved"]["session_folder"]).resolve().relative_to((Path(store) / "plans").resolve())
+            rel = Path(approved_session).resolve().relative_to((Path(store) / "plans").resolve())
             if len(rel.parts) == 2 and rel.parts[1] == "session":
                 parent = st.get(rel.parts[0])
         except (ValueError, KeyError, LookupError):

@@ -119,3 +119,21 @@ def test_unregistered_recompute_fails_qualification(approved, tmp_path):
     assert any(r.startswith("own contours: PTV D95") for r in q["reasons"])
     own = doc["comparison"]["own_contours"]["recomputed"]["structures"]["PTV"]["metrics"]["D95"]
     assert own["delta_pct_rx"] < -default_tolerance().kind_limits["target"]["D95"].value
+
+
+def test_adapted_from_a_stored_plan_is_stored_as_its_child(approved, approved_dir, tmp_path):
+    from ids_engine.store import PlanStore
+
+    store = tmp_path / "store"
+    with PlanStore.open(store) as st:
+        pk = st.add_patient(approved.patient, patient_id="TEST-horseshoe")
+        parent = st.import_session(approved_dir, patient_key=pk, plan_name="approved")
+        folder = st.session_folder(parent)
+    doc = run_adaptation(folder, "horseshoe:coarse;shift_mm=2,0,0", tmp_path / "out", registration="fiducial",
+                         store=store, options=AdaptOptions(reoptimise="never", gamma_max_points=2000))
+    assert doc["store"]["parent_key"] == parent.key
+    with PlanStore.open(store) as st:
+        child = st.get(doc["store"]["plan_key"])
+        assert child.patient_key == pk and child.parent_key == parent.key
+        assert len(st.image_sets(pk)) == 2  # the planning CT and the new CT
+        assert st.evidence(child, "adaptation")[0]["doc"]["adaptation"]["reoptimised"] is False
