@@ -289,7 +289,13 @@ class PlanStore:
                 self._remove_if_unlocked(d)
         for sub in (".staging", ".trash"):
             for d in sorted((self.root / sub).iterdir()) if (self.root / sub).is_dir() else ():
-                self._remove_if_unlocked(d)
+                # A staging folder is made a moment before its lock is taken: leave young ones.
+                try:
+                    young = sub == ".staging" and _dt.datetime.now().timestamp() - d.stat().st_mtime < 60.0
+                except OSError:
+                    continue
+                if not young:
+                    self._remove_if_unlocked(d)
 
     @staticmethod
     def _remove_if_unlocked(d: Path) -> None:

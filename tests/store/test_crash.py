@@ -5,9 +5,11 @@ killed writer's plan gives the dose recorded when it was written, bit for bit.""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,15 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 KILLS = 100
 
 
-def _events(proc) -> list[list[str]]:
-    out = []
-    while True:
-        line = proc.stdout.readline()
-        assert line, "the writer process ended"
-        words = line.split()
-        if words == ["reaped"]:
-            return out
-        out.append(words)
+def _read_lines(stream, q: queue.Queue) -> None:
+    for line in stream:
+        q.put(line.split())
+    q.put(None)
 
 
 def _replay(root: Path, pending: tuple[int, str]) -> tuple[int, str, dict]:
@@ -46,30 +43,47 @@ def test_kill_9_at_100_random_moments_loses_at_most_the_operation_in_flight(tmp_
     must_exist, must_not_exist, approved = set(), set(), set()
     in_flight_kinds, lines_total, replays, pending = [], 0, [], None
     pool = ThreadPoolExecutor(max_workers=1)
+    lines_q: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines_q), daemon=True).start()
+
+    def next_line(timeout: float = 60.0, required: bool = True) -> list[str] | None:
+        try:
+            words = lines_q.get(timeout=timeout)
+        except queue.Empty:
+            assert not required, f"the writer said nothing for {timeout} s"
+            return None
+        assert words is not None, "the writer process ended"
+        return words
+
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        assert next_line() == ["ready"]
         for trial in range(KILLS):
             proc.stdin.write(f"go {trial}\n")
             proc.stdin.flush()
-            early = []  # the child may print before its parent says its pid
-            while True:
-                words = proc.stdout.readline().split()
-                assert words, "the writer process ended"
-                if words[0] == "child":
-                    break
-                early.append(words)
+            events = []  # the child may print before its parent says its pid
+            while (words := next_line())[0] != "child":
+                events.append(words)
             pid = int(words[1])
-            # One kill in four early (in or before the first save, ~0.1 s), the rest while the
-            # writer shapes, copies, imports, approves, attaches evidence and deletes.
-            delay = float(rng.uniform(0.0, 0.12) if trial % 4 == 0 else rng.uniform(0.1, 0.4))
             # Meanwhile replay the previous writer's plan (no writer touches it any more).
-            t0 = time.perf_counter()
             replays.append(pool.submit(_replay, root, pending)) if pending else None
-            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            # One kill in four early (in or before the writer's first save), the rest at a random
+            # moment after it, while the writer shapes, copies, imports, approves, attaches
+            # evidence and deletes (timed from its progress, so a busy machine only slows it).
+            if trial % 4 == 0:
+                time.sleep(float(rng.uniform(0.0, 0.12)))
+            else:
+                while ["done", "save", f"t{trial}", "2"] not in events:
+                    events.append(next_line())
+                deadline = time.perf_counter() + float(rng.uniform(0.0, 0.3))
+                while (left := deadline - time.perf_counter()) > 0:
+                    words = next_line(timeout=left, required=False)
+                    if words is not None:
+                        events.append(words)
             os.kill(pid, signal.SIGKILL)
             proc.stdin.write(f"reap {pid}\n")
             proc.stdin.flush()
-            events = early + _events(proc)
+            while (words := next_line()) != ["reaped"]:
+                events.append(words)
             flight = events[-1] if events and events[-1][0] == "start" else None
             in_flight_kinds.append(flight[1] if flight else "between operations")
             name = f"t{trial}"
