@@ -23,7 +23,9 @@ SHA-256 of its fluences and dose). The index is derived data: a crash between a 
 append and its index transaction loses nothing, the next sync indexes the line (a sync is
 idempotent and checks that the indexed prefix of the journal is unchanged, re-indexing when
 it is not). A session opened through :meth:`PlanStore.load_session` indexes each operation as
-it is journaled.
+it is journaled. A session stored with :meth:`PlanStore.save_session` is written with its
+whole history and checked by one replay, so the stored plan replays bit for bit to what
+the session shows (see there).
 
 Every other write is a file step made durable first and a single SQLite transaction that
 makes it visible: an import, a save or a copy builds the new plan folder under ``.staging/``
@@ -766,8 +768,8 @@ class PlanStore:
             raise StoreIntegrityError(f"plan {row['name']!r}: {exc.filename} is missing") from None
         start, line0, prev = int(row["journal_bytes"]), int(row["n_lines"]), row["last_line_plan_id"]
         plan_id, changed = int(row["plan_id"]), False
-        whole = (header != row["header_sha256"] or initial != row["initial_sha256"] or len(raw) < start
-                 or sha256_bytes(raw[:start]) != row["journal_sha256"])
+        new_start = header != row["header_sha256"] or initial != row["initial_sha256"]
+        whole = new_start or len(raw) < start or sha256_bytes(raw[:start]) != row["journal_sha256"]
         if whole:  # a new starting plan (set_plan), or a journal cut back: index it afresh
             c.execute("DELETE FROM requests WHERE plan_key=?", (key,))
             start, line0, prev = 0, 0, None
@@ -780,7 +782,8 @@ class PlanStore:
         for ln in lines:
             affecting = (ln.op == "request" and ln.patches > 0) or \
                         (ln.op in ("undo", "redo") and prev is not None and ln.session_plan_id != prev)
-            if affecting and count_changes and not whole:
+            # (after a journal was cut back, its lines were counted when first indexed)
+            if affecting and count_changes and (new_start or not whole):
                 plan_id += 1
                 changed = True
             file_sha = None
@@ -802,6 +805,8 @@ class PlanStore:
                        plan_id=plan_id)
         if lines or whole:
             updates["modified"] = now
+        if whole:  # the recorded hashes were of another starting plan or history
+            updates.update(content_sha256=None, dose_sha256=None, content_at_bytes=None)
         if changed and row["status"] != "draft":
             if row["status"] == "approved":
                 _log.warning("plan %s was approved and its content changed in place: its approval no longer holds", key)
@@ -878,6 +883,8 @@ class PlanStore:
             s = Session.load(folder, progress=progress, keep_journaling=False)
         try:
             good = int(getattr(s, "_journal_good_bytes", -1))
+            with self._tx() as c:  # index what was journaled since (e.g. by a session killed before its sync)
+                self._sync_in(c, key, None)
             if verify:
                 self._verify_session(key, name, s, good)
             if write:

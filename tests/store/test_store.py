@@ -255,3 +255,16 @@ def test_a_session_with_undone_and_dropped_requests_is_stored_so_it_replays_to_i
     # A keeps what was done before "save as"; B has that and what came after.
     assert store.get(ref).n_requests == 3 and store.get(ref2).n_requests == 4
     assert store.verify_replay(ref)["match"] is True and store.verify_replay(ref2)["match"] is True
+
+
+def test_a_new_starting_plan_set_in_the_store_raises_the_plan_id_and_reopens(store, patient_key, session):
+    ref = store.save_session(session, patient_key=patient_key, plan_name="A", attach=True)
+    before = store.get(ref)
+    session.set_plan([f * np.float32(1.1) for f in session.engine.fluences_host()])  # e.g. re-optimised
+    _shape(session, 0)
+    now = store.get(ref)
+    assert now.plan_id == before.plan_id + 2 and now.n_requests == 1
+    assert now.content_sha256 == content_hash(session)
+    session.close()
+    again = store.load_session(ref, write=False)
+    np.testing.assert_array_equal(again.dose(), session.dose())
