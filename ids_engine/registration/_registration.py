@@ -7,8 +7,9 @@ plan's CT, "new" the later CT of the same patient.
 The mapping, planning -> new, is
 
 * rigid part: ``y = R @ x_planning + t`` (``rotation``, ``translation_mm_xyz``);
-* deformable part (optional), two fields on the *new* grid, float32 ``(nz, ny, nx, 3)``
-  holding (dx, dy, dz) mm:
+* deformable part (optional), two fields in the *new* CT's coordinates, float32
+  ``(nz, ny, nx, 3)`` holding (dx, dy, dz) mm, sampled on ``field_grid`` (the new grid, or
+  a coarser grid over the same region for a large CT):
 
   - ``displacement_mm_xyz`` (``d``, the "pull" field): a new-CT point ``x_new`` shows the
     anatomy of the rigidly moved planning point ``y = x_new + d(x_new)``, so
@@ -16,11 +17,11 @@ The mapping, planning -> new, is
     registration with the new CT as the *fixed* image returns, and what warping a
     planning volume onto the new grid needs (one lookup per new voxel).
   - ``inverse_displacement_mm_xyz`` (``e``): ``x_new = y + e(y)`` with ``y = R @ x_planning + t``
-    (``e`` sampled at ``y``, on the new grid). It inverts ``d`` (``e(y) = -d(y + e(y))``,
+    (``e`` sampled at ``y``). It inverts ``d`` (``e(y) = -d(y + e(y))``,
     solved by fixed-point iteration, see :func:`invert_displacement`) and maps points and
     volumes the other way.
 
-Fields are interpolated trilinearly; beyond the new grid the edge value is carried on.
+Fields are interpolated trilinearly; beyond the field grid the edge value is carried on.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _check_field(value, grid: Grid, name: str) -> np.ndarray:
     f = np.asarray(value, dtype=np.float32)
     if f.shape != tuple(grid.shape_zyx) + (3,):
         raise RegistrationError(f"Registration.{name} must have shape {tuple(grid.shape_zyx) + (3,)} "
-                                f"(new grid (z, y, x) by (dx, dy, dz) mm), got {f.shape}")
+                                f"(field grid (z, y, x) by (dx, dy, dz) mm), got {f.shape}")
     if not np.all(np.isfinite(f)):
         raise RegistrationError(f"Registration.{name} holds non-finite values")
     f = np.ascontiguousarray(f)
@@ -205,10 +206,13 @@ class Registration:
     planning_grid, new_grid : the two CT grids.
     rotation : 3x3 float64, ``x_new = rotation @ x_planning + translation_mm_xyz`` (rigid part).
     translation_mm_xyz : (3,) float64, mm.
-    displacement_mm_xyz : optional float32 ``(nz, ny, nx, 3)`` on ``new_grid``, the pull field ``d``.
-    inverse_displacement_mm_xyz : float32 ``(nz, ny, nx, 3)`` on ``new_grid``, ``e``; computed
-        from ``d`` when only ``d`` is given.
+    displacement_mm_xyz : optional float32 ``(nz, ny, nx, 3)`` on ``field_grid``, the pull field ``d``.
+    inverse_displacement_mm_xyz : float32, same shape, ``e``; computed from ``d`` when only
+        ``d`` is given.
     metrics : JSON-ready figures of how it was made (metric, iterations, residuals, timings).
+    field_grid : the grid the fields are sampled on, in the new CT's patient coordinates
+        (default ``new_grid``; a coarser grid for a large CT: the fields are smooth and are
+        interpolated trilinearly).
     """
 
     kind: str
@@ -219,6 +223,7 @@ class Registration:
     displacement_mm_xyz: np.ndarray | None = None
     inverse_displacement_mm_xyz: np.ndarray | None = None
     metrics: dict = field(default_factory=dict)
+    field_grid: Grid | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -242,18 +247,23 @@ class Registration:
         object.__setattr__(self, "translation_mm_xyz", t)
         metrics = dict(self.metrics)
         if self.displacement_mm_xyz is not None:
-            d = _check_field(self.displacement_mm_xyz, self.new_grid, "displacement_mm_xyz")
+            fg = self.field_grid if self.field_grid is not None else self.new_grid
+            if not isinstance(fg, Grid):
+                raise RegistrationError("Registration.field_grid must be a Grid")
+            object.__setattr__(self, "field_grid", fg)
+            d = _check_field(self.displacement_mm_xyz, fg, "displacement_mm_xyz")
             object.__setattr__(self, "displacement_mm_xyz", d)
             if self.inverse_displacement_mm_xyz is None:
-                e, info = invert_displacement(d, self.new_grid)
+                e, info = invert_displacement(d, fg)
                 metrics.update(info)
                 object.__setattr__(self, "inverse_displacement_mm_xyz", e)
             else:
                 object.__setattr__(self, "inverse_displacement_mm_xyz",
-                                   _check_field(self.inverse_displacement_mm_xyz, self.new_grid,
-                                                "inverse_displacement_mm_xyz"))
+                                   _check_field(self.inverse_displacement_mm_xyz, fg, "inverse_displacement_mm_xyz"))
         elif self.inverse_displacement_mm_xyz is not None:
             raise RegistrationError("Registration.inverse_displacement_mm_xyz given without displacement_mm_xyz")
+        elif self.field_grid is not None:
+            raise RegistrationError("Registration.field_grid given without displacement_mm_xyz")
         object.__setattr__(self, "metrics", metrics)
 
     # -------------------------------------------------------------- points
@@ -266,21 +276,30 @@ class Registration:
         p, shape = _points(points_planning_xyz, "points_planning_xyz")
         y = p @ self.rotation.T + self.translation_mm_xyz
         if self.is_deformable:
-            y = y + sample_field(self.inverse_displacement_mm_xyz, self.new_grid, y)
+            y = y + sample_field(self.inverse_displacement_mm_xyz, self.field_grid, y)
         return y.reshape(shape)
 
     def map_points_to_planning_xyz(self, points_new_xyz) -> np.ndarray:
         """The inverse of :meth:`map_points_xyz`: new-CT points ``(..., 3)`` to planning points."""
         q, shape = _points(points_new_xyz, "points_new_xyz")
         if self.is_deformable:
-            q = q + sample_field(self.displacement_mm_xyz, self.new_grid, q)
+            q = q + sample_field(self.displacement_mm_xyz, self.field_grid, q)
         p = (q - self.translation_mm_xyz) @ self.rotation
         return p.reshape(shape)
 
     # -------------------------------------------------------------- volumes
-    def _planning_index_of_new_voxels(self) -> np.ndarray:
-        """(3, nz, ny, nx) fractional planning indices (k, j, i) of every new voxel centre."""
+    @staticmethod
+    def _slabs(grid: Grid, voxels: int = 1 << 20):
+        """Slices of whole z slices of ``grid``, about ``voxels`` each (bounds the memory of a warp)."""
+        nz, ny, nx = grid.shape_zyx
+        step = max(1, voxels // (ny * nx))
+        for k0 in range(0, nz, step):
+            yield k0, min(nz, k0 + step)
+
+    def _planning_index_of_new_voxels(self, k0: int, k1: int) -> np.ndarray:
+        """(3, k1 - k0, ny, nx) fractional planning indices (k, j, i) of new voxel centres in slices k0:k1."""
         g = self.new_grid
+        shape = (k1 - k0,) + tuple(g.shape_zyx[1:])
         if not self.is_deformable:
             # Affine in index space: idx_p = A @ idx_new + b (no (N, 3) point array needed).
             sp_new = np.diag(np.asarray(g.spacing_mm_zyx)[::-1])  # xyz
@@ -291,37 +310,51 @@ class Registration:
             perm = [2, 1, 0]
             a = a_xyz[np.ix_(perm, perm)]
             b = b_xyz[perm]
-            idx = np.indices(g.shape_zyx, dtype=np.float64).reshape(3, -1)
-            return (a @ idx + b[:, None]).reshape((3,) + tuple(g.shape_zyx))
-        pts = g.voxel_centres_xyz().reshape(-1, 3)
-        pts = pts + self.displacement_mm_xyz.reshape(-1, 3)
+            idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
+            idx[0] += k0
+            return (a @ idx + b[:, None]).reshape((3,) + shape)
+        idx = np.indices(shape, dtype=np.float64)
+        idx[0] += k0
+        pts = g.index_to_world(np.moveaxis(idx, 0, -1)).reshape(-1, 3)
+        if self.field_grid == g:
+            pts = pts + self.displacement_mm_xyz[k0:k1].reshape(-1, 3)
+        else:
+            pts = pts + sample_field(self.displacement_mm_xyz, self.field_grid, pts)
         p = (pts - self.translation_mm_xyz) @ self.rotation
-        return np.moveaxis(self.planning_grid.world_to_index(p), -1, 0).reshape((3,) + tuple(g.shape_zyx))
+        return np.moveaxis(self.planning_grid.world_to_index(p), -1, 0).reshape((3,) + shape)
 
     @staticmethod
-    def _sample(volume: np.ndarray, coords: np.ndarray, order: int, fill: float) -> np.ndarray:
-        if order not in (0, 1, 3):
-            raise RegistrationError(f"order must be 0 (nearest), 1 (linear) or 3 (cubic), got {order!r}")
-        dtype = volume.dtype if volume.dtype in (np.float32, np.float64) else np.float64
+    def _check_order(order: int) -> None:
+        if order not in (0, 1):
+            raise RegistrationError(f"order must be 0 (nearest) or 1 (trilinear), got {order!r}")
+
+    @staticmethod
+    def _sample(volume: np.ndarray, coords: np.ndarray, order: int, fill: float, out: np.ndarray) -> None:
         # Indices a rounding error away from a voxel centre are snapped onto it, so that a
         # whole-voxel shift copies values exactly instead of blending in 1e-12 of a neighbour.
         near = np.rint(coords)
         coords = np.where(np.abs(coords - near) < 1e-6, near, coords)
-        v = volume.astype(dtype, copy=False)
-        return ndimage.map_coordinates(v, coords, order=order, mode="constant", cval=float(fill),
-                                       prefilter=order > 1).astype(dtype, copy=False)
+        out[...] = ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=float(fill),
+                                           prefilter=False)
 
     def warp_to_new(self, volume_planning, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
         """A planning volume (z, y, x) (CT, dose) resampled onto ``new_grid`` through the mapping.
 
-        ``order`` 0 nearest, 1 trilinear, 3 cubic; new voxels that map outside the planning grid
-        get ``fill``. Float32 input stays float32, anything else comes back float64.
+        ``order`` 0 nearest, 1 trilinear; new voxels that map outside the planning grid get
+        ``fill``. Float32 input stays float32, anything else comes back float64. Works in
+        slabs of about a million voxels, so a large CT needs no full-size coordinate arrays.
         """
+        self._check_order(order)
         v = np.asarray(volume_planning)
         if v.shape != tuple(self.planning_grid.shape_zyx):
             raise RegistrationError(f"volume_planning shape {v.shape} does not match the planning grid "
                                     f"{tuple(self.planning_grid.shape_zyx)}")
-        return self._sample(v, self._planning_index_of_new_voxels(), order, fill)
+        dtype = v.dtype if v.dtype in (np.float32, np.float64) else np.float64
+        v = v.astype(dtype, copy=False)
+        out = np.empty(self.new_grid.shape_zyx, dtype)
+        for k0, k1 in self._slabs(self.new_grid):
+            self._sample(v, self._planning_index_of_new_voxels(k0, k1), order, fill, out[k0:k1])
+        return out
 
     def warp_mask_to_new(self, mask_planning) -> np.ndarray:
         """A planning mask (bool, z, y, x) on ``new_grid``: trilinear partial volume >= 0.5."""
@@ -333,14 +366,22 @@ class Registration:
 
     def resample_to_planning(self, volume_new, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
         """A new-CT volume (z, y, x) resampled onto ``planning_grid`` (the inverse of :meth:`warp_to_new`)."""
+        self._check_order(order)
         v = np.asarray(volume_new)
         if v.shape != tuple(self.new_grid.shape_zyx):
             raise RegistrationError(f"volume_new shape {v.shape} does not match the new grid "
                                     f"{tuple(self.new_grid.shape_zyx)}")
+        dtype = v.dtype if v.dtype in (np.float32, np.float64) else np.float64
+        v = v.astype(dtype, copy=False)
         g = self.planning_grid
-        q = self.map_points_xyz(g.voxel_centres_xyz().reshape(-1, 3))
-        coords = np.moveaxis(self.new_grid.world_to_index(q), -1, 0).reshape((3,) + tuple(g.shape_zyx))
-        return self._sample(v, coords, order, fill)
+        out = np.empty(g.shape_zyx, dtype)
+        for k0, k1 in self._slabs(g):
+            idx = np.indices((k1 - k0,) + tuple(g.shape_zyx[1:]), dtype=np.float64)
+            idx[0] += k0
+            q = self.map_points_xyz(g.index_to_world(np.moveaxis(idx, 0, -1)).reshape(-1, 3))
+            coords = np.moveaxis(self.new_grid.world_to_index(q), -1, 0).reshape((3,) + idx.shape[1:])
+            self._sample(v, coords, order, fill, out[k0:k1])
+        return out
 
     def inverted(self) -> "Registration":
         """The new -> planning mapping as a Registration (rigid kinds only)."""
@@ -380,6 +421,7 @@ class Registration:
             "rotation": self.rotation.tolist(),
             "translation_mm_xyz": self.translation_mm_xyz.tolist(),
             "fields": _NPZ if self.is_deformable else None,
+            "field_grid": _grid_to_json(self.field_grid) if self.is_deformable else None,
             "metrics": _jsonable(self.metrics),
         }
         if self.is_deformable:
@@ -416,6 +458,8 @@ class Registration:
                 with np.load(npz) as f:
                     kw["displacement_mm_xyz"] = f["displacement_mm_xyz"]
                     kw["inverse_displacement_mm_xyz"] = f["inverse_displacement_mm_xyz"]
+                if doc.get("field_grid"):
+                    kw["field_grid"] = _grid_from_json(doc["field_grid"], f"{path}: field_grid")
             except (OSError, KeyError, ValueError) as exc:
                 raise RegistrationError(f"{npz}: cannot read the displacement fields: {exc}") from exc
         try:

@@ -228,8 +228,8 @@ def demons_field(fixed, moving, *, levels=(4, 2, 1), iterations=(100, 60, 30), s
                  progress=None, cancel=None):
     """Multi-resolution fast symmetric-forces demons (SimpleITK); the displacement field on ``fixed``.
 
-    Returns the field ``D`` (float64 image of 3-vectors on the fixed grid) with
-    ``moving(x + D(x)) ~ fixed(x)``, and per-level figures. The field is smoothed by a
+    Returns the field ``D`` (float64 image of 3-vectors on the fixed grid shrunk by the
+    last level's factor) with ``moving(x + D(x)) ~ fixed(x)``, and per-level figures. The field is smoothed by a
     Gaussian of ``smoothing_mm`` after every iteration (the demons regulariser); each level
     starts from the previous level's field, resampled.
     """
@@ -238,12 +238,10 @@ def demons_field(fixed, moving, *, levels=(4, 2, 1), iterations=(100, 60, 30), s
     iterations = [int(n) for n in iterations]
     if len(iterations) != len(levels):
         raise RegistrationError(f"demons: one iteration count per level, got {iterations} for levels {levels}")
-    keep = [i for i, f in enumerate(levels) if min(fixed.GetSize()) / f >= 8] or [len(levels) - 1]
+    # Levels so coarse that the image is under 8 voxels across are dropped (never the last).
+    keep = [i for i, f in enumerate(levels) if min(fixed.GetSize()) / f >= 8 or i == len(levels) - 1]
     levels = [levels[i] for i in keep]
     iterations = [iterations[i] for i in keep]
-    if levels[-1] != 1:
-        levels.append(1)
-        iterations.append(iterations[-1])
     total = sum(iterations)
     done = [0]
     cancelled = [False]
@@ -279,7 +277,8 @@ def demons_field(fixed, moving, *, levels=(4, 2, 1), iterations=(100, 60, 30), s
 
 def register_deformable(planning: Patient, new: Patient, *, initial: Registration | None = None,
                         progress=None, cancel=None, window_hu=DEFAULT_WINDOW_HU, levels=(4, 2, 1),
-                        iterations=(100, 60, 30), smoothing_mm: float = 1.0) -> Registration:
+                        iterations=(100, 60, 30), smoothing_mm: float = 1.0,
+                        max_field_voxels: int = 4_000_000) -> Registration:
     """Rigid (unless ``initial``) then deformable registration of the planning CT to the new CT.
 
     The planning CT is resampled onto the new grid through the rigid part, then registered
@@ -290,8 +289,11 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     with 2 or 4 mm, Jacobian of the map still >= 0.3, i.e. no folding).
     The result is the pull field ``d`` of :class:`Registration` directly; its inverse
     ``e`` comes from :func:`invert_displacement` (fixed point; the round-trip residual on
-    the grid is in ``metrics``). A new CT with a limited field of view is registered
-    deformably only inside its box: outside it the mapping is the rigid part.
+    the grid is in ``metrics``). The field is computed and kept at the new CT's resolution
+    up to ``max_field_voxels`` voxels; a larger CT's field ends on a grid shrunk by an
+    integer factor (``Registration.field_grid``), interpolated trilinearly. A new CT with a
+    limited field of view is registered deformably only inside its box: outside it the
+    mapping is the rigid part (the field falls to zero over one field voxel beyond the box).
 
     Parameters
     ----------
@@ -334,13 +336,25 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     fixed = image_from_array(fixed_arr[sl], sub_grid)
     moving = image_from_array(moved[sl], sub_grid)
     mse_before = float(np.mean((fixed_arr[sl] - moved[sl]) ** 2))
-    field, info = demons_field(fixed, moving, levels=levels, iterations=iterations, smoothing_mm=smoothing_mm,
+    nvox = float(np.prod(b - a))
+    final = max(1, int(np.ceil((nvox / float(max_field_voxels)) ** (1.0 / 3.0) - 1e-9)))
+    lv = [int(f) for f in levels]
+    its = [int(n) for n in iterations]
+    if len(its) != len(lv):
+        raise RegistrationError(f"register_deformable: one iteration count per level, got {its} for levels {lv}")
+    keep = [i for i, f in enumerate(lv) if f > final]
+    lv, its = [lv[i] for i in keep] + [final], [its[i] for i in keep] + [its[-1]]
+    field, info = demons_field(fixed, moving, levels=lv, iterations=its, smoothing_mm=smoothing_mm,
                                progress=progress, cancel=cancel)
-    d = np.zeros(tuple(new.grid.shape_zyx) + (3,), np.float32)
-    d[sl] = sitk.GetArrayFromImage(field).astype(np.float32)
+    d = sitk.GetArrayFromImage(field).astype(np.float32)
+    fg = Grid(d.shape[:3], tuple(field.GetSpacing())[::-1], tuple(field.GetOrigin()))
+    if box is not None:
+        # Zero one field voxel beyond the view on every side: outside, the rigid part alone.
+        d = np.pad(d, ((1, 1), (1, 1), (1, 1), (0, 0)))
+        fg = Grid(d.shape[:3], fg.spacing_mm_zyx, tuple(np.asarray(fg.origin_mm_xyz) - np.asarray(fg.spacing_mm_xyz)))
     t_demons = time.perf_counter() - t0 - t_rigid
     reg = Registration("deformable", planning.grid, new.grid, rigid.rotation, rigid.translation_mm_xyz,
-                       displacement_mm_xyz=d)
+                       displacement_mm_xyz=d, field_grid=fg)
     after = np.clip(reg.warp_to_new(planning.ct_hu, order=1, fill=-1000.0), lo, hi)
     metrics = dict(reg.metrics)
     metrics.update({
@@ -348,6 +362,7 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
         "rigid": {"kind": initial.kind, **initial.metrics},
         "levels": info,
         "smoothing_mm": float(smoothing_mm),
+        "field_grid_shape_zyx": list(fg.shape_zyx),
         "window_hu": [lo, hi],
         "mean_squares_before": mse_before,
         "mean_squares_after": float(np.mean((fixed_arr[sl] - after[sl]) ** 2)),
@@ -360,4 +375,5 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
         progress(1, 1, "deformable registration")
     return Registration("deformable", planning.grid, new.grid, rigid.rotation, rigid.translation_mm_xyz,
                         displacement_mm_xyz=reg.displacement_mm_xyz,
-                        inverse_displacement_mm_xyz=reg.inverse_displacement_mm_xyz, metrics=metrics)
+                        inverse_displacement_mm_xyz=reg.inverse_displacement_mm_xyz, metrics=metrics,
+                        field_grid=fg)
