@@ -1074,9 +1074,12 @@ class PlanStore:
         if session is not None and not own:
             raise StoreError(f"approve: the session given is not plan {name!r}'s open session")
         lock = session._lock_file if own else self._hold(row)
+        approved = False
         try:
-            with self._tx() as c:
-                self._sync_in(c, key, session if own else None)
+            # (the session's lock before the store's, as when the session journals)
+            with session._lock if own else contextlib.nullcontext():
+                with self._tx() as c:
+                    self._sync_in(c, key, session if own else None)
             row = self._row(key)
             if row["content_sha256"] and row["content_at_bytes"] == row["journal_bytes"]:
                 ch = row["content_sha256"]
@@ -1095,11 +1098,12 @@ class PlanStore:
                 c.execute("UPDATE plans SET status='approved', status_evidence=NULL, modified=? WHERE key=?", (now, key))
                 self._audit(c, "approve", patient_key=row["patient_key"], plan_key=key, approved_by=user,
                             plan_id=int(row["plan_id"]), content_sha256=ch)
+            approved = True
         finally:
-            if own:
-                session.close()
-            else:
+            if not own:
                 lock.release()
+            elif approved:
+                session.close()
         _log.info("plan %r (%s) approved, plan ID %d", name, key, int(row["plan_id"]))
         return self.get(key)
 
