@@ -757,7 +757,7 @@ class Session:
         else:
             mod = modify_joint(self.modifier, watch, resolved.voxels, resolved.target_gy)
         timings["modify"] = (time.perf_counter() - t0) * 1000
-        if not mod.patches:
+        if not mod.patches and not mod.proposed:
             raise RequestError(
                 f"{req.kind}: no beam can change the dose there (no fluence reaches the voxel, "
                 "or the fluence is already at zero)")

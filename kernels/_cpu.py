@@ -2,7 +2,9 @@
 
 When numba is installed (the ``fast`` extra) the engine's NumPy path uses
 :func:`accumulate_padded` for the bilinear read-out of a convolved fluence window at a
-level's voxels fused with the add into the dose, the inner loop of every incremental update;
+level's voxels fused with the add into the dose, the inner loop of every incremental update,
+and :func:`sample_weighted` for the read-out of a stack of patch responses at the rows of a
+DMR solve (the component sum fused in; agrees with the NumPy path to float32 round-off);
 the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and the CUDA
 kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
@@ -14,9 +16,10 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "sample_weighted"]
 
-_KERNEL = None  # the compiled loop, when numba is installed
+_KERNEL = None  # the compiled loops, when numba is installed
+_SAMPLE = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -62,6 +65,41 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _KERNEL = _accumulate_padded_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _sample_weighted_nb(maps, v, u, o_v, o_u, weights, ok, k, out):  # pragma: no cover - compiled
+            nmaps, h, w = maps.shape
+            nc = nmaps // k
+            one = np.float32(1)
+            for i in range(v.shape[0]):
+                if not ok[i]:
+                    continue
+                fv = v[i] - o_v
+                fu = u[i] - o_u
+                r0 = np.int32(np.floor(fv))
+                c0 = np.int32(np.floor(fu))
+                tv = fv - np.float32(r0)
+                tu = fu - np.float32(c0)
+                r_in0, r_in1 = 0 <= r0 < h, 0 <= r0 + 1 < h
+                c_in0, c_in1 = 0 <= c0 < w, 0 <= c0 + 1 < w
+                w00 = (one - tv) * (one - tu) if (r_in0 and c_in0) else np.float32(0)
+                w01 = (one - tv) * tu if (r_in0 and c_in1) else np.float32(0)
+                w10 = tv * (one - tu) if (r_in1 and c_in0) else np.float32(0)
+                w11 = tv * tu if (r_in1 and c_in1) else np.float32(0)
+                ra = min(max(r0, 0), h - 1)
+                rb = min(max(r0 + 1, 0), h - 1)
+                ca = min(max(c0, 0), w - 1)
+                cb = min(max(c0 + 1, 0), w - 1)
+                for kk in range(k):
+                    acc = np.float32(0)
+                    for c in range(nc):
+                        m = kk * nc + c
+                        val = (maps[m, ra, ca] * w00 + maps[m, ra, cb] * w01
+                               + maps[m, rb, ca] * w10 + maps[m, rb, cb] * w11)
+                        acc += val * weights[c, i]
+                    out[kk, i] = acc
+
+        _SAMPLE = _sample_weighted_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -71,3 +109,18 @@ def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu)
         raise RuntimeError("accumulate_padded needs numba (pip install ids-engine[fast])")
     _KERNEL(dose, vox, u, v, weights, flat, np.int32(h), np.int32(w),
             np.float32(origin_vu[0] - 2), np.float32(origin_vu[1] - 2))
+
+
+def sample_weighted(maps, v, u, origin_vu, weights, ok, k: int) -> np.ndarray:
+    """``(k, n)`` float32: the bilinear read-out of the stacked maps ``(k * nc, h, w)`` at
+    fractional (row, col) ``(v, u)`` relative to ``origin_vu`` (corners off the maps count 0),
+    times ``weights`` ``(nc, n)``, summed over the ``nc`` components of each of the ``k``
+    patches; 0 where ``ok`` is False. The twin of ``sample_bilinear`` followed by the weighted
+    component sum (agrees to float32 round-off). Needs numba (``HAVE_NUMBA``)."""
+    if _SAMPLE is None:
+        raise RuntimeError("sample_weighted needs numba (pip install ids-engine[fast])")
+    out = np.zeros((int(k), v.shape[0]), np.float32)
+    _SAMPLE(np.ascontiguousarray(maps, np.float32), np.asarray(v, np.float32), np.asarray(u, np.float32),
+            np.float32(origin_vu[0]), np.float32(origin_vu[1]), np.ascontiguousarray(weights, np.float32),
+            np.asarray(ok, np.bool_), int(k), out)
+    return out

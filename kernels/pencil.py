@@ -66,6 +66,19 @@ def convolve_full_batched(stack, kernels):
     """Full 2D convolutions of every patch in ``stack`` (k, h, w) with every kernel in
     ``kernels`` (nc, kh, kw), float32, shape (k, nc, h+kh-1, w+kw-1), in one batched FFT."""
     xp = array_module(stack, kernels)
+    if xp is np:
+        # SciPy's fftconvolve, without its per-call checks (a DMR solve makes hundreds of
+        # these small batched calls): the same single-precision transforms of the same sizes.
+        from scipy import fft as sfft
+
+        h, w = stack.shape[-2:]
+        kh, kw = kernels.shape[-2:]
+        shape = (h + kh - 1, w + kw - 1)
+        fshape = tuple(sfft.next_fast_len(n, real=True) for n in shape)
+        spec = sfft.rfft2(stack.astype(np.float32, copy=False), fshape)[:, None]
+        spec = spec * sfft.rfft2(kernels.astype(np.float32, copy=False), fshape)[None]
+        out = sfft.irfft2(spec, fshape)[..., : shape[0], : shape[1]]
+        return np.ascontiguousarray(out, dtype=np.float32)
     fftconvolve = _fftconvolve(xp)
     a = stack.astype(xp.float32, copy=False)[:, None]
     k = kernels.astype(xp.float32, copy=False)[None]

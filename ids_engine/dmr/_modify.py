@@ -65,7 +65,8 @@ def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularis
 @dataclass(frozen=True, eq=False)
 class StepResult:
     """One guarded joint solve: patches applied (take-backs included), accepted or not,
-    the weighted band violation at its rows before and after, the column scales, the rows' dose after."""
+    the weighted band violation at its rows before and after, the column scales, the rows' dose after.
+    ``proposed``: the solve found a non-empty step (whether or not it was good enough to apply)."""
 
     patches: list
     accepted: bool
@@ -74,6 +75,7 @@ class StepResult:
     scales: np.ndarray
     rows_after_gy: np.ndarray
     watch_after_gy: np.ndarray | None = None  # the whole watch's dose after, when the solve was given it
+    proposed: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +85,9 @@ class ModificationResult:
     voxels : (n,) flat CT indices; requested_gy, before_gy, achieved_gy : (n,) doses.
     patches : the fluence patches actually applied (after clipping), in order.
     passes : number of passes (more than one when clipping at zero fluence lost part of it).
+    proposed : a joint solve found a step but none was good enough to apply (the request's
+        voxels can change, just not for the better here); with no patches and not proposed, no
+        fluence reaches the voxels or can move.
     """
 
     voxels: np.ndarray
@@ -91,6 +96,7 @@ class ModificationResult:
     achieved_gy: np.ndarray
     patches: list = field(default_factory=list)
     passes: int = 1
+    proposed: bool = False
 
 
 class Modifier:
@@ -352,6 +358,23 @@ class Modifier:
         t0 = self._tick("create_patch", t0)
         if not clipped:
             return StepResult([], False, obj0, obj0, f, before, w_before)
+        # The rows' dose after the step is linear in the patches: judged from its prediction
+        # (one column of the patch response), a step that would not lower the rows' objective,
+        # not even at half length, is never applied (no apply and take-back of the cube).
+        pos = f > 0
+        if len(clipped) == len(combined) and all(np.array_equal(a.delta, b.delta) for a, b in zip(clipped, combined)):
+            pred = g[:, pos] @ f[pos]  # nothing was clipped: the solve's own columns predict it
+        else:
+            pred = backend.asnumpy(eng.delta_matrix([clipped], rows))[:, 0].astype(np.float64)
+        t0 = self._tick("convolution", t0)
+        if float(np.abs(pred).max()) < eps:  # a negligible step (below 0.01 % of the dose): nothing to judge
+            self._tick("update_dose_cube", t0)
+            return StepResult([], False, obj0, obj0, f, before, w_before, proposed=True)
+        if not float(np.sum(weight * _violation(before + pred, lo, acc_hi) ** 2)) < obj0:
+            if not float(np.sum(weight * _violation(before + 0.5 * pred, lo, acc_hi) ** 2)) < obj0:
+                self._tick("update_dose_cube", t0)
+                return StepResult([], False, obj0, obj0, f, before, w_before, proposed=True)
+            clipped = [FluencePatch(p.beam, p.row0, p.col0, (np.float32(0.5) * p.delta).astype(np.float32)) for p in clipped]
         applied = list(clipped)
         eng.apply_patches(clipped)
         if watch is not None:
@@ -362,21 +385,13 @@ class Modifier:
             after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
         obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
         accepted = obj1 < obj0
-        if not accepted:
-            # Half the step, judged without reading the dose again (the dose is linear in the
-            # patches); if that is not better either, the whole step is taken back.
-            half_after = before + 0.5 * (after - before)
-            half_obj = float(np.sum(weight * _violation(half_after, lo, acc_hi) ** 2))
-            scale = np.float32(-0.5) if half_obj < obj0 else np.float32(-1.0)
-            back = [FluencePatch(p.beam, p.row0, p.col0, (scale * p.delta).astype(np.float32)) for p in clipped]
+        if not accepted:  # the prediction's round-off decided a tie: the step is taken back
+            back = [FluencePatch(p.beam, p.row0, p.col0, (-p.delta).astype(np.float32)) for p in clipped]
             eng.apply_patches(back)
             applied.extend(back)
-            accepted = half_obj < obj0
-            after, obj1 = (half_after, half_obj) if accepted else (before, obj0)
-            if w_after is not None:
-                w_after = w_before + 0.5 * (w_after - w_before) if accepted else w_before
+            after, obj1, w_after = before, obj0, w_before
         self._tick("update_dose_cube", t0)
-        return StepResult(applied, accepted, obj0, obj1, f, after, w_after)
+        return StepResult(applied, accepted, obj0, obj1, f, after, w_after, proposed=True)
 
     def _columns(self, voxel: int, raise_dose: bool, per_beam: bool) -> list[list[FluencePatch]]:
         """The columns of a joint solve for one voxel: its normalised patch as one column, or

@@ -31,7 +31,7 @@ Each step (at most ``steps``, 25 by default):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -292,8 +292,11 @@ class _Rows:
         patches = list(res.patches)
         if not res.accepted and not modifier.per_beam:
             # A rejected step leaves the plan where it was (its dose is the one it started from).
+            proposed = res.proposed
             res = modifier.solve_step(*args, per_beam=True, watch=(self.vox, res.watch_after_gy, rows), **kw)
             patches.extend(res.patches)
+            if proposed and not res.proposed:
+                res = replace(res, proposed=True)
         return patches, res
 
 
@@ -316,6 +319,7 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
     before = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
     applied: list = []
     passes = 0
+    proposed = False
     dose = backend.asnumpy(eng.dose_at_voxels(rs.vox)).astype(np.float64)
     for passes in range(1, max_passes + 1):
         viol = watch.violation(dose)
@@ -331,11 +335,12 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
         rows = np.unique(np.concatenate([rows, *extra]))
         got, res = rs.solve(modifier, rows, ci[off], np.sign(goal_c[off] - dose[ci[off]]), dose)
         applied.extend(got)
+        proposed = proposed or res.proposed or bool(got)
         dose = res.watch_after_gy
         if not res.accepted:
             break
     after = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
-    return ModificationResult(cols_flat, goal_c, before, after, applied, max(passes, 1))
+    return ModificationResult(cols_flat, goal_c, before, after, applied, max(passes, 1), proposed=proposed or bool(applied))
 
 
 def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions | None = None,

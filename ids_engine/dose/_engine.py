@@ -41,6 +41,8 @@ from copies of the static geometry and of the fluence (``Level.host``,
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -755,12 +757,34 @@ class DoseEngine:
         h = lvl.host
         hk = lvl.half
         k = int(stack.shape[0])
-        dmaps = convolve_full_batched(stack, h.kernels)  # (k, nc, H, W)
-        nc = dmaps.shape[1]
         pos = h.position[level_index]
         ok = pos >= 0
         p = np.where(ok, pos, 0)
-        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), h.v_cells[p], h.u_cells[p], (r0 - hk, c0 - hk))
+        v, u = h.v_cells[p], h.u_cells[p]
+        # Only the window of the full convolution that the samples read is computed: the
+        # kernel cropped to the offsets between the window and the patch box (exact, and
+        # for the broad scatter kernel of the coarse level several times less FFT work).
+        hh, ww = int(stack.shape[1]), int(stack.shape[2])
+        kh, kw = int(h.kernels.shape[1]), int(h.kernels.shape[2])
+        full = (hh + kh - 1, ww + kw - 1)
+        if ok.any():
+            vs, us = v[ok], u[ok]
+            win = [(min(max(math.floor(float(a.min())) - o, 0), n), min(max(math.floor(float(a.max())) + 2 - o, 0), n))
+                   for a, o, n in ((vs, r0 - hk, full[0]), (us, c0 - hk, full[1]))]
+        else:
+            win = [(0, 0), (0, 0)]
+        if win[0][1] <= win[0][0] or win[1][1] <= win[1][0]:
+            return np.zeros((k, level_index.shape[0]), np.float32)
+        (lr, hr), (lc, hc) = win
+        kr0, kr1 = max(0, lr - hh + 1), min(kh, hr)
+        kc0, kc1 = max(0, lc - ww + 1), min(kw, hc)
+        part = convolve_full_batched(stack, np.ascontiguousarray(h.kernels[:, kr0:kr1, kc0:kc1]))  # (k, nc, ., .)
+        dmaps = np.ascontiguousarray(part[:, :, lr - kr0 : hr - kr0, lc - kc0 : hc - kc0])
+        nc = dmaps.shape[1]
+        origin = (r0 - hk + lr, c0 - hk + lc)
+        if _cpu.HAVE_NUMBA:
+            return _cpu.sample_weighted(dmaps.reshape((k * nc,) + dmaps.shape[2:]), v, u, origin, h.weights[:, p], ok, k)
+        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), v, u, origin)
         val = (s.reshape(k, nc, -1) * h.weights[:, p][None]).sum(axis=1)
         return np.where(ok[None, :], val, np.float32(0))
 

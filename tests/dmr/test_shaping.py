@@ -276,3 +276,35 @@ def test_undoing_a_repinned_name_brings_the_older_pin_back(s):
     assert [name for name, _, _ in s._pin_bands()] == ["m"]
     s.undo()
     assert "m" not in s.pins
+
+
+def test_rejected_solves_never_touch_the_dose_cube(s, monkeypatch):
+    """A joint solve is judged on its predicted effect first: the cube is updated once per
+    accepted solve (plus the return to the best state), never applied and taken back."""
+    from ids_engine.dmr import _modify
+
+    results, applies = [], []
+    orig_solve, orig_apply = _modify.Modifier.solve_step, s.engine.apply_patches
+
+    def solve_step(self, *a, **kw):
+        res = orig_solve(self, *a, **kw)
+        results.append(res)
+        return res
+
+    monkeypatch.setattr(_modify.Modifier, "solve_step", solve_step)
+    monkeypatch.setattr(s.engine, "apply_patches", lambda ps: (applies.append(len(ps)), orig_apply(ps))[1])
+    m = rim(s)
+    n0 = len(s.journal)
+    before = s.dose()
+    res = s.run(EraseSpot(m, 6.0, 0.0, 0.5 * RX))
+    try:
+        rejected = [r for r in results if not r.accepted]
+        assert rejected and all(not r.patches for r in rejected)
+        accepted = sum(1 for r in results if r.accepted)
+        back_to_best = 1 if res.best_step < res.recovery_steps and len(applies) > accepted else 0
+        assert len(applies) == accepted + back_to_best
+    finally:
+        while len(s.journal) > n0:
+            s.undo()
+        s.clear_redo()
+    np.testing.assert_allclose(s.dose(), before, atol=1e-4)

@@ -105,3 +105,31 @@ def test_delta_matrix_equals_delta_at_voxels_per_column(engine3):
     for k, ps in enumerate(columns):
         ref = eng.delta_at_voxels(ps, rows)
         np.testing.assert_allclose(g[:, k], ref, atol=1e-5 * max(float(np.abs(ref).max()), 1e-6))
+
+
+def test_patch_response_window_equals_the_full_convolution(engine3):
+    """A DMR solve's patch responses are convolved only over the window its samples read (the
+    kernel cropped to the offsets that reach it): the same values as the full convolution
+    sampled everywhere, for the narrow fine kernel and the broad coarse one."""
+    from ids_engine.dose._engine import DoseEngine
+    from ids_engine.kernels.pencil import convolve_full_batched, sample_bilinear
+
+    eng = engine3
+    rng = np.random.default_rng(5)
+    for b in range(eng.n_beams):
+        for lvl in (eng.geometry[b].fine, eng.geometry[b].coarse):
+            h = lvl.host
+            inside = np.flatnonzero(h.position >= 0) if h.position.ndim == 1 else None
+            idx = rng.choice(inside, 300)
+            idx[:5] = np.flatnonzero(h.position < 0)[:5] if np.any(h.position < 0) else idx[:5]
+            stack = rng.normal(size=(3, 7, 9)).astype(np.float32)
+            r0, c0 = int(np.median(h.v_cells)) - 3, int(np.median(h.u_cells)) - 4
+            full = convolve_full_batched(stack, h.kernels)
+            pos = h.position[idx]
+            p = np.where(pos >= 0, pos, 0)
+            s = sample_bilinear(full.reshape((-1,) + full.shape[2:]), h.v_cells[p], h.u_cells[p],
+                                (r0 - lvl.half, c0 - lvl.half))
+            ref = np.where(pos >= 0, (s.reshape(3, full.shape[1], -1) * h.weights[:, p][None]).sum(axis=1), 0)
+            got = DoseEngine._level_delta_batch(lvl, stack, r0, c0, idx)
+            assert np.abs(ref).max() > 0
+            np.testing.assert_allclose(got, ref, atol=1e-5 * float(np.abs(ref).max()))

@@ -56,3 +56,22 @@ def test_incremental_updates_are_bit_identical_to_numpy(monkeypatch):
             eng.apply_patches([FluencePatch(b, r0, c0, ((rng.random((h, w)) - 0.3) * 0.5).astype(np.float32))])
         cubes.append(eng.dose_cube_host())
     assert np.array_equal(cubes[0], cubes[1])
+
+
+def test_weighted_read_out_of_patch_responses_matches_numpy():
+    """``sample_weighted`` (a DMR solve's read-out of k patch responses, components summed with
+    their depth weights) against ``sample_bilinear`` and the weighted sum, positions inside, on
+    the edges of and outside the maps, voxels out of the beam (``ok`` False) giving 0."""
+    rng = np.random.default_rng(4)
+    k, nc, h, w, n = 3, 2, 17, 23, 4000
+    maps = rng.random((k * nc, h, w)).astype(np.float32)
+    v = (rng.random(n) * (h + 8) - 4 + 5).astype(np.float32)
+    u = (rng.random(n) * (w + 8) - 4 + 7).astype(np.float32)
+    weights = rng.random((nc, n)).astype(np.float32)
+    ok = rng.random(n) > 0.1
+    got = _cpu.sample_weighted(maps, v, u, (5, 7), weights, ok, k)
+    s = pencil.sample_bilinear(maps, v, u, (5, 7))
+    expect = np.where(ok[None], (s.reshape(k, nc, n) * weights[None]).sum(axis=1), 0)
+    assert got.shape == (k, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7)
+    assert np.all(got[:, ~ok] == 0)
