@@ -30,6 +30,7 @@ Each step (at most ``steps``, 25 by default):
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -187,9 +188,15 @@ class _Rows:
         self.watch = watch
         self.opts = opts
         self.vox = np.asarray(watch.voxels, np.int64)
-        sp = np.asarray(eng.grid.spacing_mm_zyx, float)
-        self.coords = np.stack(np.unravel_index(self.vox, eng.grid.shape_zyx), axis=-1) * sp
-        self.tree = cKDTree(self.coords)
+        self.shape = tuple(int(n) for n in eng.grid.shape_zyx)
+        self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
+        self.index_zyx = np.stack(np.unravel_index(self.vox, self.shape), axis=-1)
+        self.coords = self.index_zyx * self.spacing
+        # Watch position of every CT voxel (-1: not watched): neighbourhoods are looked up on
+        # the grid (a ball of offsets), not in a k-d tree over 10^5 points.
+        self.lut = np.full(int(np.prod(self.shape)), -1, np.int32)
+        self.lut[self.vox] = np.arange(self.vox.size, dtype=np.int32)
+        self._balls: dict = {}
         self.bev_u, self.bev_v, self.bev_w, self.by_v = [], [], [], []
         for geo in eng.geometry:  # host copies of the geometry: no device work
             h = geo.fine.host
@@ -198,8 +205,11 @@ class _Rows:
             self.bev_u.append(np.where(out, np.nan, h.u_cells[pos]).astype(np.float32))
             bv = np.where(out, np.inf, h.v_cells[pos]).astype(np.float32)
             self.bev_v.append(bv)
-            order = np.argsort(bv, kind="stable")
-            self.by_v.append((order, bv[order]))
+            # Ordered by whole BEV row (a radix sort of 16-bit keys): a patch's rows are one
+            # slice of it, widened to whole rows and then filtered exactly.
+            row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
+            order = np.argsort(row, kind="stable")
+            self.by_v.append((order, row[order]))
             # Dose per unit fluence on the ray (the primary's depth dose and inverse square):
             # how strongly a patch at this voxel's BEV position changes its dose.
             self.bev_w.append(np.where(pos >= 0, h.weights[0][pos], 0.0).astype(np.float32))
@@ -213,6 +223,18 @@ class _Rows:
         self.hi_solve = np.minimum(watch.hi, watch.cap)
         self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
 
+    def ball(self, cols: np.ndarray, radius_mm: float) -> np.ndarray:
+        """Watch positions (sorted) within ``radius_mm`` of the watched voxels ``cols``."""
+        offs = self._balls.get(radius_mm)
+        if offs is None:
+            r = np.floor(radius_mm / self.spacing).astype(int)
+            grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij"), axis=-1).reshape(-1, 3)
+            offs = self._balls[radius_mm] = grid[((grid * self.spacing) ** 2).sum(axis=1) <= radius_mm**2 + 1e-9]
+        pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
+        pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
+        hit = self.lut[np.ravel_multi_index(pts.T, self.shape)]
+        return np.unique(hit[hit >= 0]).astype(np.int64)
+
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
         first, priority ones, a sample of the rest), the at-risk voxels under their patches in
@@ -220,8 +242,7 @@ class _Rows:
         region; a compensating lowering a cold one), least room first, and the hard ones."""
         opts, w = self.opts, self.watch
         cols = np.asarray(cols, np.int64)
-        near_idx = np.unique(np.concatenate(
-            [np.asarray(i, np.int64) for i in self.tree.query_ball_point(self.coords[cols], opts.rows_radius_mm)]))
+        near_idx = self.ball(cols, opts.rows_radius_mm)
         near = np.zeros(self.vox.size, bool)
         near[near_idx] = True
         dist = np.full(self.vox.size, np.inf)
@@ -239,15 +260,17 @@ class _Rows:
         # their band, not near, and with little room.
         under = []
         reach = self.reach_cells
-        for bu_all, bv_all, (order, v_sorted) in zip(self.bev_u, self.bev_v, self.by_v):
+        for bu_all, bv_all, (order, rows_sorted) in zip(self.bev_u, self.bev_v, self.by_v):
             cu, cv = bu_all[cols], bv_all[cols]
             ok = np.isfinite(cv)
             if not ok.any():
                 continue
-            a, b = np.searchsorted(v_sorted, [cv[ok].min() - reach, cv[ok].max() + reach], side="left")
+            v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
+            a = np.searchsorted(rows_sorted, math.floor(v_lo), side="left")
+            b = np.searchsorted(rows_sorted, math.floor(v_hi), side="right")
             idx = order[a:b]
-            bu = bu_all[idx]
-            under.append(idx[(bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
+            bu, bv = bu_all[idx], bv_all[idx]
+            under.append(idx[(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
         mark = np.zeros(self.vox.size, bool)
         for idx in under:
             mark[idx] = True
