@@ -3,8 +3,10 @@
 When numba is installed (the ``fast`` extra) the engine's NumPy path uses
 :func:`accumulate_padded` for the bilinear read-out of a convolved fluence window at a
 level's voxels fused with the add into the dose, the inner loop of every incremental update,
-and :func:`sample_weighted` for the read-out of a stack of patch responses at the rows of a
-DMR solve (the component sum fused in; agrees with the NumPy path to float32 round-off);
+:func:`sample_weighted` for the read-out of a stack of patch responses at the rows of a
+DMR solve (the component sum fused in; agrees with the NumPy path to float32 round-off), and
+:func:`block_depth` for the radiological depth of a block of rays (one loop per ray instead
+of a padded (steps, rays) array; the same float32 operations in the same order);
 the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and the CUDA
 kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
@@ -16,10 +18,11 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "sample_weighted"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "sample_weighted"]
 
 _KERNEL = None  # the compiled loops, when numba is installed
 _SAMPLE = None
+_DEPTH = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -100,6 +103,45 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _SAMPLE = _sample_weighted_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _block_depth_nb(rho, ints, floats, out):  # pragma: no cover - compiled
+            one = np.float32(1)
+            zero = np.float32(0)
+            for r in range(ints.shape[1]):
+                base, step_dom, sb, sc, last = ints[0, r], ints[1, r], ints[2, r], ints[3, r], ints[4, r]
+                off_b, off_c = floats[0, r], floats[1, r]
+                rate_b, rate_c = floats[2, r], floats[3, r]
+                up_b, up_c = floats[4, r], floats[5, r]
+                ir_b, ir_c = floats[6, r], floats[7, r]
+                phi, dom_len, mm_per_voxel = floats[8, r], floats[9, r], floats[10, r]
+                s0 = min(max(np.float32(0) + (phi - one), zero), dom_len)
+                g_b, g_c = off_b + s0 * rate_b, off_c + s0 * rate_c
+                f_b, f_c = np.floor(g_b), np.floor(g_c)
+                i_b, i_c = np.int32(f_b), np.int32(f_c)
+                acc = zero
+                for j in range(last + 1):
+                    s1 = min(max(np.float32(j + 1) + (phi - one), zero), dom_len)
+                    g1_b, g1_c = off_b + s1 * rate_b, off_c + s1 * rate_c
+                    f1_b, f1_c = np.floor(g1_b), np.floor(g1_c)
+                    i1_b, i1_c = np.int32(f1_b), np.int32(f1_c)
+                    flat_0 = base + j * step_dom + i_b * sb + i_c * sc
+                    ds = s1 - s0
+                    cross_b = min((f_b - g_b + up_b) * ir_b, ds)
+                    cross_c = min((f_c - g_c + up_c) * ir_c, ds)
+                    incr_b = min(max(i1_b - i_b, -1), 1) * sb
+                    incr_c = min(max(i1_c - i_c, -1), 1) * sc
+                    first = min(cross_b, cross_c)
+                    second = max(cross_b, cross_c)
+                    flat_mid = flat_0 + (incr_b if cross_b <= first else 0) + (incr_c if cross_c <= first else 0)
+                    rho_0 = rho[flat_0]
+                    rho_mid = rho[flat_mid]
+                    rho_1 = rho[flat_0 + incr_b + incr_c]
+                    acc += rho_1 * ds + first * (rho_0 - rho_mid) + second * (rho_mid - rho_1)
+                    s0, g_b, g_c, f_b, f_c, i_b, i_c = s1, g1_b, g1_c, f1_b, f1_c, i1_b, i1_c
+                out[r] = acc * mm_per_voxel
+
+        _DEPTH = _block_depth_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -123,4 +165,15 @@ def sample_weighted(maps, v, u, origin_vu, weights, ok, k: int) -> np.ndarray:
     _SAMPLE(np.ascontiguousarray(maps, np.float32), np.asarray(v, np.float32), np.asarray(u, np.float32),
             np.float32(origin_vu[0]), np.float32(origin_vu[1]), np.ascontiguousarray(weights, np.float32),
             np.asarray(ok, np.bool_), int(k), out)
+    return out
+
+
+def block_depth(rho_flat, ints, floats) -> np.ndarray:
+    """Radiological path (mm) of a block of rays set up by ``kernels.raytrace._Rays``
+    (``ints`` (5, m) int32, ``floats`` (11, m) float32) through the padded flat density:
+    the compiled twin of ``kernels.raytrace._block_depth``. Needs numba (``HAVE_NUMBA``)."""
+    if _DEPTH is None:
+        raise RuntimeError("block_depth needs numba (pip install ids-engine[fast])")
+    out = np.zeros(ints.shape[1], np.float32)
+    _DEPTH(rho_flat, np.ascontiguousarray(ints, np.int32), np.ascontiguousarray(floats, np.float32), out)
     return out
