@@ -696,6 +696,10 @@ class MainWindow(QtWidgets.QMainWindow):
 
         if self.session is None or self._exporter.busy:
             return False
+        if self.shown_plan is not None:
+            self.statusBar().showMessage(f"Not exported: the frames show {self.shown_plan.label}; show the shaping "
+                                         "session's dose first (Plan menu)", 6000)
+            return False
         out = Path(folder)
         if out.exists() and not out.is_dir():
             self.statusBar().showMessage(f"Not exported: {out} is a file", 6000)
@@ -732,7 +736,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def _export_finished(self) -> None:
         self.load_progress.hide()
         QtWidgets.QApplication.restoreOverrideCursor()
-        self.act_export.setEnabled(self.session is not None)
+        self.act_export.setEnabled(self.session is not None and self.shown_plan is None)
 
     def _on_exported(self, result) -> None:
         self._export_finished()
@@ -777,7 +781,8 @@ class MainWindow(QtWidgets.QMainWindow):
                   self.tool_actions["navigate"]):
             a.setEnabled(on)
         self.act_optimise.setEnabled(shape)
-        self.act_export.setEnabled(on and not self._exporter.busy)
+        # Export writes the session's plan: not while the frames show another plan's dose.
+        self.act_export.setEnabled(on and not self._exporter.busy and self.shown_plan is None)
         for name, a in self.tool_actions.items():
             if name != "navigate":
                 a.setEnabled(shape)

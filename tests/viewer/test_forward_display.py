@@ -105,7 +105,7 @@ def _box(dlg):
 
 
 @needs_display
-def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
+def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window, tmp_path):
     from ids_engine.planning import DoseToNormalisation, MonitorUnits
 
     w = window
@@ -141,6 +141,9 @@ def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
     assert ptv.dose_gy[1] == pytest.approx(norm / 200.0) and abs(d50 - np.median(w.dose_gy[mask])) <= norm / 200.0
     # Shaping is off while a forward plan is shown.
     assert not w.tool_actions["set_dose"].isEnabled() and w.act_show_session.isEnabled()
+    assert not w.act_export.isEnabled()  # File > Export writes the session's plan, not the one shown
+    assert not w.export_plan(str(tmp_path / "rt")) and "Not exported" in w.statusBar().currentMessage()
+    assert not (tmp_path / "rt").exists()
 
     # A copy with other MU: switching plans switches the displayed dose.
     assert dlg.copy_plan("Plan 2")
@@ -181,6 +184,7 @@ def test_the_selected_forward_plan_is_shown_with_its_plan_id(qapp, window):
     assert w.slice_views["y"].header.text().startswith(f"shaping · plan ID {s.plan_id}")
     assert "forward plan" not in w.windowTitle()
     assert w.tool_actions["set_dose"].isEnabled() and not w.act_show_session.isEnabled()
+    assert w.act_export.isEnabled()
     # Ticking the box again shows the selected plan at once (its doses are cached).
     dlg.follow_box.setChecked(True)
     wait_until(qapp, lambda: w.idle and w.shown_plan is not None)
