@@ -104,10 +104,10 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _SAMPLE = _sample_weighted_nb
 
         @numba.njit(nogil=True, cache=True)
-        def _block_depth_nb(rho, ints, floats, out):  # pragma: no cover - compiled
+        def _block_depth_nb(rho, ints, floats, out, start, stop):  # pragma: no cover - compiled
             one = np.float32(1)
             zero = np.float32(0)
-            for r in range(ints.shape[1]):
+            for r in range(start, stop):
                 base, step_dom, sb, sc, last = ints[0, r], ints[1, r], ints[2, r], ints[3, r], ints[4, r]
                 off_b, off_c = floats[0, r], floats[1, r]
                 rate_b, rate_c = floats[2, r], floats[3, r]
@@ -168,12 +168,16 @@ def sample_weighted(maps, v, u, origin_vu, weights, ok, k: int) -> np.ndarray:
     return out
 
 
-def block_depth(rho_flat, ints, floats) -> np.ndarray:
-    """Radiological path (mm) of a block of rays set up by ``kernels.raytrace._Rays``
-    (``ints`` (5, m) int32, ``floats`` (11, m) float32) through the padded flat density:
-    the compiled twin of ``kernels.raytrace._block_depth``. Needs numba (``HAVE_NUMBA``)."""
+def block_depth(rho_flat, ints, floats, out=None, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Radiological path (mm) of rays ``start:stop`` set up by ``kernels.raytrace._Rays``
+    (``ints`` (5, m) int32, ``floats`` (11, m) float32) through the padded flat density,
+    written into ``out`` (m,) float32 (a new array when None): the compiled twin of
+    ``kernels.raytrace._block_depth``, one loop per ray. Releases the GIL (threads can share
+    the rays). Needs numba (``HAVE_NUMBA``)."""
     if _DEPTH is None:
         raise RuntimeError("block_depth needs numba (pip install ids-engine[fast])")
-    out = np.zeros(ints.shape[1], np.float32)
-    _DEPTH(rho_flat, np.ascontiguousarray(ints, np.int32), np.ascontiguousarray(floats, np.float32), out)
+    m = ints.shape[1]
+    if out is None:
+        out = np.zeros(m, np.float32)
+    _DEPTH(rho_flat, ints, floats, out, int(start), int(m if stop is None else stop))
     return out

@@ -259,6 +259,15 @@ def _radiological_depth(
         raise ValueError("points_mm_xyz contains non-finite coordinates")
     block = _BLOCK_NUMPY if xp is np else _BLOCK_CUPY
     rays = _Rays(xp, vol, source, pts, chunk=block // 2 if xp is np else n)
+    if xp is np and _cpu.HAVE_NUMBA:
+        # The compiled walk: one loop per ray, so no sorting into blocks of equal length;
+        # contiguous ranges of rays on the threads (it releases the GIL).
+        cuts = np.linspace(0, n, 4 * _thread_count(4) + 1).round().astype(int).tolist()
+        ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        with ThreadPoolExecutor(max_workers=_thread_count(len(ranges))) as pool:
+            for _ in pool.map(lambda ab: _cpu.block_depth(vol.flat, rays.ints, rays.floats, depth, *ab), ranges):
+                pass
+        return depth
 
     # Sort by step count (stable: keeps neighbouring voxels together for cache-friendly
     # lookups) and cut into blocks of about `block` samples.
@@ -278,11 +287,7 @@ def _radiological_depth(
         p0, p1, n_block = job
         idx = order[p0:p1]
         floats = xp.take(rays.floats, idx, axis=1)
-        ints = xp.take(rays.ints, idx, axis=1)
-        if xp is np and _cpu.HAVE_NUMBA:  # the compiled twin: one loop per ray, bit for bit
-            depth[idx] = _cpu.block_depth(vol.flat, ints, floats)
-        else:
-            depth[idx] = _block_depth(xp, vol, ints, floats, n_block)
+        depth[idx] = _block_depth(xp, vol, xp.take(rays.ints, idx, axis=1), floats, n_block)
 
     threads = _thread_count(len(jobs)) if xp is np else 1
     if threads > 1:
