@@ -32,6 +32,8 @@ SUBCOMMANDS = {
     "sequence": ("segments", "deliverable"),
     "export": ("DICOM", "research"),
     "import-plan": ("RT Plan", "dose"),
+    "store": ("SQLite", "approve", "anonymised"),
+    "adapt": ("approved plan", "register", "tolerance profile"),
 }
 
 
