@@ -343,7 +343,9 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     if len(its) != len(lv):
         raise RegistrationError(f"register_deformable: one iteration count per level, got {its} for levels {lv}")
     keep = [i for i, f in enumerate(lv) if f > final]
-    lv, its = [lv[i] for i in keep] + [final], [its[i] for i in keep] + [its[-1]]
+    # The final level takes the iteration count of the first level it replaces.
+    n_final = its[len(keep)] if len(keep) < len(its) else its[-1]
+    lv, its = [lv[i] for i in keep] + [final], [its[i] for i in keep] + [n_final]
     field, info = demons_field(fixed, moving, levels=lv, iterations=its, smoothing_mm=smoothing_mm,
                                progress=progress, cancel=cancel)
     d = sitk.GetArrayFromImage(field).astype(np.float32)
