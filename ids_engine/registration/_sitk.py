@@ -27,6 +27,22 @@ __all__ = ["register_deformable", "register_rigid"]
 # the histogram bins of mutual information resolve soft tissue (the contrast that is left
 # inside a limited field of view around the target).
 DEFAULT_WINDOW_HU = (-400.0, 600.0)
+# Inside a limited field of view around the target there is little but soft tissue: a
+# narrower window (measured on the phantom variants: worst target error 0.92 -> 0.30 mm on
+# the horseshoe, 1.84 -> 1.13 mm on TG-119 at 6 mm voxels; slightly worse with a full view).
+FOV_WINDOW_HU = (-200.0, 400.0)
+
+
+def _window(window_hu, new: Patient, what: str) -> tuple[float, float]:
+    if window_hu is None:
+        window_hu = FOV_WINDOW_HU if fov_box_mm_xyz(new) is not None else DEFAULT_WINDOW_HU
+    try:
+        lo, hi = (float(v) for v in window_hu)
+    except (TypeError, ValueError):
+        raise RegistrationError(f"{what}: window_hu must be (low, high) HU, got {window_hu!r}") from None
+    if not hi > lo:
+        raise RegistrationError(f"{what}: window_hu must be (low, high) with high > low, got {window_hu!r}")
+    return lo, hi
 
 
 class RegistrationCancelled(RuntimeError):
@@ -121,7 +137,7 @@ def _euler_to_rt(tx) -> tuple[np.ndarray, np.ndarray]:
 
 
 def register_rigid(planning: Patient, new: Patient, *, progress=None, cancel=None,
-                   metric: str = "mattes", window_hu=DEFAULT_WINDOW_HU, shrink_factors=(4, 2, 1),
+                   metric: str = "mattes", window_hu=None, shrink_factors=(4, 2, 1),
                    samples: int = 30000, iterations: int = 300, seed: int = 1) -> Registration:
     """Rigid (6 degrees of freedom) intensity registration of the planning CT to the new CT.
 
@@ -129,7 +145,8 @@ def register_rigid(planning: Patient, new: Patient, *, progress=None, cancel=Non
     (CT > -500 HU; moments: the centres of mass coincide) or, for a new CT with a limited
     field of view (``meta["fov_box_mm_xyz"]``), centred on that box with no motion; Mattes
     mutual information (64 bins; ``metric="meansquares"`` for the mean squared HU
-    difference) on HU clipped to ``window_hu``; ``samples`` random voxels per level (seeded:
+    difference) on HU clipped to ``window_hu`` (default -400..600 HU, -200..400 HU for a
+    limited field of view); ``samples`` random voxels per level (seeded:
     repeatable; every voxel of a smaller image); regular-step gradient descent with physical-shift scales;
     multi-resolution over ``shrink_factors`` (Gaussian smoothing of ``factor - 1`` voxels).
     A limited field of view is compared only inside its box (the new CT is cropped to it).
@@ -149,9 +166,7 @@ def register_rigid(planning: Patient, new: Patient, *, progress=None, cancel=Non
     """
     sitk = _sitk()
     t0 = time.perf_counter()
-    lo, hi = (float(v) for v in window_hu)
-    if not hi > lo:
-        raise RegistrationError(f"register_rigid: window_hu must be (low, high) with high > low, got {window_hu!r}")
+    lo, hi = _window(window_hu, new, "register_rigid")
     if not int(samples) >= 1000:
         raise RegistrationError(f"register_rigid: samples must be at least 1000, got {samples!r}")
     if not (_body(new).any() and _body(planning).any()):
@@ -276,7 +291,7 @@ def demons_field(fixed, moving, *, levels=(4, 2, 1), iterations=(100, 60, 30), s
 
 
 def register_deformable(planning: Patient, new: Patient, *, initial: Registration | None = None,
-                        progress=None, cancel=None, window_hu=DEFAULT_WINDOW_HU, levels=(4, 2, 1),
+                        progress=None, cancel=None, window_hu=None, levels=(4, 2, 1),
                         iterations=(100, 60, 30), smoothing_mm: float = 1.0,
                         max_field_voxels: int = 4_000_000) -> Registration:
     """Rigid (unless ``initial``) then deformable registration of the planning CT to the new CT.
@@ -284,7 +299,8 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     The planning CT is resampled onto the new grid through the rigid part, then registered
     to the new CT (the fixed image) by multi-resolution fast symmetric-forces demons
     (SimpleITK; CT-to-CT, same calibration, so intensity differences are meaningful) on HU
-    clipped to ``window_hu``; the field is regularised by a Gaussian of ``smoothing_mm``
+    clipped to ``window_hu`` (defaults as for :func:`register_rigid`); the field is
+    regularised by a Gaussian of ``smoothing_mm``
     (1 mm measured best on the horseshoe variants at 2 and 4 mm voxels: Dice higher than
     with 2 or 4 mm, Jacobian of the map still >= 0.3, i.e. no folding).
     The result is the pull field ``d`` of :class:`Registration` directly; its inverse
@@ -311,9 +327,7 @@ def register_deformable(planning: Patient, new: Patient, *, initial: Registratio
     """
     sitk = _sitk()
     t0 = time.perf_counter()
-    lo, hi = (float(v) for v in window_hu)
-    if not hi > lo:
-        raise RegistrationError(f"register_deformable: window_hu must be (low, high) with high > low, got {window_hu!r}")
+    lo, hi = _window(window_hu, new, "register_deformable")
     if initial is None:
         initial = register_rigid(planning, new, progress=progress, cancel=cancel, window_hu=(lo, hi))
     elif not isinstance(initial, Registration):

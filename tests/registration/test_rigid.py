@@ -54,9 +54,10 @@ def test_limited_fov_rigid(hs):
     reg = register_rigid(v.planning, v.patient)
     assert reg.metrics["limited_fov"]
     err_mm, rot_deg = _errors(reg, v.truth, v.planning.structure("PTV").mask, v.planning.grid)
-    # Only the box around the target informs it: measured 0.9 mm at worst over the PTV
-    # (60 mm from the centre), 0.27 degree.
-    assert err_mm < 1.5 and rot_deg < 1.0, (err_mm, rot_deg)
+    # Only the box around the target informs it (soft-tissue window by default): measured
+    # 0.3 mm at worst over the PTV (60 mm from the centre).
+    assert reg.metrics["window_hu"] == [-200.0, 400.0]
+    assert err_mm < 1.0 and rot_deg < 1.0, (err_mm, rot_deg)
 
 
 def test_cancel_stops_the_registration(moved):
