@@ -214,6 +214,7 @@ class PlanStore:
         self._lock = threading.RLock()
         self._closed = False
         self._open_sessions: dict[str, weakref.ref] = {}  # plan key -> the session this store opened for writing
+        self._sha_cache: dict[Path, tuple] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -762,7 +763,7 @@ class PlanStore:
         folder = self.root / "plans" / key / "session"
         try:
             header = sha256_file(folder / "session.json")
-            initial = sha256_file(folder / "initial_fluences.npz")
+            initial = self._file_sha(folder / "initial_fluences.npz")
             raw = complete_journal(folder)
         except FileNotFoundError as exc:
             raise StoreIntegrityError(f"plan {row['name']!r}: {exc.filename} is missing") from None
@@ -826,6 +827,19 @@ class PlanStore:
                 self._audit(c, ln.op, patient_key=row["patient_key"], plan_key=key, line=ln.line,
                             request_id=ln.request_id, kind=ln.kind)
         return len(lines)
+
+    def _file_sha(self, path: Path) -> str:
+        """SHA-256 of a file that is only ever replaced whole (atomically), cached by its
+        inode, size and modification time (the starting fluences: megabytes, hashed on
+        every sync otherwise)."""
+        st = path.stat()
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._sha_cache.get(path)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        sha = sha256_file(path)
+        self._sha_cache[path] = (sig, sha)
+        return sha
 
     def _install_hook(self, session, key: str) -> None:
         """Index each operation the session journals, right after its line is durable."""
