@@ -137,3 +137,26 @@ def test_adapted_from_a_stored_plan_is_stored_as_its_child(approved, approved_di
         assert child.patient_key == pk and child.parent_key == parent.key
         assert len(st.image_sets(pk)) == 2  # the planning CT and the new CT
         assert st.evidence(child, "adaptation")[0]["doc"]["adaptation"]["reoptimised"] is False
+
+
+def test_deformed_case_in_a_limited_field_of_view_without_a_protocol(approved_dir, tmp_path):
+    # The session folder alone (no protocol.toml anywhere near): goals derived from the approved dose.
+    import shutil
+
+    pytest.importorskip("SimpleITK")
+    shutil.copytree(approved_dir / "session", tmp_path / "plan")
+    plan = load_approved_plan(tmp_path / "plan")
+    assert plan.protocol is None
+    doc = run_adaptation(plan, "horseshoe:coarse;shift_mm=3.904,0,0;oar_grow_mm=3;target_shrink_mm=2;fov_mm=140",
+                         tmp_path / "out", registration="deformable",
+                         options=AdaptOptions(reoptimise="always", max_iterations=30, tail_rounds=0,
+                                              gamma_max_points=2000))
+    ad = doc["adaptation"]
+    assert doc["registration"]["kind"] == "deformable"
+    assert ad["goals_source"].startswith("derived from the approved dose")
+    assert any("limited field of view" in n for n in ad["notes"])
+    assert any("goals were derived" in n for n in ad["notes"])
+    # The elastic transfer follows the deformation: the transferred OAR grew, the PTV shrank.
+    vol = {c["name"]: (c["approved_cc"], c["transferred_cc"]) for c in doc["contours"]}
+    assert vol["OAR"][1] > vol["OAR"][0] and vol["PTV"][1] < vol["PTV"][0]
+    assert all(c["dice"] > 0.8 for c in doc["contours"] if c["kind"] != "external")
