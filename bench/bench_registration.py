@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                          "rotation_deg_xyz": [0.0, 0.0, 2.0]},
             "limited_fov_mm": [150.0, 150.0, 90.0],
             "rigid": "SimpleITK Euler3D, Mattes MI, 3 levels, 30000 samples/level",
-            "deformable": "SimpleITK fast symmetric forces demons, 3 levels, 1 mm field smoothing"}
+            "deformable": "SimpleITK fast symmetric forces demons, 3 levels, field smoothing 1 voxel"}
     print_table(f"Registration, horseshoe {args.resolution} ({g.describe()})", stages)
     print("\nquality against the known transforms:")
     for k, v in quality.items():
