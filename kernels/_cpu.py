@@ -5,8 +5,9 @@ When numba is installed (the ``fast`` extra) the engine's NumPy path uses
 level's voxels fused with the add into the dose, the inner loop of every incremental update,
 :func:`sample_weighted` for the read-out of a stack of patch responses at the rows of a
 DMR solve (the component sum fused in; agrees with the NumPy path to float32 round-off), and
-:func:`block_depth` for the radiological depth of a block of rays (one loop per ray instead
-of a padded (steps, rays) array; the same float32 operations in the same order);
+:func:`block_depth` for the radiological depth of rays (one loop per ray instead of a padded
+(steps, rays) array; the same float32 operations in the same order, so the same result except
+where the NumPy block's padding adds a sub-ulp sliver after a ray's last step);
 the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and the CUDA
 kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
@@ -172,8 +173,9 @@ def block_depth(rho_flat, ints, floats, out=None, start: int = 0, stop: int | No
     """Radiological path (mm) of rays ``start:stop`` set up by ``kernels.raytrace._Rays``
     (``ints`` (5, m) int32, ``floats`` (11, m) float32) through the padded flat density,
     written into ``out`` (m,) float32 (a new array when None): the compiled twin of
-    ``kernels.raytrace._block_depth``, one loop per ray. Releases the GIL (threads can share
-    the rays). Needs numba (``HAVE_NUMBA``)."""
+    ``kernels.raytrace._block_depth``, one loop per ray (equal to it to a float32 ulp: the
+    padded NumPy block can add a sub-ulp sliver after a ray's last step). Releases the GIL
+    (threads can share the rays). Needs numba (``HAVE_NUMBA``)."""
     if _DEPTH is None:
         raise RuntimeError("block_depth needs numba (pip install ids-engine[fast])")
     m = ints.shape[1]

@@ -64,8 +64,9 @@ def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularis
 
 @dataclass(frozen=True, eq=False)
 class StepResult:
-    """One guarded joint solve: patches applied (take-backs included), accepted or not,
-    the weighted band violation at its rows before and after, the column scales, the rows' dose after.
+    """One guarded joint solve: patches applied (empty for a rejected step; a step taken back
+    after a round-off tie lists the patch and its negation), accepted or not, the weighted band
+    violation at its rows before and after, the column scales, the rows' dose after.
     ``proposed``: the solve found a non-empty step (whether or not it was good enough to apply)."""
 
     patches: list
@@ -288,10 +289,15 @@ class Modifier:
 
         Scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k n_k^2 f_k^2``, ``f >= 0``, with
         ``n_k = max(||W^1/2 G_k||, 0.1 max_j ||W^1/2 G_j||)``
-        (NNLS on the augmented system). The combined patch is clipped at zero fluence and
-        applied; unless the weighted band violation at the rows got strictly better, half of it
-        is taken back, and if that is still not better, all of it (the step is rejected). Every patch applied,
-        take-backs included, is in ``patches`` in order (so a journal replays it exactly).
+        (NNLS on the augmented system). The combined patch is clipped at zero fluence and judged
+        on its predicted effect at the rows (linear in the patch): unless the weighted band
+        violation at the rows gets strictly better, half of it is judged, and if that is still
+        not better the step is rejected and nothing is applied. A step that changes no row by
+        more than 1e-4 of the rows' largest dose is rejected as negligible (solving the same
+        voxel again would give the same step; recovery marks it done). An applied step whose
+        measured violation is not better after all (a round-off tie) is taken back. Every
+        patch applied, take-backs included, is in ``patches`` in order (so a journal replays
+        it exactly).
         """
         eng = self.engine
         rows = np.asarray(rows, np.int64)
@@ -354,7 +360,7 @@ class Modifier:
         if not np.any(f > 0):
             return StepResult([], False, obj0, obj0, f, before, w_before)
         combined = self._combine([(fk, ps) for fk, ps in zip(f, cols) if fk > 0])
-        clipped = self._clip_nonnegative(combined)
+        clipped, cut = self._clip_nonnegative(combined, report=True)
         t0 = self._tick("create_patch", t0)
         if not clipped:
             return StepResult([], False, obj0, obj0, f, before, w_before)
@@ -362,8 +368,8 @@ class Modifier:
         # (one column of the patch response), a step that would not lower the rows' objective,
         # not even at half length, is never applied (no apply and take-back of the cube).
         pos = f > 0
-        if len(clipped) == len(combined) and all(np.array_equal(a.delta, b.delta) for a, b in zip(clipped, combined)):
-            pred = g[:, pos] @ f[pos]  # nothing was clipped: the solve's own columns predict it
+        if not cut:  # nothing was clipped: the solve's own columns predict it
+            pred = g[:, : f.size][:, pos] @ f[pos]
         else:
             pred = backend.asnumpy(eng.delta_matrix([clipped], rows))[:, 0].astype(np.float64)
         t0 = self._tick("convolution", t0)
@@ -420,15 +426,21 @@ class Modifier:
             out.append(FluencePatch(b, r0, c0, acc.astype(np.float32)))
         return out
 
-    def _clip_nonnegative(self, patches: list[FluencePatch]) -> list[FluencePatch]:
-        """Replace each patch by the part that keeps the fluence >= 0 (drops empty ones)."""
+    def _clip_nonnegative(self, patches: list[FluencePatch], report: bool = False):
+        """Replace each patch by the part that keeps the fluence >= 0 (drops empty ones).
+        With ``report``: ``(patches, cut)``, ``cut`` True when zero fluence cut some amplitude
+        (the clipped patch then differs from the given one by more than round-off)."""
         eng = self.engine
         out = []
+        cut = False
         for p in patches:
             h, w = p.shape
             psi = eng.fluence_host(p.beam)[p.row0 : p.row0 + h, p.col0 : p.col0 + w]
-            new = np.maximum(psi + p.delta, np.float32(0))
-            delta = (new - psi).astype(np.float32)
+            raw = psi + p.delta
+            cut = cut or bool(np.any(raw < 0))
+            delta = (np.maximum(raw, np.float32(0)) - psi).astype(np.float32)
             if np.any(delta != 0):
                 out.append(FluencePatch(p.beam, p.row0, p.col0, delta))
-        return out
+            else:
+                cut = True
+        return (out, cut) if report else out

@@ -192,10 +192,8 @@ class _Rows:
         self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
         self.index_zyx = np.stack(np.unravel_index(self.vox, self.shape), axis=-1)
         self.coords = self.index_zyx * self.spacing
-        # Watch position of every CT voxel (-1: not watched): neighbourhoods are looked up on
-        # the grid (a ball of offsets), not in a k-d tree over 10^5 points.
-        self.lut = np.full(int(np.prod(self.shape)), -1, np.int32)
-        self.lut[self.vox] = np.arange(self.vox.size, dtype=np.int32)
+        # Neighbourhoods are looked up on the grid (a ball of index offsets, then the sorted
+        # watch), not in a k-d tree over 10^5 points.
         self._balls: dict = {}
         self.bev_u, self.bev_v, self.bev_w, self.by_v = [], [], [], []
         for geo in eng.geometry:  # host copies of the geometry: no device work
@@ -232,8 +230,9 @@ class _Rows:
             offs = self._balls[radius_mm] = grid[((grid * self.spacing) ** 2).sum(axis=1) <= radius_mm**2 + 1e-9]
         pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
         pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
-        hit = self.lut[np.ravel_multi_index(pts.T, self.shape)]
-        return np.unique(hit[hit >= 0]).astype(np.int64)
+        flat = np.unique(np.ravel_multi_index(pts.T, self.shape))
+        at = np.minimum(np.searchsorted(self.vox, flat), max(self.vox.size - 1, 0))
+        return at[self.vox[at] == flat].astype(np.int64) if self.vox.size else np.zeros(0, np.int64)
 
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones

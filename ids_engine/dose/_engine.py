@@ -767,8 +767,9 @@ class DoseEngine:
         hh, ww = int(stack.shape[1]), int(stack.shape[2])
         kh, kw = int(h.kernels.shape[1]), int(h.kernels.shape[2])
         full = (hh + kh - 1, ww + kw - 1)
-        if ok.any():
-            vs, us = v[ok], u[ok]
+        use = ok & np.isfinite(v) & np.isfinite(u)
+        if use.any():
+            vs, us = v[use], u[use]
             win = [(min(max(math.floor(float(a.min())) - o, 0), n), min(max(math.floor(float(a.max())) + 2 - o, 0), n))
                    for a, o, n in ((vs, r0 - hk, full[0]), (us, c0 - hk, full[1]))]
         else:

@@ -182,7 +182,7 @@ def exact_dvh(name: str, dose_gy: np.ndarray, mask: np.ndarray, grid, *, supersa
         raise ValueError(f"exact_dvh: supersample must be >= 1, got {supersample}")
     d = _crop_dose(dose, region)
     sub = _subgrid(s)
-    doses, weights = [], []
+    doses = []
     step = max(1, _CHUNK_POINTS // len(sub))
     for a in range(0, len(region.candidates), step):
         v = region.candidates[a:a + step]

@@ -299,12 +299,36 @@ def test_rejected_solves_never_touch_the_dose_cube(s, monkeypatch):
     res = s.run(EraseSpot(m, 6.0, 0.0, 0.5 * RX))
     try:
         rejected = [r for r in results if not r.accepted]
-        assert rejected and all(not r.patches for r in rejected)
+        # A rejected step applies nothing, unless the prediction's round-off decided a tie:
+        # then it was applied and taken back (the patch and its negation).
+        ties = [r for r in rejected if r.patches]
+        assert rejected and len(ties) <= max(1, len(rejected) // 10)
+        assert all(len(r.patches) % 2 == 0 for r in ties)
         accepted = sum(1 for r in results if r.accepted)
-        back_to_best = 1 if res.best_step < res.recovery_steps and len(applies) > accepted else 0
-        assert len(applies) == accepted + back_to_best
+        back_to_best = 1 if res.best_step < res.recovery_steps and len(applies) > accepted + 2 * len(ties) else 0
+        assert len(applies) == accepted + 2 * len(ties) + back_to_best
     finally:
         while len(s.journal) > n0:
             s.undo()
         s.clear_redo()
     np.testing.assert_allclose(s.dose(), before, atol=1e-4)
+
+
+def test_row_neighbourhoods_match_a_kd_tree(s):
+    """Recovery looks a cluster's neighbourhood up on the CT grid (a ball of index offsets and
+    the sorted watch): the same watched voxels as a k-d tree's ball query, at every radius used."""
+    from scipy.spatial import cKDTree
+
+    from ids_engine.dmr import SetVoxelDose, resolve
+    from ids_engine.dmr._recovery import RecoveryOptions, _Rows
+
+    resolved = resolve(SetVoxelDose(rim(s), 0.55 * RX), s.resolve_context())
+    rows = _Rows(s.modifier, s.build_watch(resolved), RecoveryOptions())
+    tree = cKDTree(rows.coords)
+    rng = np.random.default_rng(7)
+    for radius in (6.0, 10.0, 14.0):
+        for _ in range(4):
+            cols = rng.choice(rows.vox.size, 5, replace=False)
+            expect = np.unique(np.concatenate([np.asarray(i, np.int64)
+                                               for i in tree.query_ball_point(rows.coords[cols], radius)]))
+            np.testing.assert_array_equal(rows.ball(cols, radius), expect)
