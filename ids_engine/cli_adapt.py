@@ -66,7 +66,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                                rotate_beams=args.rotate_beams)
         common = dict(registration=args.registration, fiducials=args.fiducials, tolerance=tolerance,
                       resolution=args.resolution, protocol=args.protocol, options=options, store=args.store,
-                      patient_id=args.patient_id, plan_name=args.plan_name)
+                      patient_id=args.patient_id, plan_name=args.plan_name, contours=args.contours)
         print(f"ids-engine {__version__}")
         if len(args.new_ct) > 1 or args.scheduler:
             approved = str(Path(args.approved).absolute())
@@ -146,6 +146,10 @@ def add_parser(sub) -> None:
     s.add_argument("--protocol", metavar="FILE",
                    help="goals to re-optimise for (TOML protocol); default: protocol.toml kept with the approved plan")
     s.add_argument("--resolution", choices=["clinical", "coarse"], help="grid of a built-in test case that names none")
+    s.add_argument("--contours", choices=["transferred", "own"], default="transferred",
+                   help="plan on the approved contours warped onto the new CT (default), or on the new CT's own "
+                        "contours where it has them (e.g. OUT/new_ct of an earlier run, reviewed and edited in a "
+                        "contouring tool)")
     s.add_argument("--reoptimise", choices=["auto", "always", "never"], default="auto",
                    help="auto (default): re-optimise only when the approved plan recomputed on the new anatomy is out "
                         "of tolerance; always; never")

@@ -190,7 +190,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
                    tolerance: "ToleranceProfile | str | Path | None" = None, resolution: str | None = None,
                    protocol=None, options: AdaptOptions | None = None, force: bool = False, store=None,
                    progress=None, cancel=None, log=None, final_path=None, patient_id: str | None = None,
-                   plan_name: str | None = None) -> dict:
+                   plan_name: str | None = None, contours: str = "transferred") -> dict:
     """Adapt an approved plan to a new CT and write the results to ``out`` (layout in the
     module docstring).
 
@@ -212,6 +212,10 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         "auto-qualified".
     patient_id, plan_name : the store's patient ID (needed for a DICOM new CT; a test case
         is filed under ``TEST-<phantom>``) and the plan's name (default "adapted <time>").
+    contours : "transferred" (default): plan on the approved contours warped onto the new CT;
+        "own": plan on the new CT's own contours where it has them (by name; e.g. the
+        transferred contours of an earlier run, ``OUT/new_ct``, reviewed and edited in any
+        DICOM contouring tool), the transferred ones for the rest.
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops the optimiser.
     log : ``log(text)`` for one line per step (None: silent).
     final_path : where ``out`` will lie in the end when a caller moves it there (a batch
@@ -231,6 +235,8 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     out = check_out_folder(out, force=force)
     if registration not in REGISTRATIONS:
         raise AdaptError(f"--registration {registration!r}: expected one of {', '.join(REGISTRATIONS)}")
+    if contours not in ("transferred", "own"):
+        raise AdaptError(f"--contours {contours!r}: expected 'transferred' or 'own'")
     if not isinstance(tolerance, ToleranceProfile):
         tolerance = default_tolerance() if tolerance is None else read_tolerance(tolerance)
     options = options or AdaptOptions()
@@ -281,6 +287,20 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     t0 = time.perf_counter()
     transferred = transfer_structures(approved.patient, bare, reg)
     timings["transfer_contours"] = time.perf_counter() - t0
+    if contours == "own":
+        # The reviewed (edited) contours of the new CT replace the transferred ones by name.
+        mine = {s.name: s for s in nct.patient.structures
+                if s.mask.shape == transferred.grid.shape_zyx and not s.is_empty}
+        if not any(n in mine for n in approved.patient.structure_names):
+            raise AdaptError(f"--contours own: the new CT ({nct.label}) has none of the approved plan's structures "
+                             f"({', '.join(approved.patient.structure_names)})")
+        used = [replace(mine[s.name], grid=transferred.grid, kind=s.kind) if s.name in mine else s
+                for s in transferred.structures]
+        transferred = replace(transferred, structures=tuple(used))
+        notes.append("planned on the new CT's own contours: " + ", ".join(n for n in approved.patient.structure_names
+                                                                       if n in mine)
+                     + "; transferred: " + (", ".join(n for n in approved.patient.structure_names if n not in mine)
+                                            or "none"))
 
     dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out
     dest.mkdir(parents=True, exist_ok=True)

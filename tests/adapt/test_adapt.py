@@ -160,3 +160,33 @@ def test_deformed_case_in_a_limited_field_of_view_without_a_protocol(approved_di
     vol = {c["name"]: (c["approved_cc"], c["transferred_cc"]) for c in doc["contours"]}
     assert vol["OAR"][1] > vol["OAR"][0] and vol["PTV"][1] < vol["PTV"][0]
     assert all(c["dice"] > 0.8 for c in doc["contours"] if c["kind"] != "external")
+
+
+def test_reviewed_contours_edited_then_planned_on(approved, tmp_path):
+    """Contours transferred onto the new CT are written for review (``OUT/new_ct``: the CT and an
+    RTSTRUCT); edited in a contouring tool (here: the PTV shrunk 4 mm), the next run plans on
+    them with ``contours="own"``; a new CT without any of the plan's structures is refused."""
+    pytest.importorskip("SimpleITK")
+    from ids_engine.adapt import AdaptError
+    from ids_engine.io import read_dicom, write_dicom_ct, write_rtstruct
+    from ids_engine.model import contract
+
+    fast = AdaptOptions(reoptimise="never", gamma_max_points=3000)
+    first = tmp_path / "first"
+    run_adaptation(approved, SHIFT_SPEC, first, registration="rigid", options=fast)
+    review = read_dicom(first / "new_ct")
+    ptv = review.structure("PTV")
+    edited_ptv = contract("PTV", ptv, 4.0, kind=ptv.kind, colour=ptv.colour)
+    edited = review.with_structures(edited_ptv, replace_existing=True)
+    ct = tmp_path / "edited_ct"
+    files = write_dicom_ct(edited, ct)
+    write_rtstruct(edited, ct / "RS.dcm", files)
+    doc = run_adaptation(approved, ct, tmp_path / "second", registration="rigid", options=fast, contours="own")
+    planned = read_dicom(tmp_path / "second" / "new_ct")
+    reread = read_dicom(ct).structure("PTV")
+    assert planned.structure("PTV").voxel_count == reread.voxel_count < 0.8 * ptv.voxel_count
+    assert any("own contours: PTV" in n for n in doc["adaptation"]["notes"])
+    bare = tmp_path / "bare_ct"
+    write_dicom_ct(edited, bare)
+    with pytest.raises(AdaptError, match="--contours own"):
+        run_adaptation(approved, bare, tmp_path / "third", registration="rigid", options=fast, contours="own")
