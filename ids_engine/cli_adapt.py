@@ -59,7 +59,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         if (args.patient_id or args.plan_name) and not args.store:
             raise AdaptError("--patient-id and --plan-name are for --store")
         if args.plan_name and (len(args.new_ct) > 1 or args.scheduler):
-            raise AdaptError("--plan-name names one plan; a batch names its plans 'adapted <date time>'")
+            raise AdaptError("--plan-name names one plan; a batch names its plans 'adapted <date time> <sub-folder>'")
         tolerance = read_tolerance(args.tolerance) if args.tolerance else None
         options = AdaptOptions(reoptimise=args.reoptimise, max_iterations=args.max_iterations,
                                replay=not args.no_replay, gamma_max_points=args.gamma_points or None,
@@ -164,7 +164,7 @@ def add_parser(sub) -> None:
     s.add_argument("--store", metavar="PATH", help="also put the adapted plan and its evidence into this plan store")
     s.add_argument("--patient-id", help="with --store: the patient's ID the adapted plan is filed under (a built-in "
                                         "test case: TEST-<phantom>)")
-    s.add_argument("--plan-name", help="with --store: the adapted plan's name (default 'adapted <date time>')")
+    s.add_argument("--plan-name", help="with --store: the adapted plan's name (default 'adapted <date time> <output folder>')")
     s.add_argument("--scheduler", metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:8786) for the adaptations; default: a local cluster "
                         "when several NEW_CTs are given")

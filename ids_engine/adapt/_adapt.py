@@ -272,8 +272,11 @@ def adapt_plan(approved: ApprovedPlan, new_patient, registration, *, case: dict,
     def own(dose):
         if own_contours is None:
             return None
-        return compare_doses(approved.dose_gy, approved.patient, dose, own_contours, registration, prescription_gy=rx,
+        comp = compare_doses(approved.dose_gy, approved.patient, dose, own_contours, registration, prescription_gy=rx,
                              gamma=False)
+        # The new CT's own contours may cover only some structures (a re-drawn target): the
+        # others are checked on the transferred contours, not failed as missing.
+        return {**comp, "missing": [], "not_contoured": list(comp.get("missing", []))}
 
     comp_re = compare_doses(approved.dose_gy, approved.patient, recomputed, new_patient, registration, **compare)
     own_re = own(recomputed)

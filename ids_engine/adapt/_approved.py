@@ -110,7 +110,8 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
         if "torn last line" not in w:
             raise AdaptError(f"{folder}: the approved plan's session is not intact: {w}")
     if protocol is None:
-        for cand in (path / "protocol.toml", folder.parent / "protocol.toml"):
+        # an `ids plan` folder, the session's parent, or a stored plan (plans/<key>/files/)
+        for cand in (path / "protocol.toml", folder.parent / "protocol.toml", folder.parent / "files" / "protocol.toml"):
             if cand.is_file():
                 protocol = cand
                 break
@@ -122,7 +123,7 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
             raise InputError(f"the protocol names {', '.join(missing)}, which the approved plan's case does not have "
                              f"(structures: {', '.join(s.patient.structure_names)})", protocol, "structure")
     info = {}
-    for cand in (path / "plan.json", folder.parent / "plan.json"):
+    for cand in (path / "plan.json", folder.parent / "plan.json", folder.parent / "files" / "plan.json"):
         if cand.is_file():
             try:
                 info = json.loads(cand.read_text())

@@ -73,6 +73,13 @@ def qualify(comparison: dict, profile, *, registration_metrics: dict | None = No
     structure_checks(comparison, "")
     if own_contours is not None:
         structure_checks(own_contours, "own contours: ")
+    # A limit on a structure the comparison does not have (a misspelt name, another case's
+    # profile) would otherwise check nothing: it fails, naming the structure.
+    compared = set(comparison["structures"]) | set(comparison.get("missing", []))
+    for name in sorted(set(profile.structure_limits) - compared):
+        add(f"{name} limits", None, None, "", False,
+            f"{name}: the tolerance profile has limits for it, but the plan has no structure of that name "
+            f"(structures: {', '.join(sorted(compared))})")
     for crit, minimum in profile.gamma_min_pass_pct.items():
         g = comparison.get("gamma", {}).get(crit)
         rate = None if g is None else g["pass_rate_pct"]
@@ -83,9 +90,14 @@ def qualify(comparison: dict, profile, *, registration_metrics: dict | None = No
             f"gamma {crit}: pass rate {rate:.1f} % below the minimum {minimum:g} %")
     if profile.max_fiducial_rms_mm is not None and registration_kind == "fiducial":
         rms = (registration_metrics or {}).get("rms_residual_mm")
-        if rms is not None:
+        if rms is None or not math.isfinite(float(rms)):
+            add("fiducial residual (RMS)", None, profile.max_fiducial_rms_mm, "mm", False,
+                "fiducial registration: no marker residual to check")
+        else:
             add("fiducial residual (RMS)", float(rms), profile.max_fiducial_rms_mm, "mm",
                 float(rms) <= profile.max_fiducial_rms_mm,
                 f"fiducial registration: RMS marker residual {float(rms):.2f} mm exceeds {profile.max_fiducial_rms_mm:g} mm")
+    if not checks:
+        add("any check", None, None, "", False, "the tolerance profile checked nothing (no limit applies to this plan)")
     return Qualification(not reasons, tuple(reasons), tuple(checks),
                          {"name": profile.name, "source": profile.source})

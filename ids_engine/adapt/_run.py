@@ -211,7 +211,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         qualification as "adaptation" evidence; an auto-qualified plan gets the status
         "auto-qualified".
     patient_id, plan_name : the store's patient ID (needed for a DICOM new CT; a test case
-        is filed under ``TEST-<phantom>``) and the plan's name (default "adapted <time>").
+        is filed under ``TEST-<phantom>``) and the plan's name (default "adapted <time> <output folder name>").
     contours : "transferred" (default): plan on the approved contours warped onto the new CT;
         "own": plan on the new CT's own contours where it has them (by name; e.g. the
         transferred contours of an earlier run, ``OUT/new_ct``, reviewed and edited in any
@@ -402,7 +402,8 @@ def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan
 
     with PlanStore.open(store) as st:
         pkey = st.add_patient(new_patient, patient_id=patient_id)
-        name = plan_name or f"adapted {time.strftime('%Y-%m-%d %H.%M.%S')}"
+        # (the output folder's name too: batch tasks finishing in the same second differ)
+        name = plan_name or f"adapted {time.strftime('%Y-%m-%d %H.%M.%S')} {Path(out).name}"
         # An approved plan opened from this store's own folder is the adapted plan's parent.
         parent = None
         try:
@@ -411,6 +412,9 @@ def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan
                 parent = st.get(rel.parts[0])
         except (ValueError, KeyError, LookupError):
             parent = None
+        if parent is not None and parent.patient_key != pkey:
+            raise AdaptError(f"--patient-id {patient_id!r}: the approved plan {parent.name!r} belongs to another patient "
+                             "of the store; the new CT must be the same patient's (nothing stored)")
         ref = st.import_session(out / "session", patient_key=pkey, plan_name=name, parent=parent)
         evidence = {k: doc[k] for k in ("format", "version", "approved", "new_ct", "registration",
                                         "registration_error_vs_truth", "contours", "tolerance", "adaptation",

@@ -289,7 +289,9 @@ class PlanStore:
         plans = self.root / "plans"
         for d in sorted(plans.iterdir()) if plans.is_dir() else ():
             if d.name not in keys and d.is_dir():
-                self._remove_if_unlocked(d)
+                # Another process may have committed this plan since the keys were read: the
+                # table is asked again once the folder's lock is held.
+                self._remove_if_unlocked(d, still_orphan=lambda key=d.name: self._plan_row_missing(key))
         for sub in (".staging", ".trash"):
             for d in sorted((self.root / sub).iterdir()) if (self.root / sub).is_dir() else ():
                 # A staging folder is made a moment before its lock is taken: leave young ones.
@@ -300,8 +302,12 @@ class PlanStore:
                 if not young:
                     self._remove_if_unlocked(d)
 
+    def _plan_row_missing(self, key: str) -> bool:
+        with self._lock:
+            return not self._q("SELECT 1 FROM plans WHERE key = ?", (key,))
+
     @staticmethod
-    def _remove_if_unlocked(d: Path) -> None:
+    def _remove_if_unlocked(d: Path, still_orphan=None) -> None:
         sess = d / "session"
         lock = None
         if sess.is_dir():
@@ -310,7 +316,8 @@ class PlanStore:
             except FolderLockedError:
                 return  # a live writer is building it
         try:
-            shutil.rmtree(d, ignore_errors=True)
+            if still_orphan is None or still_orphan():
+                shutil.rmtree(d, ignore_errors=True)
         finally:
             if lock is not None:
                 lock.release()
@@ -1373,8 +1380,15 @@ class PlanStore:
                 conn.execute("UPDATE evidence SET user=? WHERE user=?", (pseud("user", u), u))
                 if u:
                     secrets_map.setdefault(u, pseud("user", u))
+            for r in conn.execute("SELECT key, name FROM plans").fetchall():
+                name = _scrub(r["name"], secrets_map)
+                if name != r["name"]:  # a plan named after the patient
+                    try:
+                        conn.execute("UPDATE plans SET name=? WHERE key=?", (name, r["key"]))
+                    except sqlite3.IntegrityError:
+                        conn.execute("UPDATE plans SET name=? WHERE key=?", (f"plan {r['key'][:8]}", r["key"]))
             for r in conn.execute("SELECT id, detail_json FROM audit").fetchall():
-                conn.execute("UPDATE audit SET detail_json=? WHERE id=?", (_scrub(r[1], secrets_map), r[0]))
+                conn.execute("UPDATE audit SET detail_json=? WHERE id=?", (_scrub_json(r[1], secrets_map, None), r[0]))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('anonymised', ?)", (_now(),))
             conn.execute("COMMIT")
             self._export_files(conn, work, secrets_map)
@@ -1412,26 +1426,27 @@ class PlanStore:
             for k in ("dicom", "matrad"):
                 if k in case:
                     case[k] = f"anonymised-{hashlib.sha256(str(case[k]).encode()).hexdigest()[:12]}"
-            text = _scrub(json.dumps(doc, indent=1), secrets_map)
+            text = _scrub_json(json.dumps(doc), secrets_map)
             (dst / "session" / "session.json").write_text(text, encoding="utf-8")
             shutil.copyfile(src / "session" / "initial_fluences.npz", dst / "session" / "initial_fluences.npz")
             raw = (src / "session" / "journal.jsonl").read_bytes()[: p["journal_bytes"]]
             for ln in parse_lines(raw, 0, 0):
                 if ln.file:
                     shutil.copyfile(src / "session" / "requests" / ln.file, dst / "session" / "requests" / ln.file)
-            scrubbed = _scrub(raw.decode("utf-8"), secrets_map).encode("utf-8")
+            scrubbed = _scrub_journal(raw, secrets_map, f"plan {key}: journal.jsonl")
             (dst / "session" / "journal.jsonl").write_bytes(scrubbed)
             conn.execute("UPDATE plans SET header_sha256=?, journal_sha256=?, journal_bytes=? WHERE key=?",
                          (sha256_bytes(text.encode()), sha256_bytes(scrubbed), len(scrubbed), key))
             for f in conn.execute("SELECT path FROM plan_files WHERE plan_key=?", (key,)).fetchall():
                 (dst / f[0]).parent.mkdir(parents=True, exist_ok=True)
-                data = _scrub((src / f[0]).read_text(encoding="utf-8", errors="replace"), secrets_map)
+                data = (src / f[0]).read_text(encoding="utf-8", errors="replace")
+                data = _scrub_json(data, secrets_map) if f[0].endswith(".json") else _scrub(data, secrets_map)
                 (dst / f[0]).write_text(data, encoding="utf-8")
                 conn.execute("UPDATE plan_files SET sha256=? WHERE plan_key=? AND path=?",
                              (sha256_file(dst / f[0]), key, f[0]))
         for e in conn.execute("SELECT key, path, arrays_sha256 FROM evidence").fetchall():
             (work / e["path"]).mkdir(parents=True, exist_ok=True)
-            text = _scrub((self.root / e["path"] / "doc.json").read_text(encoding="utf-8"), secrets_map)
+            text = _scrub_json((self.root / e["path"] / "doc.json").read_text(encoding="utf-8"), secrets_map)
             (work / e["path"] / "doc.json").write_text(text, encoding="utf-8")
             conn.execute("UPDATE evidence SET doc_sha256=? WHERE key=?", (sha256_bytes(text.encode()), e["key"]))
             if e["arrays_sha256"]:
@@ -1439,11 +1454,41 @@ class PlanStore:
 
 
 def _scrub(text: str, secrets_map: dict) -> str:
-    """Replace every identifier string in ``text`` (longest first)."""
+    """Replace identifier strings in a text file: whole words only (never inside a longer
+    word or number), identifiers of 3 or more characters (shorter ones only as whole JSON
+    values: see :func:`_scrub_json`)."""
     for old in sorted(secrets_map, key=len, reverse=True):
-        if old:
-            text = text.replace(old, secrets_map[old])
+        if len(old) >= 3:
+            text = re.sub(r"(?<![0-9A-Za-z])" + re.escape(old) + r"(?![0-9A-Za-z])",
+                          lambda _m, new=secrets_map[old]: new, text)
     return text
+
+
+def _scrub_value(v, secrets_map: dict):
+    """A parsed JSON value with identifiers replaced in its string values only (keys, numbers
+    and structure untouched)."""
+    if isinstance(v, str):
+        return secrets_map[v] if v in secrets_map else _scrub(v, secrets_map)
+    if isinstance(v, list):
+        return [_scrub_value(x, secrets_map) for x in v]
+    if isinstance(v, dict):
+        return {k: _scrub_value(x, secrets_map) for k, x in v.items()}
+    return v
+
+
+def _scrub_json(text: str, secrets_map: dict, indent: int | None = 1) -> str:
+    """A JSON document with identifiers replaced in its string values (see :func:`_scrub_value`)."""
+    return json.dumps(_scrub_value(json.loads(text), secrets_map), indent=indent)
+
+
+def _scrub_journal(raw: bytes, secrets_map: dict, where: str) -> bytes:
+    """A session journal (one JSON entry per line) with identifiers replaced in its string
+    values; refuses to write one that would parse to fewer entries than the original."""
+    lines = [ln for ln in raw.split(b"\n") if ln.strip()]
+    out = b"".join(json.dumps(_scrub_value(json.loads(ln), secrets_map)).encode("utf-8") + b"\n" for ln in lines)
+    if len(parse_lines(out, 0, 0)) != len(parse_lines(raw, 0, 0)):  # pragma: no cover - a guard
+        raise StoreError(f"{where}: the anonymised journal would not replay; export stopped")
+    return out
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:

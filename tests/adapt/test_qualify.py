@@ -58,3 +58,23 @@ def test_own_contours_are_checked_too():
     q = qualify(_comparison(), default_tolerance(), own_contours=_comparison(-6.0))
     assert not q.auto_qualified
     assert q.reasons == ("own contours: PTV D95: 60.00 -> 54.00 Gy, delta -10.00 % of Rx exceeds 3 % of Rx",)
+
+
+def test_a_profile_that_checks_nothing_never_qualifies():
+    """A structure limit under a name the plan does not have (a misspelt 'Rectum' for
+    'RECTUM') fails naming it; a profile with no applicable limit at all does not qualify; a
+    fiducial registration without a residual fails its residual check."""
+    from dataclasses import replace
+
+    from ids_engine.adapt._tolerance import Limit
+
+    only_rectum = replace(default_tolerance(), kind_limits={}, gamma_min_pass_pct={},
+                          structure_limits={"Rectum": {"max": Limit("max", "gy", 1.5)}})
+    q = qualify(_comparison(), only_rectum)
+    assert not q.auto_qualified
+    assert any(r.startswith("Rectum: the tolerance profile has limits for it") for r in q.reasons)
+    nothing = replace(default_tolerance(), kind_limits={}, gamma_min_pass_pct={}, structure_limits={})
+    q = qualify(_comparison(), nothing)
+    assert not q.auto_qualified and q.reasons == ("the tolerance profile checked nothing (no limit applies to this plan)",)
+    q = qualify(_comparison(), default_tolerance(), registration_kind="fiducial", registration_metrics={})
+    assert q.reasons == ("fiducial registration: no marker residual to check",)

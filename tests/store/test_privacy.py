@@ -83,3 +83,28 @@ def test_an_anonymised_export_holds_no_identifier_in_any_file(dicom_case, tmp_pa
         assert ev["doc"]["gamma_pct"] == 98.5 and PID not in ev["doc"]["note"]
         assert len(ex.history("plan 1")) == 1
         np.testing.assert_array_equal(ex.load_patient(pat["key"]).ct_hu, read_dicom(dicom_case).ct_hu)
+
+
+def test_an_export_with_short_identifiers_keeps_every_plan_replayable(tmp_path):
+    """A one-digit patient ID and a two-letter login are replaced only where they are a whole
+    string value (never inside numbers, keys or words), so the journals still parse and replay."""
+    from ids_engine.phantoms import PHANTOMS
+
+    patient = PHANTOMS["horseshoe"](resolution="coarse")
+    s = Session.open_field_plan(patient, n_beams=2, prescription_gy=RX, case={"phantom": "horseshoe", "resolution": "coarse"})
+    with PlanStore.open(tmp_path / "store", user="rt") as st:
+        pk = st.add_patient(patient, patient_id="3", name="Li^Bo")
+        ref = st.save_session(s, patient_key=pk, plan_name="plan 3", attach=True)
+        target = np.argwhere(patient.targets[0].mask)
+        for k in (0, 1, 2):
+            s.run(SetVoxelDose(tuple(int(v) for v in target[(k + 1) * len(target) // 4]), 0.97 * RX), recovery_steps=1)
+        s.close()
+        n_lines = len(st.history(ref))
+        dest = st.export_anonymised(tmp_path / "export", salt="fixed")
+    with PlanStore.open(dest) as ex:
+        assert ex.check() == []
+        assert len(ex.history("plan 3")) == n_lines == 3
+        (pat,) = ex.patients()
+        assert pat["patient_id"].startswith("ANON-") and pat["name"] == "ANONYMOUS"
+        reopened = ex.load_session("plan 3", write=False)
+        assert len(reopened.journal) == 3
