@@ -149,7 +149,9 @@ def read_fiducials(path) -> dict[str, tuple[float, float, float]]:
         try:
             xyz = tuple(float(c) for c in cells[1:])
         except ValueError:
-            if first:
+            # A header names its columns (no number in them at all); a marker line with a
+            # mistyped number is an error, even on the first line.
+            if first and not any(_is_number(c) for c in cells[1:]):
                 first = False
                 continue
             raise RegistrationError(f"{path}: line {n}: coordinates must be numbers (mm), got {cells[1:]}") from None
@@ -165,6 +167,14 @@ def read_fiducials(path) -> dict[str, tuple[float, float, float]]:
     if not out:
         raise RegistrationError(f"{path}: no markers (expected lines label,x_mm,y_mm,z_mm)")
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def write_fiducials(path, markers: dict) -> Path:

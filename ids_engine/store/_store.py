@@ -1087,6 +1087,8 @@ class PlanStore:
         key, name = row["key"], row["name"]
         if row["status"] == "approved":
             raise ApprovedPlanError(f"plan {name!r} is approved already")
+        if row["status"] in ("retired", "rejected"):
+            raise StoreError(f"approve: plan {name!r} is {row['status']}; approve a copy of it instead")
         if session is None and key in self._open_sessions:  # a session this store opened for writing
             live = self._open_sessions[key]()
             if live is not None and live.folder is not None and getattr(live, "_store_plan_key", None) == key:
@@ -1150,10 +1152,21 @@ class PlanStore:
         row = self._row(ref)
         if row["status"] == "approved" and status != "retired":
             raise ApprovedPlanError(f"plan {row['name']!r} is approved; it can only be retired, or copied")
-        if evidence_kind is not None and not self._q("SELECT 1 FROM evidence WHERE plan_key=? AND kind=?",
-                                                     (row["key"], evidence_kind)):
-            raise StoreError(f"set_status: plan {row['name']!r} has no evidence of kind {evidence_kind!r} "
-                             "(attach_evidence first)")
+        if evidence_kind is not None:
+            newest = self._q("SELECT key FROM evidence WHERE plan_key=? AND kind=? ORDER BY time DESC, key DESC LIMIT 1",
+                             (row["key"], evidence_kind))
+            if not newest:
+                raise StoreError(f"set_status: plan {row['name']!r} has no evidence of kind {evidence_kind!r} "
+                                 "(attach_evidence first)")
+            # The status rests on evidence about the plan as it is now, not an earlier plan ID.
+            for (detail,) in self._q("SELECT detail_json FROM audit WHERE plan_key=? AND action='evidence'",
+                                     (row["key"],)):
+                d = json.loads(detail)
+                if d.get("evidence") == newest[0][0] and d.get("plan_id") is not None and \
+                        int(d["plan_id"]) != int(row["plan_id"]):
+                    raise StoreError(f"set_status: the newest {evidence_kind!r} evidence of plan {row['name']!r} was "
+                                     f"made at plan ID {d['plan_id']}; the plan is at plan ID {row['plan_id']} now "
+                                     "(attach new evidence first)")
         with self._tx() as c:
             c.execute("UPDATE plans SET status=?, status_evidence=?, modified=? WHERE key=?",
                       (status, evidence_kind, _now(), row["key"]))
@@ -1194,7 +1207,8 @@ class PlanStore:
                 raise PlanNotFoundError(f"plan {row['name']!r} was deleted")
             c.execute("INSERT INTO evidence VALUES (?,?,?,?,?,?,?,?)",
                       (ekey, row["key"], kind, _now(), self.user, str(rel), sha256_bytes(text.encode()), arrays_sha))
-            self._audit(c, "evidence", patient_key=row["patient_key"], plan_key=row["key"], kind=kind, evidence=ekey)
+            self._audit(c, "evidence", patient_key=row["patient_key"], plan_key=row["key"], kind=kind, evidence=ekey,
+                        plan_id=int(row["plan_id"]))
         return ekey
 
     def evidence(self, ref, kind: str | None = None) -> list[dict]:

@@ -95,6 +95,7 @@ def test_marker_file_round_trip_and_errors(tmp_path):
         "A,1,2,3\nA,1,2,3\n": "line 2: duplicate label 'A'",
         "# nothing\n": "no markers",
         "A,1,2,inf\n": "line 1: coordinates must be finite",
+        "A,1,2.o,3\nB,4,5,6\n": "line 1: coordinates must be numbers",  # a typo, not a header
     }
     for text, msg in cases.items():
         path.write_text(text)

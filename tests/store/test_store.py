@@ -138,6 +138,14 @@ def test_a_status_resting_on_evidence_is_dropped_by_a_dose_change(store, patient
     _shape(session, 2)                                          # a dose change: back to draft
     assert store.get(ref).status == "draft"
     assert store.show(ref)["status_evidence"] is None
+    # The evidence was made at the earlier plan ID: the status cannot rest on it any more.
+    with pytest.raises(StoreError, match=r"made at plan ID \d+; the plan is at plan ID \d+ now"):
+        store.set_status(ref, "auto-qualified", evidence_kind="comparison")
+    store.attach_evidence(ref, "comparison", report)
+    assert store.set_status(ref, "auto-qualified", evidence_kind="comparison").status == "auto-qualified"
+    store.set_status(ref, "rejected")
+    with pytest.raises(StoreError, match="is rejected; approve a copy"):
+        store.approve(ref, "dr. approver")
     with pytest.raises(StoreError, match=r"status .approved. is not one of .*use approve"):
         store.set_status(ref, "approved")
     with pytest.raises(StoreError, match="kind 'Bad Kind'"):
