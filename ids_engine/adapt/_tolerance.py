@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ids_engine.io import InputError
+from ids_engine.io import InputError, read_toml
 
 __all__ = ["DOSE_METRICS", "VOLUME_METRICS", "Limit", "ToleranceProfile", "default_tolerance", "read_tolerance"]
 
@@ -147,13 +146,7 @@ def read_tolerance(path: "str | Path") -> ToleranceProfile:
     that is not a non-negative number, a pass rate outside 0-100 %.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"not valid TOML: {exc}", path) from None
+    data = read_toml(path)
     unknown = sorted(set(data) - {"name", "description", "limits", "gamma", "registration"})
     if unknown:
         raise InputError(f"unknown key(s) {unknown}; expected name, description, [limits.*], [gamma], [registration]",

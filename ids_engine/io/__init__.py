@@ -4,7 +4,7 @@ Every reader raises :class:`InputError` naming the file and the field for bad in
 """
 
 from ._dicom import read_ct_series, read_dicom, read_rtdose, read_rtstruct, write_dicom_ct, write_rtdose, write_rtstruct
-from ._errors import InputError
+from ._errors import InputError, read_toml
 from ._matrad import read_matrad_machine, read_matrad_phantom
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "read_matrad_phantom",
     "read_rtdose",
     "read_rtstruct",
+    "read_toml",
     "write_dicom_ct",
     "write_rtdose",
     "write_rtstruct",

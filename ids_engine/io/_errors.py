@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "read_toml"]
 
 
 class InputError(ValueError):
@@ -19,3 +20,16 @@ class InputError(ValueError):
         self.message = message
         parts = [p for p in (self.path, self.field) if p]
         super().__init__(": ".join(parts + [message]))
+
+
+def read_toml(path: "str | Path") -> dict:
+    """The top-level table of a TOML file; :class:`InputError` naming the file when it cannot be
+    read or is not valid TOML (protocols, tolerance profiles)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"not valid TOML: {exc}", path) from None

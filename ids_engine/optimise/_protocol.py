@@ -47,12 +47,11 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ids_engine.io import InputError
+from ids_engine.io import InputError, read_toml
 
 from ._goals import GOAL_KINDS, Goal, MaxDose, MaxDVH, MaxEUD, MaxMeanDose, MinDose, MinDVH, MinEUD, MinMeanDose, UniformDose
 
@@ -163,13 +162,7 @@ def read_protocol(path: "str | Path") -> Protocol:
     TOML, no goals, an unknown kind or key, a missing or bad parameter.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"not valid TOML: {exc}", path) from None
+    data = read_toml(path)
     unknown = sorted(set(data) - {"name", "description", "goal"})
     if unknown:
         raise InputError(f"unknown top-level key(s) {unknown}; expected name, description and [[goal]] tables",
