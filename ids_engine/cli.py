@@ -345,14 +345,22 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
-def _positive_int(text: str) -> int:
+def _whole(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number, {minimum} or more, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a whole number, {minimum} or more, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole(text, 0)
 
 
 def _float(text: str, *, positive: bool) -> float:

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ids_engine.cli import _non_negative_int, _positive_int
+
 __all__ = ["add_parser", "cmd_adapt"]
 
 
@@ -97,26 +99,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"written to {args.out} in {t['total']:.1f} s: session/ (ids view --session {Path(args.out) / 'session'}), "
           "new_ct/, registration/, comparison.json, qualification.json, adapt_report.md, adapt_report.html")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {v}")
-    return v
 
 
 def add_parser(sub) -> None:
