@@ -345,36 +345,23 @@ class Registration:
         slabs of about a million voxels, so a large CT needs no full-size coordinate arrays.
         """
         self._check_order(order)
-        v = np.asarray(volume_planning)
-        if v.shape != tuple(self.planning_grid.shape_zyx):
-            raise RegistrationError(f"volume_planning shape {v.shape} does not match the planning grid "
-                                    f"{tuple(self.planning_grid.shape_zyx)}")
-        dtype = v.dtype if v.dtype in (np.float32, np.float64) else np.float64
-        v = v.astype(dtype, copy=False)
-        out = np.empty(self.new_grid.shape_zyx, dtype)
+        v = _on_grid(volume_planning, self.planning_grid, "volume_planning", "planning")
+        out = np.empty(self.new_grid.shape_zyx, v.dtype)
         for k0, k1 in self._slabs(self.new_grid):
             self._sample(v, self._planning_index_of_new_voxels(k0, k1), order, fill, out[k0:k1])
         return out
 
     def warp_mask_to_new(self, mask_planning) -> np.ndarray:
         """A planning mask (bool, z, y, x) on ``new_grid``: trilinear partial volume >= 0.5."""
-        m = np.asarray(mask_planning)
-        if m.shape != tuple(self.planning_grid.shape_zyx):
-            raise RegistrationError(f"mask_planning shape {m.shape} does not match the planning grid "
-                                    f"{tuple(self.planning_grid.shape_zyx)}")
-        return self.warp_to_new(m.astype(np.float32), order=1, fill=0.0) >= 0.5
+        m = _on_grid(np.asarray(mask_planning, np.float32), self.planning_grid, "mask_planning", "planning")
+        return self.warp_to_new(m, order=1, fill=0.0) >= 0.5
 
     def resample_to_planning(self, volume_new, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
         """A new-CT volume (z, y, x) resampled onto ``planning_grid`` (the inverse of :meth:`warp_to_new`)."""
         self._check_order(order)
-        v = np.asarray(volume_new)
-        if v.shape != tuple(self.new_grid.shape_zyx):
-            raise RegistrationError(f"volume_new shape {v.shape} does not match the new grid "
-                                    f"{tuple(self.new_grid.shape_zyx)}")
-        dtype = v.dtype if v.dtype in (np.float32, np.float64) else np.float64
-        v = v.astype(dtype, copy=False)
+        v = _on_grid(volume_new, self.new_grid, "volume_new", "new")
         g = self.planning_grid
-        out = np.empty(g.shape_zyx, dtype)
+        out = np.empty(g.shape_zyx, v.dtype)
         for k0, k1 in self._slabs(g):
             idx = np.indices((k1 - k0,) + tuple(g.shape_zyx[1:]), dtype=np.float64)
             idx[0] += k0
@@ -471,3 +458,12 @@ class Registration:
 def identity_registration(planning_grid: Grid, new_grid: Grid) -> Registration:
     """The identity mapping (same patient coordinates in both CTs), e.g. a re-scan on the same couch frame."""
     return Registration("identity", planning_grid, new_grid, metrics={"metric": "none"})
+
+
+def _on_grid(volume, grid, name: str, which: str) -> np.ndarray:
+    """``volume`` as a float array (float32 kept, anything else float64), checked to have
+    ``grid``'s shape (:class:`RegistrationError` naming the argument otherwise)."""
+    v = np.asarray(volume)
+    if v.shape != tuple(grid.shape_zyx):
+        raise RegistrationError(f"{name} shape {v.shape} does not match the {which} grid {tuple(grid.shape_zyx)}")
+    return v.astype(v.dtype if v.dtype in (np.float32, np.float64) else np.float64, copy=False)
