@@ -3,8 +3,8 @@
 Both systems plan the same phantom, matRad's ``TG119.mat`` as pyRadPlan ships it (CT
 167 x 167 x 129 voxels of 3 x 3 x 2.5 mm, structures Core, OuterTarget, BODY), read by our
 matRad reader and by pyRadPlan's own loader, with 9 equispaced coplanar beams (gantry 0, 40,
-..., 320 degrees, isocentre at the target's centroid), 5 mm beamlets and a 50 mm lateral
-cutoff of the influence matrix. Each builds its influence matrix and optimises; every stage
+..., 320 degrees, isocentre at the target's centroid) and 5 mm beamlets. Each builds its
+influence matrix and optimises; every stage
 is timed once (they take minutes on 2 cores; the machine's other load is stated with the
 result). Plans are compared on the CT grid with one metric code (ours) and the same masks
 (pyRadPlan's dose cube is checked to lie on the same voxels), against the published goals:
@@ -15,9 +15,15 @@ Differences that remain (each is also written to the JSON's ``case.differences``
 * Dose grid: ours is the CT grid (3 x 3 x 2.5 mm; broad scatter on a 5 x 12 x 12 mm grid);
   pyRadPlan computes on a 3 x 3 x 3 mm grid and interpolates to the CT grid.
 * Dose model: ours is the engine's pencil-beam model (1 mm fine fluence, 5 x 5 fine cells per
-  beamlet, tail beyond the cutoff corrected); pyRadPlan's is its SVD photon pencil beam
-  ("Generic" machine). Doses are absolute for both (Gy per unit weight), with different
-  machines, so the plans' dose distributions differ in penumbra and depth dose.
+  beamlet); pyRadPlan's is its SVD photon pencil beam ("Generic" machine). Doses are absolute
+  for both (Gy per unit weight), with different machines, so the plans' dose distributions
+  differ in penumbra and depth dose.
+* Matrix form: ours is the engine's exact two-level form A = F + U C (narrow part sparse,
+  broad part dense on the coarse dose grid, trilinear upsampling; no cutoff, so no tail
+  offset and one optimiser round: the optimised dose is the engine's dose);
+  ``--our-matrix cutoff-50`` gives our earlier form (one sparse matrix with a 50 mm cutoff,
+  its tail put back as an offset over two further warm-started rounds). pyRadPlan's is one
+  sparse matrix with its 50 mm geometric lateral cutoff, no tail correction.
 * Matrix rows: ours has the rows of the structures the goals name (target and core);
   pyRadPlan's has every voxel of every structure (BODY included) on its dose grid.
 * Beamlets: ours are the beamlets within 10 mm of the target's projection; pyRadPlan's rays
@@ -72,7 +78,9 @@ def peak_rss_mib() -> float:
 GANTRY_DEG = [float(a) for a in range(0, 360, 40)]
 BEAMLET_MM = 5.0
 DOSE_GRID_MM = 3.0
-CUTOFF_MM = 50.0
+CUTOFF_MM = 50.0  # pyRadPlan's lateral cutoff, and ours with --our-matrix cutoff-50
+# Our matrix forms: (cutoff_mm, tail_rounds) passed to optimise_plan.
+OUR_MATRIX = {"two-level": (None, 0), "cutoff-50": (CUTOFF_MM, 2)}
 PROTOCOL = Path(__file__).resolve().parents[1] / "examples" / "protocols" / "tg119_harder.toml"
 TARGET, CORE = "OuterTarget", "Core"
 GOALS = {"PTV D95 >= 50 Gy": 50.0, "PTV D10 <= 55 Gy": 55.0, "core D10 <= 25 Gy (easier)": 25.0,
@@ -189,7 +197,7 @@ def run_pyradplan(python: str, goals, timeout_s: float) -> dict:
 
 
 # ============================================================================ our side
-def run_ours(patient, goals, label: str, tune: bool = False) -> dict:
+def run_ours(patient, goals, label: str, tune: bool = False, matrix: str = "two-level") -> dict:
     from ids_engine import backend
     from ids_engine.dose import DoseEngine, EngineOptions
     from ids_engine.planning import equispaced_beams, optimise_plan
@@ -208,8 +216,9 @@ def run_ours(patient, goals, label: str, tune: bool = False) -> dict:
         from ids_engine.optimise import score_goals_from_checks
 
         score = score_goals_from_checks(tg119_goals("harder"))
-    plan = optimise_plan(engine, goals, cutoff_mm=CUTOFF_MM, beamlet_cells=int(BEAMLET_MM), tune_importance=tune,
-                         score_goals=score)
+    cutoff_mm, tail_rounds = OUR_MATRIX[matrix]
+    plan = optimise_plan(engine, goals, cutoff_mm=cutoff_mm, tail_rounds=tail_rounds, beamlet_cells=int(BEAMLET_MM),
+                         tune_importance=tune, score_goals=score)
     total_s = time.perf_counter() - t0
     dose = np.asarray(backend.asnumpy(engine.dose_cube()), np.float32)
     m = plan.influence.matrix
@@ -221,10 +230,14 @@ def run_ours(patient, goals, label: str, tune: bool = False) -> dict:
         "optimiser_s": plan.timings_s["optimise"],
         "tail_offset_s": plan.timings_s["tail_offset"],
         "iterations": plan.iterations,
+        "evaluations_last_round": plan.result.evaluations,
+        "rounds": plan.tail_rounds + 1,
         "message": plan.result.message,
+        "matrix_form": matrix,
+        "matrix_cutoff_mm": cutoff_mm,
         "matrix_shape": list(plan.influence.shape),
         "matrix_nnz": int(m.nnz),
-        "matrix_mib": float((m.data.nbytes + m.indices.nbytes + m.indptr.nbytes) / 2**20),
+        "matrix_mib": float(_matrix_bytes(m) / 2**20),
         "tail_error_pct_of_max": plan.tail_error_pct,
         "importance_tuning": plan.tuning.summary() if plan.tuning is not None else None,
         "isocentre_mm": list(map(float, target.centroid_xyz())),
@@ -232,6 +245,11 @@ def run_ours(patient, goals, label: str, tune: bool = False) -> dict:
         "grid_shape_zyx": list(patient.grid.shape_zyx),
         "spacing_mm_zyx": list(patient.grid.spacing_mm_zyx),
     }
+
+
+def _matrix_bytes(m) -> int:
+    nbytes = getattr(m, "nbytes", None)  # a two-level matrix counts its parts
+    return int(nbytes) if nbytes is not None else int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
 
 
 def metrics(dose, patient, masks=None) -> dict:
@@ -282,7 +300,7 @@ def plot(path: Path, patient, curves: dict) -> None:
     plt.close(fig)
 
 
-def builtin_only(goals, write_result, results_dir) -> int:
+def builtin_only(goals, write_result, results_dir, matrix: str = "two-level") -> int:
     """Our built-in TG-119 (clinical grid, 3 x 3 x 2.5 mm): the protocol as it is, and with tuned importances."""
     from ids_engine.phantoms import tg119
 
@@ -291,7 +309,7 @@ def builtin_only(goals, write_result, results_dir) -> int:
     runs = {}
     for label, tune in (("protocol", False), ("tuned", True)):
         print(f"ours on the built-in TG-119, {label} ...", flush=True)
-        o = run_ours(patient, goals, label, tune=tune)
+        o = run_ours(patient, goals, label, tune=tune, matrix=matrix)
         o["metrics"] = metrics(o.pop("dose"), patient)
         runs[label] = o
     one = lambda s: {"median_ms": round(1000.0 * s, 1), "p10_ms": round(1000.0 * s, 1),  # noqa: E731
@@ -302,7 +320,7 @@ def builtin_only(goals, write_result, results_dir) -> int:
         stages[f"{label}_optimisation"] = one(o["optimisation_s"])
     case = {"phantom": "tg119 (built-in, clinical)", "grid_shape_zyx": list(patient.grid.shape_zyx),
             "spacing_mm_zyx": list(patient.grid.spacing_mm_zyx), "beams": len(GANTRY_DEG), "beamlet_mm": BEAMLET_MM,
-            "cutoff_mm": CUTOFF_MM, "protocol": "examples/protocols/tg119_harder.toml",
+            "our_matrix": matrix, "cutoff_mm": OUR_MATRIX[matrix][0], "protocol": "examples/protocols/tg119_harder.toml",
             "tuning_score": "published harder goals, 0.2 Gy margin", "load_average_1_5_15_at_start": list(load),
             "peak_rss_mib": peak_rss_mib()}
     path = write_result("tg119", case, stages, None, runs, suffix="builtin")
@@ -324,6 +342,11 @@ def main(argv=None) -> int:
                     help="only our built-in TG-119 (clinical grid), with and without importance tuning; writes "
                          "bench/results/tg119-builtin-<backend>-<device>.json")
     ap.add_argument("--skip-pyradplan", action="store_true")
+    ap.add_argument("--our-matrix", choices=sorted(OUR_MATRIX), default="two-level",
+                    help="our influence matrix: the engine's exact two-level form (default) or the earlier sparse "
+                         "one with a 50 mm cutoff and its tail put back over two more rounds")
+    ap.add_argument("--also-our-matrix", choices=sorted(OUR_MATRIX),
+                    help="also run ours (untuned) with this matrix form, in the same run (old against new)")
     ap.add_argument("--no-tuning", action="store_true", help="leave out our run with importance tuning")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="pyRadPlan's time limit")
     ap.add_argument("--pyradplan-worker", help=argparse.SUPPRESS)
@@ -341,7 +364,7 @@ def main(argv=None) -> int:
 
     goals = read_protocol(PROTOCOL).goals
     if args.builtin_only:
-        return builtin_only(goals, write_result, RESULTS)
+        return builtin_only(goals, write_result, RESULTS, args.our_matrix)
     mat = args.tg119_mat
     if mat is None:
         found = subprocess.run([args.pyradplan_python, "-c", "import importlib.resources as r; "
@@ -354,14 +377,19 @@ def main(argv=None) -> int:
     if mat:
         patient = read_matrad_phantom(mat)
         print(f"ours on {mat} ...", flush=True)
-        ours["tg119_mat"] = run_ours(patient, goals, "ours, TG119.mat")
+        ours["tg119_mat"] = run_ours(patient, goals, "ours, TG119.mat", matrix=args.our_matrix)
+        if args.also_our_matrix:
+            print(f"ours on TG119.mat with the {args.also_our_matrix} matrix ...", flush=True)
+            ours["other_matrix"] = run_ours(patient, goals, f"ours, TG119.mat, {args.also_our_matrix} matrix",
+                                            matrix=args.also_our_matrix)
         if not args.no_tuning:
             print("ours on TG119.mat with importance tuning (score: the published harder goals) ...", flush=True)
-            ours["tuned"] = run_ours(patient, goals, "ours, TG119.mat, importance tuning", tune=True)
+            ours["tuned"] = run_ours(patient, goals, "ours, TG119.mat, importance tuning", tune=True,
+                                     matrix=args.our_matrix)
     if args.builtin:
         builtin = tg119("clinical")
         print("ours on the built-in TG-119 (clinical) ...", flush=True)
-        ours["builtin"] = run_ours(builtin, goals, "ours, built-in TG-119")
+        ours["builtin"] = run_ours(builtin, goals, "ours, built-in TG-119", matrix=args.our_matrix)
         ours["builtin"]["metrics"] = metrics(ours["builtin"].pop("dose"), builtin)
     ours_rss = peak_rss_mib()
 
@@ -379,7 +407,8 @@ def main(argv=None) -> int:
 
     quality, stages, reference, curves = {}, {}, {}, {}
     case = {"phantom": "matRad TG119.mat (as pyRadPlan 0.5 ships it)", "beams": len(GANTRY_DEG),
-            "gantry_deg": GANTRY_DEG, "beamlet_mm": BEAMLET_MM, "cutoff_mm": CUTOFF_MM,
+            "gantry_deg": GANTRY_DEG, "beamlet_mm": BEAMLET_MM, "pyradplan_cutoff_mm": CUTOFF_MM,
+            "our_matrix": args.our_matrix, "our_cutoff_mm": OUR_MATRIX[args.our_matrix][0],
             "protocol": str(PROTOCOL.relative_to(PROTOCOL.parents[2])),
             "published_goals": list(GOALS), "load_average_1_5_15_at_start": [round(x, 2) for x in load],
             "differences": [" ".join(line.strip("* ").split()) for line in __doc__.split("Differences that remain")[1]
@@ -407,6 +436,10 @@ def main(argv=None) -> int:
         curves["ours (protocol, tuned importances)"] = dose
         o["metrics"] = metrics(dose, patient)
         quality["ours_tuned"] = o
+    if "other_matrix" in ours:
+        o = ours["other_matrix"]
+        o["metrics"] = metrics(o.pop("dose"), patient)
+        quality["ours_other_matrix"] = o
     if "builtin" in ours:
         quality["ours_builtin_phantom"] = ours["builtin"]
     if prp is not None and "error" not in prp:
@@ -440,6 +473,10 @@ def main(argv=None) -> int:
         o = quality["ours"]
         rows.append(("ours (protocol)", o["influence_matrix_s"], o["optimisation_s"], o["iterations"], o["metrics"],
                      o["peak_rss_mib"]))
+    if "ours_other_matrix" in quality:
+        o = quality["ours_other_matrix"]
+        rows.append((f"ours ({o['matrix_form']})", o["influence_matrix_s"], o["optimisation_s"], o["iterations"],
+                     o["metrics"], ours_rss))
     if "ours_tuned" in quality:
         o = quality["ours_tuned"]
         rows.append(("ours (tuned)", o["influence_matrix_s"], o["optimisation_s"],

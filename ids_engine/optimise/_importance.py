@@ -35,10 +35,10 @@ import numpy as np
 import scipy.optimize
 
 from ids_engine._progress import Progress
-from ids_engine.backend import array_module, asnumpy
+from ids_engine.backend import asnumpy
 
 from ._goals import Goal, MaxDVH, MinDVH
-from ._optimiser import FluenceResult, _check_voxels, optimise_fluence
+from ._optimiser import FluenceResult, _check_voxels, _namespace, optimise_fluence
 
 __all__ = ["ImportanceTuning", "TuningStep", "dvh_score", "goal_shortfall_gy", "score_goals_from_checks",
            "tune_importance"]
@@ -329,7 +329,7 @@ def tune_importance(
             raise _Stop  # every score goal met: the score cannot improve
         return s
 
-    xp = array_module(influence)
+    xp = _namespace(influence)
     voxels_xp = {k: xp.asarray(v) for k, v in voxels.items()}
     message = ""
     try:
