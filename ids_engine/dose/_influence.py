@@ -304,7 +304,7 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
         beam = _BeamTables(geo, bc, nbr, nbc, bmask)
         fine = beam.level_rows(xp, geo.fine, ct_safe, in_body) if geo.fine.components else None
         coarse = beam.level_rows(xp, geo.coarse, coarse_vox, None) if geo.coarse.components else None
-        fine_entries = beam.fine_entries(xp, fine) if fine is not None else None
+        fine_entries = beam.fine_entries(xp, fine, by_column=not two_level) if fine is not None else None
         if two_level:
             m_all = sel.shape[0]
             if coarse is not None:
@@ -495,10 +495,10 @@ class _BeamTables:
         return _LevelRows(xp.asarray(table.ravel()), tuple(offs), xp.asarray(base), xp.asarray(w),
                           xp.asarray(boff), boff_grid, base, np.stack([iv, iu]))
 
-    def fine_entries(self, xp, fine: _LevelRows):
+    def fine_entries(self, xp, fine: _LevelRows, by_column: bool = True):
         """The narrow part's entries: every (row, selected beamlet) pair whose response reaches
         the row's bilinear corners, as device (rows, local columns, values) sorted by column,
-        and the host start of each column."""
+        and the host start of each column (``by_column=False``: unsorted, and None)."""
         bc, half = self.bc, self.geo.fine.half
         # Beamlet rows whose response rows [jr * bc - half, jr * bc + bc - 1 + half] meet a
         # corner row iv or iv + 1 (one more is harmless: it reads zeros).
@@ -525,9 +525,11 @@ class _BeamTables:
         rows = np.concatenate(rows_l)
         cols = np.concatenate(cols_l)
         idx0 = np.concatenate(idx_l).astype(np.int32)
-        order = np.argsort(cols, kind="stable")
-        rows, cols, idx0 = rows[order], cols[order], idx0[order]
-        col_start = np.searchsorted(cols, np.arange(self.sel.shape[0] + 1))
+        col_start = None
+        if by_column:
+            order = np.argsort(cols, kind="stable")
+            rows, cols, idx0 = rows[order], cols[order], idx0[order]
+            col_start = np.searchsorted(cols, np.arange(self.sel.shape[0] + 1))
         rows_d = xp.asarray(rows)
         vals = _gather(xp, fine.table, xp.asarray(idx0)[:, None], fine.w[:, rows_d], fine.offs)[:, 0]
         return rows_d, xp.asarray(cols), vals, col_start

@@ -275,6 +275,34 @@ def test_influence_matrix_matches_numpy(device_backend, water_engines):
     _close(_host(got.dose(backend.to_device(w), off)), want.dose(w, want.tail_offset(ref, w)), "read")
 
 
+def test_two_level_influence_matrix_matches_numpy(device_backend, water_engines):
+    """Without a cutoff (the two-level form F + U C) the device matrix's products run on the
+    device and give NumPy's, both ways, and its host copy is NumPy's matrix."""
+    from ids_engine.dose._influence import TwoLevelMatrix
+
+    ref, dev = water_engines("numpy"), water_engines(device_backend)
+    masks = _beamlets_in(ref, 8.0)
+    want = influence_matrix(ref, beamlet_masks=masks, cutoff_mm=None)
+    got = influence_matrix(dev, beamlet_masks=masks, cutoff_mm=None)
+    assert isinstance(got.matrix, TwoLevelMatrix) and got.matrix.xp is not np  # built on the device
+    assert got.shape == want.shape and got.matrix.nnz == want.matrix.nnz
+    rng = np.random.default_rng(2)
+    w = rng.random(want.shape[1]).astype(np.float32)
+    y = rng.random(want.shape[0]).astype(np.float32)
+    prod = got.matrix @ backend.to_device(w)
+    back = got.matrix.T @ backend.to_device(y)
+    assert isinstance(prod, _device_array_type(device_backend))
+    assert isinstance(back, _device_array_type(device_backend))
+    _close(_host(prod), want.matrix @ w, "dij")
+    _close(_host(back), want.matrix.T @ y, "dij")
+    host = got.matrix.get()
+    assert isinstance(host, TwoLevelMatrix) and host.xp is np
+    _close(host.toarray(), want.matrix.toarray(), "dij")
+    # The engine's dose from the device matrix, to round-off (no tail to correct).
+    off = got.tail_offset(dev, w)
+    assert float(np.abs(_host(off)).max()) <= 2e-5 * float((want.matrix @ w).max())
+
+
 # ----------------------------------------------------------------------------- session
 def _request_run(name: str):
     """A coarse horseshoe session on backend ``name``: SetVoxelDose with 4 recovery steps, then undo."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ids_engine.dose import DoseEngine, influence_matrix
+from ids_engine.dose._influence import TwoLevelMatrix
 from ids_engine.model import Beam, Grid
 
 from .test_physics import water_phantom
@@ -54,6 +55,36 @@ def test_influence_equals_engine_without_cutoff(small, rng, half_mm):
     off = dij.tail_offset(eng, 2 * w)
     np.testing.assert_array_equal(eng.dose_cube(), before)
     assert np.abs(off).max() <= 2e-5 * ref.max()
+
+
+def test_two_level_form_products_are_the_engines(small, rng):
+    """Without a cutoff the matrix is kept as F + U C: a column is the engine's dose of its
+    beamlet alone, ``A.T @ y`` is the transpose of the same matrix (checked column by column
+    against the engine, not against the parts), and it stores fewer numbers than the
+    assembled matrix, whose scatter fills every (row, beamlet) pair."""
+    eng = small
+    dij = influence_matrix(eng, cutoff_mm=None)
+    m = dij.matrix
+    assert isinstance(m, TwoLevelMatrix) and m.shape == dij.shape and m.dtype == np.float32
+    assembled = np.asarray(m.toarray(), np.float64)
+    assert m.nnz < 0.5 * np.count_nonzero(assembled)
+    y = rng.random(dij.shape[0]).astype(np.float32)
+    aty = m.T @ y
+    assert aty.shape == (dij.shape[1],) and aty.dtype == np.float32
+    # Columns the fine part reaches fully (the middle of the maps) and cut ones at the edges.
+    for j in sorted({0, dij.shape[1] // 3, dij.shape[1] // 2, dij.shape[1] - 1}):
+        e = np.zeros(dij.shape[1], np.float32)
+        e[j] = 1.0
+        col = _engine_dose(eng, dij, e).astype(np.float64)
+        assert col.max() > 0
+        # The engine's FFT convolution rounds a lone edge beamlet's small dose to ~1e-5 of it.
+        np.testing.assert_allclose(assembled[:, j], col, rtol=0, atol=5e-5 * col.max())
+        assert aty[j] == pytest.approx(float(y @ col), rel=1e-4)
+    # Several right-hand sides at once, and the assembled CSC for export.
+    w = rng.random((dij.shape[1], 3)).astype(np.float32)
+    np.testing.assert_allclose(m @ w, assembled @ w, rtol=1e-4, atol=1e-5 * np.abs(assembled @ w).max())
+    np.testing.assert_allclose(m.tocsc().toarray(), assembled, rtol=0, atol=0)
+    assert m.get() is m  # already on the host
 
 
 def test_tail_offset_makes_a_cut_matrix_the_engine(small, rng):
