@@ -275,7 +275,7 @@ def _uniform_start(problem: "_Problem", n_beam: int) -> np.ndarray:
         return problem.objective_part(d)[0]
 
     res = scipy.optimize.minimize_scalar(phi, bounds=(0.0, c_hi), method="bounded",
-                                         options={"xatol": 1e-4 * c_hi})
+                                         options={"xatol": 1e-5 * c_hi})
     c = float(res.x)
     if not (c > 0.0 and res.fun < phi(0.0)):
         return zeros
