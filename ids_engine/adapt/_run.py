@@ -140,6 +140,43 @@ def _test_patient_id(nct: NewCT) -> str:
     return "TEST-" + nct.source.split(";")[0].split(":")[0]
 
 
+def _dicom_patient_ids(folder) -> set[str]:
+    """The PatientIDs the CT slices in a DICOM folder carry (headers only; never logged)."""
+    from ids_engine.io._dicom_common import modality_of, scan_folder
+
+    ids = set()
+    for _, ds in scan_folder(folder, stop_before_pixels=True):
+        if modality_of(ds) == "CT":
+            v = str(getattr(ds, "PatientID", "") or "").strip()
+            if v:
+                ids.add(v)
+    return ids
+
+
+def _check_same_patient(approved, nct: NewCT, *, store, patient_id: str | None) -> str | None:
+    """A DICOM new CT must be the approved plan's patient (when the approved CT is DICOM too)
+    and the one ``--patient-id`` names (when filing into a store). The IDs are compared, never
+    printed (no identifier reaches logs). Returns the new CT's PatientID (None if it has none)."""
+    if nct.variant is not None or not Path(nct.source).is_dir():
+        return None
+    new_ids = _dicom_patient_ids(nct.source)
+    if not new_ids:
+        return None
+    if len(new_ids) > 1:
+        raise AdaptError(f"new CT {nct.source}: its CT slices carry {len(new_ids)} different PatientIDs; "
+                         "give one patient's CT series (nothing computed)")
+    case = approved.case or {}
+    if "dicom" in case and Path(case["dicom"]).is_dir():
+        old_ids = _dicom_patient_ids(case["dicom"])
+        if old_ids and not (old_ids & new_ids):
+            raise AdaptError(f"new CT {nct.source}: its DICOM PatientID is not the one of the approved plan's CT "
+                             f"({case['dicom']}); adaptation needs the same patient's new CT (nothing computed)")
+    if store is not None and patient_id is not None and patient_id.strip() not in new_ids:
+        raise AdaptError(f"--patient-id: not the DICOM PatientID of the new CT ({nct.source}); check that the "
+                         "CT is this patient's (nothing computed or stored)")
+    return next(iter(new_ids))
+
+
 def _same_anatomy(a, b) -> bool:
     """Same structures (names and masks) on the same grid."""
     if a.grid != b.grid or a.structure_names != b.structure_names:
@@ -171,13 +208,15 @@ def _jsonable(v):
     return v
 
 
-def _write_new_ct(patient, folder: Path):
+def _write_new_ct(patient, folder: Path, dicom_patient_id: str | None = None):
     """Write the new CT and its (transferred) structures as DICOM and read them back: the
-    adapted session's case is this folder, so it is rebuilt exactly on reopening."""
+    adapted session's case is this folder, so it is rebuilt exactly on reopening. A DICOM new
+    CT's PatientID is kept (a later adaptation of this plan compares it)."""
     from ids_engine.io import read_dicom, write_dicom_ct, write_rtstruct
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = write_dicom_ct(patient, folder, series_description="ids adapt: new CT")
+    extra = {} if dicom_patient_id is None else {"patient_id": dicom_patient_id}
+    files = write_dicom_ct(patient, folder, series_description="ids adapt: new CT", **extra)
     write_rtstruct(patient, folder / "RS_transferred.dcm", files, label="ADAPT")
     back = read_dicom(folder)
     # Keep the structures' colours and kinds as transferred (RTSTRUCT keeps names and kinds).
@@ -254,6 +293,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     timings["load_new_ct"] = time.perf_counter() - t0
     if store is not None and patient_id is None:
         _test_patient_id(nct)  # refused before anything is computed
+    dicom_patient_id = _check_same_patient(approved, nct, store=store, patient_id=patient_id)
     say(f"new CT: {nct.label} ({nct.patient.grid.describe()})")
 
     t0 = time.perf_counter()
@@ -306,7 +346,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
     dest.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        new_patient = _write_new_ct(transferred, dest / "new_ct")
+        new_patient = _write_new_ct(transferred, dest / "new_ct", dicom_patient_id)
         timings["write_new_ct"] = time.perf_counter() - t0
         contours = []
         for s in approved.patient.structures:

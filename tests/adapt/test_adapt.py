@@ -190,3 +190,31 @@ def test_reviewed_contours_edited_then_planned_on(approved, tmp_path):
     write_dicom_ct(edited, bare)
     with pytest.raises(AdaptError, match="--contours own"):
         run_adaptation(approved, bare, tmp_path / "third", registration="rigid", options=fast, contours="own")
+
+
+def test_new_ct_of_another_patient_is_refused(approved, tmp_path):
+    from dataclasses import replace
+
+    from ids_engine.adapt import AdaptError
+    from ids_engine.io import write_dicom_ct
+
+    a, b = tmp_path / "ct_a", tmp_path / "ct_b"
+    write_dicom_ct(approved.patient, a, patient_id="PAT-A")
+    write_dicom_ct(approved.patient, b, patient_id="PAT-B")
+    # The approved plan's CT is DICOM (patient A); the new CT is patient B's.
+    dicom_approved = replace(approved, case={"dicom": str(a)})
+    with pytest.raises(AdaptError, match="not the one of the approved plan's CT") as e:
+        run_adaptation(dicom_approved, b, tmp_path / "out", registration="identity")
+    assert "PAT-" not in str(e.value)  # compared, never printed
+    assert not (tmp_path / "out").exists()
+    # Filed into a store under a patient ID the new CT does not carry.
+    with pytest.raises(AdaptError, match="--patient-id: not the DICOM PatientID") as e:
+        run_adaptation(approved, b, tmp_path / "out", registration="identity", store=tmp_path / "store",
+                       patient_id="PAT-A")
+    assert "PAT-" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    # The same patient passes the check (the adaptation itself is tested above).
+    from ids_engine.adapt._run import _check_same_patient, load_new_ct
+
+    assert _check_same_patient(replace(approved, case={"dicom": str(a)}), load_new_ct(str(a)), store=None,
+                               patient_id=None) == "PAT-A"
