@@ -232,9 +232,24 @@ class LatestRequestQueue:
 
 
 # ---------------------------------------------------------------------------- cases
+def resolve_case(spec: dict, base: "str | Path | None") -> dict:
+    """The case description with a relative DICOM folder or matRad file made absolute against
+    ``base`` (a saved session's folder: an adapted plan names its new CT as ``../new_ct`` so
+    the output folder can move). A relative path that does not exist there is left as it is
+    (older sessions saved paths relative to the working directory)."""
+    out = dict(spec)
+    if base is not None:
+        for key in ("dicom", "matrad"):
+            if key in out and not Path(out[key]).is_absolute():
+                cand = (Path(base) / out[key]).resolve()
+                if cand.exists():
+                    out[key] = str(cand)
+    return out
+
+
 def case_from_spec(spec: dict) -> Patient:
     """Rebuild a patient from a case description: {"phantom": name, "resolution": r},
-    {"dicom": folder} or {"matrad": file}."""
+    {"dicom": folder} or {"matrad": file} (relative paths: see :func:`resolve_case`)."""
     if "phantom" in spec:
         from ids_engine.phantoms import PHANTOMS
 
@@ -1034,7 +1049,7 @@ class Session:
             raise ValueError(f"{folder}: not a readable ids-engine session ({exc})") from exc
         if doc.get("format") != "ids-engine session":
             raise ValueError(f"{folder / 'session.json'}: field 'format' is not 'ids-engine session'")
-        patient = case_from_spec(doc["case"])
+        patient = case_from_spec(resolve_case(doc["case"], folder))
         warnings_ = []
         saved = doc.get("case_fingerprint")
         if saved is None:

@@ -94,7 +94,7 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
     replayed, a protocol that cannot be read or names structures the plan does not have.
     """
     from ids_engine.optimise import read_protocol
-    from ids_engine.session import Session, case_label
+    from ids_engine.session import Session, case_label, resolve_case
 
     path = Path(path)
     if not path.is_dir():
@@ -132,7 +132,8 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
             break
     try:
         return ApprovedPlan(
-            path=path, session_folder=folder, patient=s.patient, case=dict(s.case), label=case_label(s.case),
+            path=path, session_folder=folder, patient=s.patient, case=resolve_case(s.case, folder),
+            label=case_label(s.case),
             beams=tuple(g.beam for g in s.engine.geometry), fluences=tuple(s.engine.fluences_host()),
             prescription_gy=s.prescription_gy, dose_gy=s.dose(), protocol=proto,
             protocol_path=None if protocol is None else Path(protocol),

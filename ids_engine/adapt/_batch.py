@@ -30,7 +30,7 @@ def _one(approved, new_ct: str, out: str, final: str, kwargs: dict) -> dict:
 
     t0 = time.perf_counter()
     try:
-        doc = run_adaptation(approved, new_ct, out, final_path=final, **kwargs)
+        doc = run_adaptation(approved, new_ct, out, **kwargs)
     except Exception as exc:  # noqa: BLE001 - one failed adaptation must not end the batch
         return {"new_ct": new_ct, "folder": Path(final).name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
                 "wall_s": round(time.perf_counter() - t0, 3)}
@@ -77,7 +77,7 @@ def adapt_batch(approved, new_cts, *, out, scheduler: str | None = None, n_worke
     if not new_cts:
         raise AdaptError("adapt_batch: no new CT given")
     out = check_out_folder(out, force=force)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("progress", "force", "final_path")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("progress", "force")}
     if isinstance(kwargs.get("tolerance"), Path):
         kwargs["tolerance"] = str(kwargs["tolerance"])
     dest = out.parent / f"{out.name}.partial-{os.getpid()}" if (out.exists() and any(out.iterdir())) else out

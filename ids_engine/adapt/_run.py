@@ -228,7 +228,7 @@ def _write_new_ct(patient, folder: Path, dicom_patient_id: str | None = None):
 def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiducials=None,
                    tolerance: "ToleranceProfile | str | Path | None" = None, resolution: str | None = None,
                    protocol=None, options: AdaptOptions | None = None, force: bool = False, store=None,
-                   progress=None, cancel=None, log=None, final_path=None, patient_id: str | None = None,
+                   progress=None, cancel=None, log=None, patient_id: str | None = None,
                    plan_name: str | None = None, contours: str = "transferred") -> dict:
     """Adapt an approved plan to a new CT and write the results to ``out`` (layout in the
     module docstring).
@@ -257,8 +257,6 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
         DICOM contouring tool), the transferred ones for the rest.
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops the optimiser.
     log : ``log(text)`` for one line per step (None: silent).
-    final_path : where ``out`` will lie in the end when a caller moves it there (a batch
-        builds its sub-folders beside the final one); the adapted session's case names it.
 
     Returns
     -------
@@ -357,7 +355,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
             contours.append({"name": s.name, "kind": s.kind.value, "approved_cc": s.volume_cc,
                              "transferred_cc": None if n is None else n.volume_cc,
                              "dice": None if (own is None or n is None) else _dice(own, n.mask)})
-        case = {"dicom": str(Path(final_path or out).absolute() / "new_ct")}
+        case = {"dicom": "../new_ct"}  # relative to the session folder: the output folder can move
         own = [Structure(s.name, s.kind, s.mask, new_patient.grid, s.colour) for s in nct.patient.structures
                if s.name in approved.patient.structure_names and s.mask.shape == new_patient.grid.shape_zyx
                and not s.is_empty]

@@ -637,6 +637,7 @@ class PlanStore:
                 for p in extras:
                     copy_file_durably(p, staging / "files" / p.name)
                 fsync_folder(staging / "files")
+            self._copy_relative_case(src, staging, doc)
             lines = parse_lines(journal, 0, 0)
             plan_id = max(1, lines[-1].session_plan_id) if lines else 1
             final = self._move_in(staging, key, lock)
@@ -652,6 +653,26 @@ class PlanStore:
         lock.release()
         _log.info("imported a session as plan %r (%s)", plan_name, key)
         return self.get(key)
+
+    @staticmethod
+    def _copy_relative_case(src: Path, staging: Path, doc: dict) -> None:
+        """A session naming its DICOM case relative to itself (an adapted plan's ``../new_ct``)
+        takes that folder along, at the same place relative to the stored session, so the
+        stored plan reopens on its own."""
+        rel = (doc.get("case") or {}).get("dicom")
+        if not rel or Path(rel).is_absolute() or not (src / rel).is_dir():
+            return
+        dst = (staging / "session" / rel).resolve()
+        try:
+            dst.relative_to(staging.resolve())
+        except ValueError:
+            raise StoreError(f"{src / 'session.json'}: field 'case': the DICOM folder {rel!r} lies outside the "
+                             "plan's folder; give it as an absolute path") from None
+        dst.mkdir(parents=True, exist_ok=True)
+        for p in sorted((src / rel).iterdir()):
+            if p.is_file():
+                copy_file_durably(p, dst / p.name)
+        fsync_folder(dst)
 
     def _abandon(self, key: str, staging: Path, lock: FolderLock) -> None:
         """Undo a plan folder whose transaction did not commit."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -40,13 +41,24 @@ def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
         assert ev["doc"]["qualification"] == json.loads(json.dumps(q))
         assert ev["doc"]["comparison"]["adapted"]["gamma"]["3%/3mm"]["points"] == 5000
         assert st.check() == []
+    # The stored plan carries its new CT (the case is ../new_ct beside its session): it reopens
+    # from the store even after the output folder is gone.
+    (out / "new_ct").rename(tmp_path / "new_ct_away")
+    with PlanStore.open(store) as st:
+        s = st.load_session(ref, write=False)
+        assert s.patient.structure_names == ("PTV", "OAR", "BODY")
+        s.close()
+    (tmp_path / "new_ct_away").rename(out / "new_ct")
     assert doc["store"]["plan_name"] == "week 2" and "stored in" in text
 
     # The adapted session's case is the written new CT: it reopens from the folder.
     from ids_engine.session import Session
 
     s = Session.load(out / "session", keep_journaling=False)
-    assert s.case == {"dicom": str((out / "new_ct").absolute())}
+    assert s.case == {"dicom": "../new_ct"}  # relative to the session: the output folder can move
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    assert Session.load(moved / "session", keep_journaling=False).patient.structure_names == ("PTV", "OAR", "BODY")
     assert s.patient.structure_names == ("PTV", "OAR", "BODY")
 
     # A second run into the same folder is refused without --force, then replaces it with it.
