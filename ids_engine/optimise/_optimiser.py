@@ -15,14 +15,22 @@ last round's. The loop ends when every constraint is met within the tolerance, o
 reported by name and amount (never raised). DVH constraints bind the voxels of an active
 set chosen from the dose at the start of each round (see :class:`~._goals.MaxDVH`).
 
-The matrix may be dense (NumPy) or sparse (SciPy CSR/CSC; cupyx on a GPU): the array
-namespace comes from the matrix. On the host the dose and the gradients are float64; a
-large float32 matrix (at least ``_FLOAT32_PRODUCTS_NNZ`` stored entries) is multiplied by
-float32 vectors and the products widened to float64, since SciPy would otherwise copy the
-whole matrix to float64 in every product (measured on the clinical TG-119 matrix, 17 M
-entries, 2 cores: 21 ms per evaluation instead of 75 ms); the products' rounding (about
-1e-6 of the dose) is far below the dose model's own accuracy. The weights live on the host in float64 (L-BFGS-B runs
-there; one vector of n_beamlets crosses per evaluation); the dose stays with the matrix.
+The matrix may be dense (NumPy) or sparse (SciPy CSR/CSC; cupyx on a GPU) or the engine's
+exact two-level form (:class:`~ids_engine.dose._influence.TwoLevelMatrix`, products only):
+the array namespace comes from the matrix. Without a warm start the weights start uniform,
+at the level that best meets the objectives (one product and a 1-D search;
+:func:`_uniform_start`), and BLAS runs on one thread while optimising
+(:func:`_one_blas_thread`). Each L-BFGS-B iteration costs about one evaluation (matRad's
+TG119.mat: 406 evaluations for 400 iterations), so the products are the cost; an opt-in
+stall rule (``stall_rtol``) ends a round whose objective has stopped falling.
+
+On the host the dose and the gradients are float64; a large float32 matrix (at least
+``_FLOAT32_PRODUCTS_NNZ`` stored entries) is multiplied by float32 vectors and the products
+widened to float64, since SciPy would otherwise copy the whole matrix to float64 in every
+product (measured on the clinical TG-119 matrix, 17 M entries, 2 cores: 21 ms per evaluation
+instead of 75 ms); the products' rounding (about 1e-6 of the dose) is far below the dose
+model's own accuracy. The weights live on the host in float64 (L-BFGS-B runs there; one
+vector of n_beamlets crosses per evaluation); the dose stays with the matrix.
 """
 
 from __future__ import annotations
