@@ -95,9 +95,9 @@ def test_tune_importance_brings_a_badly_weighted_protocol_back(tmp_path, capsys)
     its path of factors and scores in plan.json and ends with a better score."""
     weak = tmp_path / "weak.toml"
     text = PROTOCOL.read_text()
-    for old, new in (('importance = 100\nname = "target coverage"', 'importance = 1\nname = "target coverage"'),
-                     ('importance = 50\nname = "no cold spot"', 'importance = 1\nname = "no cold spot"'),
-                     ('importance = 80\nname = "core sparing"', 'importance = 800\nname = "core sparing"')):
+    for old, new in (('importance = 100\nname = "target coverage"', 'importance = 0.1\nname = "target coverage"'),
+                     ('importance = 50\nname = "no cold spot"', 'importance = 0.1\nname = "no cold spot"'),
+                     ('importance = 80\nname = "core sparing"', 'importance = 8000\nname = "core sparing"')):
         assert old in text
         text = text.replace(old, new)
     weak.write_text(text)

@@ -1,7 +1,7 @@
 """SVD pencil-beam dose engine: machine model, geometry cache, full and incremental dose, influence."""
 
 from ._engine import BeamGeometry, DoseEngine, EngineOptions, FluencePatch, calibrate, central_axis_ssd_mm
-from ._influence import InfluenceMatrix, influence_matrix
+from ._influence import InfluenceMatrix, TwoLevelMatrix, influence_matrix
 from ids_engine.model import PhotonMachine, default_6mv
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "FluencePatch",
     "InfluenceMatrix",
     "PhotonMachine",
+    "TwoLevelMatrix",
     "calibrate",
     "central_axis_ssd_mm",
     "default_6mv",

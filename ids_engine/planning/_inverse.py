@@ -123,7 +123,7 @@ def target_beamlets(engine, mask_zyx: np.ndarray, beamlet_cells: int, margin_mm:
     return out
 
 
-def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50.0, beamlet_cells: int | None = None,
+def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = None, beamlet_cells: int | None = None,
                   beamlet_margin_mm: float | None = 10.0, tail_rounds: int = 2, initial_fluences=None,
                   max_iterations: int = 400, tune_importance: bool = False, score_goals: Sequence[Goal] | None = None,
                   tuning_evaluations: int = 30, tuning_margin_gy: float = 0.2, progress=None,
@@ -134,12 +134,15 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     ----------
     engine : a :class:`~ids_engine.dose.DoseEngine`; its fluence is replaced by the result.
     goals : objectives and constraints (:mod:`ids_engine.optimise`) on the patient's structures.
-    cutoff_mm, beamlet_cells : the influence matrix (see :func:`~ids_engine.dose.influence_matrix`).
+    cutoff_mm, beamlet_cells : the influence matrix (see :func:`~ids_engine.dose.influence_matrix`):
+        None (default) is the engine's exact two-level matrix (no tail, one round, the
+        fastest: matRad's TG119.mat 2.2 s against 12.3 s with a 50 mm cutoff); a cutoff gives
+        a sparse matrix whose dropped tail is put back over ``tail_rounds``.
     beamlet_margin_mm : only beamlets within this margin of the targets' projection in each
         beam are optimised (:func:`target_beamlets`); None optimises every beamlet of the
         fluence grids (which cover the whole body).
     tail_rounds : rounds after the first, each warm-started with the cutoff's tail offset
-        taken at the previous round's weights.
+        taken at the previous round's weights (none without a cutoff: there is no tail).
     initial_fluences : a warm start (per beam fluence maps, e.g. an approved plan's); the
         beamlet weights start at each beamlet block's mean fluence.
     max_iterations : L-BFGS-B iterations of the first round; each later round (warm-started,
@@ -157,6 +160,8 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops between iterations.
     """
     goals = tuple(goals)
+    if cutoff_mm is None:
+        tail_rounds = 0  # the two-level matrix is the engine's dose: no tail to put back
     t = {}
     t0 = time.perf_counter()
     # Rows: the voxels of the structures the goals are about (a goal on the body brings them all).
@@ -197,9 +202,10 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
         goals = tuning.goals
         w = tuning.result.beamlet_weights
         # The tuned plan's tail offset: every round below then works on the engine's dose.
-        t0 = time.perf_counter()
-        offset = A.tail_offset(engine, w)
-        t["tail_offset"] += time.perf_counter() - t0
+        if cutoff_mm is not None:
+            t0 = time.perf_counter()
+            offset = A.tail_offset(engine, w)
+            t["tail_offset"] += time.perf_counter() - t0
     for r in range(tail_rounds + 1):
         t0 = time.perf_counter()
         # Later rounds start from the previous round's plan and only absorb the refreshed
@@ -212,12 +218,11 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = 50
         iterations += res.iterations
         if res.cancelled:
             break
-        t0 = time.perf_counter()
-        new_offset = A.tail_offset(engine, w)
-        t["tail_offset"] += time.perf_counter() - t0
         if r == tail_rounds:
             break
-        offset = new_offset
+        t0 = time.perf_counter()
+        offset = A.tail_offset(engine, w)
+        t["tail_offset"] += time.perf_counter() - t0
     # How far the optimiser's last dose model was from the engine at the final weights.
     engine_rows = backend.asnumpy(A.engine_dose(engine, w)).astype(np.float64)
     model = backend.asnumpy(A.dose(engine.xp.asarray(np.asarray(w, np.float32)),
