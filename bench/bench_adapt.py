@@ -44,7 +44,12 @@ def make_approved(folder: Path, resolution: str, beams: int) -> float:
     plan = optimise_plan(s.engine, read_protocol(PROTOCOL).goals)
     s.set_plan(plan.fluences)
     oar = p.structure("OAR").mask
-    s.run(EraseSpot(tuple(np.argwhere(oar).mean(axis=0)), 8.0, 0.0, 20.0, structure="OAR"))
+    # The OAR's centre erased to 85 % of its hottest voxel there (whatever the optimiser left).
+    centre = tuple(np.argwhere(oar).mean(axis=0))
+    zyx = np.argwhere(oar)
+    near = np.linalg.norm((zyx - np.asarray(centre)) * np.asarray(p.grid.spacing_mm_zyx), axis=1) <= 8.0
+    hottest = float(s.dose()[tuple(zyx[near].T)].max()) if near.any() else float(s.dose()[oar].max())
+    s.run(EraseSpot(centre, 8.0, 0.0, 0.85 * hottest, structure="OAR"))
     ptv = p.structure("PTV").mask
     cold = np.argwhere(ptv)[np.argmin(s.dose()[ptv])]
     s.run(SetVoxelDose(tuple(int(v) for v in cold), 58.0))

@@ -30,8 +30,9 @@ most twice), a coverage repair: the target voxels within 8 mm of the cold target
 (with its repairs) is **kept** only if every checked goal is met, the feature's measure fell
 by more than 0.01 Gy **and the OAR's hottest voxel did not get hotter** by more than
 0.01 Gy (:func:`judge_step`): a step that trades a lower D10 or D2 for a hotter maximum is
-not a cooler hot rim. Otherwise it is undone and the next step starts from the plan before
-it. Each case's :class:`DMROptions` (``CASES``) hold the target inside its goals and let
+not a cooler hot rim. Otherwise it is undone and tried once more asking for half the change
+(half the dose reduction, half the drag), as a planner would after an undo; if that is not
+kept either, the next step starts from the plan before it. Each case's :class:`DMROptions` (``CASES``) hold the target inside its goals and let
 recovery raise no OAR voxel by more than a few hundredths of a Gy.
 
 Reported per case: the metrics before and after (target D95/D10/D2/min/max, OAR
@@ -81,6 +82,7 @@ DRAG_FRACTION = 0.5  # an isodose is dragged this fraction of the way to the tar
 MIN_CHANGE_GY = 0.01  # a feature change smaller than this is no change
 REPAIRS = 2
 REPAIR_RADIUS_MM = 8.0
+STRENGTHS = (1.0, 0.5)  # an undone step is retried once at half the change, as a planner would
 STEPS = ("set_voxel_dose", "erase_spot", "move_isodose_line", "set_voxel_dose", "erase_spot", "move_isodose_line")
 
 
@@ -161,18 +163,20 @@ def judge_step(start: dict, after: dict, *, oar: str = "OAR") -> tuple[bool, str
                                               (f"{oar} maximum raised", not max_not_raised)) if bad)
 
 
-def step_request(kind: str, case: Case, session: Session, patient: Patient):
-    """The request of one scripted step on the current plan, and its text."""
+def step_request(kind: str, case: Case, session: Session, patient: Patient, strength: float = 1.0):
+    """The request of one scripted step on the current plan, and its text. ``strength`` < 1
+    asks for that fraction of the step's change (a gentler retry after an undo)."""
     dose = session.dose()
     oar = patient.structure(case.oar).mask
     hot = _hottest(dose, oar)
     hot_gy = float(dose[hot])
     if kind == "set_voxel_dose":
-        return (SetVoxelDose(hot, SET_FRACTION * hot_gy),
+        frac = 1.0 - strength * (1.0 - SET_FRACTION)
+        return (SetVoxelDose(hot, frac * hot_gy),
                 f"SetVoxelDose: the {case.oar}'s hottest voxel {hot} from {hot_gy:.2f} to "
-                f"{SET_FRACTION * hot_gy:.2f} Gy")
+                f"{frac * hot_gy:.2f} Gy")
     if kind == "erase_spot":
-        cap = ERASE_FRACTION * metrics(case, dose, patient)["feature_gy"]
+        cap = (1.0 - strength * (1.0 - ERASE_FRACTION)) * metrics(case, dose, patient)["feature_gy"]
         return (EraseSpot(hot, ERASE_RADIUS_MM, 0.0, cap, structure=case.oar),
                 f"EraseSpot: {case.oar} voxels within {ERASE_RADIUS_MM:g} mm of {hot} ({hot_gy:.2f} Gy) to at most "
                 f"{cap:.2f} Gy")
@@ -183,7 +187,7 @@ def step_request(kind: str, case: Case, session: Session, patient: Patient):
     # Half way to the target, so that the swept band stays out of it.
     to_target_mm = distance_transform_edt(~patient.structure(case.target).mask,
                                           sampling=patient.grid.spacing_mm_zyx)[hot]
-    drag_mm = DRAG_FRACTION * float(to_target_mm)
+    drag_mm = strength * DRAG_FRACTION * float(to_target_mm)
     end = np.array([j, i], float) + away * drag_mm / np.asarray(patient.grid.spacing_mm_zyx[1:], float)
     level = hot_gy * 0.999
     return (MoveIsodoseLine("z", k, level, (float(j), float(i)), (float(end[0]), float(end[1])), width_mm=6.0),
@@ -243,28 +247,32 @@ def shape_case(case: Case, resolution: str, steps=STEPS) -> tuple[dict, dict, di
         print(f"  [{step}] {text} ({times_ms[-1]:.0f} ms): {_line(after)}")
 
     for step, kind in enumerate(steps):
-        start = metrics(case, session.dose(), patient)
-        n_journal = len(session.journal)
-        req, text = step_request(kind, case, session, patient)
-        run(req, text, step)
-        for _ in range(REPAIRS):  # coverage repairs, as a planner would
-            now = metrics(case, session.dose(), patient)
-            if now["ptv_d95_gy"] >= case.d95_goal_gy or len(session.journal) == n_journal:
-                break
-            req, text = repair_request(case, session, patient)
+        for strength in STRENGTHS:  # an undone step is tried once more, asking for half the change
+            start = metrics(case, session.dose(), patient)
+            n_journal = len(session.journal)
+            req, text = step_request(kind, case, session, patient, strength)
             run(req, text, step)
-        after = metrics(case, session.dose(), patient)
-        kept, why = judge_step(start, after, oar=case.oar) if len(session.journal) > n_journal else \
-            (False, "refused by the engine")
-        if not kept:
-            while len(session.journal) > n_journal:
-                session.undo()
-        done.append({"step": step, "kind": kind, "requests": len(session.journal) - n_journal if kept else 0,
-                      "kept": kept, "why": why, "goals_met": after["goals_met"],
-                      "feature_before_gy": start["feature_gy"], "feature_after_gy": after["feature_gy"],
-                      "oar_hottest_before_gy": start["oar_hottest_voxel_gy"],
-                      "oar_hottest_after_gy": after["oar_hottest_voxel_gy"]})
-        print(f"  step {step} ({kind}): {why}")
+            for _ in range(REPAIRS):  # coverage repairs, as a planner would
+                now = metrics(case, session.dose(), patient)
+                if now["ptv_d95_gy"] >= case.d95_goal_gy or len(session.journal) == n_journal:
+                    break
+                req, text = repair_request(case, session, patient)
+                run(req, text, step)
+            after = metrics(case, session.dose(), patient)
+            kept, why = judge_step(start, after, oar=case.oar) if len(session.journal) > n_journal else \
+                (False, "refused by the engine")
+            if not kept:
+                while len(session.journal) > n_journal:
+                    session.undo()
+            done.append({"step": step, "kind": kind, "strength": strength,
+                         "requests": len(session.journal) - n_journal if kept else 0,
+                         "kept": kept, "why": why, "goals_met": after["goals_met"],
+                         "feature_before_gy": start["feature_gy"], "feature_after_gy": after["feature_gy"],
+                         "oar_hottest_before_gy": start["oar_hottest_voxel_gy"],
+                         "oar_hottest_after_gy": after["oar_hottest_voxel_gy"]})
+            print(f"  step {step} ({kind}, strength {strength:g}): {why}")
+            if kept:
+                break
     final = metrics(case, session.dose(), patient)
     session.close()
 
@@ -297,7 +305,9 @@ def shape_case(case: Case, resolution: str, steps=STEPS) -> tuple[dict, dict, di
                           "unmet_constraints": [str(u) for u in plan.result.unmet_constraints]}}
     quality = {"before": before, "after": final, "change": change, "requests": log, "steps": done,
                "feature_improved_with_goals_met": improved,
-               "steps_kept": sum(1 for e in done if e["kept"]), "steps_undone": sum(1 for e in done if not e["kept"])}
+               "steps_kept": len({e["step"] for e in done if e["kept"]}),
+               "steps_undone": len({e["step"] for e in done} - {e["step"] for e in done if e["kept"]}),
+               "attempts": len(done)}
     return info, stages, quality
 
 

@@ -109,7 +109,7 @@ def _list(store, args) -> int:
 def _import(store, args) -> int:
     from pathlib import Path
 
-    from ids_engine.session import case_from_spec
+    from ids_engine.session import case_from_spec, resolve_case
 
     pk = args.patient_key
     if pk is None:
@@ -120,7 +120,8 @@ def _import(store, args) -> int:
             case = doc["case"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{sj}: not a readable session file ({type(exc).__name__}: {exc})") from None
-        pk = store.add_patient(case_from_spec(case), patient_id=args.patient_id, name=args.patient_name)
+        pk = store.add_patient(case_from_spec(resolve_case(case, sj.parent)), patient_id=args.patient_id,
+                               name=args.patient_name)
     ref = store.import_session(args.folder, patient_key=pk, plan_name=args.plan, parent=args.parent)
     print(f"imported as {ref} ({ref.n_requests} requests; key {ref.key})")
     return 0

@@ -233,23 +233,24 @@ class LatestRequestQueue:
 
 # ---------------------------------------------------------------------------- cases
 def resolve_case(spec: dict, base: "str | Path | None") -> dict:
-    """The case description with a relative DICOM folder or matRad file made absolute against
-    ``base`` (a saved session's folder: an adapted plan names its new CT as ``../new_ct`` so
-    the output folder can move). A relative path that does not exist there is left as it is
-    (older sessions saved paths relative to the working directory)."""
-    out = dict(spec)
-    if base is not None:
-        for key in ("dicom", "matrad"):
-            if key in out and not Path(out[key]).is_absolute():
-                cand = (Path(base) / out[key]).resolve()
-                if cand.exists():
-                    out[key] = str(cand)
+    """The case description with a session-relative DICOM folder or matRad file
+    (``"relative_to": "session"``, e.g. an adapted plan's ``{"dicom": "../new_ct"}``) made
+    absolute against ``base``, the folder of the saved session; any other case as it is."""
+    if spec.get("relative_to") != "session" or base is None:
+        return dict(spec)
+    out = {k: v for k, v in spec.items() if k != "relative_to"}
+    for key in ("dicom", "matrad"):
+        if key in out:
+            out[key] = str((Path(base) / out[key]).resolve())
     return out
 
 
 def case_from_spec(spec: dict) -> Patient:
     """Rebuild a patient from a case description: {"phantom": name, "resolution": r},
-    {"dicom": folder} or {"matrad": file} (relative paths: see :func:`resolve_case`)."""
+    {"dicom": folder} or {"matrad": file} (a session-relative one: see :func:`resolve_case`)."""
+    if spec.get("relative_to") == "session":
+        raise ValueError(f"case description {spec!r} is relative to its session folder: open the session "
+                         "(Session.load) or resolve it with resolve_case")
     if "phantom" in spec:
         from ids_engine.phantoms import PHANTOMS
 
@@ -968,13 +969,23 @@ class Session:
         for _ in self._redo:
             self._append_op({"op": "undo"})
 
+    def _case_for(self, folder: Path) -> dict:
+        """The case as written into ``folder``: a session-relative case stays relative when it
+        names the same place from there (the folder it was opened from, or a new session's
+        first folder), else it is written absolute (a "save as" elsewhere)."""
+        case, base = self.case, self.__dict__.get("_case_base")
+        if case.get("relative_to") != "session" or base is None:
+            return case
+        here, there = resolve_case(case, folder), resolve_case(case, base)
+        return case if here == there else there
+
     def _write_header(self, folder: Path) -> None:
         (folder / "requests").mkdir(exist_ok=True)
         for old in (folder / "requests").glob("r*.npz"):
             old.unlink()
         atomic_npz(folder / "initial_fluences.npz", {f"fluence_{b}": f for b, f in enumerate(self.initial_fluences)})
         doc = {
-            "format": "ids-engine session", "version": __version__, "case": self.case,
+            "format": "ids-engine session", "version": __version__, "case": self._case_for(folder),
             "case_fingerprint": case_fingerprint(self.patient),
             "prescription_gy": self.prescription_gy,
             "beams": [_beam_to_dict(g.beam) for g in self.engine.geometry],
@@ -1074,6 +1085,7 @@ class Session:
                 engine_options=EngineOptions(**eo), dmr_options=dmr_options, case=doc["case"],
                 progress=progress)
         s.load_warnings = warnings_
+        s._case_base = folder  # what a session-relative case is relative to
         # Complete lines only: bytes after the last newline are the operation in flight.
         good_end = raw.rfind(b"\n") + 1
         if good_end < len(raw):

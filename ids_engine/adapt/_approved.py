@@ -133,7 +133,7 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
     try:
         return ApprovedPlan(
             path=path, session_folder=folder, patient=s.patient, case=resolve_case(s.case, folder),
-            label=case_label(s.case),
+            label=case_label(resolve_case(s.case, folder)),
             beams=tuple(g.beam for g in s.engine.geometry), fluences=tuple(s.engine.fluences_host()),
             prescription_gy=s.prescription_gy, dose_gy=s.dose(), protocol=proto,
             protocol_path=None if protocol is None else Path(protocol),

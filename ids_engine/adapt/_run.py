@@ -140,15 +140,19 @@ def _test_patient_id(nct: NewCT) -> str:
     return "TEST-" + nct.source.split(";")[0].split(":")[0]
 
 
+_WRITER_DEFAULT_ID = "IDS-ENGINE"  # what write_dicom_ct writes when no PatientID is known: no ID
+
+
 def _dicom_patient_ids(folder) -> set[str]:
-    """The PatientIDs the CT slices in a DICOM folder carry (headers only; never logged)."""
+    """The PatientIDs the CT slices in a DICOM folder carry (headers only; never logged;
+    the writer's own placeholder counts as none)."""
     from ids_engine.io._dicom_common import modality_of, scan_folder
 
     ids = set()
     for _, ds in scan_folder(folder, stop_before_pixels=True):
         if modality_of(ds) == "CT":
             v = str(getattr(ds, "PatientID", "") or "").strip()
-            if v:
+            if v and v != _WRITER_DEFAULT_ID:
                 ids.add(v)
     return ids
 
@@ -163,16 +167,16 @@ def _check_same_patient(approved, nct: NewCT, *, store, patient_id: str | None) 
     if not new_ids:
         return None
     if len(new_ids) > 1:
-        raise AdaptError(f"new CT {nct.source}: its CT slices carry {len(new_ids)} different PatientIDs; "
+        raise AdaptError(f"new CT ({nct.label}): its CT slices carry {len(new_ids)} different PatientIDs; "
                          "give one patient's CT series (nothing computed)")
     case = approved.case or {}
     if "dicom" in case and Path(case["dicom"]).is_dir():
         old_ids = _dicom_patient_ids(case["dicom"])
         if old_ids and not (old_ids & new_ids):
-            raise AdaptError(f"new CT {nct.source}: its DICOM PatientID is not the one of the approved plan's CT "
-                             f"({case['dicom']}); adaptation needs the same patient's new CT (nothing computed)")
+            raise AdaptError(f"new CT ({nct.label}): its DICOM PatientID is not the one of the approved plan's CT "
+                             f"({approved.label}); adaptation needs the same patient's new CT (nothing computed)")
     if store is not None and patient_id is not None and patient_id.strip() not in new_ids:
-        raise AdaptError(f"--patient-id: not the DICOM PatientID of the new CT ({nct.source}); check that the "
+        raise AdaptError(f"--patient-id: not the DICOM PatientID of the new CT ({nct.label}); check that the "
                          "CT is this patient's (nothing computed or stored)")
     return next(iter(new_ids))
 
@@ -355,7 +359,7 @@ def run_adaptation(approved, new_ct, out, *, registration: str = "rigid", fiduci
             contours.append({"name": s.name, "kind": s.kind.value, "approved_cc": s.volume_cc,
                              "transferred_cc": None if n is None else n.volume_cc,
                              "dice": None if (own is None or n is None) else _dice(own, n.mask)})
-        case = {"dicom": "../new_ct"}  # relative to the session folder: the output folder can move
+        case = {"dicom": "../new_ct", "relative_to": "session"}  # the output folder can move
         own = [Structure(s.name, s.kind, s.mask, new_patient.grid, s.colour) for s in nct.patient.structures
                if s.name in approved.patient.structure_names and s.mask.shape == new_patient.grid.shape_zyx
                and not s.is_empty]
@@ -451,7 +455,7 @@ def _to_store(store, out: Path, doc: dict, new_patient, *, patient_id: str, plan
         except (ValueError, KeyError, LookupError):
             parent = None
         if parent is not None and parent.patient_key != pkey:
-            raise AdaptError(f"--patient-id {patient_id!r}: the approved plan {parent.name!r} belongs to another patient "
+            raise AdaptError(f"--patient-id: the approved plan {parent.name!r} belongs to another patient "
                              "of the store; the new CT must be the same patient's (nothing stored)")
         ref = st.import_session(out / "session", patient_key=pkey, plan_name=name, parent=parent)
         evidence = {k: doc[k] for k in ("format", "version", "approved", "new_ct", "registration",

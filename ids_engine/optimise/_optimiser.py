@@ -35,8 +35,8 @@ vector of n_beamlets crosses per evaluation); the dose stays with the matrix.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -247,11 +247,39 @@ def _one_blas_thread():
     TG119.mat, 300 iterations, the other core busy: 1.0 s on one thread instead of 3.2 s,
     L-BFGS-B's part 0.09 s instead of 0.82 s).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return _BLAS_ONE_THREAD
+
+
+class _OneBlasThread:
+    """The process-wide BLAS limit, shared by concurrent optimisations (threads of an
+    ``adapt_batch``): the first to enter sets it, the last to leave restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limits = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                try:
+                    from threadpoolctl import threadpool_limits
+                except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+                    self._limits = None
+                else:
+                    self._limits = threadpool_limits(limits=1, user_api="blas")
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._limits is not None:
+                self._limits.restore_original_limits()
+                self._limits = None
+
+
+_BLAS_ONE_THREAD = _OneBlasThread()
 
 
 def _uniform_start(problem: "_Problem", n_beam: int) -> np.ndarray:

@@ -659,15 +659,16 @@ class PlanStore:
         """A session naming its DICOM case relative to itself (an adapted plan's ``../new_ct``)
         takes that folder along, at the same place relative to the stored session, so the
         stored plan reopens on its own."""
-        rel = (doc.get("case") or {}).get("dicom")
-        if not rel or Path(rel).is_absolute() or not (src / rel).is_dir():
+        case = doc.get("case") or {}
+        rel = case.get("dicom")
+        if case.get("relative_to") != "session" or not rel or not (src / rel).is_dir():
             return
         dst = (staging / "session" / rel).resolve()
-        try:
-            dst.relative_to(staging.resolve())
-        except ValueError:
-            raise StoreError(f"{src / 'session.json'}: field 'case': the DICOM folder {rel!r} lies outside the "
-                             "plan's folder; give it as an absolute path") from None
+        root = staging.resolve()
+        inside = dst != root and root in dst.parents
+        if not inside or dst.relative_to(root).parts[0] in ("session", "files"):
+            raise StoreError(f"{src / 'session.json'}: field 'case': the DICOM folder {rel!r} must lie beside the "
+                             "session folder (like an adapted plan's ../new_ct), not in it or outside the plan")
         dst.mkdir(parents=True, exist_ok=True)
         for p in sorted((src / rel).iterdir()):
             if p.is_file():
@@ -1027,6 +1028,7 @@ class PlanStore:
                     copy_file_durably(p, staging / "files" / p.name)
                 fsync_folder(staging / "files")
             doc = json.loads((staging / "session" / "session.json").read_text())
+            self._copy_relative_case(src / "session", staging, doc)
             final = self._move_in(staging, key, lock)
             with self._tx() as c:
                 self._check_new_name(pk, new_name)

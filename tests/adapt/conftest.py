@@ -29,11 +29,11 @@ def approved_dir(tmp_path_factory) -> Path:
     s.set_plan(plan.fluences)
     oar = patient.structure("OAR").mask
     # Erase the OAR's centre down to 85 % of its hottest voxel there (whatever the optimiser left).
-    from ids_engine.dmr._requests import ball_mask
-
     centre = tuple(np.argwhere(oar).mean(axis=0))
-    ball = ball_mask(patient.grid.shape_zyx, patient.grid.spacing_mm_zyx, centre, 8.0) & oar
-    s.run(EraseSpot(centre, 8.0, 0.0, 0.85 * float(s.dose()[ball].max()), structure="OAR"))
+    zyx = np.argwhere(oar)
+    near = np.linalg.norm((zyx - np.asarray(centre)) * np.asarray(patient.grid.spacing_mm_zyx), axis=1) <= 8.0
+    hottest = float(s.dose()[tuple(zyx[near].T)].max()) if near.any() else float(s.dose()[oar].max())
+    s.run(EraseSpot(centre, 8.0, 0.0, 0.85 * hottest, structure="OAR"))
     # The coldest PTV voxel up to 58 Gy (a request whose voxel the replay must move).
     ptv = patient.structure("PTV").mask
     dose = s.dose()

@@ -48,6 +48,12 @@ def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
         s = st.load_session(ref, write=False)
         assert s.patient.structure_names == ("PTV", "OAR", "BODY")
         s.close()
+        # ... and so does a copy of it within the store.
+        copy = st.copy_plan(ref, "week 2 copy")
+        s = st.load_session(copy, write=False)
+        assert s.patient.structure_names == ("PTV", "OAR", "BODY")
+        s.close()
+        assert st.check() == []
     (tmp_path / "new_ct_away").rename(out / "new_ct")
     assert doc["store"]["plan_name"] == "week 2" and "stored in" in text
 
@@ -55,10 +61,15 @@ def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
     from ids_engine.session import Session
 
     s = Session.load(out / "session", keep_journaling=False)
-    assert s.case == {"dicom": "../new_ct"}  # relative to the session: the output folder can move
+    assert s.case == {"dicom": "../new_ct", "relative_to": "session"}  # the output folder can move
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     assert Session.load(moved / "session", keep_journaling=False).patient.structure_names == ("PTV", "OAR", "BODY")
+    # Saved elsewhere ("save as"), the case is written absolute: the copy reopens on its own.
+    s.save(tmp_path / "elsewhere" / "session")
+    again = Session.load(tmp_path / "elsewhere" / "session", keep_journaling=False)
+    assert again.case == {"dicom": str((out / "new_ct").resolve())}
+    assert again.patient.structure_names == ("PTV", "OAR", "BODY")
     assert s.patient.structure_names == ("PTV", "OAR", "BODY")
 
     # A second run into the same folder is refused without --force, then replaces it with it.

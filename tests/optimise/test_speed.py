@@ -119,3 +119,22 @@ def test_blas_runs_on_one_thread_while_optimising(rng):
     optimise_fluence(a, [UniformDose("t", 60.0)], voxels, max_iterations=3, progress=progress)
     assert seen and set(seen) == {1}
     assert [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"] == before
+
+
+def test_overlapping_optimisations_restore_blas_threads_once_both_end():
+    """Two optimisations in threads (an adapt batch): the limit holds while either runs and
+    the original thread count comes back when the last one leaves, not before or never."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from ids_engine.optimise._optimiser import _one_blas_thread
+
+    def blas():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    a, b = _one_blas_thread(), _one_blas_thread()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # the first one leaves while the second still runs
+    assert all(n == 1 for n in blas())
+    b.__exit__(None, None, None)
+    assert blas() == before

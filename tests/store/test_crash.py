@@ -34,6 +34,10 @@ def _replay(root: Path, pending: tuple[int, str]) -> tuple[int, str, dict]:
         return (*pending, st.verify_replay(pending[1]))
 
 
+# Trials whose kill waits for an operation of this kind to start (the others are random).
+TARGETED = {1: "import", 2: "copy", 3: "evidence", 5: "line", 6: "import", 7: "copy"}
+
+
 def test_kill_9_at_100_random_moments_loses_at_most_the_operation_in_flight(tmp_path):
     root, src = tmp_path / "store", tmp_path / "src-session"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -74,11 +78,24 @@ def test_kill_9_at_100_random_moments_loses_at_most_the_operation_in_flight(tmp_
             else:
                 while ["done", "save", f"t{trial}", "2"] not in events:
                     events.append(next_line())
-                deadline = time.perf_counter() + float(rng.uniform(0.0, 0.3))
-                while (left := deadline - time.perf_counter()) > 0:
-                    words = next_line(timeout=left, required=False)
-                    if words is not None:
-                        events.append(words)
+                target = TARGETED.get(trial)
+                if target is not None:
+                    # A few kills wait for an operation of a given kind to start (each kind is
+                    # then hit at least once, whatever the machine's speed), then land in it.
+                    deadline = time.perf_counter() + 20.0
+                    while (left := deadline - time.perf_counter()) > 0:
+                        words = next_line(timeout=left, required=False)
+                        if words is not None:
+                            events.append(words)
+                            if words[:2] == ["start", target]:
+                                break
+                    time.sleep(float(rng.uniform(0.0, 0.002)))
+                else:
+                    deadline = time.perf_counter() + float(rng.uniform(0.0, 0.3))
+                    while (left := deadline - time.perf_counter()) > 0:
+                        words = next_line(timeout=left, required=False)
+                        if words is not None:
+                            events.append(words)
             os.kill(pid, signal.SIGKILL)
             proc.stdin.write(f"reap {pid}\n")
             proc.stdin.flush()
