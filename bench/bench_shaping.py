@@ -10,7 +10,8 @@ defaults. Every goal of the shaping-quality issue is measured and reported with 
    already-shaped plan. No request voxel more than 3 % of Rx beyond its requested value; no
    voxel farther than 10 mm from the request's region rises more than 5 % of Rx (nearer voxels
    are the request's own dose fall-off). Reported three ways: anywhere; beyond what a rigid
-   move of the plan by the drag vector asks within 20 mm of the request (a dragged line takes
+   move of the plan by the drag vector asks within 20 mm of the request (on a line drag's own
+   slice; a dragged line takes
    its fall-off with it: ``D_before(v - drag) - D_before(v)``, the same "asked" value the
    overshoot uses); and outside the beams' paths through the request (raising the dose
    somewhere raises it along the rays through it). The paper's experiment (goal 1) is
@@ -159,12 +160,16 @@ def _beam_paths(s: Session, flat: np.ndarray) -> np.ndarray:
 SHIFT_REACH_MM = 20.0
 
 
-def _rigid_shift_rise(before: np.ndarray, dist: np.ndarray, a3, b3) -> np.ndarray:
+def _rigid_shift_rise(before: np.ndarray, dist: np.ndarray, a3, b3, slice_index: int | None = None) -> np.ndarray:
     """The rise a rigid move of the plan by the drag vector ``b3 - a3`` (voxels, z y x) asks
     for, ``max(D_before(v - drag) - D_before(v), 0)``, within SHIFT_REACH_MM of the request
-    (zero elsewhere)."""
+    (zero elsewhere); for a line drag only on its own slice ``slice_index`` (it asks nothing of
+    the others)."""
     out = np.zeros(before.shape, np.float32)
     near = dist <= SHIFT_REACH_MM
+    if slice_index is not None:
+        near[: int(slice_index)] = False
+        near[int(slice_index) + 1:] = False
     idx = np.argwhere(near)
     if idx.size == 0:
         return out
@@ -223,7 +228,7 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
     # would give (``D_before(v - drag) - D_before(v)``) is asked for; beyond that, every rise counts.
     rise_beyond_shift_pct = rise_far_pct
     if kind in ("line", "surface"):
-        asked_up = _rigid_shift_rise(before, dist, a3, b3)
+        asked_up = _rigid_shift_rise(before, dist, a3, b3, req.slice_index if kind == "line" else None)
         rise_beyond_shift_pct = float((rise - asked_up)[far].max()) / RX * 100
     where_far = np.unravel_index(int(np.argmax(np.where(far, rise, -np.inf))), rise.shape)
     tissue = ("PTV" if s.target_mask[where_far] else "OAR" if s.oar_mask[where_far] else "body")
