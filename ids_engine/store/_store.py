@@ -734,6 +734,8 @@ class PlanStore:
                     if session.journal or session._redo:
                         self._adopt_replay(session, staging / "session")
                 doc = json.loads((staging / "session" / "session.json").read_text())
+                if exact:  # its journal copied as it is: a session-relative case comes along
+                    self._copy_relative_case(Path(old_dir), staging, doc)
                 final = self._move_in(staging, key, lock)
                 with self._tx() as c:
                     self._check_new_name(patient_key, plan_name)

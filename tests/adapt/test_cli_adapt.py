@@ -53,6 +53,13 @@ def test_ids_adapt_end_to_end_with_fiducials(approved_dir, tmp_path, capsys):
         s = st.load_session(copy, write=False)
         assert s.patient.structure_names == ("PTV", "OAR", "BODY")
         s.close()
+        # ... and a stored plan opened for writing and stored again under a new name.
+        s = st.load_session(copy, write=True)
+        again = st.save_session(s, patient_key=copy.patient_key, plan_name="week 2 again")
+        s.close()
+        s = st.load_session(again, write=False)
+        assert s.patient.structure_names == ("PTV", "OAR", "BODY")
+        s.close()
         assert st.check() == []
     (tmp_path / "new_ct_away").rename(out / "new_ct")
     assert doc["store"]["plan_name"] == "week 2" and "stored in" in text
