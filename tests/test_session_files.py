@@ -328,3 +328,25 @@ def test_a_session_file_with_bad_dmr_options_is_refused_naming_the_file(session,
     (folder / "session.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"session\.json: field 'dmr_options': DMROptions\.oar_rise_pct"):
         Session.load(folder, keep_journaling=False)
+
+
+def test_a_session_relative_case_needs_its_session_folder(tmp_path):
+    from ids_engine.session import case_from_spec, resolve_case
+
+    spec = {"dicom": "../new_ct", "relative_to": "session"}
+    with pytest.raises(ValueError, match="relative to its session folder"):
+        case_from_spec(spec)
+    assert resolve_case(spec, tmp_path / "out" / "session") == {"dicom": str((tmp_path / "out" / "new_ct").resolve())}
+    assert resolve_case({"dicom": "ct"}, tmp_path) == {"dicom": "ct"}  # not marked: as it was given
+
+
+def test_the_store_refuses_a_relative_case_in_the_session_or_outside_the_plan(tmp_path):
+    from ids_engine.store import StoreError
+    from ids_engine.store._store import PlanStore
+
+    src = tmp_path / "out" / "session"
+    (src / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for rel in ("sub", "../../elsewhere"):
+        with pytest.raises(StoreError, match="must lie beside the session folder"):
+            PlanStore._copy_relative_case(src, tmp_path / "staging", {"case": {"dicom": rel, "relative_to": "session"}})
