@@ -31,7 +31,11 @@ from _common import write_result  # noqa: E402
 PROTOCOL = Path(__file__).resolve().parents[1] / "examples" / "adapt" / "horseshoe_protocol.toml"
 
 
-def make_approved(folder: Path, resolution: str, beams: int) -> float:
+def make_approved(folder: Path, resolution: str, beams: int, **optimise) -> float:
+    """An approved plan on the horseshoe (``beams`` equispaced beams optimised for PROTOCOL,
+    ``optimise``: more :func:`optimise_plan` arguments) with two shaping requests, saved into
+    ``folder`` as an ``ids plan --out`` folder (``session/`` + ``protocol.toml``); the seconds
+    it took. The adaptive replanning tests use it too (tests/adapt/conftest.py)."""
     from ids_engine.dmr import EraseSpot, SetVoxelDose
     from ids_engine.optimise import read_protocol
     from ids_engine.planning import equispaced_beams, optimise_plan
@@ -41,7 +45,7 @@ def make_approved(folder: Path, resolution: str, beams: int) -> float:
     spec = {"phantom": "horseshoe", "resolution": resolution}
     p = case_from_spec(spec)
     s = Session(p, equispaced_beams(beams, p.targets[0].centroid_xyz()), prescription_gy=60.0, case=spec)
-    plan = optimise_plan(s.engine, read_protocol(PROTOCOL).goals)
+    plan = optimise_plan(s.engine, read_protocol(PROTOCOL).goals, **optimise)
     s.set_plan(plan.fluences)
     oar = p.structure("OAR").mask
     # The OAR's centre erased to 85 % of its hottest voxel there (whatever the optimiser left).
@@ -50,6 +54,7 @@ def make_approved(folder: Path, resolution: str, beams: int) -> float:
     near = np.linalg.norm((zyx - np.asarray(centre)) * np.asarray(p.grid.spacing_mm_zyx), axis=1) <= 8.0
     hottest = float(s.dose()[tuple(zyx[near].T)].max()) if near.any() else float(s.dose()[oar].max())
     s.run(EraseSpot(centre, 8.0, 0.0, 0.85 * hottest, structure="OAR"))
+    # The coldest PTV voxel up to 58 Gy (a request whose voxel the replay must move).
     ptv = p.structure("PTV").mask
     cold = np.argwhere(ptv)[np.argmin(s.dose()[ptv])]
     s.run(SetVoxelDose(tuple(int(v) for v in cold), 58.0))
