@@ -22,6 +22,25 @@ from .dvh import DVHPlot, _CurveSet
 __all__ = ["SampledDVHDialog"]
 
 
+def start_dvh_thread(work, name: str, stop: threading.Event, finished) -> threading.Thread:
+    """Run ``work()`` on a daemon thread, then ``finished(how)``: "done", "stopped" (``stop``
+    was set) or "failed: <error>" (shown, never raised on a thread nobody joins)."""
+
+    def run():
+        how = "done"
+        try:
+            work()
+            if stop.is_set():
+                how = "stopped"
+        except Exception as exc:  # noqa: BLE001
+            how = f"failed: {exc}"
+        finished(how)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 class SampledDVHDialog(QtWidgets.QDialog):
     """DVH by random sampling for a dose cube and a patient's structures.
 
@@ -127,21 +146,13 @@ class SampledDVHDialog(QtWidgets.QDialog):
         density, seed, bin_gy = self.density_per_mm3, self.seed, self.bin_gy
 
         def work():
-            how = "done"
-            try:
-                exact = tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy) for s in structures)
-                self.exact_ready.emit(exact, run)
-                for state in sample_dvhs(dose, structures, grid, density_per_mm3=density, seed=seed, bin_gy=bin_gy,
-                                         cancel=stop.is_set):
-                    self.state_ready.emit(state, run)
-                if stop.is_set():
-                    how = "stopped"
-            except Exception as exc:  # shown, never raised on a thread nobody joins
-                how = f"failed: {exc}"
-            self.finished.emit(how, run)
+            exact = tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy) for s in structures)
+            self.exact_ready.emit(exact, run)
+            for state in sample_dvhs(dose, structures, grid, density_per_mm3=density, seed=seed, bin_gy=bin_gy,
+                                     cancel=stop.is_set):
+                self.state_ready.emit(state, run)
 
-        self._thread = threading.Thread(target=work, name="dvh-sampling", daemon=True)
-        self._thread.start()
+        self._thread = start_dvh_thread(work, "dvh-sampling", stop, lambda how: self.finished.emit(how, run))
 
     def stop(self) -> None:
         """The seed's stop button: the curves drawn so far stay."""

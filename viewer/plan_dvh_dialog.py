@@ -28,6 +28,7 @@ from ids_engine.evaluation._dvh_plot import plans_dvh_png
 from ids_engine.evaluation._dvh_sampling import DVHCurve
 
 from .dvh import DVHPlot, _CurveSet
+from .dvh_sampling import start_dvh_thread
 
 __all__ = ["PlanDVHDialog", "SESSION_PLAN"]
 
@@ -220,25 +221,18 @@ class PlanDVHDialog(QtWidgets.QDialog):
         self.stop_button.setEnabled(True)
 
         def work():
-            how = "done"
-            try:
-                for label, dose, vols in jobs:
-                    chosen = [structures[v] for v in vols]
-                    if method == "exact":
-                        self.curves_ready.emit(label, tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy)
-                                                            for s in chosen), run)
-                    else:
-                        for state in sample_dvhs(dose, chosen, grid, bin_gy=bin_gy, cancel=stop.is_set):
-                            self.curves_ready.emit(label, state.dvhs, run)
-                    if stop.is_set():
-                        how = "stopped"
-                        break
-            except Exception as exc:  # shown, never raised on a thread nobody joins
-                how = f"failed: {exc}"
-            self.finished.emit(how, run)
+            for label, dose, vols in jobs:
+                chosen = [structures[v] for v in vols]
+                if method == "exact":
+                    self.curves_ready.emit(label, tuple(exact_dvh(s.name, dose, s.mask, grid, bin_gy=bin_gy)
+                                                        for s in chosen), run)
+                else:
+                    for state in sample_dvhs(dose, chosen, grid, bin_gy=bin_gy, cancel=stop.is_set):
+                        self.curves_ready.emit(label, state.dvhs, run)
+                if stop.is_set():
+                    break
 
-        self._thread = threading.Thread(target=work, name="plan-dvhs", daemon=True)
-        self._thread.start()
+        self._thread = start_dvh_thread(work, "plan-dvhs", stop, lambda how: self.finished.emit(how, run))
 
     def stop(self) -> None:
         """The seed's stop button: the curves drawn so far stay."""
