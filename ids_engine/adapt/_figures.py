@@ -6,19 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ids_engine.evaluation._report import _load_matplotlib, finish_dvh_axes
+
 __all__ = ["adapt_dvh_png", "isodose_slice_png"]
 
 ISODOSE_PCT = (50.0, 80.0, 95.0, 107.0)
 _ISODOSE_COLOURS = ("#2060ff", "#20c040", "#ffa000", "#ff2020")
-
-
-def _mpl():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure, FigureCanvasAgg
 
 
 def adapt_dvh_png(path, *, approved_dose_gy, approved_patient, recomputed_dose_gy, adapted_dose_gy, new_patient,
@@ -28,7 +21,7 @@ def adapt_dvh_png(path, *, approved_dose_gy, approved_patient, recomputed_dose_g
     structure in its colour (body left out)."""
     from ids_engine.evaluation import dvh
 
-    mpl = _mpl()
+    mpl = _load_matplotlib()
     if mpl is None:
         return None
     Figure, Canvas = mpl
@@ -46,12 +39,7 @@ def adapt_dvh_png(path, *, approved_dose_gy, approved_patient, recomputed_dose_g
             h = dvh(st.name, np.asarray(dose, np.float64), st.mask, st.grid.voxel_volume_cc)
             ax.plot(h.dose_gy, 100.0 * h.volume_fraction, style, color=s.colour, linewidth=1.4, label=f"{s.name} {what}")
     ax.axvline(prescription_gy, color="0.4", linewidth=0.8, linestyle="-.", label=f"Rx {prescription_gy:g} Gy")
-    ax.set_xlabel("Dose (Gy)")
-    ax.set_ylabel("Volume (%)")
-    ax.set_ylim(0, 102)
-    ax.set_xlim(left=0)
-    ax.grid(True, linewidth=0.3)
-    ax.legend(loc="best", fontsize=7)
+    finish_dvh_axes(ax, legend_fontsize=7)
     ax.set_title(title or "DVH: approved (dashed), recomputed (dotted), adapted (solid)", fontsize=9)
     fig.tight_layout()
     out = Path(path)
@@ -64,7 +52,7 @@ def isodose_slice_png(path, *, new_patient, doses: dict, prescription_gy: float,
     """Axial slices of the new CT with isodose lines (50, 80, 95, 107 % of Rx) of each dose
     in ``doses`` (label -> (z, y, x) Gy on the new grid) and the structures' outlines; the
     slice through the first target's centroid unless ``slice_index``."""
-    mpl = _mpl()
+    mpl = _load_matplotlib()
     if mpl is None:
         return None
     Figure, Canvas = mpl

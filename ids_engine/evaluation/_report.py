@@ -88,6 +88,16 @@ def _load_matplotlib():
     return Figure, FigureCanvasAgg
 
 
+def finish_dvh_axes(ax, *, legend_fontsize: float = 8) -> None:
+    """The DVH plots' common axes: dose (Gy) against volume (%), 0-102 %, a light grid, a legend."""
+    ax.set_xlabel("Dose (Gy)")
+    ax.set_ylabel("Volume (%)")
+    ax.set_ylim(0, 102)
+    ax.set_xlim(left=0)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(loc="best", fontsize=legend_fontsize)
+
+
 def dvh_png(path, dose_gy, patient, *, prescription_gy: float | None = None, structures=None,
             title: str = "", bin_gy: float = 0.1) -> Path | None:
     """Plot the cumulative DVHs of a dose to a PNG (matplotlib, no pyplot state).
@@ -122,12 +132,7 @@ def dvh_png(path, dose_gy, patient, *, prescription_gy: float | None = None, str
         ax.plot(h.dose_gy, 100.0 * h.volume_fraction, style, color=s.colour, label=name, linewidth=1.5)
     if prescription_gy:
         ax.axvline(prescription_gy, color="0.4", linewidth=0.8, linestyle="--", label=f"Rx {prescription_gy:g} Gy")
-    ax.set_xlabel("Dose (Gy)")
-    ax.set_ylabel("Volume (%)")
-    ax.set_ylim(0, 102)
-    ax.set_xlim(left=0)
-    ax.grid(True, linewidth=0.3)
-    ax.legend(loc="best", fontsize=8)
+    finish_dvh_axes(ax, legend_fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
