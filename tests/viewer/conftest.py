@@ -96,3 +96,20 @@ def wait_until(app, condition, timeout_s: float = 60.0) -> None:
         assert time.perf_counter() - t0 < timeout_s, "timed out"
         app.processEvents()
         time.sleep(0.01)
+
+
+def open_forward_dialog(qapp, patient):
+    """The forward-planning dialog on a bare window (it needs only the window's session:
+    patient, engine (machine), prescription, case); yields it shown, closes it after."""
+    from types import SimpleNamespace
+
+    from ids_engine.viewer.forward_dialog import ForwardPlanningDialog
+
+    window = SimpleNamespace(session=SimpleNamespace(patient=patient, engine=None, prescription_gy=2.0,
+                                                     case={"phantom": "horseshoe", "resolution": "coarse"}))
+    d = ForwardPlanningDialog(window)
+    d.show()
+    yield d
+    d.close()
+    d.deleteLater()
+    qapp.processEvents()

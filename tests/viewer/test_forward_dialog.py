@@ -4,12 +4,11 @@ the physics summary, driven programmatically on the coarse horseshoe."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages, wait_until
+from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, open_forward_dialog, require_viewer_packages, wait_until
 
 require_viewer_packages()
 
@@ -25,17 +24,7 @@ def patient():
 
 @pytest.fixture()
 def dialog(qapp, patient):
-    from ids_engine.viewer.forward_dialog import ForwardPlanningDialog
-
-    # The dialog needs only the window's session: patient, engine (machine), prescription, case.
-    window = SimpleNamespace(session=SimpleNamespace(patient=patient, engine=None, prescription_gy=2.0,
-                                                     case={"phantom": "horseshoe", "resolution": "coarse"}))
-    d = ForwardPlanningDialog(window)
-    d.show()
-    yield d
-    d.close()
-    d.deleteLater()
-    qapp.processEvents()
+    yield from open_forward_dialog(qapp, patient)
 
 
 def _cell(table, row, header):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, require_viewer_packages, wait_until
+from .conftest import HAS_DISPLAY, NO_DISPLAY_REASON, open_forward_dialog, require_viewer_packages, wait_until
 
 require_viewer_packages()
 
@@ -249,16 +248,8 @@ def test_plan_dvhs_of_two_plans_and_the_summary_pdf(qapp, window, tmp_path):
 @pytest.fixture()
 def dialog(qapp):
     from ids_engine.phantoms import horseshoe
-    from ids_engine.viewer.forward_dialog import ForwardPlanningDialog
 
-    window = SimpleNamespace(session=SimpleNamespace(patient=horseshoe("coarse"), engine=None, prescription_gy=2.0,
-                                                     case={"phantom": "horseshoe", "resolution": "coarse"}))
-    d = ForwardPlanningDialog(window)
-    d.show()
-    yield d
-    d.close()
-    d.deleteLater()
-    qapp.processEvents()
+    yield from open_forward_dialog(qapp, horseshoe("coarse"))
 
 
 @needs_display
