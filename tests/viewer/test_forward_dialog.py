@@ -4,7 +4,6 @@ the physics summary, driven programmatically on the coarse horseshoe."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
