@@ -130,10 +130,10 @@ def load_approved_plan(path: "str | Path", *, protocol: "str | Path | None" = No
             except (OSError, ValueError) as exc:
                 raise AdaptError(f"{cand}: not readable JSON ({exc})") from None
             break
+    case = resolve_case(s.case, folder)
     try:
         return ApprovedPlan(
-            path=path, session_folder=folder, patient=s.patient, case=resolve_case(s.case, folder),
-            label=case_label(resolve_case(s.case, folder)),
+            path=path, session_folder=folder, patient=s.patient, case=case, label=case_label(case),
             beams=tuple(g.beam for g in s.engine.geometry), fluences=tuple(s.engine.fluences_host()),
             prescription_gy=s.prescription_gy, dose_gy=s.dose(), protocol=proto,
             protocol_path=None if protocol is None else Path(protocol),
