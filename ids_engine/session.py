@@ -383,6 +383,7 @@ class Session:
         self.prescription_gy = float(prescription_gy)
         self.options = dmr_options or DMROptions()
         self.case = dict(case or {})
+        self._case_base: Path | None = None  # the folder a loaded session came from (session-relative cases)
         self.engine = DoseEngine(patient, beams, machine, options=engine_options, progress=progress)
         if fluences is not None:
             self.engine.set_fluences(fluences)
@@ -973,7 +974,7 @@ class Session:
         """The case as written into ``folder``: a session-relative case stays relative when it
         names the same place from there (the folder it was opened from, or a new session's
         first folder), else it is written absolute (a "save as" elsewhere)."""
-        case, base = self.case, self.__dict__.get("_case_base")
+        case, base = self.case, self._case_base
         if case.get("relative_to") != "session" or base is None:
             return case
         here, there = resolve_case(case, folder), resolve_case(case, base)
@@ -1085,7 +1086,7 @@ class Session:
                 engine_options=EngineOptions(**eo), dmr_options=dmr_options, case=doc["case"],
                 progress=progress)
         s.load_warnings = warnings_
-        s._case_base = folder  # what a session-relative case is relative to
+        s._case_base = folder
         # Complete lines only: bytes after the last newline are the operation in flight.
         good_end = raw.rfind(b"\n") + 1
         if good_end < len(raw):
