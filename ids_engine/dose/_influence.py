@@ -286,8 +286,18 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
     if xp is np:
         up = up.tocsr()  # row-wise product: each row sums 8 rows of the coarse block
     values, rows, counts, beamlets = [], [], [], []
-    coarse_blocks, fine_parts, n_cols_done = [], [], 0
+    fine_parts, n_cols_done = [], 0
     nb = engine.n_beams
+    coarse_all = None
+    if two_level:
+        # C is filled in place, block by block: concatenating per-beam blocks would hold it
+        # twice at the peak (the clinical horseshoe's body: 1 GB more).
+        n_total = 0
+        for b in range(nb):
+            nv, nu = engine.geometry[b].fluence_grid.shape_vu
+            n_total += int(np.count_nonzero(beamlet_masks[b])) if beamlet_masks is not None \
+                else (-(-nv // bc)) * (-(-nu // bc))
+        coarse_all = xp.zeros((int(coarse_vox.size), n_total), xp.float32)
     for b in range(nb):
         if progress:
             progress(b, nb, "influence matrix")
@@ -309,11 +319,10 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
             m_all = sel.shape[0]
             if coarse is not None:
                 step = max(1, _BLOCK_ELEMENTS // max(1, int(coarse_vox.size)))
-                coarse_blocks.extend(
-                    _gather(xp, coarse.table, coarse.base[:, None] - coarse.boff[None, j0 : min(m_all, j0 + step)],
-                            coarse.w, coarse.offs) for j0 in range(0, m_all, step))
-            else:
-                coarse_blocks.append(xp.zeros((int(coarse_vox.size), m_all), xp.float32))
+                for j0 in range(0, m_all, step):
+                    j1 = min(m_all, j0 + step)
+                    coarse_all[:, n_cols_done + j0 : n_cols_done + j1] = _gather(
+                        xp, coarse.table, coarse.base[:, None] - coarse.boff[None, j0:j1], coarse.w, coarse.offs)
             if fine_entries is not None:
                 f_rows, f_cols, f_vals, _ = fine_entries
                 nz = xp.flatnonzero(f_vals)  # corners beyond the kernel's reach read zeros
@@ -361,7 +370,7 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
         progress(nb, nb, "influence matrix")
     n_cols = len(beamlets)
     if two_level:
-        mat = _two_level(xp, fine_parts, coarse_blocks, up, n, n_cols, int(coarse_vox.size))
+        mat = _two_level(xp, fine_parts, coarse_all, up, n, n_cols)
         return InfluenceMatrix(mat, grid, voxels, np.asarray(beamlets, np.int64).reshape(-1, 3), bc,
                                tuple(g.fluence_grid.shape_vu for g in engine.geometry), cutoff_mm, ct)
     if values:
@@ -375,18 +384,17 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
                            tuple(g.fluence_grid.shape_vu for g in engine.geometry), cutoff_mm, ct)
 
 
-def _two_level(xp, fine_parts, coarse_blocks, up, n: int, n_cols: int, n_coarse: int) -> TwoLevelMatrix:
+def _two_level(xp, fine_parts, coarse, up, n: int, n_cols: int) -> TwoLevelMatrix:
     """Assemble :class:`TwoLevelMatrix` from the beams' narrow entries (values, rows, global
-    columns; each beam's in column order) and dense broad blocks (n_coarse, columns)."""
+    columns; each beam's in column order) and the dense broad part (n_coarse, n_cols)."""
     if fine_parts:
         vals = xp.concatenate([p[0] for p in fine_parts])
         rows = xp.concatenate([p[1] for p in fine_parts])
         cols = xp.concatenate([p[2] for p in fine_parts])
     else:
         vals, rows, cols = xp.zeros(0, xp.float32), xp.zeros(0, xp.int32), xp.zeros(0, xp.int64)
-    coarse = (xp.concatenate(coarse_blocks, axis=1) if len(coarse_blocks) > 1 else coarse_blocks[0]) \
-        if coarse_blocks else xp.zeros((n_coarse, n_cols), xp.float32)
-    coarse = xp.ascontiguousarray(coarse, dtype=xp.float32)
+    if int(coarse.shape[1]) != n_cols:
+        raise ValueError(f"influence_matrix: {coarse.shape[1]} broad columns for {n_cols} beamlets")
     fine = csc_from_triplets(vals, rows, cols, (n, n_cols))
     if xp is np:
         # Both products row-wise on CSR: F from the CSC, F.T as the CSC's free transpose.

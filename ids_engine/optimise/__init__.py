@@ -7,7 +7,8 @@ augmented Lagrangian) and reports any constraint it could not meet by name and a
 :func:`read_protocol` reads goals from a TOML protocol file; :func:`protocol_from_matrad`
 converts matRad ``cst`` objectives as the matRad reader keeps them. :func:`tune_importance`
 adjusts objectives' importance factors with Powell's method to improve a DVH score (Xing
-et al. 1999).
+et al. 1999). :func:`sample_rows` picks weighted rows of large structures (:class:`RowSampling`)
+so that goals on the whole body stay affordable.
 """
 
 from ._goals import (
@@ -34,6 +35,7 @@ from ._importance import (
     tune_importance,
 )
 from ._optimiser import FluenceResult, UnmetConstraint, optimise_fluence
+from ._rows import RowSampling, SampledRows, sample_rows
 from ._protocol import Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "MinEUD",
     "MinMeanDose",
     "Protocol",
+    "RowSampling",
+    "SampledRows",
     "UniformDose",
     "UnmetConstraint",
     "dvh_goal",
@@ -58,6 +62,7 @@ __all__ = [
     "optimise_fluence",
     "protocol_from_matrad",
     "read_protocol",
+    "sample_rows",
     "ImportanceTuning",
     "TuningStep",
     "dvh_score",

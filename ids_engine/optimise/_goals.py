@@ -13,6 +13,12 @@ matRad penalties are interchangeable): for ``MaxDose`` the value is
 (Med. Phys. 27, 2000): only the voxels that make the DVH point fail are penalised, towards
 the goal's dose.
 
+Voxel weights (``voxel_weights``, optional, shape ``(n,)``, > 0): each voxel stands for
+that many voxels of the structure, as the sampled rows of a large structure do
+(:mod:`._rows`). Sums and means are then weighted (``n`` becomes ``sum(voxel_weights)``),
+DVH volumes are weighted volumes; minima and maxima are over the voxels given. Without
+weights every function computes exactly what it did before they existed.
+
 Constraints are written as residuals ``g(d) <= 0`` (one per voxel for dose bounds, one per
 structure for mean dose and EUD, one per voxel of the current active set for DVH bounds)
 for the augmented Lagrangian in :mod:`._optimiser`.
@@ -43,6 +49,33 @@ __all__ = [
     "UniformDose",
     "evaluate_goals",
 ]
+
+def _squared(importance: float, r, sign: float, voxel_weights):
+    """``importance / n * sum(r**2)`` and its gradient ``sign * 2 importance / n * r``,
+    weighted when ``voxel_weights`` is given (``n`` then the weights' sum)."""
+    xp = array_module(r)
+    if voxel_weights is None:
+        n = r.shape[0]
+        return importance * float(xp.sum(r * r)) / n, (2.0 * importance * sign / n) * r
+    wr = voxel_weights * r
+    total = float(xp.sum(voxel_weights))
+    return importance * float(xp.sum(wr * r)) / total, (2.0 * importance * sign / total) * wr
+
+
+def _mean(dose_gy, voxel_weights) -> float:
+    xp = array_module(dose_gy)
+    if voxel_weights is None:
+        return float(xp.mean(dose_gy))
+    return float(xp.sum(voxel_weights * dose_gy)) / float(xp.sum(voxel_weights))
+
+
+def _mean_gradient(dose_gy, voxel_weights):
+    """Gradient of the (weighted) mean with respect to ``dose_gy``."""
+    xp = array_module(dose_gy)
+    if voxel_weights is None:
+        return xp.full_like(dose_gy, 1.0 / dose_gy.shape[0])
+    return (voxel_weights / float(xp.sum(voxel_weights))).astype(dose_gy.dtype, copy=False)
+
 
 # Doses below this are raised to it before a power with a < 1 (the EUD of a voxel at 0 Gy
 # would otherwise have an infinite gradient).
@@ -118,12 +151,14 @@ class Goal:
         return self.kind
 
     # ------------------------------------------------------------ objective
-    def objective(self, dose_gy) -> tuple[float, Any]:
+    def objective(self, dose_gy, voxel_weights=None) -> tuple[float, Any]:
         """Objective value (importance included) and its gradient with respect to ``dose_gy``.
 
         Parameters
         ----------
         dose_gy : array (n,), float, Gy: dose at the structure's voxels.
+        voxel_weights : optional array (n,), > 0: how many of the structure's voxels each
+            stands for (module docstring).
 
         Returns
         -------
@@ -133,11 +168,11 @@ class Goal:
         raise NotImplementedError  # pragma: no cover
 
     # ----------------------------------------------------------- constraint
-    def active_set(self, dose_gy):
+    def active_set(self, dose_gy, voxel_weights=None):
         """Voxels a DVH constraint binds at this dose (boolean (n,)); ``None`` for other kinds."""
         return None
 
-    def residual(self, dose_gy, active=None):
+    def residual(self, dose_gy, active=None, voxel_weights=None):
         """Constraint residuals ``g(d)``, met where ``g <= 0`` (Gy).
 
         Voxel-wise kinds return shape (n,) (``-inf`` outside ``active`` for DVH bounds);
@@ -145,12 +180,12 @@ class Goal:
         """
         raise NotImplementedError  # pragma: no cover
 
-    def residual_vjp(self, dose_gy, weights, active=None):
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
         """``J^T weights``: the gradient of ``sum(weights * g(d))`` with respect to ``dose_gy``."""
         raise NotImplementedError  # pragma: no cover
 
     # ------------------------------------------------------------ evaluation
-    def achieved(self, dose_gy, tolerance_gy: float = 0.0) -> tuple[float, float, bool]:
+    def achieved(self, dose_gy, tolerance_gy: float = 0.0, voxel_weights=None) -> tuple[float, float, bool]:
         """What the dose achieves for this goal: (achieved, limit, met), in :attr:`unit`."""
         raise NotImplementedError  # pragma: no cover
 
@@ -177,19 +212,17 @@ class MinDose(_DoseLevel):
     def _describe(self) -> str:
         return f"min dose {self.dose_gy:g} Gy"
 
-    def objective(self, dose_gy):
-        xp = array_module(dose_gy)
-        r = xp.maximum(self.dose_gy - dose_gy, 0)
-        n = dose_gy.shape[0]
-        return self.importance * float(xp.sum(r * r)) / n, (-2.0 * self.importance / n) * r
+    def objective(self, dose_gy, voxel_weights=None):
+        r = array_module(dose_gy).maximum(self.dose_gy - dose_gy, 0)
+        return _squared(self.importance, r, -1.0, voxel_weights)
 
-    def residual(self, dose_gy, active=None):
+    def residual(self, dose_gy, active=None, voxel_weights=None):
         return self.dose_gy - dose_gy
 
-    def residual_vjp(self, dose_gy, weights, active=None):
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
         return -weights
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
         low = float(array_module(dose_gy).min(dose_gy))
         return low, self.dose_gy, low >= self.dose_gy - tolerance_gy
 
@@ -207,19 +240,17 @@ class MaxDose(_DoseLevel):
     def _describe(self) -> str:
         return f"max dose {self.dose_gy:g} Gy"
 
-    def objective(self, dose_gy):
-        xp = array_module(dose_gy)
-        r = xp.maximum(dose_gy - self.dose_gy, 0)
-        n = dose_gy.shape[0]
-        return self.importance * float(xp.sum(r * r)) / n, (2.0 * self.importance / n) * r
+    def objective(self, dose_gy, voxel_weights=None):
+        r = array_module(dose_gy).maximum(dose_gy - self.dose_gy, 0)
+        return _squared(self.importance, r, 1.0, voxel_weights)
 
-    def residual(self, dose_gy, active=None):
+    def residual(self, dose_gy, active=None, voxel_weights=None):
         return dose_gy - self.dose_gy
 
-    def residual_vjp(self, dose_gy, weights, active=None):
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
         return weights
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
         high = float(array_module(dose_gy).max(dose_gy))
         return high, self.dose_gy, high <= self.dose_gy + tolerance_gy
 
@@ -238,13 +269,10 @@ class UniformDose(_DoseLevel):
     def _describe(self) -> str:
         return f"uniform dose {self.dose_gy:g} Gy"
 
-    def objective(self, dose_gy):
-        xp = array_module(dose_gy)
-        r = dose_gy - self.dose_gy
-        n = dose_gy.shape[0]
-        return self.importance * float(xp.sum(r * r)) / n, (2.0 * self.importance / n) * r
+    def objective(self, dose_gy, voxel_weights=None):
+        return _squared(self.importance, dose_gy - self.dose_gy, 1.0, voxel_weights)
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
         dev = float(array_module(dose_gy).max(abs(dose_gy - self.dose_gy)))
         return dev, 0.0, dev <= tolerance_gy
 
@@ -260,25 +288,29 @@ class MaxMeanDose(_DoseLevel):
     def _describe(self) -> str:
         return f"mean dose <= {self.dose_gy:g} Gy"
 
-    def _excess(self, dose_gy) -> float:
-        return self._sign * (float(array_module(dose_gy).mean(dose_gy)) - self.dose_gy)
+    def _excess(self, dose_gy, voxel_weights=None) -> float:
+        return self._sign * (_mean(dose_gy, voxel_weights) - self.dose_gy)
 
-    def objective(self, dose_gy):
+    def objective(self, dose_gy, voxel_weights=None):
         xp = array_module(dose_gy)
-        r = max(self._excess(dose_gy), 0.0)
-        n = dose_gy.shape[0]
-        return self.importance * r * r, xp.full_like(dose_gy, 2.0 * self.importance * r * self._sign / n)
+        r = max(self._excess(dose_gy, voxel_weights), 0.0)
+        if voxel_weights is None:
+            n = dose_gy.shape[0]
+            return self.importance * r * r, xp.full_like(dose_gy, 2.0 * self.importance * r * self._sign / n)
+        return self.importance * r * r, (2.0 * self.importance * r * self._sign) * _mean_gradient(dose_gy, voxel_weights)
 
-    def residual(self, dose_gy, active=None):
-        return array_module(dose_gy).asarray([self._excess(dose_gy)], dtype=dose_gy.dtype)
+    def residual(self, dose_gy, active=None, voxel_weights=None):
+        return array_module(dose_gy).asarray([self._excess(dose_gy, voxel_weights)], dtype=dose_gy.dtype)
 
-    def residual_vjp(self, dose_gy, weights, active=None):
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
         xp = array_module(dose_gy)
-        return xp.full_like(dose_gy, float(weights[0]) * self._sign / dose_gy.shape[0])
+        if voxel_weights is None:
+            return xp.full_like(dose_gy, float(weights[0]) * self._sign / dose_gy.shape[0])
+        return (float(weights[0]) * self._sign) * _mean_gradient(dose_gy, voxel_weights)
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
-        mean = float(array_module(dose_gy).mean(dose_gy))
-        return mean, self.dose_gy, self._excess(dose_gy) <= tolerance_gy
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
+        mean = _mean(dose_gy, voxel_weights)
+        return mean, self.dose_gy, self._excess(dose_gy, voxel_weights) <= tolerance_gy
 
 
 @dataclass(frozen=True)
@@ -293,18 +325,23 @@ class MinMeanDose(MaxMeanDose):
 
 
 # ------------------------------------------------------------------------ EUD
-def _eud_and_gradient(dose_gy, a: float):
-    """Generalised EUD ``mean(d**a)**(1/a)`` (Gy) and its gradient (n,), scaled against overflow."""
+def _eud_and_gradient(dose_gy, a: float, voxel_weights=None):
+    """Generalised EUD ``mean(d**a)**(1/a)`` (Gy) and its gradient (n,), scaled against
+    overflow; the mean weighted by ``voxel_weights`` when given."""
     xp = array_module(dose_gy)
     d = xp.maximum(dose_gy, _EUD_FLOOR_GY if a < 1 else 0.0)
     scale = float(xp.max(d))
     if scale <= 0.0:
-        return 0.0, xp.full_like(dose_gy, 1.0 / dose_gy.shape[0])
+        return 0.0, _mean_gradient(dose_gy, voxel_weights)
     x = d / scale
-    m = float(xp.mean(x ** a))
+    xa = x ** a
+    m = _mean(xa, voxel_weights)
     eud = scale * m ** (1.0 / a)
     # E is homogeneous of degree 1, so differentiating with the scale held fixed is exact.
-    grad = (m ** (1.0 / a - 1.0) / dose_gy.shape[0]) * x ** (a - 1.0)
+    if voxel_weights is None:
+        grad = (m ** (1.0 / a - 1.0) / dose_gy.shape[0]) * x ** (a - 1.0)
+    else:
+        grad = (m ** (1.0 / a - 1.0)) * _mean_gradient(dose_gy, voxel_weights) * x ** (a - 1.0)
     return eud, grad
 
 
@@ -333,21 +370,21 @@ class MaxEUD(Goal):
         op = "<=" if self._sign > 0 else ">="
         return f"EUD(a={self.a:g}) {op} {self.eud_gy:g} Gy"
 
-    def objective(self, dose_gy):
-        eud, grad = _eud_and_gradient(dose_gy, self.a)
+    def objective(self, dose_gy, voxel_weights=None):
+        eud, grad = _eud_and_gradient(dose_gy, self.a, voxel_weights)
         r = max(self._sign * (eud - self.eud_gy), 0.0)
         return self.importance * r * r, (2.0 * self.importance * r * self._sign) * grad
 
-    def residual(self, dose_gy, active=None):
-        eud, _ = _eud_and_gradient(dose_gy, self.a)
+    def residual(self, dose_gy, active=None, voxel_weights=None):
+        eud, _ = _eud_and_gradient(dose_gy, self.a, voxel_weights)
         return array_module(dose_gy).asarray([self._sign * (eud - self.eud_gy)], dtype=dose_gy.dtype)
 
-    def residual_vjp(self, dose_gy, weights, active=None):
-        _, grad = _eud_and_gradient(dose_gy, self.a)
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
+        _, grad = _eud_and_gradient(dose_gy, self.a, voxel_weights)
         return (float(weights[0]) * self._sign) * grad
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
-        eud, _ = _eud_and_gradient(dose_gy, self.a)
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
+        eud, _ = _eud_and_gradient(dose_gy, self.a, voxel_weights)
         return eud, self.eud_gy, self._sign * (eud - self.eud_gy) <= tolerance_gy
 
 
@@ -395,44 +432,61 @@ class MaxDVH(Goal):
         frac = self.volume_pct / 100.0 * n
         return int(math.floor(frac + 1e-9)) if self._sign > 0 else int(math.ceil(frac - 1e-9))
 
-    def active_set(self, dose_gy):
-        """Voxels that must satisfy the bound: all but the k hottest (max), the k hottest (min)."""
+    def active_set(self, dose_gy, voxel_weights=None):
+        """Voxels that must satisfy the bound: all but the k hottest (max), the k hottest (min).
+
+        With ``voxel_weights``, volumes are weighted: the hottest voxels whose weights add up
+        to at most ``volume_pct`` of the total (max), or the fewest hottest that reach it (min).
+        """
         xp = array_module(dose_gy)
         n = dose_gy.shape[0]
-        k = self._count(n)
         hottest = xp.zeros(n, dtype=bool)
-        if k > 0:
-            hottest[xp.argsort(-dose_gy)[:k]] = True
+        if voxel_weights is None:
+            k = self._count(n)
+            if k > 0:
+                hottest[xp.argsort(-dose_gy)[:k]] = True
+        else:
+            order = xp.argsort(-dose_gy)
+            w = voxel_weights[order]
+            upto = xp.cumsum(w)  # weight of the voxels at least as hot, inclusive
+            total = float(upto[-1])
+            vol = self.volume_pct / 100.0 * total
+            if self._sign > 0:
+                hottest[order] = upto <= vol + 1e-9 * total
+            else:
+                hottest[order] = (upto - w) < vol - 1e-9 * total
         return ~hottest if self._sign > 0 else hottest
 
-    def _violating(self, dose_gy):
+    def _violating(self, dose_gy, voxel_weights=None):
         xp = array_module(dose_gy)
         r = self._sign * (dose_gy - self.dose_gy)
-        return xp.where(self.active_set(dose_gy) & (r > 0), r, 0)
+        return xp.where(self.active_set(dose_gy, voxel_weights) & (r > 0), r, 0)
 
-    def objective(self, dose_gy):
-        xp = array_module(dose_gy)
-        r = self._violating(dose_gy)
-        n = dose_gy.shape[0]
-        return self.importance * float(xp.sum(r * r)) / n, (2.0 * self.importance * self._sign / n) * r
+    def objective(self, dose_gy, voxel_weights=None):
+        return _squared(self.importance, self._violating(dose_gy, voxel_weights), self._sign, voxel_weights)
 
-    def residual(self, dose_gy, active=None):
+    def residual(self, dose_gy, active=None, voxel_weights=None):
         xp = array_module(dose_gy)
-        active = self.active_set(dose_gy) if active is None else active
+        active = self.active_set(dose_gy, voxel_weights) if active is None else active
         return xp.where(active, self._sign * (dose_gy - self.dose_gy), -xp.inf)
 
-    def residual_vjp(self, dose_gy, weights, active=None):
+    def residual_vjp(self, dose_gy, weights, active=None, voxel_weights=None):
         xp = array_module(dose_gy)
-        active = self.active_set(dose_gy) if active is None else active
+        active = self.active_set(dose_gy, voxel_weights) if active is None else active
         return xp.where(active, self._sign * weights, 0)
 
-    def achieved(self, dose_gy, tolerance_gy=0.0):
-        """Volume (%) above ``dose_gy + tolerance`` (max) or at least ``dose_gy - tolerance`` (min)."""
+    def achieved(self, dose_gy, tolerance_gy=0.0, voxel_weights=None):
+        """Volume (%) above ``dose_gy + tolerance`` (max) or at least ``dose_gy - tolerance`` (min)
+        (weighted volume with ``voxel_weights``)."""
         xp = array_module(dose_gy)
         if self._sign > 0:
-            pct = 100.0 * float(xp.mean(dose_gy > self.dose_gy + tolerance_gy))
-            return pct, self.volume_pct, self._count_ok(pct)
-        pct = 100.0 * float(xp.mean(dose_gy >= self.dose_gy - tolerance_gy))
+            hit = dose_gy > self.dose_gy + tolerance_gy
+        else:
+            hit = dose_gy >= self.dose_gy - tolerance_gy
+        if voxel_weights is None:
+            pct = 100.0 * float(xp.mean(hit))
+        else:
+            pct = 100.0 * float(xp.sum(xp.where(hit, voxel_weights, 0))) / float(xp.sum(voxel_weights))
         return pct, self.volume_pct, self._count_ok(pct)
 
     def _count_ok(self, pct: float) -> bool:
@@ -495,7 +549,8 @@ class GoalResult:
         return f"{self.goal.label}: achieved {self.achieved:.4g} {self.unit} ({state})"
 
 
-def evaluate_goals(dose_gy, goals, structure_voxels, *, tolerance_gy: float = 0.01) -> tuple[GoalResult, ...]:
+def evaluate_goals(dose_gy, goals, structure_voxels, *, tolerance_gy: float = 0.01,
+                   voxel_weights=None) -> tuple[GoalResult, ...]:
     """Evaluate goals on a dose.
 
     Parameters
@@ -504,6 +559,9 @@ def evaluate_goals(dose_gy, goals, structure_voxels, *, tolerance_gy: float = 0.
     goals : sequence of :class:`Goal`.
     structure_voxels : mapping from structure name to int array of row indices into ``dose_gy``.
     tolerance_gy : dose tolerance for "met" (Gy).
+    voxel_weights : optional mapping from structure name to weights (n,) aligned with
+        ``structure_voxels[name]`` (sampled rows; module docstring); structures not in it
+        are unweighted.
 
     Returns
     -------
@@ -512,10 +570,11 @@ def evaluate_goals(dose_gy, goals, structure_voxels, *, tolerance_gy: float = 0.
     out = []
     for goal in goals:
         d = dose_gy[structure_voxels[goal.structure]]
-        achieved, limit, met = goal.achieved(d, tolerance_gy)
+        vw = None if voxel_weights is None else voxel_weights.get(goal.structure)
+        achieved, limit, met = goal.achieved(d, tolerance_gy, vw)
         if goal.constraint:
             value = 0.0 if met else abs(achieved - limit)
         else:
-            value = goal.objective(d)[0]
+            value = goal.objective(d, vw)[0]
         out.append(GoalResult(goal, float(value), float(achieved), float(limit), bool(met), goal.unit))
     return tuple(out)

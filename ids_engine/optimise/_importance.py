@@ -53,7 +53,7 @@ def _tightened(goal: Goal, margin_gy: float) -> Goal:
     return replace(goal, **{field: max(getattr(goal, field) + sign * margin_gy, 0.0)})
 
 
-def goal_shortfall_gy(goal: Goal, dose_gy, margin_gy: float = 0.0) -> float:
+def goal_shortfall_gy(goal: Goal, dose_gy, margin_gy: float = 0.0, voxel_weights=None) -> float:
     """By how much ``dose_gy`` misses ``goal``, in Gy (0 when met).
 
     Parameters
@@ -62,8 +62,12 @@ def goal_shortfall_gy(goal: Goal, dose_gy, margin_gy: float = 0.0) -> float:
     dose_gy : array (n,), Gy: the dose at the goal's structure's voxels (NumPy or CuPy).
     margin_gy : the goal counts as met only with this much dose to spare (lower bounds
         raised, upper bounds lowered by it).
+    voxel_weights : optional array (n,) > 0, how many voxels each stands for (sampled rows):
+        DVH volumes and means are then weighted.
     """
     goal = _tightened(goal, float(margin_gy))
+    if voxel_weights is not None:
+        return _weighted_shortfall_gy(goal, dose_gy, voxel_weights)
     d = np.sort(np.asarray(asnumpy(dose_gy), dtype=np.float64).ravel())[::-1]  # hottest first
     n = d.size
     if n == 0:
@@ -80,8 +84,31 @@ def goal_shortfall_gy(goal: Goal, dose_gy, margin_gy: float = 0.0) -> float:
     return 0.0 if met else abs(float(achieved) - float(limit))
 
 
+def _weighted_shortfall_gy(goal: Goal, dose_gy, voxel_weights) -> float:
+    """:func:`goal_shortfall_gy` (``goal`` already tightened) with weighted volumes."""
+    d = np.asarray(asnumpy(dose_gy), dtype=np.float64).ravel()
+    w = np.asarray(asnumpy(voxel_weights), dtype=np.float64).ravel()
+    if d.size == 0:
+        raise ValueError(f"goal_shortfall_gy: no voxels for {goal.label}")
+    order = np.argsort(-d, kind="stable")
+    d, w = d[order], w[order]
+    upto = np.cumsum(w)
+    total = float(upto[-1])
+    if isinstance(goal, (MinDVH, MaxDVH)):
+        vol = goal.volume_pct / 100.0 * total
+        if isinstance(goal, MinDVH):
+            # The dose the hottest volume_pct receives: the first voxel that completes it.
+            k = min(int(np.searchsorted(upto, vol - 1e-9 * total, side="left")), d.size - 1)
+            return max(goal.dose_gy - float(d[k]), 0.0)
+        # The first voxel beyond the volume allowed above dose_gy must not exceed it.
+        k = int(np.searchsorted(upto, vol + 1e-9 * total, side="right"))
+        return 0.0 if k >= d.size else max(float(d[k]) - goal.dose_gy, 0.0)
+    achieved, limit, met = goal.achieved(d, 0.0, w)
+    return 0.0 if met else abs(float(achieved) - float(limit))
+
+
 def dvh_score(dose_gy, score_goals: Sequence[Goal], structure_voxels: Mapping[str, Any], *,
-              margin_gy: float = 0.0) -> tuple[float, tuple]:
+              margin_gy: float = 0.0, voxel_weights: Mapping[str, Any] | None = None) -> tuple[float, tuple]:
     """The plan score of the tuning loop: the sum of squared shortfalls (Gy^2) of ``score_goals``.
 
     Parameters
@@ -90,12 +117,16 @@ def dvh_score(dose_gy, score_goals: Sequence[Goal], structure_voxels: Mapping[st
     score_goals : goals whose shortfalls are scored (see :func:`goal_shortfall_gy`).
     structure_voxels : structure name -> row indices into ``dose_gy``.
     margin_gy : see :func:`goal_shortfall_gy`.
+    voxel_weights : optional structure name -> weights aligned with ``structure_voxels``
+        (sampled rows).
 
     Returns
     -------
     (score, shortfalls) : the score (0 when every goal is met) and each goal's shortfall in Gy.
     """
-    short = tuple(goal_shortfall_gy(g, dose_gy[structure_voxels[g.structure]], margin_gy) for g in score_goals)
+    vw = voxel_weights or {}
+    short = tuple(goal_shortfall_gy(g, dose_gy[structure_voxels[g.structure]], margin_gy, vw.get(g.structure))
+                  for g in score_goals)
     return float(sum(s * s for s in short)), short
 
 
@@ -315,7 +346,8 @@ def tune_importance(
         trial = goals_at(x)
         res = optimise_fluence(influence, trial, structure_voxels, initial_weights=w0, dose_offset_gy=dose_offset_gy,
                                max_iterations=max_iterations, cancel=cancel, **optimiser_options)
-        s, short = dvh_score(res.dose_gy, score_goals, voxels_xp, margin_gy=margin_gy)
+        s, short = dvh_score(res.dose_gy, score_goals, voxels_xp, margin_gy=margin_gy,
+                             voxel_weights=optimiser_options.get("voxel_weights"))
         path.append(TuningStep(tuple(trial[i].importance for i in tune), s, short, res.iterations, res.objective))
         results.append(res)
         if best["i"] < 0 or s < path[best["i"]].score:

@@ -127,6 +127,24 @@ def _namespace(influence):
     return xp if xp is not None else array_module(influence)
 
 
+def _check_weights(voxel_weights: Mapping[str, Any] | None, voxels: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Host float64 voxel weights per structure, checked against its row indices."""
+    if voxel_weights is None:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for name, w in voxel_weights.items():
+        if name not in voxels:
+            continue  # a structure no goal names
+        w = np.asarray(asnumpy(w), dtype=np.float64)
+        if w.shape != voxels[name].shape:
+            raise ValueError(f"voxel_weights[{name!r}] must have shape {voxels[name].shape} (one weight per row "
+                             f"of the structure), got {w.shape}")
+        if not (np.all(np.isfinite(w)) and np.all(w > 0)):
+            raise ValueError(f"voxel_weights[{name!r}] must be finite and > 0")
+        out[name] = w
+    return out
+
+
 def _check_voxels(goals: Sequence[Goal], structure_voxels: Mapping[str, Any], n_voxels: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for i, goal in enumerate(goals):
@@ -158,6 +176,7 @@ def optimise_fluence(
     *,
     initial_weights=None,
     dose_offset_gy=None,
+    voxel_weights: Mapping[str, Any] | None = None,
     max_iterations: int = 1000,
     max_rounds: int = 20,
     tolerance_gy: float = 0.01,
@@ -179,6 +198,10 @@ def optimise_fluence(
         uniform weights for the objectives (:func:`_uniform_start`), zeros without objectives.
     dose_offset_gy : array (n_voxels,), Gy, added to ``influence @ w`` (the tail
         correction); default none.
+    voxel_weights : optional structure name -> array (n,) > 0 aligned with
+        ``structure_voxels[name]``: how many of the structure's voxels each row stands for
+        (sampled rows, :func:`~._rows.sample_rows`); sums, means and DVH volumes of that
+        structure's goals are then weighted. Default: every row counts once.
     max_iterations : L-BFGS-B iteration budget over all rounds.
     max_rounds : augmented-Lagrangian rounds at most.
     tolerance_gy : a constraint counts as met within this dose (Gy).
@@ -208,7 +231,8 @@ def optimise_fluence(
     if getattr(influence, "format", "csr") not in ("csr", "csc", "two-level"):
         influence = influence.tocsr()
     xp = _namespace(influence)
-    voxels = {k: xp.asarray(v) for k, v in _check_voxels(goals, structure_voxels, n_vox).items()}
+    host_voxels = _check_voxels(goals, structure_voxels, n_vox)
+    voxels = {k: xp.asarray(v) for k, v in host_voxels.items()}
     # On the host the dose and gradients are float64 whatever the matrix holds (SciPy
     # up-casts a float32 matrix times a float64 vector), so L-BFGS-B sees smooth values; on
     # a GPU they stay in the matrix's float32.
@@ -232,7 +256,8 @@ def optimise_fluence(
     if stall_iterations < 1:
         raise ValueError(f"stall_iterations must be at least 1, got {stall_iterations!r}")
 
-    problem = _Problem(influence, goals, voxels, offset, dtype)
+    weights = {k: xp.asarray(v, dtype=dtype) for k, v in _check_weights(voxel_weights, host_voxels).items()}
+    problem = _Problem(influence, goals, voxels, offset, dtype, weights)
     with _one_blas_thread():
         return _optimise(problem, w0, initial_weights is None, max_iterations, max_rounds, tolerance_gy, ftol,
                          stall_rtol, stall_iterations, progress, cancel, t0)
@@ -397,7 +422,8 @@ def _optimise(problem, w0, cold, max_iterations, max_rounds, tolerance_gy, ftol,
             break
         worst = max(problem.violations(d))
         problem.update_multipliers(d)
-        if all(r.met for r in evaluate_goals(d, constraints, voxels, tolerance_gy=tolerance_gy)):
+        if all(r.met for r in evaluate_goals(d, constraints, voxels, tolerance_gy=tolerance_gy,
+                                             voxel_weights=problem.weights)):
             message = f"constraints met after {rounds} round(s)"
             break
         if counts["nit"] >= max_iterations:
@@ -410,7 +436,7 @@ def _optimise(problem, w0, cold, max_iterations, max_rounds, tolerance_gy, ftol,
         message = f"stopped after {max_rounds} rounds"
 
     d = problem.dose(w)
-    results = evaluate_goals(d, goals, voxels, tolerance_gy=tolerance_gy)
+    results = evaluate_goals(d, goals, voxels, tolerance_gy=tolerance_gy, voxel_weights=problem.weights)
     unmet = tuple(
         UnmetConstraint(r.goal.label, r.goal, r.achieved, r.limit, r.shortfall, r.unit)
         for r in results if r.goal.constraint and not r.met
@@ -440,8 +466,9 @@ class _Problem:
     is summed into one vector first (structures may overlap).
     """
 
-    def __init__(self, influence, goals: tuple[Goal, ...], voxels: dict, offset, dtype) -> None:
+    def __init__(self, influence, goals: tuple[Goal, ...], voxels: dict, offset, dtype, weights=None) -> None:
         self.goals = goals
+        self.weights = dict(weights or {})
         self.influence = influence
         self.influence_t = influence.T
         self.xp = _namespace(influence)
@@ -480,7 +507,7 @@ class _Problem:
         grad = self.xp.zeros(self.n_voxels, dtype=d.dtype)
         for g in self.objectives:
             idx = self.voxels[g.structure]
-            v, gs = g.objective(d[idx])
+            v, gs = g.objective(d[idx], self.weights.get(g.structure))
             f += v
             grad[idx] += gs
         return f, grad
@@ -495,8 +522,9 @@ class _Problem:
         xp = self.xp
         for k, c in enumerate(self.constraints):
             ds = d[self.voxels[c.structure]]
-            self.active[k] = c.active_set(ds)
-            self.lam[k] = xp.zeros_like(c.residual(ds, self.active[k]))
+            vw = self.weights.get(c.structure)
+            self.active[k] = c.active_set(ds, vw)
+            self.lam[k] = xp.zeros_like(c.residual(ds, self.active[k], vw))
         # A violation of the goals' typical dose in every constrained voxel costs about 100
         # times the objectives at the start (objectives are voxel averages, residuals are not).
         f0 = self.objective_part(d)[0]
@@ -516,9 +544,10 @@ class _Problem:
             idx = self.voxels[c.structure]
             ds = d[idx]
             lam = self.lam[k]
-            shifted = xp.maximum(lam + self.mu * c.residual(ds, self.active[k]), 0)
+            vw = self.weights.get(c.structure)
+            shifted = xp.maximum(lam + self.mu * c.residual(ds, self.active[k], vw), 0)
             total += float(xp.sum(shifted * shifted - lam * lam)) / (2.0 * self.mu)
-            grad[idx] += c.residual_vjp(ds, shifted, self.active[k])
+            grad[idx] += c.residual_vjp(ds, shifted, self.active[k], vw)
         self.evaluations += 1
         if grad.dtype != self.product_dtype:
             grad = grad.astype(self.product_dtype)
@@ -528,20 +557,21 @@ class _Problem:
         """Largest residual of each constraint (Gy, >= 0) under the current active sets."""
         out = []
         for k, c in enumerate(self.constraints):
-            r = c.residual(d[self.voxels[c.structure]], self.active[k])
+            r = c.residual(d[self.voxels[c.structure]], self.active[k], self.weights.get(c.structure))
             out.append(max(float(self.xp.max(r)), 0.0))
         return out
 
     def update_multipliers(self, d) -> None:
         for k, c in enumerate(self.constraints):
             ds = d[self.voxels[c.structure]]
-            self.lam[k] = self.xp.maximum(self.lam[k] + self.mu * c.residual(ds, self.active[k]), 0)
+            vw = self.weights.get(c.structure)
+            self.lam[k] = self.xp.maximum(self.lam[k] + self.mu * c.residual(ds, self.active[k], vw), 0)
 
     def update_active_sets(self, d) -> None:
         """DVH constraints bind the voxels chosen from the new dose; multipliers of voxels
         that leave the set are dropped."""
         for k, c in enumerate(self.constraints):
-            new = c.active_set(d[self.voxels[c.structure]])
+            new = c.active_set(d[self.voxels[c.structure]], self.weights.get(c.structure))
             if new is not None:
                 self.active[k] = new
                 self.lam[k] = self.xp.where(new, self.lam[k], 0)

@@ -6,19 +6,26 @@ cutoff drops is put back as a dose offset ``engine dose(w) - A w`` taken at the 
 the previous round, so after a few rounds (warm-started) the optimiser works on the dose the
 engine computes, and the plan's reported dose is the engine's dose (issue 11, "One dose
 model everywhere").
+
+Rows: a structure with more voxels than ``RowSampling.max_rows`` (the body, a ring) gets
+weighted sampled rows (:func:`ids_engine.optimise.sample_rows`: every voxel near the
+targets, one per block farther out), so that a goal on the whole body of a clinical case costs
+about what goals on the target and organs do; the plan's goals are then evaluated on the
+engine's dose at every voxel of their structures.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
 from ids_engine import backend
-from ids_engine.dose import InfluenceMatrix, influence_matrix
-from ids_engine.optimise import FluenceResult, Goal, ImportanceTuning, optimise_fluence
+from ids_engine.dose import InfluenceMatrix, TwoLevelMatrix, influence_matrix
+from ids_engine.optimise import (FluenceResult, Goal, ImportanceTuning, RowSampling, SampledRows, UnmetConstraint,
+                                  evaluate_goals, optimise_fluence, sample_rows)
 from ids_engine.optimise import tune_importance as _tune
 
 __all__ = ["InversePlan", "goal_checks", "optimise_plan", "target_beamlets"]
@@ -29,7 +36,10 @@ class InversePlan:
     """An optimised plan.
 
     fluences : per beam, (nv, nu) float32 host fluence maps (MU per amplitude), set on the engine.
-    result : the last optimiser round (goals evaluated on ``A w + offset``).
+    result : the last optimiser round (goals evaluated on ``A w + offset``). With sampled
+        rows its ``goals``, ``objective`` and ``unmet_constraints`` are those of the engine's
+        dose at every voxel of the goals' structures (its ``dose_gy`` stays the rows' dose);
+        ``sampled_goals`` keeps the optimiser's own evaluation on the weighted rows.
     influence : the matrix the optimiser worked on.
     tail_rounds : optimiser rounds after the first, each with a refreshed tail offset.
     tail_error_pct : max |engine dose - (A w + offset)| at the rows, % of the maximum dose,
@@ -39,6 +49,13 @@ class InversePlan:
     iterations : L-BFGS-B iterations over all rounds (tuning's not included).
     tuning : the importance-factor tuning (:func:`~ids_engine.optimise.tune_importance`) when
         asked for; ``result.goals`` then carry the tuned importances.
+    rows : how the rows were chosen (:class:`~ids_engine.optimise.SampledRows`; ``rows.summary()``
+        for plan.json: mode exact or sampled, the rule, rows per structure).
+    sampled_goals : with sampled rows, the goals evaluated on the rows (weighted), as the
+        optimiser saw them; None with exact rows.
+    max_dose_gy : per sampled structure, ``{"rows": max over its rows, "all_voxels": max over
+        every voxel}`` of the engine's final dose (how far a maximum on the sample is from the
+        true one).
     """
 
     fluences: list
@@ -49,6 +66,19 @@ class InversePlan:
     timings_s: dict
     iterations: int = 0
     tuning: ImportanceTuning | None = None
+    rows: SampledRows | None = None
+    sampled_goals: tuple | None = None
+    max_dose_gy: dict | None = None
+
+    def rows_summary(self) -> dict:
+        """The rows as plan.json reports them (mode, rule, rows per structure, the sampled
+        structures' maximum dose on the rows and over every voxel)."""
+        if self.rows is None:
+            return {"mode": "exact", "rows": int(self.influence.shape[0])}
+        out = self.rows.summary()
+        for name, m in (self.max_dose_gy or {}).items():
+            out["structures"][name]["max_dose_gy"] = m
+        return out
 
 
 _CHECK_TEXT = {
@@ -126,8 +156,8 @@ def target_beamlets(engine, mask_zyx: np.ndarray, beamlet_cells: int, margin_mm:
 def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = None, beamlet_cells: int | None = None,
                   beamlet_margin_mm: float | None = 10.0, tail_rounds: int = 2, initial_fluences=None,
                   max_iterations: int = 400, tune_importance: bool = False, score_goals: Sequence[Goal] | None = None,
-                  tuning_evaluations: int = 30, tuning_margin_gy: float = 0.2, progress=None,
-                  cancel=None) -> InversePlan:
+                  tuning_evaluations: int = 30, tuning_margin_gy: float = 0.2,
+                  row_sampling: RowSampling | None = RowSampling(), progress=None, cancel=None) -> InversePlan:
     """Optimise ``engine``'s fluence for ``goals`` and leave the result set on the engine.
 
     Parameters
@@ -157,9 +187,19 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
     tuning_evaluations : fluence optimisations the tuning may spend.
     tuning_margin_gy : score goals count as met with this much dose to spare (the tail
         rounds move the dose a little).
+    row_sampling : rows of structures larger than ``row_sampling.max_rows`` voxels are
+        sampled and weighted (:class:`~ids_engine.optimise.RowSampling`,
+        :func:`~ids_engine.optimise.sample_rows`; default 150 000 rows, every voxel within
+        10 mm of a target kept); None keeps every voxel (exact rows). Structures at most that
+        large are never sampled, so the default changes nothing for goals on targets and
+        organs. Measured on the clinical horseshoe with a body maximum and mean
+        (bench/bench_optimise_rows.py): see the README.
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops between iterations.
     """
     goals = tuple(goals)
+    if row_sampling is not None and not isinstance(row_sampling, RowSampling):
+        raise ValueError(f"optimise_plan: row_sampling must be a RowSampling or None (exact rows), "
+                         f"got {row_sampling!r}")
     if cutoff_mm is None:
         tail_rounds = 0  # the two-level matrix is the engine's dose: no tail to put back
     t = {}
@@ -175,17 +215,31 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
             raise ValueError(f"the goals name structure {name!r}, which the case does not have "
                              f"(structures: {', '.join(engine.patient.structure_names)})") from exc
     mask &= engine.body_mask
+    targets = np.zeros(engine.grid.shape_zyx, bool)
+    for st in engine.patient.targets:
+        targets |= st.mask
+    sampled = None
+    if row_sampling is not None:
+        body = engine.body_mask
+        sampled = sample_rows({n: engine.patient.structure(n).mask & body for n in names}, targets & body,
+                              engine.grid.spacing_mm_zyx, row_sampling)
+        if sampled.sampled:
+            mask = sampled.mask
+        else:
+            sampled = None  # no structure above max_rows: exact rows, as without sampling
     bc = int(beamlet_cells or engine.geometry[0].coarse_fluence_factor)
     masks = None
     if beamlet_margin_mm is not None and engine.patient.targets:
-        targets = np.zeros(engine.grid.shape_zyx, bool)
-        for st in engine.patient.targets:
-            targets |= st.mask
         masks = target_beamlets(engine, targets, bc, beamlet_margin_mm)
     A = influence_matrix(engine, voxel_mask=mask, cutoff_mm=cutoff_mm, beamlet_cells=bc, beamlet_masks=masks,
                          progress=progress)
     t["influence_matrix"] = time.perf_counter() - t0
-    rows = structure_rows(A, engine.patient, names)
+    if sampled is None:
+        rows = structure_rows(A, engine.patient, names)
+        vweights = None
+    else:
+        rows = {n: _row_index(A.voxels, v) for n, v in sampled.voxels.items()}
+        vweights = sampled.voxel_weights()
     w = None if initial_fluences is None else _weights_from_fluences(A, initial_fluences)
     offset = None
     t["optimise"] = t["tail_offset"] = 0.0
@@ -194,10 +248,11 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
     tuning = None
     if tune_importance:
         t0 = time.perf_counter()
+        extra = {} if vweights is None else {"voxel_weights": vweights}
         tuning = _tune(A.matrix, goals, rows, score_goals=score_goals, initial_weights=w,
                        max_evaluations=tuning_evaluations, margin_gy=tuning_margin_gy,
                        max_iterations=max_iterations, progress=progress,
-                       cancel=cancel)
+                       cancel=cancel, **extra)
         t["importance_tuning"] = time.perf_counter() - t0
         goals = tuning.goals
         w = tuning.result.beamlet_weights
@@ -211,7 +266,7 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
         # Later rounds start from the previous round's plan and only absorb the refreshed
         # tail offset: a quarter of the budget.
         budget = max_iterations if r == 0 and not tune_importance else max(50, max_iterations // 4)
-        res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset,
+        res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset, voxel_weights=vweights,
                                max_iterations=budget, progress=progress, cancel=cancel)
         t["optimise"] += time.perf_counter() - t0
         w = res.beamlet_weights
@@ -223,6 +278,32 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
         t0 = time.perf_counter()
         offset = A.tail_offset(engine, w)
         t["tail_offset"] += time.perf_counter() - t0
+    # Hot-spot rounds: far voxels the sample left hot become rows; re-optimise, warm-started.
+    hot_added = 0
+    while sampled is not None and sampled.hot_rounds < row_sampling.hot_rounds and not res.cancelled:
+        t0 = time.perf_counter()
+        hot = _hot_voxels(engine, A, w, goals, sampled)
+        if not hot:
+            break
+        new_sampled = sampled.with_hot(hot)
+        added = np.flatnonzero(new_sampled.mask.ravel() & ~sampled.mask.ravel())
+        sampled = new_sampled
+        grown = _with_rows(engine, A, added, bc, masks)
+        if grown is None:
+            del A, rows  # free the old matrix before building the new one
+            grown = influence_matrix(engine, voxel_mask=sampled.mask, cutoff_mm=cutoff_mm, beamlet_cells=bc,
+                                     beamlet_masks=masks, progress=progress)
+        A = grown
+        rows = {n: _row_index(A.voxels, v) for n, v in sampled.voxels.items()}
+        vweights = sampled.voxel_weights()
+        offset = None if cutoff_mm is None else A.tail_offset(engine, w)
+        t["hot_rows"] = t.get("hot_rows", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = optimise_fluence(A.matrix, goals, rows, initial_weights=w, dose_offset_gy=offset, voxel_weights=vweights,
+                               max_iterations=max(50, max_iterations // 4), progress=progress, cancel=cancel)
+        t["optimise"] += time.perf_counter() - t0
+        w = res.beamlet_weights
+        iterations += res.iterations
     # How far the optimiser's last dose model was from the engine at the final weights.
     engine_rows = backend.asnumpy(A.engine_dose(engine, w)).astype(np.float64)
     model = backend.asnumpy(A.dose(engine.xp.asarray(np.asarray(w, np.float32)),
@@ -230,8 +311,108 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
     peak = max(float(np.abs(engine_rows).max()), 1e-12)
     fluences = A.fluence_maps(w)
     engine.set_fluences(fluences)
+    sampled_goals = max_dose = None
+    if sampled is not None:
+        t0 = time.perf_counter()
+        sampled_goals = res.goals
+        res, max_dose = _full_evaluation(engine, res, sampled, rows)
+        t["full_evaluation"] = time.perf_counter() - t0
     return InversePlan(fluences, res, A, r, float(100.0 * np.abs(engine_rows - model).max() / peak), t, iterations,
-                       tuning)
+                       tuning, sampled, sampled_goals, max_dose)
+
+
+def _row_index(voxels: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Positions in ``voxels`` (the matrix's rows, flat indices, any order) of ``flat``."""
+    order = np.argsort(voxels, kind="stable")
+    return order[np.searchsorted(voxels[order], flat)].astype(np.int64)
+
+
+def _with_rows(engine, A: InfluenceMatrix, added: np.ndarray, bc: int, masks) -> InfluenceMatrix | None:
+    """``A`` with rows for the CT voxels ``added`` appended, without rebuilding ``A``: the new
+    rows' narrow part stacked under ``A``'s, their trilinear upsampling onto ``A``'s coarse
+    voxels (the scatter part ``C`` is shared, not copied). Host two-level matrices only, and
+    only when ``A``'s coarse voxels cover the new rows' (they do for rows among sampled ones);
+    otherwise None (the caller rebuilds)."""
+    import scipy.sparse as sp
+
+    M = A.matrix
+    if not isinstance(M, TwoLevelMatrix) or M.xp is not np or A.grid != engine.grid or added.size == 0:
+        return None
+    mask = np.zeros(engine.grid.size, bool)
+    mask[added] = True
+    B = influence_matrix(engine, voxel_mask=mask.reshape(engine.grid.shape_zyx), cutoff_mm=None, beamlet_cells=bc,
+                         beamlet_masks=masks)
+    if not np.array_equal(A.beamlets, B.beamlets):
+        return None
+    # The coarse voxels each matrix's C holds, as influence_matrix chose them.
+    ca = np.unique(engine._coarse_neighbours(np.maximum(A.ct_voxels, 0))[0])
+    cb = np.unique(engine._coarse_neighbours(np.maximum(B.ct_voxels, 0))[0])
+    if ca.size != M.coarse.shape[0] or cb.size != B.matrix.coarse.shape[0]:
+        return None
+    up_b = B.matrix.upsample.tocoo()
+    pos = np.searchsorted(ca, cb[up_b.col])
+    pos_c = np.minimum(pos, ca.size - 1)
+    if np.any(ca[pos_c] != cb[up_b.col]):
+        return None
+    up_b = sp.csr_matrix((up_b.data, (up_b.row, pos_c)), shape=(B.shape[0], ca.size))
+    fine = sp.vstack([M.fine, B.matrix.fine], format="csr")
+    up = sp.vstack([M.upsample, up_b], format="csr")
+    mat = TwoLevelMatrix(fine, fine.T.tocsr(), up, up.T.tocsr(), M.coarse)
+    return replace(A, matrix=mat, voxels=np.concatenate([A.voxels, B.voxels]),
+                   ct_voxels=np.concatenate([A.ct_voxels, B.ct_voxels]))
+
+
+def _hot_voxels(engine, A: InfluenceMatrix, w, goals, sampled: SampledRows) -> dict:
+    """Per sampled structure with a maximum-dose goal, its unsampled voxels whose engine dose
+    at the weights ``w`` is within ``hot_margin_gy`` of the lowest such goal's dose or above
+    (the hottest first, at most a quarter of ``max_rows`` per structure)."""
+    opts = sampled.options
+    levels: dict[str, float] = {}
+    for g in goals:
+        if g.kind == "max_dose" and g.structure in sampled.far:
+            levels[g.structure] = min(levels.get(g.structure, np.inf), float(g.dose_gy))
+    if not levels:
+        return {}
+    snap = engine.snapshot()
+    out = {}
+    try:
+        engine.set_fluences(A.fluence_maps(w))
+        for name, level in levels.items():
+            u = sampled.unsampled(name)
+            if u.size == 0:
+                continue
+            d = backend.asnumpy(engine.dose_at_voxels(u)).astype(np.float64)
+            hot = np.flatnonzero(d > level - opts.hot_margin_gy)
+            cap = max(1, opts.max_rows // 4)
+            if hot.size > cap:
+                hot = hot[np.argsort(-d[hot], kind="stable")[:cap]]
+            if hot.size:
+                out[name] = u[hot]
+    finally:
+        engine.restore(snap)
+    return out
+
+
+def _full_evaluation(engine, res: FluenceResult, sampled: SampledRows, rows: dict) -> tuple[FluenceResult, dict]:
+    """``res`` with its goals evaluated on the engine's dose (set on ``engine``) at every voxel
+    of their structures, and each sampled structure's maximum on its rows and over all voxels."""
+    body = engine.body_mask
+    voxels = {n: np.flatnonzero((engine.patient.structure(n).mask & body).ravel()) for n in sampled.voxels}
+    all_vox = np.unique(np.concatenate(list(voxels.values())))
+    dose = backend.asnumpy(engine.dose_at_voxels(all_vox)).astype(np.float64)
+    local = {n: np.searchsorted(all_vox, v) for n, v in voxels.items()}
+    goals = tuple(g.goal for g in res.goals)
+    tol = 0.01  # optimise_fluence's default tolerance, which optimise_plan uses
+    results = evaluate_goals(dose, goals, local, tolerance_gy=tol)
+    unmet = tuple(UnmetConstraint(r.goal.label, r.goal, r.achieved, r.limit, r.shortfall, r.unit)
+                  for r in results if r.goal.constraint and not r.met)
+    objective = float(sum(r.value for r in results if not r.goal.constraint))
+    max_dose = {}
+    for n, info in sampled.structures.items():
+        if info.sampled:
+            on_rows = float(np.max(dose[np.searchsorted(all_vox, sampled.voxels[n])]))
+            max_dose[n] = {"rows": round(on_rows, 4), "all_voxels": round(float(np.max(dose[local[n]])), 4)}
+    return replace(res, goals=results, objective=objective, unmet_constraints=unmet), max_dose
 
 
 def _weights_from_fluences(A: InfluenceMatrix, fluences) -> np.ndarray:
