@@ -326,7 +326,10 @@ def influence_matrix(engine, grid: Grid | None = None, voxel_mask: np.ndarray | 
             if fine_entries is not None:
                 f_rows, f_cols, f_vals, _ = fine_entries
                 nz = xp.flatnonzero(f_vals)  # corners beyond the kernel's reach read zeros
-                fine_parts.append((f_vals[nz], f_rows[nz].astype(xp.int32), f_cols[nz] + n_cols_done))
+                # int32 indices: SciPy would otherwise copy int64 ones down to int32 (1e8 entries
+                # for the clinical horseshoe's body rows).
+                cols = (f_cols[nz] + n_cols_done).astype(xp.int32)
+                fine_parts.append((f_vals[nz], f_rows[nz].astype(xp.int32), cols))
             n_cols_done += m_all
             continue
         # The rows' fine fluence position (cells) for the cutoff.
@@ -391,12 +394,14 @@ def _two_level(xp, fine_parts, coarse, up, n: int, n_cols: int) -> TwoLevelMatri
         vals = xp.concatenate([p[0] for p in fine_parts])
         rows = xp.concatenate([p[1] for p in fine_parts])
         cols = xp.concatenate([p[2] for p in fine_parts])
+        fine_parts.clear()  # the per-beam parts, freed before the sparse matrix is built
     else:
-        vals, rows, cols = xp.zeros(0, xp.float32), xp.zeros(0, xp.int32), xp.zeros(0, xp.int64)
+        vals, rows, cols = xp.zeros(0, xp.float32), xp.zeros(0, xp.int32), xp.zeros(0, xp.int32)
     if int(coarse.shape[1]) != n_cols:
         raise ValueError(f"influence_matrix: {coarse.shape[1]} broad columns for {n_cols} beamlets")
     fine = csc_from_triplets(vals, rows, cols, (n, n_cols))
     if xp is np:
+        del vals, rows, cols  # the CSC holds its own copies: freed before the CSR is made
         # Both products row-wise on CSR: F from the CSC, F.T as the CSC's free transpose.
         up_csr = up.tocsr()
         return TwoLevelMatrix(fine.tocsr(), fine.T, up_csr, up_csr.T.tocsr(), coarse)

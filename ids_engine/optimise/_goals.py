@@ -297,7 +297,8 @@ class MaxMeanDose(_DoseLevel):
         if voxel_weights is None:
             n = dose_gy.shape[0]
             return self.importance * r * r, xp.full_like(dose_gy, 2.0 * self.importance * r * self._sign / n)
-        return self.importance * r * r, (2.0 * self.importance * r * self._sign) * _mean_gradient(dose_gy, voxel_weights)
+        grad = (2.0 * self.importance * r * self._sign) * _mean_gradient(dose_gy, voxel_weights)
+        return self.importance * r * r, grad
 
     def residual(self, dose_gy, active=None, voxel_weights=None):
         return array_module(dose_gy).asarray([self._excess(dose_gy, voxel_weights)], dtype=dose_gy.dtype)

@@ -193,7 +193,8 @@ class SampledRows:
     def summary(self) -> dict:
         return {"mode": "sampled" if self.sampled else "exact", "rows": self.n_rows,
                 "max_rows": self.options.max_rows, "dense_margin_mm": self.options.dense_margin_mm,
-                "hot_rounds": self.hot_rounds, "hot_margin_gy": self.options.hot_margin_gy, "rule": RULE, "structures": {k: s.summary() for k, s in self.structures.items()}}
+                "hot_rounds": self.hot_rounds, "hot_margin_gy": self.options.hot_margin_gy, "rule": RULE,
+                "structures": {k: s.summary() for k, s in self.structures.items()}}
 
 
 def sample_rows(masks: Mapping[str, np.ndarray], targets_zyx: np.ndarray, spacing_mm_zyx, options: RowSampling,

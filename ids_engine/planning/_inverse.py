@@ -279,7 +279,6 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
         offset = A.tail_offset(engine, w)
         t["tail_offset"] += time.perf_counter() - t0
     # Hot-spot rounds: far voxels the sample left hot become rows; re-optimise, warm-started.
-    hot_added = 0
     while sampled is not None and sampled.hot_rounds < row_sampling.hot_rounds and not res.cancelled:
         t0 = time.perf_counter()
         hot = _hot_voxels(engine, A, w, goals, sampled)
