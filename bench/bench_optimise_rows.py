@@ -11,6 +11,8 @@ structure), and, for the body, the maximum over the rows against the maximum ove
     python bench/bench_optimise_rows.py                          # clinical: exact once + sampled
     python bench/bench_optimise_rows.py --resolution coarse --max-rows 30000
     python bench/bench_optimise_rows.py --configs sampled,sampled-5mm   # skip the exact run
+    git archive 870a573 | (mkdir -p /tmp/before && tar -x -C /tmp/before)  # the code before
+    python bench/bench_optimise_rows.py --configs before,exact,sampled --before-src /tmp/before
 
 Writes ``bench/results/optimise-rows-horseshoe-<resolution>-<backend>-<device>.json``.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -33,6 +36,7 @@ PROTOCOL = Path(__file__).resolve().parents[1] / "examples" / "protocols" / "hor
 
 # name -> RowSampling arguments (None: exact rows); max_rows None takes --max-rows.
 CONFIGS = {
+    "before": None,  # the code before sampled rows (--before-src), its default: exact rows
     "exact": None,
     "sampled": {},
     "sampled-no-hot": {"hot_rounds": 0},
@@ -45,7 +49,7 @@ def run_one(name: str, resolution: str, max_rows: int | None) -> dict:
     """One configuration, in this process: timings, rows, quality, peak RSS."""
     import numpy as np
 
-    from ids_engine.optimise import RowSampling, evaluate_goals, read_protocol
+    from ids_engine.optimise import evaluate_goals, read_protocol
     from ids_engine.phantoms import horseshoe
     from ids_engine.planning import equispaced_beams, optimise_plan
     from ids_engine.session import Session
@@ -56,14 +60,18 @@ def run_one(name: str, resolution: str, max_rows: int | None) -> dict:
     goals = read_protocol(PROTOCOL).goals
     args = CONFIGS[name]
     sampling = None
+    kwargs = {} if name == "before" else {"row_sampling": None}
     if args is not None:
+        from ids_engine.optimise import RowSampling
+
         args = dict(args)
         if max_rows is not None and "max_rows" not in args:
             args["max_rows"] = max_rows
         sampling = RowSampling(**args)
+        kwargs = {"row_sampling": sampling}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     t0 = time.perf_counter()
-    plan = optimise_plan(eng, goals, row_sampling=sampling)
+    plan = optimise_plan(eng, goals, **kwargs)
     total_s = time.perf_counter() - t0
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     eng.set_fluences(plan.fluences)
@@ -71,7 +79,7 @@ def run_one(name: str, resolution: str, max_rows: int | None) -> dict:
     vox = {n: np.flatnonzero((p.structure(n).mask & eng.body_mask).ravel()) for n in p.structure_names}
     full = evaluate_goals(dose, goals, vox)
     body = dose[vox["BODY"]]
-    on_rows = float(dose[plan.influence.ct_voxels].max()) if plan.rows is not None else float(body.max())
+    on_rows = float(dose[plan.influence.ct_voxels].max())
     out = {
         "name": name,
         "row_sampling": None if sampling is None else {"max_rows": sampling.max_rows,
@@ -80,7 +88,7 @@ def run_one(name: str, resolution: str, max_rows: int | None) -> dict:
                                                        "hot_margin_gy": sampling.hot_margin_gy},
         "rows": int(plan.influence.shape[0]),
         "beamlets": int(plan.influence.shape[1]),
-        "rows_summary": plan.rows_summary(),
+        "rows_summary": plan.rows_summary() if hasattr(plan, "rows_summary") else {"mode": "exact (before)"},
         "timings_s": {k: round(v, 3) for k, v in plan.timings_s.items()} | {"total": round(total_s, 3)},
         "iterations": plan.iterations,
         "peak_rss_mb": round(rss_peak, 1),
@@ -105,6 +113,9 @@ def main() -> int:
     ap.add_argument("--configs", default="sampled,sampled-no-hot,sampled-5mm,sampled-300k,exact",
                     help=f"comma-separated, of {', '.join(CONFIGS)}; each runs once, in its own process")
     ap.add_argument("--max-rows", type=int, default=None, help="RowSampling.max_rows (default: its default)")
+    ap.add_argument("--before-src", default=None,
+                    help="for the 'before' config: a source tree of the code before sampled rows "
+                         "(e.g. git archive 870a573 | tar -x -C /tmp/before), put first on PYTHONPATH")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: one config, JSON on stdout
     args = ap.parse_args()
     if args.one:
@@ -120,8 +131,14 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--one", name, "--resolution", args.resolution]
         if args.max_rows is not None:
             cmd += ["--max-rows", str(args.max_rows)]
+        env = None
+        if name == "before":
+            if not args.before_src:
+                print("error: the 'before' config needs --before-src", file=sys.stderr)
+                return 2
+            env = {**os.environ, "PYTHONPATH": str(Path(args.before_src).resolve())}
         print(f"running {name} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             print(f"  {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -146,14 +163,16 @@ def main() -> int:
         for k, v in r["timings_s"].items():
             stages[f"{name}:{k}"] = {"median_ms": v * 1000.0, "p10_ms": v * 1000.0, "p90_ms": v * 1000.0, "n": 1}
     reference = {}
-    if "exact" in results:
-        ex = results["exact"]
-        reference = {"source": "exact rows (row_sampling=None), same script run, same machine",
-                     "stages_ms": {f"{n}:total": ex["timings_s"]["total"] * 1000.0 for n in results if n != "exact"}}
+    base = "before" if "before" in results else "exact" if "exact" in results else None
+    if base is not None:
+        ex = results[base]
+        reference = {"source": f"{base} ({'the code before sampled rows' if base == 'before' else 'row_sampling=None'}"
+                               f", exact rows), same script run, same machine",
+                     "stages_ms": {f"{n}:total": ex["timings_s"]["total"] * 1000.0 for n in results if n != base}}
         for n, r in results.items():
-            if n != "exact":
+            if n != base:
                 print(f"{n}: {ex['timings_s']['total'] / r['timings_s']['total']:.2f}x faster, "
-                      f"{ex['peak_rss_mb'] / r['peak_rss_mb']:.2f}x less peak memory than exact rows")
+                      f"{ex['peak_rss_mb'] / r['peak_rss_mb']:.2f}x less peak memory than {base}")
     any_r = next(iter(results.values()))
     case = {"phantom": "horseshoe", "resolution": args.resolution, "beams": 9, "protocol": PROTOCOL.name,
             **any_r["case"], "beamlets": any_r["beamlets"]}
