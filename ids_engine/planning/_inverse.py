@@ -193,7 +193,10 @@ def optimise_plan(engine, goals: Sequence[Goal], *, cutoff_mm: float | None = No
         10 mm of a target kept); None keeps every voxel (exact rows). Structures at most that
         large are never sampled, so the default changes nothing for goals on targets and
         organs. Measured on the clinical horseshoe with a body maximum and mean
-        (bench/bench_optimise_rows.py): see the README.
+        (bench/bench_optimise_rows.py, 2 EPYC cores): 164 k rows instead of 1.0 M, 45 s and
+        3.1 GB peak RSS against 80 s and 6.1 GB with exact rows (85 s, 9.8 GB before sampled
+        rows existed), every goal met on the engine's full dose; the dense scatter part of the
+        matrix (the body's coarse voxels x beamlets, 1.07 GB) is what remains.
     progress, cancel : ``progress(done, total, label)``; ``cancel()`` stops between iterations.
     """
     goals = tuple(goals)
