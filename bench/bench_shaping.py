@@ -51,6 +51,7 @@ from _common import RESULTS, device_slug, print_table, write_result  # noqa: E40
 from ids_engine import backend  # noqa: E402
 from ids_engine.dmr import EraseSpot, MoveIsodoseLine, MoveIsodoseSurface, Pin, RequestError, SetVoxelDose  # noqa: E402
 from ids_engine.evaluation import beside_shift_mm, drag_landing_mm, dvh_metrics  # noqa: E402
+from ids_engine.dmr._side_effects import SHIFT_REACH_MM, rigid_shift_rise  # noqa: E402
 from ids_engine.session import Session  # noqa: E402
 
 RX = 60.0
@@ -157,25 +158,21 @@ def _beam_paths(s: Session, flat: np.ndarray) -> np.ndarray:
     return out.reshape(eng.grid.shape_zyx)
 
 
-SHIFT_REACH_MM = 20.0
-
 
 def _rigid_shift_rise(before: np.ndarray, dist: np.ndarray, a3, b3, slice_index: int | None = None) -> np.ndarray:
     """The rise a rigid move of the plan by the drag vector ``b3 - a3`` (voxels, z y x) asks
     for, ``max(D_before(v - drag) - D_before(v), 0)``, within SHIFT_REACH_MM of the request
     (zero elsewhere); for a line drag only on its own slice ``slice_index`` (it asks nothing of
-    the others)."""
+    the others). The engine's side-effect check uses the same function."""
     out = np.zeros(before.shape, np.float32)
     near = dist <= SHIFT_REACH_MM
     if slice_index is not None:
         near[: int(slice_index)] = False
         near[int(slice_index) + 1:] = False
-    idx = np.argwhere(near)
-    if idx.size == 0:
-        return out
-    src = idx.T.astype(float) - (np.asarray(b3, float) - np.asarray(a3, float))[:, None]
-    shifted = ndimage.map_coordinates(before.astype(np.float64), src, order=1, mode="nearest")
-    out[tuple(idx.T)] = np.maximum(shifted - before[tuple(idx.T)], 0.0)
+    flat = np.flatnonzero(near.ravel())
+    if flat.size:
+        b64 = before.astype(np.float64).ravel()
+        out.ravel()[flat] = rigid_shift_rise(lambda f: b64[f], before.shape, flat, a3, b3)
     return out
 
 
@@ -227,9 +224,17 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
     # SHIFT_REACH_MM of the request, the rise a rigid move of the plan by the drag vector
     # would give (``D_before(v - drag) - D_before(v)``) is asked for; beyond that, every rise counts.
     rise_beyond_shift_pct = rise_far_pct
+    unasked = rise
     if kind in ("line", "surface"):
         asked_up = _rigid_shift_rise(before, dist, a3, b3, req.slice_index if kind == "line" else None)
-        rise_beyond_shift_pct = float((rise - asked_up)[far].max()) / RX * 100
+        unasked = rise - asked_up
+        rise_beyond_shift_pct = float(unasked[far].max()) / RX * 100
+    # What the engine must report as a side effect (DMROptions.report_rise_pct): the unasked
+    # rise far away, in OARs and normal tissue, and in the target where it ends above 107 %.
+    opts = s.options
+    reportable = far & (~s.target_mask | (after > opts.target_max_pct / 100.0 * RX))
+    rise_reportable_pct = float(unasked[reportable].max()) / RX * 100 if reportable.any() else 0.0
+    side = [c for c in res.conflicts if c.kind == "rise"]
     where_far = np.unravel_index(int(np.argmax(np.where(far, rise, -np.inf))), rise.shape)
     tissue = ("PTV" if s.target_mask[where_far] else "OAR" if s.oar_mask[where_far] else "body")
     rise_any_pct = float(rise[body & ~fm].max()) / RX * 100
@@ -238,7 +243,11 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
     row = {"kind": kind, "request": asdict(req), "ms": ms, "overshoot_pct": over_pct, "rise_far_pct": rise_far_pct, "rise_any_pct": rise_any_pct, "rise_off_path_pct": rise_off_path_pct,
            "rise_beyond_shift_pct": rise_beyond_shift_pct,
            "rise_far_where": [int(v) for v in where_far], "rise_far_tissue": tissue,
-           "conflicts": [c.message for c in res.conflicts], "steps": res.recovery_steps, "best_step": res.best_step}
+           "rise_reportable_pct": rise_reportable_pct,
+           "side_effects": [c.message for c in side],
+           "side_effect_missed": bool(rise_reportable_pct > opts.report_rise_pct and not side),
+           "conflicts": [c.message for c in res.conflicts if c.kind != "rise"], "steps": res.recovery_steps,
+           "best_step": res.best_step}
     if kind in ("line", "surface"):
         if kind == "line":
             a3 = [req.slice_index, *req.start_rc]
@@ -297,7 +306,9 @@ def paper_experiment(s: Session) -> tuple[dict, list[float], np.ndarray, np.ndar
         "voxel_error_pct_of_request": float(abs(after[m] - 0.55 * RX) / (0.55 * RX) * 100),
         "target_min_pct": met["min_gy"] / RX * 100, "target_max_pct": met["max_gy"] / RX * 100, "target_V95_pct": met["V95_pct"],
         "oar_mean_before_gy": float(before[oar].mean()), "oar_mean_after_gy": float(after[oar].mean()),
-        "recovery_steps": res.recovery_steps, "best_step": res.best_step, "conflicts": [c.message for c in res.conflicts],
+        "recovery_steps": res.recovery_steps, "best_step": res.best_step,
+        "conflicts": [c.message for c in res.conflicts if c.kind != "rise"],
+        "side_effects": [c.message for c in res.conflicts if c.kind == "rise"],
     }
     # For reference beside goal 2: how far from m the paper's own request raises the dose.
     fm = np.zeros(before.shape, bool)
@@ -451,6 +462,10 @@ def summarise_survey(rows: list[dict]) -> dict:
                             sorted({r["refused"].split(":")[0] + ":" + r["refused"].split(":")[1][:30] for r in rows if "refused" in r})},
         "worst_request": {k: v for k, v in worst.items() if k != "conflicts"},
         "conflicts_reported": int(sum(1 for r in done if r["conflicts"])),
+        # Never silent: every unasked far rise above report_rise_pct is reported as a side effect.
+        "requests_rise_reportable_over_5pct": int(sum(1 for r in done if r.get("rise_reportable_pct", 0.0) > 5.0)),
+        "side_effects_reported": int(sum(1 for r in done if r.get("side_effects"))),
+        "side_effects_missed": int(sum(1 for r in done if r.get("side_effect_missed"))),
     }
     out["goal2_met"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_over_5pct"] == 0)
     out["goal2_met_beyond_rigid_shift"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_beyond_shift_over_5pct"] == 0)
@@ -521,6 +536,7 @@ def main(argv=None) -> int:
         goals[1:1] = [("2 no blow-ups", quality["survey"]["goal2_met"]),
                       ("2 (beyond rigid move)", quality["survey"]["goal2_met_beyond_rigid_shift"]),
                       ("2 (outside beam paths)", quality["survey"]["goal2_met_outside_beam_paths"]),
+                      ("2 far rises reported", quality["survey"]["side_effects_missed"] == 0),
                       ("3 isodoses land", quality["survey"]["goal3_met"])]
     for name, ok in goals:
         print(f"  {name:<24} {'met' if ok else 'NOT met'}")

@@ -416,7 +416,7 @@ def _run_steps(session, prep: PreparedScript, setup_s: float, folder: Path, log)
             else:
                 log(f"[{n}] {kind}: done")
             for c in res.conflicts:
-                log(f"    conflict: {c.message}")
+                log(f"    {'side effect' if c.kind == 'rise' else 'conflict'}: {c.message}")
     except KeyboardInterrupt:
         raise ScriptInterrupted(folder, done, len(prep.steps)) from None
     after = plan_metrics(session)
@@ -465,12 +465,14 @@ def _markdown(rep: dict) -> str:
     lines += ["", "## Conflicts", ""]
     if conflicted:
         lines += ["What recovery could not keep (a pin, an earlier request's feature, the request's own voxels "
-                  "or an isodose guard):", ""]
+                  "or an isodose guard), and side effects (tissue more than 10 mm from a request that rose by more "
+                  "than `report_rise_pct` of Rx unasked):", ""]
         for e in conflicted:
             for c in e["conflicts"]:
                 lines.append(f"- [{e['n']}] {e['request']['kind']}: {c['message']}")
     else:
-        lines.append("None: recovery kept every pin, earlier feature, requested voxel and isodose guard.")
+        lines.append("None: recovery kept every pin, earlier feature, requested voxel and isodose guard, and nothing "
+                     "far from a request rose unasked.")
     lines += ["", "## DVH metrics (before -> after)", "", "| structure | mean Gy | D95 Gy | D2 Gy | V95 % |", "|---|---|---|---|---|"]
     for name, b in rep["metrics_before"].items():
         a = rep["metrics_after"][name]

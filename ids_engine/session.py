@@ -44,6 +44,7 @@ from ids_engine.dmr import (
     tpi_maps,
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
+from ids_engine.dmr._side_effects import far_rises
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
@@ -78,6 +79,10 @@ class DMROptions:
         respect (normal tissue sampled on every third voxel) but recovery does not chase.
     feature_tolerance_pct : half width of a set-voxel-dose request's band (% of the prescription).
     max_request_pct : requests above this dose (% of the prescription) are refused.
+    report_rise_pct : after every request the whole dose cube is compared with the one before:
+        tissue farther than 10 mm from the request (and beyond what a drag's rigid move asks)
+        that rose by more than this (% of the prescription) is reported as a side effect in
+        ``RequestResult.conflicts`` (kind "rise"). 0 turns the check off.
     oar_rise_pct : how much hotter than before the request an OAR voxel may get during
         recovery (% of the prescription; None: ``tolerance_pct``, as before it had its own
         setting). Measured on the shaping benchmark: 0.5 % instead
@@ -97,6 +102,7 @@ class DMROptions:
     feature_tolerance_pct: float = 0.5
     max_request_pct: float = 200.0
     oar_rise_pct: float | None = None
+    report_rise_pct: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("recovery_steps", "cp_cells", "max_request_voxels"):
@@ -105,7 +111,7 @@ class DMROptions:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
                 raise ValueError(f"DMROptions.{name} must be a whole number, {least} or more, got {v!r}")
         for name in ("tolerance_pct", "edge_margin_pct", "target_min_pct", "target_max_pct", "max_rise_pct",
-                     "feature_tolerance_pct", "max_request_pct", "oar_rise_pct"):
+                     "feature_tolerance_pct", "max_request_pct", "oar_rise_pct", "report_rise_pct"):
             v = getattr(self, name)
             if v is None and name == "oar_rise_pct":
                 continue
@@ -130,10 +136,13 @@ WEIGHT_PIN = 10.0
 @dataclass(frozen=True)
 class Conflict:
     """A feature recovery could not keep: a pin, an earlier request's feature, this request's
-    own voxels or an isodose guard.
+    own voxels or an isodose guard; or a side effect: tissue far from the request that rose by
+    more than ``DMROptions.report_rise_pct`` unasked (see ``ids_engine.dmr._side_effects``).
 
-    kind : "pin", "feature", "request" or "guard"; name : which one (e.g. "pin 'cord'");
-    voxels : how many of its voxels ended outside their band; worst_gy : by how much at most.
+    kind : "pin", "feature", "request", "guard" or "rise"; name : which one (e.g. "pin 'cord'",
+    "normal tissue 117 mm from the request"); voxels : how many of its voxels ended outside
+    their band (rose more than ``threshold_gy``); worst_gy : by how much at most (for "rise":
+    the largest unasked rise).
     """
 
     kind: str
@@ -141,17 +150,26 @@ class Conflict:
     voxels: int
     worst_gy: float
     prescription_gy: float
+    threshold_gy: float = 0.0
 
     @property
     def message(self) -> str:
         pct = 100.0 * self.worst_gy / self.prescription_gy
+        s = "s" if self.voxels != 1 else ""
+        if self.kind == "rise":
+            t_pct = 100.0 * self.threshold_gy / self.prescription_gy
+            return (f"{self.name}: {self.voxels} voxel{s} rose by more than {self.threshold_gy:.2f} Gy ({t_pct:.0f} % of Rx) "
+                    f"unasked, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)")
         what = {"pin": "off its pinned dose", "feature": "off the dose that request set",
                 "request": "short of what was asked", "guard": "across the dragged level beside the drag"}[self.kind]
-        return f"{self.name}: {self.voxels} voxel{'s' if self.voxels != 1 else ''} {what}, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)"
+        return f"{self.name}: {self.voxels} voxel{s} {what}, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "voxels": int(self.voxels), "worst_gy": float(self.worst_gy),
-                "message": self.message}
+        d = {"kind": self.kind, "name": self.name, "voxels": int(self.voxels), "worst_gy": float(self.worst_gy),
+             "message": self.message}
+        if self.kind == "rise":
+            d["threshold_gy"] = float(self.threshold_gy)
+        return d
 
 
 @dataclass(frozen=True, eq=False)
@@ -755,10 +773,15 @@ class Session:
             watch = self.build_watch(resolved, ignore_ids=ignore_features_of)
             timings["reference"] = (time.perf_counter() - t0) * 1000
             snap = self.engine.snapshot()
+            # The cube before, for the side-effect check (on the device when there is one).
+            before_cube = self.engine.dose_cube() if self.options.report_rise_pct > 0 else None
             self.engine.apply_log = []
             try:
                 mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
                                                                     cancel, progress)
+                t0 = time.perf_counter()
+                conflicts = tuple(conflicts) + self._side_effects(resolved, before_cube)
+                timings["side_effects"] = (time.perf_counter() - t0) * 1000
             except BaseException:
                 self.engine.restore(snap)
                 raise
@@ -795,6 +818,36 @@ class Session:
         backend.synchronize()
         patches = list(mod.patches) + (list(rec.patches) if rec else [])
         return mod, rec, conflicts, patches
+
+    def _side_effects(self, resolved: Resolved, before_cube) -> tuple:
+        """Tissue far from the request that rose by more than ``report_rise_pct`` unasked, as
+        conflicts of kind "rise" (see ``ids_engine.dmr._side_effects``). The rise cube and the
+        voxels above the threshold are found on the device; only those are read back."""
+        if before_cube is None or resolved.feature_voxels.size == 0:
+            return ()
+        eng, xp = self.engine, self.engine.xp
+        rx = self.prescription_gy
+        thr = self.options.report_rise_pct / 100.0 * rx
+        rise = (eng.dose_cube() - before_cube).reshape(-1)
+        cand_dev = xp.flatnonzero(rise > thr)
+        cand = np.asarray(backend.asnumpy(cand_dev), np.int64)
+        if cand.size == 0:
+            return ()
+        rise_gy = backend.asnumpy(rise[cand_dev]).astype(np.float64)
+        flat_before = before_cube.reshape(-1)
+
+        def before_at(flat):
+            return backend.asnumpy(flat_before[xp.asarray(np.asarray(flat, np.int64))]).astype(np.float64)
+
+        g = self.patient.grid
+        found = far_rises(cand, rise_gy, shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
+                          feature_voxels=resolved.feature_voxels, threshold_gy=thr, before_at=before_at,
+                          target_mask=self.target_mask, oar_mask=self.oar_mask, drag=resolved.drag,
+                          target_hi_gy=self.options.target_max_pct / 100.0 * rx)
+        label = {"target": f"target (ending above {self.options.target_max_pct:g} % of Rx)"}
+        return tuple(Conflict("rise", f"{label.get(r.tissue, r.tissue)} {r.distance_mm:.0f} mm from the request "
+                              f"(worst at voxel z {r.worst_zyx[0]}, "
+                              f"y {r.worst_zyx[1]}, x {r.worst_zyx[2]})", r.voxels, r.worst_gy, rx, thr) for r in found)
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
                  patch_groups: tuple = ()) -> RequestResult:
@@ -1156,7 +1209,8 @@ class Session:
         malformed entry raises ValueError and leaves the plan as it was."""
         try:
             req = request_from_dict(summ["request"])
-            conflicts = tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy)
+            conflicts = tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy,
+                                       float(c.get("threshold_gy", 0.0)))
                               for c in summ.get("conflicts", []))
             fields = dict(id=int(summ["id"]), requested_gy=np.array(summ["requested_gy"]), before_gy=np.array(summ["before_gy"]),
                           after_modification_gy=np.array(summ["after_modification_gy"]), final_gy=np.array(summ["final_gy"]),

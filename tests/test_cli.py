@@ -342,11 +342,12 @@ def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, cap
     assert conflicts, "the request next to the pin reported no conflict"
     assert rep["conflicts"] == len(conflicts)
     for c in conflicts:
-        assert c["kind"] in ("pin", "feature", "request", "guard")
+        assert c["kind"] in ("pin", "feature", "request", "guard", "rise")
         assert c["voxels"] >= 1 and c["worst_gy"] > 0
         assert "Gy" in c["message"] and "% of Rx" in c["message"]
-    # One "conflict:" line per conflict on the terminal, in the order of the report.
-    printed = [line.strip()[len("conflict:"):].strip() for line in out.splitlines() if line.strip().startswith("conflict:")]
+    # One "conflict:" (or "side effect:") line per conflict on the terminal, in the order of the report.
+    printed = [line.strip().split(":", 1)[1].strip() for line in out.splitlines()
+               if line.strip().startswith(("conflict:", "side effect:"))]
     assert printed == [c["message"] for c in conflicts]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Conflicts" in md

@@ -220,7 +220,7 @@ class HistoryList(QtWidgets.QListWidget):
         item.setText(f"{item.text()}   ⚠ {n} conflict{'s' if n != 1 else ''}")
         item.setIcon(self.style().standardIcon(QtWidgets.QStyle.StandardPixmap.SP_MessageBoxWarning))
         item.setForeground(QtGui.QColor(self.CONFLICT_COLOUR))
-        item.setToolTip("Recovery could not keep:\n" + "\n".join(f"• {m}" for m in e.conflicts))
+        item.setToolTip("What recovery could not keep, and side effects:\n" + "\n".join(f"• {m}" for m in e.conflicts))
 
     def _clicked(self, item) -> None:
         row = self.row(item)

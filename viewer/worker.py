@@ -194,7 +194,7 @@ def conflict_status_text(messages) -> str:
 
 
 def _entry(res: RequestResult, number: int, preview: bool = False) -> HistoryEntry:
-    ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery"))
+    ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery", "side_effects"))
     conflicts = () if preview else tuple(c.message for c in res.conflicts)
     return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts, number)
 

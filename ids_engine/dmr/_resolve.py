@@ -92,6 +92,9 @@ class Resolved:
     guard_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
     target_hi_cap_gy: float | None = None
     target_lo_floor_gy: float | None = None
+    # An isodose drag: (start_zyx, end_zyx, plane_axis) in voxel units (plane_axis: the slice
+    # normal of a line drag, None for a surface); what its side-effect check subtracts as asked.
+    drag: tuple | None = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -267,7 +270,8 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     g_lo = np.where(side, np.maximum(g_lo, gd - half), g_lo)
     g_hi = np.where(side, np.minimum(g_hi, gd + half), g_hi)
     return Resolved(vox, np.full(vox.size, goal), mask, sw, f_lo, f_hi, np.full(sw.size, goal),
-                    g_flat.astype(np.int64), g_lo, g_hi)
+                    g_flat.astype(np.int64), g_lo, g_hi,
+                    drag=(tuple(float(v) for v in a_), tuple(float(v) for v in b_), plane_axis))
 
 
 def _trilinear(ctx: ResolveContext, points_zyx: np.ndarray) -> np.ndarray:

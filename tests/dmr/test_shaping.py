@@ -35,7 +35,8 @@ def test_paper_experiment_every_target_voxel_covered(s):
     assert res.recovery_steps <= 25
     assert d[ptv].min() >= 0.95 * RX
     assert d[m] == pytest.approx(0.55 * RX, rel=0.01)
-    assert not res.conflicts
+    # Nothing given up; the beam entrance the recovery raises far away is reported (kind "rise").
+    assert not [c for c in res.conflicts if c.kind != "rise"]
 
 
 def test_best_state_is_kept(s):

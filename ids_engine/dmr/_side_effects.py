@@ -1,0 +1,136 @@
+"""Side effects of a request: where the dose rose far from what was asked.
+
+Recovery keeps watched voxels in their bands, but the normal tissue is watched on a sample
+(every third voxel per axis) and far from the request only under a soft cap that recovery does
+not chase (chasing it ping-pongs; docs/architecture.md). Physics adds to it: raising the dose
+at a place raises it along every ray through that place, and the entrance of a beam can rise by
+more than the place itself. So after every request the whole dose cube is compared with the
+cube before it, and a rise of more than a threshold (5 % of the prescription by default) that
+the request did not ask for is reported to the planner. Never silent.
+
+"Asked for": within ``near_mm`` (10 mm) of the request's feature any change is the request's
+own; a drag (an isodose line or surface) also asks its dose fall-off to move with it, so
+within ``shift_reach_mm`` (20 mm) of the feature the rise a rigid move of the plan by the drag
+vector would give, ``max(D_before(v - drag) - D_before(v), 0)``, is subtracted first (for a
+line drag only on its own slice). The same definitions are the shaping benchmark's far-rise
+measures (``bench/bench_shaping.py``).
+
+Pure and on the host: it takes the candidate voxels (those that rose more than the threshold,
+found by the caller, on the device when there is one) and a callable for the dose before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = ["FarRise", "far_rises", "rigid_shift_rise"]
+
+NEAR_MM = 10.0
+SHIFT_REACH_MM = 20.0
+
+
+@dataclass(frozen=True)
+class FarRise:
+    """Voxels of one tissue class that rose more than the threshold, unasked.
+
+    tissue : "target", "OAR" or "normal tissue"; voxels : how many; worst_gy : the largest
+    unasked rise (Gy); worst_zyx : where it is (CT voxel index); distance_mm : its distance from
+    the request's feature.
+    """
+
+    tissue: str
+    voxels: int
+    worst_gy: float
+    worst_zyx: tuple[int, int, int]
+    distance_mm: float
+
+
+def _trilinear(before_at: Callable[[np.ndarray], np.ndarray], shape_zyx, points_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear dose at points (n, 3) in voxel units, clamped to the grid."""
+    shape = np.asarray(shape_zyx)
+    p = np.clip(np.asarray(points_zyx, float).reshape(-1, 3), 0, shape - 1)
+    i0 = np.minimum(np.floor(p).astype(np.int64), shape - 2).clip(0)
+    t = p - i0
+    corners = []
+    weights = []
+    for corner in range(8):
+        o = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = np.minimum(i0 + o, shape - 1)
+        corners.append(np.ravel_multi_index(tuple(idx.T), tuple(shape_zyx)))
+        weights.append(np.prod(np.where(o == 1, t, 1 - t), axis=1))
+    vals = np.asarray(before_at(np.concatenate(corners)), np.float64).reshape(8, -1)  # one read
+    return (vals * np.stack(weights)).sum(axis=0)
+
+
+def rigid_shift_rise(before_at, shape_zyx, flat: np.ndarray, a_zyx, b_zyx) -> np.ndarray:
+    """``max(D_before(v - (b - a)) - D_before(v), 0)`` at the voxels ``flat`` (Gy): the rise a
+    rigid move of the plan by the drag vector ``b - a`` (voxel units, z y x) asks of them."""
+    flat = np.asarray(flat, np.int64)
+    if flat.size == 0:
+        return np.zeros(0)
+    p = np.stack(np.unravel_index(flat, tuple(shape_zyx)), axis=-1).astype(float)
+    shift = np.asarray(b_zyx, float) - np.asarray(a_zyx, float)
+    here = np.asarray(before_at(flat), np.float64)
+    return np.maximum(_trilinear(before_at, shape_zyx, p - shift[None, :]) - here, 0.0)
+
+
+def far_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spacing_mm_zyx, feature_voxels: np.ndarray,
+              threshold_gy: float, before_at: Callable[[np.ndarray], np.ndarray], target_mask: np.ndarray,
+              oar_mask: np.ndarray, drag: tuple | None = None, target_hi_gy: float | None = None,
+              near_mm: float = NEAR_MM, shift_reach_mm: float = SHIFT_REACH_MM) -> list[FarRise]:
+    """The unasked rises above ``threshold_gy``, one entry per tissue class that has any.
+
+    Parameters
+    ----------
+    candidates : (n,) flat CT indices of body voxels whose dose rose by more than
+        ``threshold_gy`` (the only ones that can be reported).
+    rise_gy : (n,) their rise (after - before).
+    feature_voxels : flat indices of the request's feature (what it is about).
+    before_at : ``before_at(flat) -> (m,) Gy``, the dose before the request.
+    target_mask, oar_mask : bool (z, y, x), for naming the tissue (a target voxel counts as target).
+    drag : ``(a_zyx, b_zyx, plane_axis)`` for an isodose drag (voxel units; ``plane_axis`` the
+        slice normal of a line drag, else None), or None.
+    target_hi_gy : a target voxel counts only when it ends above this (the target's upper
+        band: a rise inside the coverage band is not a side effect); None: every target voxel.
+    """
+    candidates = np.asarray(candidates, np.int64).reshape(-1)
+    rise = np.asarray(rise_gy, np.float64).reshape(-1)
+    feature_voxels = np.asarray(feature_voxels, np.int64).reshape(-1)
+    if candidates.size == 0 or feature_voxels.size == 0:
+        return []
+    sp = np.asarray(spacing_mm_zyx, float)
+    cz = np.stack(np.unravel_index(candidates, tuple(shape_zyx)), axis=-1)
+    fz = np.stack(np.unravel_index(feature_voxels, tuple(shape_zyx)), axis=-1)
+    dist, _ = cKDTree(fz * sp).query(cz * sp)
+    far = dist > near_mm
+    if drag is not None:
+        a, b, plane = drag
+        near_drag = far & (dist <= shift_reach_mm)
+        if plane is not None:
+            near_drag &= cz[:, int(plane)] == int(round(float(a[int(plane)])))
+        if near_drag.any():
+            asked = rigid_shift_rise(before_at, shape_zyx, candidates[near_drag], a, b)
+            rise = rise.copy()
+            rise[near_drag] -= asked
+    hit = far & (rise > threshold_gy)
+    if not hit.any():
+        return []
+    tflat, oflat = np.asarray(target_mask, bool).ravel(), np.asarray(oar_mask, bool).ravel()
+    in_target = tflat[candidates]
+    in_oar = oflat[candidates] & ~in_target
+    if target_hi_gy is not None and np.any(hit & in_target):
+        t = np.flatnonzero(hit & in_target)
+        after = np.asarray(before_at(candidates[t]), np.float64) + np.asarray(rise_gy, np.float64)[t]
+        hit[t[after <= target_hi_gy]] = False
+    out = []
+    for tissue, sel in (("target", in_target), ("OAR", in_oar), ("normal tissue", ~in_target & ~in_oar)):
+        sel = hit & sel
+        if not sel.any():
+            continue
+        i = np.flatnonzero(sel)[int(np.argmax(rise[sel]))]
+        out.append(FarRise(tissue, int(sel.sum()), float(rise[i]), tuple(int(v) for v in cz[i]), float(dist[i])))
+    return out

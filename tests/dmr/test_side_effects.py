@@ -1,0 +1,164 @@
+"""Side effects of a request (tissue far from it that rose unasked) are reported, never silent:
+the pure check on synthetic cubes, and on the coarse horseshoe against the cube itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ids_engine.dmr import SetVoxelDose
+from ids_engine.dmr._side_effects import far_rises, rigid_shift_rise
+from ids_engine.session import Conflict, DMROptions
+
+RX = 60.0
+SHAPE = (9, 40, 60)
+SP = (2.0, 2.0, 2.0)
+
+
+def _check(before, after, feature_flat, *, target=None, oar=None, drag=None, target_hi_gy=None, thr=3.0):
+    rise = (after - before).ravel()
+    cand = np.flatnonzero(rise > thr)
+    t = np.zeros(SHAPE, bool) if target is None else target
+    o = np.zeros(SHAPE, bool) if oar is None else oar
+    return far_rises(cand, rise[cand], shape_zyx=SHAPE, spacing_mm_zyx=SP, feature_voxels=np.asarray(feature_flat),
+                     threshold_gy=thr, before_at=lambda f: before.ravel()[np.asarray(f)], target_mask=t, oar_mask=o,
+                     drag=drag, target_hi_gy=target_hi_gy)
+
+
+def _flat(*zyx):
+    return int(np.ravel_multi_index(zyx, SHAPE))
+
+
+def test_a_far_rise_is_reported_with_its_size_place_and_distance():
+    before = np.full(SHAPE, 30.0)
+    after = before.copy()
+    after[4, 20, 45:48] += [4.0, 5.0, 3.5]  # 15-17 voxels (30-34 mm) from the request at x = 30
+    after[4, 20, 33] += 9.0  # 3 voxels (6 mm) away: the request's own neighbourhood
+    got = _check(before, after, [_flat(4, 20, 30)])
+    assert len(got) == 1
+    r = got[0]
+    assert (r.tissue, r.voxels, r.worst_zyx) == ("normal tissue", 3, (4, 20, 46))
+    assert r.worst_gy == pytest.approx(5.0)
+    assert r.distance_mm == pytest.approx(32.0)
+
+
+def test_nothing_is_reported_below_the_threshold_or_within_10_mm():
+    before = np.full(SHAPE, 30.0)
+    after = before.copy()
+    after[4, 20, 50] += 2.9  # far but below 3 Gy
+    after[4, 20, 35] += 20.0  # 10 mm away: the request's own
+    assert _check(before, after, [_flat(4, 20, 30)]) == []
+
+
+def test_tissue_classes_are_named_and_a_target_rise_inside_its_band_is_not_a_side_effect():
+    before = np.full(SHAPE, 50.0)
+    after = before.copy()
+    target = np.zeros(SHAPE, bool)
+    target[4, 30:35, 40:45] = True
+    oar = np.zeros(SHAPE, bool)
+    oar[4, 5:8, 40:45] = True
+    after[4, 31, 41] += 4.0  # target, ends at 54 Gy (inside a 64.2 Gy upper band)
+    after[4, 32, 42] += 16.0  # target, ends at 66 Gy (above it)
+    after[4, 6, 42] += 4.5  # OAR
+    got = {r.tissue: r for r in _check(before, after, [_flat(4, 20, 10)], target=target, oar=oar, target_hi_gy=64.2)}
+    assert set(got) == {"target", "OAR"}
+    assert got["target"].voxels == 1 and got["target"].worst_zyx == (4, 32, 42)
+    assert got["OAR"].worst_gy == pytest.approx(4.5)
+    # Without a band every target rise counts.
+    got = {r.tissue: r for r in _check(before, after, [_flat(4, 20, 10)], target=target, oar=oar)}
+    assert got["target"].voxels == 2
+
+
+def _ramp():
+    """A dose falling by 2 Gy per voxel along x (an isodose edge that a drag can move)."""
+    x = np.arange(SHAPE[2], dtype=float)
+    return np.broadcast_to(np.clip(100.0 - 2.0 * x, 0.0, None), SHAPE).copy()
+
+
+def test_a_drag_asks_its_fall_off_to_move_with_it_and_nothing_more():
+    before = _ramp()
+    a, b = (4.0, 20.0, 20.0), (4.0, 20.0, 23.0)  # drag 3 voxels (6 mm) out along x
+    asked = rigid_shift_rise(lambda f: before.ravel()[np.asarray(f)], SHAPE, np.array([_flat(4, 20, 30)]), a, b)
+    assert asked[0] == pytest.approx(6.0)  # D(x - 3) - D(x) on a 2 Gy/voxel ramp
+    after = before.copy()
+    after[4, 20, 29:32] += 6.0  # 12-16 mm past the feature: exactly the rigid move
+    feature = [_flat(4, 20, x) for x in range(20, 24)]
+    assert _check(before, after, feature, drag=(a, b, None)) == []
+    after[4, 20, 30] += 4.0  # 4 Gy beyond what the move asks
+    got = _check(before, after, feature, drag=(a, b, None))
+    assert len(got) == 1 and got[0].worst_gy == pytest.approx(4.0) and got[0].voxels == 1
+
+
+def test_a_line_drag_asks_nothing_of_other_slices_or_beyond_20_mm():
+    before = _ramp()
+    a, b = (4.0, 20.0, 20.0), (4.0, 20.0, 23.0)
+    feature = [_flat(4, 20, x) for x in range(20, 24)]
+    after = before.copy()
+    after[6, 20, 29] += 6.0  # another slice: a line drag on slice 4 asks nothing there
+    after[4, 20, 36] += 6.0  # 26 mm past the feature: beyond the drag's reach
+    got = _check(before, after, feature, drag=(a, b, 0))
+    assert len(got) == 1 and got[0].voxels == 2
+    # A surface drag (no plane) asks the fall-off on the other slice to move too.
+    got = _check(before, after, feature, drag=(a, b, None))
+    assert len(got) == 1 and got[0].voxels == 1 and got[0].worst_zyx == (4, 20, 36)
+
+
+def test_rise_conflicts_read_well_and_survive_the_journal_format():
+    c = Conflict("rise", "normal tissue 97 mm from the request", 63, 4.98, RX, 3.0)
+    assert c.message == ("normal tissue 97 mm from the request: 63 voxels rose by more than 3.00 Gy (5 % of Rx) "
+                         "unasked, by up to 4.98 Gy (8.3 % of Rx)")
+    d = c.to_dict()
+    assert d["threshold_gy"] == 3.0 and d["message"] == c.message
+    assert Conflict(d["kind"], d["name"], d["voxels"], d["worst_gy"], RX, d["threshold_gy"]) == c
+
+
+def test_report_rise_pct_is_checked():
+    with pytest.raises(ValueError, match="report_rise_pct"):
+        DMROptions(report_rise_pct=-1.0)
+    with pytest.raises(ValueError, match="report_rise_pct"):
+        DMROptions(report_rise_pct=float("nan"))
+
+
+def _rim(s):
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    j = int(np.flatnonzero(oar[c[0], :, c[2]]).min())
+    return (int(c[0]), j, int(c[2]))
+
+
+def test_the_paper_experiment_reports_exactly_the_far_rise_the_cube_shows(shaping_session):
+    """Lowering m to 55 % with the target kept covered raises a beam entrance far away: the
+    report matches the cube: every voxel > 10 mm from m that rose > 5 % of Rx, a target voxel
+    only when it ends above the target's 107 %."""
+    s = shaping_session
+    before = s.dose()
+    m = _rim(s)
+    res = s.run(SetVoxelDose(m, 0.55 * RX))
+    after = s.dose()
+    feat = np.zeros(before.shape, bool)
+    feat[m] = True
+    far = s.engine.body_mask & (ndimage.distance_transform_edt(~feat, sampling=s.patient.grid.spacing_mm_zyx) > 10.0)
+    up = far & (after - before > 0.05 * RX)
+    hot_target = s.target_mask & (after > 1.07 * RX)
+    expect = up & (~s.target_mask | hot_target)
+    rises = [c for c in res.conflicts if c.kind == "rise"]
+    assert expect.any(), "the experiment no longer raises anything far away: pick a case that does"
+    assert sum(c.voxels for c in rises) == int(expect.sum())
+    assert max(c.worst_gy for c in rises) == pytest.approx(float((after - before)[expect].max()), abs=1e-4)
+    assert all(c.threshold_gy == pytest.approx(3.0) for c in rises)
+    assert "side_effects" in res.timings_ms
+
+
+def test_the_check_can_be_turned_off(shaping_session):
+    s = shaping_session
+    old = s.options
+    s.options = dataclasses.replace(old, report_rise_pct=0.0)
+    try:
+        res = s.run(SetVoxelDose(_rim(s), 0.55 * RX))
+    finally:
+        s.options = old
+    assert not [c for c in res.conflicts if c.kind == "rise"]
+    assert "side_effects" not in res.timings_ms or res.timings_ms["side_effects"] < 1.0
