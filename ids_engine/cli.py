@@ -232,7 +232,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ids_engine._files import FolderLockedError, atomic_text
     from ids_engine.evaluation import check_goals, tg119_goals, write_plan_report
     from ids_engine.io import InputError
-    from ids_engine.optimise import read_protocol, score_goals_from_checks
+    from ids_engine.optimise import RowSampling, read_protocol, score_goals_from_checks
     from ids_engine.planning import equispaced_beams, goal_checks, optimise_plan
     from ids_engine.scripting import ScriptError, _swap_in, check_out_folder
     from ids_engine.session import Session, case_from_spec, case_label
@@ -265,7 +265,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         score = score_goals_from_checks(published) if published else None
         plan = optimise_plan(session.engine, protocol.goals, progress=TextProgressBar(),
-                             tune_importance=args.tune_importance, score_goals=score)
+                             tune_importance=args.tune_importance, score_goals=score,
+                             row_sampling=None if args.exact_rows else RowSampling())
     except KeyboardInterrupt:  # pragma: no cover - interactive
         print("\ninterrupted: no plan written", file=sys.stderr)
         return 130
@@ -283,6 +284,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "case": label, "protocol": protocol.name, "prescription_gy": args.prescription_gy, "beams": args.beams,
         "influence": {"shape": list(plan.influence.shape), "cutoff_mm": plan.influence.cutoff_mm,
                       "beamlet_cells": plan.influence.beamlet_cells},
+        "rows": plan.rows_summary(),
         "optimiser": {"objective": res.objective, "iterations": plan.iterations, "evaluations": res.evaluations,
                       "rounds": res.rounds, "tail_rounds": plan.tail_rounds, "message": res.message,
                       "tail_error_pct_of_max": plan.tail_error_pct, "cancelled": cancelled["flag"] or res.cancelled},
@@ -434,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tune-importance", action="store_true",
                    help="tune the objectives' importance factors (Powell's method, Xing et al. 1999) until the plan "
                         "meets the --check goals (else the protocol's own goals), re-optimising for each")
+    s.add_argument("--exact-rows", action="store_true",
+                   help="every voxel of each goal's structure a row of the influence matrix (default: structures "
+                        "over 150 000 voxels, e.g. the body, are sampled away from the targets; the reported goals "
+                        "use every voxel either way)")
     s.set_defaults(func=cmd_plan)
 
     from ids_engine.phantoms import PHANTOMS

@@ -36,6 +36,18 @@ def test_plan_writes_session_report_and_results(plan_folder):
     assert checks["OuterTarget D10 <= 55 Gy"]["passed"]
     assert checks["Core D10 <= 10 Gy"]["passed"]
     assert "| Core | D10 <= 10 Gy (harder) |" in (plan_folder / "plan_report.md").read_text()
+    # No structure of the coarse phantom is large enough to be sampled: every voxel is a row.
+    assert doc["rows"]["mode"] == "exact" and doc["rows"]["rows"] == doc["influence"]["shape"][0]
+
+
+def test_exact_rows_flag_turns_sampling_off(tmp_path):
+    """``--exact-rows``: plan.json says so (no rule, no sampled structure)."""
+    out = tmp_path / "p"
+    body = Path(__file__).resolve().parents[1] / "examples" / "protocols" / "horseshoe_body.toml"
+    rc = main(["plan", "horseshoe", str(body), "--out", str(out), "--resolution", "coarse", "--exact-rows"])
+    assert rc == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["rows"] == {"mode": "exact", "rows": doc["influence"]["shape"][0]}
 
 
 def test_the_planned_session_reopens_to_the_same_dose(plan_folder):
