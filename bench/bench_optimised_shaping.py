@@ -241,7 +241,8 @@ def shape_case(case: Case, resolution: str, steps=STEPS) -> tuple[dict, dict, di
         times_ms.append((time.perf_counter() - t1) * 1000.0)
         after = metrics(case, session.dose(), patient)
         log.append({"step": step, "request": text, "voxels": int(res.voxels.size),
-                    "recovery_steps": int(res.recovery_steps), "conflicts": [c.message for c in res.conflicts],
+                    "recovery_steps": int(res.recovery_steps), "conflicts": [c.message for c in res.conflicts if c.kind != "rise"],
+                    "side_effects": [c.message for c in res.conflicts if c.kind == "rise"],
                     "time_ms": round(times_ms[-1], 1), "after": {k: v for k, v in after.items() if k != "goals_met"},
                     "goals_met": after["goals_met"]})
         print(f"  [{step}] {text} ({times_ms[-1]:.0f} ms): {_line(after)}")

@@ -246,6 +246,7 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
            "rise_reportable_pct": rise_reportable_pct,
            "side_effects": [c.message for c in side],
            "side_effect_missed": bool(rise_reportable_pct > opts.report_rise_pct and not side),
+           "side_effects_repaired": bool(res.side_effects_repaired),
            "conflicts": [c.message for c in res.conflicts if c.kind != "rise"], "steps": res.recovery_steps,
            "best_step": res.best_step}
     if kind in ("line", "surface"):
@@ -466,6 +467,7 @@ def summarise_survey(rows: list[dict]) -> dict:
         "requests_rise_reportable_over_5pct": int(sum(1 for r in done if r.get("rise_reportable_pct", 0.0) > 5.0)),
         "side_effects_reported": int(sum(1 for r in done if r.get("side_effects"))),
         "side_effects_missed": int(sum(1 for r in done if r.get("side_effect_missed"))),
+        "side_effect_repairs_kept": int(sum(1 for r in done if r.get("side_effects_repaired"))),
     }
     out["goal2_met"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_over_5pct"] == 0)
     out["goal2_met_beyond_rigid_shift"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_beyond_shift_over_5pct"] == 0)

@@ -205,6 +205,9 @@ def cmd_shape(args: argparse.Namespace) -> int:
     print(f"session saved to {args.out} (reopen with ids view --session {args.out}); report: {Path(args.out) / 'report.md'}")
     if rep.get("conflicts"):
         print(f"{rep['conflicts']} conflict(s): recovery could not keep everything (see the report's Conflicts section)")
+    if rep.get("side_effects"):
+        print(f"{rep['side_effects']} side effect(s): tissue far from a request rose unasked (see the report's "
+              "Conflicts section)")
     for name, a in rep["metrics_after"].items():
         b = rep["metrics_before"][name]
         print(f"  {name:<14} mean {b['mean_gy']:6.2f} -> {a['mean_gy']:6.2f} Gy   V95 {b.get('V95_pct', 0):5.1f} -> {a.get('V95_pct', 0):5.1f} %")

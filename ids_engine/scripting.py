@@ -420,9 +420,11 @@ def _run_steps(session, prep: PreparedScript, setup_s: float, folder: Path, log)
     except KeyboardInterrupt:
         raise ScriptInterrupted(folder, done, len(prep.steps)) from None
     after = plan_metrics(session)
-    n_conflicts = sum(len(e.get("conflicts", ())) for e in entries)
+    n_conflicts = sum(1 for e in entries for c in e.get("conflicts", ()) if c["kind"] != "rise")
+    n_side = sum(1 for e in entries for c in e.get("conflicts", ()) if c["kind"] == "rise")
     report = {"script": Path(prep.path).name, "case": prep.label, "prescription_gy": prep.prescription_gy,
               "setup_s": round(setup_s, 2), "plan_id": session.plan_id, "requests": entries, "conflicts": n_conflicts,
+              "side_effects": n_side,
               "metrics_before": before, "metrics_after": after}
     atomic_text(folder / "report.json", json.dumps(report, indent=1))
     atomic_text(folder / "report.md", _markdown(report))

@@ -44,7 +44,8 @@ from ids_engine.dmr import (
     tpi_maps,
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
-from ids_engine.dmr._side_effects import far_rises
+from ids_engine.dmr._recovery import extend_watch
+from ids_engine.dmr._side_effects import summarise_rises, unasked_rises
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.model import Beam, Patient, PhotonMachine
 
@@ -83,6 +84,11 @@ class DMROptions:
         tissue farther than 10 mm from the request (and beyond what a drag's rigid move asks)
         that rose by more than this (% of the prescription) is reported as a side effect in
         ``RequestResult.conflicts`` (kind "rise"). 0 turns the check off.
+    side_effect_repair_steps : when a request has such a side effect, its worst far voxels
+        are watched (no higher than before plus what was asked plus ``max_rise_pct``) and
+        recovery runs this many more steps; the pass is kept only if it lowers the side effect
+        without giving up anything recovery keeps (see ``Session._repair_side_effects``).
+        0: report only.
     oar_rise_pct : how much hotter than before the request an OAR voxel may get during
         recovery (% of the prescription; None: ``tolerance_pct``, as before it had its own
         setting). Measured on the shaping benchmark: 0.5 % instead
@@ -103,11 +109,12 @@ class DMROptions:
     max_request_pct: float = 200.0
     oar_rise_pct: float | None = None
     report_rise_pct: float = 5.0
+    side_effect_repair_steps: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("recovery_steps", "cp_cells", "max_request_voxels"):
+        for name in ("recovery_steps", "cp_cells", "max_request_voxels", "side_effect_repair_steps"):
             v = getattr(self, name)
-            least = 0 if name == "recovery_steps" else 1
+            least = 0 if name in ("recovery_steps", "side_effect_repair_steps") else 1
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
                 raise ValueError(f"DMROptions.{name} must be a whole number, {least} or more, got {v!r}")
         for name in ("tolerance_pct", "edge_margin_pct", "target_min_pct", "target_max_pct", "max_rise_pct",
@@ -131,6 +138,8 @@ WEIGHT_EARLIER_FEATURE = 3.0
 WEIGHT_GUARD = 5.0
 WEIGHT_REQUEST = 10.0
 WEIGHT_PIN = 10.0
+# The side-effect repair watches at most this many of the worst far voxels.
+REPAIR_ROWS = 96
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,8 @@ class RequestResult:
     feature_goal: np.ndarray = field(default_factory=lambda: np.zeros(0))
     conflicts: tuple = ()
     best_step: int = 0
+    # A repair pass for far side effects was kept (Session._repair_side_effects).
+    side_effects_repaired: bool = False
     # How many of ``patches`` each engine call applied, in order: a replay applies them in
     # the same calls, so it rebuilds the plan bit for bit (float32 sums depend on grouping).
     patch_groups: tuple = ()
@@ -212,6 +223,7 @@ class RequestResult:
             "final_gy": [round(float(v), 4) for v in self.final_gy[:8]],
             "recovery_steps": self.recovery_steps,
             "best_step": self.best_step,
+            "side_effects_repaired": self.side_effects_repaired,
             "remaining_candidates": self.remaining_candidates,
             "conflicts": [c.to_dict() for c in self.conflicts],
             "patches": len(self.patches),
@@ -731,7 +743,7 @@ class Session:
 
     # ------------------------------------------------------------------ running
     def run(self, req, *, recovery_steps: int | None = None, max_voxels: int | None = None, cancel=None,
-            progress=None, ignore_features_of=()) -> RequestResult:
+            progress=None, ignore_features_of=(), side_effects: bool = True) -> RequestResult:
         """Carry out a request: resolve, modify, recover, journal. Raises RequestError (plan untouched).
 
         ``recovery_steps`` and ``max_voxels`` (voxels a line, surface or spot request is solved
@@ -739,8 +751,11 @@ class Session:
         Pins, earlier requests' features and this request's own voxels that recovery could not
         keep are reported in ``RequestResult.conflicts`` (never silently given up).
         ``ignore_features_of``: journal ids whose features this request does not keep (the
-        viewer's stacked previews of the same drag). Any error after the plan started to change
-        puts the plan back exactly as it was before the request, then propagates.
+        viewer's stacked previews of the same drag). ``side_effects``: check the far side
+        effects and try the repair pass (``DMROptions.report_rise_pct``,
+        ``side_effect_repair_steps``); drag previews skip both (the committed request does
+        them). Any error after the plan started to change puts the plan back exactly as it was
+        before the request, then propagates.
         """
         recovery_steps, max_voxels = check_run_options(recovery_steps, max_voxels)
         with self._lock:
@@ -774,14 +789,24 @@ class Session:
             timings["reference"] = (time.perf_counter() - t0) * 1000
             snap = self.engine.snapshot()
             # The cube before, for the side-effect check (on the device when there is one).
-            before_cube = self.engine.dose_cube() if self.options.report_rise_pct > 0 else None
+            t0 = time.perf_counter()
+            before_cube = self.engine.dose_cube() if side_effects and self.options.report_rise_pct > 0 else None
+            before_ms = (time.perf_counter() - t0) * 1000
             self.engine.apply_log = []
             try:
                 mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
                                                                     cancel, progress)
-                t0 = time.perf_counter()
-                conflicts = tuple(conflicts) + self._side_effects(resolved, before_cube)
-                timings["side_effects"] = (time.perf_counter() - t0) * 1000
+                repaired = False
+                if before_cube is not None and resolved.feature_voxels.size:
+                    t0 = time.perf_counter()
+                    extra, repaired, found = self._repair_side_effects(resolved, watch, before_cube, timings)
+                    patches = list(patches) + extra
+                    if repaired:  # the pins', features' and request's bands as the repair left them
+                        conflicts = self._conflicts(watch, backend.asnumpy(
+                            self.engine.dose_at_voxels(watch.voxels)).astype(np.float64))
+                    conflicts = tuple(conflicts) + self._side_effects(resolved, before_cube, found)
+                    timings["side_effects"] = (before_ms + (time.perf_counter() - t0) * 1000
+                                               - timings.get("side_effect_repair", 0.0))
             except BaseException:
                 self.engine.restore(snap)
                 raise
@@ -789,7 +814,7 @@ class Session:
                 groups, self.engine.apply_log = tuple(self.engine.apply_log), None
             if sum(groups) != len(patches):  # pragma: no cover - a patch applied outside the journal
                 raise RuntimeError(f"{req.kind}: {sum(groups)} patches applied but {len(patches)} journaled")
-            return self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups)
+            return self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups, repaired)
 
     def _modify_recover(self, req, resolved: Resolved, watch: Watch, timings: dict, recovery_steps, cancel,
                         progress) -> tuple:
@@ -819,38 +844,100 @@ class Session:
         patches = list(mod.patches) + (list(rec.patches) if rec else [])
         return mod, rec, conflicts, patches
 
-    def _side_effects(self, resolved: Resolved, before_cube) -> tuple:
-        """Tissue far from the request that rose by more than ``report_rise_pct`` unasked, as
-        conflicts of kind "rise" (see ``ids_engine.dmr._side_effects``). The rise cube and the
-        voxels above the threshold are found on the device; only those are read back."""
-        if before_cube is None or resolved.feature_voxels.size == 0:
-            return ()
+    def _unasked(self, resolved: Resolved, before_cube, floor_gy: float):
+        """The far voxels that rose by more than ``floor_gy`` since ``before_cube``, with their
+        unasked rise (:class:`ids_engine.dmr._side_effects.UnaskedRise`). The rise cube and
+        the voxels above the floor are found on the device; only those are read back."""
         eng, xp = self.engine, self.engine.xp
-        rx = self.prescription_gy
-        thr = self.options.report_rise_pct / 100.0 * rx
         rise = (eng.dose_cube() - before_cube).reshape(-1)
-        cand_dev = xp.flatnonzero(rise > thr)
+        cand_dev = xp.flatnonzero(rise > floor_gy)
         cand = np.asarray(backend.asnumpy(cand_dev), np.int64)
-        if cand.size == 0:
-            return ()
-        rise_gy = backend.asnumpy(rise[cand_dev]).astype(np.float64)
+        rise_gy = backend.asnumpy(rise[cand_dev]).astype(np.float64) if cand.size else np.zeros(0)
         flat_before = before_cube.reshape(-1)
 
         def before_at(flat):
             return backend.asnumpy(flat_before[xp.asarray(np.asarray(flat, np.int64))]).astype(np.float64)
 
         g = self.patient.grid
-        found = far_rises(cand, rise_gy, shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
-                          feature_voxels=resolved.feature_voxels, threshold_gy=thr, before_at=before_at,
-                          target_mask=self.target_mask, oar_mask=self.oar_mask, drag=resolved.drag,
-                          target_hi_gy=self.options.target_max_pct / 100.0 * rx)
+        return unasked_rises(cand, rise_gy, shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
+                             feature_voxels=resolved.feature_voxels, before_at=before_at, target_mask=self.target_mask,
+                             oar_mask=self.oar_mask, drag=resolved.drag,
+                             target_hi_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
+
+    def _side_effects(self, resolved: Resolved, before_cube, found=None) -> tuple:
+        """Tissue far from the request that rose by more than ``report_rise_pct`` unasked, as
+        conflicts of kind "rise" (see ``ids_engine.dmr._side_effects``)."""
+        if before_cube is None or resolved.feature_voxels.size == 0:
+            return ()
+        rx = self.prescription_gy
+        thr = self.options.report_rise_pct / 100.0 * rx
+        if found is None:
+            found = self._unasked(resolved, before_cube, thr)
         label = {"target": f"target (ending above {self.options.target_max_pct:g} % of Rx)"}
         return tuple(Conflict("rise", f"{label.get(r.tissue, r.tissue)} {r.distance_mm:.0f} mm from the request "
-                              f"(worst at voxel z {r.worst_zyx[0]}, "
-                              f"y {r.worst_zyx[1]}, x {r.worst_zyx[2]})", r.voxels, r.worst_gy, rx, thr) for r in found)
+                              f"(worst at voxel z {r.worst_zyx[0]}, y {r.worst_zyx[1]}, x {r.worst_zyx[2]})",
+                              r.voxels, r.worst_gy, rx, thr)
+                     for r in summarise_rises(found, thr, self.patient.grid.shape_zyx))
+
+    def _repair_side_effects(self, resolved: Resolved, watch: Watch, before_cube, timings: dict):
+        """A guarded repair pass for far side effects (``DMROptions.side_effect_repair_steps``).
+
+        When tissue far from the request rose by more than ``report_rise_pct`` unasked, its
+        worst voxels (up to ``REPAIR_ROWS``) join the watch with the band "no higher than before
+        plus what the request asks plus ``max_rise_pct``", and recovery runs a few more steps.
+        The pass is kept only if the request's own voxels and the pins are no worse, no pin,
+        feature, guard or the request itself ends further outside its band than before (or
+        newly outside it), the watch's objective is no worse (5 % or 0.05 Gy^2 of slack) and the
+        largest unasked far rise fell by at least 0.3 % of Rx; otherwise it is taken back
+        exactly as it was applied (negated patches, newest first, as undo does). Returns
+        ``(patches applied, kept, unasked rises after)``."""
+        opts = self.options
+        rx = self.prescription_gy
+        thr = opts.report_rise_pct / 100.0 * rx
+        cap = opts.max_rise_pct / 100.0 * rx
+        floor = min(thr, cap)
+        found = self._unasked(resolved, before_cube, floor)
+        if opts.side_effect_repair_steps <= 0 or found.max_gy() <= thr:
+            return [], False, found
+        t0 = time.perf_counter()
+        eng = self.engine
+        over = np.flatnonzero(found.unasked_gy > cap)
+        top = over[np.argsort(-found.unasked_gy[over], kind="stable")[:REPAIR_ROWS]]
+        vox = found.voxels[top]
+        before = backend.asnumpy(before_cube.reshape(-1)[eng.xp.asarray(vox)]).astype(np.float64)
+        watch2 = extend_watch(watch, vox, before + found.asked_gy[top] + cap, WEIGHT_NORMAL, "far side effects")
+        kinds = np.asarray(watch.kinds, object)
+        hard = np.isin(kinds[watch.group], ["request", "pin"])
+        eps = 1e-3 * rx
+        kept_groups = [g for g, k in enumerate(kinds) if k != "tissue" and np.any(watch.group == g)]
+
+        def state():
+            """(hard key, objective, largest violation of each pin / feature / guard / request group)."""
+            d = backend.asnumpy(eng.dose_at_voxels(watch.voxels)).astype(np.float64)
+            v = watch.violation(d)
+            worst = np.array([float(v[watch.group == g].max()) for g in kept_groups])
+            return (round(float(v[hard].max()) / eps) if hard.any() else 0), float(np.sum(watch.weight * v**2)), worst
+
+        h0, j0, w0 = state()
+        rec = recover(self.modifier, watch2, steps=opts.side_effect_repair_steps)
+        patches = list(rec.patches)
+        after = self._unasked(resolved, before_cube, floor)
+        h1, j1, w1 = state()
+        # Kept only if nothing recovery keeps got worse: no new or larger conflict, the
+        # objective within 5 % (or 0.05 Gy^2), and the side effect clearly lower.
+        kept = (bool(patches) and h1 <= h0 and bool(np.all(w1 <= np.maximum(w0, eps))) and j1 <= 1.05 * j0 + 0.05
+                and after.max_gy() < found.max_gy() - 0.003 * rx)
+        if not kept:
+            if patches:
+                back = [FluencePatch(p.beam, p.row0, p.col0, -p.delta) for p in reversed(patches)]
+                eng.apply_patches(back)
+                patches.extend(back)
+            after = found
+        timings["side_effect_repair"] = (time.perf_counter() - t0) * 1000
+        return patches, kept, after
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
-                 patch_groups: tuple = ()) -> RequestResult:
+                 patch_groups: tuple = (), side_effects_repaired: bool = False) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)
                  if resolved.voxels.size else np.zeros(0))
         res = RequestResult(
@@ -860,7 +947,8 @@ class Session:
             remaining_candidates=rec.remaining_candidates if rec else 0, patches=patches, timings_ms=timings,
             feature_voxels=np.asarray(resolved.feature_voxels, np.int64), feature_lo=np.asarray(resolved.feature_lo, float),
             feature_hi=np.asarray(resolved.feature_hi, float), feature_goal=np.asarray(resolved.feature_goal, float),
-            conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0, patch_groups=tuple(patch_groups))
+            conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0, patch_groups=tuple(patch_groups),
+            side_effects_repaired=bool(side_effects_repaired))
         self._next_id += 1
         self.journal.append(res)
         self._redo.clear()
@@ -1215,7 +1303,8 @@ class Session:
             fields = dict(id=int(summ["id"]), requested_gy=np.array(summ["requested_gy"]), before_gy=np.array(summ["before_gy"]),
                           after_modification_gy=np.array(summ["after_modification_gy"]), final_gy=np.array(summ["final_gy"]),
                           recovery_steps=int(summ["recovery_steps"]), remaining_candidates=int(summ["remaining_candidates"]),
-                          timings_ms=dict(summ["timings_ms"]), best_step=int(summ.get("best_step", 0)))
+                          timings_ms=dict(summ["timings_ms"]), best_step=int(summ.get("best_step", 0)),
+                          side_effects_repaired=bool(summ.get("side_effects_repaired", False)))
         except (KeyError, TypeError, ValueError, RequestError) as exc:
             raise ValueError(f"the journaled request summary is malformed ({type(exc).__name__}: {exc})") from None
         if isinstance(req, Pin):

@@ -435,7 +435,7 @@ class EngineWorker:
                 final = False
                 try:
                     result = s.run(job.request, recovery_steps=self.preview_recovery_steps, max_voxels=PREVIEW_MAX_VOXELS,
-                                   ignore_features_of=self._previews.get(job.group, ()))
+                                   ignore_features_of=self._previews.get(job.group, ()), side_effects=False)
                 except RequestError:
                     return  # e.g. the mouse has not left the isodose yet: nothing to show
                 self._redo.clear()

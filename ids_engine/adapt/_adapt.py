@@ -333,7 +333,8 @@ def adapt_plan(approved: ApprovedPlan, new_patient, registration, *, case: dict,
                     try:
                         r = session.run(m.mapped)
                         entry.update(replayed=True, final_gy=float(np.mean(r.final_gy)) if r.final_gy.size else None,
-                                     conflicts=len(r.conflicts))
+                                     conflicts=sum(1 for c in r.conflicts if c.kind != "rise"),
+                                     side_effects=sum(1 for c in r.conflicts if c.kind == "rise"))
                     except RequestError as exc:
                         why = ("not needed: the adapted plan already meets it" if "already" in str(exc)
                                else "skipped: the adapted plan refused it")

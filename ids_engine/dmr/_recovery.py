@@ -40,7 +40,7 @@ from scipy.spatial import cKDTree
 
 from ids_engine import backend
 
-__all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "modify_joint", "recover"]
+__all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "extend_watch", "modify_joint", "recover"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,32 @@ class RecoveryResult:
     final_gy: np.ndarray
     patches: list = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
+
+
+def extend_watch(watch: Watch, voxels, hi_gy, weight: float, name: str) -> Watch:
+    """The watch with more voxels held below ``hi_gy`` (open below), as a group of their own
+    (kind "tissue"). A voxel already watched keeps its band's lower edge (never above the new
+    upper one) and gets the lower of the two upper edges."""
+    voxels = np.asarray(voxels, np.int64).reshape(-1)
+    hi_gy = np.asarray(hi_gy, float).reshape(-1)
+    if voxels.size != hi_gy.size:
+        raise ValueError(f"extend_watch: {voxels.size} voxels but {hi_gy.size} upper edges")
+    allv = np.union1d(watch.voxels, voxels)
+    n = allv.size
+    old = np.searchsorted(allv, watch.voxels)
+    new = np.searchsorted(allv, voxels)
+    lo, hi, goal, cap = np.full(n, -np.inf), np.full(n, np.inf), np.zeros(n), np.full(n, np.inf)
+    wgt, grp = np.zeros(n), np.zeros(n, np.int32)
+    lo[old], hi[old], goal[old], cap[old] = watch.lo, watch.hi, watch.goal, watch.cap
+    wgt[old], grp[old] = watch.weight, watch.group
+    hi[new] = np.minimum(hi[new], hi_gy)
+    lo[new] = np.minimum(lo[new], hi[new] - 1e-6)
+    cap[new] = np.minimum(cap[new], hi[new])
+    # aim a little inside the new edge (0.25 Gy, or a quarter of a narrower band)
+    goal[new] = hi[new] - np.minimum(0.25, 0.25 * (hi[new] - np.where(np.isfinite(lo[new]), lo[new], -np.inf)))
+    wgt[new] = np.maximum(wgt[new], float(weight))
+    grp[new] = len(watch.names)
+    return Watch(allv, lo, hi, goal, wgt, grp, list(watch.names) + [name], list(watch.kinds) + ["tissue"], cap)
 
 
 def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, shape_zyx) -> np.ndarray:

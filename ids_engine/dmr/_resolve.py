@@ -31,6 +31,7 @@ from ._requests import (
     SetVoxelDose,
     subsample,
 )
+from ._side_effects import trilinear
 
 __all__ = ["ResolveContext", "Resolved", "resolve"]
 
@@ -276,17 +277,7 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
 
 def _trilinear(ctx: ResolveContext, points_zyx: np.ndarray) -> np.ndarray:
     """Trilinear dose at points (n, 3) in voxel units, from the voxel doses (clamped to the grid)."""
-    shape = np.asarray(ctx.shape_zyx)
-    p = np.clip(np.asarray(points_zyx, float).reshape(-1, 3), 0, shape - 1)
-    i0 = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
-    t = p - i0
-    out = np.zeros(p.shape[0])
-    for corner in range(8):
-        o = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        idx = np.minimum(i0 + o, shape - 1)
-        wgt = np.prod(np.where(o == 1, t, 1 - t), axis=1)
-        out += wgt * ctx.dose_at(np.ravel_multi_index(tuple(idx.T), ctx.shape_zyx))
-    return out
+    return trilinear(ctx.dose_at, ctx.shape_zyx, points_zyx)
 
 
 def _shifted_dose(ctx: ResolveContext, flat: np.ndarray, shift_zyx: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["FarRise", "far_rises", "rigid_shift_rise"]
+__all__ = ["FarRise", "UnaskedRise", "far_rises", "rigid_shift_rise", "summarise_rises", "trilinear", "unasked_rises"]
 
 NEAR_MM = 10.0
 SHIFT_REACH_MM = 20.0
@@ -49,8 +49,9 @@ class FarRise:
     distance_mm: float
 
 
-def _trilinear(before_at: Callable[[np.ndarray], np.ndarray], shape_zyx, points_zyx: np.ndarray) -> np.ndarray:
-    """Trilinear dose at points (n, 3) in voxel units, clamped to the grid."""
+def trilinear(dose_at: Callable[[np.ndarray], np.ndarray], shape_zyx, points_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear dose at points (n, 3) in voxel units from ``dose_at(flat) -> Gy`` (one call for
+    all eight corners), clamped to the grid."""
     shape = np.asarray(shape_zyx)
     p = np.clip(np.asarray(points_zyx, float).reshape(-1, 3), 0, shape - 1)
     i0 = np.minimum(np.floor(p).astype(np.int64), shape - 2).clip(0)
@@ -62,7 +63,7 @@ def _trilinear(before_at: Callable[[np.ndarray], np.ndarray], shape_zyx, points_
         idx = np.minimum(i0 + o, shape - 1)
         corners.append(np.ravel_multi_index(tuple(idx.T), tuple(shape_zyx)))
         weights.append(np.prod(np.where(o == 1, t, 1 - t), axis=1))
-    vals = np.asarray(before_at(np.concatenate(corners)), np.float64).reshape(8, -1)  # one read
+    vals = np.asarray(dose_at(np.concatenate(corners)), np.float64).reshape(8, -1)  # one read
     return (vals * np.stack(weights)).sum(axis=0)
 
 
@@ -75,7 +76,64 @@ def rigid_shift_rise(before_at, shape_zyx, flat: np.ndarray, a_zyx, b_zyx) -> np
     p = np.stack(np.unravel_index(flat, tuple(shape_zyx)), axis=-1).astype(float)
     shift = np.asarray(b_zyx, float) - np.asarray(a_zyx, float)
     here = np.asarray(before_at(flat), np.float64)
-    return np.maximum(_trilinear(before_at, shape_zyx, p - shift[None, :]) - here, 0.0)
+    return np.maximum(trilinear(before_at, shape_zyx, p - shift[None, :]) - here, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class UnaskedRise:
+    """Far voxels that rose, with the part of their rise the request did not ask for.
+
+    voxels : (n,) flat CT indices (far from the feature; a target voxel only where it ends
+    above ``target_hi_gy``); unasked_gy : (n,) their rise minus what a drag's rigid move asks;
+    asked_gy : (n,) that asked part (0 for other requests); distance_mm : (n,) from the feature;
+    tissue : (n,) 0 target, 1 OAR, 2 normal tissue.
+    """
+
+    voxels: np.ndarray
+    unasked_gy: np.ndarray
+    asked_gy: np.ndarray
+    distance_mm: np.ndarray
+    tissue: np.ndarray
+
+    def max_gy(self) -> float:
+        return float(self.unasked_gy.max()) if self.unasked_gy.size else 0.0
+
+
+TISSUES = ("target", "OAR", "normal tissue")
+
+
+def unasked_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spacing_mm_zyx, feature_voxels: np.ndarray,
+                  before_at: Callable[[np.ndarray], np.ndarray], target_mask: np.ndarray, oar_mask: np.ndarray,
+                  drag: tuple | None = None, target_hi_gy: float | None = None, near_mm: float = NEAR_MM,
+                  shift_reach_mm: float = SHIFT_REACH_MM) -> UnaskedRise:
+    """The far candidates and their unasked rise (see :func:`far_rises` for the parameters)."""
+    candidates = np.asarray(candidates, np.int64).reshape(-1)
+    rise = np.asarray(rise_gy, np.float64).reshape(-1)
+    feature_voxels = np.asarray(feature_voxels, np.int64).reshape(-1)
+    if candidates.size == 0 or feature_voxels.size == 0:
+        z = np.zeros(0)
+        return UnaskedRise(np.zeros(0, np.int64), z, z, z, np.zeros(0, np.int8))
+    sp = np.asarray(spacing_mm_zyx, float)
+    cz = np.stack(np.unravel_index(candidates, tuple(shape_zyx)), axis=-1)
+    fz = np.stack(np.unravel_index(feature_voxels, tuple(shape_zyx)), axis=-1)
+    dist, _ = cKDTree(fz * sp).query(cz * sp)
+    keep = dist > near_mm
+    tflat, oflat = np.asarray(target_mask, bool).ravel(), np.asarray(oar_mask, bool).ravel()
+    in_target = tflat[candidates]
+    if target_hi_gy is not None and np.any(keep & in_target):
+        t = np.flatnonzero(keep & in_target)
+        after = np.asarray(before_at(candidates[t]), np.float64) + rise[t]
+        keep[t[after <= target_hi_gy]] = False
+    asked = np.zeros(candidates.size)
+    if drag is not None:
+        a, b, plane = drag
+        near_drag = keep & (dist <= shift_reach_mm)
+        if plane is not None:
+            near_drag &= cz[:, int(plane)] == int(round(float(a[int(plane)])))
+        if near_drag.any():
+            asked[near_drag] = rigid_shift_rise(before_at, shape_zyx, candidates[near_drag], a, b)
+    tissue = np.where(in_target, 0, np.where(oflat[candidates], 1, 2)).astype(np.int8)
+    return UnaskedRise(candidates[keep], (rise - asked)[keep], asked[keep], dist[keep], tissue[keep])
 
 
 def far_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spacing_mm_zyx, feature_voxels: np.ndarray,
@@ -97,40 +155,21 @@ def far_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spacing
     target_hi_gy : a target voxel counts only when it ends above this (the target's upper
         band: a rise inside the coverage band is not a side effect); None: every target voxel.
     """
-    candidates = np.asarray(candidates, np.int64).reshape(-1)
-    rise = np.asarray(rise_gy, np.float64).reshape(-1)
-    feature_voxels = np.asarray(feature_voxels, np.int64).reshape(-1)
-    if candidates.size == 0 or feature_voxels.size == 0:
-        return []
-    sp = np.asarray(spacing_mm_zyx, float)
-    cz = np.stack(np.unravel_index(candidates, tuple(shape_zyx)), axis=-1)
-    fz = np.stack(np.unravel_index(feature_voxels, tuple(shape_zyx)), axis=-1)
-    dist, _ = cKDTree(fz * sp).query(cz * sp)
-    far = dist > near_mm
-    if drag is not None:
-        a, b, plane = drag
-        near_drag = far & (dist <= shift_reach_mm)
-        if plane is not None:
-            near_drag &= cz[:, int(plane)] == int(round(float(a[int(plane)])))
-        if near_drag.any():
-            asked = rigid_shift_rise(before_at, shape_zyx, candidates[near_drag], a, b)
-            rise = rise.copy()
-            rise[near_drag] -= asked
-    hit = far & (rise > threshold_gy)
-    if not hit.any():
-        return []
-    tflat, oflat = np.asarray(target_mask, bool).ravel(), np.asarray(oar_mask, bool).ravel()
-    in_target = tflat[candidates]
-    in_oar = oflat[candidates] & ~in_target
-    if target_hi_gy is not None and np.any(hit & in_target):
-        t = np.flatnonzero(hit & in_target)
-        after = np.asarray(before_at(candidates[t]), np.float64) + np.asarray(rise_gy, np.float64)[t]
-        hit[t[after <= target_hi_gy]] = False
+    u = unasked_rises(candidates, rise_gy, shape_zyx=shape_zyx, spacing_mm_zyx=spacing_mm_zyx,
+                      feature_voxels=feature_voxels, before_at=before_at, target_mask=target_mask, oar_mask=oar_mask,
+                      drag=drag, target_hi_gy=target_hi_gy, near_mm=near_mm, shift_reach_mm=shift_reach_mm)
+    return summarise_rises(u, threshold_gy, shape_zyx)
+
+
+def summarise_rises(u: UnaskedRise, threshold_gy: float, shape_zyx) -> list[FarRise]:
+    """One :class:`FarRise` per tissue class with an unasked rise above ``threshold_gy``."""
     out = []
-    for tissue, sel in (("target", in_target), ("OAR", in_oar), ("normal tissue", ~in_target & ~in_oar)):
-        sel = hit & sel
+    hit = u.unasked_gy > threshold_gy
+    for k, tissue in enumerate(TISSUES):
+        sel = hit & (u.tissue == k)
         if not sel.any():
             continue
-        i = np.flatnonzero(sel)[int(np.argmax(rise[sel]))]
-        out.append(FarRise(tissue, int(sel.sum()), float(rise[i]), tuple(int(v) for v in cz[i]), float(dist[i])))
+        i = np.flatnonzero(sel)[int(np.argmax(u.unasked_gy[sel]))]
+        where = tuple(int(v) for v in np.unravel_index(int(u.voxels[i]), tuple(shape_zyx)))
+        out.append(FarRise(tissue, int(sel.sum()), float(u.unasked_gy[i]), where, float(u.distance_mm[i])))
     return out

@@ -323,6 +323,12 @@ def tune_importance(
     if not log_range > 0:
         raise ValueError("tune_importance: log_range must be positive")
     start = np.array([math.log(goals[i].importance) for i in tune])
+    # The optimiser weighs only the goals' structures (it refuses other names); the score
+    # uses the weights of every score goal's structure.
+    fluence_options = dict(optimiser_options)
+    if fluence_options.get("voxel_weights") is not None:
+        names = {g.structure for g in goals}
+        fluence_options["voxel_weights"] = {k: v for k, v in fluence_options["voxel_weights"].items() if k in names}
 
     path: list[TuningStep] = []
     results: list[FluenceResult] = []
@@ -345,7 +351,7 @@ def tune_importance(
         w0 = results[best["i"]].beamlet_weights if results else initial_weights
         trial = goals_at(x)
         res = optimise_fluence(influence, trial, structure_voxels, initial_weights=w0, dose_offset_gy=dose_offset_gy,
-                               max_iterations=max_iterations, cancel=cancel, **optimiser_options)
+                               max_iterations=max_iterations, cancel=cancel, **fluence_options)
         s, short = dvh_score(res.dose_gy, score_goals, voxels_xp, margin_gy=margin_gy,
                              voxel_weights=optimiser_options.get("voxel_weights"))
         path.append(TuningStep(tuple(trial[i].importance for i in tune), s, short, res.iterations, res.objective))

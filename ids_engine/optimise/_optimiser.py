@@ -134,7 +134,8 @@ def _check_weights(voxel_weights: Mapping[str, Any] | None, voxels: Mapping[str,
     out: dict[str, np.ndarray] = {}
     for name, w in voxel_weights.items():
         if name not in voxels:
-            continue  # a structure no goal names
+            raise ValueError(f"voxel_weights names structure {name!r}, which no goal is about "
+                             f"(the goals' structures: {', '.join(sorted(voxels))})")
         w = np.asarray(asnumpy(w), dtype=np.float64)
         if w.shape != voxels[name].shape:
             raise ValueError(f"voxel_weights[{name!r}] must have shape {voxels[name].shape} (one weight per row "

@@ -51,9 +51,9 @@ class RowSampling:
 
     Parameters
     ----------
-    max_rows : a structure with more voxels than this is sampled (module docstring), to at
-        most this many rows unless its dense part alone is larger (then its dense part and
-        a fifth of ``max_rows`` of far rows). Default 150 000: the clinical horseshoe's body
+    max_rows : a structure with more voxels than this is sampled (module docstring): all its
+        dense voxels and at most ``max(max_rows - dense, max_rows // 5)`` far rows, so at most
+        ``max(max_rows, dense + max_rows // 5)`` rows. Default 150 000: the clinical horseshoe's body
         (1.0 M voxels) becomes 164 k rows, 137 k of them dense (within 10 mm of the PTV, or
         in the PTV or OAR), 27 k far (blocks of 3 x 3 x 4 voxels, 6 x 5.9 x 7.8 mm).
     dense_margin_mm : voxels of a sampled structure within this distance (mm) of a target

@@ -162,3 +162,113 @@ def test_the_check_can_be_turned_off(shaping_session):
         s.options = old
     assert not [c for c in res.conflicts if c.kind == "rise"]
     assert "side_effects" not in res.timings_ms or res.timings_ms["side_effects"] < 1.0
+
+
+def test_extend_watch_adds_a_group_and_keeps_the_tighter_edge():
+    from ids_engine.dmr import Watch
+    from ids_engine.dmr._recovery import extend_watch
+
+    w = Watch(np.array([3, 7, 9]), np.array([50.0, -np.inf, 1.0]), np.array([60.0, 20.0, np.inf]),
+              np.array([55.0, 10.0, 2.0]), np.array([1.0, 1.0, 3.0]), np.array([0, 1, 2]), ["a", "b", "c"],
+              ["tissue", "tissue", "feature"])
+    w2 = extend_watch(w, [7, 8], [25.0, 12.0], 1.0, "far side effects")
+    assert list(w2.voxels) == [3, 7, 8, 9]
+    assert w2.names[-1] == "far side effects" and w2.kinds[-1] == "tissue"
+    assert list(w2.hi) == [60.0, 20.0, 12.0, np.inf]  # 7 keeps its tighter 20 Gy
+    assert w2.lo[2] == -np.inf and w2.goal[2] == pytest.approx(11.75)
+    assert list(w2.group) == [0, 3, 3, 2] and w2.cap[2] == 12.0
+    with pytest.raises(ValueError, match="2 voxels but 1"):
+        extend_watch(w, [7, 8], [25.0], 1.0, "x")
+
+
+SURFACE = dict(level_gy=57.0, start_zyx=(21.0, 19.30472147476623, 24.939335808332537),
+               end_zyx=(21.0, 18.664352622307213, 23.83018442028894), radius_mm=4.0)
+
+
+def test_the_repair_lowers_a_side_effect_and_gives_up_nothing(shaping_session):
+    """A 95 % surface drag on the open-field plan raises tissue far away; with the report and
+    the repair's cap lowered so that it counts (3 % and 2.5 % of Rx), the repair pass lowers
+    that rise, no pin/feature/guard/request ends worse, and undo takes everything back."""
+    from ids_engine.dmr import MoveIsodoseSurface
+
+    s = shaping_session
+    old = s.options
+    before = s.dose()
+    got = {}
+    try:
+        for steps in (0, 5):
+            s.options = dataclasses.replace(old, report_rise_pct=3.0, max_rise_pct=2.5, side_effect_repair_steps=steps)
+            res = s.run(MoveIsodoseSurface(**SURFACE))
+            got[steps] = res
+            s.undo()
+            s.clear_redo()
+            np.testing.assert_allclose(s.dose(), before, atol=1e-3)  # undo takes the repair back too
+    finally:
+        s.options = old
+    plain, fixed = got[0], got[5]
+    worst = lambda r: max((c.worst_gy for c in r.conflicts if c.kind == "rise"), default=0.0)  # noqa: E731
+    assert not plain.side_effects_repaired and worst(plain) > 0.03 * RX
+    assert fixed.side_effects_repaired and worst(fixed) < worst(plain) - 0.003 * RX
+    assert "side_effect_repair" in fixed.timings_ms
+    kept = lambda r: {c.name: c.worst_gy for c in r.conflicts if c.kind != "rise"}  # noqa: E731
+    for name, gy in kept(fixed).items():
+        assert gy <= kept(plain).get(name, 0.06) + 1e-6, name
+
+
+def test_a_repaired_request_replays_from_the_journal_bit_for_bit(tmp_path):
+    """The repair's patches (kept or taken back) are journaled with the request: a saved
+    session reloads to the same dose, bit for bit, the flag and the side-effect report intact.
+    (A fresh session: one whose earlier requests were undone differs from a replay by the
+    undo's float32 round-off.)"""
+    from ids_engine.dmr import MoveIsodoseSurface
+    from ids_engine.session import Session
+
+    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX,
+                             dmr_options=DMROptions(report_rise_pct=3.0, max_rise_pct=2.5))
+    res = s.run(MoveIsodoseSurface(**SURFACE))
+    assert res.side_effects_repaired
+    s.save(tmp_path / "r")
+    s.close()
+    again = Session.load(tmp_path / "r", keep_journaling=False)
+    last = again.journal[-1]
+    assert last.side_effects_repaired
+    assert [c.message for c in last.conflicts] == [c.message for c in res.conflicts]
+    np.testing.assert_array_equal(again.dose(), s.dose())
+
+
+def test_a_rejected_repair_leaves_the_plan_as_recovery_left_it(shaping_session):
+    """The paper's experiment on the coarse grid: lowering m needs the far entrance rise, so
+    the repair cannot lower it without breaking coverage; the pass is taken back and the plan
+    is the one recovery left (float32 round-off of the take-back only)."""
+    s = shaping_session
+    old = s.options
+    m = _rim(s)
+    doses = {}
+    try:
+        for steps in (0, 5):
+            s.options = dataclasses.replace(old, side_effect_repair_steps=steps)
+            res = s.run(SetVoxelDose(m, 0.55 * RX))
+            doses[steps] = s.dose()
+            assert not res.side_effects_repaired
+            s.undo()
+            s.clear_redo()
+    finally:
+        s.options = old
+    np.testing.assert_allclose(doses[5], doses[0], atol=1e-3)
+
+
+def test_side_effect_repair_steps_is_checked():
+    with pytest.raises(ValueError, match="side_effect_repair_steps"):
+        DMROptions(side_effect_repair_steps=-1)
+    with pytest.raises(ValueError, match="side_effect_repair_steps"):
+        DMROptions(side_effect_repair_steps=2.5)
+
+
+def test_previews_skip_the_check_and_the_repair(shaping_session):
+    """``run(..., side_effects=False)`` (the viewer's drag previews): no cube comparison, no
+    repair pass; the committed request does them."""
+    s = shaping_session
+    res = s.run(SetVoxelDose(_rim(s), 0.55 * RX), side_effects=False)
+    assert not [c for c in res.conflicts if c.kind == "rise"]
+    assert not res.side_effects_repaired
+    assert "side_effects" not in res.timings_ms and "side_effect_repair" not in res.timings_ms

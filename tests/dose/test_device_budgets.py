@@ -55,17 +55,45 @@ def test_incremental_update_of_nine_beams_is_a_handful_of_launches_and_no_sync(c
 def test_a_dmr_step_stays_within_its_launch_and_sync_budget(counted_session):
     s = counted_session
     m = _oar_rim_voxel(s)
+    # Recovery steps only: the side-effect check and its repair pass are budgeted below.
     with counting() as c0:
-        s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=0)
+        s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=0, side_effects=False)
     s.undo()
     with counting() as c5:
-        res = s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=5)
+        res = s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=5, side_effects=False)
     s.undo()
     steps = res.recovery_steps
     assert steps == 5
     launches, syncs = BUDGET["dmr_step"]
     assert (c5.launches - c0.launches) <= launches * steps, c5.top("launches")
     assert (c5.syncs - c0.syncs) <= syncs * steps, c5.top("syncs")
+
+
+def test_the_side_effect_check_is_a_few_device_operations_and_reads_no_cube(counted_session):
+    """Comparing the cube with the one before a request (the rise, the voxels above the
+    threshold, their rise and the dose before at them): a few dozen launches, a few syncs, and
+    only the far risers read back, not the cube. (The repair pass, when one runs, is recovery
+    steps and is off here.)"""
+    import dataclasses
+
+    s = counted_session
+    m = _oar_rim_voxel(s)
+    old = s.options
+    s.options = dataclasses.replace(old, side_effect_repair_steps=0)
+    try:
+        with counting() as off:
+            s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=2, side_effects=False)
+        s.undo()
+        with counting() as on:
+            res = s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=2)
+        s.undo()
+    finally:
+        s.options = old
+    assert [c for c in res.conflicts if c.kind == "rise"], "the check found nothing to read back: pick another case"
+    cube_bytes = int(np.prod(s.patient.grid.shape_zyx)) * 4
+    assert on.launches - off.launches <= 60, on.top("launches")
+    assert on.syncs - off.syncs <= 4, on.top("syncs")
+    assert on.d2h_bytes - off.d2h_bytes < cube_bytes / 10
 
 
 def test_reading_the_dose_at_voxels_is_one_sync(counted_session):

@@ -308,5 +308,21 @@ def test_sampled_objectives_on_an_engine_dose_are_within_the_block_bound(horsesh
         # ~10 k far blocks mostly cancel: measured 0.08-0.14 %. 0.5 % of the body mean is
         # 0.09 Gy, below the 0.2 Gy the plan comparison above allows.
         assert abs(sampled - full) <= 0.005 * full, goal.kind
+        # The goal's own code computes those two numbers (importance 1).
+        all_body = dose[np.flatnonzero(body.ravel())]
         if isinstance(goal, MaxMeanDose):
             assert goal.achieved(dose[rows], 0.0, w)[0] == pytest.approx(sampled, rel=1e-12)
+            assert goal.achieved(all_body, 0.0)[0] == pytest.approx(full, rel=1e-12)
+        else:
+            assert goal.importance == 1.0
+            assert goal.objective(dose[rows], w)[0] == pytest.approx(sampled, rel=1e-9)
+            assert goal.objective(all_body)[0] == pytest.approx(full, rel=1e-9)
+
+
+def test_weights_for_a_structure_no_goal_is_about_are_refused():
+    """A typo in ``voxel_weights`` must not leave a structure silently unweighted."""
+    from ids_engine.optimise import optimise_fluence
+
+    A = np.eye(4)
+    with pytest.raises(ValueError, match="'BODDY', which no goal is about"):
+        optimise_fluence(A, [MaxDose("BODY", 1.0)], {"BODY": np.arange(4)}, voxel_weights={"BODDY": np.ones(4)})
