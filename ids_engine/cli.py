@@ -310,13 +310,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan.tuning.text())
     for u in res.unmet_constraints:
         print(f"  constraint not met: {u}")
-    for r in results:
-        state = "pass" if r.passed else "FAIL"
-        print(f"  {state}  {r.goal.structure} {r.goal.metric} {r.goal.comparator} {r.goal.value:g} {r.goal.unit}: "
-              f"{r.achieved:.2f}")
+    lines = [_check_line(r) for r in results]
+    for _, text in lines:
+        print(text)
+    at_limit = sum(1 for state, _ in lines if state == "limit")
+    if at_limit:
+        print(f"  ({at_limit} on the limit: met to the optimiser's tolerance of 0.01 Gy or 0.01 %, not strictly)")
     print(f"plan saved to {out}: session/ (reopen with ids view --session {out / 'session'}), plan_report.md, "
           f"plan_report.html, plan.json")
     return 0
+
+
+def _check_line(r) -> tuple[str, str]:
+    """``ids plan``'s line for one goal check: "pass", "FAIL", or "limit" for a value that
+    misses by no more than the optimiser's tolerance (0.01 Gy or 0.01 %: constraints are met
+    to it), then shown to the third decimal."""
+    on_limit = not r.passed and abs(r.achieved - r.goal.value) <= 0.01
+    state = "pass" if r.passed else ("limit" if on_limit else "FAIL")
+    value = f"{r.achieved:.3f}" if on_limit else f"{r.achieved:.2f}"
+    g = r.goal
+    return state, f"  {state:<5} {g.structure} {g.metric} {g.comparator} {g.value:g} {g.unit}: {value}"
 
 
 def cmd_view(args: argparse.Namespace) -> int:

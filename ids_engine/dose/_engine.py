@@ -218,6 +218,7 @@ class DoseEngine:
         # When a list, apply_patches appends the number of patches of each call (a session
         # journals the grouping so that a replay repeats the same calls, bit for bit).
         self.apply_log: list[int] | None = None
+        self._state_version = 0
         total = len(beams)
         for i, b in enumerate(beams):
             if progress:
@@ -403,6 +404,16 @@ class DoseEngine:
         """A host fluence map for beam ``b``: ``mu`` inside a BEV rectangle (at the isocentre plane), 0 outside."""
         return self.geometry[b].fluence_grid.rectangle_mask(u_range_mm, v_range_mm).astype(np.float32) * np.float32(mu)
 
+    @property
+    def state_version(self) -> int:
+        """Counts every change of the plan state (patches applied, fluences set, a recompute,
+        a restore): a :meth:`snapshot` taken at one version describes the state before the
+        changes counted after it (the session's exact undo checks this)."""
+        return self._state_version
+
+    def _bump(self) -> None:
+        self._state_version += 1
+
     def snapshot(self) -> tuple:
         """A copy of the engine's plan state (fluences, convolved maps, dose levels)."""
         host = None if self.xp is np else [st.fluence_host.copy() for st in self._state]
@@ -412,6 +423,7 @@ class DoseEngine:
     def restore(self, snap: tuple) -> None:
         """Go back to a :meth:`snapshot` exactly (bit for bit)."""
         fl, maps, df, dc, host = snap
+        self._bump()
         self._fluence_buf[...] = fl
         for k, v in maps.items():
             self._maps_buf[k][...] = v
@@ -424,6 +436,7 @@ class DoseEngine:
     # ------------------------------------------------------------------ dose propagation
     def recompute(self) -> None:
         """Full dose from the current fluence maps (the incremental path with whole maps as patches)."""
+        self._bump()
         for buf in (self.dose_fine, self.dose_coarse, *self._maps_buf.values()):
             buf.fill(0)
         self._propagate([(b, 0, 0, st.fluence_host) for b, st in enumerate(self._state)])
@@ -449,6 +462,8 @@ class DoseEngine:
                 )
         if self.apply_log is not None and patches:
             self.apply_log.append(len(patches))
+        if patches:
+            self._bump()
         windows = _merge_per_beam(patches)
         if not windows:
             return

@@ -237,24 +237,37 @@ def test_a_repaired_request_replays_from_the_journal_bit_for_bit(tmp_path):
 
 
 def test_a_rejected_repair_leaves_the_plan_as_recovery_left_it(shaping_session):
-    """The paper's experiment on the coarse grid: lowering m needs the far entrance rise, so
-    the repair cannot lower it without breaking coverage; the pass is taken back and the plan
-    is the one recovery left (float32 round-off of the take-back only)."""
+    """An 80 % line drag whose far rise the repair cannot lower without giving something up
+    (report at 2 %, cap 1.5 % of Rx): the engine goes back to its snapshot from before the
+    pass, so the plan is the one recovery left, bit for bit, and nothing of it is journaled."""
+    from ids_engine.dmr import MoveIsodoseLine
+
     s = shaping_session
     old = s.options
-    m = _rim(s)
+    req = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (18.053872854645444, 57.22719755429408))
     doses = {}
     try:
         for steps in (0, 5):
-            s.options = dataclasses.replace(old, side_effect_repair_steps=steps)
-            res = s.run(SetVoxelDose(m, 0.55 * RX))
-            doses[steps] = s.dose()
+            s.options = dataclasses.replace(old, report_rise_pct=2.0, max_rise_pct=1.5, side_effect_repair_steps=steps)
+            res = s.run(req)
+            doses[steps] = (s.dose(), len(res.patches))
             assert not res.side_effects_repaired
+            assert ("side_effect_repair" in res.timings_ms) == (steps > 0)  # tried, then taken back
             s.undo()
             s.clear_redo()
     finally:
         s.options = old
-    np.testing.assert_allclose(doses[5], doses[0], atol=1e-3)
+    np.testing.assert_array_equal(doses[5][0], doses[0][0])
+    assert doses[5][1] == doses[0][1]
+
+
+def test_a_set_voxel_request_reports_but_does_not_repair(shaping_session):
+    """The paper's experiment: its far entrance rise is reported; no repair is tried (for a
+    single voxel the far compensation is what the request needs)."""
+    s = shaping_session
+    res = s.run(SetVoxelDose(_rim(s), 0.55 * RX))
+    assert [c for c in res.conflicts if c.kind == "rise"]
+    assert not res.side_effects_repaired and "side_effect_repair" not in res.timings_ms
 
 
 def test_side_effect_repair_steps_is_checked():
