@@ -12,6 +12,7 @@ from scipy import ndimage
 from ids_engine.dmr import SetVoxelDose
 from ids_engine.dmr._side_effects import far_rises, rigid_shift_rise
 from ids_engine.session import Conflict, DMROptions
+from tests.dmr.test_shaping import rim as _rim
 
 RX = 60.0
 SHAPE = (9, 40, 60)
@@ -120,13 +121,6 @@ def test_report_rise_pct_is_checked():
         DMROptions(report_rise_pct=-1.0)
     with pytest.raises(ValueError, match="report_rise_pct"):
         DMROptions(report_rise_pct=float("nan"))
-
-
-def _rim(s):
-    oar = s.patient.structure("OAR").mask
-    c = np.argwhere(oar).mean(axis=0).round().astype(int)
-    j = int(np.flatnonzero(oar[c[0], :, c[2]]).min())
-    return (int(c[0]), j, int(c[2]))
 
 
 def test_the_paper_experiment_reports_exactly_the_far_rise_the_cube_shows(shaping_session):

@@ -28,20 +28,12 @@ from ids_engine.optimise import (
 from ids_engine.optimise import sample_rows
 from ids_engine.optimise._importance import goal_shortfall_gy
 
+from tests.optimise.test_goals import ALL_GOALS
+
 ROOT = Path(__file__).resolve().parents[2]
 BODY_PROTOCOL = ROOT / "examples" / "protocols" / "horseshoe_body.toml"
 
-WEIGHTED_GOALS = [
-    MinDose("s", 40.0, importance=3.0),
-    MaxDose("s", 30.0, importance=2.0),
-    UniformDose("s", 35.0, importance=1.5),
-    MinMeanDose("s", 50.0, importance=4.0),
-    MaxMeanDose("s", 20.0, importance=4.0),
-    MinEUD("s", 50.0, -8.0, importance=2.0),
-    MaxEUD("s", 20.0, 6.0, importance=2.0),
-    MinDVH("s", 45.0, 80.0, importance=5.0),
-    MaxDVH("s", 25.0, 30.0, importance=5.0),
-]
+WEIGHTED_GOALS = ALL_GOALS  # every goal kind, thresholds inside the test doses' spread
 
 
 # ----------------------------------------------------------------------------- the rule
