@@ -318,3 +318,24 @@ def test_weights_for_a_structure_no_goal_is_about_are_refused():
     A = np.eye(4)
     with pytest.raises(ValueError, match="'BODDY', which no goal is about"):
         optimise_fluence(A, [MaxDose("BODY", 1.0)], {"BODY": np.arange(4)}, voxel_weights={"BODDY": np.ones(4)})
+
+
+@pytest.mark.parametrize("sampling", [RowSampling(), None])
+def test_a_goal_on_a_structure_outside_the_body_is_refused_before_any_matrix(horseshoe_engine, monkeypatch, sampling):
+    """The same clear error with sampled rows as with exact rows, and no influence matrix built."""
+    from dataclasses import replace as dc_replace
+
+    from ids_engine.model import Structure
+    from ids_engine.planning import _inverse, optimise_plan
+
+    eng = horseshoe_engine
+    p = eng.patient
+    out = Structure("OUT", p.structure("OAR").kind, np.zeros(p.grid.shape_zyx, bool), p.grid)
+    monkeypatch.setattr(eng, "patient", dc_replace(p, structures=p.structures + (out,)))
+
+    def no_matrix(*a, **k):
+        raise AssertionError("an influence matrix was built")
+
+    monkeypatch.setattr(_inverse, "influence_matrix", no_matrix)
+    with pytest.raises(ValueError, match="structure 'OUT' has no voxel among the influence matrix's rows"):
+        optimise_plan(eng, [MaxDose("OUT", 10.0)], row_sampling=sampling)
