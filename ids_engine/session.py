@@ -822,6 +822,7 @@ class Session:
             finally:
                 groups, self.engine.apply_log = tuple(self.engine.apply_log), None
             if sum(groups) != len(patches):  # pragma: no cover - a patch applied outside the journal
+                self.engine.restore(snap)
                 raise RuntimeError(f"{req.kind}: {sum(groups)} patches applied but {len(patches)} journaled")
             res = self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups, repaired)
             self._undo_snap = (res.id, snap, self.engine.state_version)
@@ -913,6 +914,8 @@ class Session:
         t0 = time.perf_counter()
         eng = self.engine
         over = np.flatnonzero(found.unasked_gy > cap)
+        if over.size == 0:  # nothing above the repair's cap (max_rise_pct >= report_rise_pct)
+            return [], False, found
         top = over[np.argsort(-found.unasked_gy[over], kind="stable")[:REPAIR_ROWS]]
         vox = found.voxels[top]
         before = backend.asnumpy(before_cube.reshape(-1)[eng.xp.asarray(vox)]).astype(np.float64)

@@ -123,9 +123,10 @@ class RecoveryResult:
 
 
 def extend_watch(watch: Watch, voxels, hi_gy, weight: float, name: str) -> Watch:
-    """The watch with more voxels held below ``hi_gy`` (open below), as a group of their own
-    (kind "tissue"). A voxel already watched keeps its band's lower edge (never above the new
-    upper one) and gets the lower of the two upper edges."""
+    """The watch with more voxels held below ``hi_gy`` (open below), new ones as a group of
+    their own (kind "tissue"). A voxel already watched keeps its group, and gets the new upper
+    edge only where it is lower (its lower edge never above it, its goal inside it); the
+    request's own voxels and pins are left as they are."""
     voxels = np.asarray(voxels, np.int64).reshape(-1)
     hi_gy = np.asarray(hi_gy, float).reshape(-1)
     if voxels.size != hi_gy.size:
@@ -135,16 +136,22 @@ def extend_watch(watch: Watch, voxels, hi_gy, weight: float, name: str) -> Watch
     old = np.searchsorted(allv, watch.voxels)
     new = np.searchsorted(allv, voxels)
     lo, hi, goal, cap = np.full(n, -np.inf), np.full(n, np.inf), np.zeros(n), np.full(n, np.inf)
-    wgt, grp = np.zeros(n), np.zeros(n, np.int32)
+    wgt, grp = np.zeros(n), np.full(n, -1, np.int32)
     lo[old], hi[old], goal[old], cap[old] = watch.lo, watch.hi, watch.goal, watch.cap
     wgt[old], grp[old] = watch.weight, watch.group
-    hi[new] = np.minimum(hi[new], hi_gy)
-    lo[new] = np.minimum(lo[new], hi[new] - 1e-6)
-    cap[new] = np.minimum(cap[new], hi[new])
+    kinds = np.asarray(watch.kinds, object)
+    fresh = grp[new] < 0
+    kept = ~fresh & np.isin(kinds[np.maximum(grp[new], 0)], ["request", "pin"])
+    change = fresh | (~kept & (hi_gy < hi[new]))
+    i, h = new[change], hi_gy[change]
+    hi[i] = h
+    lo[i] = np.minimum(lo[i], h - 1e-6)
+    cap[i] = np.minimum(cap[i], h)
     # aim a little inside the new edge (0.25 Gy, or a quarter of a narrower band)
-    goal[new] = hi[new] - np.minimum(0.25, 0.25 * (hi[new] - np.where(np.isfinite(lo[new]), lo[new], -np.inf)))
-    wgt[new] = np.maximum(wgt[new], float(weight))
-    grp[new] = len(watch.names)
+    inside = h - np.minimum(0.25, 0.25 * (h - np.where(np.isfinite(lo[i]), lo[i], -np.inf)))
+    goal[i] = np.where(fresh[change], inside, np.minimum(goal[i], inside))
+    wgt[i] = np.maximum(wgt[i], float(weight))
+    grp[new[fresh]] = len(watch.names)
     return Watch(allv, lo, hi, goal, wgt, grp, list(watch.names) + [name], list(watch.kinds) + ["tissue"], cap)
 
 

@@ -41,6 +41,7 @@ from copies of the static geometry and of the fluence (``Level.host``,
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import os
@@ -80,6 +81,8 @@ __all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "SSD_D
            "central_axis_ssd_mm"]
 
 LEVELS = ("fine", "coarse")
+# Plan-state versions, unique across engines (DoseEngine.state_version).
+_STATE_VERSIONS = itertools.count(1)
 _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
 
 
@@ -218,7 +221,7 @@ class DoseEngine:
         # When a list, apply_patches appends the number of patches of each call (a session
         # journals the grouping so that a replay repeats the same calls, bit for bit).
         self.apply_log: list[int] | None = None
-        self._state_version = 0
+        self._state_version = next(_STATE_VERSIONS)
         total = len(beams)
         for i, b in enumerate(beams):
             if progress:
@@ -406,24 +409,25 @@ class DoseEngine:
 
     @property
     def state_version(self) -> int:
-        """Counts every change of the plan state (patches applied, fluences set, a recompute,
-        a restore): a :meth:`snapshot` taken at one version describes the state before the
-        changes counted after it (the session's exact undo checks this)."""
+        """A number for the plan state, new (never reused, across engines) at every change:
+        patches applied, fluences set, a recompute. :meth:`restore` brings back the version
+        its snapshot was taken at, since it brings back that state bit for bit. Equal versions
+        mean the same state: the session's exact undo checks this."""
         return self._state_version
 
     def _bump(self) -> None:
-        self._state_version += 1
+        self._state_version = next(_STATE_VERSIONS)
 
     def snapshot(self) -> tuple:
         """A copy of the engine's plan state (fluences, convolved maps, dose levels)."""
         host = None if self.xp is np else [st.fluence_host.copy() for st in self._state]
         return (self._fluence_buf.copy(), {k: v.copy() for k, v in self._maps_buf.items()},
-                self.dose_fine.copy(), self.dose_coarse.copy(), host)
+                self.dose_fine.copy(), self.dose_coarse.copy(), host, self._state_version)
 
     def restore(self, snap: tuple) -> None:
         """Go back to a :meth:`snapshot` exactly (bit for bit)."""
-        fl, maps, df, dc, host = snap
-        self._bump()
+        fl, maps, df, dc, host, version = snap
+        self._bump()  # a new version while the buffers are being written
         self._fluence_buf[...] = fl
         for k, v in maps.items():
             self._maps_buf[k][...] = v
@@ -432,6 +436,7 @@ class DoseEngine:
         if host is not None:
             for st, h in zip(self._state, host):
                 st.fluence_host[...] = h
+        self._state_version = version  # the state the snapshot was taken of, bit for bit
 
     # ------------------------------------------------------------------ dose propagation
     def recompute(self) -> None:

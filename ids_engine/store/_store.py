@@ -775,6 +775,11 @@ class PlanStore:
             return
         if content_hash(replayed) != content_hash(session) or dose_hash(replayed) != dose_hash(session):
             session.engine.restore(replayed.engine.snapshot())
+            # The exact undo of the last request follows the replayed state (the session's own
+            # snapshot is of a state it no longer has; the replay's is of this one).
+            u = replayed._undo_snap
+            last = session.journal[-1].id if session.journal else None
+            session._undo_snap = u if u is not None and u[0] == last and u[2] == session.engine.state_version else None
             _log.info("the session took its stored plan's replayed fluences and dose (float32 rounding of undone "
                       "requests)")
 

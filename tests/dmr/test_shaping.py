@@ -371,3 +371,24 @@ def test_an_undo_after_other_changes_falls_back_to_negated_patches(s):
     s.undo()
     s.clear_redo()
     np.testing.assert_allclose(s.dose(), before, atol=1e-3)
+
+
+def test_a_failed_request_does_not_spoil_the_exact_undo_of_the_one_before(s, monkeypatch):
+    """A request that fails after it started to change the plan is rolled back to the
+    snapshot (the same state, the same version): undoing the request before it is still exact,
+    as a replay of the journal (which never saw the failed one) would be."""
+    from ids_engine import session as session_module
+
+    before = s.dose()
+    s.run(SetVoxelDose(rim(s), 0.6 * RX), recovery_steps=3)
+
+    def broken(*a, **k):
+        raise RuntimeError("recovery failed")
+
+    monkeypatch.setattr(session_module, "recover", broken)
+    with pytest.raises(RuntimeError, match="recovery failed"):
+        s.run(SetVoxelDose(rim(s, di=3), 0.6 * RX))
+    monkeypatch.undo()
+    s.undo()
+    s.clear_redo()
+    np.testing.assert_array_equal(s.dose(), before)

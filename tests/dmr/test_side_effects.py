@@ -165,12 +165,19 @@ def test_extend_watch_adds_a_group_and_keeps_the_tighter_edge():
     w = Watch(np.array([3, 7, 9]), np.array([50.0, -np.inf, 1.0]), np.array([60.0, 20.0, np.inf]),
               np.array([55.0, 10.0, 2.0]), np.array([1.0, 1.0, 3.0]), np.array([0, 1, 2]), ["a", "b", "c"],
               ["tissue", "tissue", "feature"])
-    w2 = extend_watch(w, [7, 8], [25.0, 12.0], 1.0, "far side effects")
+    w2 = extend_watch(w, [7, 8, 9], [25.0, 12.0, 0.5], 1.0, "far side effects")
     assert list(w2.voxels) == [3, 7, 8, 9]
     assert w2.names[-1] == "far side effects" and w2.kinds[-1] == "tissue"
-    assert list(w2.hi) == [60.0, 20.0, 12.0, np.inf]  # 7 keeps its tighter 20 Gy
+    assert list(w2.hi) == [60.0, 20.0, 12.0, 0.5]  # 7 keeps its tighter 20 Gy, 9 gets 0.5
     assert w2.lo[2] == -np.inf and w2.goal[2] == pytest.approx(11.75)
-    assert list(w2.group) == [0, 3, 3, 2] and w2.cap[2] == 12.0
+    # Already watched voxels keep their group (and 7 its goal); 9's band narrows below its goal.
+    assert list(w2.group) == [0, 1, 3, 2] and w2.cap[2] == 12.0 and w2.goal[1] == 10.0
+    assert w2.lo[3] < w2.hi[3] and w2.goal[3] <= 0.5
+    # The request's own voxels and pins are never changed.
+    wp = Watch(np.array([5]), np.array([30.0]), np.array([31.0]), np.array([30.5]), np.array([10.0]), np.array([0]),
+               ["request 1 (this request)"], ["request"])
+    wp2 = extend_watch(wp, [5], [10.0], 1.0, "x")
+    assert (wp2.hi[0], wp2.lo[0], wp2.goal[0], wp2.group[0]) == (31.0, 30.0, 30.5, 0)
     with pytest.raises(ValueError, match="2 voxels but 1"):
         extend_watch(w, [7, 8], [25.0], 1.0, "x")
 

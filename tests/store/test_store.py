@@ -276,3 +276,19 @@ def test_a_new_starting_plan_set_in_the_store_raises_the_plan_id_and_reopens(sto
     session.close()
     again = store.load_session(ref, write=False)
     np.testing.assert_array_equal(again.dose(), session.dose())
+
+
+def test_after_the_store_adopts_the_replayed_plan_an_undo_still_replays_to_itself(store, patient_key, session):
+    """Two requests undone, a new one, then save with attach: the session takes the replay's
+    exact state (float32 rounding of the undone requests) and with it the replay's snapshot
+    for the exact undo, so undoing the new request keeps live and stored plan identical."""
+    _shape(session, 0)
+    _shape(session, 1, 0.95)
+    session.undo()
+    session.undo()
+    session.clear_redo()
+    _shape(session, 2, 0.92)
+    ref = store.save_session(session, patient_key=patient_key, plan_name="A", attach=True)
+    assert store.verify_replay(ref)["match"] is True
+    session.undo()
+    assert store.verify_replay(ref)["match"] is True
