@@ -1292,16 +1292,19 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_undo.setEnabled(idle and bool(snap.history))
         self.act_redo.setEnabled(idle and bool(snap.undone))
         self.act_unpin.setEnabled(bool(snap.pin_names))
-        conflicts = [c["message"] for c in snap.outcome.get("conflicts", ())] if snap.outcome is not None else []
+        found = list(snap.outcome.get("conflicts", ())) if snap.outcome is not None else []
+        conflicts = [c["message"] for c in found if c.get("kind") != "rise"]
+        side_effects = [c["message"] for c in found if c.get("kind") == "rise"]
         number = next((e.number for e in snap.history if snap.outcome and e.id == snap.outcome["id"]), None)
         if self._awaiting_dose:
             self._awaiting_dose = False
             notes = "; ".join(self._case_notes)
             self.statusBar().showMessage(f"Ready: {self.session.patient.name}" + (f". {notes}" if notes else ""),
                                          12000 if notes else 3000)
-        elif snap.final and conflicts:
-            # Never silent: what recovery could not keep stays longer than the usual read-out.
-            self.statusBar().showMessage(conflict_status_text(conflicts), CONFLICT_MESSAGE_MS)
+        elif snap.final and (conflicts or side_effects):
+            # Never silent: what recovery could not keep, and far tissue that rose unasked,
+            # stays longer than the usual read-out.
+            self.statusBar().showMessage(conflict_status_text(conflicts, side_effects), CONFLICT_MESSAGE_MS)
         elif snap.outcome is not None and snap.final and snap.outcome["final_gy"]:
             r = snap.outcome
             self.statusBar().showMessage(

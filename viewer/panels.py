@@ -213,14 +213,26 @@ class HistoryList(QtWidgets.QListWidget):
         self.scrollToItem(self.item(len(history)))
 
     def _mark_conflicts(self, item: QtWidgets.QListWidgetItem, e: HistoryEntry) -> None:
-        """Warning icon, tag, colour and tooltip for an entry whose request has conflicts."""
-        if not e.conflicts:
+        """Warning icon, tags, colour and tooltip for an entry whose request has conflicts or
+        side effects."""
+        side = tuple(getattr(e, "side_effects", ()))
+        if not e.conflicts and not side:
             return
-        n = len(e.conflicts)
-        item.setText(f"{item.text()}   ⚠ {n} conflict{'s' if n != 1 else ''}")
+        tags = []
+        if e.conflicts:
+            n = len(e.conflicts)
+            tags.append(f"⚠ {n} conflict{'s' if n != 1 else ''}")
+        if side:
+            tags.append(f"↑ {len(side)} side effect{'s' if len(side) != 1 else ''}")
+        item.setText(f"{item.text()}   " + "  ".join(tags))
         item.setIcon(self.style().standardIcon(QtWidgets.QStyle.StandardPixmap.SP_MessageBoxWarning))
         item.setForeground(QtGui.QColor(self.CONFLICT_COLOUR))
-        item.setToolTip("What recovery could not keep, and side effects:\n" + "\n".join(f"• {m}" for m in e.conflicts))
+        tip = []
+        if e.conflicts:
+            tip += ["Recovery could not keep:"] + [f"• {m}" for m in e.conflicts]
+        if side:
+            tip += ["Side effects (far tissue that rose unasked):"] + [f"• {m}" for m in side]
+        item.setToolTip("\n".join(tip))
 
     def _clicked(self, item) -> None:
         row = self.row(item)

@@ -81,6 +81,8 @@ class HistoryEntry:
     conflicts : one line per :class:`~ids_engine.session.Conflict` of the request (what recovery
         could not keep); empty for drag previews, whose single recovery step would flag
         conflicts that the full recovery on release resolves.
+    side_effects : one line per side effect (a conflict of kind "rise": far tissue that rose
+        unasked); empty for drag previews, which skip the check.
     """
 
     id: int
@@ -89,6 +91,7 @@ class HistoryEntry:
     preview: bool = False
     conflicts: tuple[str, ...] = ()
     number: int = 0
+    side_effects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,20 +186,25 @@ def describe_request(req) -> str:
     return str(req)
 
 
-def conflict_status_text(messages) -> str:
-    """The status bar line for a request's conflicts (``Conflict.message`` strings in the order the
-    session lists them): the first in full, then how many more; "" when there are none."""
-    messages = list(messages)
-    if not messages:
+def conflict_status_text(messages, side_effects=()) -> str:
+    """The status bar line for a request's conflicts and side effects (``Conflict.message``
+    strings in the order the session lists them): the first conflict in full (else the first
+    side effect), then how many more; "" when there are none."""
+    messages, side_effects = list(messages), list(side_effects)
+    n = len(messages) + len(side_effects)
+    if n == 0:
         return ""
-    more = f"; +{len(messages) - 1} more (see the history)" if len(messages) > 1 else ""
-    return f"⚠ Conflict: {messages[0]}{more}"
+    more = f"; +{n - 1} more (see the history)" if n > 1 else ""
+    if messages:
+        return f"⚠ Conflict: {messages[0]}{more}"
+    return f"⚠ Side effect: {side_effects[0]}{more}"
 
 
 def _entry(res: RequestResult, number: int, preview: bool = False) -> HistoryEntry:
     ms = sum(v for k, v in res.timings_ms.items() if k in ("resolve", "reference", "modify", "recovery", "side_effects"))
-    conflicts = () if preview else tuple(c.message for c in res.conflicts)
-    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts, number)
+    conflicts = () if preview else tuple(c.message for c in res.conflicts if c.kind != "rise")
+    side = () if preview else tuple(c.message for c in res.conflicts if c.kind == "rise")
+    return HistoryEntry(res.id, describe_request(res.request), float(ms), preview, conflicts, number, side)
 
 
 class EngineWorker:

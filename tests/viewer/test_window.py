@@ -346,17 +346,23 @@ def test_a_conflict_shows_in_the_status_bar_and_the_history(qtbot, window, sessi
     res = session.journal[-1]
     assert res.request.index_zyx == near.index_zyx and res.request.dose_gy == pytest.approx(near.dose_gy)
     assert res.conflicts, "the request beside the pin reported no conflict"
-    messages = [c.message for c in res.conflicts]
+    messages = [c.message for c in res.conflicts if c.kind != "rise"]
+    side = [c.message for c in res.conflicts if c.kind == "rise"]
+    assert messages, "the request beside the pin reported only side effects"
 
     status = window.statusBar().currentMessage()
     assert status.startswith(f"⚠ Conflict: {messages[0]}")
-    assert (f"+{len(messages) - 1} more" in status) == (len(messages) > 1)
+    total = len(messages) + len(side)
+    assert (f"+{total - 1} more" in status) == (total > 1)
 
     item = window.history.item(2)  # the starting plan, the pin, the request
     n = len(messages)
-    assert item.text().endswith(f"⚠ {n} conflict{'s' if n != 1 else ''}")
+    tags = f"⚠ {n} conflict{'s' if n != 1 else ''}"
+    if side:
+        tags += f"  ↑ {len(side)} side effect{'s' if len(side) != 1 else ''}"
+    assert item.text().endswith(tags)
     assert not item.icon().isNull()
-    assert all(m in item.toolTip() for m in messages)
+    assert all(m in item.toolTip() for m in messages + side)
     assert item.foreground().color().name() == window.history.CONFLICT_COLOUR
 
 

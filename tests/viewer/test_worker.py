@@ -157,12 +157,14 @@ def test_conflicts_reach_the_snapshot_and_the_history_entry(worker, session):
     snap = rec.wait_for(worker.submit(near))
     res = session.journal[-1]
     assert res.conflicts, "the request beside the pin reported no conflict"
-    messages = tuple(c.message for c in res.conflicts)
-    assert [c["message"] for c in snap.outcome["conflicts"]] == list(messages)
-    assert snap.history[-1].conflicts == messages
+    messages = tuple(c.message for c in res.conflicts if c.kind != "rise")
+    side = tuple(c.message for c in res.conflicts if c.kind == "rise")
+    assert messages, "the request beside the pin reported only side effects"
+    assert [c["message"] for c in snap.outcome["conflicts"]] == [c.message for c in res.conflicts]
+    assert snap.history[-1].conflicts == messages and snap.history[-1].side_effects == side
     # Undone, the entry keeps its conflicts (the history shows them greyed).
     snap = rec.wait_for(worker.undo())
-    assert snap.undone[-1].conflicts == messages
+    assert snap.undone[-1].conflicts == messages and snap.undone[-1].side_effects == side
 
 
 def test_conflict_status_text():
@@ -172,6 +174,9 @@ def test_conflict_status_text():
     text = conflict_status_text([one, "request 2 (this request): 1 voxel short of what was asked, by up to 4.00 Gy "
                                       "(6.7 % of Rx)", "guard 57 Gy: 2 voxels across the dragged level"])
     assert text.startswith(f"⚠ Conflict: {one}") and "+2 more" in text and "request 2" not in text
+    rise = "normal tissue 97 mm from the request: 63 voxels rose by more than 3.00 Gy (5 % of Rx) unasked"
+    assert conflict_status_text([], [rise]) == f"⚠ Side effect: {rise}"
+    assert conflict_status_text([one], [rise]).endswith("+1 more (see the history)")
 
 
 def test_qt_worker_delivers_snapshots_in_the_gui_thread(qtbot, session):
@@ -291,3 +296,18 @@ def test_display_index_is_clipped_to_the_grid(worker, session):
     nz, ny, nx = session.patient.grid.shape_zyx
     worker.set_display_index((-4, ny + 7, 2))
     assert worker.display_index_zyx == (0, ny - 1, 2)
+
+
+def test_history_entries_keep_conflicts_and_side_effects_apart():
+    from types import SimpleNamespace
+
+    from ids_engine.session import Conflict
+    from ids_engine.viewer.worker import _entry
+
+    pin = Conflict("pin", "pin 'rim'", 3, 1.2, 60.0)
+    rise = Conflict("rise", "normal tissue 97 mm from the request", 63, 4.98, 60.0, 3.0)
+    res = SimpleNamespace(id=4, request=SetVoxelDose((1, 2, 3), 30.0), timings_ms={"modify": 5.0, "side_effects": 2.0},
+                          conflicts=(pin, rise))
+    e = _entry(res, 2)
+    assert e.conflicts == (pin.message,) and e.side_effects == (rise.message,) and e.engine_ms == 7.0
+    assert _entry(res, 2, preview=True).side_effects == ()
