@@ -808,12 +808,12 @@ class Session:
                     # the repair, 0.3 s for nothing; kept repairs left the ten-request session's
                     # OAR mean at 48.26 Gy instead of 48.19); drags and erases repair.
                     repair = not isinstance(req, SetVoxelDose)
-                    extra, repaired, found = self._repair_side_effects(resolved, watch, before_cube, timings, repair)
+                    extra, repaired, found, watch_gy = self._repair_side_effects(resolved, watch, before_cube, timings,
+                                                                                 repair)
                     patches = list(patches) + extra
                     if repaired:  # the pins', features' and request's bands as the repair left them
-                        conflicts = self._conflicts(watch, backend.asnumpy(
-                            self.engine.dose_at_voxels(watch.voxels)).astype(np.float64))
-                    conflicts = tuple(conflicts) + self._side_effects(resolved, before_cube, found)
+                        conflicts = self._conflicts(watch, watch_gy)
+                    conflicts = tuple(conflicts) + self._side_effects(found)
                     timings["side_effects"] = (before_ms + (time.perf_counter() - t0) * 1000
                                                - timings.get("side_effect_repair", 0.0))
             except BaseException:
@@ -876,15 +876,12 @@ class Session:
                              oar_mask=self.oar_mask, drag=resolved.drag,
                              target_hi_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
 
-    def _side_effects(self, resolved: Resolved, before_cube, found=None) -> tuple:
-        """Tissue far from the request that rose by more than ``report_rise_pct`` unasked, as
-        conflicts of kind "rise" (see ``ids_engine.dmr._side_effects``)."""
-        if before_cube is None or resolved.feature_voxels.size == 0:
-            return ()
+    def _side_effects(self, found) -> tuple:
+        """The far voxels of ``found`` (:meth:`_unasked`) that rose by more than
+        ``report_rise_pct`` unasked, as conflicts of kind "rise", one per tissue class (see
+        ``ids_engine.dmr._side_effects``)."""
         rx = self.prescription_gy
         thr = self.options.report_rise_pct / 100.0 * rx
-        if found is None:
-            found = self._unasked(resolved, before_cube, thr)
         label = {"target": f"target (ending above {self.options.target_max_pct:g} % of Rx)"}
         return tuple(Conflict("rise", f"{label.get(r.tissue, r.tissue)} {r.distance_mm:.0f} mm from the request "
                               f"(worst at voxel z {r.worst_zyx[0]}, y {r.worst_zyx[1]}, x {r.worst_zyx[2]})",
@@ -902,7 +899,8 @@ class Session:
         newly outside it), the watch's objective is no worse (5 % or 0.05 Gy^2 of slack) and the
         largest unasked far rise fell by at least 0.3 % of Rx; otherwise the engine goes back to
         its snapshot from before the pass, bit for bit, and nothing of it is journaled. Returns
-        ``(patches applied, kept, unasked rises after)``."""
+        ``(patches applied, kept, unasked rises after, the watch's dose after a kept pass or
+        None)``."""
         opts = self.options
         rx = self.prescription_gy
         thr = opts.report_rise_pct / 100.0 * rx
@@ -910,35 +908,37 @@ class Session:
         floor = min(thr, cap)
         found = self._unasked(resolved, before_cube, floor)
         if not repair or opts.side_effect_repair_steps <= 0 or found.max_gy() <= thr:
-            return [], False, found
+            return [], False, found, None
         t0 = time.perf_counter()
         eng = self.engine
         over = np.flatnonzero(found.unasked_gy > cap)
         if over.size == 0:  # nothing above the repair's cap (max_rise_pct >= report_rise_pct)
-            return [], False, found
+            return [], False, found, None
         top = over[np.argsort(-found.unasked_gy[over], kind="stable")[:REPAIR_ROWS]]
         vox = found.voxels[top]
         before = backend.asnumpy(before_cube.reshape(-1)[eng.xp.asarray(vox)]).astype(np.float64)
         watch2 = extend_watch(watch, vox, before + found.asked_gy[top] + cap, WEIGHT_NORMAL, "far side effects")
         kinds = np.asarray(watch.kinds, object)
-        hard = np.isin(kinds[watch.group], ["request", "pin"])
+        hard = watch.hard()
         eps = 1e-3 * rx
         kept_groups = [g for g, k in enumerate(kinds) if k != "tissue" and np.any(watch.group == g)]
 
         def state():
-            """(hard key, objective, largest violation of each pin / feature / guard / request group)."""
+            """(hard key, objective, largest violation of each pin / feature / guard / request
+            group, the watch's dose)."""
             d = backend.asnumpy(eng.dose_at_voxels(watch.voxels)).astype(np.float64)
             v = watch.violation(d)
             worst = np.array([float(v[watch.group == g].max()) for g in kept_groups])
-            return (round(float(v[hard].max()) / eps) if hard.any() else 0), float(np.sum(watch.weight * v**2)), worst
+            hard_key = round(float(v[hard].max()) / eps) if hard.any() else 0
+            return hard_key, float(np.sum(watch.weight * v**2)), worst, d
 
-        h0, j0, w0 = state()
+        h0, j0, w0, _ = state()
         snap = eng.snapshot()
         n_log = None if eng.apply_log is None else len(eng.apply_log)
         rec = recover(self.modifier, watch2, steps=opts.side_effect_repair_steps)
         patches = list(rec.patches)
         after = self._unasked(resolved, before_cube, floor)
-        h1, j1, w1 = state()
+        h1, j1, w1, watch_gy = state()
         # Kept only if nothing recovery keeps got worse: no new or larger conflict, the
         # objective within 5 % (or 0.05 Gy^2), and the side effect clearly lower.
         kept = (bool(patches) and h1 <= h0 and bool(np.all(w1 <= np.maximum(w0, eps))) and j1 <= 1.05 * j0 + 0.05
@@ -947,9 +947,9 @@ class Session:
             eng.restore(snap)
             if n_log is not None:
                 del eng.apply_log[n_log:]
-            patches, after = [], found
+            patches, after, watch_gy = [], found, None
         timings["side_effect_repair"] = (time.perf_counter() - t0) * 1000
-        return patches, kept, after
+        return patches, kept, after, watch_gy
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
                  patch_groups: tuple = (), side_effects_repaired: bool = False) -> RequestResult:

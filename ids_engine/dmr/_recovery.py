@@ -99,6 +99,10 @@ class Watch:
         """``sum(weight * violation^2)``: what recovery minimises (the soft cap does not count)."""
         return float(np.sum(self.weight * self.violation(dose_gy) ** 2))
 
+    def hard(self) -> np.ndarray:
+        """(n,) bool: the request's own voxels and the pins, what the best state keeps first."""
+        return np.isin(np.asarray(self.kinds, object)[self.group], ["request", "pin"])
+
 
 @dataclass(frozen=True, eq=False)
 class RecoveryResult:
@@ -245,7 +249,7 @@ class _Rows:
             # how strongly a patch at this voxel's BEV position changes its dose.
             self.bev_w.append(np.where(pos >= 0, h.weights[0][pos], 0.0).astype(np.float32))
         # The request's own voxels and the pins are rows of every solve, wherever it is.
-        self.hard = np.isin(np.asarray(watch.kinds, object)[watch.group], ["request", "pin"])
+        self.hard = watch.hard()
         always = np.flatnonzero(self.hard)
         if always.size > 64:
             always = always[np.linspace(0, always.size - 1, 64).round().astype(int)]

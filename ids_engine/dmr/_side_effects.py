@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["FarRise", "UnaskedRise", "far_rises", "rigid_shift_rise", "summarise_rises", "trilinear", "unasked_rises"]
+__all__ = ["FarRise", "UnaskedRise", "rigid_shift_rise", "summarise_rises", "trilinear", "unasked_rises"]
 
 NEAR_MM = 10.0
 SHIFT_REACH_MM = 20.0
@@ -106,7 +106,21 @@ def unasked_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spa
                   before_at: Callable[[np.ndarray], np.ndarray], target_mask: np.ndarray, oar_mask: np.ndarray,
                   drag: tuple | None = None, target_hi_gy: float | None = None, near_mm: float = NEAR_MM,
                   shift_reach_mm: float = SHIFT_REACH_MM) -> UnaskedRise:
-    """The far candidates and their unasked rise (see :func:`far_rises` for the parameters)."""
+    """The far candidates and their unasked rise (:func:`summarise_rises` makes the report).
+
+    Parameters
+    ----------
+    candidates : (n,) flat CT indices of body voxels whose dose rose by more than a floor
+        (the report's threshold or lower: the only ones that can be reported).
+    rise_gy : (n,) their rise (after - before).
+    feature_voxels : flat indices of the request's feature (what it is about).
+    before_at : ``before_at(flat) -> (m,) Gy``, the dose before the request.
+    target_mask, oar_mask : bool (z, y, x), for naming the tissue (a target voxel counts as target).
+    drag : ``(a_zyx, b_zyx, plane_axis)`` for an isodose drag (voxel units; ``plane_axis`` the
+        slice normal of a line drag, else None), or None.
+    target_hi_gy : a target voxel counts only when it ends above this (the target's upper
+        band: a rise inside the coverage band is not a side effect); None: every target voxel.
+    """
     candidates = np.asarray(candidates, np.int64).reshape(-1)
     rise = np.asarray(rise_gy, np.float64).reshape(-1)
     feature_voxels = np.asarray(feature_voxels, np.int64).reshape(-1)
@@ -134,31 +148,6 @@ def unasked_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spa
             asked[near_drag] = rigid_shift_rise(before_at, shape_zyx, candidates[near_drag], a, b)
     tissue = np.where(in_target, 0, np.where(oflat[candidates], 1, 2)).astype(np.int8)
     return UnaskedRise(candidates[keep], (rise - asked)[keep], asked[keep], dist[keep], tissue[keep])
-
-
-def far_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spacing_mm_zyx, feature_voxels: np.ndarray,
-              threshold_gy: float, before_at: Callable[[np.ndarray], np.ndarray], target_mask: np.ndarray,
-              oar_mask: np.ndarray, drag: tuple | None = None, target_hi_gy: float | None = None,
-              near_mm: float = NEAR_MM, shift_reach_mm: float = SHIFT_REACH_MM) -> list[FarRise]:
-    """The unasked rises above ``threshold_gy``, one entry per tissue class that has any.
-
-    Parameters
-    ----------
-    candidates : (n,) flat CT indices of body voxels whose dose rose by more than
-        ``threshold_gy`` (the only ones that can be reported).
-    rise_gy : (n,) their rise (after - before).
-    feature_voxels : flat indices of the request's feature (what it is about).
-    before_at : ``before_at(flat) -> (m,) Gy``, the dose before the request.
-    target_mask, oar_mask : bool (z, y, x), for naming the tissue (a target voxel counts as target).
-    drag : ``(a_zyx, b_zyx, plane_axis)`` for an isodose drag (voxel units; ``plane_axis`` the
-        slice normal of a line drag, else None), or None.
-    target_hi_gy : a target voxel counts only when it ends above this (the target's upper
-        band: a rise inside the coverage band is not a side effect); None: every target voxel.
-    """
-    u = unasked_rises(candidates, rise_gy, shape_zyx=shape_zyx, spacing_mm_zyx=spacing_mm_zyx,
-                      feature_voxels=feature_voxels, before_at=before_at, target_mask=target_mask, oar_mask=oar_mask,
-                      drag=drag, target_hi_gy=target_hi_gy, near_mm=near_mm, shift_reach_mm=shift_reach_mm)
-    return summarise_rises(u, threshold_gy, shape_zyx)
 
 
 def summarise_rises(u: UnaskedRise, threshold_gy: float, shape_zyx) -> list[FarRise]:

@@ -373,8 +373,9 @@ def _with_rows(engine, A: InfluenceMatrix, added: np.ndarray, bc: int, masks) ->
 
 def _hot_voxels(engine, A: InfluenceMatrix, w, goals, sampled: SampledRows) -> dict:
     """Per sampled structure with a maximum-dose goal, its unsampled voxels whose engine dose
-    at the weights ``w`` is within ``hot_margin_gy`` of the lowest such goal's dose or above
-    (the hottest first, at most a quarter of ``max_rows`` per structure)."""
+    at the weights ``w`` is within ``hot_margin_gy`` of the lowest such goal's dose or above,
+    or of the structure's maximum on its rows when that is higher (the goal not met) (the
+    hottest first, at most a quarter of ``max_rows`` per structure)."""
     opts = sampled.options
     levels: dict[str, float] = {}
     for g in goals:

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from ids_engine.dmr import SetVoxelDose
-from ids_engine.dmr._side_effects import far_rises, rigid_shift_rise
+from ids_engine.dmr._side_effects import rigid_shift_rise, summarise_rises, unasked_rises
 from ids_engine.session import Conflict, DMROptions
 from tests.dmr.test_shaping import rim as _rim
 
@@ -24,9 +24,10 @@ def _check(before, after, feature_flat, *, target=None, oar=None, drag=None, tar
     cand = np.flatnonzero(rise > thr)
     t = np.zeros(SHAPE, bool) if target is None else target
     o = np.zeros(SHAPE, bool) if oar is None else oar
-    return far_rises(cand, rise[cand], shape_zyx=SHAPE, spacing_mm_zyx=SP, feature_voxels=np.asarray(feature_flat),
-                     threshold_gy=thr, before_at=lambda f: before.ravel()[np.asarray(f)], target_mask=t, oar_mask=o,
-                     drag=drag, target_hi_gy=target_hi_gy)
+    u = unasked_rises(cand, rise[cand], shape_zyx=SHAPE, spacing_mm_zyx=SP, feature_voxels=np.asarray(feature_flat),
+                      before_at=lambda f: before.ravel()[np.asarray(f)], target_mask=t, oar_mask=o, drag=drag,
+                      target_hi_gy=target_hi_gy)
+    return summarise_rises(u, thr, SHAPE)
 
 
 def _flat(*zyx):
