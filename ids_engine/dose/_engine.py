@@ -41,11 +41,12 @@ from copies of the static geometry and of the fluence (``Level.host``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -84,6 +85,9 @@ LEVELS = ("fine", "coarse")
 # Plan-state versions, unique across engines (DoseEngine.state_version).
 _STATE_VERSIONS = itertools.count(1)
 _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
+_NEIGHBOUR_CACHE = 4  # voxel sets whose coarse-neighbour tables are kept (DoseEngine._neighbours)
+_NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
+_CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
 
 
 _POOL = None
@@ -103,6 +107,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=4096)
+def _next_fast_len(n: int) -> int:
+    return sfft.next_fast_len(n, real=True)
+
+
 def _fft_len(n: int) -> int:
     """An FFT length >= n that is fast and taken from a small set (so few spectra are cached)."""
     return sfft.next_fast_len(-(-n // 16) * 16, real=True)
@@ -120,6 +129,60 @@ class _LevelArrays:
     kernels: np.ndarray  # (n_beams, nc, K, K) float32 host, each beam's kernels centred in K x K
     half: int  # (K - 1) // 2
     spectra: dict  # (Fh, Fw) -> (n_beams, nc, Fh, Fw // 2 + 1) complex64 (device)
+
+
+@dataclass(eq=False)
+class _Neighbours:
+    """Host tables of a set of CT voxels for reading the dose there (read-only arrays)."""
+
+    idx: np.ndarray  # (n,) int64 flat CT indices
+    cidx: np.ndarray  # (8, n) int64 coarse neighbours
+    cw: np.ndarray  # (8, n) float32 trilinear weights
+    in_body: np.ndarray  # (n,) bool
+    cw_body: np.ndarray  # (8, n) float32: cw, 0 outside the body
+    levels: dict = field(default_factory=dict)  # (beam, level) -> _LevelRows (delta_matrix)
+    _coarse_unique: tuple | None = None
+
+    def coarse_unique(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct coarse neighbours (sorted) and, for each of the (8 n) entries of
+        ``cidx``, its position among them: a level look-up is made once per coarse voxel."""
+        if self._coarse_unique is None:
+            uniq, inv = np.unique(self.cidx.reshape(-1), return_inverse=True)
+            self._coarse_unique = (uniq, inv.reshape(-1))
+        return self._coarse_unique
+
+
+@dataclass(eq=False)
+class _LevelRows:
+    """One beam's level look-ups at some level voxels (host): what reading a stack of patch
+    responses there needs, computed once per voxel set."""
+
+    n: int
+    ok: np.ndarray  # (n,) bool: the voxel is in the level
+    v: np.ndarray  # (n,) float32 fractional row (of position 0 where not ok)
+    u: np.ndarray  # (n,) float32 fractional column
+    weights: np.ndarray  # (nc, n) float32 component weights, contiguous
+    bounds: tuple | None  # floor of min / max of v and u over the usable voxels (None: none)
+
+    @staticmethod
+    def of(lvl: Level, level_index: np.ndarray) -> "_LevelRows":
+        h = lvl.host
+        pos = h.position[level_index]
+        ok = pos >= 0
+        p = np.where(ok, pos, 0)
+        v, u = h.v_cells[p], h.u_cells[p]
+        use = ok & np.isfinite(v) & np.isfinite(u)
+        bounds = None
+        if use.any():
+            vs, us = v[use], u[use]
+            bounds = (math.floor(float(vs.min())), math.floor(float(vs.max())),
+                      math.floor(float(us.min())), math.floor(float(us.max())))
+        return _LevelRows(int(level_index.shape[0]), ok, v, u, np.ascontiguousarray(h.weights[:, p]), bounds)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
 
 
 @dataclass(eq=False)
@@ -679,6 +742,26 @@ class DoseEngine:
                     wts.append(fz * fy * fx)
         return np.stack(idx), np.stack(wts).astype(np.float32)
 
+    def _neighbours(self, idx: np.ndarray) -> "_Neighbours":
+        """The coarse neighbours of CT voxels ``idx`` (host, int64), from a small cache keyed
+        by the indices' content: recovery reads the same watch and the same rows again and
+        again, and the tables are what reading the dose there costs on the host."""
+        cache = self.__dict__.setdefault("_neighbour_cache", [])
+        for i, nb in enumerate(cache):
+            if nb.idx.shape == idx.shape and np.array_equal(nb.idx, idx):
+                if i:
+                    cache.insert(0, cache.pop(i))
+                return nb
+        cidx, cw = self._coarse_neighbours(idx)
+        in_body = self.body_mask.ravel()[idx]
+        if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
+            return _Neighbours(idx, cidx, cw, in_body, np.where(in_body[None, :], cw, np.float32(0)))
+        nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body),
+                         _frozen(np.where(in_body[None, :], cw, np.float32(0))))
+        cache.insert(0, nb)
+        del cache[_NEIGHBOUR_CACHE:]
+        return nb
+
     @staticmethod
     def _host_index(flat_index) -> np.ndarray:
         return np.asarray(backend.asnumpy(flat_index), dtype=np.int64).reshape(-1)
@@ -692,8 +775,8 @@ class DoseEngine:
         """
         xp = self.xp
         idx = self._host_index(flat_index)
-        cidx, cw = self._coarse_neighbours(idx)
-        cw = np.where(self.body_mask.ravel()[idx][None, :], cw, np.float32(0))
+        nb = self._neighbours(idx)
+        cidx, cw = nb.cidx, nb.cw_body
         if xp is np:
             return self.dose_fine[idx] + (self.dose_coarse[cidx] * cw).sum(axis=0)
         up = _Uploads()
@@ -742,7 +825,8 @@ class DoseEngine:
         out = np.zeros((ncol, n), dtype=np.float32)
         if ncol == 0 or n == 0:
             return out.T
-        cidx, cw = self._coarse_neighbours(idx)
+        nb = self._neighbours(idx)
+        cidx, cw = nb.cidx, nb.cw
         by_beam: dict[int, list[tuple[int, FluencePatch]]] = {}
         for k, ps in enumerate(columns):
             for p in ps:
@@ -762,52 +846,81 @@ class DoseEngine:
                 rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
                 stack[k, rr : rr + p.shape[0], cc : cc + p.shape[1]] += np.asarray(backend.asnumpy(p.delta), np.float32)
             if geo.fine.components:
-                out += self._level_delta_batch(geo.fine, stack, R0 * f, C0 * f, idx)
+                rows = self._rows_of(nb, b, "fine", idx)
+                out += self._level_delta_rows(geo.fine, stack, R0 * f, C0 * f, rows, self._crop_spectra(b, "fine"))
             if geo.coarse.components:
                 hh, ww = R1 - R0, C1 - C0
                 coarse = stack.reshape(ncol, hh, f, ww, f).sum(axis=(2, 4))
-                dc = self._level_delta_batch(geo.coarse, coarse, R0, C0, cidx.reshape(-1))
+                uniq, inv = nb.coarse_unique()
+                rows = self._rows_of(nb, b, "coarse", uniq)
+                # Read once per distinct coarse voxel (the same values as reading all 8 n).
+                dc = self._level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))[:, inv]
                 out += (dc.reshape(ncol, 8, n) * cw[None]).sum(axis=1)
-        out = np.where(self.body_mask.ravel()[idx][None, :], out, np.float32(0))
+        out = np.where(nb.in_body[None, :], out, np.float32(0))
         return out.T
+
+    def _rows_of(self, nb: "_Neighbours", b: int, name: str, level_index: np.ndarray) -> "_LevelRows":
+        rows = nb.levels.get((b, name))
+        if rows is None:
+            rows = nb.levels[(b, name)] = _LevelRows.of(getattr(self.geometry[b], name), level_index)
+        return rows
+
+    def _crop_spectra(self, b: int, name: str) -> dict:
+        return self.__dict__.setdefault("_crop_spectra_cache", {}).setdefault((b, name), {})
 
     @staticmethod
     def _level_delta_batch(lvl: Level, stack: np.ndarray, r0: int, c0: int, level_index: np.ndarray) -> np.ndarray:
         """Host: (k, n) dose change at level voxels from a stack of k patches on the level's grid."""
+        return DoseEngine._level_delta_rows(lvl, stack, r0, c0, _LevelRows.of(lvl, level_index))
+
+    @staticmethod
+    def _level_delta_rows(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
+                          spectra: dict | None = None) -> np.ndarray:
+        """:meth:`_level_delta_batch` at level voxels whose look-ups ``rows`` holds (``spectra``:
+        a cache of the cropped kernels' spectra, keyed by crop and FFT shape)."""
         h = lvl.host
         hk = lvl.half
         k = int(stack.shape[0])
-        pos = h.position[level_index]
-        ok = pos >= 0
-        p = np.where(ok, pos, 0)
-        v, u = h.v_cells[p], h.u_cells[p]
         # Only the window of the full convolution that the samples read is computed: the
         # kernel cropped to the offsets between the window and the patch box (exact, and
         # for the broad scatter kernel of the coarse level several times less FFT work).
         hh, ww = int(stack.shape[1]), int(stack.shape[2])
         kh, kw = int(h.kernels.shape[1]), int(h.kernels.shape[2])
         full = (hh + kh - 1, ww + kw - 1)
-        use = ok & np.isfinite(v) & np.isfinite(u)
-        if use.any():
-            vs, us = v[use], u[use]
-            win = [(min(max(math.floor(float(a.min())) - o, 0), n), min(max(math.floor(float(a.max())) + 2 - o, 0), n))
-                   for a, o, n in ((vs, r0 - hk, full[0]), (us, c0 - hk, full[1]))]
-        else:
-            win = [(0, 0), (0, 0)]
-        if win[0][1] <= win[0][0] or win[1][1] <= win[1][0]:
-            return np.zeros((k, level_index.shape[0]), np.float32)
-        (lr, hr), (lc, hc) = win
+        if rows.bounds is None:
+            return np.zeros((k, rows.n), np.float32)
+        v_min, v_max, u_min, u_max = rows.bounds
+        lr, hr = min(max(v_min - (r0 - hk), 0), full[0]), min(max(v_max + 2 - (r0 - hk), 0), full[0])
+        lc, hc = min(max(u_min - (c0 - hk), 0), full[1]), min(max(u_max + 2 - (c0 - hk), 0), full[1])
+        if hr <= lr or hc <= lc:
+            return np.zeros((k, rows.n), np.float32)
         kr0, kr1 = max(0, lr - hh + 1), min(kh, hr)
         kc0, kc1 = max(0, lc - ww + 1), min(kw, hc)
-        part = convolve_full_batched(stack, np.ascontiguousarray(h.kernels[:, kr0:kr1, kc0:kc1]))  # (k, nc, ., .)
+        # convolve_full_batched's transforms, with the cropped kernels' spectra cached (a
+        # solve's columns and its prediction share the rows, hence the crop).
+        shape = (hh + kr1 - kr0 - 1, ww + kc1 - kc0 - 1)
+        fshape = (_next_fast_len(shape[0]), _next_fast_len(shape[1]))
+        key = (kr0, kr1, kc0, kc1, fshape)
+        kspec = spectra.pop(key, None) if spectra is not None else None
+        if kspec is not None:
+            spectra[key] = kspec  # most recently used last
+        else:
+            kspec = sfft.rfft2(np.ascontiguousarray(h.kernels[:, kr0:kr1, kc0:kc1]), fshape)
+            if spectra is not None:
+                if len(spectra) >= _CROP_SPECTRA_CACHE:
+                    spectra.pop(next(iter(spectra)))
+                spectra[key] = kspec
+        spec = sfft.rfft2(stack.astype(np.float32, copy=False), fshape)[:, None] * kspec[None]
+        part = sfft.irfft2(spec, fshape)[..., : shape[0], : shape[1]]  # (k, nc, ., .) float32
         dmaps = np.ascontiguousarray(part[:, :, lr - kr0 : hr - kr0, lc - kc0 : hc - kc0])
         nc = dmaps.shape[1]
         origin = (r0 - hk + lr, c0 - hk + lc)
         if _cpu.HAVE_NUMBA:
-            return _cpu.sample_weighted(dmaps.reshape((k * nc,) + dmaps.shape[2:]), v, u, origin, h.weights[:, p], ok, k)
-        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), v, u, origin)
-        val = (s.reshape(k, nc, -1) * h.weights[:, p][None]).sum(axis=1)
-        return np.where(ok[None, :], val, np.float32(0))
+            return _cpu.sample_weighted(dmaps.reshape((k * nc,) + dmaps.shape[2:]), rows.v, rows.u, origin,
+                                        rows.weights, rows.ok, k)
+        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), rows.v, rows.u, origin)
+        val = (s.reshape(k, nc, -1) * rows.weights[None]).sum(axis=1)
+        return np.where(rows.ok[None, :], val, np.float32(0))
 
     def voxel_bev(self, b: int, flat_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host (u, v) fractional fine fluence cells and radiological depth (mm) of body voxels
