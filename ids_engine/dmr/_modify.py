@@ -149,9 +149,12 @@ class Modifier:
         tpis = self.tpi[tissue]
         cp = self.cp_cells
         proj = []
-        for b in range(eng.n_beams):
-            u, v, _ = eng.voxel_bev(b, [voxel])
-            proj.append((float(u[0]), float(v[0])))
+        for geo in eng.geometry:  # the voxel's BEV position (engine.voxel_bev, one voxel at a time)
+            h = geo.fine.host
+            pos = int(h.position[int(voxel)])
+            if pos < 0:
+                raise ValueError("voxel_bev: a voxel lies outside the body")
+            proj.append((float(h.u_cells[pos]), float(h.v_cells[pos])))
         # eq. 3: exp(-mu * mean_b TPI(b, s_b(m))) = 1/2
         tpi_at_m = []
         for b, (u, v) in enumerate(proj):
@@ -177,10 +180,7 @@ class Modifier:
             rr = np.arange(r0, r1)[:, None]
             cc = np.arange(c0, c1)[None, :]
             k = self._machines[b].kernel_at(self._comp, np.hypot(rr - v, cc - u) * pitch)
-            t = tpis[b]
-            tr = np.clip(rr // cp, 0, t.shape[0] - 1)
-            tc = np.clip(cc // cp, 0, t.shape[1] - 1)
-            a = k * np.exp(-mu * t[tr, tc])
+            a = k * np.exp(-mu * self._tpi_cells(tissue, b)[r0:r1, c0:c1])
             if movable and not raise_dose:
                 psi = eng.fluence_host(b)[r0:r1, c0:c1]
                 a = np.where(psi > 0, a, 0.0)
@@ -188,6 +188,19 @@ class Modifier:
                 continue
             patches.append(FluencePatch(b, r0, c0, (sign * a).astype(np.float32)))
         return patches
+
+    def _tpi_cells(self, tissue: str, b: int) -> np.ndarray:
+        """Beam ``b``'s TPI map of ``tissue`` per fine fluence amplitude (each control point's
+        value repeated over its cells; the edge control points extended), built once."""
+        cache = self.__dict__.setdefault("_tpi_cells_cache", {})
+        t = self.tpi[tissue][b]
+        got = cache.get((tissue, b))
+        if got is None or got[0] is not t:
+            nv, nu = self.engine.geometry[b].fluence_grid.shape_vu
+            tr = np.clip(np.arange(nv) // self.cp_cells, 0, t.shape[0] - 1)
+            tc = np.clip(np.arange(nu) // self.cp_cells, 0, t.shape[1] - 1)
+            got = cache[(tissue, b)] = (t, t[tr[:, None], tc[None, :]])
+        return got[1]
 
     # ------------------------------------------------------------------ modify
     def modify(self, voxels, target_gy, *, max_passes: int = 4, rel_tol: float = 0.005,

@@ -200,6 +200,12 @@ def _rows_for(modifier, watch: "Watch", opts: "RecoveryOptions") -> "_Rows":
     return cached[1]
 
 
+def _row_key(row: int):
+    """A BEV row as a search key into the int16 row tables (an int16 when it fits: a Python
+    int would make NumPy compare in int64, converting the whole table on every search)."""
+    return np.int16(row) if -32768 <= row <= 32767 else row
+
+
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
     """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one."""
     kept: list[int] = []
@@ -233,6 +239,7 @@ class _Rows:
         # watch), not in a k-d tree over 10^5 points.
         self._balls: dict = {}
         self.bev_u, self.bev_v, self.bev_w, self.by_v = [], [], [], []
+        self._by_v_uv = []  # per beam: (u, v) in by_v's order (a patch's rows are one slice)
         for geo in eng.geometry:  # host copies of the geometry: no device work
             h = geo.fine.host
             pos = h.position[self.vox]
@@ -245,9 +252,12 @@ class _Rows:
             row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
             order = np.argsort(row, kind="stable")
             self.by_v.append((order, row[order]))
+            self._by_v_uv.append((self.bev_u[-1][order], bv[order]))
             # Dose per unit fluence on the ray (the primary's depth dose and inverse square):
             # how strongly a patch at this voxel's BEV position changes its dose.
             self.bev_w.append(np.where(pos >= 0, h.weights[0][pos], 0.0).astype(np.float32))
+        # The same per-beam arrays as (beams, voxels) blocks, for all beams at once.
+        self.bev_u2, self.bev_v2, self.bev_w2 = np.stack(self.bev_u), np.stack(self.bev_v), np.stack(self.bev_w)
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = watch.hard()
         always = np.flatnonzero(self.hard)
@@ -267,9 +277,14 @@ class _Rows:
             offs = self._balls[radius_mm] = grid[((grid * self.spacing) ** 2).sum(axis=1) <= radius_mm**2 + 1e-9]
         pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
         pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
-        flat = np.unique(np.ravel_multi_index(pts.T, self.shape))
-        at = np.minimum(np.searchsorted(self.vox, flat), max(self.vox.size - 1, 0))
-        return at[self.vox[at] == flat].astype(np.int64) if self.vox.size else np.zeros(0, np.int64)
+        if not self.vox.size:
+            return np.zeros(0, np.int64)
+        flat = np.ravel_multi_index(pts.T, self.shape)
+        at = np.minimum(np.searchsorted(self.vox, flat), self.vox.size - 1)
+        # Marked on the watch (sorted, unique), not sorted as grid indices: the same set.
+        mark = np.zeros(self.vox.size, bool)
+        mark[at[self.vox[at] == flat]] = True
+        return np.flatnonzero(mark).astype(np.int64)
 
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
         """Rows for columns ``cols`` (indices into the watch): the voxels near them (off ones
@@ -296,17 +311,17 @@ class _Rows:
         # their band, not near, and with little room.
         under = []
         reach = self.reach_cells
-        for bu_all, bv_all, (order, rows_sorted) in zip(self.bev_u, self.bev_v, self.by_v):
+        for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
+                                                                                 self._by_v_uv):
             cu, cv = bu_all[cols], bv_all[cols]
             ok = np.isfinite(cv)
             if not ok.any():
                 continue
             v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
-            a = np.searchsorted(rows_sorted, math.floor(v_lo), side="left")
-            b = np.searchsorted(rows_sorted, math.floor(v_hi), side="right")
-            idx = order[a:b]
-            bu, bv = bu_all[idx], bv_all[idx]
-            under.append(idx[(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
+            a = np.searchsorted(rows_sorted, _row_key(math.floor(v_lo)), side="left")
+            b = np.searchsorted(rows_sorted, _row_key(math.floor(v_hi)), side="right")
+            bu, bv = bu_sorted[a:b], bv_sorted[a:b]
+            under.append(order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
         mark = np.zeros(self.vox.size, bool)
         for idx in under:
             mark[idx] = True
@@ -324,16 +339,20 @@ class _Rows:
             # fluence, times the narrow kernel's fall-off from the nearest column's
             # projection), per Gy of room left: the stripes along the beams' entrance are
             # a few mm wide, an even sample misses their peaks.
-            sens = np.zeros(capped.size, np.float32)
+            # All beams at once ((beams, voxels) float32, the same operations per element; a
+            # column off a beam's grid is skipped there by an infinite distance).
             s2 = 2.0 * (self.reach_cells / 3.0) ** 2
-            for bu_all, bv_all, bw_all in zip(self.bev_u, self.bev_v, self.bev_w):
-                bu, bv = bu_all[capped], bv_all[capped]
-                d2 = np.full(capped.size, np.inf, np.float32)
-                for cu, cv in zip(bu_all[cols], bv_all[cols]):
-                    if np.isfinite(cv):
-                        np.minimum(d2, (bu - cu) ** 2 + (bv - cv) ** 2, out=d2)
-                d2 = np.where(np.isfinite(d2), d2, np.inf)
-                sens = np.maximum(sens, bw_all[capped] * np.exp(-d2 / s2))
+            bu, bv = np.take(self.bev_u2, capped, axis=1), np.take(self.bev_v2, capped, axis=1)
+            cu, cv = np.take(self.bev_u2, cols, axis=1), np.take(self.bev_v2, cols, axis=1)
+            skip = ~np.isfinite(cv)
+            d2 = np.full(bu.shape, np.inf, np.float32)
+            for j in range(cols.size):
+                dj = (bu - cu[:, j : j + 1]) ** 2 + (bv - cv[:, j : j + 1]) ** 2
+                if skip[:, j].any():
+                    dj[skip[:, j]] = np.inf
+                np.minimum(d2, dj, out=d2)
+            d2 = np.where(np.isfinite(d2), d2, np.inf)
+            sens = np.maximum(np.float32(0), (np.take(self.bev_w2, capped, axis=1) * np.exp(-d2 / s2)).max(axis=0))
             room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
             capped = capped[_smallest(-(sens / room), opts.max_rows_capped)]
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
@@ -436,10 +455,10 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         r = int(np.argmax(score))
         cold = dose[r] < watch.lo[r]
         direction = 1.0 if cold else -1.0
-        dist = np.linalg.norm(coords - coords[r], axis=1)
-        # Columns: the cluster of voxels off in the same direction around r.
-        same = (score > 0) & ((dose < watch.lo) if cold else (dose > watch.hi)) & (dist <= opts.cluster_radius_mm)
-        idx = np.flatnonzero(same)
+        # Columns: the cluster of voxels off in the same direction around r (the distance is
+        # only needed, and computed, for the voxels off in that direction).
+        idx = np.flatnonzero((score > 0) & ((dose < watch.lo) if cold else (dose > watch.hi)))
+        idx = idx[np.linalg.norm(coords[idx] - coords[r], axis=1) <= opts.cluster_radius_mm]
         order = idx[np.argsort(-score[idx], kind="stable")]
         cluster = _pick_spread(order, coords, opts.cluster_spacing_mm, opts.cluster_size)
         rows = rs.select(np.asarray(cluster, np.int64), dose, viol)
