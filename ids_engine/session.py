@@ -19,7 +19,7 @@ import tempfile
 import threading
 import zipfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +29,10 @@ from scipy import ndimage
 from ids_engine import __version__, backend
 from ids_engine._files import FolderLock, FolderLockedError, atomic_npz, atomic_text, fsync_folder
 from ids_engine.dmr import (
+    EraseSpot,
     Modifier,
+    MoveIsodoseLine,
+    MoveIsodoseSurface,
     Pin,
     RequestError,
     ResolveContext,
@@ -44,9 +47,11 @@ from ids_engine.dmr import (
     tpi_maps,
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
+from ids_engine.dmr._feasible import HeldGroup, fall_off_table, find_infeasible
 from ids_engine.dmr._recovery import extend_watch
-from ids_engine.dmr._side_effects import summarise_rises, unasked_rises
+from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
+from ids_engine.evaluation import drag_landing_mm
 from ids_engine.model import Beam, Patient, PhotonMachine
 
 __all__ = ["CaseChangedError", "Conflict", "DMROptions", "DisplayReadout", "FolderLockedError", "LatestRequestQueue", "RequestResult",
@@ -162,9 +167,13 @@ class Conflict:
     worst_gy: float
     prescription_gy: float
     threshold_gy: float = 0.0
+    detail: str = ""
 
     @property
     def message(self) -> str:
+        return self._message() + (f"; {self.detail}" if self.detail else "")
+
+    def _message(self) -> str:
         pct = 100.0 * self.worst_gy / self.prescription_gy
         s = "s" if self.voxels != 1 else ""
         if self.kind == "rise":
@@ -180,6 +189,8 @@ class Conflict:
              "message": self.message}
         if self.kind == "rise":
             d["threshold_gy"] = float(self.threshold_gy)
+        if self.detail:
+            d["detail"] = self.detail
         return d
 
 
@@ -792,6 +803,9 @@ class Session:
             t0 = time.perf_counter()
             watch = self.build_watch(resolved, ignore_ids=ignore_features_of)
             timings["reference"] = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            self._check_feasible(req, resolved, watch, ignore_features_of)
+            timings["feasibility"] = (time.perf_counter() - t0) * 1000
             snap = self.engine.snapshot()
             # The cube before, for the side-effect check (on the device when there is one).
             t0 = time.perf_counter()
@@ -824,9 +838,87 @@ class Session:
             if sum(groups) != len(patches):  # pragma: no cover - a patch applied outside the journal
                 self.engine.restore(snap)
                 raise RuntimeError(f"{req.kind}: {sum(groups)} patches applied but {len(patches)} journaled")
+            if resolved.drag is not None and any(c.kind == "request" for c in conflicts):
+                conflicts = self._with_landing(req, resolved, conflicts)
             res = self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups, repaired)
             self._undo_snap = (res.id, snap, self.engine.state_version)
             return res
+
+    def _fall_offs(self) -> list:
+        """Per beam, the steepest fall-off its lateral kernel can make (:func:`fall_off_table`),
+        computed once per machine and fluence pitch (about 1 s) and cached."""
+        cache = self.__dict__.setdefault("_fall_off_cache", {})
+        out = []
+        for g in self.engine.geometry:
+            machine = g.machine or self.engine.machine
+            key = (id(machine), float(g.fluence_grid.pitch_mm))
+            if key not in cache:  # (the cache keeps the machine alive, so its id stays unique)
+                cache[key] = (machine, fall_off_table(machine, float(g.fluence_grid.pitch_mm)))
+            out.append(cache[key][1])
+        return out
+
+    def _check_feasible(self, req, resolved: Resolved, watch: Watch, ignore_ids=()) -> None:
+        """Refuse a request whose dose bands, beside what the plan holds (the target's coverage,
+        pins, earlier requests' features), need a steeper fall-off than any beam can make
+        (``ids_engine.dmr._feasible``): RequestError naming the held voxel and the figures.
+        The held bands are the watch's (a held voxel in this request's guard strip keeps the
+        tighter band, and its own name)."""
+        if resolved.feature_voxels.size == 0:
+            return
+        region_kinds = (MoveIsodoseLine, MoveIsodoseSurface, EraseSpot)
+
+        def group(name, vox, region):
+            vox = np.asarray(vox, np.int64)
+            vox = vox[np.isin(vox, resolved.feature_voxels, invert=True)]
+            i = np.searchsorted(watch.voxels, vox)
+            ok = (i < watch.voxels.size) & (watch.voxels[np.minimum(i, watch.voxels.size - 1)] == vox)
+            return HeldGroup(name, vox[ok], watch.lo[i[ok]], watch.hi[i[ok]], region)
+
+        held = [group("target coverage", watch.voxels[watch.group == 0], True)]
+        ignore = set(ignore_ids)
+        for r in self.journal:
+            if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore:
+                held.append(group(f"request {r.id} ({r.request.kind.replace('_', ' ')})", r.feature_voxels,
+                                  isinstance(r.request, region_kinds)))
+        held += [group(f"pin '{name}'", pv, False) for name, pv, _ in self._pin_bands()]
+        eng = self.engine
+        found = find_infeasible(
+            resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, isinstance(req, region_kinds), held,
+            shape_zyx=self.patient.grid.shape_zyx, spacing_mm_zyx=self.patient.grid.spacing_mm_zyx,
+            bev=self._bev_and_weight,
+            pitch_mm=[float(g.fluence_grid.pitch_mm) for g in eng.geometry], fall_offs=self._fall_offs(),
+            plateau_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
+        if found is not None:
+            raise RequestError(found.message(req.kind.replace("_", " ")))
+
+    def _with_landing(self, req, resolved: Resolved, conflicts: tuple) -> tuple:
+        """A drag that fell short of what it asked says where its isodose ended: the request's
+        conflict gets "the 48 Gy isodose ends 3.0 mm short of the drag end" (the level's crossing
+        of the drag line nearest the end, sampled from the dose at a few voxels)."""
+        a, b, _ = resolved.drag
+        level = float(req.level_gy)
+        g = self.patient.grid
+
+        def dose_at(flat):
+            return backend.asnumpy(self.engine.dose_at_voxels(np.asarray(flat, np.int64))).astype(np.float64)
+
+        c = drag_landing_mm(lambda pts: trilinear(dose_at, g.shape_zyx, pts), g.spacing_mm_zyx, a, b, level,
+                            signed=True, shape_zyx=g.shape_zyx)
+        if c is None:
+            detail = f"the {level:g} Gy isodose no longer crosses the drag line within 10 mm of its end"
+        else:
+            detail = f"the {level:g} Gy isodose ends {abs(c):.1f} mm {'short of' if c < 0 else 'past'} the drag end"
+        return tuple(replace(k, detail=detail) if k.kind == "request" else k for k in conflicts)
+
+    def _bev_and_weight(self, b: int, flat) -> tuple:
+        """Beam ``b``'s fractional fluence cells (u, v) of body voxels and its dose per unit
+        fluence there (the fine level's weights: depth dose times inverse square), from the
+        host copy of the geometry."""
+        h = self.engine.geometry[b].fine.host
+        pos = h.position[np.asarray(flat, np.int64)]
+        p = np.maximum(pos, 0)
+        w = np.where(pos >= 0, h.weights[:, p].sum(axis=0), 0.0)
+        return h.u_cells[p].astype(np.float64), h.v_cells[p].astype(np.float64), w.astype(np.float64)
 
     def _modify_recover(self, req, resolved: Resolved, watch: Watch, timings: dict, recovery_steps, cancel,
                         progress) -> tuple:
@@ -1322,7 +1414,7 @@ class Session:
         try:
             req = request_from_dict(summ["request"])
             conflicts = tuple(Conflict(c["kind"], c["name"], c["voxels"], c["worst_gy"], self.prescription_gy,
-                                       float(c.get("threshold_gy", 0.0)))
+                                       float(c.get("threshold_gy", 0.0)), str(c.get("detail", "")))
                               for c in summ.get("conflicts", []))
             fields = dict(id=int(summ["id"]), requested_gy=np.array(summ["requested_gy"]), before_gy=np.array(summ["before_gy"]),
                           after_modification_gy=np.array(summ["after_modification_gy"]), final_gy=np.array(summ["final_gy"]),

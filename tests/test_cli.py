@@ -322,7 +322,8 @@ def test_shape_runs_a_script_and_writes_a_report(tmp_path, capsys):
 
 def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, capsys):
     """A pin around the OAR rim, then a request 2 voxels (8 mm) anterior of it, just outside the
-    pin, down to 20 %: recovery cannot keep both, and says so instead of failing silently."""
+    pin, down to 45 %: recovery cannot keep both, and says so instead of failing silently.
+    (Down to 20 % is refused up front: no beam falls that fast from the target beside it.)"""
     import json
 
     script = tmp_path / "s.json"
@@ -331,7 +332,7 @@ def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, cap
         "recovery_steps": 25,
         "requests": [
             {"kind": "pin", "name": "rim", "centre_zyx": [21, 22, 40], "radius_mm": 6},
-            {"kind": "set_voxel_dose", "index_zyx": [21, 20, 40], "dose_pct": 20},
+            {"kind": "set_voxel_dose", "index_zyx": [21, 20, 40], "dose_pct": 45},
         ],
     }))
     rc, out, err = run(["shape", str(script), "--out", str(tmp_path / "out")], capsys)

@@ -12,14 +12,17 @@ from scipy import ndimage
 __all__ = ["beside_shift_mm", "drag_landing_mm", "level_crossing_mm"]
 
 
-def level_crossing_mm(dose_gy: np.ndarray, spacing_mm_zyx, point_zyx, direction_zyx, level_gy: float,
-                      reach_mm: float, step_mm: float = 0.2, near_mm: float = 0.0) -> float | None:
+def level_crossing_mm(dose_gy, spacing_mm_zyx, point_zyx, direction_zyx, level_gy: float,
+                      reach_mm: float, step_mm: float = 0.2, near_mm: float = 0.0,
+                      shape_zyx=None) -> float | None:
     """Signed position (mm along ``direction``) of the ``level_gy`` crossing nearest to ``point``
     (or to ``point + near_mm * direction``).
 
     The dose is sampled on ``point + t * direction`` for ``|t| <= reach_mm``; a crossing is
     where ``dose - level`` changes sign, located by linear interpolation between samples.
-    Returns None when the level is not crossed within the reach.
+    Returns None when the level is not crossed within the reach. ``dose_gy`` is the cube, or a
+    sampler ``dose_gy(points (n, 3) voxel units) -> (n,)`` trilinear dose (then ``shape_zyx``
+    gives the grid), e.g. a session's dose read at a few voxels instead of the whole cube.
     """
     sp = np.asarray(spacing_mm_zyx, float)
     d = np.asarray(direction_zyx, float) * sp  # to mm
@@ -29,8 +32,12 @@ def level_crossing_mm(dose_gy: np.ndarray, spacing_mm_zyx, point_zyx, direction_
     d_vox = np.asarray(direction_zyx, float) / n  # voxel units per mm
     t = np.arange(-reach_mm, reach_mm + step_mm / 2, step_mm)
     pts = np.asarray(point_zyx, float)[:, None] + d_vox[:, None] * t[None, :]
-    inside = np.all((pts >= 0) & (pts <= np.asarray(dose_gy.shape)[:, None] - 1), axis=0)
-    vals = ndimage.map_coordinates(np.asarray(dose_gy, np.float64), pts, order=1, mode="nearest")
+    shape = np.asarray(shape_zyx if callable(dose_gy) else np.shape(dose_gy))
+    inside = np.all((pts >= 0) & (pts <= shape[:, None] - 1), axis=0)
+    if callable(dose_gy):
+        vals = np.asarray(dose_gy(np.clip(pts, 0, shape[:, None] - 1).T), np.float64)
+    else:
+        vals = ndimage.map_coordinates(np.asarray(dose_gy, np.float64), pts, order=1, mode="nearest")
     f = vals - level_gy
     s = np.sign(f)
     idx = np.flatnonzero((s[:-1] * s[1:] <= 0) & (s[:-1] != s[1:]) & inside[:-1] & inside[1:])
@@ -42,13 +49,15 @@ def level_crossing_mm(dose_gy: np.ndarray, spacing_mm_zyx, point_zyx, direction_
     return float(cross[np.argmin(np.abs(cross - near_mm))])
 
 
-def drag_landing_mm(dose_gy: np.ndarray, spacing_mm_zyx, start_zyx, end_zyx, level_gy: float,
-                    reach_mm: float = 10.0) -> float | None:
-    """Distance (mm) from the drag end to where the level now crosses the drag line (nearest crossing)."""
+def drag_landing_mm(dose_gy, spacing_mm_zyx, start_zyx, end_zyx, level_gy: float,
+                    reach_mm: float = 10.0, signed: bool = False, shape_zyx=None) -> float | None:
+    """Distance (mm) from the drag end to where the level now crosses the drag line (nearest
+    crossing); ``signed``: negative when the level stopped short of the end, positive past it.
+    ``dose_gy``: the cube or a sampler (see :func:`level_crossing_mm`)."""
     a = np.asarray(start_zyx, float)
     b = np.asarray(end_zyx, float)
-    c = level_crossing_mm(dose_gy, spacing_mm_zyx, b, b - a, level_gy, reach_mm)
-    return None if c is None else abs(c)
+    c = level_crossing_mm(dose_gy, spacing_mm_zyx, b, b - a, level_gy, reach_mm, shape_zyx=shape_zyx)
+    return None if c is None else (c if signed else abs(c))
 
 
 def _perpendiculars(direction_mm: np.ndarray, plane_axis: int | None) -> list[np.ndarray]:

@@ -62,7 +62,8 @@ def test_best_state_is_kept(s):
 
 def test_pin_holds_through_recovery_or_is_reported(s):
     """Recovery runs with the pin in place: pinned voxels stay within the tolerance, or the
-    request reports a conflict naming the pin and the amount."""
+    request reports a conflict naming the pin and the amount, or (a fall-off no beam can make)
+    it is refused before anything changes."""
     m = rim(s)
     s.run(Pin("m", m, 6.0))
     pinned = s.dose()[s.pins["m"]]
@@ -70,7 +71,13 @@ def test_pin_holds_through_recovery_or_is_reported(s):
     steps = 0
     for req in (SetVoxelDose(rim(s, dj=-3), 1.05 * RX), SetVoxelDose(rim(s, di=3), 0.4 * RX),
                 SetVoxelDose(rim(s, dj=-2), 0.3 * RX)):
-        res = s.run(req)
+        before, n = s.dose(), len(s.journal)
+        try:
+            res = s.run(req)
+        except RequestError as exc:  # 18 Gy 3.9 mm from a target voxel held at 57 Gy
+            assert "cannot make that fall-off" in str(exc) and "Gy over" in str(exc)
+            assert len(s.journal) == n and np.array_equal(s.dose(), before)
+            continue
         steps += res.recovery_steps
         change = np.abs(s.dose()[s.pins["m"]] - pinned).max()
         named = [c for c in res.conflicts if c.name == "pin 'm'"]
@@ -258,8 +265,9 @@ def test_session_of_rim_requests_keeps_coverage(s):
 def test_conflicts_are_in_the_summary_and_the_journal(s, tmp_path):
     m = rim(s)
     s.run(Pin("m", m, 6.0))
-    res = s.run(SetVoxelDose(rim(s, dj=-2), 0.2 * RX))
-    assert res.conflicts  # 20 % two voxels from a pinned 55-100 % ball cannot all be kept
+    res = s.run(SetVoxelDose(rim(s, dj=-2), 0.45 * RX))
+    assert res.conflicts  # 45 % beside a pinned 55-100 % ball and the target cannot all be kept
+    # (20 % there is refused up front: 3.9 mm from a target voxel held at 57 Gy, no beam can fall that fast)
     summ = res.summary()
     assert summ["conflicts"] == [c.to_dict() for c in res.conflicts]
     s.save(tmp_path / "c")
@@ -392,3 +400,31 @@ def test_a_failed_request_does_not_spoil_the_exact_undo_of_the_one_before(s, mon
     s.undo()
     s.clear_redo()
     np.testing.assert_array_equal(s.dose(), before)
+
+
+def test_a_drag_that_falls_short_says_where_its_isodose_ended(s, tmp_path):
+    """With m held at 55 %, the 95 % line dragged to half a voxel (2 mm) from m cannot get
+    there: the request's conflict says where the isodose ended (as measured on the cube), and
+    the journal keeps it."""
+    from ids_engine.evaluation import drag_landing_mm
+
+    m = rim(s)
+    s.run(SetVoxelDose(m, 0.55 * RX))
+    k, j, i = m
+    level = 0.95 * RX
+    prof = s.dose()[k, :, i]
+    jj = [r for r in range(j - 10, j) if prof[r] >= level > prof[r + 1]][-1]
+    start = (jj + (prof[jj] - level) / (prof[jj] - prof[jj + 1]), float(i))
+    end = (j - 0.5, float(i))
+    res = s.run(MoveIsodoseLine("z", k, level, start, end))
+    mine = [c for c in res.conflicts if c.kind == "request"]
+    assert mine, "the drag reached m's neighbour"
+    short = drag_landing_mm(s.dose(), s.patient.grid.spacing_mm_zyx, (k, *start), (k, *end), level, signed=True)
+    assert short is not None and short < -0.5
+    assert mine[0].detail == f"the 57 Gy isodose ends {abs(short):.1f} mm short of the drag end"
+    assert mine[0].message.endswith(mine[0].detail)
+    assert res.summary()["conflicts"][[c.kind for c in res.conflicts].index("request")]["detail"] == mine[0].detail
+    s.save(tmp_path / "c")
+    s.close()
+    again = Session.load(tmp_path / "c")
+    assert [c.message for c in again.journal[-1].conflicts] == [c.message for c in res.conflicts]
