@@ -325,9 +325,8 @@ def _check_line(r) -> tuple[str, str]:
     """``ids plan``'s line for one goal check: "pass", "FAIL", or "limit" for a value that
     misses by no more than the optimiser's tolerance (0.01 Gy or 0.01 %: constraints are met
     to it), then shown to the third decimal."""
-    on_limit = not r.passed and abs(r.achieved - r.goal.value) <= 0.01
-    state = "pass" if r.passed else ("limit" if on_limit else "FAIL")
-    value = f"{r.achieved:.3f}" if on_limit else f"{r.achieved:.2f}"
+    state = r.state
+    value = f"{r.achieved:.3f}" if state == "limit" else f"{r.achieved:.2f}"
     g = r.goal
     return state, f"  {state:<5} {g.structure} {g.metric} {g.comparator} {g.value:g} {g.unit}: {value}"
 

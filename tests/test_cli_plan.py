@@ -147,13 +147,11 @@ def test_tune_importance_brings_a_badly_weighted_protocol_back(tmp_path, capsys)
 def test_a_check_on_the_limit_reads_limit_not_fail():
     """The optimiser meets constraints to 0.01 Gy: 57.49998 Gy against D95 >= 57.5 Gy is on
     the limit (shown to the third decimal), 57.45 Gy fails, 57.6 Gy passes."""
-    from types import SimpleNamespace
-
     from ids_engine.cli import _check_line
-    from ids_engine.evaluation import parse_goal
+    from ids_engine.evaluation import GoalResult, parse_goal
 
     goal = parse_goal("PTV D95 >= 57.5 Gy")
-    line = lambda achieved, passed: _check_line(SimpleNamespace(goal=goal, achieved=achieved, passed=passed))  # noqa: E731
+    line = lambda achieved, passed: _check_line(GoalResult(goal, achieved, passed))  # noqa: E731
     assert line(57.49998, False) == ("limit", "  limit PTV D95 >= 57.5 Gy: 57.500")
     assert line(57.45, False)[0] == "FAIL"
     assert line(57.6, True) == ("pass", "  pass  PTV D95 >= 57.5 Gy: 57.60")

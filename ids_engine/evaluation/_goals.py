@@ -142,6 +142,17 @@ class GoalResult:
     achieved: float
     passed: bool
 
+    # An optimiser meets its constraints to this tolerance (in the goal's unit: Gy or %).
+    LIMIT_TOLERANCE = 0.01
+
+    @property
+    def state(self) -> str:
+        """"pass", "FAIL", or "limit": missed by no more than ``LIMIT_TOLERANCE`` (0.01 Gy or
+        0.01 %, the tolerance an optimiser meets its constraints to; shown to the third decimal)."""
+        if self.passed:
+            return "pass"
+        return "limit" if abs(self.achieved - self.goal.value) <= self.LIMIT_TOLERANCE else "FAIL"
+
 
 def _as_goal(g) -> Goal:
     return g if isinstance(g, Goal) else parse_goal(g)

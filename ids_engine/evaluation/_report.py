@@ -205,11 +205,16 @@ def _sections(rx: Prescription | None, patient, beams, metrics, goal_results, pn
               "Dmin D(V - 0.03cc); D<x> is the dose to x % of the volume; V<x>% is relative to the "
               "prescription; volumes counted in whole voxels. CI: Paddick (2000); HI: ICRU 83 "
               "(D2 - D98) / D50; GI: V50%Rx / V100%Rx (Paddick and Lippitz 2006), inside the body."))
-    grows = [(r.goal.structure, goal_text(r) + (f" ({r.goal.label})" if r.goal.label else ""), f"{r.achieved:.4g} {r.goal.unit}",
-              "pass" if r.passed else "FAIL") for r in goal_results]
+    grows = [(r.goal.structure, goal_text(r) + (f" ({r.goal.label})" if r.goal.label else ""),
+              f"{r.achieved:.3f} {r.goal.unit}" if r.state == "limit" else f"{r.achieved:.4g} {r.goal.unit}",
+              r.state) for r in goal_results]
     n_pass = sum(r.passed for r in goal_results)
-    S.append(("Goal checks", ("Structure", "Goal", "Achieved", "Result"), grows,
-              f"{n_pass} of {len(grows)} goals met." if grows else "No goals given."))
+    n_limit = sum(r.state == "limit" for r in goal_results)
+    note = f"{n_pass} of {len(grows)} goals met." if grows else "No goals given."
+    if n_limit:
+        note += (f" {n_limit} on the limit: missed by no more than {GoalResult.LIMIT_TOLERANCE:g} Gy or "
+                 f"{GoalResult.LIMIT_TOLERANCE:g} %, the tolerance the optimiser meets constraints to.")
+    S.append(("Goal checks", ("Structure", "Goal", "Achieved", "Result"), grows, note))
     S.append(("DVH", None, [], png_note))
     return S
 
@@ -235,7 +240,7 @@ def _html(title: str, S, png_bytes: bytes | None) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
            "<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}"
            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;padding:.2em .6em}"
-           "td.FAIL{color:#b00;font-weight:bold}td.pass{color:#070}</style></head><body>",
+           "td.FAIL{color:#b00;font-weight:bold}td.pass{color:#070}td.limit{color:#a60}</style></head><body>",
            f"<h1>{e(title)}</h1>"]
     for heading, header, rows, para in S:
         out.append(f"<h2>{e(heading)}</h2>")
@@ -244,7 +249,7 @@ def _html(title: str, S, png_bytes: bytes | None) -> str:
             for r in rows:
                 cells = []
                 for c in r:
-                    cls = f' class="{c}"' if c in ("pass", "FAIL") else ""
+                    cls = f' class="{c}"' if c in ("pass", "FAIL", "limit") else ""
                     cells.append(f"<td{cls}>{e(str(c))}</td>")
                 out.append("<tr>" + "".join(cells) + "</tr>")
             out.append("</table>")

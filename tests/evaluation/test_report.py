@@ -82,3 +82,17 @@ def test_report_refuses_a_dose_on_another_grid(tmp_path):
 def test_prescription_fields(kwargs, field):
     with pytest.raises(ValueError, match=f"Prescription.{field}"):
         Prescription(**kwargs)
+
+
+def test_a_goal_missed_by_the_optimisers_tolerance_reads_limit(tmp_path):
+    """D2 is 53.0 Gy: against <= 52.995 Gy it misses by 0.005 Gy, within the 0.01 Gy an optimiser
+    meets constraints to, so the report says "limit" (third decimal), as ``ids plan`` does;
+    against <= 52.9 Gy it fails."""
+    _, rep = _write(tmp_path, goals=("PTV D2 <= 52.995 Gy", "PTV D2 <= 52.9 Gy"))
+    md = rep.markdown_path.read_text(encoding="utf-8")
+    page = rep.html_path.read_text(encoding="utf-8")
+    assert "| PTV | D2 <= 52.995 Gy | 53.000 Gy | limit |" in md
+    assert "| PTV | D2 <= 52.9 Gy | 53 Gy | FAIL |" in md
+    assert "0 of 2 goals met. 1 on the limit" in md
+    assert '<td class="limit">limit</td>' in page
+    assert [r.state for r in rep.goals] == ["limit", "FAIL"]
