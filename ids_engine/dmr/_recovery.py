@@ -238,26 +238,28 @@ class _Rows:
         # Neighbourhoods are looked up on the grid (a ball of index offsets, then the sorted
         # watch), not in a k-d tree over 10^5 points.
         self._balls: dict = {}
-        self.bev_u, self.bev_v, self.bev_w, self.by_v = [], [], [], []
+        # Per beam, rows of (beams, voxels) blocks (so that all beams can be handled at once).
+        shape = (len(eng.geometry), self.vox.size)
+        self.bev_u2, self.bev_v2, self.bev_w2 = (np.empty(shape, np.float32) for _ in range(3))
+        self.bev_u, self.bev_v, self.bev_w = list(self.bev_u2), list(self.bev_v2), list(self.bev_w2)
+        self.by_v = []
         self._by_v_uv = []  # per beam: (u, v) in by_v's order (a patch's rows are one slice)
-        for geo in eng.geometry:  # host copies of the geometry: no device work
+        for b, geo in enumerate(eng.geometry):  # host copies of the geometry: no device work
             h = geo.fine.host
             pos = h.position[self.vox]
             out = pos < 0  # not reached by this beam: never under its patches
-            self.bev_u.append(np.where(out, np.nan, h.u_cells[pos]).astype(np.float32))
-            bv = np.where(out, np.inf, h.v_cells[pos]).astype(np.float32)
-            self.bev_v.append(bv)
+            self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
+            bv = self.bev_v2[b]
+            bv[...] = np.where(out, np.inf, h.v_cells[pos])
             # Ordered by whole BEV row (a radix sort of 16-bit keys): a patch's rows are one
             # slice of it, widened to whole rows and then filtered exactly.
             row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
             order = np.argsort(row, kind="stable")
             self.by_v.append((order, row[order]))
-            self._by_v_uv.append((self.bev_u[-1][order], bv[order]))
+            self._by_v_uv.append((self.bev_u2[b][order], bv[order]))
             # Dose per unit fluence on the ray (the primary's depth dose and inverse square):
             # how strongly a patch at this voxel's BEV position changes its dose.
-            self.bev_w.append(np.where(pos >= 0, h.weights[0][pos], 0.0).astype(np.float32))
-        # The same per-beam arrays as (beams, voxels) blocks, for all beams at once.
-        self.bev_u2, self.bev_v2, self.bev_w2 = np.stack(self.bev_u), np.stack(self.bev_v), np.stack(self.bev_w)
+            self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = watch.hard()
         always = np.flatnonzero(self.hard)

@@ -794,22 +794,28 @@ class DoseEngine:
         """
         idx = self._host_index(flat_index)
         out = np.zeros(idx.shape, dtype=np.float32)
-        cidx, cw = self._coarse_neighbours(idx)
+        nb = self._neighbours(idx)  # cached tables and level look-ups, as in delta_matrix
+        cidx, cw = nb.cidx, nb.cw
         for p in patches:
-            geo = self.geometry[p.beam]
+            b = int(p.beam)
+            geo = self.geometry[b]
             delta = np.asarray(backend.asnumpy(p.delta), dtype=np.float32)
             h, w = delta.shape
             if geo.fine.components:
-                out += self._level_delta_batch(geo.fine, delta[None], p.row0, p.col0, idx)[0]
+                rows = self._rows_of(nb, b, "fine", idx)
+                out += self._level_delta_rows(geo.fine, delta[None], p.row0, p.col0, rows, self._crop_spectra(b, "fine"))[0]
             if geo.coarse.components:
                 f = geo.coarse_fluence_factor
                 R0, C0 = p.row0 // f, p.col0 // f
                 R1, C1 = (p.row0 + h - 1) // f + 1, (p.col0 + w - 1) // f + 1
                 placed = np.zeros(((R1 - R0) * f, (C1 - C0) * f), dtype=np.float32)
                 placed[p.row0 - R0 * f : p.row0 - R0 * f + h, p.col0 - C0 * f : p.col0 - C0 * f + w] = delta
-                dc = self._level_delta_batch(geo.coarse, _block_sum(np, placed, f)[None], R0, C0, cidx.reshape(-1))[0]
+                uniq, inv = nb.coarse_unique()
+                rows = self._rows_of(nb, b, "coarse", uniq)
+                dc = self._level_delta_rows(geo.coarse, _block_sum(np, placed, f)[None], R0, C0, rows,
+                                            self._crop_spectra(b, "coarse"))[0][inv]
                 out += (dc.reshape(cidx.shape) * cw).sum(axis=0)
-        return np.where(self.body_mask.ravel()[idx], out, np.float32(0))
+        return np.where(nb.in_body, out, np.float32(0))
 
     def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index) -> np.ndarray:
         """Dose change (Gy) at CT voxels from each of several patch sets, without applying them.
