@@ -846,22 +846,28 @@ class DoseEngine:
             f = geo.coarse_fluence_factor
             R0, C0 = r0 // f, c0 // f
             R1, C1 = -(-r1 // f), -(-c1 // f)
-            # A stack on the coarse-aligned box, so the fine and the coarse level share it.
-            stack = np.zeros((ncol, (R1 - R0) * f, (C1 - C0) * f), np.float32)
+            # A stack on the coarse-aligned box, so the fine and the coarse level share it, of
+            # the columns with a patch in this beam only (a per-beam solve's columns each have
+            # one beam's patch): the others' response is zero, and adding it changes nothing.
+            used = sorted({k for k, _ in items})
+            at = {k: i for i, k in enumerate(used)}
+            m = len(used)
+            sel = slice(None) if m == ncol else np.asarray(used, np.int64)
+            stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
             for k, p in items:
                 rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
-                stack[k, rr : rr + p.shape[0], cc : cc + p.shape[1]] += np.asarray(backend.asnumpy(p.delta), np.float32)
+                stack[at[k], rr : rr + p.shape[0], cc : cc + p.shape[1]] += np.asarray(backend.asnumpy(p.delta), np.float32)
             if geo.fine.components:
                 rows = self._rows_of(nb, b, "fine", idx)
-                out += self._level_delta_rows(geo.fine, stack, R0 * f, C0 * f, rows, self._crop_spectra(b, "fine"))
+                out[sel] += self._level_delta_rows(geo.fine, stack, R0 * f, C0 * f, rows, self._crop_spectra(b, "fine"))
             if geo.coarse.components:
                 hh, ww = R1 - R0, C1 - C0
-                coarse = stack.reshape(ncol, hh, f, ww, f).sum(axis=(2, 4))
+                coarse = stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
                 uniq, inv = nb.coarse_unique()
                 rows = self._rows_of(nb, b, "coarse", uniq)
                 # Read once per distinct coarse voxel (the same values as reading all 8 n).
                 dc = self._level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))[:, inv]
-                out += (dc.reshape(ncol, 8, n) * cw[None]).sum(axis=1)
+                out[sel] += (dc.reshape(m, 8, n) * cw[None]).sum(axis=1)
         out = np.where(nb.in_body[None, :], out, np.float32(0))
         return out.T
 
