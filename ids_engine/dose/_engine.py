@@ -647,12 +647,26 @@ class DoseEngine:
                     jobs.append((dose, la, out[p], plan.boxes[p], plan.ranges[p]))
         if _cpu.HAVE_NUMBA:
             # Compiled: read out and add in one pass per range, in the same order (identical
-            # float32 results; no temporaries, no thread hand-off).
-            for dose, la, out_p, box, ranges in jobs:
-                flat, h, w, origin = padded_window(out_p, box)
-                for s, e in ranges:
-                    _cpu.accumulate_padded(dose, la.vox[s:e], la.u_cells[s:e], la.v_cells[s:e], la.weights[:, s:e],
-                                           flat, h, w, origin)
+            # float32 results; no temporaries). The fine and the coarse level update different
+            # dose arrays: on two or more cores the coarse one runs on a second thread (each
+            # array still gets its windows in order, so the result does not depend on it).
+            def run(level_jobs) -> None:
+                for dose, la, out_p, box, ranges in level_jobs:
+                    flat, h, w, origin = padded_window(out_p, box)
+                    for s, e in ranges:
+                        _cpu.accumulate_padded(dose, la.vox[s:e], la.u_cells[s:e], la.v_cells[s:e],
+                                               la.weights[:, s:e], flat, h, w, origin)
+
+            fine = [j for j in jobs if j[0] is self.dose_fine]
+            coarse = [j for j in jobs if j[0] is not self.dose_fine]
+            if fine and coarse and _cores() >= 2:
+                other = _pool().submit(run, coarse)
+                try:
+                    run(fine)
+                finally:
+                    other.result()
+            else:
+                run(jobs)
             return
         if len(jobs) > 1:
             results = list(_pool().map(_job_contribution, jobs))
