@@ -155,7 +155,8 @@ class Conflict:
     own voxels or an isodose guard; or a side effect: tissue far from the request that rose by
     more than ``DMROptions.report_rise_pct`` unasked (see ``ids_engine.dmr._side_effects``).
 
-    kind : "pin", "feature", "request", "guard" or "rise"; name : which one (e.g. "pin 'cord'",
+    kind : "pin", "feature", "request", "guard", "coverage" (target voxels recovery could not
+    keep covered) or "rise"; name : which one (e.g. "pin 'cord'",
     "normal tissue 117 mm from the request"); voxels : how many of its voxels ended outside
     their band (rose more than ``threshold_gy``); worst_gy : by how much at most (for "rise":
     the largest unasked rise).
@@ -181,7 +182,8 @@ class Conflict:
             return (f"{self.name}: {self.voxels} voxel{s} rose by more than {self.threshold_gy:.2f} Gy ({t_pct:.0f} % of Rx) "
                     f"unasked, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)")
         what = {"pin": "off its pinned dose", "feature": "off the dose that request set",
-                "request": "short of what was asked", "guard": "across the dragged level beside the drag"}[self.kind]
+                "request": "short of what was asked", "guard": "across the dragged level beside the drag",
+                "coverage": "below the coverage the plan keeps (or colder than before, where never covered)"}[self.kind]
         return f"{self.name}: {self.voxels} voxel{s} {what}, by up to {self.worst_gy:.2f} Gy ({pct:.1f} % of Rx)"
 
     def to_dict(self) -> dict:
@@ -745,12 +747,20 @@ class Session:
         return out
 
     def _conflicts(self, watch: Watch, dose_gy: np.ndarray) -> tuple:
-        """Pins, features, this request and guards that ended outside their bands."""
+        """Pins, features, this request and guards that ended outside their bands, and target
+        voxels that ended colder than the coverage recovery keeps (kind "coverage": below
+        ``target_min_pct``, or colder than before for a voxel that was never covered)."""
         viol = watch.violation(dose_gy)
         eps = 1e-3 * self.prescription_gy
         out = []
         for gi, (name, kind) in enumerate(zip(watch.names, watch.kinds)):
             if kind == "tissue":
+                if gi == 0:  # the band's lower edge sits 0.2 % of Rx above coverage: not counted
+                    cold = watch.lo - dose_gy - 2e-3 * self.prescription_gy
+                    sel = (watch.group == 0) & (cold > eps)
+                    if sel.any():
+                        out.append(Conflict("coverage", name, int(sel.sum()), float(cold[sel].max()),
+                                            self.prescription_gy))
                 continue
             sel = (watch.group == gi) & (viol > eps)
             if sel.any():

@@ -344,7 +344,7 @@ def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, cap
     assert rep["conflicts"] == sum(1 for c in conflicts if c["kind"] != "rise")
     assert rep["side_effects"] == sum(1 for c in conflicts if c["kind"] == "rise")
     for c in conflicts:
-        assert c["kind"] in ("pin", "feature", "request", "guard", "rise")
+        assert c["kind"] in ("pin", "feature", "request", "guard", "coverage", "rise")
         assert c["voxels"] >= 1 and c["worst_gy"] > 0
         assert "Gy" in c["message"] and "% of Rx" in c["message"]
     # One "conflict:" (or "side effect:") line per conflict on the terminal, in the order of the report.

@@ -428,3 +428,21 @@ def test_a_drag_that_falls_short_says_where_its_isodose_ended(s, tmp_path):
     s.close()
     again = Session.load(tmp_path / "c")
     assert [c.message for c in again.journal[-1].conflicts] == [c.message for c in res.conflicts]
+
+
+def test_target_voxels_left_below_coverage_are_reported(s):
+    """m (on the OAR rim) to 30 %: recovery cannot keep every target voxel at 95 %, and the
+    ones it left below (all were covered before) are a "coverage" conflict with their number
+    and the largest shortfall below 95 % of Rx, counted on the dose cube."""
+    ptv = s.patient.structure("PTV").mask & s.engine.body_mask
+    before = s.dose()
+    assert before[ptv].min() >= 0.952 * RX  # the open-field plan covers every target voxel
+    res = s.run(SetVoxelDose(rim(s), 0.3 * RX))
+    after = s.dose()
+    eps = 1e-3 * RX
+    cold = ptv & (after < 0.95 * RX - eps)
+    cov = [c for c in res.conflicts if c.kind == "coverage"]
+    assert cold.any() and len(cov) == 1
+    assert cov[0].voxels == int(cold.sum())
+    assert cov[0].worst_gy == pytest.approx(float((0.95 * RX - after[cold]).max()), abs=1e-4)
+    assert cov[0].message.startswith(f"target coverage: {int(cold.sum())} voxels below the coverage")
