@@ -248,6 +248,7 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
            "side_effect_missed": bool(rise_reportable_pct > opts.report_rise_pct and not side),
            "side_effects_repaired": bool(res.side_effects_repaired),
            "conflicts": [c.message for c in res.conflicts if c.kind != "rise"], "steps": res.recovery_steps,
+           "coverage_short_gy": max((c.worst_gy for c in res.conflicts if c.kind == "coverage"), default=0.0),
            "best_step": res.best_step}
     if kind in ("line", "surface"):
         if kind == "line":
@@ -468,6 +469,11 @@ def summarise_survey(rows: list[dict]) -> dict:
         "side_effects_reported": int(sum(1 for r in done if r.get("side_effects"))),
         "side_effects_missed": int(sum(1 for r in done if r.get("side_effect_missed"))),
         "side_effect_repairs_kept": int(sum(1 for r in done if r.get("side_effects_repaired"))),
+        # Target voxels a request left below coverage (reported as conflicts of kind "coverage").
+        "requests_leaving_target_below_coverage": int(sum(1 for r in done if r.get("coverage_short_gy", 0.0) > 0)),
+        "coverage_short_pct_max": float(max((r.get("coverage_short_gy", 0.0) for r in done), default=0.0) / RX * 100),
+        # Refused up front: a fall-off no beam can make (ids_engine.dmr._feasible).
+        "refused_infeasible": int(sum(1 for r in rows if "cannot make that fall-off" in r.get("refused", ""))),
     }
     out["goal2_met"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_over_5pct"] == 0)
     out["goal2_met_beyond_rigid_shift"] = bool(out["requests_over_3pct"] == 0 and out["requests_rise_beyond_shift_over_5pct"] == 0)
