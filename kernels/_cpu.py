@@ -19,10 +19,11 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "sample_weighted"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "gather_bev", "sample_weighted"]
 
 _KERNEL = None  # the compiled loops, when numba is installed
 _SAMPLE = None
+_GATHER_BEV = None
 _DEPTH = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
@@ -105,6 +106,23 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _SAMPLE = _sample_weighted_nb
 
         @numba.njit(nogil=True, cache=True)
+        def _gather_bev_nb(position, u_cells, v_cells, w0, vox, out_u, out_v, out_w, missing):  # pragma: no cover
+            for j in range(vox.shape[0]):
+                p = position[vox[j]]
+                if p < 0:
+                    out_u[j] = np.nan
+                    out_v[j] = np.inf
+                    out_w[j] = 0
+                    missing[j] = True
+                else:
+                    out_u[j] = u_cells[p]
+                    out_v[j] = v_cells[p]
+                    out_w[j] = w0[p]
+                    missing[j] = False
+
+        _GATHER_BEV = _gather_bev_nb
+
+        @numba.njit(nogil=True, cache=True)
         def _block_depth_nb(rho, ints, floats, out, start, stop):  # pragma: no cover - compiled
             one = np.float32(1)
             zero = np.float32(0)
@@ -167,6 +185,19 @@ def sample_weighted(maps, v, u, origin_vu, weights, ok, k: int) -> np.ndarray:
             np.float32(origin_vu[0]), np.float32(origin_vu[1]), np.ascontiguousarray(weights, np.float32),
             np.asarray(ok, np.bool_), int(k), out)
     return out
+
+
+def gather_bev(position, u_cells, v_cells, w0, vox, out_u, out_v, out_w) -> np.ndarray:
+    """For level voxels ``vox`` (flat indices, (n,)): ``out_u``, ``out_v``, ``out_w`` ((n,)
+    float32) = the level's ``u_cells``, ``v_cells`` and ``w0`` at ``position[vox]``, or NaN,
+    +inf and 0 where ``position`` is -1 (not in the level), in one pass: what NumPy's
+    ``np.where(pos < 0, nan, u_cells[pos])`` and its twins give. Returns ``pos < 0`` ((n,)
+    bool). Needs numba (``HAVE_NUMBA``)."""
+    if _GATHER_BEV is None:
+        raise RuntimeError("gather_bev needs numba (pip install ids-engine[fast])")
+    missing = np.empty(np.shape(vox)[0], np.bool_)
+    _GATHER_BEV(position, u_cells, v_cells, w0, np.asarray(vox, np.int64), out_u, out_v, out_w, missing)
+    return missing
 
 
 def block_depth(rho_flat, ints, floats, out=None, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -39,6 +39,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ids_engine import backend
+from ids_engine.kernels import _cpu
 
 __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "extend_watch", "modify_joint", "recover"]
 
@@ -246,20 +247,25 @@ class _Rows:
         self._by_v_uv = []  # per beam: (u, v) in by_v's order (a patch's rows are one slice)
         for b, geo in enumerate(eng.geometry):  # host copies of the geometry: no device work
             h = geo.fine.host
-            pos = h.position[self.vox]
-            out = pos < 0  # not reached by this beam: never under its patches
-            self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
             bv = self.bev_v2[b]
-            bv[...] = np.where(out, np.inf, h.v_cells[pos])
+            # A voxel not reached by this beam (u NaN, v +inf, w 0) is never under its patches.
+            # w: dose per unit fluence on the ray (the primary's depth dose and inverse square):
+            # how strongly a patch at this voxel's BEV position changes its dose.
+            if _cpu.HAVE_NUMBA:
+                out = _cpu.gather_bev(h.position, h.u_cells, h.v_cells, h.weights[0], self.vox, self.bev_u2[b], bv,
+                                      self.bev_w2[b])
+            else:
+                pos = h.position[self.vox]
+                out = pos < 0
+                self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
+                bv[...] = np.where(out, np.inf, h.v_cells[pos])
+                self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
             # Ordered by whole BEV row (a radix sort of 16-bit keys): a patch's rows are one
             # slice of it, widened to whole rows and then filtered exactly.
             row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
             order = np.argsort(row, kind="stable")
             self.by_v.append((order, row[order]))
             self._by_v_uv.append((self.bev_u2[b][order], bv[order]))
-            # Dose per unit fluence on the ray (the primary's depth dose and inverse square):
-            # how strongly a patch at this voxel's BEV position changes its dose.
-            self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = watch.hard()
         always = np.flatnonzero(self.hard)

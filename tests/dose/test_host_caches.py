@@ -99,3 +99,26 @@ def test_delta_at_voxels_repeated_is_identical_and_matches_the_update(engine):
         np.testing.assert_allclose(got, first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
     finally:
         eng.apply_patches([FluencePatch(p.beam, p.row0, p.col0, -p.delta) for p in patches])
+
+
+def test_gather_bev_equals_the_numpy_gathers(engine):
+    """The compiled gather of a watch's BEV arrays (recovery's row tables) equals NumPy's
+    np.where(pos < 0, ...) gathers bit for bit, voxels outside the body included."""
+    from ids_engine.kernels import _cpu
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    eng = engine
+    rng = np.random.default_rng(5)
+    vox = np.sort(rng.choice(eng.grid.size, size=3000, replace=False)).astype(np.int64)
+    for geo in eng.geometry:
+        h = geo.fine.host
+        pos = h.position[vox]
+        missing = pos < 0
+        assert missing.any() and not missing.all()
+        u, v, w = (np.empty(vox.size, np.float32) for _ in range(3))
+        got = _cpu.gather_bev(h.position, h.u_cells, h.v_cells, h.weights[0], vox, u, v, w)
+        np.testing.assert_array_equal(got, missing)
+        for a, b in ((u, np.where(missing, np.nan, h.u_cells[pos])), (v, np.where(missing, np.inf, h.v_cells[pos])),
+                     (w, np.where(pos >= 0, h.weights[0][pos], 0.0))):
+            np.testing.assert_array_equal(a.view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
