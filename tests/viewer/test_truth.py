@@ -133,13 +133,15 @@ def test_status_hint_and_readout_say_what_is_true(qtbot, shared_window, session,
         assert f"voxel (z={idx[0]}, y={idx[1]}, x={idx[2]})" in w.readout.text()
         assert f"{before:.2f} Gy" in w.readout.text()
 
-        w.last_job_id = w.worker.engine.submit(SetVoxelDose(idx, 40.0))
+        # (a raise: lowering a voxel deep in the target leaves its neighbours below coverage, and the
+        # status bar then shows that conflict instead)
+        w.last_job_id = w.worker.engine.submit(SetVoxelDose(idx, 64.0))
         qtbot.waitUntil(lambda: w.idle and len(session.journal) == 1, timeout=WAIT_MS)
         after = float(w.snapshot.dose_gy[idx])
         assert abs(after - before) > 2.0
         assert f"{after:.2f} Gy" in w.readout.text() and f"{before:.2f} Gy" not in w.readout.text()
         # The status line and the history number the request #1.
-        assert w.statusBar().currentMessage().startswith("#1: requested 40.00 Gy")
+        assert w.statusBar().currentMessage().startswith("#1: requested 64.00 Gy")
         assert w.history.item(1).text().startswith(f"#1  Set dose at voxel (z={idx[0]}, y={idx[1]}, x={idx[2]})")
 
         QTest.keyClick(axial.canvas.native, QtCore.Qt.Key.Key_Z, QtCore.Qt.KeyboardModifier.ControlModifier)
