@@ -295,7 +295,7 @@ def paper_experiment(s: Session) -> tuple[dict, list[float], np.ndarray, np.ndar
     times = []
     for rep in range(3):
         t0 = time.perf_counter()
-        res = s.run(SetVoxelDose(m, 0.55 * RX))
+        res = s.run(SetVoxelDose(m, 0.55 * RX), recovery_steps=25)  # the paper's 25 steps
         backend.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
         if rep < 2:
@@ -391,6 +391,16 @@ def erase_scenario(s: Session) -> dict:
 # (z offset mm, angle from anterior deg) of the ten OAR-rim voxels of the session scenario: rim
 # voxels at least as far from the target as the paper's m (7.8 mm), around the OAR.
 SESSION_SPOTS = [(0, 0), (0, 90), (0, -90), (6, 0), (-6, 0), (6, 30), (-6, -30), (6, -60), (-6, 60), (12, 0)]
+# The goal-6 session is chaotic in float32 round-off (one request's recovery can end 2-3 % of
+# Rx apart from a start that differs by round-off): judged on the spot list and four
+# variants of it (turned +-10 deg, 2 mm higher, reversed), each from a fresh session.
+SESSION_VARIANTS = {
+    "as listed": SESSION_SPOTS,
+    "turned +10 deg": [(z, a + 10) for z, a in SESSION_SPOTS],
+    "turned -10 deg": [(z, a - 10) for z, a in SESSION_SPOTS],
+    "2 mm higher": [(z + 2, a) for z, a in SESSION_SPOTS],
+    "reversed": list(reversed(SESSION_SPOTS)),
+}
 # The same with rim voxels only 6.2 mm from the target (central slice, +-15..60 deg): a steeper
 # fall-off than m's; reported, not a goal.
 SESSION_SPOTS_NEAR = [(0, 0), (0, -30), (0, 30), (0, -60), (0, 60), (-12, -20), (-12, 20), (12, -20), (12, 20), (-20, 0)]
@@ -528,6 +538,27 @@ def main(argv=None) -> int:
     near, _ = session_scenario(s, SESSION_SPOTS_NEAR)
     quality["session_near_rim"] = near
     print("session (rim voxels 6.2 mm from the target):", {k: v for k, v in near.items() if k != "requests"})
+    if not args.quick:
+        variants = {}
+        for name, spots in SESSION_VARIANTS.items():
+            if name == "as listed":
+                out = sess
+            else:
+                s.close()
+                s = Session.from_phantom("horseshoe", args.resolution, prescription_gy=RX)
+                out, _ = session_scenario(s, spots)
+            variants[name] = {k: v for k, v in out.items() if k != "requests"}
+            print(f"session, spots {name}:", {k: round(v, 3) if isinstance(v, float) else v
+                                              for k, v in variants[name].items() if k != "rim_voxels_final_pct"})
+        quality["session_variants"] = {
+            "variants": variants,
+            "worst_target_min_pct": min(v["target_min_pct"] for v in variants.values()),
+            "worst_target_V95_pct": min(v["target_V95_pct"] for v in variants.values()),
+            "worst_target_max_pct": max(v["target_max_pct"] for v in variants.values()),
+            "oar_mean_gy_mean": float(np.mean([v["oar_mean_gy"] for v in variants.values()])),
+            "oar_mean_gy_worst": max(v["oar_mean_gy"] for v in variants.values()),
+            "goal_met_all": all(v["goal_met"] for v in variants.values()),
+        }
 
     stages = {"whole_request": stats(paper_ms)}
     if rows:
@@ -547,6 +578,8 @@ def main(argv=None) -> int:
     print("\nGoals:")
     goals = [("1 paper experiment", paper["goal_met"]), ("4 pins", quality["pins"]["goal_met"]),
              ("5 erase", quality["erase"]["goal_met"]), ("6 session", sess["goal_met"]), ("7 speed", quality["speed"]["goal_met"])]
+    if "session_variants" in quality:
+        goals.insert(-1, ("6 (all 5 spot lists)", quality["session_variants"]["goal_met_all"]))
     if "survey" in quality:
         goals[1:1] = [("2 no blow-ups", quality["survey"]["goal2_met"]),
                       ("2 (beyond rigid move)", quality["survey"]["goal2_met_beyond_rigid_shift"]),

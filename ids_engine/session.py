@@ -68,7 +68,10 @@ class CaseChangedError(ValueError):
 class DMROptions:
     """Settings of dose modification and recovery.
 
-    recovery_steps : maximum recovery steps per request (15-30 in the paper; 25 default).
+    recovery_steps : maximum recovery steps per request (15-30 in the paper; 30 default: on the
+        ten-request session almost every request still improved at step 25 and left target
+        voxels below coverage that the next request inherited; the paper's experiment ends
+        after 12 steps either way).
     tolerance_pct : recovery tolerance on |D - D_ref|, % of the prescription.
     cp_cells : control point size (fine fluence amplitudes per side) of the TPI maps.
     max_request_voxels : a line, surface or spot request uses at most this many voxels.
@@ -104,7 +107,7 @@ class DMROptions:
         from 11 % to 21 % of Rx: the tighter band pushes recovery to other beams.
     """
 
-    recovery_steps: int = 25
+    recovery_steps: int = 30
     tolerance_pct: float = 2.0
     cp_cells: int = 5
     max_request_voxels: int = 24
