@@ -29,10 +29,7 @@ from scipy import ndimage
 from ids_engine import __version__, backend
 from ids_engine._files import FolderLock, FolderLockedError, atomic_npz, atomic_text, fsync_folder
 from ids_engine.dmr import (
-    EraseSpot,
     Modifier,
-    MoveIsodoseLine,
-    MoveIsodoseSurface,
     Pin,
     RequestError,
     ResolveContext,
@@ -640,6 +637,9 @@ class Session:
         cov = (opts.target_min_pct + 0.2) / 100.0 * rx
         slack = 1e-3 * rx  # edges set from the dose before get a little room for float32 round-off
         t_lo[it] = np.where(dt >= cov - 0.05 * rx, cov, dt - slack)
+        # What counts as given up (the coverage conflict): below coverage, or colder than before.
+        given_up = np.full(n, -np.inf)
+        given_up[it] = np.where(dt >= cov - 0.05 * rx, opts.target_min_pct / 100.0 * rx, dt)
         hot = opts.target_max_pct / 100.0 * rx
         hi_t = np.where(dt <= hot + 0.05 * rx, hot, dt + slack)
         # Farther than ``near_mm`` from the request, a target voxel may not rise by more than
@@ -717,7 +717,8 @@ class Session:
             layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)
         keep = group >= 0
         cap = np.minimum(np.maximum(cap, lo + 1e-3 * rx), hi)  # a soft cap never below the band's lower edge
-        return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds, cap[keep])
+        return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds, cap[keep],
+                     np.minimum(given_up, lo)[keep])
 
     def _normal_sample(self) -> np.ndarray:
         """Flat indices of normal tissue (body, not target, not OAR) on every third voxel per axis."""
@@ -758,8 +759,8 @@ class Session:
         out = []
         for gi, (name, kind) in enumerate(zip(watch.names, watch.kinds)):
             if kind == "tissue":
-                if gi == 0:  # the band's lower edge sits 0.2 % of Rx above coverage: not counted
-                    cold = watch.lo - dose_gy - 2e-3 * self.prescription_gy
+                if gi == 0:  # below coverage (not the band's lower edge, which sits 0.2 % above it)
+                    cold = watch.floor - dose_gy
                     sel = (watch.group == 0) & (cold > eps)
                     if sel.any():
                         out.append(Conflict("coverage", name, int(sel.sum()), float(cold[sel].max()),
@@ -859,15 +860,16 @@ class Session:
 
     def _fall_offs(self) -> list:
         """Per beam, the steepest fall-off its lateral kernel can make (:func:`fall_off_table`),
-        computed once per machine and fluence pitch (about 1 s) and cached."""
+        computed once per kernel set and fluence pitch (a few ms) and cached."""
         cache = self.__dict__.setdefault("_fall_off_cache", {})
         out = []
         for g in self.engine.geometry:
             machine = g.machine or self.engine.machine
-            key = (id(machine), float(g.fluence_grid.pitch_mm))
-            if key not in cache:  # (the cache keeps the machine alive, so its id stays unique)
-                cache[key] = (machine, fall_off_table(machine, float(g.fluence_grid.pitch_mm)))
-            out.append(cache[key][1])
+            # (``for_ssd`` makes a new machine object per beam: key on the kernel set, not the object)
+            key = (machine.name, machine.kernel_ssd_mm, float(g.fluence_grid.pitch_mm))
+            if key not in cache:
+                cache[key] = fall_off_table(machine, float(g.fluence_grid.pitch_mm))
+            out.append(cache[key])
         return out
 
     def _check_feasible(self, req, resolved: Resolved, watch: Watch, ignore_ids=()) -> None:
@@ -878,29 +880,25 @@ class Session:
         tighter band, and its own name)."""
         if resolved.feature_voxels.size == 0:
             return
-        region_kinds = (MoveIsodoseLine, MoveIsodoseSurface, EraseSpot)
-
-        def group(name, vox, region):
+        def group(name, vox):
             vox = np.asarray(vox, np.int64)
             vox = vox[np.isin(vox, resolved.feature_voxels, invert=True)]
             i = np.searchsorted(watch.voxels, vox)
             ok = (i < watch.voxels.size) & (watch.voxels[np.minimum(i, watch.voxels.size - 1)] == vox)
-            return HeldGroup(name, vox[ok], watch.lo[i[ok]], watch.hi[i[ok]], region)
+            return HeldGroup(name, vox[ok], watch.lo[i[ok]], watch.hi[i[ok]])
 
-        held = [group("target coverage", watch.voxels[watch.group == 0], True)]
+        held = [group("target coverage", watch.voxels[watch.group == 0])]
         ignore = set(ignore_ids)
         for r in self.journal:
             if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore:
-                held.append(group(f"request {r.id} ({r.request.kind.replace('_', ' ')})", r.feature_voxels,
-                                  isinstance(r.request, region_kinds)))
-        held += [group(f"pin '{name}'", pv, False) for name, pv, _ in self._pin_bands()]
+                held.append(group(f"request {r.id} ({r.request.kind.replace('_', ' ')})", r.feature_voxels))
+        held += [group(f"pin '{name}'", pv) for name, pv, _ in self._pin_bands()]
         eng = self.engine
         found = find_infeasible(
-            resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, isinstance(req, region_kinds), held,
+            resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, held,
             shape_zyx=self.patient.grid.shape_zyx, spacing_mm_zyx=self.patient.grid.spacing_mm_zyx,
-            bev=self._bev_and_weight,
-            pitch_mm=[float(g.fluence_grid.pitch_mm) for g in eng.geometry], fall_offs=self._fall_offs(),
-            plateau_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
+            bev=self._bev_and_weight, pitch_mm=[float(g.fluence_grid.pitch_mm) for g in eng.geometry],
+            fall_offs=self._fall_offs(), plateau_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
         if found is not None:
             raise RequestError(found.message(req.kind.replace("_", " ")))
 

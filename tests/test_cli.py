@@ -322,8 +322,7 @@ def test_shape_runs_a_script_and_writes_a_report(tmp_path, capsys):
 
 def test_shape_reports_conflicts_on_the_terminal_and_in_the_report(tmp_path, capsys):
     """A pin around the OAR rim, then a request 2 voxels (8 mm) anterior of it, just outside the
-    pin, down to 45 %: recovery cannot keep both, and says so instead of failing silently.
-    (Down to 20 % is refused up front: no beam falls that fast from the target beside it.)"""
+    pin, down to 45 %: recovery cannot keep both, and says so instead of failing silently."""
     import json
 
     script = tmp_path / "s.json"

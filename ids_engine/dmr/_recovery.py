@@ -87,6 +87,9 @@ class Watch:
     cap : (n,) a softer ceiling (<= hi) that the joint solves try to respect but recovery does
         not chase: far from the request, target and normal tissue should not rise by more than
         a few % (hot spots are better avoided than chased step by step). Default: ``hi``.
+    floor : (n,) the dose below which a voxel counts as given up (reports only; recovery uses
+        ``lo``): for target voxels the coverage level, or the dose before for one never covered.
+        Default: ``lo``.
     """
 
     voxels: np.ndarray
@@ -98,10 +101,13 @@ class Watch:
     names: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
     cap: np.ndarray | None = None
+    floor: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.cap is None:
             self.cap = np.asarray(self.hi, float).copy()
+        if self.floor is None:
+            self.floor = np.asarray(self.lo, float).copy()
 
     def violation(self, dose_gy: np.ndarray) -> np.ndarray:
         return np.maximum(np.maximum(self.lo - dose_gy, dose_gy - self.hi), 0.0)
@@ -153,8 +159,8 @@ def extend_watch(watch: Watch, voxels, hi_gy, weight: float, name: str) -> Watch
     old = np.searchsorted(allv, watch.voxels)
     new = np.searchsorted(allv, voxels)
     lo, hi, goal, cap = np.full(n, -np.inf), np.full(n, np.inf), np.zeros(n), np.full(n, np.inf)
-    wgt, grp = np.zeros(n), np.full(n, -1, np.int32)
-    lo[old], hi[old], goal[old], cap[old] = watch.lo, watch.hi, watch.goal, watch.cap
+    wgt, grp, floor = np.zeros(n), np.full(n, -1, np.int32), np.full(n, -np.inf)
+    lo[old], hi[old], goal[old], cap[old], floor[old] = watch.lo, watch.hi, watch.goal, watch.cap, watch.floor
     wgt[old], grp[old] = watch.weight, watch.group
     kinds = np.asarray(watch.kinds, object)
     fresh = grp[new] < 0
@@ -169,7 +175,8 @@ def extend_watch(watch: Watch, voxels, hi_gy, weight: float, name: str) -> Watch
     goal[i] = np.where(fresh[change], inside, np.minimum(goal[i], inside))
     wgt[i] = np.maximum(wgt[i], float(weight))
     grp[new[fresh]] = len(watch.names)
-    return Watch(allv, lo, hi, goal, wgt, grp, list(watch.names) + [name], list(watch.kinds) + ["tissue"], cap)
+    return Watch(allv, lo, hi, goal, wgt, grp, list(watch.names) + [name], list(watch.kinds) + ["tissue"], cap,
+                 np.minimum(floor, lo))
 
 
 def distance_grid(request_mask_zyx: np.ndarray, candidates_flat: np.ndarray, shape_zyx) -> np.ndarray:

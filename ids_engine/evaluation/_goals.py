@@ -142,13 +142,14 @@ class GoalResult:
     achieved: float
     passed: bool
 
-    # An optimiser meets its constraints to this tolerance (in the goal's unit: Gy or %).
+    # An optimiser meets its constraints to this tolerance, in the goal's unit (Gy, %, cc).
     LIMIT_TOLERANCE = 0.01
 
     @property
     def state(self) -> str:
-        """"pass", "FAIL", or "limit": missed by no more than ``LIMIT_TOLERANCE`` (0.01 Gy or
-        0.01 %, the tolerance an optimiser meets its constraints to; shown to the third decimal)."""
+        """"pass", "FAIL", or "limit": missed by no more than ``LIMIT_TOLERANCE`` in the goal's
+        unit (0.01 Gy, %, or cc: what an optimised plan's constraints are met to, so such a miss
+        is not a failure of the plan; shown to the third decimal)."""
         if self.passed:
             return "pass"
         return "limit" if abs(self.achieved - self.goal.value) <= self.LIMIT_TOLERANCE else "FAIL"

@@ -212,8 +212,8 @@ def _sections(rx: Prescription | None, patient, beams, metrics, goal_results, pn
     n_limit = sum(r.state == "limit" for r in goal_results)
     note = f"{n_pass} of {len(grows)} goals met." if grows else "No goals given."
     if n_limit:
-        note += (f" {n_limit} on the limit: missed by no more than {GoalResult.LIMIT_TOLERANCE:g} Gy or "
-                 f"{GoalResult.LIMIT_TOLERANCE:g} %, the tolerance the optimiser meets constraints to.")
+        note += (f" {n_limit} on the limit: missed by no more than {GoalResult.LIMIT_TOLERANCE:g} in the goal's unit "
+                 "(the tolerance an optimiser meets constraints to).")
     S.append(("Goal checks", ("Structure", "Goal", "Achieved", "Result"), grows, note))
     S.append(("DVH", None, [], png_note))
     return S

@@ -20,44 +20,41 @@ def water_engine():
     return eng, fall_off_table(g.machine or eng.machine, float(g.fluence_grid.pitch_mm))
 
 
-def _profile(eng, depth_mm, x_mm):
-    pts = np.stack([x_mm, np.full_like(x_mm, -DEPTH_HALF_MM + depth_mm), np.zeros_like(x_mm)], axis=-1)
-    return np.asarray(eng.dose_at_points(pts), float)
-
-
 @pytest.mark.parametrize("depth_mm", [10.0, 100.0])
-def test_edge_table_bounds_a_half_blocked_field(water_engine, depth_mm):
-    """Across the edge of a wide half-blocked field, the engine's dose falls over d mm (at the
-    isocentre plane) by no more than the table allows, and by at least 80 % of it (tight)."""
+def test_no_fluence_falls_faster_than_the_table(water_engine, depth_mm):
+    """The bound against the engine itself: one beam in water, every 1 mm fluence column free
+    (non-negative) and the dose nowhere above the plateau (a wide open field's dose). A linear
+    programme over the engine's own column responses finds the largest fall between two
+    points d mm apart (isocentre plane): never above the table, and within 0.03 of it (tight).
+    (The edge spread function, the bound first used, is beaten here by 0.08-0.14.)"""
+    from scipy.optimize import linprog
+
     eng, fo = water_engine
-    eng.set_fluences([eng.open_field(0, (-75.0, 0.0), (-75.0, 75.0))])
+    fg = eng.geometry[0].fluence_grid
+    u, inside = fg.u_mm(), np.abs(fg.v_mm()) <= 75.0
+    x = np.arange(-20.0, 20.0, 0.25)
+    pts = np.stack([x, np.full_like(x, -DEPTH_HALF_MM + depth_mm), np.zeros_like(x)], axis=-1)
+
+    def profile(fluence):
+        eng.set_fluences([fluence.astype(np.float32)])
+        return np.asarray(eng.dose_at_points(pts), float)
+
+    plateau = profile(eng.open_field(0, (-75.0, 75.0), (-75.0, 75.0)))[x.size // 2]
+    blocks = []
+    for cols in ([u < -30.0], [u > 30.0]) + tuple([u == c] for c in u[(u >= -30.0) & (u <= 30.0)]):
+        f = np.zeros(fg.shape_vu, np.float32)
+        f[np.ix_(inside, cols[0])] = 1.0
+        blocks.append(profile(f) / plateau)
+    R = np.array(blocks).T  # (points, fluence variables)
     mag = (1000.0 + depth_mm) / 1000.0  # SSD 1000 mm: distances at depth are magnified
-    x = np.arange(-40.0, 30.0, 0.1)
-    prof = _profile(eng, depth_mm, x)
-    for d in (1.0, 2.0, 4.0, 6.0):
-        k = int(round(d * mag / 0.1))
-        fall = float((prof[:-k] - prof[k:]).max() / prof[0])
-        bound = float(fo.drop(d, True))
+    for d in (1.0, 2.0, 3.0, 4.0):
+        hi, lo = int(np.argmin(np.abs(x))), int(np.argmin(np.abs(x - d * mag)))
+        lp = linprog(-(R[hi] - R[lo]), A_ub=R, b_ub=np.ones(x.size), bounds=(0, None), method="highs")
+        assert lp.status == 0
+        fall, bound = -lp.fun, float(fo.drop(d))
         assert fall <= bound + 0.005, (d, fall, bound)
-        assert fall >= 0.8 * bound, (d, fall, bound)
-
-
-def test_point_table_bounds_a_single_pencil(water_engine):
-    """One fluence cell's dose falls over d mm by at most the point table (normalised to its peak)."""
-    eng, fo = water_engine
-    eng.set_fluences([eng.open_field(0, (-0.5, 0.5), (-0.5, 0.5))])
-    x = np.arange(-20.0, 20.0, 0.05)
-    prof = _profile(eng, 100.0, x)
-    for d in (0.5, 1.0, 2.0, 4.0):
-        k = int(round(d * 1.1 / 0.05))
-        fall = float(np.abs(prof[:-k] - prof[k:]).max() / prof.max())
-        bound = float(fo.drop(d, False))
-        assert fall <= bound + SLACK, (d, fall, bound)
-        assert fall >= 0.8 * bound, (d, fall, bound)
-    # A pencil can fall faster than an edge over a few mm; the tables grow with distance.
-    assert fo.drop(2.0, False) > fo.drop(2.0, True)
-    assert np.all(np.diff(fo.edge) >= 0) and np.all(np.diff(fo.point) >= 0)
-    assert fo.edge[0] == 0.0 and 0.9 < fo.edge[-1] <= 1.0
+        assert fall >= bound - 0.03, (d, fall, bound)
+    assert np.all(np.diff(fo.fall) >= 0) and fo.fall[0] == 0.0 and 0.99 < fo.fall[-1] <= 1.0
 
 
 SHAPE = (1, 40, 40)
@@ -82,26 +79,33 @@ def fo():
     return fall_off_table(default_6mv(), 1.0)
 
 
-def _check(fo, req_zyx, req_lo, held_zyx, held_hi, region=True, held_name="pin 'cord'"):
-    held = [HeldGroup(held_name, _flat(held_zyx), np.array([0.0]), np.array([held_hi]), False)]
-    return find_infeasible(_flat(req_zyx), np.array([req_lo]), np.array([req_lo + 2.0]), region, held,
-                           shape_zyx=SHAPE, spacing_mm_zyx=SP, bev=_bev_beam_along_y, pitch_mm=[1.0],
-                           fall_offs=[fo], plateau_gy=64.2)
+def _check(fo, req_zyx, req_lo, held_zyx, held_hi, held_name="pin 'cord'", held_lo=0.0, bev=None, fall_offs=None):
+    held = [HeldGroup(held_name, _flat(held_zyx), np.array([held_lo]), np.array([held_hi]))]
+    n = 1 if fall_offs is None else len(fall_offs)
+    return find_infeasible(_flat(req_zyx), np.array([req_lo]), np.array([req_lo + 2.0]), held,
+                           shape_zyx=SHAPE, spacing_mm_zyx=SP, bev=bev or _bev_beam_along_y, pitch_mm=[1.0] * n,
+                           fall_offs=fall_offs or [fo], plateau_gy=64.2)
 
 
 def test_refused_exactly_when_the_fall_exceeds_the_penumbra(fo):
-    """Request >= 57 Gy beside a pin held <= hi: 2 mm apart across the beam, an edge falls by at
-    most ~29 % of 64.2 Gy (18.6 Gy): 47 Gy held is fine (10 Gy), 20 Gy is not (37 Gy);
-    6 mm apart (73 %: 47 Gy) the 20 Gy pin is fine too."""
-    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 47.0) is None
-    found = _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 20.0)
+    """Request >= 57 Gy beside a pin held <= hi: 2 mm apart across the beam, with no dose above
+    64.2 Gy a beam's dose falls by at most ~44 % of it (28 Gy): 35 Gy held is fine (22 Gy),
+    15 Gy is not (42 Gy); 6 mm apart (93 %) the 15 Gy pin is fine too."""
+    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 35.0) is None
+    found = _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 15.0)
     assert found is not None and found.held == "pin 'cord'" and found.held_is_low
     assert found.distance_mm == pytest.approx(2.0)
-    assert found.can == pytest.approx(fo.drop(2.0, True))  # side by side across the beam: same depth
-    assert found.need == pytest.approx(37.0 / 64.2)
+    assert found.can == pytest.approx(float(fo.drop(2.0)))  # side by side across the beam: same depth
+    assert found.need == pytest.approx(42.0 / 64.2)
     msg = found.message("move isodose line")
-    assert "Pin 'cord' holds voxel (z 0, y 10, x 12) at or below 20.0 Gy" in msg and "37.0 Gy over 2.0 mm" in msg
-    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 16), 20.0) is None
+    assert "Pin 'cord' holds voxel (z 0, y 10, x 12) at or below 15.0 Gy" in msg and "42.0 Gy over 2.0 mm" in msg
+    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 16), 15.0) is None
+    # The other way round: a held-high voxel beside a request that must stay low.
+    low = find_infeasible(_flat((0, 10, 10)), np.array([0.0]), np.array([10.0]),
+                          [HeldGroup("target coverage", _flat((0, 10, 12)), np.array([57.0]), np.array([64.2]))],
+                          shape_zyx=SHAPE, spacing_mm_zyx=SP, bev=_bev_beam_along_y, pitch_mm=[1.0], fall_offs=[fo],
+                          plateau_gy=64.2)
+    assert low is not None and not low.held_is_low and low.high_gy == 57.0 and low.low_gy == 10.0
 
 
 def test_a_beam_cannot_separate_points_on_its_own_axis(fo):
@@ -109,14 +113,42 @@ def test_a_beam_cannot_separate_points_on_its_own_axis(fo):
     depth dose (1 % over 2 mm) can separate them, so a 10 Gy fall is refused."""
     found = _check(fo, (0, 10, 10), 57.0, (0, 12, 10), 47.0)
     assert found is not None and found.can == pytest.approx(1.0 - np.exp(-0.01))
-    # Within the slack (a 1 Gy fall: depth dose, sampling) nothing is refused.
+    # Within the slack (a 0.6 Gy fall: sampling, the coarse grid) nothing is refused.
     assert _check(fo, (0, 10, 10), 57.0, (0, 12, 10), 57.0 - 0.5 * SLACK * 64.2) is None
 
 
-def test_a_spot_is_judged_by_the_pencil(fo):
-    """A set-voxel request (a spot) beside a held-low pin: the pencil bound, with the spot's
-    own dose as the high side (2 mm: a pencil falls by up to ~44 %)."""
-    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 35.0, region=False) is None
-    assert _check(fo, (0, 10, 10), 57.0, (0, 10, 12), 20.0, region=False) is not None
+def test_the_best_placed_beam_decides(fo):
+    """Two beams, one along the pair and one across it: the one across separates them
+    laterally, so what the one along it cannot do is still possible."""
+    def across(b, flat):  # a beam along x: its eye view sees (y, z)
+        z, y, x = np.unravel_index(np.asarray(flat, np.int64), SHAPE)
+        return y.astype(float), z.astype(float) * SP[0], np.exp(-0.005 * x * SP[2])
+
+    pair = ((0, 10, 10), 57.0, (0, 12, 10), 47.0)  # 2 mm apart along y
+    assert _check(fo, *pair) is not None  # the beam along y alone: refused
+    two = lambda b, flat: (_bev_beam_along_y if b == 0 else across)(b, flat)  # noqa: E731
+    assert _check(fo, *pair, bev=two, fall_offs=[fo, fo]) is None
+
+
+def test_voxels_a_beam_does_not_reach_never_refuse(fo):
+    """A voxel outside a beam's level (zero dose per unit fluence) gives that beam no say: the
+    check can only refuse through beams that reach both voxels."""
+    def unreached(b, flat):
+        u, v, w = _bev_beam_along_y(b, flat)
+        return u, v, np.zeros_like(w)
+
+    assert _check(fo, (0, 10, 10), 57.0, (0, 12, 10), 47.0, bev=unreached) is None
+
+
+def test_a_held_band_above_the_plateau_raises_it(fo):
+    """A hot spot held at 80-85 Gy near the request: the plateau is 85 Gy, not 64.2, so a fall
+    the 64.2 Gy plateau could not make becomes possible."""
+    pin_low = ((0, 10, 10), 57.0, (0, 10, 12), 22.0)  # needs 35 Gy over 2 mm: 28 Gy at 64.2 Gy
+    assert _check(fo, *pin_low) is not None
+    held = [HeldGroup("pin 'cord'", _flat((0, 10, 12)), np.array([0.0]), np.array([22.0])),
+            HeldGroup("pin 'hot'", _flat((0, 20, 20)), np.array([80.0]), np.array([85.0]))]
+    assert find_infeasible(_flat((0, 10, 10)), np.array([57.0]), np.array([59.0]), held, shape_zyx=SHAPE,
+                           spacing_mm_zyx=SP, bev=_bev_beam_along_y, pitch_mm=[1.0], fall_offs=[fo],
+                           plateau_gy=64.2) is None
     # Far beyond the reach nothing is checked.
     assert _check(fo, (0, 10, 10), 57.0, (0, 10, 35), 0.0) is None

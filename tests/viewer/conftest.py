@@ -79,8 +79,7 @@ def oar_rim_voxel(session) -> tuple[int, int, int]:
 def conflicting_requests(session):
     """A pin around the OAR rim voxel m, then a voxel 2 voxels (8 mm) anterior of m, just outside
     the pin, set to 45 % of the prescription: recovery cannot keep both (a pin conflict and the
-    request's own voxel short of what was asked, on the coarse horseshoe). (20 % there is
-    refused up front: no beam's dose falls that fast from the target voxel beside it.)"""
+    request's own voxel short of what was asked, on the coarse horseshoe)."""
     from ids_engine.dmr import Pin, SetVoxelDose
 
     m = oar_rim_voxel(session)
