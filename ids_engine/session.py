@@ -880,6 +880,7 @@ class Session:
         tighter band, and its own name)."""
         if resolved.feature_voxels.size == 0:
             return
+
         def group(name, vox):
             vox = np.asarray(vox, np.int64)
             vox = vox[np.isin(vox, resolved.feature_voxels, invert=True)]
