@@ -29,8 +29,10 @@ from scipy import ndimage
 from ids_engine import __version__, backend
 from ids_engine._files import FolderLock, FolderLockedError, atomic_npz, atomic_text, fsync_folder
 from ids_engine.dmr import (
+    EraseSpot,
     Modifier,
     Pin,
+    RecoveryOptions,
     RequestError,
     ResolveContext,
     Resolved,
@@ -827,8 +829,12 @@ class Session:
             before_ms = (time.perf_counter() - t0) * 1000
             self.engine.apply_log = []
             try:
+                # The request touch-up (see dmr/_recovery.py) for set-voxel requests and drags, not
+                # for erases (measured: erasing the optimised horseshoe's OAR hot spot, it kept a
+                # state with a higher OAR maximum) nor drag previews (their few steps are a sketch).
+                touchup = side_effects and not isinstance(req, EraseSpot)
                 mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
-                                                                    cancel, progress)
+                                                                    cancel, progress, touchup)
                 repaired = False
                 if before_cube is not None and resolved.feature_voxels.size:
                     t0 = time.perf_counter()
@@ -933,8 +939,9 @@ class Session:
         return h.u_cells[p].astype(np.float64), h.v_cells[p].astype(np.float64), w.astype(np.float64)
 
     def _modify_recover(self, req, resolved: Resolved, watch: Watch, timings: dict, recovery_steps, cancel,
-                        progress) -> tuple:
-        """Modification and recovery of a resolved request: (modification, recovery, conflicts, patches)."""
+                        progress, touchup: bool = True) -> tuple:
+        """Modification and recovery of a resolved request: (modification, recovery, conflicts, patches).
+        ``touchup``: recovery may end with the request touch-up (``RecoveryOptions.touchup_steps``)."""
         t0 = time.perf_counter()
         if resolved.voxels.size == 1 and not resolved.guard_voxels.size:
             mod = self.modifier.modify(resolved.voxels, resolved.target_gy)
@@ -949,7 +956,8 @@ class Session:
         t0 = time.perf_counter()
         rec = None
         if steps > 0:
-            rec = recover(self.modifier, watch, steps=steps, cancel=cancel, progress=progress)
+            opts = RecoveryOptions() if touchup else RecoveryOptions(touchup_steps=0)
+            rec = recover(self.modifier, watch, steps=steps, options=opts, cancel=cancel, progress=progress)
             timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
             final = rec.final_gy
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ids_engine import backend
-from ids_engine.dmr import EraseSpot, MoveIsodoseSurface, SetVoxelDose
+from ids_engine.dmr import EraseSpot, MoveIsodoseSurface, RecoveryOptions, SetVoxelDose
 from ids_engine.dose import DoseEngine, FluencePatch
 from ids_engine.model import Beam
 from ids_engine.session import Session
@@ -41,7 +41,8 @@ def test_session_request_same_on_both_backends(xp_name):
     m = (int(c[0]), int(np.flatnonzero(oar[c[0], :, c[2]]).min()), int(c[2]))
     res = s.run(SetVoxelDose(m, 36.0), recovery_steps=5)
     assert abs(res.after_modification_gy[0] - 36.0) < 0.5
-    assert res.recovery_steps <= 5
+    # (up to 5 steps, and the request touch-up's solves when the best state missed the voxel)
+    assert res.recovery_steps <= 5 + RecoveryOptions().touchup_steps
     # A joint request (modify_joint, compensation columns, the batched matrix) and an erase.
     ptv = s.patient.structure("PTV").mask
     k, i = m[0] + 4, m[2]  # a slice 16 mm from the voxel request
