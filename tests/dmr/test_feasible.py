@@ -152,3 +152,19 @@ def test_a_held_band_above_the_plateau_raises_it(fo):
                            plateau_gy=64.2) is None
     # Far beyond the reach nothing is checked.
     assert _check(fo, (0, 10, 10), 57.0, (0, 10, 35), 0.0) is None
+
+
+def test_only_the_nearest_held_voxels_within_reach_are_checked(fo):
+    """Per request voxel, the 8 nearest held voxels of a group within 20 mm: a held voxel that
+    would refuse the request is checked when it is among them, and missed (the documented
+    approximation) when 8 nearer voxels of its group stand between."""
+    low_far = (0, 10, 14)  # 4 mm away across the beam, held <= 5 Gy: needs 52 Gy, 0.77 x 64.2 possible
+    req = ((0, 10, 10), 57.0)
+    assert _check(fo, *req, low_far, 5.0) is not None
+    near = [(0, 10 + dy, 10 + dx) for dy, dx in ((-1, 1), (1, 1), (-1, -1), (1, -1), (0, 2), (0, -2), (2, 0), (-2, 0))]
+    vox = np.concatenate([_flat(z) for z in near] + [_flat(low_far)])
+    held = [HeldGroup("pin 'cord'", np.sort(vox), np.zeros(vox.size),
+                      np.where(np.sort(vox) == _flat(low_far)[0], 5.0, 64.2))]
+    kw = dict(shape_zyx=SHAPE, spacing_mm_zyx=SP, bev=_bev_beam_along_y, pitch_mm=[1.0], fall_offs=[fo], plateau_gy=64.2)
+    assert find_infeasible(_flat(req[0]), np.array([57.0]), np.array([59.0]), held, **kw) is None
+    assert find_infeasible(_flat(req[0]), np.array([57.0]), np.array([59.0]), held, nearest=9, **kw) is not None
