@@ -562,18 +562,18 @@ class Session:
         return float(percent_of_prescription) / 100.0 * self.prescription_gy
 
     # ------------------------------------------------------------------ resolving
+    def _dose_at(self, flat) -> np.ndarray:
+        """The current dose (Gy, float64 host array) at flat CT indices."""
+        return backend.asnumpy(self.engine.dose_at_voxels(np.asarray(flat, np.int64))).astype(np.float64)
+
     def resolve_context(self, max_voxels: int | None = None) -> ResolveContext:
         """What the request resolvers may read (the current dose, the grid, the options)."""
         g = self.patient.grid
         rx = self.prescription_gy
         opts = self.options
-
-        def dose_at(flat):
-            return backend.asnumpy(self.engine.dose_at_voxels(np.asarray(flat, np.int64))).astype(np.float64)
-
         return ResolveContext(
             shape_zyx=tuple(g.shape_zyx), spacing_mm_zyx=tuple(g.spacing_mm_zyx), body_mask=self.engine.body_mask,
-            dose_at=dose_at, structure_mask=lambda name: self.patient.structure(name).mask, prescription_gy=rx,
+            dose_at=self._dose_at, structure_mask=lambda name: self.patient.structure(name).mask, prescription_gy=rx,
             max_voxels=int(max_voxels or opts.max_request_voxels), edge_margin_pct=opts.edge_margin_pct,
             feature_tolerance_gy=opts.feature_tolerance_pct / 100.0 * rx, max_dose_gy=opts.max_request_pct / 100.0 * rx,
             overshoot_gy=opts.tolerance_pct / 100.0 * rx)
@@ -916,11 +916,7 @@ class Session:
         a, b, _ = resolved.drag
         level = float(req.level_gy)
         g = self.patient.grid
-
-        def dose_at(flat):
-            return backend.asnumpy(self.engine.dose_at_voxels(np.asarray(flat, np.int64))).astype(np.float64)
-
-        c = drag_landing_mm(lambda pts: trilinear(dose_at, g.shape_zyx, pts), g.spacing_mm_zyx, a, b, level,
+        c = drag_landing_mm(lambda pts: trilinear(self._dose_at, g.shape_zyx, pts), g.spacing_mm_zyx, a, b, level,
                             signed=True, shape_zyx=g.shape_zyx)
         if c is None:
             detail = f"the {level:g} Gy isodose no longer crosses the drag line within 10 mm of its end"

@@ -226,6 +226,17 @@ def _row_key(row: int):
     return np.int16(row) if -32768 <= row <= 32767 else row
 
 
+def _take_back(modifier, patches: list, n_keep: int, vox: np.ndarray) -> np.ndarray:
+    """Take back ``patches[n_keep:]`` in one patch per beam (appended to ``patches``; clipped:
+    the float32 sum of the tail can overshoot zero fluence by round-off); returns the watch's
+    dose read after it."""
+    eng = modifier.engine
+    back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[n_keep:]]))
+    eng.apply_patches(back)
+    patches.extend(back)
+    return backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
+
+
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
     """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one."""
     kept: list[int] = []
@@ -465,17 +476,22 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     low_j = (np.inf, 0, 0)  # the lowest J seen: (J, step, patches applied before it)
     hard_eps = max(1e-3 * float(np.nanmax(np.abs(np.where(np.isfinite(watch.goal), watch.goal, 0)))), 1e-6)
     n_done = 0
+
+    def state_key(dose_gy):
+        """(J, rank, violation) of a state: the best state has the request's own voxels and
+        the pins in band first (their largest violation, ignoring round-off), then the lowest
+        J. A state that keeps what the planner asked for beats one with a lower sum that gives
+        it up."""
+        v = watch.violation(dose_gy)
+        j = float(np.sum(watch.weight * v**2))
+        return j, (round(float(v[hard].max()) / hard_eps) if hard.any() else 0, j), v
+
     # The watch's dose: read once here, then carried by each solve (one device read per step).
     dose = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
     for step in range(steps + 1):
         t0 = time.perf_counter()
-        viol = watch.violation(dose)
-        obj = float(np.sum(watch.weight * viol**2))
+        obj, key, viol = state_key(dose)
         objective.append(obj)
-        # Best state: the request's own voxels and the pins first (their largest violation,
-        # ignoring round-off), then the objective. A state that keeps what the planner asked
-        # for beats one with a lower sum that gives it up.
-        key = (round(float(viol[hard].max()) / hard_eps) if hard.any() else 0, obj)
         if key < best_key:
             best_key, best_step, best_n_patches = key, step, len(patches)
         if obj < low_j[0]:
@@ -513,10 +529,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         # state kept them but is worse elsewhere): from there, solve for them alone.
         t0 = time.perf_counter()
         if len(patches) > low_j[2]:
-            back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[low_j[2]:]]))
-            eng.apply_patches(back)
-            patches.extend(back)
-            dose = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
+            dose = _take_back(modifier, patches, low_j[2], vox)
         for _ in range(opts.touchup_steps):
             viol = watch.violation(dose)
             off = np.flatnonzero(hard & (viol > hard_eps))
@@ -537,21 +550,15 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
             n_done += 1
             if not res.accepted:
                 break
-        viol = watch.violation(dose)
-        obj = float(np.sum(watch.weight * viol**2))
+        obj, key, viol = state_key(dose)
         objective.append(obj)
-        key = (round(float(viol[hard].max()) / hard_eps), obj)
         if key < best_key:
             best_key, best_step, best_n_patches = key, len(objective) - 1, len(patches)
         timings["request_touchup"] = (time.perf_counter() - t0) * 1000
     if best_step < len(objective) - 1 and len(patches) > best_n_patches:
         # Back to the best state seen: take the tail of patches back in one patch per beam.
         t0 = time.perf_counter()
-        # (clipped: the float32 sum of the tail can overshoot zero fluence by round-off)
-        back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[best_n_patches:]]))
-        eng.apply_patches(back)
-        patches.extend(back)
-        dose = backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
+        dose = _take_back(modifier, patches, best_n_patches, vox)
         timings["return_to_best"] = (time.perf_counter() - t0) * 1000
     backend.synchronize()
     remaining = int(np.count_nonzero(watch.violation(dose) > 1e-6))
