@@ -30,8 +30,10 @@ case.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
+import time
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["DeviceArray", "Ledger", "counting", "devicecost", "register_raw_kernel"]
+__all__ = ["DeviceArray", "GpuCostModel", "Ledger", "counting", "devicecost", "register_raw_kernel"]
 
 _HERE = str(Path(__file__).resolve())
 _NUMPY_DIR = str(Path(np.__file__).resolve().parent)
@@ -58,6 +60,16 @@ class Ledger:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     sites: Counter = field(default_factory=Counter)  # (kind, "file:line function") -> count
+    # Seconds: the whole ``counting()`` block, and the part spent inside counted device
+    # operations (the NumPy work standing in for kernels, copies and the counting itself).
+    wall_s: float = 0.0
+    device_s: float = 0.0
+
+    @property
+    def host_s(self) -> float:
+        """Seconds of host work in the block: what would still run on the host with a GPU (the
+        Python and NumPy work outside device operations), measured on this CPU."""
+        return max(self.wall_s - self.device_s, 0.0)
 
     def add(self, kind: str, n: int = 1, nbytes: int = 0) -> None:
         setattr(self, kind, getattr(self, kind) + n)
@@ -75,6 +87,45 @@ class Ledger:
     def summary(self) -> dict:
         return {"launches": self.launches, "syncs": self.syncs, "h2d": self.h2d, "d2h": self.d2h,
                 "h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes}
+
+    def gpu_estimate_ms(self, model: "GpuCostModel | None" = None) -> dict:
+        """A GPU latency estimate for the block from its counts and its measured host work
+        (see :class:`GpuCostModel`): ``{"host_ms", "launch_ms", "sync_ms", "transfer_ms",
+        "total_ms"}``."""
+        return (model or GpuCostModel()).estimate_ms(self)
+
+
+@dataclass(frozen=True)
+class GpuCostModel:
+    """What a block of engine work would cost on a GPU, from what the counting backend measures.
+
+    ``total = host + launches * launch_us + syncs * sync_us + bytes / bandwidth``:
+
+    * **host**: the block's host work measured on this CPU (:attr:`Ledger.host_s`: the wall
+      time less the time inside counted device operations). A GPU does not shorten it.
+    * **launch_us**: CuPy's host-side cost of one kernel call (argument packing, the launch;
+      5-10 us on current CPUs for an elementwise kernel, more for FFT plans and reductions).
+    * **sync_us**: one device-to-host read (a stream synchronisation and a small copy, about
+      10-20 us; the kernels in flight before it are assumed to take less than the host
+      work between syncs, which holds here: the whole DMR step is a few MB of memory traffic).
+    * **bandwidth**: pageable host memory over PCIe (about 10-12 GB/s in practice).
+
+    The kernels' own execution time is not added (on an H100 the largest, a 9-beam
+    incremental update, moves a few MB: microseconds). It is a model, not a measurement: a GPU
+    run (``bench/gpu_check.sh``) replaces it."""
+
+    launch_us: float = 8.0
+    sync_us: float = 15.0
+    h2d_gb_s: float = 10.0
+    d2h_gb_s: float = 10.0
+
+    def estimate_ms(self, led: "Ledger") -> dict:
+        host = 1e3 * led.host_s
+        launch = 1e-3 * self.launch_us * led.launches
+        sync = 1e-3 * self.sync_us * led.syncs
+        transfer = 1e3 * (led.h2d_bytes / (self.h2d_gb_s * 1e9) + led.d2h_bytes / (self.d2h_gb_s * 1e9))
+        return {"host_ms": host, "launch_ms": launch, "sync_ms": sync, "transfer_ms": transfer,
+                "total_ms": host + launch + sync + transfer}
 
 
 _LEDGERS: list[Ledger] = []
@@ -103,15 +154,50 @@ def _count(kind: str, n: int = 1, nbytes: int = 0) -> None:
 
 @contextlib.contextmanager
 def counting():
-    """Count the device operations of the block: ``with counting() as c: ...; c.launches``."""
+    """Count the device operations of the block: ``with counting() as c: ...; c.launches``.
+
+    Also times the block (``c.wall_s``) and the part spent in device operations
+    (``c.device_s``), so ``c.host_s`` is the block's host work."""
     led = Ledger()
     with _LOCK:
         _LEDGERS.append(led)
+    t0 = time.perf_counter()
     try:
         yield led
     finally:
+        led.wall_s = time.perf_counter() - t0
         with _LOCK:
             _LEDGERS.remove(led)
+
+
+_DEPTH = threading.local()
+
+
+def _device_op(fn):
+    """Time ``fn`` as device work on the active ledgers (the outermost call only: a device
+    operation that calls another is timed once)."""
+
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        depth = getattr(_DEPTH, "n", 0)
+        if depth or not _LEDGERS:
+            _DEPTH.n = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _DEPTH.n = depth
+        _DEPTH.n = 1
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            _DEPTH.n = 0
+            with _LOCK:
+                for led in _LEDGERS:
+                    led.device_s += dt
+
+    return timed
 
 
 # --------------------------------------------------------------------------- arrays
@@ -355,7 +441,12 @@ def _reduction(name: str):
 
 for _name in ("sum", "prod", "max", "min", "mean", "any", "all", "argmax", "argmin", "cumsum", "std", "var",
               "clip", "round", "conj", "repeat", "take", "sort", "argsort", "flatten"):
-    setattr(DeviceArray, _name, _reduction(_name))
+    setattr(DeviceArray, _name, _device_op(_reduction(_name)))
+# The methods that do device work (or read the device) are timed as device work; views and
+# attributes are not.
+for _name in ("get", "item", "__array_ufunc__", "__getitem__", "__setitem__", "reshape", "astype", "copy", "fill",
+              "nonzero", "dot", "__matmul__", "__rmatmul__"):
+    setattr(DeviceArray, _name, _device_op(getattr(DeviceArray, _name)))
 
 
 # --------------------------------------------------------------------------- the module
@@ -370,6 +461,7 @@ _NOT_IN_CUPY = {"vectorize", "frompyfunc", "fromfunction", "loadtxt", "genfromtx
                 "set_printoptions", "printoptions"}
 
 
+@_device_op
 def _asarray(a, dtype=None, order=None, copy=None, **_):
     host = _h2d(a)
     if not isinstance(a, DeviceArray):
@@ -383,6 +475,7 @@ def _asarray(a, dtype=None, order=None, copy=None, **_):
     return a
 
 
+@_device_op
 def _array(a, dtype=None, copy=True, order="K", **_):
     if isinstance(a, DeviceArray):
         if not copy and (dtype is None or np.dtype(dtype) == a.dtype):
@@ -392,6 +485,7 @@ def _array(a, dtype=None, copy=True, order="K", **_):
     return DeviceArray(np.array(_h2d(a), dtype=dtype, order=order))
 
 
+@_device_op
 def _ascontiguousarray(a, dtype=None, **_):
     if isinstance(a, DeviceArray):
         if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
@@ -401,6 +495,7 @@ def _ascontiguousarray(a, dtype=None, **_):
     return DeviceArray(np.array(_h2d(a), dtype=dtype, order="C"))  # a copy: no aliasing of host memory
 
 
+@_device_op
 def _asnumpy(a, stream=None, **_):
     if isinstance(a, DeviceArray):
         return a.get()
@@ -420,7 +515,7 @@ def _function(name: str, fn):
 
     wrapper.__name__ = name
     wrapper.__doc__ = f"Counting stand-in for cupy.{name}."
-    return wrapper
+    return _device_op(wrapper)
 
 
 class _Namespace(types.ModuleType):
@@ -469,6 +564,7 @@ class _RawFunction:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    @_device_op
     def __call__(self, grid, block, args, **kwargs):
         twin = _RAW_TWINS.get(self.name)
         if twin is None:
@@ -503,6 +599,7 @@ def register_raw_kernel(name: str, twin) -> None:
     _RAW_TWINS[name] = twin
 
 
+@_device_op
 def _fftconvolve(in1, in2, mode="full", axes=None):
     from scipy.signal import fftconvolve
 
@@ -511,6 +608,7 @@ def _fftconvolve(in1, in2, mode="full", axes=None):
     return DeviceArray(np.asarray(fftconvolve(a, b, mode=mode, axes=axes), dtype=np.result_type(a, b)))
 
 
+@_device_op
 def _scatter_add(a, slices, value):
     target = _unwrap(a, "cupyx.scatter_add")
     _count("launches")
@@ -540,6 +638,7 @@ class _CscMatrix:
 
         return sp.csc_matrix((self.data._a, self.indices._a, self.indptr._a), shape=self.shape)
 
+    @_device_op
     def get(self, stream=None):
         _count("syncs")
         for a in (self.data, self.indices, self.indptr):
@@ -549,10 +648,12 @@ class _CscMatrix:
     def tocsc(self, copy=False):
         return self
 
+    @_device_op
     def toarray(self):
         _count("launches")
         return DeviceArray(self._host().toarray())
 
+    @_device_op
     def __matmul__(self, other):
         if not isinstance(other, DeviceArray):
             raise TypeError(f"Unsupported type {type(other)} (a host operand of a device sparse matrix product: "
@@ -588,6 +689,7 @@ class _CooMatrix:
     nnz = property(lambda self: int(self.data.shape[0]))
     dtype = property(lambda self: self.data.dtype)
 
+    @_device_op
     def tocsc(self, copy=False) -> _CscMatrix:
         import scipy.sparse as sp  # noqa: PLC0415
 

@@ -174,3 +174,32 @@ def test_the_backend_switch(monkeypatch):
         assert c.syncs == 2 and isinstance(h, np.ndarray)
     finally:
         backend.reset_backend()
+
+
+def test_the_ledger_splits_host_work_from_device_work():
+    import time
+
+    from ids_engine._devicecost import GpuCostModel
+
+    a = dc.ones((400, 400), dc.float32)
+    with counting() as c:
+        time.sleep(0.05)  # host work: not inside any device operation
+        for _ in range(5):
+            a = dc.sqrt(a * 1.0001 + 0.5)  # device work, timed as such
+        host_copy = a.get()  # a read: device work and a sync
+    assert host_copy.shape == (400, 400)
+    assert c.wall_s >= 0.05 and c.device_s > 0
+    assert c.host_s == pytest.approx(c.wall_s - c.device_s)
+    assert 0.05 <= c.host_s < c.wall_s
+    with counting() as inner_outer:
+        dc.cumsum(dc.ones(1000, dc.float32))  # a device op calling others is timed once
+    assert inner_outer.device_s <= inner_outer.wall_s
+    # The model: host + launches x launch cost + syncs x sync cost + bytes / bandwidth.
+    m = GpuCostModel(launch_us=10.0, sync_us=20.0, h2d_gb_s=1.0, d2h_gb_s=2.0)
+    est = m.estimate_ms(c)
+    assert est["launch_ms"] == pytest.approx(c.launches * 0.01)
+    assert est["sync_ms"] == pytest.approx(c.syncs * 0.02)
+    assert est["transfer_ms"] == pytest.approx(1e3 * (c.h2d_bytes / 1e9 + c.d2h_bytes / 2e9))
+    assert est["host_ms"] == pytest.approx(1e3 * c.host_s)
+    assert est["total_ms"] == pytest.approx(sum(est[k] for k in ("host_ms", "launch_ms", "sync_ms", "transfer_ms")))
+    assert c.gpu_estimate_ms(m) == est

@@ -129,6 +129,24 @@ def test_move_isodose_line_outwards_and_inwards(session):
     assert np.median(d2[swept] - d[swept]) > 0
 
 
+def test_a_drag_repeated_where_the_line_already_is_says_so_and_changes_nothing(session):
+    s = session
+    level = 0.95 * RX
+    c = np.argwhere(s.patient.structure("OAR").mask).mean(axis=0).round().astype(int)
+    k, i = int(c[0]), int(c[2])
+    d = s.dose()[k, :, i]
+    y1 = int(np.flatnonzero(d >= level)[0])  # the target's anterior 95 % edge on the OAR's column
+    y = y1 - (d[y1] - level) / (d[y1] - d[y1 - 1])
+    req = MoveIsodoseLine("z", k, level, (float(y), float(i)), (float(y - 6.0 / s.patient.grid.spacing_mm_zyx[1]), float(i)))
+    s.run(req, recovery_steps=1, max_voxels=4, side_effects=False)  # as a drag preview
+    n, after = len(s.journal), s.dose()
+    with pytest.raises(RequestError, match=r"nothing to do: the dose at its 1 voxel\(s\) is already what it asks"):
+        s.run(req, recovery_steps=1, max_voxels=4, side_effects=False)  # the same preview again
+    assert len(s.journal) == n
+    np.testing.assert_array_equal(s.dose(), after)
+    s.undo()
+
+
 def test_move_isodose_surface(session):
     s = session
     d = s.dose()
