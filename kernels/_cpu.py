@@ -11,20 +11,36 @@ where the NumPy block's padding adds a sub-ulp sliver after a ray's last step);
 the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and the CUDA
 kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
+
+:func:`rfft2_padded` and :func:`irfft2_rows` are the host FFTs of a DMR solve's read-out
+(``DoseEngine.delta_matrix``), small float32 stacks (about 50 x 50) a few hundred times a
+request: they call SciPy's pocketfft binding directly (``scipy.fft`` adds about 15 us of
+argument handling per call), and the inverse transforms only the rows that are read. Both
+equal ``scipy.fft.rfft2`` / ``irfft2`` bit for bit (the same 1-D transforms in the same order
+with the same scaling; tested); without the binding they call ``scipy.fft``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "gather_bev", "sample_weighted"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "gather_bev", "irfft2_rows",
+           "mark_under_patches", "rfft2_padded", "sample_weighted"]
+
+try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
+    from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
+except ImportError:  # pragma: no cover - depends on the SciPy version
+    _POCKETFFT = None
 
 _KERNEL = None  # the compiled loops, when numba is installed
 _SAMPLE = None
 _GATHER_BEV = None
 _DEPTH = None
+_UNDER = None
+_CAPPED = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -161,6 +177,113 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _DEPTH = _block_depth_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _under_patches_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach,
+                              mark):  # pragma: no cover - compiled
+            reach32 = np.float32(reach)
+            for b in range(bev_u2.shape[0]):
+                found = False
+                v_min = np.float32(np.inf)
+                v_max = np.float32(-np.inf)
+                any_u = False
+                u_min = np.float32(np.inf)
+                u_max = np.float32(-np.inf)
+                for j in range(cols.shape[0]):
+                    cv = bev_v2[b, cols[j]]
+                    if np.isfinite(cv):
+                        found = True
+                        v_min = min(v_min, cv)
+                        v_max = max(v_max, cv)
+                    cu = bev_u2[b, cols[j]]
+                    if not np.isnan(cu):
+                        any_u = True
+                        u_min = min(u_min, cu)
+                        u_max = max(u_max, cu)
+                if not found:
+                    continue
+                if not any_u:  # np.nanmin of all-NaN is NaN: no comparison holds
+                    u_min = np.float32(np.nan)
+                    u_max = np.float32(np.nan)
+                # As NumPy computes them: the v edges in float64 (a Python float), compared in
+                # float32 (NEP 50: the Python float is cast to the array's dtype); the u edges
+                # in float32 (a float32 scalar minus a Python float).
+                v_lo = np.float64(v_min) - reach
+                v_hi = np.float64(v_max) + reach
+                key_lo = np.int64(math.floor(v_lo))
+                key_hi = np.int64(math.floor(v_hi))
+                rows = rows2[b]
+                lo, hi = 0, rows.shape[0]
+                while lo < hi:  # searchsorted(rows, key_lo, side="left")
+                    mid = (lo + hi) // 2
+                    if np.int64(rows[mid]) < key_lo:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                a = lo
+                lo, hi = a, rows.shape[0]
+                while lo < hi:  # searchsorted(rows, key_hi, side="right")
+                    mid = (lo + hi) // 2
+                    if np.int64(rows[mid]) <= key_hi:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                v_lo32 = np.float32(v_lo)
+                v_hi32 = np.float32(v_hi)
+                u_lo32 = u_min - reach32
+                u_hi32 = u_max + reach32
+                for i in range(a, lo):
+                    bv = bv_sorted2[b, i]
+                    bu = bu_sorted2[b, i]
+                    if bv >= v_lo32 and bv < v_hi32 and bu >= u_lo32 and bu <= u_hi32:
+                        mark[order2[b, i]] = True
+
+        _UNDER = _under_patches_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _capped_d2_nb(bev_u2, bev_v2, bev_w2, capped, cols, d2_out, w_out):  # pragma: no cover - compiled
+            inf32 = np.float32(np.inf)
+            n = capped.shape[0]
+            cu_l = np.empty(cols.shape[0], np.float32)
+            cv_l = np.empty(cols.shape[0], np.float32)
+            bu_g = np.empty(n, np.float32)
+            bv_g = np.empty(n, np.float32)
+            for b in range(bev_u2.shape[0]):
+                for i in range(n):
+                    c = capped[i]
+                    bu_g[i] = bev_u2[b, c]
+                    bv_g[i] = bev_v2[b, c]
+                    w_out[b, i] = bev_w2[b, c]
+                # The columns on this beam's grid (one off it counts as an infinite distance).
+                m = 0
+                bad = False
+                for j in range(cols.shape[0]):
+                    cv = bev_v2[b, cols[j]]
+                    if np.isfinite(cv):
+                        cu_l[m] = bev_u2[b, cols[j]]
+                        cv_l[m] = cv
+                        bad = bad or np.isnan(cu_l[m])
+                        m += 1
+                drow = d2_out[b]
+                drow[:] = inf32
+                if m == 0 or bad:  # NumPy: all +inf, or NaN everywhere (which ends as +inf)
+                    continue
+                for jj in range(m):
+                    cu = cu_l[jj]
+                    cv = cv_l[jj]
+                    for i in range(n):
+                        du = bu_g[i] - cu
+                        dv = bv_g[i] - cv
+                        dj = du * du + dv * dv
+                        if dj < drow[i]:
+                            drow[i] = dj
+                # A NaN term (the beam misses the voxel: u NaN) made NumPy's minimum NaN, and
+                # NaN or an overflow ends as +inf.
+                for i in range(n):
+                    if np.isnan(bu_g[i]) or np.isnan(bv_g[i]) or not np.isfinite(drow[i]):
+                        drow[i] = inf32
+
+        _CAPPED = _capped_d2_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -214,3 +337,79 @@ def block_depth(rho_flat, ints, floats, out=None, start: int = 0, stop: int | No
         out = np.zeros(m, np.float32)
     _DEPTH(rho_flat, ints, floats, out, int(start), int(m if stop is None else stop))
     return out
+
+
+def rfft2_padded(x: np.ndarray, fshape: tuple[int, int]) -> np.ndarray:
+    """``scipy.fft.rfft2(x, fshape)`` of a float32 stack ``(..., h, w)`` zero-padded to
+    ``fshape`` (``h <= fshape[0]``, ``w <= fshape[1]``): ``(..., fshape[0], fshape[1] // 2 + 1)``
+    complex64, bit for bit."""
+    from scipy import fft as sfft
+
+    if x.dtype != np.float32:
+        raise TypeError(f"rfft2_padded: float32 input expected, got {x.dtype}")
+    if _POCKETFFT is None:  # pragma: no cover
+        return sfft.rfft2(x, fshape)
+    fshape = (int(fshape[0]), int(fshape[1]))
+    if x.shape[-2:] == fshape and x.flags.c_contiguous:
+        pad = x
+    else:  # what scipy.fft's _fix_shape does: zeros, the data copied into the corner
+        pad = np.zeros(x.shape[:-2] + fshape, np.float32)
+        pad[..., : x.shape[-2], : x.shape[-1]] = x
+    return _POCKETFFT.r2c(pad, (pad.ndim - 2, pad.ndim - 1), True, 0, None, 1)
+
+
+def irfft2_rows(spec: np.ndarray, fshape: tuple[int, int], r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of ``scipy.fft.irfft2(spec, fshape)`` (``spec`` complex64
+    ``(..., fshape[0], fshape[1] // 2 + 1)``): float32 ``(..., r1 - r0, fshape[1])``, bit for bit.
+
+    pocketfft's 2-D inverse is the 1-D inverse along the rows' axis (unscaled) followed by
+    the real inverse along the last axis, scaled by ``1 / (fshape[0] fshape[1])`` rounded from
+    long double to float32 (its ``norm_fct``); here the second pass runs on rows ``r0:r1`` only
+    (a DMR read-out needs about half of them).
+    """
+    from scipy import fft as sfft
+
+    fshape = (int(fshape[0]), int(fshape[1]))
+    if _POCKETFFT is None:  # pragma: no cover
+        return np.ascontiguousarray(sfft.irfft2(spec, fshape)[..., r0:r1, :])
+    if spec.dtype != np.complex64:
+        raise TypeError(f"irfft2_rows: complex64 input expected, got {spec.dtype}")
+    nd = spec.ndim
+    if spec.shape[-2:] != (fshape[0], fshape[1] // 2 + 1):
+        raise ValueError(f"irfft2_rows: spectrum shape {spec.shape[-2:]} does not match fshape {fshape}")
+    cols = _POCKETFFT.c2c(spec, (nd - 2,), False, 0, None, 1)
+    out = _POCKETFFT.c2r(cols[..., r0:r1, :], (nd - 1,), fshape[1], False, 0, None, 1)
+    out *= np.float32(np.longdouble(1) / np.longdouble(fshape[0] * fshape[1]))
+    return out
+
+
+def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach_cells: float,
+                       mark) -> None:
+    """Sets ``mark[i]`` for the watched voxels under the patches of columns ``cols``, in any
+    beam: per beam ``b``, those whose BEV position (``bev_u2[b]``, ``bev_v2[b]``, fine
+    fluence cells, (beams, n) float32, NaN / +inf where the beam misses the voxel) lies within
+    ``reach_cells`` of the columns' box (v in ``[min - reach, max + reach)``, u in ``[min -
+    reach, max + reach]``), found in the beam's voxels sorted by whole BEV row (``order2``
+    (beams, n) int64, ``rows2`` the sorted int16 rows, ``bu_sorted2`` / ``bv_sorted2`` the
+    positions in that order). The compiled twin of the per-beam loop in
+    ``ids_engine.dmr._recovery._Rows.select`` (the same float32 / float64 edges as NumPy
+    computes them: the same voxels, tested). Needs numba (``HAVE_NUMBA``)."""
+    if _UNDER is None:
+        raise RuntimeError("mark_under_patches needs numba (pip install ids-engine[fast])")
+    _UNDER(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, np.asarray(cols, np.int64), float(reach_cells), mark)
+
+
+def capped_distance2(bev_u2, bev_v2, bev_w2, capped, cols) -> tuple[np.ndarray, np.ndarray]:
+    """``(d2, w)``, (beams, len(capped)) float32: per beam, the squared BEV distance (fine
+    cells^2) from each voxel ``capped`` to the nearest column of ``cols`` (+inf where the beam
+    misses the voxel or every column, or where NumPy's ``minimum`` would meet a NaN), and the
+    voxel's ``bev_w2``. The compiled twin of the capped ranking's distance loop in
+    ``ids_engine.dmr._recovery._Rows.select`` (the same float32 operations: bit for bit,
+    tested); the ``exp`` stays in NumPy. Needs numba (``HAVE_NUMBA``)."""
+    if _CAPPED is None:
+        raise RuntimeError("capped_distance2 needs numba (pip install ids-engine[fast])")
+    capped = np.asarray(capped, np.int64)
+    shape = (bev_u2.shape[0], capped.shape[0])
+    d2, w = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    _CAPPED(bev_u2, bev_v2, bev_w2, capped, np.asarray(cols, np.int64), d2, w)
+    return d2, w

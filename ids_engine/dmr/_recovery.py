@@ -44,7 +44,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from ids_engine import backend
 from ids_engine.kernels import _cpu
@@ -273,8 +272,13 @@ class _Rows:
         shape = (len(eng.geometry), self.vox.size)
         self.bev_u2, self.bev_v2, self.bev_w2 = (np.empty(shape, np.float32) for _ in range(3))
         self.bev_u, self.bev_v, self.bev_w = list(self.bev_u2), list(self.bev_v2), list(self.bev_w2)
+        # Per beam (rows of (beams, voxels) blocks): the voxels ordered by whole BEV row, their
+        # rows, and their (u, v) in that order (a patch's rows are one slice).
+        self._order2 = np.empty(shape, np.int64)
+        self._rows2 = np.empty(shape, np.int16)
+        self._bu_sorted2, self._bv_sorted2 = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self.by_v = []
-        self._by_v_uv = []  # per beam: (u, v) in by_v's order (a patch's rows are one slice)
+        self._by_v_uv = []
         for b, geo in enumerate(eng.geometry):  # host copies of the geometry: no device work
             h = geo.fine.host
             bv = self.bev_v2[b]
@@ -293,9 +297,13 @@ class _Rows:
             # Ordered by whole BEV row (a radix sort of 16-bit keys): a patch's rows are one
             # slice of it, widened to whole rows and then filtered exactly.
             row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
-            order = np.argsort(row, kind="stable")
-            self.by_v.append((order, row[order]))
-            self._by_v_uv.append((self.bev_u2[b][order], bv[order]))
+            order = self._order2[b]
+            order[...] = np.argsort(row, kind="stable")
+            np.take(row, order, out=self._rows2[b])
+            np.take(self.bev_u2[b], order, out=self._bu_sorted2[b])
+            np.take(bv, order, out=self._bv_sorted2[b])
+            self.by_v.append((order, self._rows2[b]))
+            self._by_v_uv.append((self._bu_sorted2[b], self._bv_sorted2[b]))
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = watch.hard()
         always = np.flatnonzero(self.hard)
@@ -334,35 +342,18 @@ class _Rows:
         near_idx = self.ball(cols, opts.rows_radius_mm)
         near = np.zeros(self.vox.size, bool)
         near[near_idx] = True
-        dist = np.full(self.vox.size, np.inf)
-        dist[near_idx], _ = cKDTree(self.coords[cols]).query(self.coords[near_idx])
         off = np.flatnonzero(near & (viol > 0))
         off = off[np.argsort(-(w.weight * viol)[off], kind="stable")][: opts.max_rows_off]
         inband = near & (viol == 0)
         prio = np.flatnonzero(inband & (w.weight > 1.0))
-        prio = prio[np.argsort(dist[prio], kind="stable")][: opts.max_rows_priority]
+        prio = prio[np.argsort(self._distance_mm(prio, cols), kind="stable")][: opts.max_rows_priority]
         keep = np.flatnonzero(inband & (w.weight <= 1.0))
         if keep.size > opts.max_rows_keep:
             keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
         # The watched voxels under the columns' patches in any beam (each beam's voxels are
         # kept sorted by their BEV row, so the patch's rows are one slice), then those in
         # their band, not near, and with little room.
-        under = []
-        reach = self.reach_cells
-        for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
-                                                                                 self._by_v_uv):
-            cu, cv = bu_all[cols], bv_all[cols]
-            ok = np.isfinite(cv)
-            if not ok.any():
-                continue
-            v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
-            a = np.searchsorted(rows_sorted, _row_key(math.floor(v_lo)), side="left")
-            b = np.searchsorted(rows_sorted, _row_key(math.floor(v_hi)), side="right")
-            bu, bv = bu_sorted[a:b], bv_sorted[a:b]
-            under.append(order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)])
-        mark = np.zeros(self.vox.size, bool)
-        for idx in under:
-            mark[idx] = True
+        mark = self._under_patches(cols)
         mark &= ~near
         touched_all = np.flatnonzero(mark)
         slack = np.minimum(self.hi_solve[touched_all] - dose[touched_all], dose[touched_all] - w.lo[touched_all])
@@ -380,20 +371,61 @@ class _Rows:
             # All beams at once ((beams, voxels) float32, the same operations per element; a
             # column off a beam's grid is skipped there by an infinite distance).
             s2 = 2.0 * (self.reach_cells / 3.0) ** 2
-            bu, bv = np.take(self.bev_u2, capped, axis=1), np.take(self.bev_v2, capped, axis=1)
-            cu, cv = np.take(self.bev_u2, cols, axis=1), np.take(self.bev_v2, cols, axis=1)
-            skip = ~np.isfinite(cv)
-            d2 = np.full(bu.shape, np.inf, np.float32)
-            for j in range(cols.size):
-                dj = (bu - cu[:, j : j + 1]) ** 2 + (bv - cv[:, j : j + 1]) ** 2
-                if skip[:, j].any():
-                    dj[skip[:, j]] = np.inf
-                np.minimum(d2, dj, out=d2)
-            d2 = np.where(np.isfinite(d2), d2, np.inf)
-            sens = np.maximum(np.float32(0), (np.take(self.bev_w2, capped, axis=1) * np.exp(-d2 / s2)).max(axis=0))
+            d2, w_capped = self._capped_distance2(capped, cols)
+            sens = np.maximum(np.float32(0), (w_capped * np.exp(-d2 / s2)).max(axis=0))
             room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
             capped = capped[_smallest(-(sens / room), opts.max_rows_capped)]
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
+
+    def _distance_mm(self, idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(len(idx),) float64: the distance (mm) from each watched voxel ``idx`` to the nearest
+        of ``cols``: the same sums of squares in the same order as ``cKDTree.query`` (bit for
+        bit, tested), without building a tree."""
+        if not idx.size:
+            return np.zeros(0)
+        diff = self.coords[idx][:, None, :] - self.coords[cols][None, :, :]
+        return np.sqrt((diff * diff).sum(axis=2).min(axis=1))
+
+    def _under_patches(self, cols: np.ndarray) -> np.ndarray:
+        """(n,) bool: the watched voxels under the patches of columns ``cols`` in any beam (each
+        beam's voxels are sorted by BEV row, so a patch's rows are one slice of them, then
+        filtered exactly). Compiled with numba when it is installed (the same voxels)."""
+        mark = np.zeros(self.vox.size, bool)
+        reach = self.reach_cells
+        if _cpu.HAVE_NUMBA:
+            _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
+                                    self._bv_sorted2, cols, reach, mark)
+            return mark
+        for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
+                                                                                 self._by_v_uv):
+            cu, cv = bu_all[cols], bv_all[cols]
+            ok = np.isfinite(cv)
+            if not ok.any():
+                continue
+            v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
+            a = np.searchsorted(rows_sorted, _row_key(math.floor(v_lo)), side="left")
+            b = np.searchsorted(rows_sorted, _row_key(math.floor(v_hi)), side="right")
+            bu, bv = bu_sorted[a:b], bv_sorted[a:b]
+            mark[order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)]] = True
+        return mark
+
+    def _capped_distance2(self, capped: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(beams, len(capped)) float32: each beam's squared BEV distance (fine cells^2) from the
+        voxels ``capped`` to the nearest column (+inf where the beam misses the voxel or every
+        column), and the voxels' dose per unit fluence ``bev_w2``. All beams at once; compiled
+        with numba when it is installed (bit for bit the same)."""
+        if _cpu.HAVE_NUMBA:
+            return _cpu.capped_distance2(self.bev_u2, self.bev_v2, self.bev_w2, capped, cols)
+        bu, bv = np.take(self.bev_u2, capped, axis=1), np.take(self.bev_v2, capped, axis=1)
+        cu, cv = np.take(self.bev_u2, cols, axis=1), np.take(self.bev_v2, cols, axis=1)
+        skip = ~np.isfinite(cv)
+        d2 = np.full(bu.shape, np.inf, np.float32)
+        for j in range(cols.size):
+            dj = (bu - cu[:, j : j + 1]) ** 2 + (bv - cv[:, j : j + 1]) ** 2
+            if skip[:, j].any():
+                dj[skip[:, j]] = np.inf
+            np.minimum(d2, dj, out=d2)
+        return np.where(np.isfinite(d2), d2, np.inf), np.take(self.bev_w2, capped, axis=1)
 
     def solve(self, modifier, rows, cols, signs, dose, hard_weight: float = 1.0):
         """A guarded joint solve on these rows; a rejected one is tried again with per-beam

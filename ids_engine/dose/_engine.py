@@ -931,14 +931,16 @@ class DoseEngine:
         if kspec is not None:
             spectra[key] = kspec  # most recently used last
         else:
-            kspec = sfft.rfft2(np.ascontiguousarray(h.kernels[:, kr0:kr1, kc0:kc1]), fshape)
+            kspec = _cpu.rfft2_padded(h.kernels[:, kr0:kr1, kc0:kc1], fshape)
             if spectra is not None:
                 if len(spectra) >= _CROP_SPECTRA_CACHE:
                     spectra.pop(next(iter(spectra)))
                 spectra[key] = kspec
-        spec = sfft.rfft2(stack.astype(np.float32, copy=False), fshape)[:, None] * kspec[None]
-        part = sfft.irfft2(spec, fshape)[..., : shape[0], : shape[1]]  # (k, nc, ., .) float32
-        dmaps = np.ascontiguousarray(part[:, :, lr - kr0 : hr - kr0, lc - kc0 : hc - kc0])
+        spec = _cpu.rfft2_padded(stack, fshape)[:, None] * kspec[None]
+        # Only the rows read (lr - kr0 : hr - kr0 <= shape[0]) are transformed back: (k, nc, ., .)
+        # float32, bit for bit the rows of scipy.fft.irfft2(spec, fshape).
+        part = _cpu.irfft2_rows(spec, fshape, lr - kr0, hr - kr0)
+        dmaps = np.ascontiguousarray(part[:, :, :, lc - kc0 : hc - kc0])
         nc = dmaps.shape[1]
         origin = (r0 - hk + lr, c0 - hk + lc)
         if _cpu.HAVE_NUMBA:
