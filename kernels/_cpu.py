@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 __all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "gather_bev", "irfft2_rows",
-           "mark_under_patches", "rfft2_padded", "sample_weighted"]
+           "level_rows", "mark_under_patches", "rfft2_padded", "sample_weighted"]
 
 try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
     from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
@@ -41,6 +41,7 @@ _GATHER_BEV = None
 _DEPTH = None
 _UNDER = None
 _CAPPED = None
+_LEVEL_ROWS = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -284,6 +285,33 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _CAPPED = _capped_d2_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _level_rows_nb(position, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds):  # pragma: no cover
+            found = False
+            inf32 = np.float32(np.inf)
+            v_min, v_max, u_min, u_max = inf32, -inf32, inf32, -inf32
+            for i in range(level_index.shape[0]):
+                pos = position[level_index[i]]
+                here = pos >= 0
+                p = pos if here else 0
+                ok[i] = here
+                vi = v_cells[p]
+                ui = u_cells[p]
+                v[i] = vi
+                u[i] = ui
+                for c in range(weights.shape[0]):
+                    w[c, i] = weights[c, p]
+                if here and np.isfinite(vi) and np.isfinite(ui):
+                    found = True
+                    v_min = min(v_min, vi)
+                    v_max = max(v_max, vi)
+                    u_min = min(u_min, ui)
+                    u_max = max(u_max, ui)
+            bounds[0], bounds[1], bounds[2], bounds[3] = v_min, v_max, u_min, u_max
+            return found
+
+        _LEVEL_ROWS = _level_rows_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -413,3 +441,20 @@ def capped_distance2(bev_u2, bev_v2, bev_w2, capped, cols) -> tuple[np.ndarray, 
     d2, w = np.empty(shape, np.float32), np.empty(shape, np.float32)
     _CAPPED(bev_u2, bev_v2, bev_w2, capped, np.asarray(cols, np.int64), d2, w)
     return d2, w
+
+
+def level_rows(position, v_cells, u_cells, weights, level_index):
+    """One pass over level voxels ``level_index``: ``ok`` (position >= 0), ``v``, ``u`` ((n,)
+    float32, of position 0 where not ok), ``weights`` ((nc, n) float32, contiguous) at
+    ``position[level_index]``, and the float32 min / max of v and u over the ok voxels with
+    finite v and u (None when there is none): what ``_LevelRows.of`` computes with NumPy
+    (the same values: gathers and min / max only). Needs numba (``HAVE_NUMBA``)."""
+    if _LEVEL_ROWS is None:
+        raise RuntimeError("level_rows needs numba (pip install ids-engine[fast])")
+    n = level_index.shape[0]
+    ok = np.empty(n, np.bool_)
+    v, u = np.empty(n, np.float32), np.empty(n, np.float32)
+    w = np.empty((weights.shape[0], n), np.float32)
+    bounds = np.empty(4, np.float32)
+    found = _LEVEL_ROWS(position, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds)
+    return ok, v, u, w, (tuple(float(b) for b in bounds) if found else None)

@@ -167,6 +167,11 @@ class _LevelRows:
     @staticmethod
     def of(lvl: Level, level_index: np.ndarray) -> "_LevelRows":
         h = lvl.host
+        if _cpu.HAVE_NUMBA and h.weights.dtype == np.float32 and h.v_cells.dtype == np.float32 \
+                and h.u_cells.dtype == np.float32:
+            ok, v, u, w, mm = _cpu.level_rows(h.position, h.v_cells, h.u_cells, h.weights, level_index)
+            bounds = None if mm is None else tuple(math.floor(x) for x in mm)
+            return _LevelRows(int(level_index.shape[0]), ok, v, u, w, bounds)
         pos = h.position[level_index]
         ok = pos >= 0
         p = np.where(ok, pos, 0)
