@@ -42,6 +42,7 @@ _DEPTH = None
 _UNDER = None
 _CAPPED = None
 _LEVEL_ROWS = None
+_SORT_BY_ROW = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -312,6 +313,41 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _LEVEL_ROWS = _level_rows_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _sort_by_row_nb(bu, bv, missing, order, rows, bu_sorted, bv_sorted, key):  # pragma: no cover
+            n = bv.shape[0]
+            k_min, k_max = 32767, -32768
+            for i in range(n):
+                if missing[i]:
+                    k = 32767
+                else:
+                    f = np.floor(bv[i])
+                    if np.isnan(f):
+                        return False  # NumPy's float -> int16 cast of NaN: left to NumPy
+                    k = np.int64(min(max(f, np.float32(-32000)), np.float32(32000)))
+                key[i] = k
+                k_min = min(k_min, k)
+                k_max = max(k_max, k)
+            if n == 0:
+                return True
+            # A counting sort: stable, so the same permutation as argsort(kind="stable").
+            start = np.zeros(k_max - k_min + 2, np.int64)
+            for i in range(n):
+                start[key[i] - k_min + 1] += 1
+            for j in range(1, start.shape[0]):
+                start[j] += start[j - 1]
+            for i in range(n):
+                j = key[i] - k_min
+                p = start[j]
+                start[j] = p + 1
+                order[p] = i
+                rows[p] = key[i]
+                bu_sorted[p] = bu[i]
+                bv_sorted[p] = bv[i]
+            return True
+
+        _SORT_BY_ROW = _sort_by_row_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -458,3 +494,15 @@ def level_rows(position, v_cells, u_cells, weights, level_index):
     bounds = np.empty(4, np.float32)
     found = _LEVEL_ROWS(position, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds)
     return ok, v, u, w, (tuple(float(b) for b in bounds) if found else None)
+
+
+def sort_by_row(bu, bv, missing, order, rows, bu_sorted, bv_sorted) -> bool:
+    """One beam's watched voxels ordered by whole BEV row: the key ``floor(bv)`` clipped to
+    +/-32000 (int16), 32767 where ``missing``; writes ``order`` ((n,) int64, the permutation of
+    ``argsort(key, kind="stable")``: a counting sort is stable, so the same one), ``rows``
+    (int16 keys in that order) and ``bu_sorted`` / ``bv_sorted``. Returns False, writing
+    nothing usable, where some ``bv`` not missing is NaN (NumPy's cast decides those). Needs
+    numba (``HAVE_NUMBA``)."""
+    if _SORT_BY_ROW is None:
+        raise RuntimeError("sort_by_row needs numba (pip install ids-engine[fast])")
+    return bool(_SORT_BY_ROW(bu, bv, missing, order, rows, bu_sorted, bv_sorted, np.empty(bv.shape[0], np.int64)))

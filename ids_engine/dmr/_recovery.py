@@ -117,7 +117,8 @@ class Watch:
 
     def hard(self) -> np.ndarray:
         """(n,) bool: the request's own voxels and the pins, what the best state keeps first."""
-        return np.isin(np.asarray(self.kinds, object)[self.group], ["request", "pin"])
+        per_group = np.isin(np.asarray(self.kinds, object), ["request", "pin"])
+        return per_group[self.group] if per_group.size else np.zeros(np.shape(self.group), bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,14 +295,16 @@ class _Rows:
                 self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
                 bv[...] = np.where(out, np.inf, h.v_cells[pos])
                 self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
-            # Ordered by whole BEV row (a radix sort of 16-bit keys): a patch's rows are one
+            # Ordered by whole BEV row (a stable sort of 16-bit keys): a patch's rows are one
             # slice of it, widened to whole rows and then filtered exactly.
-            row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
             order = self._order2[b]
-            order[...] = np.argsort(row, kind="stable")
-            np.take(row, order, out=self._rows2[b])
-            np.take(self.bev_u2[b], order, out=self._bu_sorted2[b])
-            np.take(bv, order, out=self._bv_sorted2[b])
+            if not (_cpu.HAVE_NUMBA and _cpu.sort_by_row(self.bev_u2[b], bv, out, order, self._rows2[b],
+                                                         self._bu_sorted2[b], self._bv_sorted2[b])):
+                row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
+                order[...] = np.argsort(row, kind="stable")
+                self._rows2[b] = row[order]
+                self._bu_sorted2[b] = self.bev_u2[b][order]
+                self._bv_sorted2[b] = bv[order]
             self.by_v.append((order, self._rows2[b]))
             self._by_v_uv.append((self._bu_sorted2[b], self._bv_sorted2[b]))
         # The request's own voxels and the pins are rows of every solve, wherever it is.

@@ -88,6 +88,7 @@ _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
 _NEIGHBOUR_CACHE = 4  # voxel sets whose coarse-neighbour tables are kept (DoseEngine._neighbours)
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
+_LEVEL_MEMO = 16  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 
 
 _POOL = None
@@ -163,6 +164,9 @@ class _LevelRows:
     u: np.ndarray  # (n,) float32 fractional column
     weights: np.ndarray  # (nc, n) float32 component weights, contiguous
     bounds: tuple | None  # floor of min / max of v and u over the usable voxels (None: none)
+    # (r0, c0, stack shape, stack bytes) -> the read-out of that stack here (read-only): a
+    # rejected DMR step's per-beam retry convolves the same per-beam stacks at the same rows
+    memo: dict = field(default_factory=dict)
 
     @staticmethod
     def of(lvl: Level, level_index: np.ndarray) -> "_LevelRows":
@@ -909,6 +913,21 @@ class DoseEngine:
                           spectra: dict | None = None) -> np.ndarray:
         """:meth:`_level_delta_batch` at level voxels whose look-ups ``rows`` holds (``spectra``:
         a cache of the cropped kernels' spectra, keyed by crop and FFT shape)."""
+        stack = np.asarray(stack, np.float32)
+        key = (int(r0), int(c0), stack.shape, stack.tobytes())
+        got = rows.memo.get(key)
+        if got is not None:
+            return got
+        out = DoseEngine._level_delta_compute(lvl, stack, r0, c0, rows, spectra)
+        out.setflags(write=False)
+        if len(rows.memo) >= _LEVEL_MEMO:
+            rows.memo.pop(next(iter(rows.memo)))
+        rows.memo[key] = out
+        return out
+
+    @staticmethod
+    def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
+                             spectra: dict | None = None) -> np.ndarray:
         h = lvl.host
         hk = lvl.half
         k = int(stack.shape[0])

@@ -119,3 +119,29 @@ def test_watch_distances_equal_a_kd_tree_query():
         ref, _ = cKDTree(rs.coords[cols]).query(rs.coords[idx])
         assert np.array_equal(rs._distance_mm(idx, cols), ref)
     assert rs._distance_mm(np.zeros(0, np.int64), np.array([1])).shape == (0,)
+
+
+@needs_numba
+def test_counting_sort_by_row_is_numpys_stable_argsort():
+    """A beam's voxels ordered by whole BEV row: the same permutation, keys and positions as
+    NumPy's stable argsort of the clipped int16 keys (ties, missed voxels, +inf, keys beyond
+    the int16 clip included); a NaN row is left to NumPy."""
+    rng = np.random.default_rng(8)
+    for n in (0, 1, 7, 5000):
+        bv = (rng.integers(-20, 40, n) + rng.random(n).round(1)).astype(np.float32)
+        bu = rng.random(n).astype(np.float32)
+        missing = rng.random(n) < 0.2
+        if n > 10:
+            bv[:3] = [np.inf, -1e6, 1e6]
+            missing[:3] = False
+        bu[missing], bv[missing] = np.nan, np.inf
+        key = np.where(missing, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
+        ref = np.argsort(key, kind="stable")
+        order, rows = np.empty(n, np.int64), np.empty(n, np.int16)
+        bu_s, bv_s = np.empty(n, np.float32), np.empty(n, np.float32)
+        assert _cpu.sort_by_row(bu, bv, missing, order, rows, bu_s, bv_s)
+        assert np.array_equal(order, ref) and np.array_equal(rows, key[ref])
+        assert np.array_equal(bu_s, bu[ref], equal_nan=True) and np.array_equal(bv_s, bv[ref])
+    bv = np.array([1.5, np.nan], np.float32)
+    out = [np.empty(2, t) for t in (np.int64, np.int16, np.float32, np.float32)]
+    assert not _cpu.sort_by_row(np.zeros(2, np.float32), bv, np.zeros(2, bool), *out)
