@@ -103,8 +103,9 @@ class GpuCostModel:
 
     * **host**: the block's host work measured on this CPU (:attr:`Ledger.host_s`: the wall
       time less the time inside counted device operations). A GPU does not shorten it.
-    * **launch_us**: CuPy's host-side cost of one kernel call (argument packing, the launch;
-      5-10 us on current CPUs for an elementwise kernel, more for FFT plans and reductions).
+    * **launch_us**: CuPy's host-side cost of one kernel call (argument packing, the launch:
+      about 11 us for an elementwise kernel in CuPy's own benchmarks, cupy/cupy#3298, less
+      since; FFT plans and reductions cost more, so 10 us is taken for every launch).
     * **sync_us**: one device-to-host read (a stream synchronisation and a small copy, about
       10-20 us; the kernels in flight before it are assumed to take less than the host
       work between syncs, which holds here: the whole DMR step is a few MB of memory traffic).
@@ -114,8 +115,8 @@ class GpuCostModel:
     incremental update, moves a few MB: microseconds). It is a model, not a measurement: a GPU
     run (``bench/gpu_check.sh``) replaces it."""
 
-    launch_us: float = 8.0
-    sync_us: float = 15.0
+    launch_us: float = 10.0
+    sync_us: float = 20.0
     h2d_gb_s: float = 10.0
     d2h_gb_s: float = 10.0
 
