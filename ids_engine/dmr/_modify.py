@@ -37,6 +37,8 @@ from ids_engine.dose import FluencePatch
 
 __all__ = ["ModificationResult", "Modifier", "StepResult"]
 
+_BASIS_CACHE = 128  # voxels whose plan-independent normalised patches are kept (Modifier._patch_basis)
+
 
 def _violation(dose, lo, hi):
     """How far each dose lies outside its band [lo, hi] (0 inside)."""
@@ -146,6 +148,51 @@ class Modifier:
         """
         eng = self.engine
         tissue = "oar" if raise_dose else "target"
+        basis = self._patch_basis(int(voxel), tissue)
+        if basis is None:
+            return []
+        boxes, starts, sizes, a = basis
+        if movable and not raise_dose:
+            psi = np.concatenate([eng.fluence_host(b)[r0 : r0 + h, c0 : c0 + w].reshape(-1)
+                                  for b, r0, c0, h, w in boxes])
+            a = np.where(psi > 0, a, 0.0)
+        live = np.logical_or.reduceat(a > 0, starts)
+        out = ((1.0 if raise_dose else -1.0) * a).astype(np.float32)
+        patches = []
+        for i, (b, r0, c0, h, w) in enumerate(boxes):
+            if live[i]:
+                patches.append(FluencePatch(b, r0, c0, out[starts[i] : starts[i] + sizes[i]].reshape(h, w)))
+        return patches
+
+    def _patch_basis(self, voxel: int, tissue: str):
+        """The plan-independent part of :meth:`normalised_patches` (eq. 2-3 before the sign and
+        the zero-fluence mask): ``(boxes, starts, sizes, a)``, every beam's box ``(beam, r0, c0,
+        h, w)`` and its amplitudes, flat float64, or None when no box lies on a fluence grid.
+        Kept for the most recent voxels (a rejected step's per-beam retry and the compensating
+        columns ask for the same voxels again), while the geometry and the TPI maps stay."""
+        eng = self.engine
+        # Valid while the beams' geometry, the TPI maps, the machines and the box size are the
+        # same objects and values (they are replaced, not changed in place).
+        token = (*eng.geometry, *self.tpi["target"], *self.tpi["oar"], *self._machines)
+        values = (self.kernel_radius_mm, self.cp_cells, self._comp)
+        cache = self.__dict__.get("_basis_cache")
+        if cache is None or len(cache[0]) != len(token) or any(x is not y for x, y in zip(cache[0], token)) \
+                or cache[1] != values:
+            cache = self.__dict__["_basis_cache"] = (token, values, {})
+        memo = cache[2]
+        key = (voxel, tissue)
+        if key in memo:
+            got = memo.pop(key)
+            memo[key] = got  # most recently used last
+            return got
+        got = self._compute_patch_basis(voxel, tissue)
+        if len(memo) >= _BASIS_CACHE:
+            memo.pop(next(iter(memo)))
+        memo[key] = got
+        return got
+
+    def _compute_patch_basis(self, voxel: int, tissue: str):
+        eng = self.engine
         tpis = self.tpi[tissue]
         cp = self.cp_cells
         proj = []
@@ -164,7 +211,6 @@ class Modifier:
             tpi_at_m.append(t[r, c])
         mean_tpi = float(np.mean(tpi_at_m))
         mu = math.log(2.0) / mean_tpi if mean_tpi > 0 else 0.0
-        sign = 1.0 if raise_dose else -1.0
         # Every beam's box at once: the same float64 operations per amplitude as one beam at a
         # time (hypot, the kernel table's interpolation, exp are elementwise), in a few NumPy
         # calls instead of a dozen per beam.
@@ -182,7 +228,7 @@ class Modifier:
                 continue
             boxes.append((b, r0, c0, r1 - r0, c1 - c0, pitch))
         if not boxes:
-            return []
+            return None
         nb = len(boxes)
         bb = np.array([x[0] for x in boxes])
         r0s, c0s, hs, ws = (np.array([x[i] for x in boxes], np.int64) for i in (1, 2, 3, 4))
@@ -209,17 +255,8 @@ class Modifier:
                 seg = slice(int(starts[i]), int(starts[i] + sizes[i]))
                 k[seg] = mc.kernel_at(self._comp, radius[seg])
         a = k * np.exp(-mu * t)
-        if movable and not raise_dose:
-            psi = np.concatenate([eng.fluence_host(b)[r0 : r0 + h, c0 : c0 + w].reshape(-1)
-                                  for b, r0, c0, h, w, _ in boxes])
-            a = np.where(psi > 0, a, 0.0)
-        live = np.logical_or.reduceat(a > 0, starts)
-        out = (sign * a).astype(np.float32)
-        patches = []
-        for i, (b, r0, c0, h, w, _) in enumerate(boxes):
-            if live[i]:
-                patches.append(FluencePatch(b, r0, c0, out[starts[i] : starts[i] + sizes[i]].reshape(h, w)))
-        return patches
+        a.setflags(write=False)
+        return [x[:5] for x in boxes], starts, sizes, a
 
     def _tpi_flat(self, tissue: str):
         """Every beam's per-amplitude TPI map of ``tissue`` (:meth:`_tpi_cells`) in one flat

@@ -131,3 +131,32 @@ def test_row_selection_compiled_equals_numpy_on_a_real_watch(s, monkeypatch):
         n_capped_ranked += int(np.count_nonzero(rows.capped[got]))
     assert n_capped_ranked > 0
     assert ptv.any()
+
+
+def test_kept_patch_bases_follow_the_fluence_and_the_tpi_maps(s):
+    """The plan-independent part of a voxel's patches is kept between calls: lowering patches
+    still leave out the amplitudes at zero fluence of the plan as it is now (after a request),
+    and new TPI maps are used as soon as they replace the old ones."""
+    mod = s.modifier
+    ptv = np.flatnonzero(s.target_mask.reshape(-1))
+    voxels = [int(v) for v in ptv[:: max(1, ptv.size // 12)]]
+
+    def same(v, raise_dose):
+        got = mod.normalised_patches(v, raise_dose)
+        ref = _reference_patches(mod, v, raise_dose)
+        return [(p.beam, p.row0, p.col0) for p in got] == [r[:3] for r in ref] \
+            and all(np.array_equal(p.delta, r[3]) for p, r in zip(got, ref))
+
+    for v in voxels:
+        assert same(v, False) and same(v, True)
+    c = np.argwhere(s.patient.structure("OAR").mask).mean(axis=0).round().astype(int)
+    s.run(SetVoxelDose((int(c[0]), int(c[1]), int(c[2])), 0.3 * RX))  # lowers fluence (undone by the fixture)
+    assert all(same(v, False) for v in voxels)
+    old = mod.tpi
+    before = mod.normalised_patches(voxels[0], True)[0].delta
+    try:
+        mod.tpi = {k: [t + 1.0 for t in ts] for k, ts in old.items()}  # (a scale would cancel in eq. 3)
+        assert all(same(v, False) and same(v, True) for v in voxels)
+        assert not np.array_equal(mod.normalised_patches(voxels[0], True)[0].delta, before)
+    finally:
+        mod.tpi = old
