@@ -342,22 +342,21 @@ class _Rows:
         region; a compensating lowering a cold one), least room first, and the hard ones."""
         opts, w = self.opts, self.watch
         cols = np.asarray(cols, np.int64)
-        near_idx = self.ball(cols, opts.rows_radius_mm)
-        near = np.zeros(self.vox.size, bool)
-        near[near_idx] = True
-        off = np.flatnonzero(near & (viol > 0))
-        off = off[np.argsort(-(w.weight * viol)[off], kind="stable")][: opts.max_rows_off]
-        inband = near & (viol == 0)
-        prio = np.flatnonzero(inband & (w.weight > 1.0))
+        near_idx = self.ball(cols, opts.rows_radius_mm)  # sorted: subsets of it are in watch order
+        viol_near = viol[near_idx]
+        off = near_idx[viol_near > 0]
+        off = off[np.argsort(-(w.weight[off] * viol[off]), kind="stable")][: opts.max_rows_off]
+        inband = near_idx[viol_near == 0]
+        prio = inband[w.weight[inband] > 1.0]
         prio = prio[np.argsort(self._distance_mm(prio, cols), kind="stable")][: opts.max_rows_priority]
-        keep = np.flatnonzero(inband & (w.weight <= 1.0))
+        keep = inband[w.weight[inband] <= 1.0]
         if keep.size > opts.max_rows_keep:
             keep = keep[np.linspace(0, keep.size - 1, opts.max_rows_keep).round().astype(int)]
         # The watched voxels under the columns' patches in any beam (each beam's voxels are
         # kept sorted by their BEV row, so the patch's rows are one slice), then those in
         # their band, not near, and with little room.
         mark = self._under_patches(cols)
-        mark &= ~near
+        mark[near_idx] = False
         touched_all = np.flatnonzero(mark)
         slack = np.minimum(self.hi_solve[touched_all] - dose[touched_all], dose[touched_all] - w.lo[touched_all])
         pick = (viol[touched_all] == 0) & (slack < opts.risk_slack_gy)
