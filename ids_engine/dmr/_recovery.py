@@ -46,6 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from ids_engine import backend
+from ids_engine.dose._engine import _cores, _pool
 from ids_engine.kernels import _cpu
 
 __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "extend_watch", "modify_joint", "recover"]
@@ -278,35 +279,15 @@ class _Rows:
         self._order2 = np.empty(shape, np.int64)
         self._rows2 = np.empty(shape, np.int16)
         self._bu_sorted2, self._bv_sorted2 = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        self.by_v = []
-        self._by_v_uv = []
-        for b, geo in enumerate(eng.geometry):  # host copies of the geometry: no device work
-            h = geo.fine.host
-            bv = self.bev_v2[b]
-            # A voxel not reached by this beam (u NaN, v +inf, w 0) is never under its patches.
-            # w: dose per unit fluence on the ray (the primary's depth dose and inverse square):
-            # how strongly a patch at this voxel's BEV position changes its dose.
-            if _cpu.HAVE_NUMBA:
-                out = _cpu.gather_bev(h.position, h.u_cells, h.v_cells, h.weights[0], self.vox, self.bev_u2[b], bv,
-                                      self.bev_w2[b])
-            else:
-                pos = h.position[self.vox]
-                out = pos < 0
-                self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
-                bv[...] = np.where(out, np.inf, h.v_cells[pos])
-                self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
-            # Ordered by whole BEV row (a stable sort of 16-bit keys): a patch's rows are one
-            # slice of it, widened to whole rows and then filtered exactly.
-            order = self._order2[b]
-            if not (_cpu.HAVE_NUMBA and _cpu.sort_by_row(self.bev_u2[b], bv, out, order, self._rows2[b],
-                                                         self._bu_sorted2[b], self._bv_sorted2[b])):
-                row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
-                order[...] = np.argsort(row, kind="stable")
-                self._rows2[b] = row[order]
-                self._bu_sorted2[b] = self.bev_u2[b][order]
-                self._bv_sorted2[b] = bv[order]
-            self.by_v.append((order, self._rows2[b]))
-            self._by_v_uv.append((self._bu_sorted2[b], self._bv_sorted2[b]))
+        if _cpu.HAVE_NUMBA and len(eng.geometry) > 1 and _cores() > 1:
+            # Compiled, without the GIL: the beams on the engine's thread pool (each writes its
+            # own rows of the blocks; the same values as one beam after the other).
+            list(_pool().map(self._fill_beam, eng.geometry, range(len(eng.geometry))))
+        else:
+            for b, geo in enumerate(eng.geometry):
+                self._fill_beam(geo, b)
+        self.by_v = [(self._order2[b], self._rows2[b]) for b in range(shape[0])]
+        self._by_v_uv = [(self._bu_sorted2[b], self._bv_sorted2[b]) for b in range(shape[0])]
         # The request's own voxels and the pins are rows of every solve, wherever it is.
         self.hard = watch.hard()
         always = np.flatnonzero(self.hard)
@@ -316,6 +297,34 @@ class _Rows:
         self.reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
         self.hi_solve = np.minimum(watch.hi, watch.cap)
         self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
+
+    def _fill_beam(self, geo, b: int) -> None:
+        """Beam ``b``'s rows of the BEV blocks and its row order (host copies of the geometry:
+        no device work)."""
+        h = geo.fine.host
+        bv = self.bev_v2[b]
+        # A voxel not reached by this beam (u NaN, v +inf, w 0) is never under its patches.
+        # w: dose per unit fluence on the ray (the primary's depth dose and inverse square):
+        # how strongly a patch at this voxel's BEV position changes its dose.
+        if _cpu.HAVE_NUMBA:
+            out = _cpu.gather_bev(h.position, h.u_cells, h.v_cells, h.weights[0], self.vox, self.bev_u2[b], bv,
+                                  self.bev_w2[b])
+        else:
+            pos = h.position[self.vox]
+            out = pos < 0
+            self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
+            bv[...] = np.where(out, np.inf, h.v_cells[pos])
+            self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
+        # Ordered by whole BEV row (a stable sort of 16-bit keys): a patch's rows are one
+        # slice of it, widened to whole rows and then filtered exactly.
+        order = self._order2[b]
+        if not (_cpu.HAVE_NUMBA and _cpu.sort_by_row(self.bev_u2[b], bv, out, order, self._rows2[b],
+                                                     self._bu_sorted2[b], self._bv_sorted2[b])):
+            row = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(bv), -32000, 32000)).astype(np.int16)
+            order[...] = np.argsort(row, kind="stable")
+            self._rows2[b] = row[order]
+            self._bu_sorted2[b] = self.bev_u2[b][order]
+            self._bv_sorted2[b] = bv[order]
 
     def ball(self, cols: np.ndarray, radius_mm: float) -> np.ndarray:
         """Watch positions (sorted) within ``radius_mm`` of the watched voxels ``cols``."""
