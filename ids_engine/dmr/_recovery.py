@@ -46,7 +46,6 @@ import numpy as np
 from scipy import ndimage
 
 from ids_engine import backend
-from ids_engine.dose._engine import _cores, _pool
 from ids_engine.kernels import _cpu
 
 __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "distance_grid", "extend_watch", "modify_joint", "recover"]
@@ -279,13 +278,8 @@ class _Rows:
         self._order2 = np.empty(shape, np.int64)
         self._rows2 = np.empty(shape, np.int16)
         self._bu_sorted2, self._bv_sorted2 = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        if _cpu.HAVE_NUMBA and len(eng.geometry) > 1 and _cores() > 1:
-            # Compiled, without the GIL: the beams on the engine's thread pool (each writes its
-            # own rows of the blocks; the same values as one beam after the other).
-            list(_pool().map(self._fill_beam, eng.geometry, range(len(eng.geometry))))
-        else:
-            for b, geo in enumerate(eng.geometry):
-                self._fill_beam(geo, b)
+        for b, geo in enumerate(eng.geometry):
+            self._fill_beam(geo, b)
         self.by_v = [(self._order2[b], self._rows2[b]) for b in range(shape[0])]
         self._by_v_uv = [(self._bu_sorted2[b], self._bv_sorted2[b]) for b in range(shape[0])]
         # The request's own voxels and the pins are rows of every solve, wherever it is.
