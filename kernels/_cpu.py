@@ -12,6 +12,16 @@ the NumPy functions in :mod:`ids_engine.kernels.pencil` stay the reference (and 
 kernel's twin), and the tests compare the two bit for bit (the same float32 operations in the same
 order, no fast-math contraction). ``IDS_NUMBA=0`` turns them off.
 
+The host work of a DMR step has compiled loops too, each the twin of NumPy code that stays the
+reference where it is used (tests compare them): :func:`level_rows` (a solve's per-beam level
+look-ups, ``_LevelRows.of``), :func:`mark_under_patches` and :func:`capped_distance2` (the
+row selection's voxels under the columns' patches and the capped voxels' squared BEV
+distances, ``_Rows.select``; the ``exp`` of the ranking stays in NumPy, whose float32 ``exp``
+a compiled loop would not reproduce bit for bit), :func:`gather_bev` and :func:`sort_by_row`
+(the watch's per-beam BEV tables and row order, ``_Rows.__init__``). They give the same rows
+and the same floats as their references (unlike :func:`sample_weighted`, whose float32 sums
+differ from NumPy's by round-off).
+
 :func:`rfft2_padded` and :func:`irfft2_rows` are the host FFTs of a DMR solve's read-out
 (``DoseEngine.delta_matrix``), small float32 stacks (about 50 x 50) a few hundred times a
 request: they call SciPy's pocketfft binding directly (``scipy.fft`` adds about 15 us of
