@@ -88,7 +88,8 @@ _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
 _NEIGHBOUR_CACHE = 4  # voxel sets whose coarse-neighbour tables are kept (DoseEngine._neighbours)
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
-_LEVEL_MEMO = 16  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
+_LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
+_LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 
 
 _POOL = None
@@ -921,6 +922,8 @@ class DoseEngine:
         """:meth:`_level_delta_batch` at level voxels whose look-ups ``rows`` holds (``spectra``:
         a cache of the cropped kernels' spectra, keyed by crop and FFT shape)."""
         stack = np.asarray(stack, np.float32)
+        if stack.nbytes > _LEVEL_MEMO_MAX[0] or stack.shape[0] * rows.n > _LEVEL_MEMO_MAX[1]:
+            return DoseEngine._level_delta_compute(lvl, stack, r0, c0, rows, spectra)
         key = (int(r0), int(c0), stack.shape, stack.tobytes())
         got = rows.memo.get(key)
         if got is not None:
