@@ -514,11 +514,12 @@ class Modifier:
         for b, items in sorted(by_beam.items()):
             r0 = min(p.row0 for _, p in items)
             c0 = min(p.col0 for _, p in items)
-            r1 = max(p.row0 + p.shape[0] for _, p in items)
-            c1 = max(p.col0 + p.shape[1] for _, p in items)
+            r1 = max(p.row0 + p.delta.shape[0] for _, p in items)
+            c1 = max(p.col0 + p.delta.shape[1] for _, p in items)
             acc = np.zeros((r1 - r0, c1 - c0), np.float64)
             for fk, p in items:
-                acc[p.row0 - r0 : p.row0 - r0 + p.shape[0], p.col0 - c0 : p.col0 - c0 + p.shape[1]] += fk * p.delta
+                ph, pw = p.delta.shape
+                acc[p.row0 - r0 : p.row0 - r0 + ph, p.col0 - c0 : p.col0 - c0 + pw] += fk * p.delta
             out.append(FluencePatch(b, r0, c0, acc.astype(np.float32)))
         return out
 

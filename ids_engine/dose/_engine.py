@@ -872,8 +872,8 @@ class DoseEngine:
             geo = self.geometry[b]
             r0 = min(p.row0 for _, p in items)
             c0 = min(p.col0 for _, p in items)
-            r1 = max(p.row0 + p.shape[0] for _, p in items)
-            c1 = max(p.col0 + p.shape[1] for _, p in items)
+            r1 = max(p.row0 + p.delta.shape[0] for _, p in items)
+            c1 = max(p.col0 + p.delta.shape[1] for _, p in items)
             f = geo.coarse_fluence_factor
             R0, C0 = r0 // f, c0 // f
             R1, C1 = -(-r1 // f), -(-c1 // f)
@@ -887,7 +887,8 @@ class DoseEngine:
             stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
             for k, p in items:
                 rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
-                stack[at[k], rr : rr + p.shape[0], cc : cc + p.shape[1]] += np.asarray(backend.asnumpy(p.delta), np.float32)
+                ph, pw = p.delta.shape
+                stack[at[k], rr : rr + ph, cc : cc + pw] += np.asarray(backend.asnumpy(p.delta), np.float32)
             if geo.fine.components:
                 rows = self._rows_of(nb, b, "fine", idx)
                 out[sel] += self._level_delta_rows(geo.fine, stack, R0 * f, C0 * f, rows, self._crop_spectra(b, "fine"))
