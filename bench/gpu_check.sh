@@ -76,13 +76,20 @@ need = {"scipy": "scipy>=1.11", "pydicom": "pydicom>=2.4", "h5py": "h5py>=3.9", 
 print(" ".join(spec for mod, spec in need.items() if importlib.util.find_spec(mod) is None))
 EOF
 )
+    # Pin numpy and CuPy to what the machine has: nothing may replace them.
+    "$PY" -m pip freeze | grep -iE '^(numpy|cupy[a-z0-9_.-]*|fastrlock)==' >"$LOGS/constraints.txt"
     if [ -n "$missing" ]; then
         echo "installing missing pure-Python dependencies: $missing"
-        # Pin numpy and CuPy to what the machine has: nothing may replace them.
-        "$PY" -m pip freeze | grep -iE '^(numpy|cupy[a-z0-9_.-]*|fastrlock)==' >"$LOGS/constraints.txt"
         "$PY" -m pip install -c "$LOGS/constraints.txt" $missing || echo "warning: could not install $missing"
     fi
+    # numba compiles the DMR host loops (row selection, read-outs): without it they fall back to
+    # NumPy and the GPU timings include slower host work. Best effort (needs a wheel or network).
+    if ! "$PY" -c 'import numba' 2>/dev/null; then
+        "$PY" -m pip install -c "$LOGS/constraints.txt" numba 2>/dev/null \
+            || echo "warning: numba not installed: the DMR host loops run in NumPy (slower host work per step)"
+    fi
     "$PY" -c 'import cupy, scipy, pytest, hypothesis, ids_engine.kernels.pencil; print("ids_engine", ids_engine.__version__, "over CuPy", cupy.__version__)'
+    "$PY" -c 'from ids_engine.kernels import _cpu; print("numba host loops:", _cpu.HAVE_NUMBA)'
 }
 # One broken test module must not hide the results of all the others.
 stage_pytest() { "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors; }
