@@ -85,7 +85,7 @@ EOF
     # numba compiles the DMR host loops (row selection, read-outs): without it they fall back to
     # NumPy and the GPU timings include slower host work. Best effort (needs a wheel or network).
     if ! "$PY" -c 'import numba' 2>/dev/null; then
-        "$PY" -m pip install -c "$LOGS/constraints.txt" numba 2>/dev/null \
+        "$PY" -m pip install --retries 0 --timeout 5 -c "$LOGS/constraints.txt" numba 2>/dev/null \
             || echo "warning: numba not installed: the DMR host loops run in NumPy (slower host work per step)"
     fi
     "$PY" -c 'import cupy, scipy, pytest, hypothesis, ids_engine.kernels.pencil; print("ids_engine", ids_engine.__version__, "over CuPy", cupy.__version__)'

@@ -1032,7 +1032,10 @@ class Session:
 
         When tissue far from the request rose by more than ``report_rise_pct`` unasked, its
         worst voxels (up to ``REPAIR_ROWS``) join the watch with the band "no higher than before
-        plus what the request asks plus ``max_rise_pct``", and recovery runs a few more steps.
+        plus what the request asks plus ``max_rise_pct``", and recovery runs a few more steps
+        (with the default options: no capped-row retry). For a drag too the band is
+        ``max_rise_pct``, not the drag's lower soft cap: the pass is there for what crossed the
+        5 % report line, and the survey figures with the 3 % drag cap were measured with it so.
         The pass is kept only if the request's own voxels and the pins are no worse, no pin,
         feature, guard or the request itself ends further outside its band than before (or
         newly outside it), the watch's objective is no worse (5 % or 0.05 Gy^2 of slack) and the

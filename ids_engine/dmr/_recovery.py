@@ -230,14 +230,16 @@ def _row_key(row: int):
     return np.int16(row) if -32768 <= row <= 32767 else row
 
 
-def _take_back(modifier, patches: list, n_keep: int, vox: np.ndarray) -> np.ndarray:
+def _take_back(modifier, patches: list, n_keep: int, vox: np.ndarray | None) -> np.ndarray | None:
     """Take back ``patches[n_keep:]`` in one patch per beam (appended to ``patches``; clipped:
     the float32 sum of the tail can overshoot zero fluence by round-off); returns the watch's
-    dose read after it."""
+    dose read after it (None, and no device read, when ``vox`` is None)."""
     eng = modifier.engine
     back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[n_keep:]]))
     eng.apply_patches(back)
     patches.extend(back)
+    if vox is None:
+        return None
     return backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
 
 
@@ -457,10 +459,12 @@ class _Rows:
             return patches, res
         idx = idx[_smallest(-(after[idx] - self.hi_solve[idx]), k)]
         first, n_first = res, len(patches)
-        _take_back(modifier, patches, 0, self.vox[:0])
+        _take_back(modifier, patches, 0, None)
         got, res = self._solve(modifier, np.union1d(rows, idx), cols, signs, dose, hard_weight)
         if not res.accepted:  # the retry found nothing good enough: the first step stands
-            again = patches[:n_first]
+            # (clipped: on the round-off of the take-back, an amplitude the first step took to
+            # zero could otherwise end a float32 ulp below it)
+            again = modifier._clip_nonnegative(modifier._combine([(1.0, patches[:n_first])]))
             modifier.engine.apply_patches(again)
             return patches + got + again, first
         return patches + got, res

@@ -81,3 +81,50 @@ def test_a_step_over_the_soft_cap_is_solved_again_and_journaled_whole(shaping_se
     excess = lambda a: float(np.maximum(a - rs.hi_solve, 0.0)[over].sum())  # noqa: E731
     assert excess(after1) < excess(after0)
     assert moved1 > 0.8 * moved0 > 0
+
+
+def test_a_rejected_retry_puts_the_first_step_back_and_journals_every_patch(shaping_session, monkeypatch):
+    """When the retry's solve is rejected, the first step stands: the engine ends where the
+    first step took it (up to the round-off of a take-back and a re-apply), no amplitude below
+    zero, and the patches returned (step, take-back, step again) replay to the engine's dose."""
+    from ids_engine.dmr import _recovery
+
+    s = shaping_session
+    old = s.options
+    eng = s.engine
+    snap = eng.snapshot()
+    first = []
+    orig = _recovery._Rows._solve
+
+    def solve_then_reject(self, *a, **kw):
+        if not first:  # the step itself
+            out = orig(self, *a, **kw)
+            first.append(out[1])
+            return out
+        first.append(None)  # the retry: rejected, the plan untouched
+        return [], dataclasses.replace(first[0], accepted=False, patches=[])
+
+    try:
+        s.options = dataclasses.replace(old, max_rise_pct=1.5, drag_max_rise_pct=1.5)
+        resolved = resolve(DRAG, s.resolve_context())
+        watch = s.build_watch(resolved)
+        rs = _Rows(s.modifier, watch, RecoveryOptions(cap_retry_rows=64))
+        dose = backend.asnumpy(eng.dose_at_voxels(rs.vox)).astype(np.float64)
+        ci = np.searchsorted(rs.vox, resolved.voxels)
+        rows = rs.select(ci, dose, watch.violation(dose))
+        blind = rows[~rs.capped[rows]]
+        sign = np.sign(resolved.target_gy - dose[ci])
+        monkeypatch.setattr(_recovery._Rows, "_solve", solve_then_reject)
+        patches, res = rs.solve(s.modifier, blind, ci, sign, dose)
+        assert len(first) == 2, "the blind step should have pushed capped voxels over and been retried"
+        assert res is first[0] and res.accepted
+        after = backend.asnumpy(eng.dose_at_voxels(rs.vox)).astype(np.float64)
+        np.testing.assert_allclose(after, res.watch_after_gy, atol=1e-3)
+        assert min(float(eng.fluence_host(b).min()) for b in range(eng.n_beams)) >= 0.0
+        cube = s.dose()
+        eng.restore(snap)
+        eng.apply_patches(patches)
+        np.testing.assert_allclose(s.dose(), cube, atol=1e-4)
+    finally:
+        s.options = old
+        eng.restore(snap)
