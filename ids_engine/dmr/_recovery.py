@@ -513,6 +513,12 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
     passes = 0
     proposed = False
     dose = backend.asnumpy(eng.dose_at_voxels(rs.vox)).astype(np.float64)
+    # The feature's and the guards' voxels are rows too (a sample), wherever they are (looked up
+    # per group, not by comparing a string per watched voxel).
+    kinds = np.asarray(watch.kinds, object)
+    extra = [np.flatnonzero((kinds == k)[watch.group]) if kinds.size else np.zeros(0, np.int64)
+             for k in ("request", "guard")]
+    extra = [e[np.linspace(0, e.size - 1, min(e.size, 64)).round().astype(int)] if e.size else e for e in extra]
     for passes in range(1, max_passes + 1):
         viol = watch.violation(dose)
         off = viol[ci] > 0
@@ -520,10 +526,6 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
             passes -= 1
             break
         rows = rs.select(ci[off], dose, viol)
-        # The feature's and the guards' voxels are rows too (a sample), wherever they are.
-        kinds = np.asarray(watch.kinds, object)[watch.group]
-        extra = [np.flatnonzero(kinds == k) for k in ("request", "guard")]
-        extra = [e[np.linspace(0, e.size - 1, min(e.size, 64)).round().astype(int)] if e.size else e for e in extra]
         rows = np.unique(np.concatenate([rows, *extra]))
         got, res = rs.solve(modifier, rows, ci[off], np.sign(goal_c[off] - dose[ci[off]]), dose)
         applied.extend(got)
