@@ -417,9 +417,10 @@ def test_a_failed_request_does_not_spoil_the_exact_undo_of_the_one_before(s, mon
 
 
 def test_a_drag_that_falls_short_says_where_its_isodose_ended(s, tmp_path):
-    """With m held at 55 %, the 95 % line dragged to 0.4 voxel (1.6 mm) from m cannot get
+    """With m held at 55 %, the 95 % line dragged to within half a voxel (2 mm) of m cannot get
     there: the request's conflict says where the isodose ended (as measured on the cube), and
-    the journal keeps it."""
+    the journal keeps it. (Whether a given end point falls short depends on float32 round-off
+    in recovery, so a few end points from 0.5 to 0.3 voxel are tried: one must fall short.)"""
     from ids_engine.evaluation import drag_landing_mm
 
     m = rim(s)
@@ -429,10 +430,14 @@ def test_a_drag_that_falls_short_says_where_its_isodose_ended(s, tmp_path):
     prof = s.dose()[k, :, i]
     jj = [r for r in range(j - 10, j) if prof[r] >= level > prof[r + 1]][-1]
     start = (jj + (prof[jj] - level) / (prof[jj] - prof[jj + 1]), float(i))
-    end = (j - 0.4, float(i))
-    res = s.run(MoveIsodoseLine("z", k, level, start, end))
-    mine = [c for c in res.conflicts if c.kind == "request"]
-    assert mine, "the drag reached m's neighbour"
+    for offset in (0.5, 0.4, 0.3):
+        end = (j - offset, float(i))
+        res = s.run(MoveIsodoseLine("z", k, level, start, end))
+        mine = [c for c in res.conflicts if c.kind == "request"]
+        if mine:
+            break
+        s.undo()
+    assert mine, "every drag reached m's neighbour"
     short = drag_landing_mm(s.dose(), s.patient.grid.spacing_mm_zyx, (k, *start), (k, *end), level, signed=True)
     assert short is not None and short < -0.5
     assert mine[0].detail == f"the 57 Gy isodose ends {abs(short):.1f} mm short of the drag end"
