@@ -128,3 +128,29 @@ def test_a_rejected_retry_puts_the_first_step_back_and_journals_every_patch(shap
     finally:
         s.options = old
         eng.restore(snap)
+
+
+def test_drag_previews_skip_the_retry_and_committed_drags_take_it(shaping_session, monkeypatch):
+    """A drag preview (``side_effects=False``: one step, a sketch the release replaces) solves
+    without the capped-row retry; the committed drag and an erase retry; a set-voxel request
+    never does."""
+    from ids_engine.dmr import _recovery
+
+    s = shaping_session
+    seen = []
+    orig = _recovery._Rows.solve
+
+    def spy(self, *a, **kw):
+        seen.append(self.opts.cap_retry_rows)
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(_recovery._Rows, "solve", spy)
+    for kwargs, want in ((dict(recovery_steps=1, max_voxels=4, side_effects=False), 0), ({}, 64)):
+        seen.clear()
+        s.run(DRAG, **kwargs)
+        s.undo()
+        assert seen and set(seen) == {want}
+    seen.clear()
+    s.run(SetVoxelDose(_rim(s), 0.55 * RX), recovery_steps=3)
+    s.undo()
+    assert seen and set(seen) == {0}
