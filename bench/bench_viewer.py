@@ -40,8 +40,8 @@ Stages (milliseconds):
   ``drag_release_engine``: the worker's time on it (undoing the previews, the full request).
   ``drag_preview_applied``: a preview's move to the window having applied its snapshot.
   ``preview_request_idle`` / ``release_request_idle``: the last drag's final request run
-  directly with the window idle, with preview settings and with full recovery: the engine's
-  cost when nothing competes with it for the CPU.
+  directly with the window idle, with the worker's preview settings (no side-effect check) and
+  with full recovery: the engine's cost when nothing competes with it for the CPU.
   ``drag_move_handler``: the synchronous handling of one mouse move on the GUI thread (the
   view's move handler and drag-preview line, the window's hover read-out and preview request;
   the redraw it schedules comes later). ``drag_frame``: the time between consecutive draws of the axial canvas while the button is
@@ -330,7 +330,9 @@ def main(argv=None) -> int:
             session.clear_redo()
         return stats(times)
 
-    stages["preview_request_idle"] = run_idle(5, recovery_steps=PREVIEW_RECOVERY_STEPS, max_voxels=PREVIEW_MAX_VOXELS)
+    # As the worker runs a preview: no side-effect check or repair (the release does them).
+    stages["preview_request_idle"] = run_idle(5, recovery_steps=PREVIEW_RECOVERY_STEPS, max_voxels=PREVIEW_MAX_VOXELS,
+                                              side_effects=False)
     stages["release_request_idle"] = run_idle(3)
 
     def cat(key):
