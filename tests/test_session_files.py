@@ -308,6 +308,8 @@ def test_bad_display_readout_and_set_plan_calls_are_refused(session):
 @pytest.mark.parametrize("field, value, match", [
     ("oar_rise_pct", -1.0, "DMROptions.oar_rise_pct must be a finite number"),
     ("max_rise_pct", float("nan"), "DMROptions.max_rise_pct must be a finite number"),
+    ("drag_max_rise_pct", -1.0, "DMROptions.drag_max_rise_pct must be a finite number"),
+    ("drag_max_rise_pct", float("inf"), "DMROptions.drag_max_rise_pct must be a finite number"),
     ("recovery_steps", -3, "DMROptions.recovery_steps must be a whole number, 0 or more"),
     ("cp_cells", 2.5, "DMROptions.cp_cells must be a whole number, 1 or more"),
     ("target_min_pct", 110.0, "target_min_pct 110.0 must be below target_max_pct"),
