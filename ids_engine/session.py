@@ -900,8 +900,7 @@ class Session:
         def group(name, vox):
             vox = np.asarray(vox, np.int64)
             vox = vox[np.isin(vox, resolved.feature_voxels, invert=True)]
-            i = np.searchsorted(watch.voxels, vox)
-            ok = (i < watch.voxels.size) & (watch.voxels[np.minimum(i, watch.voxels.size - 1)] == vox)
+            i, ok = watch.locate(vox)
             return HeldGroup(name, vox[ok], watch.lo[i[ok]], watch.hi[i[ok]])
 
         # The watch's target-coverage group never holds the request's own voxels (they are its
@@ -966,8 +965,8 @@ class Session:
             mod = modify_joint(self.modifier, watch, resolved.voxels, resolved.target_gy, options=opts)
         timings["modify"] = (time.perf_counter() - t0) * 1000
         if not mod.patches and not mod.proposed:
-            i = np.searchsorted(watch.voxels, resolved.voxels)
-            if watch.voxels.size and np.all(watch.voxels[np.minimum(i, watch.voxels.size - 1)] == resolved.voxels):
+            i, watched = watch.locate(resolved.voxels)
+            if watched.all():
                 dose = backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)
                 if not np.any(np.maximum(watch.lo[i] - dose, dose - watch.hi[i]) > 0):
                     raise RequestError(

@@ -196,12 +196,9 @@ class Modifier:
         tpis = self.tpi[tissue]
         cp = self.cp_cells
         proj = []
-        for geo in eng.geometry:  # the voxel's BEV position (engine.voxel_bev, one voxel at a time)
-            h = geo.fine.host
-            pos = int(h.position[int(voxel)])
-            if pos < 0:
-                raise ValueError("voxel_bev: a voxel lies outside the body")
-            proj.append((float(h.u_cells[pos]), float(h.v_cells[pos])))
+        for b in range(eng.n_beams):  # the voxel's BEV position (once per voxel: the basis is kept)
+            u, v, _ = eng.voxel_bev(b, [voxel])
+            proj.append((float(u[0]), float(v[0])))
         # eq. 3: exp(-mu * mean_b TPI(b, s_b(m))) = 1/2
         tpi_at_m = []
         for b, (u, v) in enumerate(proj):

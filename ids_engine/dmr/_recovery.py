@@ -119,6 +119,15 @@ class Watch:
         """``sum(weight * violation^2)``: what recovery minimises (the soft cap does not count)."""
         return float(np.sum(self.weight * self.violation(dose_gy) ** 2))
 
+    def locate(self, flat) -> tuple[np.ndarray, np.ndarray]:
+        """Where CT voxels ``flat`` (flat indices) sit in the watch: ``(positions, watched)``,
+        positions clamped into range (valid only where ``watched``)."""
+        flat = np.asarray(flat, np.int64)
+        if not self.voxels.size:
+            return np.zeros(flat.shape, np.int64), np.zeros(flat.shape, bool)
+        at = np.minimum(np.searchsorted(self.voxels, flat), self.voxels.size - 1)
+        return at, self.voxels[at] == flat
+
     def hard(self) -> np.ndarray:
         """(n,) bool: the request's own voxels and the pins, what the best state keeps first."""
         per_group = np.isin(np.asarray(self.kinds, object), ["request", "pin"])
@@ -337,11 +346,10 @@ class _Rows:
         pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
         if not self.vox.size:
             return np.zeros(0, np.int64)
-        flat = np.ravel_multi_index(pts.T, self.shape)
-        at = np.minimum(np.searchsorted(self.vox, flat), self.vox.size - 1)
+        at, watched = self.watch.locate(np.ravel_multi_index(pts.T, self.shape))
         # Marked on the watch (sorted, unique), not sorted as grid indices: the same set.
         mark = np.zeros(self.vox.size, bool)
-        mark[at[self.vox[at] == flat]] = True
+        mark[at[watched]] = True
         return np.flatnonzero(mark).astype(np.int64)
 
     def select(self, cols: np.ndarray, dose: np.ndarray, viol: np.ndarray) -> np.ndarray:
@@ -505,8 +513,8 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
     rs = _rows_for(modifier, watch, opts)
     cols_flat = np.asarray(voxels, np.int64)
     goal_c = np.asarray(target_gy, float)
-    ci = np.minimum(np.searchsorted(rs.vox, cols_flat), max(rs.vox.size - 1, 0))
-    if rs.vox.size == 0 or np.any(rs.vox[ci] != cols_flat):
+    ci, watched = watch.locate(cols_flat)
+    if not watch.voxels.size or not watched.all():
         raise ValueError("modify_joint: every request voxel must be in the watch list (Watch.voxels sorted, unique)")
     before = backend.asnumpy(eng.dose_at_voxels(cols_flat)).astype(np.float64)
     applied: list = []
