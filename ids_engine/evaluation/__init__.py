@@ -47,75 +47,11 @@ __all__ = [
     "write_plan_report",
 ]
 
-from ._dvh_sampling import (  # noqa: E402 (issue 12: DVHs with partial volumes, random sampling)
-    DVHCurve,
-    DVHSamplingState,
-    dkw_bound,
-    dvh_max_difference,
-    dvh_standard_error,
-    exact_dvh,
-    plot_dvhs,
-    sample_dvhs,
-    sampled_dvh,
-    structure_occupancy,
-)
+from . import _dvh_sampling, _points  # noqa: E402 (issue 12: sampled DVHs; points, BEV entry, point files)
+from ._dvh_sampling import *  # noqa: E402,F401,F403 (the names in its __all__)
+from ._points import *  # noqa: E402,F401,F403 (the names in its __all__)
 
-__all__ += [
-    "DVHCurve",
-    "DVHSamplingState",
-    "dkw_bound",
-    "dvh_max_difference",
-    "dvh_standard_error",
-    "exact_dvh",
-    "plot_dvhs",
-    "sample_dvhs",
-    "sampled_dvh",
-    "structure_occupancy",
-]
-
-from ._points import (  # noqa: E402 (issue 12: points, BEV entry, point files, measured comparison)
-    DuplicateLabelError,
-    PointComparison,
-    PointComparisonRow,
-    PointDoses,
-    PointFileError,
-    PointValue,
-    add_point_in_bev,
-    beam_dose_cubes,
-    compare_points,
-    comparison_report,
-    normalise_label,
-    point_doses,
-    point_doses_report,
-    point_from_bev,
-    point_to_bev,
-    rando_key,
-    read_point_file,
-    read_point_positions,
-    write_point_file,
-)
-
-__all__ += [
-    "DuplicateLabelError",
-    "PointComparison",
-    "PointComparisonRow",
-    "PointDoses",
-    "PointFileError",
-    "PointValue",
-    "add_point_in_bev",
-    "beam_dose_cubes",
-    "compare_points",
-    "comparison_report",
-    "normalise_label",
-    "point_doses",
-    "point_doses_report",
-    "point_from_bev",
-    "point_to_bev",
-    "rando_key",
-    "read_point_file",
-    "read_point_positions",
-    "write_point_file",
-]
+__all__ += _dvh_sampling.__all__ + _points.__all__
 
 # Physics summary of a forward plan (issue 12).
 from ._physics_summary import PhysicsSummary, SummaryPoint, physics_summary, write_physics_summary  # noqa: E402

@@ -11,21 +11,8 @@ et al. 1999). :func:`sample_rows` picks weighted rows of large structures (:clas
 so that goals on the whole body stay affordable.
 """
 
-from ._goals import (
-    GOAL_KINDS,
-    Goal,
-    GoalResult,
-    MaxDVH,
-    MaxDose,
-    MaxEUD,
-    MaxMeanDose,
-    MinDVH,
-    MinDose,
-    MinEUD,
-    MinMeanDose,
-    UniformDose,
-    evaluate_goals,
-)
+from . import _goals
+from ._goals import *  # noqa: F401,F403 (the names in its __all__)
 from ._importance import (
     ImportanceTuning,
     TuningStep,
@@ -39,25 +26,13 @@ from ._rows import RowSampling, SampledRows, sample_rows
 from ._protocol import Protocol, dvh_goal, goals_from_matrad, protocol_from_matrad, read_protocol
 
 __all__ = [
-    "GOAL_KINDS",
+    *_goals.__all__,
     "FluenceResult",
-    "Goal",
-    "GoalResult",
-    "MaxDVH",
-    "MaxDose",
-    "MaxEUD",
-    "MaxMeanDose",
-    "MinDVH",
-    "MinDose",
-    "MinEUD",
-    "MinMeanDose",
     "Protocol",
     "RowSampling",
     "SampledRows",
-    "UniformDose",
     "UnmetConstraint",
     "dvh_goal",
-    "evaluate_goals",
     "goals_from_matrad",
     "optimise_fluence",
     "protocol_from_matrad",
