@@ -47,7 +47,7 @@ from ids_engine.dmr import (
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
 from ids_engine.dmr._feasible import HeldGroup, fall_off_table, find_infeasible
-from ids_engine.dmr._recovery import extend_watch
+from ids_engine.dmr._recovery import WatchBase, _remember_dose, _watch_dose, attach_composition, compose_watch, extend_watch
 from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.evaluation import drag_landing_mm
@@ -415,6 +415,20 @@ def _beam_to_dict(b: Beam) -> dict:
 
 
 # ---------------------------------------------------------------------------- session
+@dataclass(frozen=True, eq=False)
+class _WatchBaseParts:
+    """A session's :class:`WatchBase` and its parts (flat indices, sorted) with their positions in it."""
+
+    base: WatchBase
+    tvox: np.ndarray  # target voxels in the body
+    ovox: np.ndarray  # OAR voxels in the body, outside the target
+    nvox: np.ndarray  # the normal-tissue sample (Session._normal_sample)
+    target_normal: np.ndarray  # tvox then nvox (what the near-the-request look-up reads)
+    t_at: np.ndarray
+    o_at: np.ndarray
+    n_at: np.ndarray
+
+
 class Session:
     """Plan state and the dose shaping loop.
 
@@ -616,22 +630,20 @@ class Session:
         opts = self.options
         tol = opts.tolerance_pct / 100.0 * rx
         body = eng.body_mask
-        tvox = np.flatnonzero((self.target_mask & body).ravel())
-        ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
+        wb = self._watch_base()
+        tvox, ovox = wb.tvox, wb.ovox
         ignore = set(ignore_ids)
         earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore]
         # Normal tissue (body outside targets and OARs), sampled every third voxel: farther
         # than 10 mm from the request it may not rise by more than max_rise either.
-        nvox = self._normal_sample()
-        near = self._near_feature(np.concatenate([tvox, nvox]), resolved.feature_voxels)  # one distance transform
-        near_t, nvox = near[: tvox.size], nvox[~near[tvox.size:]]
+        near = self._near_feature(wb.target_normal, resolved.feature_voxels)  # one distance transform
+        near_t, near_n = near[: tvox.size], near[tvox.size:]
         pins = self._pin_bands()
-        parts = [tvox, ovox, nvox, resolved.feature_voxels, resolved.guard_voxels]
-        parts += [r.feature_voxels for r in earlier] + [p[1] for p in pins]
-        mark = np.zeros(eng.grid.size, bool)  # sorted union (a mask: hashing 10^5 indices is slower)
-        for p in parts:
-            mark[np.asarray(p, np.int64)] = True
-        allv = np.flatnonzero(mark)
+        # The sorted union of the tissue voxels (the base, less the normal ones near the
+        # request) and the request's, earlier requests' and pins' voxels.
+        others = [resolved.feature_voxels, resolved.guard_voxels] + [r.feature_voxels for r in earlier]
+        others += [p[1] for p in pins]
+        allv, comp = compose_watch(wb.base, wb.n_at[near_n], others)
         n = allv.size
         at = lambda v: np.searchsorted(allv, np.asarray(v, np.int64))  # noqa: E731
         before = backend.asnumpy(eng.dose_at_voxels(allv)).astype(np.float64)
@@ -640,7 +652,7 @@ class Session:
         group = np.full(n, -1, np.int32)
         weight = np.zeros(n)
         names, kinds = ["target coverage", "OAR", "normal tissue"], ["tissue", "tissue", "tissue"]
-        it, io = at(tvox), at(ovox)
+        it, io = comp.base_at[wb.t_at], comp.base_at[wb.o_at]
         dt = before[it]
         # The lower edge sits 0.2 % of Rx above target_min: "in band" means covered, with a margin.
         # Slightly cold voxels (within 5 % of Rx of coverage, e.g. left by an earlier request)
@@ -667,7 +679,7 @@ class Session:
             t_lo[it] = np.where(dt >= floor, np.maximum(t_lo[it], floor), t_lo[it])
         t_hi[it] = np.maximum(hi_t, t_lo[it] + slack)  # (an erase bound below coverage: never an empty band)
         t_hi[io] = before[io] + (tol if opts.oar_rise_pct is None else opts.oar_rise_pct / 100.0 * rx)
-        inn = at(nvox)
+        inn = comp.base_at[wb.n_at[~near_n]]
         cap[inn] = before[inn] + rise_pct / 100.0 * rx
         group[it], group[io], group[inn] = 0, 1, 2
         weight[it], weight[io], weight[inn] = WEIGHT_TISSUE, WEIGHT_TISSUE, WEIGHT_NORMAL
@@ -730,8 +742,38 @@ class Session:
             layer(pv, pref - tol, pref + tol, pref, WEIGHT_PIN, f"pin '{name}'", "pin", intersect=False)
         keep = group >= 0
         cap = np.minimum(np.maximum(cap, lo + 1e-3 * rx), hi)  # a soft cap never below the band's lower edge
+        if keep.all():
+            watch = Watch(allv, lo, hi, goal, weight, group, names, kinds, cap, np.minimum(given_up, lo))
+            _remember_dose(eng, watch, before)
+            return attach_composition(watch, comp)
         return Watch(allv[keep], lo[keep], hi[keep], goal[keep], weight[keep], group[keep], names, kinds, cap[keep],
                      np.minimum(given_up, lo)[keep])
+
+    def _watch_base(self) -> "_WatchBaseParts":
+        """The geometry-only part of every watch (:class:`WatchBase`): the target's voxels in the
+        body, the OARs' outside the target, the normal-tissue sample, their sorted union and
+        each part's positions in it. Built once per session (masks and body do not change; a
+        new mask object rebuilds it)."""
+        eng = self.engine
+        token = (eng.body_mask, self.target_mask, self.oar_mask)
+        got = self.__dict__.get("_watch_base_cache")
+        if got is not None and all(a is b for a, b in zip(got[0], token)):
+            return got[1]
+        body = eng.body_mask
+        tvox = np.flatnonzero((self.target_mask & body).ravel())
+        ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
+        nvox = self._normal_sample()
+        mark = np.zeros(eng.grid.size, bool)  # sorted union (a mask: hashing 10^5 indices is slower)
+        for p in (tvox, ovox, nvox):
+            mark[p] = True
+        voxels = np.flatnonzero(mark)
+        parts = _WatchBaseParts(WatchBase(voxels), tvox, ovox, nvox, np.concatenate([tvox, nvox]),
+                                np.searchsorted(voxels, tvox), np.searchsorted(voxels, ovox),
+                                np.searchsorted(voxels, nvox))
+        for a in (voxels, tvox, ovox, parts.target_normal, parts.t_at, parts.o_at, parts.n_at):
+            a.setflags(write=False)
+        self.__dict__["_watch_base_cache"] = (token, parts)
+        return parts
 
     def _normal_sample(self) -> np.ndarray:
         """Flat indices of normal tissue (body, not target, not OAR) on every third voxel per axis."""
@@ -983,7 +1025,7 @@ class Session:
             timings.update({f"recovery_{k}": v for k, v in rec.timings_ms.items()})
             final = rec.final_gy
         else:
-            final = backend.asnumpy(self.engine.dose_at_voxels(watch.voxels)).astype(np.float64)
+            final = _watch_dose(self.engine, watch)
         timings["recovery"] = (time.perf_counter() - t0) * 1000
         conflicts = self._conflicts(watch, final)
         backend.synchronize()
