@@ -36,17 +36,16 @@ kernel launch over a segment table of the voxels to update; plus one scatter-add
 fluence. No value is read back. The DMR's per-voxel queries (a patch's dose at some voxels,
 a voxel's beam's-eye-view position, the fluence under a patch) are answered on the host
 from copies of the static geometry and of the fluence (``Level.host``,
-:meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers.
+:meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers. The read-outs
+live in :mod:`ids_engine.dose._readout` (a mixin the engine inherits); this module keeps the
+state and its updates.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
-
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -56,9 +55,7 @@ from ids_engine import backend
 from ids_engine.kernels import _cpu
 from ids_engine.kernels.pencil import (
     accumulate_segments,
-    convolve_full_batched,
     padded_window,
-    sample_bilinear,
     segment_contribution_numpy,
 )
 from ids_engine.kernels.raytrace import radiological_depth
@@ -76,7 +73,9 @@ from ._geometry import (
     build_level,
     central_axis_ssd_mm,
 )
+from ._readout import ReadOuts, _LevelRows, _Neighbours  # noqa: F401 (the two tables: imported from here by tests)
 from ._types import EngineOptions, FluencePatch
+from ._uploads import _Uploads
 
 __all__ = ["BeamGeometry", "DoseEngine", "EngineOptions", "FluencePatch", "SSD_DENSITY_THRESHOLD", "calibrate",
            "central_axis_ssd_mm"]
@@ -85,11 +84,6 @@ LEVELS = ("fine", "coarse")
 # Plan-state versions, unique across engines (DoseEngine.state_version).
 _STATE_VERSIONS = itertools.count(1)
 _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
-_NEIGHBOUR_CACHE = 4  # voxel sets whose coarse-neighbour tables are kept (DoseEngine._neighbours)
-_NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
-_CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
-_LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
-_LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 
 
 _POOL = None
@@ -109,11 +103,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@functools.lru_cache(maxsize=4096)
-def _next_fast_len(n: int) -> int:
-    return sfft.next_fast_len(n, real=True)
-
-
 def _fft_len(n: int) -> int:
     """An FFT length >= n that is fast and taken from a small set (so few spectra are cached)."""
     return sfft.next_fast_len(-(-n // 16) * 16, real=True)
@@ -131,72 +120,6 @@ class _LevelArrays:
     kernels: np.ndarray  # (n_beams, nc, K, K) float32 host, each beam's kernels centred in K x K
     half: int  # (K - 1) // 2
     spectra: dict  # (Fh, Fw) -> (n_beams, nc, Fh, Fw // 2 + 1) complex64 (device)
-
-
-@dataclass(eq=False)
-class _Neighbours:
-    """Host tables of a set of CT voxels for reading the dose there (read-only arrays)."""
-
-    idx: np.ndarray  # (n,) int64 flat CT indices
-    cidx: np.ndarray  # (8, n) int64 coarse neighbours
-    cw: np.ndarray  # (8, n) float32 trilinear weights
-    in_body: np.ndarray  # (n,) bool
-    cw_body: np.ndarray  # (8, n) float32: cw, 0 outside the body
-    levels: dict = field(default_factory=dict)  # (beam, level) -> _LevelRows (delta_matrix)
-    _coarse_unique: tuple | None = None
-    # The tables on the device (GPU backends): uploaded once per cached voxel set, so recovery's
-    # reads of the same watch cost no host-to-device copy after the first (about 7 MB each for a
-    # clinical watch of 10^5 voxels).
-    device: tuple | None = None
-
-    def coarse_unique(self) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct coarse neighbours (sorted) and, for each of the (8 n) entries of
-        ``cidx``, its position among them: a level look-up is made once per coarse voxel."""
-        if self._coarse_unique is None:
-            uniq, inv = np.unique(self.cidx.reshape(-1), return_inverse=True)
-            self._coarse_unique = (uniq, inv.reshape(-1))
-        return self._coarse_unique
-
-
-@dataclass(eq=False)
-class _LevelRows:
-    """One beam's level look-ups at some level voxels (host): what reading a stack of patch
-    responses there needs, computed once per voxel set."""
-
-    n: int
-    ok: np.ndarray  # (n,) bool: the voxel is in the level
-    v: np.ndarray  # (n,) float32 fractional row (of position 0 where not ok)
-    u: np.ndarray  # (n,) float32 fractional column
-    weights: np.ndarray  # (nc, n) float32 component weights, contiguous
-    bounds: tuple | None  # floor of min / max of v and u over the usable voxels (None: none)
-    # (r0, c0, stack shape, stack bytes) -> the read-out of that stack here (read-only): a
-    # rejected DMR step's per-beam retry convolves the same per-beam stacks at the same rows
-    memo: dict = field(default_factory=dict)
-
-    @staticmethod
-    def of(lvl: Level, level_index: np.ndarray) -> "_LevelRows":
-        h = lvl.host
-        if _cpu.HAVE_NUMBA and h.weights.dtype == np.float32 and h.v_cells.dtype == np.float32 \
-                and h.u_cells.dtype == np.float32:
-            ok, v, u, w, mm = _cpu.level_rows(h.position, h.v_cells, h.u_cells, h.weights, level_index)
-            bounds = None if mm is None else tuple(math.floor(x) for x in mm)
-            return _LevelRows(int(level_index.shape[0]), ok, v, u, w, bounds)
-        pos = h.position[level_index]
-        ok = pos >= 0
-        p = np.where(ok, pos, 0)
-        v, u = h.v_cells[p], h.u_cells[p]
-        use = ok & np.isfinite(v) & np.isfinite(u)
-        bounds = None
-        if use.any():
-            vs, us = v[use], u[use]
-            bounds = (math.floor(float(vs.min())), math.floor(float(vs.max())),
-                      math.floor(float(us.min())), math.floor(float(us.max())))
-        return _LevelRows(int(level_index.shape[0]), ok, v, u, np.ascontiguousarray(h.weights[:, p]), bounds)
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(eq=False)
@@ -221,42 +144,8 @@ class _Window:
     delta: np.ndarray  # (h, w) float32 host
 
 
-class _Uploads:
-    """Host arrays gathered for one upload per dtype (one host-to-device copy each)."""
-
-    def __init__(self) -> None:
-        self._parts: dict = {np.dtype(np.int32): [], np.dtype(np.float32): []}
-
-    ALIGN = 64  # elements: every part starts 256 bytes into the buffer (cuFFT needs aligned input)
-
-    def add(self, a: np.ndarray):
-        a = np.ascontiguousarray(a)
-        parts = self._parts[a.dtype]
-        start = sum(p.size for p, _ in parts)
-        pad = -start % self.ALIGN
-        if pad:
-            parts.append((np.zeros(pad, a.dtype), (pad,)))
-            start += pad
-        parts.append((a.ravel(), a.shape))
-        return a.dtype, start, a.shape
-
-    def send(self, xp) -> dict:
-        out = {}
-        for dtype, parts in self._parts.items():
-            if parts:
-                host = np.concatenate([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
-                out[dtype] = host if xp is np else xp.asarray(host)
-        return out
-
-    @staticmethod
-    def view(sent: dict, key):
-        dtype, start, shape = key
-        n = int(np.prod(shape))
-        return sent[dtype][start : start + n].reshape(shape)
-
-
 # ----------------------------------------------------------------------------- engine
-class DoseEngine:
+class DoseEngine(ReadOuts):
     """Pencil-beam dose for one patient and a set of beams, kept on the active backend's device.
 
     Parameters
@@ -748,302 +637,6 @@ class DoseEngine:
 
     def dose_cube_host(self) -> np.ndarray:
         return backend.asnumpy(self.dose_cube())
-
-    def _coarse_neighbours(self, flat_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host: the 8 coarse voxels (flat indices, (8, n) int64) and trilinear weights ((8, n)
-        float32) of CT voxels given by flat indices (integer arithmetic, no unravel)."""
-        ny, nx = self.grid.shape_zyx[1:]
-        i = flat_index % nx
-        j = (flat_index // nx) % ny
-        k = flat_index // (nx * ny)
-        cshape = self.coarse_grid.shape_zyx
-        (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = self._up_host
-        zz = (z0[k], z1[k], wz[k])
-        yy = (y0[j], y1[j], wy[j])
-        xx = (x0[i], x1[i], wx[i])
-        idx, wts = [], []
-        one = np.float32(1)
-        for az, fz in ((zz[0], one - zz[2]), (zz[1], zz[2])):
-            for ay, fy in ((yy[0], one - yy[2]), (yy[1], yy[2])):
-                for ax, fx in ((xx[0], one - xx[2]), (xx[1], xx[2])):
-                    idx.append((az * cshape[1] + ay) * cshape[2] + ax)
-                    wts.append(fz * fy * fx)
-        return np.stack(idx), np.stack(wts).astype(np.float32)
-
-    def _neighbours(self, idx: np.ndarray) -> "_Neighbours":
-        """The coarse neighbours of CT voxels ``idx`` (host, int64), from a small cache keyed
-        by the indices' content: recovery reads the same watch and the same rows again and
-        again, and the tables are what reading the dose there costs on the host."""
-        cache = self.__dict__.setdefault("_neighbour_cache", [])
-        for i, nb in enumerate(cache):
-            if nb.idx.shape == idx.shape and np.array_equal(nb.idx, idx):
-                if i:
-                    cache.insert(0, cache.pop(i))
-                return nb
-        cidx, cw = self._coarse_neighbours(idx)
-        in_body = self.body_mask.ravel()[idx]
-        if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
-            return _Neighbours(idx, cidx, cw, in_body, np.where(in_body[None, :], cw, np.float32(0)))
-        nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body),
-                         _frozen(np.where(in_body[None, :], cw, np.float32(0))))
-        cache.insert(0, nb)
-        del cache[_NEIGHBOUR_CACHE:]
-        return nb
-
-    @staticmethod
-    def _host_index(flat_index) -> np.ndarray:
-        return np.asarray(backend.asnumpy(flat_index), dtype=np.int64).reshape(-1)
-
-    def dose_at_voxels(self, flat_index):
-        """Dose (Gy) at CT voxels given by flat indices (host array), consistent with
-        :meth:`dose_cube`, without building it: (n,) float32 on the device.
-
-        The neighbour tables are built on the host (integer arithmetic), so the device work is
-        one upload and five operations, and nothing is read back.
-        """
-        xp = self.xp
-        idx = self._host_index(flat_index)
-        nb = self._neighbours(idx)
-        cidx, cw = nb.cidx, nb.cw_body
-        if xp is np:
-            return self.dose_fine[idx] + (self.dose_coarse[cidx] * cw).sum(axis=0)
-        dev = nb.device
-        if dev is None or dev[0] is not xp:
-            up = _Uploads()
-            ki, kc, kw = up.add(idx.astype(np.int32)), up.add(cidx.astype(np.int32)), up.add(cw)
-            sent = up.send(xp)
-            dev = nb.device = (xp, _Uploads.view(sent, ki), _Uploads.view(sent, kc), _Uploads.view(sent, kw))
-        _, di, dc, dw = dev
-        return self.dose_fine[di] + (self.dose_coarse[dc] * dw).sum(axis=0)
-
-    def delta_at_voxels(self, patches: Sequence[FluencePatch], flat_index) -> np.ndarray:
-        """Dose change (Gy) at CT voxels that ``patches`` would cause, without applying them.
-
-        Computed on the host from the host copies of the geometry (no device work); equal to
-        what :meth:`apply_patches` followed by :meth:`dose_at_voxels` would add, up to float32
-        round-off. Voxels outside the body give 0. Returns (n,) float32 (NumPy).
-        """
-        idx = self._host_index(flat_index)
-        out = np.zeros(idx.shape, dtype=np.float32)
-        nb = self._neighbours(idx)  # cached tables and level look-ups, as in delta_matrix
-        cidx, cw = nb.cidx, nb.cw
-        for p in patches:
-            b = int(p.beam)
-            geo = self.geometry[b]
-            delta = np.asarray(backend.asnumpy(p.delta), dtype=np.float32)
-            h, w = delta.shape
-            if geo.fine.components:
-                rows = self._rows_of(nb, b, "fine", idx)
-                out += self._level_delta_rows(geo.fine, delta[None], p.row0, p.col0, rows, self._crop_spectra(b, "fine"))[0]
-            if geo.coarse.components:
-                f = geo.coarse_fluence_factor
-                R0, C0 = p.row0 // f, p.col0 // f
-                R1, C1 = (p.row0 + h - 1) // f + 1, (p.col0 + w - 1) // f + 1
-                placed = np.zeros(((R1 - R0) * f, (C1 - C0) * f), dtype=np.float32)
-                placed[p.row0 - R0 * f : p.row0 - R0 * f + h, p.col0 - C0 * f : p.col0 - C0 * f + w] = delta
-                uniq, inv = nb.coarse_unique()
-                rows = self._rows_of(nb, b, "coarse", uniq)
-                dc = self._level_delta_rows(geo.coarse, _block_sum(np, placed, f)[None], R0, C0, rows,
-                                            self._crop_spectra(b, "coarse"))[0][inv]
-                out += (dc.reshape(cidx.shape) * cw).sum(axis=0)
-        return np.where(nb.in_body, out, np.float32(0))
-
-    def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index) -> np.ndarray:
-        """Dose change (Gy) at CT voxels from each of several patch sets, without applying them.
-
-        ``columns[k]`` is a list of patches (at most one per beam is typical: a DMR normalised
-        patch); the result is ``(n voxels, n columns)`` float32 (NumPy) with column ``k`` equal
-        to ``delta_at_voxels(columns[k], flat_index)`` up to float32 round-off. Per beam, the
-        columns' patches are stacked on the union of their boxes and convolved in one batched
-        FFT per level, on the host (no device work).
-        """
-        idx = self._host_index(flat_index)
-        n, ncol = int(idx.shape[0]), len(columns)
-        out = np.zeros((ncol, n), dtype=np.float32)
-        if ncol == 0 or n == 0:
-            return out.T
-        nb = self._neighbours(idx)
-        cidx, cw = nb.cidx, nb.cw
-        by_beam: dict[int, list[tuple[int, FluencePatch]]] = {}
-        for k, ps in enumerate(columns):
-            for p in ps:
-                by_beam.setdefault(int(p.beam), []).append((k, p))
-        for b, items in sorted(by_beam.items()):
-            geo = self.geometry[b]
-            r0 = min(p.row0 for _, p in items)
-            c0 = min(p.col0 for _, p in items)
-            r1 = max(p.row0 + p.delta.shape[0] for _, p in items)
-            c1 = max(p.col0 + p.delta.shape[1] for _, p in items)
-            f = geo.coarse_fluence_factor
-            R0, C0 = r0 // f, c0 // f
-            R1, C1 = -(-r1 // f), -(-c1 // f)
-            # A stack on the coarse-aligned box, so the fine and the coarse level share it, of
-            # the columns with a patch in this beam only (a per-beam solve's columns each have
-            # one beam's patch): the others' response is zero, and adding it changes nothing.
-            used = sorted({k for k, _ in items})
-            at = {k: i for i, k in enumerate(used)}
-            m = len(used)
-            sel = slice(None) if m == ncol else np.asarray(used, np.int64)
-            stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
-            for k, p in items:
-                rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
-                ph, pw = p.delta.shape
-                stack[at[k], rr : rr + ph, cc : cc + pw] += np.asarray(backend.asnumpy(p.delta), np.float32)
-            if geo.fine.components:
-                rows = self._rows_of(nb, b, "fine", idx)
-                out[sel] += self._level_delta_rows(geo.fine, stack, R0 * f, C0 * f, rows, self._crop_spectra(b, "fine"))
-            if geo.coarse.components:
-                hh, ww = R1 - R0, C1 - C0
-                coarse = stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
-                uniq, inv = nb.coarse_unique()
-                rows = self._rows_of(nb, b, "coarse", uniq)
-                # Read once per distinct coarse voxel (the same values as reading all 8 n).
-                dc = self._level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))[:, inv]
-                out[sel] += (dc.reshape(m, 8, n) * cw[None]).sum(axis=1)
-        out = np.where(nb.in_body[None, :], out, np.float32(0))
-        return out.T
-
-    def _rows_of(self, nb: "_Neighbours", b: int, name: str, level_index: np.ndarray) -> "_LevelRows":
-        rows = nb.levels.get((b, name))
-        if rows is None:
-            rows = nb.levels[(b, name)] = _LevelRows.of(getattr(self.geometry[b], name), level_index)
-        return rows
-
-    def _crop_spectra(self, b: int, name: str) -> dict:
-        return self.__dict__.setdefault("_crop_spectra_cache", {}).setdefault((b, name), {})
-
-    @staticmethod
-    def _level_delta_batch(lvl: Level, stack: np.ndarray, r0: int, c0: int, level_index: np.ndarray) -> np.ndarray:
-        """Host: (k, n) dose change at level voxels from a stack of k patches on the level's grid."""
-        return DoseEngine._level_delta_rows(lvl, stack, r0, c0, _LevelRows.of(lvl, level_index))
-
-    @staticmethod
-    def _level_delta_rows(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
-                          spectra: dict | None = None) -> np.ndarray:
-        """:meth:`_level_delta_batch` at level voxels whose look-ups ``rows`` holds (``spectra``:
-        a cache of the cropped kernels' spectra, keyed by crop and FFT shape)."""
-        stack = np.asarray(stack, np.float32)
-        if stack.nbytes > _LEVEL_MEMO_MAX[0] or stack.shape[0] * rows.n > _LEVEL_MEMO_MAX[1]:
-            return DoseEngine._level_delta_compute(lvl, stack, r0, c0, rows, spectra)
-        key = (int(r0), int(c0), stack.shape, stack.tobytes())
-        got = rows.memo.get(key)
-        if got is not None:
-            return got
-        out = DoseEngine._level_delta_compute(lvl, stack, r0, c0, rows, spectra)
-        out.setflags(write=False)
-        if len(rows.memo) >= _LEVEL_MEMO:
-            rows.memo.pop(next(iter(rows.memo)))
-        rows.memo[key] = out
-        return out
-
-    @staticmethod
-    def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
-                             spectra: dict | None = None) -> np.ndarray:
-        h = lvl.host
-        hk = lvl.half
-        k = int(stack.shape[0])
-        # Only the window of the full convolution that the samples read is computed: the
-        # kernel cropped to the offsets between the window and the patch box (exact, and
-        # for the broad scatter kernel of the coarse level several times less FFT work).
-        hh, ww = int(stack.shape[1]), int(stack.shape[2])
-        kh, kw = int(h.kernels.shape[1]), int(h.kernels.shape[2])
-        full = (hh + kh - 1, ww + kw - 1)
-        if rows.bounds is None:
-            return np.zeros((k, rows.n), np.float32)
-        v_min, v_max, u_min, u_max = rows.bounds
-        lr, hr = min(max(v_min - (r0 - hk), 0), full[0]), min(max(v_max + 2 - (r0 - hk), 0), full[0])
-        lc, hc = min(max(u_min - (c0 - hk), 0), full[1]), min(max(u_max + 2 - (c0 - hk), 0), full[1])
-        if hr <= lr or hc <= lc:
-            return np.zeros((k, rows.n), np.float32)
-        kr0, kr1 = max(0, lr - hh + 1), min(kh, hr)
-        kc0, kc1 = max(0, lc - ww + 1), min(kw, hc)
-        # convolve_full_batched's transforms, with the cropped kernels' spectra cached (a
-        # solve's columns and its prediction share the rows, hence the crop).
-        shape = (hh + kr1 - kr0 - 1, ww + kc1 - kc0 - 1)
-        fshape = (_next_fast_len(shape[0]), _next_fast_len(shape[1]))
-        key = (kr0, kr1, kc0, kc1, fshape)
-        kspec = spectra.pop(key, None) if spectra is not None else None
-        if kspec is not None:
-            spectra[key] = kspec  # most recently used last
-        else:
-            kspec = _cpu.rfft2_padded(h.kernels[:, kr0:kr1, kc0:kc1], fshape)
-            if spectra is not None:
-                if len(spectra) >= _CROP_SPECTRA_CACHE:
-                    spectra.pop(next(iter(spectra)))
-                spectra[key] = kspec
-        spec = _cpu.rfft2_padded(stack, fshape)[:, None] * kspec[None]
-        # Only the rows read (lr - kr0 : hr - kr0 <= shape[0]) are transformed back: (k, nc, ., .)
-        # float32, bit for bit the rows of scipy.fft.irfft2(spec, fshape).
-        part = _cpu.irfft2_rows(spec, fshape, lr - kr0, hr - kr0)
-        dmaps = np.ascontiguousarray(part[:, :, :, lc - kc0 : hc - kc0])
-        nc = dmaps.shape[1]
-        origin = (r0 - hk + lr, c0 - hk + lc)
-        if _cpu.HAVE_NUMBA:
-            return _cpu.sample_weighted(dmaps.reshape((k * nc,) + dmaps.shape[2:]), rows.v, rows.u, origin,
-                                        rows.weights, rows.ok, k)
-        s = sample_bilinear(dmaps.reshape((k * nc,) + dmaps.shape[2:]), rows.v, rows.u, origin)
-        val = (s.reshape(k, nc, -1) * rows.weights[None]).sum(axis=1)
-        return np.where(rows.ok[None, :], val, np.float32(0))
-
-    def voxel_bev(self, b: int, flat_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Host (u, v) fractional fine fluence cells and radiological depth (mm) of body voxels
-        in beam ``b`` (from the host copy of the geometry: no device work)."""
-        h = self.geometry[b].fine.host
-        pos = h.position[self._host_index(flat_index)]
-        if np.any(pos < 0):
-            raise ValueError("voxel_bev: a voxel lies outside the body")
-        return (h.u_cells[pos].astype(np.float64), h.v_cells[pos].astype(np.float64), h.depth_mm[pos].astype(np.float64))
-
-    def dose_at_points(self, points_mm_xyz):
-        """Dose (Gy) at arbitrary patient points, evaluated directly from the convolved maps.
-
-        Uses each point's own BEV position and radiological depth for every component (no
-        grid interpolation of the broad part), so it is the reference point dose; on voxel
-        centres it agrees with :meth:`dose_at_voxels` up to the coarse-grid interpolation of
-        the scatter components.
-        """
-        xp = self.xp
-        pts = np.asarray(points_mm_xyz, dtype=np.float64).reshape(-1, 3)
-        total = xp.zeros(pts.shape[0], dtype=xp.float32)
-        for b, st in enumerate(self._state):
-            total += self._point_dose_beam(b, pts, st.maps["fine"], st.maps["coarse"])
-        return total
-
-    def point_weights(self, b: int, pts: np.ndarray):
-        """Per-point data for beam ``b``: fine (u, v), coarse (u, v), component weights (3, n) on the device."""
-        xp = self.xp
-        geo = self.geometry[b]
-        beam = geo.beam
-        machine = geo.machine or self.machine
-        pos = self.patient.patient_position
-        bev = beam.patient_to_bev(pts, pos)
-        g = self.grid
-        depth = radiological_depth(self._density_device(), g.spacing_mm_zyx, g.origin_mm_xyz, tuple(beam.source_mm_xyz(pos)), xp.asarray(pts))
-        depth_h = backend.asnumpy(depth).astype(np.float64)
-        inside = self.patient.grid.contains(pts)
-        isq = (beam.sad_mm / bev[:, 2]) ** 2
-        w = machine.depth_components(depth_h) * (isq * machine.gy_per_mu)
-        w[:, ~inside] = 0.0
-        fg = geo.fluence_grid
-        f = geo.coarse_fluence_factor
-        uf = (bev[:, 0] - fg.origin_mm_uv[0]) / fg.pitch_mm
-        vf = (bev[:, 1] - fg.origin_mm_uv[1]) / fg.pitch_mm
-        uc = (uf - (f - 1) / 2.0) / f
-        vc = (vf - (f - 1) / 2.0) / f
-        as32 = lambda a: xp.asarray(a.astype(np.float32))  # noqa: E731
-        return as32(uf), as32(vf), as32(uc), as32(vc), as32(w)
-
-    def _point_dose_beam(self, b: int, pts: np.ndarray, maps_fine, maps_coarse):
-        geo = self.geometry[b]
-        uf, vf, uc, vc, w = self.point_weights(b, pts)
-        out = 0
-        if geo.fine.components:
-            s = sample_bilinear(maps_fine, vf, uf)
-            out = out + (w[list(geo.fine.components)] * s).sum(axis=0)
-        if geo.coarse.components:
-            s = sample_bilinear(maps_coarse, vc, uc)
-            out = out + (w[list(geo.coarse.components)] * s).sum(axis=0)
-        return out
 
     # ------------------------------------------------------------------ info
     def describe(self) -> dict:

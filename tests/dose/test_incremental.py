@@ -111,7 +111,7 @@ def test_patch_response_window_equals_the_full_convolution(engine3):
     """A DMR solve's patch responses are convolved only over the window its samples read (the
     kernel cropped to the offsets that reach it): the same values as the full convolution
     sampled everywhere, for the narrow fine kernel and the broad coarse one."""
-    from ids_engine.dose._engine import DoseEngine
+    from ids_engine.dose._readout import _level_delta_batch
     from ids_engine.kernels.pencil import convolve_full_batched, sample_bilinear
 
     eng = engine3
@@ -130,6 +130,6 @@ def test_patch_response_window_equals_the_full_convolution(engine3):
             s = sample_bilinear(full.reshape((-1,) + full.shape[2:]), h.v_cells[p], h.u_cells[p],
                                 (r0 - lvl.half, c0 - lvl.half))
             ref = np.where(pos >= 0, (s.reshape(3, full.shape[1], -1) * h.weights[:, p][None]).sum(axis=1), 0)
-            got = DoseEngine._level_delta_batch(lvl, stack, r0, c0, idx)
+            got = _level_delta_batch(lvl, stack, r0, c0, idx)
             assert np.abs(ref).max() > 0
             np.testing.assert_allclose(got, ref, atol=1e-5 * float(np.abs(ref).max()))
