@@ -47,7 +47,7 @@ from ids_engine.dmr import (
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
 from ids_engine.dmr._feasible import HeldGroup, fall_off_table, find_infeasible
-from ids_engine.dmr._recovery import WatchBase, _remember_dose, _watch_dose, attach_composition, compose_watch, extend_watch
+from ids_engine.dmr._recovery import WatchBase, _composed_dose, _remember_dose, _watch_dose, attach_composition, compose_watch, extend_watch
 from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.evaluation import drag_landing_mm
@@ -646,7 +646,7 @@ class Session:
         allv, comp = compose_watch(wb.base, wb.n_at[near_n], others)
         n = allv.size
         at = lambda v: np.searchsorted(allv, np.asarray(v, np.int64))  # noqa: E731
-        before = backend.asnumpy(eng.dose_at_voxels(allv)).astype(np.float64)
+        before = _composed_dose(eng, comp)
         t_lo = np.full(n, -np.inf)
         t_hi = np.full(n, np.inf)
         group = np.full(n, -1, np.int32)

@@ -379,6 +379,8 @@ class Modifier:
             (``rows == voxels[row_pos]``) and their current dose, just read by the caller. The
             solve then reads the dose of all of them once after applying its patches and returns
             it (``watch_after_gy``), so a recovery step costs one device read, not three.
+            ``voxels`` may instead be a function of no arguments returning that dose (float64,
+            host): recovery's reader of its watch (``dmr._recovery._watch_dose``).
 
         Scales solve ``min ||W^1/2 (G f - need)||^2 + reg sum_k n_k^2 f_k^2``, ``f >= 0``, with
         ``n_k = max(||W^1/2 G_k||, 0.1 max_j ||W^1/2 G_j||)``
@@ -477,7 +479,7 @@ class Modifier:
         applied = list(clipped)
         eng.apply_patches(clipped)
         if watch is not None:
-            w_after = backend.asnumpy(eng.dose_at_voxels(w_vox)).astype(np.float64)
+            w_after = w_vox() if callable(w_vox) else backend.asnumpy(eng.dose_at_voxels(w_vox)).astype(np.float64)
             after = w_after[row_pos]
         else:
             w_after = None

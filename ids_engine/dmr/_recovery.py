@@ -40,6 +40,7 @@ Each step (at most ``steps``, 25 by default):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -243,6 +244,7 @@ class WatchBase:
     preview's host work on the clinical horseshoe."""
 
     voxels: np.ndarray
+    memo: dict = field(default_factory=dict, repr=False)  # the dose at the voxels, by plan state (_composed_dose)
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,20 +304,13 @@ def attach_composition(watch: Watch, comp: WatchComposition) -> Watch:
 
 class _BaseRows:
     """A base's row tables (:class:`_Rows`'s grid positions and per-beam tables of
-    ``base.voxels``) and, per beam, each voxel's place in the row order (``inverse2``)."""
+    ``base.voxels``, built as for a watch)."""
 
     def __init__(self, eng, base: WatchBase) -> None:
         self.vox = base.voxels
         self.shape = tuple(int(n) for n in eng.grid.shape_zyx)
         self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
         _Rows._build(self, eng)
-        self.inverse2 = np.empty_like(self._order2)
-        ar = np.arange(self.vox.size)
-        for b in range(self._order2.shape[0]):
-            self.inverse2[b][self._order2[b]] = ar
-        # read with other names by the splice
-        self.rows2, self.order2 = self._rows2, self._order2
-        self.bu_sorted2, self.bv_sorted2 = self._bu_sorted2, self._bv_sorted2
 
     _fill_beam = None  # set below (the same code as _Rows)
 
@@ -337,14 +332,46 @@ def _watch_dose(eng, watch: Watch) -> np.ndarray:
     and the engine's plan-state version it was read at (:func:`_remember_dose`): at the same
     version (the same plan state, bit for bit) that read is returned (a copy), not read again,
     e.g. the session's read for the watch's bands, then the modification's, then recovery's
-    after a modification whose last solve was kept."""
+    after a modification whose last solve was kept. A watch built on a base
+    (:func:`compose_watch`) is read as its base's voxels and its extra ones
+    (:func:`_composed_dose`)."""
     ver = getattr(eng, "state_version", None)
     memo = watch.__dict__.get("_dose_memo")
     if ver is not None and memo is not None and memo[0] is eng and memo[1] == ver:
         return memo[2].copy()
-    dose = backend.asnumpy(eng.dose_at_voxels(watch.voxels)).astype(np.float64)
+    comp = watch.__dict__.get("_composition")
+    if comp is not None:
+        dose = _composed_dose(eng, comp)
+    else:
+        dose = backend.asnumpy(eng.dose_at_voxels(watch.voxels)).astype(np.float64)
     _remember_dose(eng, watch, dose)
     return dose
+
+
+def _composed_dose(eng, comp: "WatchComposition") -> np.ndarray:
+    """The dose (Gy, float64 host) at a composed watch's voxels, read at the base's voxels and
+    the extra ones (one read of both, :meth:`DoseEngine.dose_at_voxels` is per voxel) and
+    put in watch order. The base's voxel set is the same for every request, so its read-out
+    tables stay in the engine's cache (a new watch's 10^5 voxels would build and upload them
+    for every request); the base's dose is kept with the plan-state version it was read at
+    (drag previews taken back start from the same state: only the extra voxels are read)."""
+    base = comp.base
+    nb = base.voxels.size
+    ver = getattr(eng, "state_version", None)
+    memo = base.memo.get("dose")
+    if ver is not None and memo is not None and memo[0] is eng and memo[1] == ver:
+        db = memo[2]
+        de = backend.asnumpy(eng.dose_at_voxels(comp.extra)) if comp.extra.size else np.zeros(0, np.float32)
+    else:
+        d = eng.dose_at_voxels(base.voxels)
+        if comp.extra.size:
+            d = eng.xp.concatenate([d, eng.dose_at_voxels(comp.extra)])
+        h = backend.asnumpy(d)
+        db, de = h[:nb].copy(), h[nb:]
+        if ver is not None:
+            db.setflags(write=False)
+            base.memo["dose"] = (eng, ver, db)
+    return np.take(np.concatenate([db, de]), comp.source).astype(np.float64)
 
 
 def _remember_dose(eng, watch: Watch, dose: np.ndarray) -> None:
@@ -361,17 +388,17 @@ def _row_key(row: int):
     return np.int16(row) if -32768 <= row <= 32767 else row
 
 
-def _take_back(modifier, patches: list, n_keep: int, vox: np.ndarray | None) -> np.ndarray | None:
+def _take_back(modifier, patches: list, n_keep: int, watch: Watch | None) -> np.ndarray | None:
     """Take back ``patches[n_keep:]`` in one patch per beam (appended to ``patches``; clipped:
     the float32 sum of the tail can overshoot zero fluence by round-off); returns the watch's
-    dose read after it (None, and no device read, when ``vox`` is None)."""
+    dose read after it (None, and no device read, when ``watch`` is None)."""
     eng = modifier.engine
     back = modifier._clip_nonnegative(modifier._combine([(-1.0, [p]) for p in patches[n_keep:]]))
     eng.apply_patches(back)
     patches.extend(back)
-    if vox is None:
+    if watch is None:
         return None
-    return backend.asnumpy(eng.dose_at_voxels(vox)).astype(np.float64)
+    return _watch_dose(eng, watch)
 
 
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
@@ -436,13 +463,14 @@ class _Rows:
             self._fill_beam(geo, b)
 
     def _from_base(self, modifier, watch: Watch) -> bool:
-        """The tables spliced from those of the watch's base voxel set (:class:`WatchBase`,
-        the session's target, OAR and normal-tissue sample: geometry only, kept on the
-        modifier while the beams' geometry is the same): the base's entries less the removed
-        ones, the few extra voxels (the request's feature and guards, earlier features, pins)
-        looked up and inserted. The same values as a fresh build; within one BEV row the
-        voxels may come in another order (the row tables are only ever used as sets of
-        voxels per row range, see :meth:`_under_patches`). False when the watch has no base."""
+        """The tables from those of the watch's base voxel set (:class:`WatchBase`, the
+        session's target, OAR and normal-tissue sample: geometry only, kept on the modifier
+        while the beams' geometry is the same), not built: the per-voxel BEV positions taken
+        from the base's, the few extra voxels (the request's feature and guards, earlier
+        features, pins) looked up. The row-sorted tables stay the base's
+        (:meth:`_under_patches` searches them and the extra voxels, and drops the base voxels
+        the watch left out): the same voxels as a fresh build. False when the watch has no
+        base (then :meth:`_build`)."""
         comp = watch.__dict__.get("_composition")
         if comp is None:
             return False
@@ -453,7 +481,6 @@ class _Rows:
         n_beams = len(eng.geometry)
         # Each beam's BEV look-up of the extra voxels (as _fill_beam's NumPy path does).
         eu, ev, ew = (np.empty((n_beams, m), np.float32) for _ in range(3))
-        erow = np.empty((n_beams, m), np.int16)
         for b, geo in enumerate(eng.geometry):
             h = geo.fine.host
             pos = h.position[extra]
@@ -461,41 +488,23 @@ class _Rows:
             eu[b] = np.where(out, np.nan, h.u_cells[pos])
             ev[b] = np.where(out, np.inf, h.v_cells[pos])
             ew[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
-            if np.isnan(ev[b][~out]).any():  # NumPy's cast of NaN to int16 is not defined: from scratch
-                return False
-            erow[b] = np.where(out, np.iinfo(np.int16).max, np.clip(np.floor(ev[b]), -32000, 32000)).astype(np.int16)
-        # The watch's voxels from [base voxels kept | extra voxels]: src indexes that concatenation.
-        src = comp.source
-        self.index_zyx = np.take(np.concatenate([base.index_zyx, np.stack(np.unravel_index(extra, self.shape), axis=-1)
-                                                 .reshape(m, 3)]), src, axis=0)
+        # Watch position i comes from comp.source[i] in [base voxels, extra voxels] (``mode="clip"``:
+        # the extra voxels' source indices, nb and above, read a base entry then overwritten;
+        # NumPy buffers ``out`` in the default mode).
+        src, e_pos = comp.source, comp.extra_at
+        self.index_zyx = np.take(base.index_zyx, src, axis=0, mode="clip")
+        self.index_zyx[e_pos] = np.stack(np.unravel_index(extra, self.shape), axis=-1).reshape(m, 3)
         self.coords = self.index_zyx * self.spacing
         shape = (n_beams, self.vox.size)
         self.bev_u2, self.bev_v2, self.bev_w2 = (np.empty(shape, np.float32) for _ in range(3))
-        self._order2 = np.empty(shape, np.int64)
-        self._rows2 = np.empty(shape, np.int16)
-        self._bu_sorted2, self._bv_sorted2 = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        nb = base.vox.size
-        removed = comp.removed
-        e_pos = comp.extra_at  # the extra voxels' watch positions
-        for b in range(n_beams):
-            np.take(np.concatenate([base.bev_u2[b], eu[b]]), src, out=self.bev_u2[b])
-            np.take(np.concatenate([base.bev_v2[b], ev[b]]), src, out=self.bev_v2[b])
-            np.take(np.concatenate([base.bev_w2[b], ew[b]]), src, out=self.bev_w2[b])
-            # Sorted by row: the base's order less the removed voxels, the extra ones inserted
-            # after their row's base entries.
-            if removed.size:
-                keep = np.ones(nb, bool)
-                keep[base.inverse2[b][removed]] = False
-                ks = np.flatnonzero(keep)
-            else:
-                ks = np.arange(nb)
-            eo = np.argsort(erow[b], kind="stable")
-            at = np.searchsorted(base.rows2[b][ks], erow[b][eo], side="right")
-            s = np.insert(ks, at, nb + eo)
-            np.take(np.concatenate([base.rows2[b], erow[b]]), s, out=self._rows2[b])
-            np.take(np.concatenate([base.bu_sorted2[b], eu[b]]), s, out=self._bu_sorted2[b])
-            np.take(np.concatenate([base.bv_sorted2[b], ev[b]]), s, out=self._bv_sorted2[b])
-            np.take(np.concatenate([comp.base_at[base.order2[b]], e_pos]), s, out=self._order2[b])
+        for src_tab, e_tab, dst in ((base.bev_u2, eu, self.bev_u2), (base.bev_v2, ev, self.bev_v2),
+                                    (base.bev_w2, ew, self.bev_w2)):
+            np.take(src_tab, src, axis=1, mode="clip", out=dst)
+            dst[:, e_pos] = e_tab
+        # The row-sorted tables are the base's (indices into the base, see _under_patches).
+        self._order2, self._rows2 = base._order2, base._rows2
+        self._bu_sorted2, self._bv_sorted2 = base._bu_sorted2, base._bv_sorted2
+        self._split = (comp.base_at, base.vox.size, eu, ev, e_pos)
         return True
 
     def _fill_beam(self, geo, b: int) -> None:
@@ -599,25 +608,50 @@ class _Rows:
     def _under_patches(self, cols: np.ndarray) -> np.ndarray:
         """(n,) bool: the watched voxels under the patches of columns ``cols`` in any beam (each
         beam's voxels are sorted by BEV row, so a patch's rows are one slice of them, then
-        filtered exactly). Compiled with numba when it is installed (the same voxels)."""
-        mark = np.zeros(self.vox.size, bool)
+        filtered exactly). Compiled with numba when it is installed (the same voxels).
+
+        A watch built on a base (:meth:`_from_base`) searches the base's sorted tables (the
+        marks mapped to watch positions, the base voxels the watch left out dropped) and
+        filters its few extra voxels directly with the same edges (a voxel passes the exact
+        filter only if its row lies in the searched range, so the range adds nothing)."""
+        split = getattr(self, "_split", None)
+        if split is None:
+            mark = np.zeros(self.vox.size, bool)
+        else:
+            base_at, nb, eu, ev, e_pos = split
+            mark = np.zeros(nb, bool)
         reach = self.reach_cells
         if _cpu.HAVE_NUMBA:
             _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
                                     self._bv_sorted2, cols, reach, mark)
+        else:
+            for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
+                                                                                     self._by_v_uv):
+                cu, cv = bu_all[cols], bv_all[cols]
+                ok = np.isfinite(cv)
+                if not ok.any():
+                    continue
+                v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
+                a = np.searchsorted(rows_sorted, _row_key(math.floor(v_lo)), side="left")
+                b = np.searchsorted(rows_sorted, _row_key(math.floor(v_hi)), side="right")
+                bu, bv = bu_sorted[a:b], bv_sorted[a:b]
+                mark[order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)]] = True
+        if split is None:
             return mark
-        for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
-                                                                                 self._by_v_uv):
-            cu, cv = bu_all[cols], bv_all[cols]
-            ok = np.isfinite(cv)
-            if not ok.any():
-                continue
-            v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
-            a = np.searchsorted(rows_sorted, _row_key(math.floor(v_lo)), side="left")
-            b = np.searchsorted(rows_sorted, _row_key(math.floor(v_hi)), side="right")
-            bu, bv = bu_sorted[a:b], bv_sorted[a:b]
-            mark[order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)]] = True
-        return mark
+        out = np.zeros(self.vox.size, bool)
+        at = base_at[np.flatnonzero(mark)]
+        out[at[at >= 0]] = True
+        if e_pos.size:
+            hit = np.zeros(e_pos.size, bool)
+            for bu_all, bv_all, bu, bv in zip(self.bev_u, self.bev_v, eu, ev):
+                cu, cv = bu_all[cols], bv_all[cols]
+                ok = np.isfinite(cv)
+                if not ok.any():
+                    continue
+                v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
+                hit |= (bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)
+            out[e_pos[hit]] = True
+        return out
 
     def _capped_distance2(self, capped: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(beams, len(capped)) float32: each beam's squared BEV distance (fine cells^2) from the
@@ -679,16 +713,13 @@ class _Rows:
         args = (self.vox[rows], w.lo[rows], self.hi_solve[rows], w.goal[rows], weight, self.vox[cols], list(signs))
         kw = dict(regularisation=opts.regularisation, keep_weight=opts.keep_weight, compensate=opts.max_compensate,
                   accept_hi=w.hi[rows])
-        res = modifier.solve_step(*args, watch=(self.vox, dose, rows), **kw)
-        if res.accepted and res.watch_after_gy is not None:  # read after its patches, at the state they made
-            _remember_dose(modifier.engine, w, res.watch_after_gy)
+        read = functools.partial(_watch_dose, modifier.engine, w)
+        res = modifier.solve_step(*args, watch=(read, dose, rows), **kw)
         patches = list(res.patches)
         if not res.accepted and not modifier.per_beam:
             # A rejected step leaves the plan where it was (its dose is the one it started from).
             proposed = res.proposed
-            res = modifier.solve_step(*args, per_beam=True, watch=(self.vox, res.watch_after_gy, rows), **kw)
-            if res.accepted and res.watch_after_gy is not None:
-                _remember_dose(modifier.engine, w, res.watch_after_gy)
+            res = modifier.solve_step(*args, per_beam=True, watch=(read, res.watch_after_gy, rows), **kw)
             patches.extend(res.patches)
             if proposed and not res.proposed:
                 res = replace(res, proposed=True)
@@ -808,7 +839,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         # state kept them but is worse elsewhere): from there, solve for them alone.
         t0 = time.perf_counter()
         if len(patches) > low_j[2]:
-            dose = _take_back(modifier, patches, low_j[2], vox)
+            dose = _take_back(modifier, patches, low_j[2], watch)
         for _ in range(opts.touchup_steps):
             viol = watch.violation(dose)
             off = np.flatnonzero(hard & (viol > hard_eps))
@@ -837,7 +868,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     if best_step < len(objective) - 1 and len(patches) > best_n_patches:
         # Back to the best state seen: take the tail of patches back in one patch per beam.
         t0 = time.perf_counter()
-        dose = _take_back(modifier, patches, best_n_patches, vox)
+        dose = _take_back(modifier, patches, best_n_patches, watch)
         timings["return_to_best"] = (time.perf_counter() - t0) * 1000
     backend.synchronize()
     remaining = int(np.count_nonzero(watch.violation(dose) > 1e-6))
