@@ -646,7 +646,7 @@ class Session:
         allv, comp = compose_watch(wb.base, wb.n_at[near_n], others)
         n = allv.size
         at = lambda v: np.searchsorted(allv, np.asarray(v, np.int64))  # noqa: E731
-        before = _composed_dose(eng, comp)
+        before = _composed_dose(eng, comp, remember=True)
         t_lo = np.full(n, -np.inf)
         t_hi = np.full(n, np.inf)
         group = np.full(n, -1, np.int32)

@@ -348,19 +348,27 @@ def _watch_dose(eng, watch: Watch) -> np.ndarray:
     return dose
 
 
-def _composed_dose(eng, comp: "WatchComposition") -> np.ndarray:
+# Plan states whose dose at the base's voxels is kept (the states the latest requests started from).
+_BASE_DOSES = 4
+
+
+def _composed_dose(eng, comp: "WatchComposition", remember: bool = False) -> np.ndarray:
     """The dose (Gy, float64 host) at a composed watch's voxels, read at the base's voxels and
     the extra ones (one read of both, :meth:`DoseEngine.dose_at_voxels` is per voxel) and
     put in watch order. The base's voxel set is the same for every request, so its read-out
     tables stay in the engine's cache (a new watch's 10^5 voxels would build and upload them
-    for every request); the base's dose is kept with the plan-state version it was read at
-    (drag previews taken back start from the same state: only the extra voxels are read)."""
+    for every request). With ``remember`` (the session's read when it builds a watch), the
+    base's dose is kept with the plan-state version it was read at, for the latest few
+    versions: drag previews that are taken back start from the same state, and then only
+    the extra voxels are read."""
     base = comp.base
     nb = base.voxels.size
     ver = getattr(eng, "state_version", None)
-    memo = base.memo.get("dose")
-    if ver is not None and memo is not None and memo[0] is eng and memo[1] == ver:
-        db = memo[2]
+    memo = base.memo.setdefault("dose", {})  # version -> (engine, dose), the latest _BASE_DOSES
+    got = memo.get(ver) if ver is not None else None
+    if got is not None and got[0] is eng:
+        db = got[1]
+        memo[ver] = memo.pop(ver)  # most recently used last
         de = backend.asnumpy(eng.dose_at_voxels(comp.extra)) if comp.extra.size else np.zeros(0, np.float32)
     else:
         d = eng.dose_at_voxels(base.voxels)
@@ -368,9 +376,11 @@ def _composed_dose(eng, comp: "WatchComposition") -> np.ndarray:
             d = eng.xp.concatenate([d, eng.dose_at_voxels(comp.extra)])
         h = backend.asnumpy(d)
         db, de = h[:nb].copy(), h[nb:]
-        if ver is not None:
+        if remember and ver is not None:
             db.setflags(write=False)
-            base.memo["dose"] = (eng, ver, db)
+            memo[ver] = (eng, db)
+            while len(memo) > _BASE_DOSES:
+                memo.pop(next(iter(memo)))
     return np.take(np.concatenate([db, de]), comp.source).astype(np.float64)
 
 
@@ -641,16 +651,19 @@ class _Rows:
         out = np.zeros(self.vox.size, bool)
         at = base_at[np.flatnonzero(mark)]
         out[at[at >= 0]] = True
-        if e_pos.size:
-            hit = np.zeros(e_pos.size, bool)
-            for bu_all, bv_all, bu, bv in zip(self.bev_u, self.bev_v, eu, ev):
-                cu, cv = bu_all[cols], bv_all[cols]
-                ok = np.isfinite(cv)
-                if not ok.any():
-                    continue
-                v_lo, v_hi = float(cv[ok].min()) - reach, float(cv[ok].max()) + reach
-                hit |= (bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)
-            out[e_pos[hit]] = True
+        if e_pos.size and cols.size:
+            # All beams at once, with the edges as above: v's in float64, then cast to float32
+            # for the comparison (NEP 50: what comparing with a Python float does); u's in float32.
+            cu, cv = self.bev_u2[:, cols], self.bev_v2[:, cols]
+            ok = np.isfinite(cv)
+            beams = ok.any(axis=1)
+            v_lo = (np.where(ok, cv, np.inf).min(axis=1).astype(np.float64) - reach).astype(np.float32)[:, None]
+            v_hi = (np.where(ok, cv, -np.inf).max(axis=1).astype(np.float64) + reach).astype(np.float32)[:, None]
+            nan_u = np.isnan(cu)
+            u_lo = (np.where(nan_u, np.inf, cu).min(axis=1) - np.float32(reach))[:, None]
+            u_hi = (np.where(nan_u, -np.inf, cu).max(axis=1) + np.float32(reach))[:, None]
+            hit = (ev >= v_lo) & (ev < v_hi) & (eu >= u_lo) & (eu <= u_hi)
+            out[e_pos[hit[beams].any(axis=0)]] = True
         return out
 
     def _capped_distance2(self, capped: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -140,6 +140,9 @@ def test_watch_dose_read_as_base_and_extra_equals_a_direct_read_and_follows_the_
     s.undo()
     assert np.array_equal(_composed_dose(eng, comp), direct)
     assert np.array_equal(_watch_dose(eng, w), direct)
+    # The base's dose kept for a state is the base's dose there, and only read at that state.
+    e, db = comp.base.memo["dose"][eng.state_version]  # kept when the watch was built
+    assert e is eng and np.array_equal(db, backend.asnumpy(eng.dose_at_voxels(comp.base.voxels)))
 
 
 def _sequence(sess) -> list:
@@ -188,7 +191,7 @@ def test_previews_undo_redo_and_requests_equal_the_uncached_path(s, monkeypatch)
     fresh = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX)
     monkeypatch.setattr(session_module, "attach_composition", lambda watch, comp: watch)
     monkeypatch.setattr(session_module, "_composed_dose",
-                        lambda eng, comp: backend.asnumpy(eng.dose_at_voxels(
+                        lambda eng, comp, remember=False: backend.asnumpy(eng.dose_at_voxels(
                             np.concatenate([comp.base.voxels, comp.extra])[comp.source])).astype(np.float64))
     monkeypatch.setattr(session_module, "_remember_dose", lambda eng, watch, dose: None)
     monkeypatch.setattr(recovery_module, "_remember_dose", lambda eng, watch, dose: None)
