@@ -32,13 +32,15 @@ with the same scaling; tested); without the binding they call ``scipy.fft``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "gather_bev", "irfft2_rows",
-           "level_rows", "mark_under_patches", "rfft2_padded", "sample_weighted"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "combine_neighbours", "gather_bev",
+           "irfft2_rows", "level_rows", "mark_under_patches", "patch_response_window", "rfft2_padded",
+           "sample_weighted"]
 
 try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
     from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
@@ -53,6 +55,7 @@ _UNDER = None
 _CAPPED = None
 _LEVEL_ROWS = None
 _SORT_BY_ROW = None
+_COMBINE = None
 HAVE_NUMBA = False
 if os.environ.get("IDS_NUMBA", "1") != "0":
     try:  # pragma: no cover - depends on the environment
@@ -358,6 +361,19 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         _SORT_BY_ROW = _sort_by_row_nb
 
+        @numba.njit(nogil=True, cache=True)
+        def _combine_neighbours_nb(dc, inv, cw, out, sel):  # pragma: no cover - compiled
+            n = cw.shape[1]
+            for kk in range(dc.shape[0]):
+                row = sel[kk]
+                for i in range(n):
+                    acc = dc[kk, inv[i]] * cw[0, i]
+                    for j in range(1, cw.shape[0]):
+                        acc += dc[kk, inv[j * n + i]] * cw[j, i]
+                    out[row, i] += acc
+
+        _COMBINE = _combine_neighbours_nb
+
 
 def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu) -> None:
     """``dose[vox] += `` the bilinear read-out of ``flat`` (see
@@ -453,8 +469,37 @@ def irfft2_rows(spec: np.ndarray, fshape: tuple[int, int], r0: int, r1: int) -> 
         raise ValueError(f"irfft2_rows: spectrum shape {spec.shape[-2:]} does not match fshape {fshape}")
     cols = _POCKETFFT.c2c(spec, (nd - 2,), False, 0, None, 1)
     out = _POCKETFFT.c2r(cols[..., r0:r1, :], (nd - 1,), fshape[1], False, 0, None, 1)
-    out *= np.float32(np.longdouble(1) / np.longdouble(fshape[0] * fshape[1]))
+    out *= _inverse_scale(fshape[0] * fshape[1])
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _inverse_scale(n: int) -> np.float32:
+    """pocketfft's ``norm_fct`` of an inverse transform of ``n`` points: ``1 / n`` in long
+    double, rounded to float32 (computed once per size: long double arithmetic is slow)."""
+    return np.float32(np.longdouble(1) / np.longdouble(n))
+
+
+def patch_response_window(stack: np.ndarray, kspec: np.ndarray, fshape: tuple[int, int], rows: tuple[int, int],
+                          cols: tuple[int, int]) -> np.ndarray:
+    """Window ``[r0:r1, c0:c1]`` (``rows``, ``cols``) of the convolutions of a float32 stack
+    ``(k, h, w)`` with kernels whose spectra ``kspec`` ``(nc, fshape[0], fshape[1] // 2 + 1)``
+    complex64 are given: ``(k, nc, r1 - r0, c1 - c0)`` float32 (contiguous), bit for bit
+    ``irfft2_rows(rfft2_padded(stack, fshape)[:, None] * kspec[None], fshape, r0, r1)[..., c0:c1]``
+    in one call (a DMR solve's patch response: a few hundred small stacks a request, where the
+    argument handling of the three calls cost more than the transforms)."""
+    if _POCKETFFT is None or stack.dtype != np.float32 or stack.ndim != 3:  # pragma: no cover
+        spec = rfft2_padded(np.asarray(stack, np.float32), fshape)[:, None] * kspec[None]
+        return np.ascontiguousarray(irfft2_rows(spec, fshape, rows[0], rows[1])[..., cols[0] : cols[1]])
+    k, h, w = stack.shape
+    f0, f1 = fshape
+    pad = np.zeros((k, f0, f1), np.float32)
+    pad[:, :h, :w] = stack
+    spec = _POCKETFFT.r2c(pad, (1, 2), True, 0, None, 1)[:, None] * kspec[None]
+    spec = _POCKETFFT.c2c(spec, (2,), False, 0, None, 1)
+    out = _POCKETFFT.c2r(spec[:, :, rows[0] : rows[1], :], (3,), f1, False, 0, None, 1)
+    out *= _inverse_scale(f0 * f1)
+    return np.ascontiguousarray(out[..., cols[0] : cols[1]])
 
 
 def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach_cells: float,
@@ -504,6 +549,18 @@ def level_rows(position, v_cells, u_cells, weights, level_index):
     bounds = np.empty(4, np.float32)
     found = _LEVEL_ROWS(position, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds)
     return ok, v, u, w, (tuple(float(b) for b in bounds) if found else None)
+
+
+def combine_neighbours(dc, inv, cw, out, sel) -> None:
+    """``out[sel] += (dc[:, inv].reshape(k, 8, n) * cw[None]).sum(axis=1)`` in one pass: the
+    dose change at CT voxels from a coarse level's read-out ``dc`` ((k, m) float32, at the
+    distinct coarse neighbours), ``inv`` ((8 n,) int64, each neighbour's place among them),
+    the trilinear weights ``cw`` ((8, n) float32) and ``out`` ((K, n) float32, rows ``sel``
+    ((k,) int64, distinct)). The same float32 operations in the same order as NumPy (the sum
+    over the 8 neighbours runs in order): bit for bit (tested). Needs numba (``HAVE_NUMBA``)."""
+    if _COMBINE is None:
+        raise RuntimeError("combine_neighbours needs numba (pip install ids-engine[fast])")
+    _COMBINE(dc, inv, cw, out, sel)
 
 
 def sort_by_row(bu, bv, missing, order, rows, bu_sorted, bv_sorted) -> bool:

@@ -44,6 +44,7 @@ _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 byt
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 _LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
+_ROW0 = np.zeros(1, np.int64)  # row 0 of a one-row output (delta_at_voxels)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -216,8 +217,7 @@ class ReadOuts:
             placed[0, p.row0 - R0 * f : p.row0 - R0 * f + h, p.col0 - C0 * f : p.col0 - C0 * f + w] = delta
             # The fine level reads the patch on its own box, not the coarse-aligned one (a
             # different FFT size: the same values up to round-off, but not the same bits).
-            for part in self._beam_delta(nb, idx, b, delta[None], p.row0, p.col0, placed, R0, C0):
-                out += part[0]
+            self._beam_delta(nb, idx, b, delta[None], p.row0, p.col0, placed, R0, C0, out[None], _ROW0)
         return np.where(nb.in_body, out, np.float32(0))
 
     def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index) -> np.ndarray:
@@ -253,31 +253,30 @@ class ReadOuts:
             used = sorted({k for k, _ in items})
             at = {k: i for i, k in enumerate(used)}
             m = len(used)
-            sel = slice(None) if m == ncol else np.asarray(used, np.int64)
+            sel = np.asarray(used, np.int64)
             stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
             for k, p in items:
                 rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
                 ph, pw = p.delta.shape
                 stack[at[k], rr : rr + ph, cc : cc + pw] += np.asarray(backend.asnumpy(p.delta), np.float32)
-            for part in self._beam_delta(nb, idx, b, stack, R0 * f, C0 * f, stack, R0, C0):
-                out[sel] += part
+            self._beam_delta(nb, idx, b, stack, R0 * f, C0 * f, stack, R0, C0, out, sel)
         out = np.where(nb.in_body[None, :], out, np.float32(0))
         return out.T
 
     def _beam_delta(self, nb: "_Neighbours", idx: np.ndarray, b: int, stack: np.ndarray, r0: int, c0: int,
-                    placed: np.ndarray, R0: int, C0: int) -> list[np.ndarray]:
-        """Beam ``b``'s dose change at CT voxels ``idx`` from a stack of patches: the fine
-        level's and the coarse level's part ((k, n) float32 each, to be added in this order).
+                    placed: np.ndarray, R0: int, C0: int, out: np.ndarray, sel: np.ndarray) -> None:
+        """Adds beam ``b``'s dose change at CT voxels ``idx`` from a stack of ``k`` patches to
+        rows ``sel`` ((k,) int64, distinct) of ``out`` ((K, n) float32): the fine level's part,
+        then the coarse level's.
 
         ``stack`` (k, h, w) float32 is placed at fine fluence cell (r0, c0); ``placed`` holds
         the same patches on the coarse-aligned box at (R0 f, C0 f) (f = the beam's coarse
         fluence factor), block-summed here for the coarse level.
         """
         geo = self.geometry[b]
-        parts = []
         if geo.fine.components:
             rows = self._rows_of(nb, b, "fine", idx)
-            parts.append(_level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine")))
+            out[sel] += _level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine"))
         if geo.coarse.components:
             f = geo.coarse_fluence_factor
             m, hh, ww = placed.shape[0], placed.shape[1] // f, placed.shape[2] // f
@@ -285,9 +284,11 @@ class ReadOuts:
             uniq, inv = nb.coarse_unique()
             rows = self._rows_of(nb, b, "coarse", uniq)
             # Read once per distinct coarse voxel (the same values as reading all 8 n).
-            dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))[:, inv]
-            parts.append((dc.reshape(m, 8, idx.shape[0]) * nb.cw[None]).sum(axis=1))
-        return parts
+            dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))
+            if _cpu.HAVE_NUMBA:  # the gather, weights and 8-sum in one pass (the same floats)
+                _cpu.combine_neighbours(dc, inv, nb.cw, out, sel)
+            else:
+                out[sel] += (dc[:, inv].reshape(m, 8, idx.shape[0]) * nb.cw[None]).sum(axis=1)
 
     def _rows_of(self, nb: "_Neighbours", b: int, name: str, level_index: np.ndarray) -> "_LevelRows":
         rows = nb.levels.get((b, name))
@@ -416,11 +417,9 @@ def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: 
             if len(spectra) >= _CROP_SPECTRA_CACHE:
                 spectra.pop(next(iter(spectra)))
             spectra[key] = kspec
-    spec = _cpu.rfft2_padded(stack, fshape)[:, None] * kspec[None]
     # Only the rows read (lr - kr0 : hr - kr0 <= shape[0]) are transformed back: (k, nc, ., .)
-    # float32, bit for bit the rows of scipy.fft.irfft2(spec, fshape).
-    part = _cpu.irfft2_rows(spec, fshape, lr - kr0, hr - kr0)
-    dmaps = np.ascontiguousarray(part[:, :, :, lc - kc0 : hc - kc0])
+    # float32, bit for bit that window of scipy.fft.irfft2(rfft2(stack) * kspec, fshape).
+    dmaps = _cpu.patch_response_window(stack, kspec, fshape, (lr - kr0, hr - kr0), (lc - kc0, hc - kc0))
     nc = dmaps.shape[1]
     origin = (r0 - hk + lr, c0 - hk + lc)
     if _cpu.HAVE_NUMBA:

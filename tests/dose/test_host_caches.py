@@ -122,3 +122,61 @@ def test_gather_bev_equals_the_numpy_gathers(engine):
         for a, b in ((u, np.where(missing, np.nan, h.u_cells[pos])), (v, np.where(missing, np.inf, h.v_cells[pos])),
                      (w, np.where(pos >= 0, h.weights[0][pos], 0.0))):
             np.testing.assert_array_equal(a.view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
+
+
+def test_compiled_coarse_combination_equals_numpy_bit_for_bit(engine, monkeypatch):
+    """The coarse level's read-out at the distinct neighbours, spread to the CT voxels with the
+    trilinear weights: the compiled pass (``_cpu.combine_neighbours``) gives NumPy's floats, so
+    delta_matrix and delta_at_voxels do not depend on numba for this step."""
+    from ids_engine.kernels import _cpu
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(7)
+    for k, n, m in ((1, 1, 8), (3, 400, 700), (18, 35, 90)):
+        dc = (rng.normal(size=(k, m)) * 10.0 ** rng.uniform(-4, 2, (k, m))).astype(np.float32)
+        dc[:, ::5] = 0
+        inv = rng.integers(0, m, 8 * n).astype(np.int64)
+        cw = rng.uniform(0, 1, (8, n)).astype(np.float32)
+        out = rng.normal(size=(k + 2, n)).astype(np.float32)
+        sel = np.sort(rng.choice(k + 2, k, replace=False)).astype(np.int64)
+        ref = out.copy()
+        ref[sel] += (dc[:, inv].reshape(k, 8, n) * cw[None]).sum(axis=1)
+        _cpu.combine_neighbours(dc, inv, cw, out, sel)
+        np.testing.assert_array_equal(out.view(np.int32), ref.view(np.int32))
+    # Through the engine: the same read-outs with NumPy's combination in its place.
+    eng = engine
+    idx = _body_voxels(eng, 300, 8)
+    cols = [[_centre_patch(eng, b, 9, 0.3 + b, (b, -b))] for b in range(3)] + \
+        [[_centre_patch(eng, b, 6, -0.2, (2, 1)) for b in range(3)]]
+    eng.__dict__.pop("_neighbour_cache", None)
+    fast, one = eng.delta_matrix(cols, idx).copy(), eng.delta_at_voxels(cols[-1], idx).copy()
+    assert np.abs(fast).max() > 0
+
+    def numpy_combination(dc, inv, cw, out, sel):
+        out[sel] += (dc[:, inv].reshape(dc.shape[0], 8, cw.shape[1]) * cw[None]).sum(axis=1)
+
+    monkeypatch.setattr(_cpu, "combine_neighbours", numpy_combination)
+    eng.__dict__.pop("_neighbour_cache", None)
+    np.testing.assert_array_equal(eng.delta_matrix(cols, idx), fast)
+    np.testing.assert_array_equal(eng.delta_at_voxels(cols[-1], idx), one)
+
+
+def test_patch_response_window_is_the_scipy_transforms_bit_for_bit():
+    """The fused host transform of a DMR read-out (forward FFT of the stack, product with the
+    cropped kernels' spectra, inverse of the rows read, the columns read) gives SciPy's floats."""
+    from scipy import fft as sfft
+
+    from ids_engine.kernels import _cpu
+
+    rng = np.random.default_rng(11)
+    for k, nc, h, w, fshape in ((1, 1, 22, 22, (45, 45)), (9, 2, 8, 9, (25, 90)), (3, 2, 6, 7, (15, 18))):
+        stack = rng.normal(size=(k, h, w)).astype(np.float32)
+        kern = rng.normal(size=(nc, fshape[0] - h + 1, fshape[1] - w + 1)).astype(np.float32)
+        kspec = sfft.rfft2(kern, fshape)
+        r0, r1 = fshape[0] // 3, fshape[0] - 2
+        c0, c1 = 2, fshape[1] // 2
+        ref = sfft.irfft2(sfft.rfft2(stack, fshape)[:, None] * kspec[None], fshape)[:, :, r0:r1, c0:c1]
+        got = _cpu.patch_response_window(stack, kspec, fshape, (r0, r1), (c0, c1))
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.int32), np.ascontiguousarray(ref).view(np.int32))
