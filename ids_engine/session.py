@@ -629,9 +629,8 @@ class Session:
         rx = self.prescription_gy
         opts = self.options
         tol = opts.tolerance_pct / 100.0 * rx
-        body = eng.body_mask
         wb = self._watch_base()
-        tvox, ovox = wb.tvox, wb.ovox
+        tvox = wb.tvox
         ignore = set(ignore_ids)
         earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore]
         # Normal tissue (body outside targets and OARs), sampled every third voxel: farther

@@ -302,20 +302,7 @@ def attach_composition(watch: Watch, comp: WatchComposition) -> Watch:
     return watch
 
 
-class _BaseRows:
-    """A base's row tables (:class:`_Rows`'s grid positions and per-beam tables of
-    ``base.voxels``, built as for a watch)."""
-
-    def __init__(self, eng, base: WatchBase) -> None:
-        self.vox = base.voxels
-        self.shape = tuple(int(n) for n in eng.grid.shape_zyx)
-        self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
-        _Rows._build(self, eng)
-
-    _fill_beam = None  # set below (the same code as _Rows)
-
-
-def _base_rows(modifier, base: WatchBase) -> _BaseRows:
+def _base_rows(modifier, base: WatchBase) -> "_BaseRows":
     """The row tables of ``base``, kept on the modifier for the latest base while the engine's
     beam geometry is the same objects (they depend on nothing else: not on the plan)."""
     eng = modifier.engine
@@ -739,6 +726,19 @@ class _Rows:
         return patches, res
 
 
+class _BaseRows:
+    """A base's row tables (:class:`_Rows`'s grid positions and per-beam tables of
+    ``base.voxels``, built as for a watch)."""
+
+    def __init__(self, eng, base: WatchBase) -> None:
+        self.vox = base.voxels
+        self.shape = tuple(int(n) for n in eng.grid.shape_zyx)
+        self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
+        _Rows._build(self, eng)
+
+    _fill_beam = _Rows._fill_beam
+
+
 def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int = 3,
                  options: RecoveryOptions | None = None):
     """Modification of a line, surface or spot request: guarded joint solves with the request's
@@ -888,5 +888,3 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     return RecoveryResult(n_done, np.asarray(chosen, np.int64), np.asarray(accepted, bool), remaining, best_step,
                           np.asarray(objective), dose, patches, timings)
 
-
-_BaseRows._fill_beam = _Rows._fill_beam
