@@ -785,8 +785,10 @@ def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int =
 
 
 def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions | None = None,
-            cancel=None, progress=None) -> RecoveryResult:
-    """Run up to ``steps`` recovery steps on ``modifier.engine`` (see the module docstring)."""
+            cancel=None, progress=None, focus: np.ndarray | None = None) -> RecoveryResult:
+    """Run up to ``steps`` recovery steps on ``modifier.engine`` (see the module docstring).
+    ``focus``: (n,) bool over the watch, only these voxels are chosen as a step's voxel and
+    cluster (the rest of the watch are rows only; the side-effect repair)."""
     opts = options or RecoveryOptions()
     eng = modifier.engine
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
@@ -819,7 +821,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
             best_key, best_step, best_n_patches = key, step, len(patches)
         if obj < low_j[0]:
             low_j = (obj, step, len(patches))
-        score = np.where(tabu, 0.0, watch.weight * viol)
+        score = np.where(tabu if focus is None else (tabu | ~focus), 0.0, watch.weight * viol)
         if step == steps or (cancel is not None and cancel()) or not np.any(score > 1e-6):
             timings["select_location"] += (time.perf_counter() - t0) * 1000
             break
