@@ -39,7 +39,7 @@ from ._uploads import _Uploads
 
 __all__ = ["ReadOuts"]
 
-_NEIGHBOUR_CACHE = 4  # voxel sets whose coarse-neighbour tables are kept (ReadOuts._neighbours)
+_NEIGHBOUR_CACHE = 8  # voxel sets whose coarse-neighbour tables are kept (ReadOuts._neighbours): a drag preview reads about 7 small sets besides the watch base, which 4 pushed out (measured: its tables rebuilt and 6.9 MB uploaded once a preview)
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
