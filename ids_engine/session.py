@@ -1094,13 +1094,13 @@ class Session:
         **The focused repair** (``REPAIR_FOCUSED_PASSES``): when a far rise above the report
         line is still left, up to that many passes in which only the far voxels are chosen as
         recovery steps (``recover(focus=...)``, weight ``REPAIR_WEIGHT``: lowering the beam
-        entrance that carries the rise), each followed by ``REPAIR_MIX_STEPS`` ordinary
-        recovery steps (coverage and guards restored, the far voxels held as rows). Each pass must
-        lower the far rise by 0.3 % of Rx with the request's voxels, pins, features and guards no
-        worse and the objective within ``REPAIR_FOCUSED_J_SLACK`` (25 %); the passes are kept
-        only when they take the unasked far rise to the report line or below (all or nothing:
-        a partial gain moved the line beside one drag from 0.36 to 1.12 mm); otherwise the
-        state from before them, bit for bit. Returns
+        entrance that carries the rise), each followed by ``REPAIR_MIX_STEPS`` ordinary recovery
+        steps (coverage and guards restored, the far voxels held as rows). Each pass must lower the
+        far rise by 0.3 % of Rx with the request's voxels, pins, features and guards no worse
+        and the objective within ``REPAIR_FOCUSED_J_SLACK`` (25 %); the passes are kept only
+        when they take the unasked far rise to the report line or below (all or nothing: a
+        partial gain moved the line beside one drag from 0.36 to 1.12 mm); otherwise the state
+        from before them, bit for bit. Returns
         ``(patches applied, kept, unasked rises after, the watch's dose after a kept pass or
         None)``."""
         opts = self.options
