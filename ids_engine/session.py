@@ -1123,7 +1123,7 @@ class Session:
         def state():
             """(hard key, objective, largest violation of each pin / feature / guard / request
             group, the watch's dose)."""
-            d = backend.asnumpy(eng.dose_at_voxels(watch.voxels)).astype(np.float64)
+            d = _watch_dose(eng, watch)  # a watch built on the base: its cached tables reused
             v = watch.violation(d)
             worst = np.array([float(v[watch.group == g].max()) for g in kept_groups])
             hard_key = round(float(v[hard].max()) / eps) if hard.any() else 0
@@ -1136,14 +1136,25 @@ class Session:
             before = backend.asnumpy(before_cube.reshape(-1)[eng.xp.asarray(vox)]).astype(np.float64)
             return extend_watch(w, vox, before + rises.asked_gy[top] + cap, weight, "far side effects"), vox
 
+        def checkpoint():
+            """A function that takes the engine back to now, bit for bit, with nothing of what
+            came after journaled."""
+            snap = eng.snapshot()
+            n_log = None if eng.apply_log is None else len(eng.apply_log)
+
+            def back():
+                eng.restore(snap)
+                if n_log is not None:
+                    del eng.apply_log[n_log:]
+            return back
+
         def no_worse(h0, j0, w0, h1, j1, w1, j_slack=0.05):
             # Nothing recovery keeps got worse: no new or larger conflict, the objective within
             # 5 % (or 0.05 Gy^2).
             return h1 <= h0 and bool(np.all(w1 <= np.maximum(w0, eps))) and j1 <= (1.0 + j_slack) * j0 + 0.05
 
         h0, j0, w0, _ = state()
-        snap = eng.snapshot()
-        n_log = None if eng.apply_log is None else len(eng.apply_log)
+        back = checkpoint()
         watch2, _ = extended(watch, found, WEIGHT_NORMAL)
         rec = recover(self.modifier, watch2, steps=opts.side_effect_repair_steps)
         patches = list(rec.patches)
@@ -1152,15 +1163,12 @@ class Session:
         # Kept only if nothing recovery keeps got worse and the side effect is clearly lower.
         kept = bool(patches) and no_worse(h0, j0, w0, h1, j1, w1) and after.max_gy() < found.max_gy() - 0.003 * rx
         if not kept:  # as if never tried: the state before it, bit for bit, and nothing journaled
-            eng.restore(snap)
-            if n_log is not None:
-                del eng.apply_log[n_log:]
+            back()
             patches, after, watch_gy = [], found, None
             h1, j1, w1 = h0, j0, w0
         rises = after
         if REPAIR_FOCUSED_PASSES > 0 and rises.max_gy() > thr:
-            snap2 = eng.snapshot()
-            n_log2 = None if eng.apply_log is None else len(eng.apply_log)
+            back = checkpoint()
             got, w3, done = [], watch, False
             for _ in range(REPAIR_FOCUSED_PASSES):
                 w3, vox = extended(w3, rises, REPAIR_WEIGHT)
@@ -1183,9 +1191,7 @@ class Session:
                 patches += got
                 after, watch_gy, kept = rises, gy2, True
             else:
-                eng.restore(snap2)
-                if n_log2 is not None:
-                    del eng.apply_log[n_log2:]
+                back()
         timings["side_effect_repair"] = (time.perf_counter() - t0) * 1000
         return patches, kept, after, watch_gy
 

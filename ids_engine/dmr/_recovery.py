@@ -227,12 +227,11 @@ def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
 
 def _rows_for(modifier, watch: "Watch", opts: "RecoveryOptions") -> "_Rows":
     """The watch's row helper, built once per watch (the modification and recovery share it)."""
-    key = (id(modifier), opts)
     cached = watch.__dict__.get("_rows_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, _Rows(modifier, watch, opts))
+    if cached is None or cached[0] is not modifier or cached[1] != opts:  # the modifier itself, not its id()
+        cached = (modifier, opts, _Rows(modifier, watch, opts))
         watch.__dict__["_rows_cache"] = cached
-    return cached[1]
+    return cached[2]
 
 
 @dataclass(frozen=True, eq=False)
@@ -791,6 +790,11 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     cluster (the rest of the watch are rows only; the side-effect repair)."""
     opts = options or RecoveryOptions()
     eng = modifier.engine
+    if focus is not None:
+        focus = np.asarray(focus)
+        if focus.dtype != bool or focus.shape != watch.voxels.shape:
+            raise ValueError(f"recover: focus must be a bool array over the watch's {watch.voxels.size} voxels, "
+                             f"got {focus.dtype} {focus.shape}")
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
     rs = _rows_for(modifier, watch, opts)
     vox, coords, hard = rs.vox, rs.coords, rs.hard

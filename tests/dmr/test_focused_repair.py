@@ -84,19 +84,33 @@ def test_the_focused_repair_takes_the_far_rise_under_the_report_line(fresh, req,
 
 def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkeypatch):
     """All or nothing: with the report line at 0.5 % of Rx no pass can reach it, so the plan
-    is the one the plain repair left, bit for bit, and so is the journal."""
+    is the one the plain repair left, bit for bit, and so is the journal (the request's patches
+    and their grouping), although focused passes did run and apply patches."""
     s = fresh
     old = s.options
     doses = {}
+    focused = []
+    real_recover = session_module.recover
+
+    def spy(*args, focus=None, **kwargs):
+        rec = real_recover(*args, focus=focus, **kwargs)
+        if focus is not None:
+            focused.append(len(rec.patches))
+        return rec
+
+    monkeypatch.setattr(session_module, "recover", spy)
     try:
         s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
         for passes in (0, 3):
             monkeypatch.setattr(session_module, "REPAIR_FOCUSED_PASSES", passes)
+            focused.clear()
             res = s.run(LINE)
-            doses[passes] = (s.dose(), len(res.patches), res.side_effects_repaired)
+            doses[passes] = (s.dose(), res.patch_groups, res.side_effects_repaired, list(focused))
             s.undo()
             s.clear_redo()
     finally:
         s.options = old
-    np.testing.assert_array_equal(doses[3][0], doses[0][0])
-    assert doses[3][1:] == doses[0][1:]
+    assert doses[0][3] == []
+    assert doses[3][3] and sum(doses[3][3]) > 0  # the focused passes ran and changed the plan ...
+    np.testing.assert_array_equal(doses[3][0], doses[0][0])  # ... and were taken back
+    assert doses[3][1:3] == doses[0][1:3]
