@@ -114,3 +114,15 @@ def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkey
     assert doses[3][3] and sum(doses[3][3]) > 0  # the focused passes ran and changed the plan ...
     np.testing.assert_array_equal(doses[3][0], doses[0][0])  # ... and were taken back
     assert doses[3][1:3] == doses[0][1:3]
+
+
+def test_recover_refuses_a_focus_that_is_not_a_bool_mask_over_the_watch(fresh):
+    from ids_engine.dmr._recovery import Watch, recover
+
+    vox = np.flatnonzero(fresh.target_mask.ravel())[:3]
+    w = Watch(vox, np.full(3, 50.0), np.full(3, 70.0), np.full(3, 60.0), np.ones(3), np.zeros(3, np.int32),
+              ["target coverage"], ["tissue"])
+    with pytest.raises(ValueError, match="focus must be a bool array"):
+        recover(fresh.modifier, w, steps=1, focus=np.array([1, 0, 1]))  # 0/1 ints: ~focus would exclude all
+    with pytest.raises(ValueError, match="3 voxels"):
+        recover(fresh.modifier, w, steps=1, focus=np.ones(4, bool))
