@@ -475,15 +475,10 @@ class _Rows:
         extra = comp.extra
         m = extra.size
         n_beams = len(eng.geometry)
-        # Each beam's BEV look-up of the extra voxels (as _fill_beam's NumPy path does).
+        # Each beam's BEV look-up of the extra voxels.
         eu, ev, ew = (np.empty((n_beams, m), np.float32) for _ in range(3))
         for b, geo in enumerate(eng.geometry):
-            h = geo.fine.host
-            pos = h.position[extra]
-            out = pos < 0
-            eu[b] = np.where(out, np.nan, h.u_cells[pos])
-            ev[b] = np.where(out, np.inf, h.v_cells[pos])
-            ew[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
+            eu[b], ev[b], ew[b], _ = _bev_lookup(geo.fine.host, extra)
         # Watch position i comes from comp.source[i] in [base voxels, extra voxels] (``mode="clip"``:
         # the extra voxels' source indices, nb and above, read a base entry then overwritten;
         # NumPy buffers ``out`` in the default mode).
@@ -515,11 +510,7 @@ class _Rows:
             out = _cpu.gather_bev(h.position, h.u_cells, h.v_cells, h.weights[0], self.vox, self.bev_u2[b], bv,
                                   self.bev_w2[b])
         else:
-            pos = h.position[self.vox]
-            out = pos < 0
-            self.bev_u2[b] = np.where(out, np.nan, h.u_cells[pos])
-            bv[...] = np.where(out, np.inf, h.v_cells[pos])
-            self.bev_w2[b] = np.where(pos >= 0, h.weights[0][pos], 0.0)
+            self.bev_u2[b], bv[...], self.bev_w2[b], out = _bev_lookup(h, self.vox)
         # Ordered by whole BEV row (a stable sort of 16-bit keys): a patch's rows are one
         # slice of it, widened to whole rows and then filtered exactly.
         order = self._order2[b]
@@ -723,6 +714,17 @@ class _Rows:
             if proposed and not res.proposed:
                 res = replace(res, proposed=True)
         return patches, res
+
+
+def _bev_lookup(h, vox: np.ndarray) -> tuple:
+    """Voxels ``vox``'s BEV position in a beam's fine level (host copy ``h``): ``(u, v, w,
+    missing)``, u / v in fine fluence cells (NaN / +inf where the beam misses the voxel), w its
+    dose per unit fluence there (0 where missed), float32; the NumPy twin of
+    :func:`kernels._cpu.gather_bev`."""
+    pos = h.position[vox]
+    out = pos < 0
+    return (np.where(out, np.nan, h.u_cells[pos]), np.where(out, np.inf, h.v_cells[pos]),
+            np.where(out, 0.0, h.weights[0][pos]), out)
 
 
 class _BaseRows:
