@@ -767,7 +767,7 @@ class Session:
         body = eng.body_mask
         tvox = np.flatnonzero((self.target_mask & body).ravel())
         ovox = np.flatnonzero((self.oar_mask & ~self.target_mask & body).ravel())
-        nvox = self._normal_sample()
+        nvox = self._normal_sample(body)
         mark = np.zeros(eng.grid.size, bool)  # sorted union (a mask: hashing 10^5 indices is slower)
         for p in (tvox, ovox, nvox):
             mark[p] = True
@@ -780,15 +780,13 @@ class Session:
         self.__dict__["_watch_base_cache"] = (token, parts)
         return parts
 
-    def _normal_sample(self) -> np.ndarray:
-        """Flat indices of normal tissue (body, not target, not OAR) on every third voxel per axis."""
-        cache = self.__dict__.get("_normal_cache")
-        if cache is None:
-            m = self.engine.body_mask & ~self.target_mask & ~self.oar_mask
-            sub = np.zeros_like(m)
-            sub[::3, ::3, ::3] = m[::3, ::3, ::3]
-            cache = self.__dict__["_normal_cache"] = np.flatnonzero(sub.ravel()).astype(np.int64)
-        return cache
+    def _normal_sample(self, body: np.ndarray) -> np.ndarray:
+        """Flat indices of normal tissue (body, not target, not OAR) on every third voxel per
+        axis (part of :meth:`_watch_base`, cached with it)."""
+        m = body & ~self.target_mask & ~self.oar_mask
+        sub = np.zeros_like(m)
+        sub[::3, ::3, ::3] = m[::3, ::3, ::3]
+        return np.flatnonzero(sub.ravel()).astype(np.int64)
 
     def _near_feature(self, flat: np.ndarray, feature_flat: np.ndarray, near_mm: float = 10.0) -> np.ndarray:
         """Which of ``flat`` lie within ``near_mm`` of a feature voxel (distance transform on a box)."""
