@@ -496,10 +496,14 @@ def patch_response_window(stack: np.ndarray, kspec: np.ndarray, fshape: tuple[in
     pad = np.zeros((k, f0, f1), np.float32)
     pad[:, :h, :w] = stack
     spec = _POCKETFFT.r2c(pad, (1, 2), True, 0, None, 1)[:, None] * kspec[None]
-    spec = _POCKETFFT.c2c(spec, (2,), False, 0, None, 1)
+    _POCKETFFT.c2c(spec, (2,), False, 0, spec, 1)  # in place (pocketfft copies each line out and back)
     out = _POCKETFFT.c2r(spec[:, :, rows[0] : rows[1], :], (3,), f1, False, 0, None, 1)
-    out *= _inverse_scale(f0 * f1)
-    return np.ascontiguousarray(out[..., cols[0] : cols[1]])
+    # The scale only on the columns kept (the same float32 product per element), into a new
+    # contiguous array: one pass instead of scaling every column and then copying the window.
+    win = out[..., cols[0] : cols[1]]
+    res = np.empty(win.shape, np.float32)
+    np.multiply(win, _inverse_scale(f0 * f1), out=res)
+    return res
 
 
 def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach_cells: float,

@@ -602,7 +602,7 @@ class DoseEngine(ReadOuts):
         nc = self._levels[name].nc
         fh, fw = plan.shape
         sink = int(self._maps_buf[name].shape[0]) - 1
-        out = np.full((len(plan.windows), nc, fh, fw), sink, np.int64)
+        out = np.full((len(plan.windows), nc, fh, fw), sink, np.int32)  # int32 buffer indices (as uploaded)
         for p, wd in enumerate(plan.windows):
             lvl = getattr(self.geometry[wd.beam], name)
             mh, mw = lvl.map_shape
@@ -612,7 +612,7 @@ class DoseEngine(ReadOuts):
             base = self._state[wd.beam].maps_offset[name]
             for c in range(nc):
                 out[p, c, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c] = base + (c * mh + rr) * mw + cc
-        return out.astype(np.int32).ravel()
+        return out.ravel()
 
     # ------------------------------------------------------------------ read-out
     def _upsample(self, coarse_cube):

@@ -95,13 +95,11 @@ def _block_sum(xp, a, factor: int):
 
 def _tile_ranges(tile_start: np.ndarray, ntc: int, r0: int, r1: int, c0: int, c1: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges of sorted voxels in tiles rows r0..r1, cols c0..c1 (inclusive)."""
-    out = []
-    for tr in range(r0, r1 + 1):
-        s = int(tile_start[tr * ntc + c0])
-        e = int(tile_start[tr * ntc + c1 + 1])
-        if e > s:
-            out.append((s, e))
-    return out
+    # Tile row tr's range is tile_start[tr * ntc + c0] .. tile_start[tr * ntc + c1 + 1]: two
+    # strided slices read as Python ints at once.
+    starts = tile_start[r0 * ntc + c0 : r1 * ntc + c0 + 1 : ntc].tolist()
+    ends = tile_start[r0 * ntc + c1 + 1 : r1 * ntc + c1 + 2 : ntc].tolist()
+    return [(s, e) for s, e in zip(starts, ends) if e > s]
 
 
 @dataclass(eq=False)

@@ -113,6 +113,14 @@ class _LevelRows:
         return _LevelRows(int(level_index.shape[0]), ok, v, u, np.ascontiguousarray(h.weights[:, p]), bounds)
 
 
+_ROWS_UPTO = np.arange(1024, dtype=np.int64)  # never written
+
+
+def _rows_upto(m: int) -> np.ndarray:
+    """``arange(m)`` (int64; a view of a shared array up to 1024: not to be written)."""
+    return _ROWS_UPTO[:m] if m <= _ROWS_UPTO.size else np.arange(m, dtype=np.int64)
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)
     return a
@@ -235,30 +243,42 @@ class ReadOuts:
         if ncol == 0 or n == 0:
             return out.T
         nb = self._neighbours(idx)
-        by_beam: dict[int, list[tuple[int, FluencePatch]]] = {}
+        # Per beam: [column, row0, col0, delta] of its patches, in column order.
+        by_beam: dict[int, list] = {}
         for k, ps in enumerate(columns):
             for p in ps:
-                by_beam.setdefault(int(p.beam), []).append((k, p))
+                by_beam.setdefault(int(p.beam), []).append((k, p.row0, p.col0, np.asarray(backend.asnumpy(p.delta))))
         for b, items in sorted(by_beam.items()):
-            r0 = min(p.row0 for _, p in items)
-            c0 = min(p.col0 for _, p in items)
-            r1 = max(p.row0 + p.delta.shape[0] for _, p in items)
-            c1 = max(p.col0 + p.delta.shape[1] for _, p in items)
+            r0 = c0 = 1 << 62
+            r1 = c1 = -(1 << 62)
+            for _, pr, pc, d in items:
+                ph, pw = d.shape
+                r0, c0 = min(r0, pr), min(c0, pc)
+                r1, c1 = max(r1, pr + ph), max(c1, pc + pw)
             f = self.geometry[b].coarse_fluence_factor
             R0, C0 = r0 // f, c0 // f
             R1, C1 = -(-r1 // f), -(-c1 // f)
             # A stack on the coarse-aligned box, so the fine and the coarse level share it, of
             # the columns with a patch in this beam only (a per-beam solve's columns each have
             # one beam's patch): the others' response is zero, and adding it changes nothing.
-            used = sorted({k for k, _ in items})
-            at = {k: i for i, k in enumerate(used)}
+            # The items are in column order, so the columns used are the distinct ones in turn.
+            used: list[int] = []
+            for k, *_ in items:
+                if not used or used[-1] != k:
+                    used.append(k)
             m = len(used)
-            sel = np.asarray(used, np.int64)
             stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
-            for k, p in items:
-                rr, cc = p.row0 - R0 * f, p.col0 - C0 * f
-                ph, pw = p.delta.shape
-                stack[at[k], rr : rr + ph, cc : cc + pw] += np.asarray(backend.asnumpy(p.delta), np.float32)
+            i = -1
+            last = -1
+            for k, pr, pc, d in items:
+                if k != last:
+                    i, last = i + 1, k
+                rr, cc = pr - R0 * f, pc - C0 * f
+                ph, pw = d.shape
+                stack[i, rr : rr + ph, cc : cc + pw] += d.astype(np.float32, copy=False)
+            # Rows of ``out``: a slice when the columns used are consecutive (the usual case;
+            # the same float32 additions as through an index array).
+            sel = slice(used[0], used[-1] + 1) if used[-1] - used[0] == m - 1 else np.asarray(used, np.int64)
             self._beam_delta(nb, idx, b, stack, R0 * f, C0 * f, stack, R0, C0, out, sel)
         out = np.where(nb.in_body[None, :], out, np.float32(0))
         return out.T
@@ -266,7 +286,7 @@ class ReadOuts:
     def _beam_delta(self, nb: "_Neighbours", idx: np.ndarray, b: int, stack: np.ndarray, r0: int, c0: int,
                     placed: np.ndarray, R0: int, C0: int, out: np.ndarray, sel: np.ndarray) -> None:
         """Adds beam ``b``'s dose change at CT voxels ``idx`` from a stack of ``k`` patches to
-        rows ``sel`` ((k,) int64, distinct) of ``out`` ((K, n) float32): the fine level's part,
+        rows ``sel`` ((k,) int64, distinct, or a slice of k rows) of ``out`` ((K, n) float32): the fine level's part,
         then the coarse level's.
 
         ``stack`` (k, h, w) float32 is placed at fine fluence cell (r0, c0); ``placed`` holds
@@ -286,7 +306,10 @@ class ReadOuts:
             # Read once per distinct coarse voxel (the same values as reading all 8 n).
             dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))
             if _cpu.HAVE_NUMBA:  # the gather, weights and 8-sum in one pass (the same floats)
-                _cpu.combine_neighbours(dc, inv, nb.cw, out, sel)
+                if isinstance(sel, slice):  # rows sel of out: a view, its rows 0..m-1
+                    _cpu.combine_neighbours(dc, inv, nb.cw, out[sel], _rows_upto(m))
+                else:
+                    _cpu.combine_neighbours(dc, inv, nb.cw, out, sel)
             else:
                 out[sel] += (dc[:, inv].reshape(m, 8, idx.shape[0]) * nb.cw[None]).sum(axis=1)
 
