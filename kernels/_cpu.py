@@ -40,7 +40,7 @@ import numpy as np
 
 __all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "combine_neighbours", "gather_bev",
            "irfft2_rows", "level_rows", "mark_under_patches", "patch_response_window", "rfft2_padded",
-           "sample_weighted"]
+           "sample_weighted", "sort_rows_by_u"]
 
 try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
     from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
@@ -52,6 +52,8 @@ _SAMPLE = None
 _GATHER_BEV = None
 _DEPTH = None
 _UNDER = None
+_UNDER_U = None
+_SORT_ROWS_U = None
 _CAPPED = None
 _LEVEL_ROWS = None
 _SORT_BY_ROW = None
@@ -253,6 +255,135 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                         mark[order2[b, i]] = True
 
         _UNDER = _under_patches_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _sort_rows_by_u_nb(rows, order, bu_sorted, bv_sorted):  # pragma: no cover - compiled
+            # Within each run of equal rows (the table sorted by row), order by u (stable), NaN
+            # u (a voxel the beam misses) last in their order.
+            n = rows.shape[0]
+            s = 0
+            while s < n:
+                e = s + 1
+                while e < n and rows[e] == rows[s]:
+                    e += 1
+                if e - s > 1:
+                    m = e - s
+                    fin = np.empty(m, np.int64)
+                    nan = np.empty(m, np.int64)
+                    nf = 0
+                    nn = 0
+                    for i in range(m):
+                        if np.isnan(bu_sorted[s + i]):
+                            nan[nn] = i
+                            nn += 1
+                        else:
+                            fin[nf] = i
+                            nf += 1
+                    perm = np.empty(m, np.int64)
+                    if nf:
+                        uf = np.empty(nf, np.float32)
+                        for i in range(nf):
+                            uf[i] = bu_sorted[s + fin[i]]
+                        pf = np.argsort(uf, kind="mergesort")
+                        for i in range(nf):
+                            perm[i] = fin[pf[i]]
+                    for i in range(nn):
+                        perm[nf + i] = nan[i]
+                    o = order[s:e].copy()
+                    u = bu_sorted[s:e].copy()
+                    v = bv_sorted[s:e].copy()
+                    for i in range(m):
+                        order[s + i] = o[perm[i]]
+                        bu_sorted[s + i] = u[perm[i]]
+                        bv_sorted[s + i] = v[perm[i]]
+                s = e
+            return True
+
+        _SORT_ROWS_U = _sort_rows_by_u_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _under_patches_u_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach,
+                                remap, mark):  # pragma: no cover - compiled
+            # _under_patches_nb on tables whose rows are each sorted by u: per row, a binary
+            # search for the box's first u, then the voxels up to its last (the same edges and
+            # the same exact filter, so the same voxels). A voxel t marks mark[remap[t]] (none
+            # where remap[t] < 0).
+            reach32 = np.float32(reach)
+            for b in range(bev_u2.shape[0]):
+                found = False
+                v_min = np.float32(np.inf)
+                v_max = np.float32(-np.inf)
+                any_u = False
+                u_min = np.float32(np.inf)
+                u_max = np.float32(-np.inf)
+                for j in range(cols.shape[0]):
+                    cv = bev_v2[b, cols[j]]
+                    if np.isfinite(cv):
+                        found = True
+                        v_min = min(v_min, cv)
+                        v_max = max(v_max, cv)
+                    cu = bev_u2[b, cols[j]]
+                    if not np.isnan(cu):
+                        any_u = True
+                        u_min = min(u_min, cu)
+                        u_max = max(u_max, cu)
+                if not found or not any_u:  # no column on this beam's grid, or no u: nothing passes
+                    continue
+                v_lo = np.float64(v_min) - reach
+                v_hi = np.float64(v_max) + reach
+                key_lo = np.int64(math.floor(v_lo))
+                key_hi = np.int64(math.floor(v_hi))
+                rows = rows2[b]
+                lo, hi = 0, rows.shape[0]
+                while lo < hi:  # searchsorted(rows, key_lo, side="left")
+                    mid = (lo + hi) // 2
+                    if np.int64(rows[mid]) < key_lo:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                a = lo
+                lo, hi = a, rows.shape[0]
+                while lo < hi:  # searchsorted(rows, key_hi, side="right")
+                    mid = (lo + hi) // 2
+                    if np.int64(rows[mid]) <= key_hi:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                end = lo
+                v_lo32 = np.float32(v_lo)
+                v_hi32 = np.float32(v_hi)
+                u_lo32 = u_min - reach32
+                u_hi32 = u_max + reach32
+                bu_b = bu_sorted2[b]
+                p = a
+                while p < end:
+                    r = rows[p]
+                    lo, hi = p, end
+                    while lo < hi:  # the end of row r
+                        mid = (lo + hi) // 2
+                        if rows[mid] <= r:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    seg_end = lo
+                    lo, hi = p, seg_end
+                    while lo < hi:  # the first u >= u_lo32 in row r
+                        mid = (lo + hi) // 2
+                        if bu_b[mid] < u_lo32:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    i = lo
+                    while i < seg_end and bu_b[i] <= u_hi32:
+                        bv = bv_sorted2[b, i]
+                        if bv >= v_lo32 and bv < v_hi32:
+                            t = remap[order2[b, i]]
+                            if t >= 0:
+                                mark[t] = True
+                        i += 1
+                    p = seg_end
+
+        _UNDER_U = _under_patches_u_nb
 
         @numba.njit(nogil=True, cache=True)
         def _capped_d2_nb(bev_u2, bev_v2, bev_w2, capped, cols, d2_out, w_out):  # pragma: no cover - compiled
@@ -507,7 +638,7 @@ def patch_response_window(stack: np.ndarray, kspec: np.ndarray, fshape: tuple[in
 
 
 def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach_cells: float,
-                       mark) -> None:
+                       mark, u_sorted: bool = False, remap=None) -> None:
     """Sets ``mark[i]`` for the watched voxels under the patches of columns ``cols``, in any
     beam: per beam ``b``, those whose BEV position (``bev_u2[b]``, ``bev_v2[b]``, fine
     fluence cells, (beams, n) float32, NaN / +inf where the beam misses the voxel) lies within
@@ -516,10 +647,34 @@ def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, co
     (beams, n) int64, ``rows2`` the sorted int16 rows, ``bu_sorted2`` / ``bv_sorted2`` the
     positions in that order). The compiled twin of the per-beam loop in
     ``ids_engine.dmr._recovery._Rows.select`` (the same float32 / float64 edges as NumPy
-    computes them: the same voxels, tested). Needs numba (``HAVE_NUMBA``)."""
+    computes them: the same voxels, tested). With ``u_sorted`` (every row of every beam's
+    table ordered by u, :func:`sort_rows_by_u`), each row is searched for the box's u range
+    rather than scanned: the same voxels; ``remap`` (int64, with ``u_sorted`` only) then marks
+    ``mark[remap[t]]`` for voxel ``t`` instead (nothing where it is negative: a watch's
+    positions of its base's voxels). Needs numba (``HAVE_NUMBA``)."""
     if _UNDER is None:
         raise RuntimeError("mark_under_patches needs numba (pip install ids-engine[fast])")
-    _UNDER(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, np.asarray(cols, np.int64), float(reach_cells), mark)
+    cols = np.asarray(cols, np.int64)
+    if u_sorted:
+        if remap is None:
+            remap = np.arange(order2.shape[1], dtype=np.int64)
+        _UNDER_U(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells),
+                 np.asarray(remap, np.int64), mark)
+    elif remap is not None:
+        raise ValueError("mark_under_patches: remap needs u_sorted tables")
+    else:
+        _UNDER(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), mark)
+
+
+def sort_rows_by_u(rows, order, bu_sorted, bv_sorted) -> bool:
+    """Orders one beam's row-sorted table (``rows`` int16 ascending, with ``order``,
+    ``bu_sorted``, ``bv_sorted`` in the same order, see :func:`sort_by_row`) by ``u`` within
+    each row (stable), in place: then :func:`mark_under_patches` with ``u_sorted`` searches
+    each row for the patches' box instead of scanning it (the same voxels: a NaN u, which no
+    box holds, goes last in its row). Returns True. Needs numba (``HAVE_NUMBA``)."""
+    if _SORT_ROWS_U is None:
+        raise RuntimeError("sort_rows_by_u needs numba (pip install ids-engine[fast])")
+    return bool(_SORT_ROWS_U(rows, order, bu_sorted, bv_sorted))
 
 
 def capped_distance2(bev_u2, bev_v2, bev_w2, capped, cols) -> tuple[np.ndarray, np.ndarray]:

@@ -417,6 +417,8 @@ class _Rows:
     Precomputes each watched voxel's position in mm and on every beam's fine fluence grid.
     """
 
+    _u_sorted = False  # the row tables' rows are ordered by u too (a base's, see _BaseRows)
+
     def __init__(self, modifier, watch: Watch, opts: RecoveryOptions) -> None:
         eng = modifier.engine
         self.watch = watch
@@ -495,6 +497,7 @@ class _Rows:
         # The row-sorted tables are the base's (indices into the base, see _under_patches).
         self._order2, self._rows2 = base._order2, base._rows2
         self._bu_sorted2, self._bv_sorted2 = base._bu_sorted2, base._bv_sorted2
+        self._u_sorted = base._u_sorted
         self._split = (comp.base_at, base.vox.size, eu, ev, e_pos)
         return True
 
@@ -608,9 +611,16 @@ class _Rows:
             base_at, nb, eu, ev, e_pos = split
             mark = np.zeros(nb, bool)
         reach = self.reach_cells
-        if _cpu.HAVE_NUMBA:
+        out = None
+        if _cpu.HAVE_NUMBA and self._u_sorted and split is not None:
+            # The base's u-ordered tables marked straight into watch positions (the same marks
+            # as mapping the base's marks below).
+            out = np.zeros(self.vox.size, bool)
             _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
-                                    self._bv_sorted2, cols, reach, mark)
+                                    self._bv_sorted2, cols, reach, out, u_sorted=True, remap=base_at)
+        elif _cpu.HAVE_NUMBA:
+            _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
+                                    self._bv_sorted2, cols, reach, mark, u_sorted=self._u_sorted)
         else:
             for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
                                                                                      self._by_v_uv):
@@ -625,9 +635,10 @@ class _Rows:
                 mark[order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)]] = True
         if split is None:
             return mark
-        out = np.zeros(self.vox.size, bool)
-        at = base_at[np.flatnonzero(mark)]
-        out[at[at >= 0]] = True
+        if out is None:
+            out = np.zeros(self.vox.size, bool)
+            at = base_at[np.flatnonzero(mark)]
+            out[at[at >= 0]] = True
         if e_pos.size and cols.size:
             # All beams at once, with the edges as above: v's in float64, then cast to float32
             # for the comparison (NEP 50: what comparing with a Python float does); u's in float32.
@@ -736,8 +747,16 @@ class _BaseRows:
         self.shape = tuple(int(n) for n in eng.grid.shape_zyx)
         self.spacing = np.asarray(eng.grid.spacing_mm_zyx, float)
         _Rows._build(self, eng)
+        # Each beam's rows ordered by u too (once per base, 10^5 voxels): the compiled search
+        # under the patches then reads only the box's voxels of each row, not the whole rows
+        # (measured: a third of the watch scanned per beam for a tenth marked).
+        if _cpu.HAVE_NUMBA:
+            for b in range(self._rows2.shape[0]):
+                _cpu.sort_rows_by_u(self._rows2[b], self._order2[b], self._bu_sorted2[b], self._bv_sorted2[b])
+            self._u_sorted = True
 
     _fill_beam = _Rows._fill_beam
+    _u_sorted = False
 
 
 def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int = 3,
