@@ -82,6 +82,12 @@ def parse_param(text: str) -> Param:
     return Param(name, ctype, pointer, const)
 
 
+@lru_cache(maxsize=None)
+def _parse_params(params: tuple[str, ...]) -> tuple[Param, ...]:
+    """The parsed parameters of a declaration (parsed once: a launch builds its arguments from them)."""
+    return tuple(parse_param(p) for p in params)
+
+
 @dataclass(frozen=True)
 class CudaKernel:
     """A ``extern "C" __global__`` function in ``cuda/<source>``.
@@ -105,7 +111,7 @@ class CudaKernel:
 
     @property
     def parameters(self) -> tuple[Param, ...]:
-        return tuple(parse_param(p) for p in self.params)
+        return _parse_params(self.params)
 
     def code(self) -> str:
         """The CUDA source as compiled: the ``#define`` lines, then the file (``#line`` keeps
@@ -117,10 +123,10 @@ class CudaKernel:
         """The argument tuple of a launch, in declaration order, from keyword arguments named
         like the C parameters (all of them, no others)."""
         params = self.parameters
-        names = [p.name for p in params]
-        missing = [n for n in names if n not in values]
-        extra = [n for n in values if n not in names]
-        if missing or extra:
+        if len(values) != len(params) or any(p.name not in values for p in params):
+            names = [p.name for p in params]
+            missing = [n for n in names if n not in values]
+            extra = [n for n in values if n not in names]
             raise TypeError(f"{self.name}: missing arguments {missing}, unexpected {extra}")
         return tuple(_argument(self.name, p, values[p.name]) for p in params)
 

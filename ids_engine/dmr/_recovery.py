@@ -532,13 +532,17 @@ class _Rows:
             r = np.floor(radius_mm / self.spacing).astype(int)
             grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij"), axis=-1).reshape(-1, 3)
             offs = self._balls[radius_mm] = grid[((grid * self.spacing) ** 2).sum(axis=1) <= radius_mm**2 + 1e-9]
-        pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
-        pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
         if not self.vox.size:
             return np.zeros(0, np.int64)
+        mark = np.zeros(self.vox.size, bool)
+        if _cpu.HAVE_NUMBA and self.index_zyx.dtype == np.int64 and offs.dtype == np.int64:
+            # Compiled: each offset point looked up in the sorted watch directly (the same voxels).
+            _cpu.ball_marks(self.index_zyx, cols, offs, self.shape, self.vox, mark)
+            return np.flatnonzero(mark).astype(np.int64)
+        pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
+        pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
         at, watched = self.watch.locate(np.ravel_multi_index(pts.T, self.shape))
         # Marked on the watch (sorted, unique), not sorted as grid indices: the same set.
-        mark = np.zeros(self.vox.size, bool)
         mark[at[watched]] = True
         return np.flatnonzero(mark).astype(np.int64)
 

@@ -97,3 +97,39 @@ def test_a_watch_on_a_base_searches_u_ordered_rows():
         _cpu.mark_under_patches(*args, a, u_sorted=True)
         _cpu.mark_under_patches(*args, c, u_sorted=False)
         assert np.array_equal(a, c) and a.any()
+
+
+@needs_numba
+def test_compiled_ball_finds_the_watched_voxels_of_the_numpy_look_up(monkeypatch):
+    """The voxels within a radius of the columns: compiled (each offset point searched in the
+    sorted watch) and NumPy (all points, then ``Watch.locate``) give the same watch positions,
+    for columns at the grid's edges and corners and a sparse, unevenly sampled watch."""
+    from ids_engine.dmr._recovery import _Rows
+
+    rng = np.random.default_rng(4)
+    shape = (9, 14, 11)
+    n_all = int(np.prod(shape))
+    vox = np.sort(rng.choice(n_all, n_all // 3, replace=False)).astype(np.int64)
+    rs = object.__new__(_Rows)
+    rs.vox, rs.shape, rs.spacing = vox, shape, np.array([2.5, 1.9, 1.9])
+    rs.index_zyx = np.stack(np.unravel_index(vox, shape), axis=-1).astype(np.int64)
+    rs._balls = {}
+
+    class W:  # what ball reads of the watch
+        voxels = vox
+
+        @staticmethod
+        def locate(flat):
+            at = np.minimum(np.searchsorted(vox, flat), vox.size - 1)
+            return at, vox[at] == flat
+
+    rs.watch = W()
+    corner = [int(np.argmin(vox)), int(np.argmax(vox))]
+    for cols in [np.array(corner)] + [rng.choice(vox.size, int(rng.integers(1, 9)), replace=False) for _ in range(30)]:
+        for radius in (3.0, 6.5):
+            got = rs.ball(cols, radius)
+            with monkeypatch.context() as m:
+                m.setattr(_cpu, "HAVE_NUMBA", False)
+                ref = rs.ball(cols, radius)
+            assert got.dtype == ref.dtype == np.int64
+            assert np.array_equal(got, ref) and np.all(np.isin(cols, got))
