@@ -230,9 +230,9 @@ def measure_request(s: Session, kind: str, req, before: np.ndarray) -> dict:
         unasked = rise - asked_up
         rise_beyond_shift_pct = float(unasked[far].max()) / RX * 100
     # What the engine must report as a side effect (DMROptions.report_rise_pct): the unasked
-    # rise far away, in OARs and normal tissue, and in the target where it ends above 107 %.
+    # rise far away, in every tissue (the target too, inside its band or not).
     opts = s.options
-    reportable = far & (~s.target_mask | (after > opts.target_max_pct / 100.0 * RX))
+    reportable = far
     rise_reportable_pct = float(unasked[reportable].max()) / RX * 100 if reportable.any() else 0.0
     side = [c for c in res.conflicts if c.kind == "rise"]
     where_far = np.unravel_index(int(np.argmax(np.where(far, rise, -np.inf))), rise.shape)

@@ -8,6 +8,11 @@ more than the place itself. So after every request the whole dose cube is compar
 cube before it, and a rise of more than a threshold (5 % of the prescription by default) that
 the request did not ask for is reported to the planner. Never silent.
 
+Every tissue counts, the target too: a target voxel that rose more than the threshold unasked
+is a side effect even where it stays inside the target's band (goal 2 counts every voxel
+outside the request; the plateau moved, and a rise to 106 % is one step from an overdose); the
+report says how many of them end above the band.
+
 "Asked for": within ``near_mm`` (10 mm) of the request's feature any change is the request's
 own; a drag (an isodose line or surface) also asks its dose fall-off to move with it, so
 within ``shift_reach_mm`` (20 mm) of the feature the rise a rigid move of the plan by the drag
@@ -39,7 +44,9 @@ class FarRise:
 
     tissue : "target", "OAR" or "normal tissue"; voxels : how many; worst_gy : the largest
     unasked rise (Gy); worst_zyx : where it is (CT voxel index); distance_mm : its distance from
-    the request's feature.
+    the request's feature. For the target, when :func:`summarise_rises` is given the target's
+    upper band: above_band : how many of ``voxels`` end above it (0: all stayed inside), and
+    highest_gy : the highest dose any of them ends at; None otherwise.
     """
 
     tissue: str
@@ -47,6 +54,8 @@ class FarRise:
     worst_gy: float
     worst_zyx: tuple[int, int, int]
     distance_mm: float
+    above_band: int | None = None
+    highest_gy: float | None = None
 
 
 def trilinear(dose_at: Callable[[np.ndarray], np.ndarray], shape_zyx, points_zyx: np.ndarray) -> np.ndarray:
@@ -84,9 +93,10 @@ class UnaskedRise:
     """Far voxels that rose, with the part of their rise the request did not ask for.
 
     voxels : (n,) flat CT indices (far from the feature; a target voxel only where it ends
-    above ``target_hi_gy``); unasked_gy : (n,) their rise minus what a drag's rigid move asks;
+    above ``target_hi_gy`` when one is given); unasked_gy : (n,) their rise minus what a drag's rigid move asks;
     asked_gy : (n,) that asked part (0 for other requests); distance_mm : (n,) from the feature;
-    tissue : (n,) 0 target, 1 OAR, 2 normal tissue.
+    tissue : (n,) 0 target, 1 OAR, 2 normal tissue; after_gy : (n,) the dose they end at
+    (None where built without).
     """
 
     voxels: np.ndarray
@@ -94,6 +104,7 @@ class UnaskedRise:
     asked_gy: np.ndarray
     distance_mm: np.ndarray
     tissue: np.ndarray
+    after_gy: np.ndarray | None = None
 
     def max_gy(self) -> float:
         return float(self.unasked_gy.max()) if self.unasked_gy.size else 0.0
@@ -118,15 +129,16 @@ def unasked_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spa
     target_mask, oar_mask : bool (z, y, x), for naming the tissue (a target voxel counts as target).
     drag : ``(a_zyx, b_zyx, plane_axis)`` for an isodose drag (voxel units; ``plane_axis`` the
         slice normal of a line drag, else None), or None.
-    target_hi_gy : a target voxel counts only when it ends above this (the target's upper
-        band: a rise inside the coverage band is not a side effect); None: every target voxel.
+    target_hi_gy : a target voxel counts only when it ends above this; None (what the
+        session's check passes): every target voxel (:func:`summarise_rises` tells how many
+        end above the band).
     """
     candidates = np.asarray(candidates, np.int64).reshape(-1)
     rise = np.asarray(rise_gy, np.float64).reshape(-1)
     feature_voxels = np.asarray(feature_voxels, np.int64).reshape(-1)
     if candidates.size == 0 or feature_voxels.size == 0:
         z = np.zeros(0)
-        return UnaskedRise(np.zeros(0, np.int64), z, z, z, np.zeros(0, np.int8))
+        return UnaskedRise(np.zeros(0, np.int64), z, z, z, np.zeros(0, np.int8), z)
     sp = np.asarray(spacing_mm_zyx, float)
     cz = np.stack(np.unravel_index(candidates, tuple(shape_zyx)), axis=-1)
     fz = np.stack(np.unravel_index(feature_voxels, tuple(shape_zyx)), axis=-1)
@@ -147,11 +159,14 @@ def unasked_rises(candidates: np.ndarray, rise_gy: np.ndarray, *, shape_zyx, spa
         if near_drag.any():
             asked[near_drag] = rigid_shift_rise(before_at, shape_zyx, candidates[near_drag], a, b)
     tissue = np.where(in_target, 0, np.where(oflat[candidates], 1, 2)).astype(np.int8)
-    return UnaskedRise(candidates[keep], (rise - asked)[keep], asked[keep], dist[keep], tissue[keep])
+    after = np.asarray(before_at(candidates[keep]), np.float64) + rise[keep] if keep.any() else np.zeros(0)
+    return UnaskedRise(candidates[keep], (rise - asked)[keep], asked[keep], dist[keep], tissue[keep], after)
 
 
-def summarise_rises(u: UnaskedRise, threshold_gy: float, shape_zyx) -> list[FarRise]:
-    """One :class:`FarRise` per tissue class with an unasked rise above ``threshold_gy``."""
+def summarise_rises(u: UnaskedRise, threshold_gy: float, shape_zyx, target_hi_gy: float | None = None) -> list[FarRise]:
+    """One :class:`FarRise` per tissue class with an unasked rise above ``threshold_gy``; for
+    the target, given its upper band ``target_hi_gy`` (and ``u.after_gy``), how many of those
+    voxels end above it and the highest dose they end at."""
     out = []
     hit = u.unasked_gy > threshold_gy
     for k, tissue in enumerate(TISSUES):
@@ -160,5 +175,10 @@ def summarise_rises(u: UnaskedRise, threshold_gy: float, shape_zyx) -> list[FarR
             continue
         i = np.flatnonzero(sel)[int(np.argmax(u.unasked_gy[sel]))]
         where = tuple(int(v) for v in np.unravel_index(int(u.voxels[i]), tuple(shape_zyx)))
-        out.append(FarRise(tissue, int(sel.sum()), float(u.unasked_gy[i]), where, float(u.distance_mm[i])))
+        above = highest = None
+        if k == 0 and target_hi_gy is not None and u.after_gy is not None:
+            ends = u.after_gy[sel]
+            above, highest = int(np.sum(ends > target_hi_gy)), float(ends.max())
+        out.append(FarRise(tissue, int(sel.sum()), float(u.unasked_gy[i]), where, float(u.distance_mm[i]), above,
+                           highest))
     return out
