@@ -162,8 +162,7 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     # Far rows: unasked_now + G x <= goal, or (a target voxel) the dose <= the target's upper band.
     # Far rows to start with: those within ``far_margin_gy`` of the goal (others join as cuts).
     near_goal = rises.unasked_gy > goal_gy - opts.far_margin_gy
-    rises = type(rises)(rises.voxels[near_goal], rises.unasked_gy[near_goal], rises.asked_gy[near_goal],
-                        rises.distance_mm[near_goal], rises.tissue[near_goal])
+    rises = rises.take(near_goal)
     far_v = rises.voxels.copy()
     # The dose now at far voxels: before + rise; rise = unasked + asked.
     d_far = before_at(far_v) + rises.unasked_gy + rises.asked_gy
@@ -266,7 +265,7 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         if fresh.size:
             fresh = fresh[np.argsort(-found.unasked_gy[fresh])][: opts.max_new_rows]
         out.status = "broke rows" if broke.size else "far rise left"
-        if not new_w.size and not fresh.size:
+        if (not new_w.size and not fresh.size) or rnd == opts.rounds - 1:  # no cut, or no round left to use it
             break
         if new_w.size:
             G_w = np.vstack([G_w, eng.delta_matrix(columns, watch.voxels[new_w]).astype(np.float64) * scale])

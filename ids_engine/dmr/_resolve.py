@@ -53,6 +53,10 @@ class ResolveContext:
     max_dose_gy : requests above this dose are refused.
     guard_gap_mm, guard_width_mm : the beside-guard ring of an isodose drag starts
         ``guard_gap_mm`` beyond the swept band's edge and is ``guard_width_mm`` wide.
+    guard_ring_in_max_mm : from this distance to the drag segment on, the voxels inside the
+        gap keep their side of the level too (not within half their distance): the line 10 mm
+        beside a drag is read from voxels up to ~2 mm nearer (a surface drag's ring starts at
+        9 mm; unguarded, such voxels carried the line 1.2 mm in the survey). inf: off.
     beyond_mm : depth of the guard strip past the drag end.
     overshoot_gy : how far a dragged voxel may go past what the drag asks of it (the dose the
         plan would have there if it moved rigidly with the drag).
@@ -72,6 +76,7 @@ class ResolveContext:
     max_dose_gy: float = INF
     guard_gap_mm: float = 5.0
     guard_width_mm: float = 6.0
+    guard_ring_in_max_mm: float = 8.0
     beyond_mm: float = 4.0
     overshoot_gy: float = 1.2
     min_gradient_pct_per_mm: float = 0.3
@@ -246,6 +251,8 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     beyond = (~swept) & (along > tol) & (along <= ctx.beyond_mm) & (perp <= half_width_mm + tol)
     ring_in = half_width_mm + ctx.guard_gap_mm
     beside = (~swept) & (~beyond) & (seg >= ring_in) & (seg <= ring_in + ctx.guard_width_mm)
+    # The inner ring: gap voxels from which the line 10 mm beside is read; their side only.
+    inner = (~swept) & (~beyond) & (seg >= min(ring_in, ctx.guard_ring_in_max_mm)) & (seg < ring_in)
     side_margin = 5e-3 * level
     above = dose > level + side_margin
     below = dose < level - side_margin
@@ -256,7 +263,7 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
         g_beyond = beyond & (dose < level - eps)
     else:
         g_beyond = beyond & (dose > level + eps)
-    g_beside = beside & (above | below)
+    g_beside = (beside | inner) & (above | below)
     guard = g_beyond | g_beside
     g_flat = flat[guard]
     g_above = dose[guard] > level
@@ -267,7 +274,7 @@ def _resolve_drag(req, ctx: ResolveContext, a, b, half_width_mm: float, plane_ax
     # quarter of their spacing (the line stays put, not just on the same voxels).
     gd = dose[guard]
     half = 0.5 * np.abs(gd - level)
-    side = g_beside[guard]
+    side = (g_beside & ~inner)[guard]
     g_lo = np.where(side, np.maximum(g_lo, gd - half), g_lo)
     g_hi = np.where(side, np.minimum(g_hi, gd + half), g_hi)
     return Resolved(vox, np.full(vox.size, goal), mask, sw, f_lo, f_hi, np.full(sw.size, goal),

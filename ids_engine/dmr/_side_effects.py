@@ -109,6 +109,11 @@ class UnaskedRise:
     def max_gy(self) -> float:
         return float(self.unasked_gy.max()) if self.unasked_gy.size else 0.0
 
+    def take(self, keep: np.ndarray) -> "UnaskedRise":
+        """The rises where ``keep`` (bool (n,) or indices), every field (``after_gy`` too)."""
+        return UnaskedRise(self.voxels[keep], self.unasked_gy[keep], self.asked_gy[keep], self.distance_mm[keep],
+                           self.tissue[keep], None if self.after_gy is None else self.after_gy[keep])
+
 
 TISSUES = ("target", "OAR", "normal tissue")
 

@@ -14,6 +14,8 @@ from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
 from ids_engine.dmr._side_effects import unasked_rises
 from ids_engine.session import DMROptions, Session
 
+pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
+
 RX = 60.0
 REPORT_PCT, CAP_PCT = 3.0, 2.5
 # Two drags of the coarse survey (bench_shaping.survey_requests on the coarse open-field plan):

@@ -15,6 +15,8 @@ from ids_engine.session import DMROptions, Session
 
 from .test_focused_repair import _far_unasked_max_gy
 
+pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
+
 RX = 60.0
 REPORT_PCT, CAP_PCT = 3.0, 2.5
 # A drag of the coarse survey (bench_shaping.survey_requests on the coarse open-field plan,
@@ -88,11 +90,11 @@ def test_the_lp_repair_takes_a_far_rise_the_passes_leave_under_the_report_line(f
     fv = fixed.feature_voxels
     assert np.all(fixed_dose.ravel()[fv] >= fixed.feature_lo - 1e-3 * RX)
     assert np.all(fixed_dose.ravel()[fv] <= fixed.feature_hi + 1e-3 * RX)
-    # Redo replays the journaled patches to the same plan.
+    # Redo replays the journaled patches to the same plan, bit for bit.
     s.run(req)
     s.undo()
     s.redo()
-    np.testing.assert_allclose(s.dose(), fixed_dose, atol=1e-4 * RX)
+    np.testing.assert_array_equal(s.dose(), fixed_dose)
     s.undo()
     s.clear_redo()
 
@@ -120,3 +122,59 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
     assert len(calls) == 1 and not calls[0].ok and calls[0].status in ("infeasible", "far rise left", "broke rows")
     np.testing.assert_array_equal(out["after"][0], out["off"][0])
     assert out["after"][1:3] == out["off"][1:3]
+
+
+# A surface drag of the coarse survey (request 0) that, with the report line at 1.5 % of Rx,
+# leaves far target voxels risen unasked inside their band once the first stage has taken the
+# rest under the line: the second stage's LP (those voxels held to the line) is what repairs it.
+SURFACE_IN_BAND = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 10.678962189794625, 40.0),
+                                     end_zyx=(21.0, 9.398224484876591, 40.0), radius_mm=4.0)
+
+
+def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(fresh, lp_calls, monkeypatch):
+    from .test_target_side_effects import _far_unasked
+
+    s = fresh
+    report_pct = 1.5
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=report_pct, max_rise_pct=1.2))
+    monkeypatch.setattr(session_module, "REPAIR_TARGET_FOCUSED", False)  # the LP alone in stage 2
+    before = s.dose()
+    thr = report_pct / 100.0 * RX
+    t_hi = s.options.target_max_pct / 100.0 * RX
+    got = {}
+    for stage2 in (False, True):
+        monkeypatch.setattr(session_module, "REPAIR_TARGET_IN_BAND", stage2)
+        lp_calls.clear()
+        res = s.run(SURFACE_IN_BAND)
+        got[stage2] = (res, s.dose(), list(lp_calls))
+        s.undo()
+        s.clear_redo()
+        np.testing.assert_array_equal(s.dose(), before)
+    (plain, plain_dose, first), (fixed, fixed_dose, calls) = got[False], got[True]
+    # Without the second stage: the rest is under the line, target voxels inside their band are not.
+    u = _far_unasked(s, plain, before, plain_dose)
+    in_band = (u.tissue == 0) & (u.after_gy <= t_hi)
+    assert u.unasked_gy[~in_band].max(initial=0.0) <= thr + 1e-6
+    assert u.unasked_gy[in_band].max() > thr
+    (rise,) = [c for c in plain.conflicts if c.kind == "rise"]
+    assert rise.name.startswith("target ") and rise.detail.startswith("all inside the target's band")
+    # With it: the first stage's calls as before, then one LP with target voxels held to the line
+    # (target_hi_gy None), kept: its patches are the request's last engine call.
+    assert len(calls) == len(first) + 1 and calls[-1].ok and calls[-1].patches
+    assert fixed.side_effects_repaired
+    assert fixed.patch_groups[-1] == len(calls[-1].patches)
+    assert sum(fixed.patch_groups) == len(fixed.patches)
+    assert _far_unasked(s, fixed, before, fixed_dose).max_gy() <= thr + 1e-6
+    assert not [c for c in fixed.conflicts if c.kind == "rise"]
+    kept = lambda r: {c.name: c.worst_gy for c in r.conflicts if c.kind != "rise"}  # noqa: E731
+    for name, gy in kept(fixed).items():
+        assert gy <= kept(plain).get(name, 1e-3 * RX) + 1e-6, name
+    for b in range(s.engine.n_beams):
+        assert s.engine.fluence_host(b).min() >= 0.0
+    # Redo replays the journaled patches, bit for bit.
+    s.run(SURFACE_IN_BAND)
+    s.undo()
+    s.redo()
+    np.testing.assert_array_equal(s.dose(), fixed_dose)
+    s.undo()
+    s.clear_redo()
