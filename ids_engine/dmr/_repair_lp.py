@@ -15,8 +15,9 @@ in fluence, so over a modest set of per-beam patches (the DMR's own normalised p
   so: the session's first stage, which leaves rises inside the band to its second);
 * watch rows (the request's voxels, pins, earlier features, guards, target coverage, OARs,
   the normal-tissue sample): no voxel ends further outside its band than it is now;
-* fluence floor: each lowering column is bounded so that alone it takes no fluence cell below
-  zero; where several overlap, the applied sum is clipped at zero and the measure sees it.
+* fluence floor: each lowering column is bounded so that alone it takes none of the cells it
+  mainly lowers (by more than a tenth of its largest change) below zero; its tails and where
+  several overlap are caught by clipping the applied sum at zero, which the measure sees.
 
 Watch rows start with the request's, pins', features' and guards' voxels and the tissue
 voxels within a margin of their band; rows the applied solution breaks, and far voxels it
@@ -36,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from ..dose import FluencePatch
-from ._recovery import Watch, _watch_dose
+from ._recovery import Watch, _pick_spread, _watch_dose
 
 __all__ = ["LPRepairOptions", "LPRepairResult", "lp_far_repair"]
 
@@ -89,22 +90,13 @@ class LPRepairResult:
 
 
 def _spread(flat: np.ndarray, k: int, shape_zyx, spacing_mm_zyx, apart_mm: float) -> list[int]:
-    """Up to ``k`` of ``flat`` taken in order, each at least ``apart_mm`` from those taken."""
+    """Up to ``k`` of ``flat`` taken in order, each at least ``apart_mm`` from those taken
+    (recovery's cluster pick, :func:`~ids_engine.dmr._recovery._pick_spread`)."""
+    flat = np.asarray(flat, np.int64)
     if k <= 0 or flat.size == 0:
         return []
-    zyx = np.stack(np.unravel_index(np.asarray(flat, np.int64), tuple(shape_zyx)), -1)
-    pts = zyx * np.asarray(spacing_mm_zyx, float)
-    near = np.full(flat.size, np.inf)  # distance to the nearest one taken
-    out: list[int] = []
-    i = 0
-    while len(out) < k:
-        out.append(i)
-        near = np.minimum(near, np.linalg.norm(pts - pts[i], axis=1))
-        free = np.flatnonzero(near >= apart_mm)
-        if not free.size:
-            break
-        i = int(free[0])
-    return [int(flat[j]) for j in out]
+    pts = np.stack(np.unravel_index(flat, tuple(shape_zyx)), -1) * np.asarray(spacing_mm_zyx, float)
+    return [int(flat[j]) for j in _pick_spread(np.arange(flat.size), pts, apart_mm, k)]
 
 
 def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, request_voxels: np.ndarray,

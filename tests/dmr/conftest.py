@@ -1,4 +1,4 @@
-"""Fixtures shared by the DMR tests."""
+"""Fixtures and helpers shared by the DMR tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import ids_engine.session as session_module
+from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.dmr._resolve import ResolveContext
+from ids_engine.dmr._side_effects import UnaskedRise, unasked_rises
+from ids_engine.session import DMROptions, Session
 
 
 @pytest.fixture
@@ -18,3 +21,30 @@ def ring_as_found(monkeypatch):
     The inner ring changes a surface drag's guards, and with them which repair stage is the
     one that takes its far rise under the line; line drags are unchanged by it."""
     monkeypatch.setattr(session_module, "ResolveContext", functools.partial(ResolveContext, guard_ring_in_max_mm=np.inf))
+
+
+def coarse_repair_session(report_pct: float, cap_pct: float) -> Session:
+    """A fresh coarse horseshoe session with the report line and the repair's cap lowered (for
+    the repair tests' module fixtures: a module-scoped session shared with other tests carries
+    the round-off of their undos, and these outcomes are sensitive to it)."""
+    return Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0,
+                                dmr_options=DMROptions(report_rise_pct=report_pct, max_rise_pct=cap_pct))
+
+
+def far_unasked(s: Session, res, before: np.ndarray, after: np.ndarray, *, floor_pct: float = 0.5,
+                target_hi_gy: float | None = None) -> UnaskedRise:
+    """Every far voxel's unasked rise of a drag ``res`` on the whole cube (``before`` ->
+    ``after``), as the session's report defines it; voxels that rose less than ``floor_pct``
+    of Rx are left out; ``target_hi_gy``: target voxels only where they end above it."""
+    rx = s.prescription_gy
+    rise = (after - before).ravel()
+    cand = np.flatnonzero(rise > floor_pct / 100.0 * rx)
+    r = res.request
+    if isinstance(r, MoveIsodoseSurface):
+        drag = (np.asarray(r.start_zyx, float), np.asarray(r.end_zyx, float), None)
+    else:  # a line drag on a z slice
+        drag = (np.array([r.slice_index, *r.start_rc], float), np.array([r.slice_index, *r.end_rc], float), 0)
+    g = s.patient.grid
+    return unasked_rises(cand, rise[cand], shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
+                         feature_voxels=res.feature_voxels, before_at=lambda f: before.ravel()[np.asarray(f)],
+                         target_mask=s.target_mask, oar_mask=s.oar_mask, drag=drag, target_hi_gy=target_hi_gy)

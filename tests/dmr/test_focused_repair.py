@@ -11,8 +11,9 @@ import pytest
 
 import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
-from ids_engine.dmr._side_effects import unasked_rises
-from ids_engine.session import DMROptions, Session
+from ids_engine.session import DMROptions
+
+from .conftest import coarse_repair_session, far_unasked
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -28,29 +29,15 @@ LINE = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (1
 
 @pytest.fixture(scope="module")
 def fresh():
-    """A fresh coarse session (the module-scoped shared one carries the round-off of earlier
-    tests' undos, and these outcomes are sensitive to it)."""
-    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX,
-                             dmr_options=DMROptions(report_rise_pct=REPORT_PCT, max_rise_pct=CAP_PCT))
+    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
     yield s
     s.close()
 
 
 def _far_unasked_max_gy(s, res, before, after):
-    """The largest unasked far rise on the whole cube, as the report defines it."""
-    rise = (after - before).ravel()
-    cand = np.flatnonzero(rise > 0.01 * RX)
-    r = res.request
-    if isinstance(r, MoveIsodoseSurface):
-        drag = (np.asarray(r.start_zyx, float), np.asarray(r.end_zyx, float), None)
-    else:  # a line drag on a z slice
-        drag = (np.array([r.slice_index, *r.start_rc], float), np.array([r.slice_index, *r.end_rc], float), 0)
-    g = s.patient.grid
-    u = unasked_rises(cand, rise[cand], shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
-                      feature_voxels=res.feature_voxels, before_at=lambda f: before.ravel()[np.asarray(f)],
-                      target_mask=s.target_mask, oar_mask=s.oar_mask, drag=drag,
-                      target_hi_gy=s.options.target_max_pct / 100.0 * RX)
-    return u.max_gy()
+    """The largest unasked far rise on the whole cube outside the target's band (the repair's
+    first stage), as the report defines it."""
+    return far_unasked(s, res, before, after, floor_pct=1.0, target_hi_gy=s.options.target_max_pct / 100.0 * RX).max_gy()
 
 
 @pytest.mark.parametrize("req", [SURFACE, LINE], ids=["surface, plain repair rejected", "line, plain repair kept"])

@@ -11,7 +11,9 @@ import pytest
 
 import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
-from ids_engine.session import DMROptions, Session
+from ids_engine.session import DMROptions
+
+from .conftest import coarse_repair_session
 
 from .test_focused_repair import _far_unasked_max_gy
 
@@ -29,8 +31,7 @@ LINE = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (1
 
 @pytest.fixture(scope="module")
 def fresh():
-    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX,
-                             dmr_options=DMROptions(report_rise_pct=REPORT_PCT, max_rise_pct=CAP_PCT))
+    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
     yield s
     s.close()
 

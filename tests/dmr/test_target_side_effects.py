@@ -12,7 +12,7 @@ import pytest
 import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.dmr._side_effects import FarRise, summarise_rises, unasked_rises
-from ids_engine.session import DMROptions, Session
+from .conftest import coarse_repair_session, far_unasked
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -27,22 +27,12 @@ SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 41.13396875373677, 
 
 @pytest.fixture(scope="module")
 def fresh():
-    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=RX,
-                             dmr_options=DMROptions(report_rise_pct=REPORT_PCT, max_rise_pct=CAP_PCT))
+    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
     yield s
     s.close()
 
 
-def _far_unasked(s, res, before, after):
-    """Every far voxel's unasked rise on the whole cube (the target's too), and its tissue."""
-    rise = (after - before).ravel()
-    cand = np.flatnonzero(rise > 0.005 * RX)
-    r = res.request
-    drag = (np.asarray(r.start_zyx, float), np.asarray(r.end_zyx, float), None)
-    g = s.patient.grid
-    return unasked_rises(cand, rise[cand], shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
-                         feature_voxels=res.feature_voxels, before_at=lambda f: before.ravel()[np.asarray(f)],
-                         target_mask=s.target_mask, oar_mask=s.oar_mask, drag=drag)
+_far_unasked = far_unasked  # every tissue, the target inside its band too
 
 
 def test_a_target_rise_inside_the_band_is_reported_then_repaired(fresh, monkeypatch):
