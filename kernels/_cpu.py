@@ -196,6 +196,27 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _DEPTH = _block_depth_nb
 
         @numba.njit(nogil=True, cache=True)
+        def _row_span_nb(rows, key_lo, key_hi):  # pragma: no cover - compiled
+            # [searchsorted(rows, key_lo, "left"), searchsorted(rows, key_hi, "right")): the
+            # table's entries whose BEV row lies in [key_lo, key_hi] (rows sorted).
+            lo, hi = 0, rows.shape[0]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if np.int64(rows[mid]) < key_lo:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            a = lo
+            lo, hi = a, rows.shape[0]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if np.int64(rows[mid]) <= key_hi:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return a, lo
+
+        @numba.njit(nogil=True, cache=True)
         def _under_patches_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach,
                               mark):  # pragma: no cover - compiled
             reach32 = np.float32(reach)
@@ -230,26 +251,12 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 key_lo = np.int64(math.floor(v_lo))
                 key_hi = np.int64(math.floor(v_hi))
                 rows = rows2[b]
-                lo, hi = 0, rows.shape[0]
-                while lo < hi:  # searchsorted(rows, key_lo, side="left")
-                    mid = (lo + hi) // 2
-                    if np.int64(rows[mid]) < key_lo:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                a = lo
-                lo, hi = a, rows.shape[0]
-                while lo < hi:  # searchsorted(rows, key_hi, side="right")
-                    mid = (lo + hi) // 2
-                    if np.int64(rows[mid]) <= key_hi:
-                        lo = mid + 1
-                    else:
-                        hi = mid
+                a, end = _row_span_nb(rows, key_lo, key_hi)
                 v_lo32 = np.float32(v_lo)
                 v_hi32 = np.float32(v_hi)
                 u_lo32 = u_min - reach32
                 u_hi32 = u_max + reach32
-                for i in range(a, lo):
+                for i in range(a, end):
                     bv = bv_sorted2[b, i]
                     bu = bu_sorted2[b, i]
                     if bv >= v_lo32 and bv < v_hi32 and bu >= u_lo32 and bu <= u_hi32:
@@ -335,22 +342,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 key_lo = np.int64(math.floor(v_lo))
                 key_hi = np.int64(math.floor(v_hi))
                 rows = rows2[b]
-                lo, hi = 0, rows.shape[0]
-                while lo < hi:  # searchsorted(rows, key_lo, side="left")
-                    mid = (lo + hi) // 2
-                    if np.int64(rows[mid]) < key_lo:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                a = lo
-                lo, hi = a, rows.shape[0]
-                while lo < hi:  # searchsorted(rows, key_hi, side="right")
-                    mid = (lo + hi) // 2
-                    if np.int64(rows[mid]) <= key_hi:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                end = lo
+                a, end = _row_span_nb(rows, key_lo, key_hi)
                 v_lo32 = np.float32(v_lo)
                 v_hi32 = np.float32(v_hi)
                 u_lo32 = u_min - reach32
