@@ -217,27 +217,33 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
             return a, lo
 
         @numba.njit(nogil=True, cache=True)
+        def _cols_box_nb(bev_u2, bev_v2, b, cols):  # pragma: no cover - compiled
+            # The columns' BEV box on beam b: (any finite v, v min, v max, any u, u min, u max).
+            found = False
+            v_min = np.float32(np.inf)
+            v_max = np.float32(-np.inf)
+            any_u = False
+            u_min = np.float32(np.inf)
+            u_max = np.float32(-np.inf)
+            for j in range(cols.shape[0]):
+                cv = bev_v2[b, cols[j]]
+                if np.isfinite(cv):
+                    found = True
+                    v_min = min(v_min, cv)
+                    v_max = max(v_max, cv)
+                cu = bev_u2[b, cols[j]]
+                if not np.isnan(cu):
+                    any_u = True
+                    u_min = min(u_min, cu)
+                    u_max = max(u_max, cu)
+            return found, v_min, v_max, any_u, u_min, u_max
+
+        @numba.njit(nogil=True, cache=True)
         def _under_patches_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach,
                               mark):  # pragma: no cover - compiled
             reach32 = np.float32(reach)
             for b in range(bev_u2.shape[0]):
-                found = False
-                v_min = np.float32(np.inf)
-                v_max = np.float32(-np.inf)
-                any_u = False
-                u_min = np.float32(np.inf)
-                u_max = np.float32(-np.inf)
-                for j in range(cols.shape[0]):
-                    cv = bev_v2[b, cols[j]]
-                    if np.isfinite(cv):
-                        found = True
-                        v_min = min(v_min, cv)
-                        v_max = max(v_max, cv)
-                    cu = bev_u2[b, cols[j]]
-                    if not np.isnan(cu):
-                        any_u = True
-                        u_min = min(u_min, cu)
-                        u_max = max(u_max, cu)
+                found, v_min, v_max, any_u, u_min, u_max = _cols_box_nb(bev_u2, bev_v2, b, cols)
                 if not found:
                     continue
                 if not any_u:  # np.nanmin of all-NaN is NaN: no comparison holds
@@ -318,23 +324,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
             # where remap[t] < 0).
             reach32 = np.float32(reach)
             for b in range(bev_u2.shape[0]):
-                found = False
-                v_min = np.float32(np.inf)
-                v_max = np.float32(-np.inf)
-                any_u = False
-                u_min = np.float32(np.inf)
-                u_max = np.float32(-np.inf)
-                for j in range(cols.shape[0]):
-                    cv = bev_v2[b, cols[j]]
-                    if np.isfinite(cv):
-                        found = True
-                        v_min = min(v_min, cv)
-                        v_max = max(v_max, cv)
-                    cu = bev_u2[b, cols[j]]
-                    if not np.isnan(cu):
-                        any_u = True
-                        u_min = min(u_min, cu)
-                        u_max = max(u_max, cu)
+                found, v_min, v_max, any_u, u_min, u_max = _cols_box_nb(bev_u2, bev_v2, b, cols)
                 if not found or not any_u:  # no column on this beam's grid, or no u: nothing passes
                     continue
                 v_lo = np.float64(v_min) - reach

@@ -48,3 +48,18 @@ def far_unasked(s: Session, res, before: np.ndarray, after: np.ndarray, *, floor
     return unasked_rises(cand, rise[cand], shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
                          feature_voxels=res.feature_voxels, before_at=lambda f: before.ravel()[np.asarray(f)],
                          target_mask=s.target_mask, oar_mask=s.oar_mask, drag=drag, target_hi_gy=target_hi_gy)
+
+
+def assert_nothing_given_up(plain, fixed, fixed_dose: np.ndarray, rx: float, *, feature: bool = True) -> None:
+    """A repair (``fixed``, against the same request without it, ``plain``) gave up nothing
+    recovery keeps: no new conflict other than a side effect, none larger; and (``feature``)
+    the request's own voxels still got what was asked."""
+    def kept(r):
+        return {c.name: c.worst_gy for c in r.conflicts if c.kind != "rise"}
+
+    for name, gy in kept(fixed).items():
+        assert gy <= kept(plain).get(name, 1e-3 * rx) + 1e-6, name
+    if feature:
+        fv = fixed.feature_voxels
+        assert np.all(fixed_dose.ravel()[fv] >= fixed.feature_lo - 1e-3 * rx)
+        assert np.all(fixed_dose.ravel()[fv] <= fixed.feature_hi + 1e-3 * rx)
