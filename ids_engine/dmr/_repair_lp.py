@@ -53,7 +53,12 @@ class LPRepairOptions:
     limit per solve (a safety: measured solves take 20-400 ms; hitting it makes the outcome
     depend on the machine's speed); slack_cost : the cost of 1 Gy of far rise above the goal,
     against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy per Gy of
-    a column's largest) are left out of the sparse programme."""
+    a column's largest) are left out of the sparse programme; exact : after a round that failed,
+    the fluence cells its solution took below zero (clipped when applied) become rows of the
+    next (``psi + sum_k x_k delta_k >= 0`` exactly), a row of the programme that broke all
+    the same aims inside its band by what it missed (the model's error), and a voxel of the
+    request, a pin, a feature or a guard counts as broken as the session's no-worse test
+    judges it (further outside than its group's worst now); the wide retry's setting."""
 
     far_columns: int = 16
     request_columns: int = 4
@@ -66,6 +71,7 @@ class LPRepairOptions:
     far_raise: bool = True
     far_margin_gy: float = 0.6
     drop_gy: float = 1e-3
+    exact: bool = False
 
 
 @dataclass
@@ -97,6 +103,29 @@ def _spread(flat: np.ndarray, k: int, shape_zyx, spacing_mm_zyx, apart_mm: float
         return []
     pts = np.stack(np.unravel_index(flat, tuple(shape_zyx)), -1) * np.asarray(spacing_mm_zyx, float)
     return [int(flat[j]) for j in _pick_spread(np.arange(flat.size), pts, apart_mm, k)]
+
+
+def _below_floor(eng, combined) -> list[tuple[int, int, int, float]]:
+    """The fluence cells a combined solution takes below zero: (beam, row, column, fluence now)."""
+    out = []
+    for p in combined:
+        h, w = p.delta.shape
+        psi = np.asarray(eng.fluence_host(p.beam)[p.row0:p.row0 + h, p.col0:p.col0 + w], np.float64)
+        for r, c in zip(*np.nonzero(psi + np.asarray(p.delta, np.float64) < 0)):
+            out.append((int(p.beam), int(p.row0 + r), int(p.col0 + c), float(psi[r, c])))
+    return out
+
+
+def _floor_rows(columns, scale: np.ndarray, cells) -> np.ndarray:
+    """Rows ``sum_k x_k scale_k delta_k(cell)`` for fluence cells (beam, row, column, psi)."""
+    rows = np.zeros((len(cells), len(columns)))
+    for k, ps in enumerate(columns):
+        p = ps[0]
+        h, w = p.delta.shape
+        for i, (b, r, c, _) in enumerate(cells):
+            if b == p.beam and p.row0 <= r < p.row0 + h and p.col0 <= c < p.col0 + w:
+                rows[i, k] = float(p.delta[r - p.row0, c - p.col0]) * scale[k]
+    return rows
 
 
 def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, request_voxels: np.ndarray,
@@ -172,6 +201,15 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     nontissue = (kinds != "tissue")[watch.group] if kinds.size else np.zeros(watch.voxels.size, bool)
     tight = (d_w - lo_e < opts.margin_gy) | (hi_e - d_w < opts.margin_gy)
     rows_w = np.flatnonzero(nontissue | tight)
+    # What the session's no-worse test allows a non-tissue voxel: its group's worst violation now.
+    v0 = watch.violation(d_w)
+    allow_nt = np.full(watch.voxels.size, eps_gy)
+    for g in np.unique(watch.group[nontissue]):
+        sel = watch.group == g
+        allow_nt[sel] = max(float(v0[sel].max()), eps_gy)
+    # Per watched voxel, how far inside its band edges its row aims: raised by the model's
+    # error (responses dropped, clipping) where a row of the programme still broke.
+    inset = np.zeros(watch.voxels.size)
     t0 = tick("rows", t0)
 
     ub = np.full(n, np.inf)
@@ -199,6 +237,10 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     cost = np.where(alive, cost / cost[alive].min(), 1.0) if alive.any() else cost
     t0 = tick("delta_matrix", t0)
 
+    # Fluence-floor rows (cuts): one per cell a failed round took below zero.
+    G_fl = np.zeros((0, n))
+    psi_fl = np.zeros(0)
+    floor_known: set = set()
     for rnd in range(opts.rounds):
         out.rounds = rnd + 1
         # One more variable: how far the far rows end above the goal (weighted ``slack_cost``
@@ -208,13 +250,16 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         # rows; HiGHS's time goes with the non-zeros), the measure checks the applied result.
         G = np.vstack([G_far, G_w])
         G[np.abs(G) < opts.drop_gy] = 0.0
+        if psi_fl.size:  # exact: fluence is what the solution moves, no dropping
+            G = np.vstack([G, G_fl])
         slack_col = sparse.csr_matrix((-np.ones(far_v.size), (np.arange(far_v.size), np.zeros(far_v.size, np.int64))),
                                       shape=(G.shape[0], 1))
         A = sparse.hstack([sparse.csr_matrix(G), slack_col]).tocsr()
-        lo_r = np.concatenate([np.full(far_v.size, -np.inf), (lo_e - d_w)[rows_w] - 1e-6])
-        hi_r = np.concatenate([b_far + 1e-6, (hi_e - d_w)[rows_w] + 1e-6])
+        lo_r = np.concatenate([np.full(far_v.size, -np.inf), (lo_e - d_w + inset)[rows_w] - 1e-6, -psi_fl])
+        hi_r = np.concatenate([b_far + 1e-6, (hi_e - d_w - inset)[rows_w] + 1e-6, np.full(psi_fl.size, np.inf)])
         c = np.append(cost, opts.slack_cost)
-        out.sizes = {"columns": n, "far_rows": int(far_v.size), "watch_rows": int(rows_w.size), "nnz": int(A.nnz)}
+        out.sizes = {"columns": n, "far_rows": int(far_v.size), "watch_rows": int(rows_w.size),
+                     "floor_rows": int(psi_fl.size), "nnz": int(A.nnz)}
         ub_x = np.where(alive, np.where(np.isfinite(ub), ub / np.where(scale > 0, scale, 1.0), np.inf), 0.0)
         r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r),
                  bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
@@ -230,6 +275,7 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
             break
         live = np.flatnonzero(x > 1e-7)
         combined = modifier._combine([(float(x[k] * scale[k]), columns[k]) for k in live])
+        below = _below_floor(eng, combined) if opts.exact else []
         combined = modifier._clip_nonnegative(combined)
         if not combined:
             out.status = "empty"
@@ -239,7 +285,13 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         found = measure()
         d_w2 = _watch_dose(eng, watch)
         t0 = tick("measure", t0)
-        broke = np.flatnonzero((d_w2 > hi_e + eps_gy) | (d_w2 < lo_e - eps_gy))
+        # Broken: tissue further outside its band than now by more than eps_gy; a voxel of the
+        # request, a pin, a feature or a guard further outside than its group's worst now (or
+        # eps_gy), which the session's no-worse test would refuse.
+        off_band = (d_w2 > hi_e + eps_gy) | (d_w2 < lo_e - eps_gy)
+        if opts.exact:
+            off_band = np.where(nontissue, watch.violation(d_w2) > allow_nt + 1e-6, off_band)
+        broke = np.flatnonzero(off_band)
         off_gy = np.maximum(d_w2 - hi_e, lo_e - d_w2)
         out.trace.append({"slack_gy": round(slack, 3), "far_gy": round(found.max_gy(), 3), "broke": int(broke.size),
                           "broke_gy": round(float(off_gy[broke].max()), 3) if broke.size else 0.0})
@@ -249,6 +301,9 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         # Cut: the rows it broke and the far voxels it lifted above the goal, then solve again.
         back()
         new_w = np.setdiff1d(broke, rows_w)
+        old_w = np.intersect1d(broke, rows_w)  # in the programme and broken all the same: model error
+        if opts.exact and old_w.size:
+            inset[old_w] += off_gy[old_w] + 0.25 * eps_gy
         if new_w.size:
             new_w = new_w[np.argsort(-off_gy[new_w])]
             new_w = np.sort(new_w[: opts.max_new_rows])
@@ -256,9 +311,15 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         fresh = np.array([i for i in sel if int(found.voxels[i]) not in far_known], np.int64)
         if fresh.size:
             fresh = fresh[np.argsort(-found.unasked_gy[fresh])][: opts.max_new_rows]
+        new_fl = [cell for cell in below if cell[:3] not in floor_known][: opts.max_new_rows]
         out.status = "broke rows" if broke.size else "far rise left"
-        if (not new_w.size and not fresh.size) or rnd == opts.rounds - 1:  # no cut, or no round left to use it
+        refine = opts.exact and old_w.size
+        if (not new_w.size and not fresh.size and not new_fl and not refine) or rnd == opts.rounds - 1:  # nothing new
             break
+        if new_fl:
+            G_fl = np.vstack([G_fl, _floor_rows(columns, scale, new_fl)])
+            psi_fl = np.concatenate([psi_fl, [cell[3] for cell in new_fl]])
+            floor_known.update(cell[:3] for cell in new_fl)
         if new_w.size:
             G_w = np.vstack([G_w, eng.delta_matrix(columns, watch.voxels[new_w]).astype(np.float64) * scale])
             rows_w = np.concatenate([rows_w, new_w])

@@ -82,6 +82,7 @@ def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkey
         return rec
 
     monkeypatch.setattr(session_module, "recover", spy)
+    monkeypatch.setattr(session_module, "REPAIR_LP", "off")  # the focused passes alone
     try:
         s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
         for passes in (0, 3):

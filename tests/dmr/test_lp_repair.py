@@ -13,7 +13,7 @@ import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
 from ids_engine.session import DMROptions
 
-from .conftest import assert_nothing_given_up, coarse_repair_session
+from .conftest import assert_nothing_given_up, coarse_repair_session, far_unasked
 
 from .test_focused_repair import _far_unasked_max_gy
 
@@ -99,6 +99,7 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
     """With the report line at 0.5 % of Rx the programme cannot reach it: it says so without
     applying anything that stays, and the plan and journal are those without it, bit for bit."""
     s = fresh
+    monkeypatch.setattr(session_module, "REPAIR_LP_WIDE", None)  # the shipped programme alone
     old = s.options
     out = {}
     try:
@@ -118,6 +119,39 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
     assert len(calls) == 1 and not calls[0].ok and calls[0].status in ("infeasible", "far rise left", "broke rows")
     np.testing.assert_array_equal(out["after"][0], out["off"][0])
     assert out["after"][1:3] == out["off"][1:3]
+
+
+def test_the_wide_retry_repairs_what_the_shipped_programme_cannot(fresh, lp_calls, monkeypatch):
+    """With the report line at 0.5 % of Rx the shipped programme cannot reach it (above); the
+    wide retry (``REPAIR_LP_WIDE_OPTIONS``, off by default: three times the columns, exact
+    fluence-floor cuts) does,
+    with nothing recovery keeps given up, and undo takes it back bit for bit."""
+    s = fresh
+    before = s.dose()
+    old = s.options
+    got = {}
+    try:
+        s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
+        monkeypatch.setattr(session_module, "REPAIR_LP", "after")
+        for wide in (None, session_module.REPAIR_LP_WIDE_OPTIONS):
+            monkeypatch.setattr(session_module, "REPAIR_LP_WIDE", wide)
+            lp_calls.clear()
+            res = s.run(LINE)
+            got[wide is not None] = (res, s.dose(), list(lp_calls))
+            s.undo()
+            s.clear_redo()
+            np.testing.assert_array_equal(s.dose(), before)
+    finally:
+        s.options = old
+    (plain, _, shipped), (fixed, fixed_dose, calls) = got[False], got[True]
+    assert shipped and not any(c.ok for c in shipped) and not plain.side_effects_repaired
+    assert not calls[0].ok and any(c.ok for c in calls[1:])
+    assert fixed.side_effects_repaired
+    assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
+    assert not [c for c in fixed.conflicts if c.kind == "rise"]
+    assert_nothing_given_up(plain, fixed, fixed_dose, RX)
+    for b in range(s.engine.n_beams):
+        assert s.engine.fluence_host(b).min() >= 0.0
 
 
 # A surface drag of the coarse survey (request 0) that, with the report line at 1.5 % of Rx,
