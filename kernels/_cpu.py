@@ -239,6 +239,15 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
             return found, v_min, v_max, any_u, u_min, u_max
 
         @numba.njit(nogil=True, cache=True)
+        def _box_span_nb(rows, v_min, v_max, u_min, u_max, reach, reach32):  # pragma: no cover - compiled
+            # The box grown by the reach: the span of the row table it covers and its float32
+            # edges (v: float64 edges compared in float32, as NumPy does; u: float32).
+            v_lo = np.float64(v_min) - reach
+            v_hi = np.float64(v_max) + reach
+            a, end = _row_span_nb(rows, np.int64(math.floor(v_lo)), np.int64(math.floor(v_hi)))
+            return a, end, np.float32(v_lo), np.float32(v_hi), u_min - reach32, u_max + reach32
+
+        @numba.njit(nogil=True, cache=True)
         def _under_patches_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach,
                               mark):  # pragma: no cover - compiled
             reach32 = np.float32(reach)
@@ -252,16 +261,8 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 # As NumPy computes them: the v edges in float64 (a Python float), compared in
                 # float32 (NEP 50: the Python float is cast to the array's dtype); the u edges
                 # in float32 (a float32 scalar minus a Python float).
-                v_lo = np.float64(v_min) - reach
-                v_hi = np.float64(v_max) + reach
-                key_lo = np.int64(math.floor(v_lo))
-                key_hi = np.int64(math.floor(v_hi))
                 rows = rows2[b]
-                a, end = _row_span_nb(rows, key_lo, key_hi)
-                v_lo32 = np.float32(v_lo)
-                v_hi32 = np.float32(v_hi)
-                u_lo32 = u_min - reach32
-                u_hi32 = u_max + reach32
+                a, end, v_lo32, v_hi32, u_lo32, u_hi32 = _box_span_nb(rows, v_min, v_max, u_min, u_max, reach, reach32)
                 for i in range(a, end):
                     bv = bv_sorted2[b, i]
                     bu = bu_sorted2[b, i]
@@ -327,16 +328,8 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 found, v_min, v_max, any_u, u_min, u_max = _cols_box_nb(bev_u2, bev_v2, b, cols)
                 if not found or not any_u:  # no column on this beam's grid, or no u: nothing passes
                     continue
-                v_lo = np.float64(v_min) - reach
-                v_hi = np.float64(v_max) + reach
-                key_lo = np.int64(math.floor(v_lo))
-                key_hi = np.int64(math.floor(v_hi))
                 rows = rows2[b]
-                a, end = _row_span_nb(rows, key_lo, key_hi)
-                v_lo32 = np.float32(v_lo)
-                v_hi32 = np.float32(v_hi)
-                u_lo32 = u_min - reach32
-                u_hi32 = u_max + reach32
+                a, end, v_lo32, v_hi32, u_lo32, u_hi32 = _box_span_nb(rows, v_min, v_max, u_min, u_max, reach, reach32)
                 bu_b = bu_sorted2[b]
                 p = a
                 while p < end:
