@@ -189,6 +189,16 @@ REPAIR_TARGET_IN_BAND = True
 REPAIR_TARGET_FOCUSED = True
 
 
+
+def _host_reader(xp, cube):
+    """``read(flat) -> (n,) float64`` on the host: the cube's values at flat indices (one
+    gather on the device when there is one, one copy back)."""
+    flat_cube = cube.reshape(-1)
+
+    def read(flat):
+        return backend.asnumpy(flat_cube[xp.asarray(np.asarray(flat, np.int64))]).astype(np.float64)
+    return read
+
 @dataclass(frozen=True)
 class Conflict:
     """A feature recovery could not keep: a pin, an earlier request's feature, this request's
@@ -1073,15 +1083,10 @@ class Session:
         cand_dev = xp.flatnonzero(rise > floor_gy)
         cand = np.asarray(backend.asnumpy(cand_dev), np.int64)
         rise_gy = backend.asnumpy(rise[cand_dev]).astype(np.float64) if cand.size else np.zeros(0)
-        flat_before = before_cube.reshape(-1)
-
-        def before_at(flat):
-            return backend.asnumpy(flat_before[xp.asarray(np.asarray(flat, np.int64))]).astype(np.float64)
-
         g = self.patient.grid
         return unasked_rises(cand, rise_gy, shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx,
-                             feature_voxels=resolved.feature_voxels, before_at=before_at, target_mask=self.target_mask,
-                             oar_mask=self.oar_mask, drag=resolved.drag)
+                             feature_voxels=resolved.feature_voxels, before_at=_host_reader(xp, before_cube),
+                             target_mask=self.target_mask, oar_mask=self.oar_mask, drag=resolved.drag)
 
     def _side_effects(self, found) -> tuple:
         """The far voxels of ``found`` (:meth:`_unasked`) that rose by more than
@@ -1133,7 +1138,8 @@ class Session:
         from before them, bit for bit.
 
         **The LP repair** (``REPAIR_LP``, ``ids_engine/dmr/_repair_lp.py``): when a far rise
-        above the report line is still left (by default after the focused passes), a small
+        above the report line is still left (by default before the focused passes, which then
+        run only if it fails; ``REPAIR_LP_WIDE`` a wider retry when it fails), a small
         linear programme over per-beam patches at the worst far voxels and the request's voxels
         takes every far unasked rise to ``REPAIR_LP_GOAL`` of the line with no watched voxel
         further outside its band and no fluence below zero; applied in one engine call, checked
@@ -1170,6 +1176,7 @@ class Session:
         hard = watch.hard()
         eps = 1e-3 * rx
         kept_groups = [g for g, k in enumerate(kinds) if k != "tissue" and np.any(watch.group == g)]
+        before_at = _host_reader(eng.xp, before_cube)
 
         def in_band(rises):
             """Target voxels that ended inside the target's band."""
@@ -1192,8 +1199,7 @@ class Session:
             over = np.flatnonzero(rises.unasked_gy > cap)
             top = over[np.argsort(-rises.unasked_gy[over], kind="stable")[:REPAIR_ROWS]]
             vox = rises.voxels[top]
-            before = backend.asnumpy(before_cube.reshape(-1)[eng.xp.asarray(vox)]).astype(np.float64)
-            hi = before + rises.asked_gy[top] + np.where(in_band(rises)[top], thr, cap)
+            hi = before_at(vox) + rises.asked_gy[top] + np.where(in_band(rises)[top], thr, cap)
             # never below a watched voxel's lower edge (a target voxel that rose into its band
             # from below is not pushed out of it again)
             i, watched = w.locate(vox)
@@ -1256,11 +1262,6 @@ class Session:
             within the line (None: held to the line too)."""
             t1 = time.perf_counter()
             g = self.patient.grid
-            flat_before = before_cube.reshape(-1)
-
-            def before_at(flat):
-                return backend.asnumpy(flat_before[eng.xp.asarray(np.asarray(flat, np.int64))]).astype(np.float64)
-
             back = checkpoint()
             out = None
             for lp_opts in (REPAIR_LP_OPTIONS, REPAIR_LP_WIDE):
