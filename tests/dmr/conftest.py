@@ -23,12 +23,35 @@ def ring_as_found(monkeypatch):
     monkeypatch.setattr(session_module, "ResolveContext", functools.partial(ResolveContext, guard_ring_in_max_mm=np.inf))
 
 
-def coarse_repair_session(report_pct: float, cap_pct: float) -> Session:
-    """A fresh coarse horseshoe session with the report line and the repair's cap lowered (for
-    the repair tests' module fixtures: a module-scoped session shared with other tests carries
-    the round-off of their undos, and these outcomes are sensitive to it)."""
-    return Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0,
-                                dmr_options=DMROptions(report_rise_pct=report_pct, max_rise_pct=cap_pct))
+@pytest.fixture(scope="module")
+def fresh(request):
+    """A fresh coarse horseshoe session per test module, with the report line and the repair's
+    cap lowered to the module's ``REPORT_PCT`` and ``CAP_PCT`` (a session shared with other
+    modules carries the round-off of their undos, and the repair tests' outcomes are
+    sensitive to it)."""
+    m = request.module
+    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0,
+                             dmr_options=DMROptions(report_rise_pct=m.REPORT_PCT, max_rise_pct=m.CAP_PCT))
+    yield s
+    s.close()
+
+
+def run_with_each(s: Session, req, monkeypatch, name: str, values, calls: list | None = None) -> list:
+    """Run ``req`` once with each value of the session module's constant ``name``, undoing it
+    each time (undo restores the dose bit for bit: asserted). Returns, in order, (result,
+    dose after it, what ``calls`` collected during it)."""
+    before = s.dose()
+    out = []
+    for v in values:
+        monkeypatch.setattr(session_module, name, v)
+        if calls is not None:
+            calls.clear()
+        res = s.run(req)
+        out.append((res, s.dose(), list(calls) if calls is not None else []))
+        s.undo()
+        s.clear_redo()
+        np.testing.assert_array_equal(s.dose(), before)
+    return out
 
 
 def far_unasked(s: Session, res, before: np.ndarray, after: np.ndarray, *, floor_pct: float = 0.5,

@@ -13,7 +13,7 @@ import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
 from ids_engine.session import DMROptions
 
-from .conftest import assert_nothing_given_up, coarse_repair_session, far_unasked
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -27,13 +27,6 @@ SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 28.0, 22.8253774875
 LINE = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (18.053872854645444, 57.22719755429408))
 
 
-@pytest.fixture(scope="module")
-def fresh():
-    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
-    yield s
-    s.close()
-
-
 def _far_unasked_max_gy(s, res, before, after):
     """The largest unasked far rise on the whole cube outside the target's band (the repair's
     first stage), as the report defines it."""
@@ -45,15 +38,9 @@ def test_the_focused_repair_takes_the_far_rise_under_the_report_line(fresh, req,
     s = fresh
     monkeypatch.setattr(session_module, "REPAIR_LP", "off")  # the LP repair would take it under the line too
     before = s.dose()
-    got = {}
-    for passes in (0, session_module.REPAIR_FOCUSED_PASSES):
-        monkeypatch.setattr(session_module, "REPAIR_FOCUSED_PASSES", passes)
-        res = s.run(req)
-        got[passes] = (res, s.dose())
-        s.undo()
-        s.clear_redo()
-        np.testing.assert_array_equal(s.dose(), before)  # undo takes every pass back, bit for bit
-    (plain, plain_dose), (fixed, fixed_dose) = got[0], got[session_module.REPAIR_FOCUSED_PASSES]
+    # (undo takes every pass back, bit for bit: run_with_each asserts it)
+    (plain, plain_dose, _), (fixed, fixed_dose, _) = run_with_each(
+        s, req, monkeypatch, "REPAIR_FOCUSED_PASSES", (0, session_module.REPAIR_FOCUSED_PASSES))
     thr = REPORT_PCT / 100.0 * RX
     # Without the focused passes the far rise stays above the report line and is reported ...
     assert _far_unasked_max_gy(s, plain, before, plain_dose) > thr

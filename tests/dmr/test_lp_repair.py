@@ -10,30 +10,20 @@ import numpy as np
 import pytest
 
 import ids_engine.session as session_module
-from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
+from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.session import DMROptions
 
-from .conftest import assert_nothing_given_up, coarse_repair_session, far_unasked
-
-from .test_focused_repair import _far_unasked_max_gy
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each
+from .test_focused_repair import LINE, RX, _far_unasked_max_gy
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
-RX = 60.0
 REPORT_PCT, CAP_PCT = 3.0, 2.5
 # A drag of the coarse survey (bench_shaping.survey_requests on the coarse open-field plan,
 # request 150) whose far rise the plain and the focused passes leave above 3 % of Rx; and
 # test_focused_repair.py's line drag, whose far rise they leave at 3.1 % with the line at 2 %.
 SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 28.0, 57.187973459593366),
                              end_zyx=(21.0, 28.0, 58.4687111645114), radius_mm=4.0)
-LINE = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (18.053872854645444, 57.22719755429408))
-
-
-@pytest.fixture(scope="module")
-def fresh():
-    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -58,16 +48,9 @@ def test_the_lp_repair_takes_a_far_rise_the_passes_leave_under_the_report_line(f
     s = fresh
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=report_pct, max_rise_pct=cap_pct))
     before = s.dose()
-    got = {}
-    for mode in ("off", "after"):
-        monkeypatch.setattr(session_module, "REPAIR_LP", mode)
-        lp_calls.clear()
-        res = s.run(req)
-        got[mode] = (res, s.dose(), list(lp_calls))
-        s.undo()
-        s.clear_redo()
-        np.testing.assert_array_equal(s.dose(), before)  # undo takes the LP's patches back, bit for bit
-    (plain, plain_dose, none), (fixed, fixed_dose, calls) = got["off"], got["after"]
+    # (undo takes the LP's patches back, bit for bit: run_with_each asserts it)
+    (plain, plain_dose, none), (fixed, fixed_dose, calls) = run_with_each(s, req, monkeypatch, "REPAIR_LP",
+                                                                          ("off", "after"), lp_calls)
     thr = report_pct / 100.0 * RX
     assert none == []
     # Without it the far rise stays above the report line (the focused passes ran and failed) ...
@@ -100,25 +83,13 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
     applying anything that stays, and the plan and journal are those without it, bit for bit."""
     s = fresh
     monkeypatch.setattr(session_module, "REPAIR_LP_WIDE", None)  # the shipped programme alone
-    old = s.options
-    out = {}
-    try:
-        s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
-        for mode in ("off", "after"):
-            monkeypatch.setattr(session_module, "REPAIR_LP", mode)
-            lp_calls.clear()
-            res = s.run(LINE)
-            out[mode] = (s.dose(), res.patch_groups, res.side_effects_repaired, list(lp_calls),
-                         res.timings_ms.get("side_effect_lp"))
-            s.undo()
-            s.clear_redo()
-    finally:
-        s.options = old
-    assert out["off"][3] == []
-    calls = out["after"][3]
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
+    (off, off_dose, none), (lp, lp_dose, calls) = run_with_each(s, LINE, monkeypatch, "REPAIR_LP", ("off", "after"),
+                                                                lp_calls)
+    assert none == []
     assert len(calls) == 1 and not calls[0].ok and calls[0].status in ("infeasible", "far rise left", "broke rows")
-    np.testing.assert_array_equal(out["after"][0], out["off"][0])
-    assert out["after"][1:3] == out["off"][1:3]
+    np.testing.assert_array_equal(lp_dose, off_dose)
+    assert (lp.patch_groups, lp.side_effects_repaired) == (off.patch_groups, off.side_effects_repaired)
 
 
 def test_the_wide_retry_repairs_what_the_shipped_programme_cannot(fresh, lp_calls, monkeypatch):
@@ -128,22 +99,10 @@ def test_the_wide_retry_repairs_what_the_shipped_programme_cannot(fresh, lp_call
     with nothing recovery keeps given up, and undo takes it back bit for bit."""
     s = fresh
     before = s.dose()
-    old = s.options
-    got = {}
-    try:
-        s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
-        monkeypatch.setattr(session_module, "REPAIR_LP", "after")
-        for wide in (None, session_module.REPAIR_LP_WIDE_OPTIONS):
-            monkeypatch.setattr(session_module, "REPAIR_LP_WIDE", wide)
-            lp_calls.clear()
-            res = s.run(LINE)
-            got[wide is not None] = (res, s.dose(), list(lp_calls))
-            s.undo()
-            s.clear_redo()
-            np.testing.assert_array_equal(s.dose(), before)
-    finally:
-        s.options = old
-    (plain, _, shipped), (fixed, fixed_dose, calls) = got[False], got[True]
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
+    monkeypatch.setattr(session_module, "REPAIR_LP", "after")
+    (plain, _, shipped), (fixed, fixed_dose, calls) = run_with_each(
+        s, LINE, monkeypatch, "REPAIR_LP_WIDE", (None, session_module.REPAIR_LP_WIDE_OPTIONS), lp_calls)
     assert shipped and not any(c.ok for c in shipped) and not plain.side_effects_repaired
     assert not calls[0].ok and any(c.ok for c in calls[1:])
     assert fixed.side_effects_repaired
@@ -162,8 +121,6 @@ SURFACE_IN_BAND = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 10.67896218
 
 
 def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(fresh, lp_calls, monkeypatch):
-    from .test_target_side_effects import _far_unasked
-
     s = fresh
     report_pct = 1.5
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=report_pct, max_rise_pct=1.2))
@@ -171,18 +128,10 @@ def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(f
     before = s.dose()
     thr = report_pct / 100.0 * RX
     t_hi = s.options.target_max_pct / 100.0 * RX
-    got = {}
-    for stage2 in (False, True):
-        monkeypatch.setattr(session_module, "REPAIR_TARGET_IN_BAND", stage2)
-        lp_calls.clear()
-        res = s.run(SURFACE_IN_BAND)
-        got[stage2] = (res, s.dose(), list(lp_calls))
-        s.undo()
-        s.clear_redo()
-        np.testing.assert_array_equal(s.dose(), before)
-    (plain, plain_dose, first), (fixed, fixed_dose, calls) = got[False], got[True]
+    (plain, plain_dose, first), (fixed, fixed_dose, calls) = run_with_each(
+        s, SURFACE_IN_BAND, monkeypatch, "REPAIR_TARGET_IN_BAND", (False, True), lp_calls)
     # Without the second stage: the rest is under the line, target voxels inside their band are not.
-    u = _far_unasked(s, plain, before, plain_dose)
+    u = far_unasked(s, plain, before, plain_dose)
     in_band = (u.tissue == 0) & (u.after_gy <= t_hi)
     assert u.unasked_gy[~in_band].max(initial=0.0) <= thr + 1e-6
     assert u.unasked_gy[in_band].max() > thr
@@ -194,7 +143,7 @@ def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(f
     assert fixed.side_effects_repaired
     assert fixed.patch_groups[-1] == len(calls[-1].patches)
     assert sum(fixed.patch_groups) == len(fixed.patches)
-    assert _far_unasked(s, fixed, before, fixed_dose).max_gy() <= thr + 1e-6
+    assert far_unasked(s, fixed, before, fixed_dose).max_gy() <= thr + 1e-6
     assert not [c for c in fixed.conflicts if c.kind == "rise"]
     assert_nothing_given_up(plain, fixed, fixed_dose, RX, feature=False)
     for b in range(s.engine.n_beams):

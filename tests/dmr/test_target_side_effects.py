@@ -12,7 +12,7 @@ import pytest
 import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.dmr._side_effects import FarRise, summarise_rises, unasked_rises
-from .conftest import assert_nothing_given_up, coarse_repair_session, far_unasked
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -25,35 +25,19 @@ SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 41.13396875373677, 
                              end_zyx=(21.0, 42.24312014178036, 31.776730752042926), radius_mm=4.0)
 
 
-@pytest.fixture(scope="module")
-def fresh():
-    s = coarse_repair_session(REPORT_PCT, CAP_PCT)
-    yield s
-    s.close()
-
-
-_far_unasked = far_unasked  # every tissue, the target inside its band too
-
-
 def test_a_target_rise_inside_the_band_is_reported_then_repaired(fresh, monkeypatch):
     s = fresh
     before = s.dose()
     thr = REPORT_PCT / 100.0 * RX
-    got = {}
     # The LP repair takes this drag's whole rise under the line in the first stage; off, the
     # first stage fails and the second stage's focused passes are what is tested here.
     monkeypatch.setattr(session_module, "REPAIR_LP", "off")
-    for stage2 in (False, True):
-        monkeypatch.setattr(session_module, "REPAIR_TARGET_IN_BAND", stage2)
-        res = s.run(SURFACE)
-        got[stage2] = (res, s.dose())
-        s.undo()
-        s.clear_redo()
-        np.testing.assert_array_equal(s.dose(), before)  # undo takes every pass back, bit for bit
-    (plain, plain_dose), (fixed, fixed_dose) = got[False], got[True]
+    # (undo takes every pass back, bit for bit: run_with_each asserts it)
+    (plain, plain_dose, _), (fixed, fixed_dose, _) = run_with_each(
+        s, SURFACE, monkeypatch, "REPAIR_TARGET_IN_BAND", (False, True))
     # Without the second stage: target voxels, all still inside their band, rose more than
     # the report line unasked; that is reported (as a side effect of its own), and says so.
-    u = _far_unasked(s, plain, before, plain_dose)
+    u = far_unasked(s, plain, before, plain_dose)
     over = (u.unasked_gy > thr) & (u.tissue == 0)
     assert over.any()
     assert np.all(plain_dose.ravel()[u.voxels[over]] <= s.options.target_max_pct / 100.0 * RX)
@@ -64,7 +48,7 @@ def test_a_target_rise_inside_the_band_is_reported_then_repaired(fresh, monkeypa
     assert not plain.side_effects_repaired
     # With it: under the report line everywhere on the whole cube, nothing reported ...
     assert fixed.side_effects_repaired
-    assert _far_unasked(s, fixed, before, fixed_dose).max_gy() <= thr + 1e-6
+    assert far_unasked(s, fixed, before, fixed_dose).max_gy() <= thr + 1e-6
     assert not [c for c in fixed.conflicts if c.kind == "rise"]
     # ... and nothing recovery keeps given up for it.
     assert_nothing_given_up(plain, fixed, fixed_dose, RX)
