@@ -47,15 +47,15 @@ from ids_engine.dmr import (
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
 from ids_engine.dmr._feasible import HeldGroup, fall_off_table, find_infeasible
-from ids_engine.dmr._recovery import WatchBase, _composed_dose, _remember_dose, _watch_dose, attach_composition, compose_watch, extend_watch
+from ids_engine.dmr._recovery import WatchBase, _composed_dose, _remember_dose, _watch_dose, attach_composition, compose_watch
 from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
-from ids_engine.dmr._repair_lp import LPRepairOptions, lp_far_repair
+from ids_engine.dmr._repair import RepairSettings, SideEffectRepair
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
 from ids_engine.evaluation import drag_landing_mm
 from ids_engine.model import Beam, Patient, PhotonMachine
 
-__all__ = ["CaseChangedError", "Conflict", "DMROptions", "DisplayReadout", "FolderLockedError", "LatestRequestQueue", "RequestResult",
-           "Session", "case_fingerprint", "case_from_spec", "case_label"]
+__all__ = ["CaseChangedError", "Conflict", "DMROptions", "DisplayReadout", "FolderLockedError", "LatestRequestQueue",
+           "RepairSettings", "RequestResult", "Session", "case_fingerprint", "case_from_spec", "case_label"]
 
 _log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class DMROptions:
         worst far voxels are watched (no higher than before plus what was asked plus
         ``max_rise_pct``) and recovery runs this many more steps; the pass is kept only if it
         lowers the side effect without giving up anything recovery keeps (see
-        ``Session._repair_side_effects``). 0: report only. Set-voxel-dose requests always
+        ``ids_engine.dmr._repair.SideEffectRepair``; how hard it tries: ``Session.repair_settings``).
+        0: report only. Set-voxel-dose requests always
         report only (measured on the paper's experiment and the ten-request session: the
         repair was rejected there, or cost the session's OAR mean 0.07 Gy).
     oar_rise_pct : how much hotter than before the request an OAR voxel may get during
@@ -158,36 +159,6 @@ WEIGHT_REQUEST = 10.0
 WEIGHT_PIN = 10.0
 # Soft-capped voxels a drag's or an erase's step pushed over their cap, solved again as rows.
 CAP_RETRY_ROWS = 64
-# The side-effect repair watches at most this many of the worst far voxels.
-REPAIR_ROWS = 96
-# The focused repair (Session._repair_side_effects): passes, their far rows' weight, and the
-# ordinary recovery steps after each.
-REPAIR_FOCUSED_PASSES = 3
-REPAIR_WEIGHT = 3.0
-REPAIR_MIX_STEPS = 5
-REPAIR_FOCUSED_J_SLACK = 0.25
-# The LP repair (ids_engine/dmr/_repair_lp.py) of a far rise above the report line: "first"
-# (the default: before the focused passes, which run only if it fails), "after" them,
-# "instead" of them or "off"; it aims at REPAIR_LP_GOAL of the report line. "first" and
-# "after" gave the same survey counts; "first" spares a drag the passes that would fail
-# (the viewer benchmark's release request 662 ms against 1,001, a helper's A/B).
-REPAIR_LP = "first"
-REPAIR_LP_GOAL = 0.9
-REPAIR_LP_OPTIONS = LPRepairOptions()
-# When that fails, once more with REPAIR_LP_WIDE (None: not tried, the default). The wide
-# retry, REPAIR_LP_WIDE_OPTIONS: three times the columns, up to 8 rounds, more tissue rows and
-# exact fluence-floor cuts. Measured on the survey it changes only the one request left above
-# 5 % (10.6 -> 6.7 %, still reported) and takes that request from 2.0 to 9.7 s (2 cores), so it
-# is off until it is faster; set REPAIR_LP_WIDE = REPAIR_LP_WIDE_OPTIONS to use it.
-REPAIR_LP_WIDE_OPTIONS = LPRepairOptions(far_columns=48, request_columns=12, spread_mm=4.0, rounds=8, margin_gy=0.6,
-                                         exact=True)
-REPAIR_LP_WIDE: LPRepairOptions | None = None
-# The repair's second stage: far target voxels that rose unasked inside their band (the LP,
-# then, with REPAIR_TARGET_FOCUSED, focused passes), run when the first stage left no other
-# far rise above the report line.
-REPAIR_TARGET_IN_BAND = True
-REPAIR_TARGET_FOCUSED = True
-
 
 
 def _host_reader(xp, cube):
@@ -267,7 +238,7 @@ class RequestResult:
     feature_goal: np.ndarray = field(default_factory=lambda: np.zeros(0))
     conflicts: tuple = ()
     best_step: int = 0
-    # A repair pass for far side effects was kept (Session._repair_side_effects).
+    # A repair pass for far side effects was kept (ids_engine.dmr._repair.SideEffectRepair).
     side_effects_repaired: bool = False
     # How many of ``patches`` each engine call applied, in order: a replay applies them in
     # the same calls, so it rebuilds the plan bit for bit (float32 sums depend on grouping).
@@ -478,6 +449,11 @@ class Session:
     fluences : starting fluence maps (host, one per beam, shapes of the engine's grids);
         None starts from zero fluence.
     machine, engine_options, dmr_options : see :class:`DoseEngine` and :class:`DMROptions`.
+    repair_settings : how the far side-effect repair tries (:class:`RepairSettings`, from
+        ``ids_engine.dmr._repair``; None: the defaults). Stored as ``self.repair_settings``
+        and may be replaced between requests (``dataclasses.replace``); not saved with the
+        session (a reopened session starts with the defaults; the journal's patches, not the
+        settings, rebuild its plan).
     case : a description the patient can be rebuilt from when the session is reopened
         (see :func:`case_from_spec`).
     progress : optional ``progress(done, total, label)`` for the set-up.
@@ -485,12 +461,16 @@ class Session:
 
     def __init__(self, patient: Patient, beams: Sequence[Beam], *, prescription_gy: float, fluences=None,
                  machine: PhotonMachine | None = None, engine_options: EngineOptions | None = None,
-                 dmr_options: DMROptions | None = None, case: dict | None = None, progress=None) -> None:
+                 dmr_options: DMROptions | None = None, case: dict | None = None, progress=None,
+                 repair_settings: RepairSettings | None = None) -> None:
         if not prescription_gy > 0:
             raise ValueError(f"prescription_gy must be positive, got {prescription_gy}")
         self.patient = patient
         self.prescription_gy = float(prescription_gy)
         self.options = dmr_options or DMROptions()
+        if repair_settings is not None and not isinstance(repair_settings, RepairSettings):
+            raise ValueError(f"repair_settings must be a RepairSettings, got {type(repair_settings).__name__}")
+        self.repair_settings = repair_settings or RepairSettings()
         self.case = dict(case or {})
         self._case_base: Path | None = None  # the folder a loaded session came from (session-relative cases)
         self.engine = DoseEngine(patient, beams, machine, options=engine_options, progress=progress)
@@ -1112,225 +1092,22 @@ class Session:
                      for r in summarise_rises(found, thr, self.patient.grid.shape_zyx, top / 100.0 * rx))
 
     def _repair_side_effects(self, resolved: Resolved, watch: Watch, before_cube, timings: dict, repair: bool = True):
-        """A guarded repair pass for far side effects (``DMROptions.side_effect_repair_steps``).
-
-        When tissue far from the request rose by more than ``report_rise_pct`` unasked, its
-        worst voxels (up to ``REPAIR_ROWS``) join the watch with the band "no higher than before
-        plus what the request asks plus ``max_rise_pct``", and recovery runs a few more steps
-        (with the default options: no capped-row retry). For a drag too the band is
-        ``max_rise_pct``, not the drag's lower soft cap: the pass is there for what crossed the
-        5 % report line, and the survey figures with the 3 % drag cap were measured with it so.
-        The pass is kept only if the request's own voxels and the pins are no worse, no pin,
-        feature, guard or the request itself ends further outside its band than before (or
-        newly outside it), the watch's objective is no worse (5 % or 0.05 Gy^2 of slack) and the
-        largest unasked far rise fell by at least 0.3 % of Rx; otherwise the engine goes back to
-        its snapshot from before the pass, bit for bit, and nothing of it is journaled.
-
-        **The focused repair** (``REPAIR_FOCUSED_PASSES``): when a far rise above the report
-        line is still left, up to that many passes in which only the far voxels are chosen as
-        recovery steps (``recover(focus=...)``, weight ``REPAIR_WEIGHT``: lowering the beam
-        entrance that carries the rise), each followed by ``REPAIR_MIX_STEPS`` ordinary recovery
-        steps (coverage and guards restored, the far voxels held as rows). Each pass must lower the
-        far rise by 0.3 % of Rx with the request's voxels, pins, features and guards no worse
-        and the objective within ``REPAIR_FOCUSED_J_SLACK`` (25 %); the passes are kept only
-        when they take the unasked far rise to the report line or below (all or nothing: a
-        partial gain moved the line beside one drag from 0.36 to 1.12 mm); otherwise the state
-        from before them, bit for bit.
-
-        **The LP repair** (``REPAIR_LP``, ``ids_engine/dmr/_repair_lp.py``): when a far rise
-        above the report line is still left (by default before the focused passes, which then
-        run only if it fails; ``REPAIR_LP_WIDE`` a wider retry when it fails), a small
-        linear programme over per-beam patches at the worst far voxels and the request's voxels
-        takes every far unasked rise to ``REPAIR_LP_GOAL`` of the line with no watched voxel
-        further outside its band and no fluence below zero; applied in one engine call, checked
-        on the whole cube, kept only when the rise is at or under the line and the same
-        no-worse test as the focused passes holds; otherwise the state from before it, bit for
-        bit.
-
-        **Target voxels inside their band** count as side effects too, in a second stage: the
-        passes above look only at the rise outside the target's band (OARs, normal tissue,
-        target voxels ending above it); when they left none above the report line and target
-        voxels that stayed inside their band are still more than the line up unasked, the LP
-        runs again with those voxels held to the line too, then (``REPAIR_TARGET_FOCUSED``)
-        focused passes of the same kind with
-        every far voxel (those target voxels held at before + asked + ``report_rise_pct``, not
-        the cap: measured, the cap cost coverage and guards and was taken back). They are kept
-        at the last good pass that leaves the rise outside the band at the report line or no
-        higher than the first stage left it (else the state before them, bit for bit). Measured
-        on the survey: holding them in the first stage too lost a repair (a 95 % line drag:
-        far rise 7.69 -> 8.09 %, the line beside it 0.36 -> 1.28 mm). Returns
-        ``(patches applied, kept, unasked rises after (every tissue), the watch's dose after a
-        kept pass or None)``."""
+        """The guarded repair of the request's far side effects (``DMROptions.side_effect_repair_steps``,
+        ``self.repair_settings``; :class:`ids_engine.dmr._repair.SideEffectRepair` says how).
+        ``repair`` False measures only. Returns ``(patches applied, kept, unasked rises after
+        (every tissue), the watch's dose after a kept pass or None)``."""
         opts = self.options
         rx = self.prescription_gy
         thr = opts.report_rise_pct / 100.0 * rx
         cap = opts.max_rise_pct / 100.0 * rx
-        t_hi = opts.target_max_pct / 100.0 * rx
         floor = min(thr, cap)
-        found_all = self._unasked(resolved, before_cube, floor)
-        if not repair or opts.side_effect_repair_steps <= 0 or found_all.max_gy() <= thr:
-            return [], False, found_all, None
-        t0 = time.perf_counter()
-        eng = self.engine
-        kinds = np.asarray(watch.kinds, object)
-        hard = watch.hard()
-        eps = 1e-3 * rx
-        kept_groups = [g for g, k in enumerate(kinds) if k != "tissue" and np.any(watch.group == g)]
-        before_at = _host_reader(eng.xp, before_cube)
-
-        def in_band(rises):
-            """Target voxels that ended inside the target's band."""
-            return (rises.tissue == 0) & (rises.after_gy <= t_hi)
-
-        def outside(rises):
-            """The rises without the target voxels inside their band (the first stage's)."""
-            return rises.take(~in_band(rises))
-
-        def state():
-            """(hard key, objective, largest violation of each pin / feature / guard / request
-            group, the watch's dose)."""
-            d = _watch_dose(eng, watch)  # a watch built on the base: its cached tables reused
-            v = watch.violation(d)
-            worst = np.array([float(v[watch.group == g].max()) for g in kept_groups])
-            hard_key = round(float(v[hard].max()) / eps) if hard.any() else 0
-            return hard_key, float(np.sum(watch.weight * v**2)), worst, d
-
-        def extended(w, rises, weight):
-            over = np.flatnonzero(rises.unasked_gy > cap)
-            top = over[np.argsort(-rises.unasked_gy[over], kind="stable")[:REPAIR_ROWS]]
-            vox = rises.voxels[top]
-            hi = before_at(vox) + rises.asked_gy[top] + np.where(in_band(rises)[top], thr, cap)
-            # never below a watched voxel's lower edge (a target voxel that rose into its band
-            # from below is not pushed out of it again)
-            i, watched = w.locate(vox)
-            hi[watched] = np.maximum(hi[watched], w.lo[i[watched]])
-            return extend_watch(w, vox, hi, weight, "far side effects"), vox
-
-        def checkpoint():
-            """A function that takes the engine back to now, bit for bit, with nothing of what
-            came after journaled."""
-            snap = eng.snapshot()
-            n_log = None if eng.apply_log is None else len(eng.apply_log)
-
-            def back():
-                eng.restore(snap)
-                if n_log is not None:
-                    del eng.apply_log[n_log:]
-            return back
-
-        def no_worse(h0, j0, w0, h1, j1, w1, j_slack=0.05):
-            # Nothing recovery keeps got worse: no new or larger conflict, the objective within
-            # 5 % (or 0.05 Gy^2).
-            return h1 <= h0 and bool(np.all(w1 <= np.maximum(w0, eps))) and j1 <= (1.0 + j_slack) * j0 + 0.05
-
-        def focused(rises, view, base, accept):
-            """Focused passes from now on ``view(rises)``, each judged against ``base`` (h, j, w);
-            the engine ends at the last good pass whose rises ``accept``, else where it started.
-            Returns (patches, rises after, the watch's dose) or None."""
-            back = checkpoint()
-            got, w3, best = [], watch, None
-            rises = view(rises)
-            for _ in range(REPAIR_FOCUSED_PASSES):
-                w3, vox = extended(w3, rises, REPAIR_WEIGHT)
-                if not vox.size:
-                    break
-                rec = recover(self.modifier, w3, steps=opts.side_effect_repair_steps, focus=np.isin(w3.voxels, vox))
-                got += list(rec.patches)
-                if REPAIR_MIX_STEPS > 0:
-                    got += list(recover(self.modifier, w3, steps=REPAIR_MIX_STEPS).patches)
-                last, rises = rises, view(self._unasked(resolved, before_cube, floor))
-                h2, j2, w2, gy2 = state()
-                if not (bool(got) and no_worse(*base, h2, j2, w2, REPAIR_FOCUSED_J_SLACK)
-                        and rises.max_gy() < last.max_gy() - 0.003 * rx):
-                    break
-                if accept(rises):
-                    best = (len(got), rises, gy2, checkpoint())
-                    if rises.max_gy() <= thr:
-                        break
-            if best is None:
-                back()
-                return None
-            n, rises, gy, back_to_best = best
-            if n < len(got):  # a later pass that was not good: back to the best state
-                back_to_best()
-            return got[:n], rises, gy
-
-        def lp_repair(rises, view, base, target_hi_gy):
-            """The LP repair (ids_engine/dmr/_repair_lp.py) on ``view(rises)``, all or nothing,
-            judged against ``base`` as the focused passes: (patches, rises after, the watch's
-            dose) or None. ``target_hi_gy``: a target voxel may end up to there instead of
-            within the line (None: held to the line too)."""
-            t1 = time.perf_counter()
-            g = self.patient.grid
-            back = checkpoint()
-            out = None
-            for lp_opts in (REPAIR_LP_OPTIONS, REPAIR_LP_WIDE):
-                if lp_opts is None:
-                    continue
-                lp = lp_far_repair(self.modifier, watch, view(rises), back, request_voxels=resolved.voxels,
-                                   before_at=before_at, measure=lambda: view(self._unasked(resolved, before_cube, floor)),
-                                   goal_gy=REPAIR_LP_GOAL * thr, accept_gy=thr, target_hi_gy=target_hi_gy,
-                                   shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx, eps_gy=eps, options=lp_opts)
-                if lp.ok:
-                    h2, j2, w2, gy2 = state()
-                    if no_worse(*base, h2, j2, w2, REPAIR_FOCUSED_J_SLACK):
-                        out = lp.patches, lp.rises, gy2
-                        break
-                    back()
-            timings["side_effect_lp"] = timings.get("side_effect_lp", 0.0) + (time.perf_counter() - t1) * 1000
-            return out
-
-        h0, j0, w0, _ = state()
-        patches, kept, watch_gy = [], False, None
-        # The objective every later pass is judged against (REPAIR_FOCUSED_J_SLACK): the state
-        # before the focused passes and the LP, so that the two stages' slacks do not compound.
-        j_ref = j0
-        # Stage 1: the rise outside the target's band.
-        found = outside(found_all)
-        if found.max_gy() > thr and np.any(found.unasked_gy > cap):
-            back = checkpoint()
-            watch2, _ = extended(watch, found, WEIGHT_NORMAL)
-            rec = recover(self.modifier, watch2, steps=opts.side_effect_repair_steps)
-            patches = list(rec.patches)
-            after = outside(self._unasked(resolved, before_cube, floor))
-            h1, j1, w1, watch_gy = state()
-            # Kept only if nothing recovery keeps got worse and the side effect is clearly lower.
-            kept = bool(patches) and no_worse(h0, j0, w0, h1, j1, w1) and after.max_gy() < found.max_gy() - 0.003 * rx
-            if not kept:  # as if never tried: the state before it, bit for bit, and nothing journaled
-                back()
-                patches, after, watch_gy = [], found, None
-                h1, j1, w1 = h0, j0, w0
-            j_ref = j1
-            stages = {"after": ("focused", "lp"), "first": ("lp", "focused"), "instead": ("lp",), "off": ("focused",)}
-            for stage in stages[REPAIR_LP]:
-                if after.max_gy() <= thr:
-                    break
-                if stage == "focused" and REPAIR_FOCUSED_PASSES <= 0:
-                    continue
-                if stage == "focused":
-                    got = focused(after, outside, (h1, j1, w1), lambda r: r.max_gy() <= thr)
-                else:
-                    got = lp_repair(after, outside, (h1, j1, w1), t_hi)
-                if got is not None:
-                    patches += got[0]
-                    after, watch_gy, kept = got[1], got[2], True
-        # Stage 2: target voxels inside their band, while the rest stays where stage 1 left it.
-        found_all = self._unasked(resolved, before_cube, floor) if patches else found_all
-        left = np.any((found_all.unasked_gy > thr) & in_band(found_all))
-        if REPAIR_TARGET_IN_BAND and left:
-            limit = max(thr, outside(found_all).max_gy())
-            h1, _, w1, _ = state()
-            j1 = j_ref
-            got = None
-            if REPAIR_LP != "off" and limit <= thr:  # the LP: everything under the line at once
-                got = lp_repair(found_all, lambda r: r, (h1, j1, w1), None)
-            if got is None and REPAIR_TARGET_FOCUSED and REPAIR_FOCUSED_PASSES > 0:
-                got = focused(found_all, lambda r: r, (h1, j1, w1), lambda r: outside(r).max_gy() <= limit)
-            if got is not None:
-                patches += got[0]
-                found_all, watch_gy, kept = got[1], got[2], True
-        timings["side_effect_repair"] = (time.perf_counter() - t0) * 1000
-        return patches, kept, found_all, watch_gy
+        g = self.patient.grid
+        return SideEffectRepair(
+            self.modifier, watch, resolved.voxels, before_at=_host_reader(self.engine.xp, before_cube),
+            measure=lambda: self._unasked(resolved, before_cube, floor), prescription_gy=rx, report_gy=thr,
+            cap_gy=cap, target_hi_gy=opts.target_max_pct / 100.0 * rx, steps=opts.side_effect_repair_steps,
+            shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx, settings=self.repair_settings,
+            plain_weight=WEIGHT_NORMAL, timings=timings).run(repair)
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
                  patch_groups: tuple = (), side_effects_repaired: bool = False) -> RequestResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -36,14 +37,20 @@ def fresh(request):
     s.close()
 
 
+def set_repair(monkeypatch, s: Session, **changes) -> None:
+    """Change the session's repair settings (``Session.repair_settings``, fields of
+    :class:`~ids_engine.dmr._repair.RepairSettings`) for this test only."""
+    monkeypatch.setattr(s, "repair_settings", dataclasses.replace(s.repair_settings, **changes))
+
+
 def run_with_each(s: Session, req, monkeypatch, name: str, values, calls: list | None = None) -> list:
-    """Run ``req`` once with each value of the session module's constant ``name``, undoing it
-    each time (undo restores the dose bit for bit: asserted). Returns, in order, (result,
-    dose after it, what ``calls`` collected during it)."""
+    """Run ``req`` once with each value of the repair setting ``name`` (a field of
+    ``s.repair_settings``), undoing it each time (undo restores the dose bit for bit:
+    asserted). Returns, in order, (result, dose after it, what ``calls`` collected during it)."""
     before = s.dose()
     out = []
     for v in values:
-        monkeypatch.setattr(session_module, name, v)
+        set_repair(monkeypatch, s, **{name: v})
         if calls is not None:
             calls.clear()
         res = s.run(req)

@@ -1,4 +1,4 @@
-"""The focused side-effect repair (``Session._repair_side_effects``, ``REPAIR_FOCUSED_PASSES``):
+"""The focused side-effect repair (``ids_engine.dmr._repair.SideEffectRepair``, ``RepairSettings.focused_passes``):
 when a drag still leaves tissue far away risen above the report line, recovery steps that
 choose only among those far voxels take it under the line, or the plan stays as it was.
 Coarse horseshoe, the report and the repair's cap lowered to 3 % / 2.5 % of Rx so that the
@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import ids_engine.session as session_module
+import ids_engine.dmr._repair as repair_module
 from ids_engine.dmr import MoveIsodoseLine, MoveIsodoseSurface
 from ids_engine.session import DMROptions
 
-from .conftest import assert_nothing_given_up, far_unasked, run_with_each
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each, set_repair
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -36,11 +36,11 @@ def _far_unasked_max_gy(s, res, before, after):
 @pytest.mark.parametrize("req", [SURFACE, LINE], ids=["surface, plain repair rejected", "line, plain repair kept"])
 def test_the_focused_repair_takes_the_far_rise_under_the_report_line(fresh, req, monkeypatch):
     s = fresh
-    monkeypatch.setattr(session_module, "REPAIR_LP", "off")  # the LP repair would take it under the line too
+    set_repair(monkeypatch, s, lp="off")  # the LP repair would take it under the line too
     before = s.dose()
     # (undo takes every pass back, bit for bit: run_with_each asserts it)
     (plain, plain_dose, _), (fixed, fixed_dose, _) = run_with_each(
-        s, req, monkeypatch, "REPAIR_FOCUSED_PASSES", (0, session_module.REPAIR_FOCUSED_PASSES))
+        s, req, monkeypatch, "focused_passes", (0, s.repair_settings.focused_passes))
     thr = REPORT_PCT / 100.0 * RX
     # Without the focused passes the far rise stays above the report line and is reported ...
     assert _far_unasked_max_gy(s, plain, before, plain_dose) > thr
@@ -60,7 +60,7 @@ def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkey
     old = s.options
     doses = {}
     focused = []
-    real_recover = session_module.recover
+    real_recover = repair_module.recover
 
     def spy(*args, focus=None, **kwargs):
         rec = real_recover(*args, focus=focus, **kwargs)
@@ -68,12 +68,12 @@ def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkey
             focused.append(len(rec.patches))
         return rec
 
-    monkeypatch.setattr(session_module, "recover", spy)
-    monkeypatch.setattr(session_module, "REPAIR_LP", "off")  # the focused passes alone
+    monkeypatch.setattr(repair_module, "recover", spy)
+    set_repair(monkeypatch, s, lp="off")  # the focused passes alone
     try:
         s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
         for passes in (0, 3):
-            monkeypatch.setattr(session_module, "REPAIR_FOCUSED_PASSES", passes)
+            set_repair(monkeypatch, s, focused_passes=passes)
             focused.clear()
             res = s.run(LINE)
             doses[passes] = (s.dose(), res.patch_groups, res.side_effects_repaired, list(focused))

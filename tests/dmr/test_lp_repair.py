@@ -1,4 +1,4 @@
-"""The LP far-rise repair (``ids_engine/dmr/_repair_lp.py``, ``Session.REPAIR_LP``): when the
+"""The LP far-rise repair (``ids_engine/dmr/_repair_lp.py``, ``RepairSettings.lp``): when the
 greedy and focused repair passes leave tissue far away risen above the report line, a small
 linear programme over per-beam patches takes it under the line with nothing recovery keeps
 given up, or the plan stays as the passes left it, bit for bit. Coarse horseshoe, the report
@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import ids_engine.session as session_module
+import ids_engine.dmr._repair as repair_module
 from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.session import DMROptions
 
-from .conftest import assert_nothing_given_up, far_unasked, run_with_each
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each, set_repair
 from .test_focused_repair import LINE, RX, _far_unasked_max_gy
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
@@ -30,14 +30,14 @@ SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 28.0, 57.1879734595
 def lp_calls(monkeypatch):
     """The LP repair's results, in call order."""
     calls = []
-    real = session_module.lp_far_repair
+    real = repair_module.lp_far_repair
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(session_module, "lp_far_repair", spy)
+    monkeypatch.setattr(repair_module, "lp_far_repair", spy)
     return calls
 
 
@@ -49,7 +49,7 @@ def test_the_lp_repair_takes_a_far_rise_the_passes_leave_under_the_report_line(f
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=report_pct, max_rise_pct=cap_pct))
     before = s.dose()
     # (undo takes the LP's patches back, bit for bit: run_with_each asserts it)
-    (plain, plain_dose, none), (fixed, fixed_dose, calls) = run_with_each(s, req, monkeypatch, "REPAIR_LP",
+    (plain, plain_dose, none), (fixed, fixed_dose, calls) = run_with_each(s, req, monkeypatch, "lp",
                                                                           ("off", "after"), lp_calls)
     thr = report_pct / 100.0 * RX
     assert none == []
@@ -82,9 +82,9 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
     """With the report line at 0.5 % of Rx the programme cannot reach it: it says so without
     applying anything that stays, and the plan and journal are those without it, bit for bit."""
     s = fresh
-    monkeypatch.setattr(session_module, "REPAIR_LP_WIDE", None)  # the shipped programme alone
+    set_repair(monkeypatch, s, lp_wide=None)  # the shipped programme alone
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
-    (off, off_dose, none), (lp, lp_dose, calls) = run_with_each(s, LINE, monkeypatch, "REPAIR_LP", ("off", "after"),
+    (off, off_dose, none), (lp, lp_dose, calls) = run_with_each(s, LINE, monkeypatch, "lp", ("off", "after"),
                                                                 lp_calls)
     assert none == []
     assert len(calls) == 1 and not calls[0].ok and calls[0].status in ("infeasible", "far rise left", "broke rows")
@@ -94,15 +94,15 @@ def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(
 
 def test_the_wide_retry_repairs_what_the_shipped_programme_cannot(fresh, lp_calls, monkeypatch):
     """With the report line at 0.5 % of Rx the shipped programme cannot reach it (above); the
-    wide retry (``REPAIR_LP_WIDE_OPTIONS``, off by default: three times the columns, exact
+    wide retry (``WIDE_LP_OPTIONS``, off by default: three times the columns, exact
     fluence-floor cuts) does,
     with nothing recovery keeps given up, and undo takes it back bit for bit."""
     s = fresh
     before = s.dose()
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
-    monkeypatch.setattr(session_module, "REPAIR_LP", "after")
+    set_repair(monkeypatch, s, lp="after")
     (plain, _, shipped), (fixed, fixed_dose, calls) = run_with_each(
-        s, LINE, monkeypatch, "REPAIR_LP_WIDE", (None, session_module.REPAIR_LP_WIDE_OPTIONS), lp_calls)
+        s, LINE, monkeypatch, "lp_wide", (None, repair_module.WIDE_LP_OPTIONS), lp_calls)
     assert shipped and not any(c.ok for c in shipped) and not plain.side_effects_repaired
     assert not calls[0].ok and any(c.ok for c in calls[1:])
     assert fixed.side_effects_repaired
@@ -124,12 +124,12 @@ def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(f
     s = fresh
     report_pct = 1.5
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=report_pct, max_rise_pct=1.2))
-    monkeypatch.setattr(session_module, "REPAIR_TARGET_FOCUSED", False)  # the LP alone in stage 2
+    set_repair(monkeypatch, s, target_focused=False)  # the LP alone in stage 2
     before = s.dose()
     thr = report_pct / 100.0 * RX
     t_hi = s.options.target_max_pct / 100.0 * RX
     (plain, plain_dose, first), (fixed, fixed_dose, calls) = run_with_each(
-        s, SURFACE_IN_BAND, monkeypatch, "REPAIR_TARGET_IN_BAND", (False, True), lp_calls)
+        s, SURFACE_IN_BAND, monkeypatch, "target_in_band", (False, True), lp_calls)
     # Without the second stage: the rest is under the line, target voxels inside their band are not.
     u = far_unasked(s, plain, before, plain_dose)
     in_band = (u.tissue == 0) & (u.after_gy <= t_hi)

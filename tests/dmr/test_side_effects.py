@@ -252,11 +252,10 @@ def test_a_rejected_repair_leaves_the_plan_as_recovery_left_it(shaping_session, 
     (report at 2 %, cap 1.5 % of Rx): the engine goes back to its snapshot from before the
     pass, so the plan is the one recovery left, bit for bit, and nothing of it is journaled.
     (The LP repair, off here, does take this one under 2 %: tests/dmr/test_lp_repair.py.)"""
-    import ids_engine.session as session_module
     from ids_engine.dmr import MoveIsodoseLine
 
-    monkeypatch.setattr(session_module, "REPAIR_LP", "off")
     s = shaping_session
+    monkeypatch.setattr(s, "repair_settings", dataclasses.replace(s.repair_settings, lp="off"))
     old = s.options
     req = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (18.053872854645444, 57.22719755429408))
     doses = {}

@@ -1,6 +1,6 @@
 """A far target voxel that rose unasked counts as a side effect even where it stays inside the
 target's band (goal 2 counts every voxel outside the request): it is reported, saying that it
-stayed inside the band, and the repair's second stage (``REPAIR_TARGET_IN_BAND``) takes it back
+stayed inside the band, and the repair's second stage (``RepairSettings.target_in_band``) takes it back
 under the report line when it can (here its focused passes, with the LP repair off). Coarse horseshoe, report line and repair cap lowered to
 1.5 % / 1.2 % of Rx so that the coarse plan's drags cross them (clinical survey: 5 % / 4.5 %)."""
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.dmr._side_effects import FarRise, summarise_rises, unasked_rises
-from .conftest import assert_nothing_given_up, far_unasked, run_with_each
+from .conftest import assert_nothing_given_up, far_unasked, run_with_each, set_repair
 
 pytestmark = pytest.mark.usefixtures("ring_as_found")  # the drags were found with the ring as it was
 
@@ -31,10 +30,10 @@ def test_a_target_rise_inside_the_band_is_reported_then_repaired(fresh, monkeypa
     thr = REPORT_PCT / 100.0 * RX
     # The LP repair takes this drag's whole rise under the line in the first stage; off, the
     # first stage fails and the second stage's focused passes are what is tested here.
-    monkeypatch.setattr(session_module, "REPAIR_LP", "off")
+    set_repair(monkeypatch, s, lp="off")
     # (undo takes every pass back, bit for bit: run_with_each asserts it)
     (plain, plain_dose, _), (fixed, fixed_dose, _) = run_with_each(
-        s, SURFACE, monkeypatch, "REPAIR_TARGET_IN_BAND", (False, True))
+        s, SURFACE, monkeypatch, "target_in_band", (False, True))
     # Without the second stage: target voxels, all still inside their band, rose more than
     # the report line unasked; that is reported (as a side effect of its own), and says so.
     u = far_unasked(s, plain, before, plain_dose)
