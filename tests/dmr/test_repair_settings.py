@@ -1,0 +1,83 @@
+"""The side-effect repair's settings (``ids_engine.dmr._repair.RepairSettings``, a session's
+``repair_settings``) and the repair's measure-only path (``SideEffectRepair.run``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ids_engine.dmr._repair import WIDE_LP_OPTIONS, RepairSettings, SideEffectRepair
+from ids_engine.dmr._repair_lp import LPRepairOptions
+from ids_engine.dmr._side_effects import UnaskedRise
+from ids_engine.phantoms import PHANTOMS
+from ids_engine.session import Session
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rows", 0), ("rows", 2.5), ("rows", True), ("focused_passes", -1), ("focused_passes", 1.0), ("mix_steps", -2),
+    ("focused_weight", 0.0), ("focused_weight", float("nan")), ("focused_j_slack", -0.1), ("focused_j_slack", "0.2"),
+    ("lp", "before"), ("lp", None), ("lp_goal", 0.0), ("lp_goal", 1.5), ("lp_options", None), ("lp_options", {}),
+    ("lp_wide", "wide"), ("target_in_band", 1), ("target_focused", None),
+])
+def test_a_bad_setting_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"RepairSettings\.{field} "):
+        RepairSettings(**{field: value})
+    with pytest.raises(ValueError, match=rf"RepairSettings\.{field} "):  # and when replaced on a good one
+        dataclasses.replace(RepairSettings(), **{field: value})
+
+
+def test_every_lp_mode_and_the_wide_retry_are_accepted():
+    for mode in ("first", "after", "instead", "off"):
+        assert RepairSettings(lp=mode).lp == mode
+    s = RepairSettings(lp_wide=WIDE_LP_OPTIONS, focused_passes=0, mix_steps=0, focused_j_slack=0, lp_goal=1)
+    assert s.lp_wide.far_columns == 48 and s.lp_wide.exact
+    assert RepairSettings().lp_options == LPRepairOptions() and RepairSettings().lp_wide is None
+
+
+def test_a_session_keeps_its_repair_settings_and_refuses_anything_else():
+    patient = PHANTOMS["water"](resolution="coarse")
+    with pytest.raises(ValueError, match="repair_settings must be a RepairSettings"):
+        Session(patient, [], prescription_gy=60.0, repair_settings={"lp": "off"})
+    s = Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0, repair_settings=RepairSettings(lp="off"))
+    try:
+        assert s.repair_settings == RepairSettings(lp="off")
+    finally:
+        s.close()
+
+
+class _Untouchable:
+    """An engine (and modifier) the repair must not use: any attribute raises."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the repair used the engine ({name})")
+
+
+def _rises(unasked_gy):
+    n = len(unasked_gy)
+    return UnaskedRise(np.arange(n, dtype=np.int64), np.asarray(unasked_gy, float), np.zeros(n), np.full(n, 30.0),
+                       np.full(n, 2), np.full(n, 40.0))
+
+
+@pytest.mark.parametrize("repair, steps, worst_gy", [(False, 5, 9.0), (True, 0, 9.0), (True, 5, 3.0)],
+                         ids=["report only", "no repair steps", "nothing above the line"])
+def test_the_repair_only_measures_when_it_has_nothing_to_do(repair, steps, worst_gy):
+    """Set-voxel requests (``repair`` False), ``side_effect_repair_steps`` 0, or no far rise
+    above the report line: one measure, returned as it is, and the engine is never touched."""
+    found = _rises([1.0, worst_gy])
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return found
+
+    untouchable = _Untouchable()
+    untouchable.engine = untouchable
+    timings = {}
+    rep = SideEffectRepair(untouchable, None, np.zeros(0, np.int64), before_at=None, measure=measure,
+                           prescription_gy=60.0, report_gy=3.0, cap_gy=2.7, target_hi_gy=64.2, steps=steps,
+                           shape_zyx=(4, 4, 4), spacing_mm_zyx=(3.0, 3.0, 3.0), timings=timings)
+    patches, kept, after, watch_gy = rep.run(repair)
+    assert (patches, kept, watch_gy) == ([], False, None) and after is found
+    assert measured == [1] and timings == {}
