@@ -31,9 +31,9 @@ All beams' level arrays are concatenated, and the fluence and the convolved maps
 beams live in one flat buffer per kind, so an incremental update of any number of beams is
 a fixed handful of device operations: two uploads (the packed patch windows and index
 tables, built on the host), then per level one batched real FFT of the windows, a product
-with the cached kernel spectra, one inverse FFT, one scatter-add into the maps and one
-kernel launch over a segment table of the voxels to update; plus one scatter-add into the
-fluence. No value is read back. The DMR's per-voxel queries (a patch's dose at some voxels,
+with the cached kernel spectra, one inverse FFT, one kernel launch adding the windows into
+the maps (each element's map cell found on the device from its window's box) and one over a
+segment table of the voxels to update; plus one scatter-add into the fluence. No value is read back. The DMR's per-voxel queries (a patch's dose at some voxels,
 a voxel's beam's-eye-view position, the fluence under a patch) are answered on the host
 from copies of the static geometry and of the fluence (``Level.host``,
 :meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers. The read-outs
@@ -60,6 +60,7 @@ from ids_engine.kernels.pencil import (
 )
 from ids_engine.kernels.raytrace import radiological_depth
 from ids_engine.kernels.scatter import scatter_add
+from ids_engine.kernels.windows import add_windows
 from ids_engine.model import Beam, Grid, Patient, PhotonMachine, default_6mv
 
 from ._calibration import calibrate
@@ -479,7 +480,7 @@ class DoseEngine(ReadOuts):
         keys = {}
         for name, plan in plans.items():
             if plan is not None:
-                plan.maps_index = self._maps_index(name, plan)
+                plan.map_info = self._map_info(name, plan)
                 keys[name] = plan.upload(uploads)
         sent = uploads.send(xp)
         if fluence_keys is not None:
@@ -587,8 +588,7 @@ class DoseEngine(ReadOuts):
         F = xp.fft.rfft2(stack)
         beams = _Uploads.view(sent, keys["beams"])
         out = xp.fft.irfft2(F[:, None] * spec[beams], s=plan.shape)
-        maps_index = _Uploads.view(sent, keys["maps_index"])
-        scatter_add(self._maps_buf[name], maps_index, out.reshape(-1))
+        add_windows(self._maps_buf[name], out, _Uploads.view(sent, keys["boxes"]), _Uploads.view(sent, keys["map_info"]))
         dose = self.dose_fine if name == "fine" else self.dose_coarse
         if plan.n_threads:
             accumulate_segments(dose, la.vox, la.u_cells, la.v_cells, la.weights, out,
@@ -596,23 +596,12 @@ class DoseEngine(ReadOuts):
                                 _Uploads.view(sent, keys["seg_patch"]), _Uploads.view(sent, keys["boxes"]),
                                 plan.n_threads)
 
-    def _maps_index(self, name: str, plan: "_LevelPlan") -> np.ndarray:
-        """Flat maps-buffer index of every element of a plan's convolved windows (the sink for
-        those outside the beam's map)."""
-        nc = self._levels[name].nc
-        fh, fw = plan.shape
-        sink = int(self._maps_buf[name].shape[0]) - 1
-        out = np.full((len(plan.windows), nc, fh, fw), sink, np.int32)  # int32 buffer indices (as uploaded)
-        for p, wd in enumerate(plan.windows):
-            lvl = getattr(self.geometry[wd.beam], name)
-            mh, mw = lvl.map_shape
-            o_r, o_c, r_lo, r_hi, c_lo, c_hi = (int(x) for x in plan.boxes[p])
-            rr = np.arange(r_lo, r_hi)[:, None]
-            cc = np.arange(c_lo, c_hi)[None, :]
-            base = self._state[wd.beam].maps_offset[name]
-            for c in range(nc):
-                out[p, c, r_lo - o_r : r_hi - o_r, c_lo - o_c : c_hi - o_c] = base + (c * mh + rr) * mw + cc
-        return out.ravel()
+    def _map_info(self, name: str, plan: "_LevelPlan") -> np.ndarray:
+        """(P, 3) int32 per window of a plan: its beam's offset in the level's flat maps buffer
+        and the beam's map shape (mh, mw) (:func:`~ids_engine.kernels.windows.add_windows`
+        finds each element's map cell from these and the window's box)."""
+        return np.asarray([(self._state[wd.beam].maps_offset[name], *getattr(self.geometry[wd.beam], name).map_shape)
+                           for wd in plan.windows], np.int32).reshape(-1, 3)
 
     # ------------------------------------------------------------------ read-out
     def _upsample(self, coarse_cube):
@@ -669,7 +658,7 @@ class _LevelPlan:
     stack: np.ndarray  # (P, Fh, Fw) float32 zero-padded windows
     beams: np.ndarray  # (P,) int32
     shape: tuple[int, int]  # (Fh, Fw)
-    maps_index: np.ndarray | None = None  # (P * nc * Fh * Fw,) int32 flat maps index (device runs)
+    map_info: np.ndarray | None = None  # (P, 3) int32 per window: maps offset, mh, mw (device runs)
 
     @property
     def n_threads(self) -> int:
@@ -684,7 +673,7 @@ class _LevelPlan:
                 seg_patch.append(p)
         seg_first = np.concatenate([[0], np.cumsum(seg_len, dtype=np.int64)]).astype(np.int32)
         return {"stack": uploads.add(self.stack), "beams": uploads.add(self.beams), "boxes": uploads.add(self.boxes),
-                "maps_index": uploads.add(self.maps_index), "seg_first": uploads.add(seg_first),
+                "map_info": uploads.add(self.map_info), "seg_first": uploads.add(seg_first),
                 "seg_start": uploads.add(np.asarray(seg_start, np.int32)),
                 "seg_patch": uploads.add(np.asarray(seg_patch, np.int32))}
 
