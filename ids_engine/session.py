@@ -449,11 +449,11 @@ class Session:
     fluences : starting fluence maps (host, one per beam, shapes of the engine's grids);
         None starts from zero fluence.
     machine, engine_options, dmr_options : see :class:`DoseEngine` and :class:`DMROptions`.
-    repair_settings : how the far side-effect repair tries (:class:`RepairSettings`, from
-        ``ids_engine.dmr._repair``; None: the defaults). Stored as ``self.repair_settings``
-        and may be replaced between requests (``dataclasses.replace``); not saved with the
-        session (a reopened session starts with the defaults; the journal's patches, not the
-        settings, rebuild its plan).
+    repair_settings : how the far side-effect repair tries (:class:`ids_engine.dmr.RepairSettings`;
+        None: the defaults). ``self.repair_settings``, which may be replaced between requests
+        (``dataclasses.replace``; anything but a ``RepairSettings`` is refused when set); not
+        saved with the session (:meth:`load` takes it again; the journal's patches, not the
+        settings, rebuild the plan).
     case : a description the patient can be rebuilt from when the session is reopened
         (see :func:`case_from_spec`).
     progress : optional ``progress(done, total, label)`` for the set-up.
@@ -468,9 +468,7 @@ class Session:
         self.patient = patient
         self.prescription_gy = float(prescription_gy)
         self.options = dmr_options or DMROptions()
-        if repair_settings is not None and not isinstance(repair_settings, RepairSettings):
-            raise ValueError(f"repair_settings must be a RepairSettings, got {type(repair_settings).__name__}")
-        self.repair_settings = repair_settings or RepairSettings()
+        self.repair_settings = RepairSettings() if repair_settings is None else repair_settings
         self.case = dict(case or {})
         self._case_base: Path | None = None  # the folder a loaded session came from (session-relative cases)
         self.engine = DoseEngine(patient, beams, machine, options=engine_options, progress=progress)
@@ -1342,9 +1340,20 @@ class Session:
             f.flush()
             os.fsync(f.fileno())
 
+    @property
+    def repair_settings(self) -> RepairSettings:
+        """How the far side-effect repair tries (:class:`ids_engine.dmr.RepairSettings`)."""
+        return self._repair_settings
+
+    @repair_settings.setter
+    def repair_settings(self, value: RepairSettings) -> None:
+        if not isinstance(value, RepairSettings):
+            raise ValueError(f"repair_settings must be a RepairSettings, got {type(value).__name__}")
+        self._repair_settings = value
+
     @classmethod
     def load(cls, folder: "str | Path", *, progress=None, keep_journaling: bool = True,
-             accept_changed_case: bool = False) -> "Session":
+             accept_changed_case: bool = False, repair_settings: RepairSettings | None = None) -> "Session":
         """Reopen a session folder: rebuild the case and replay the journal (identical plan).
 
         With ``keep_journaling`` further operations are appended to the same folder, which is
@@ -1357,12 +1366,13 @@ class Session:
         ``load_warnings``). A torn last journal line is dropped; a request whose file is
         missing or damaged ends the replay there: the session opens up to the last good
         request, the rest of the journal is kept in ``journal-damaged-<n>.jsonl`` and
-        ``load_warnings`` says so.
+        ``load_warnings`` says so. ``repair_settings``: as for the constructor (not saved with
+        the session; None: the defaults).
         """
         folder = Path(folder)
         lock = FolderLock(folder).acquire() if keep_journaling and folder.is_dir() else None
         try:
-            s = cls._load(folder, progress, accept_changed_case)
+            s = cls._load(folder, progress, accept_changed_case, repair_settings)
             if keep_journaling:
                 s._resume_journal(folder, lock)
                 lock = None
@@ -1374,7 +1384,8 @@ class Session:
         return s
 
     @classmethod
-    def _load(cls, folder: Path, progress, accept_changed_case: bool) -> "Session":
+    def _load(cls, folder: Path, progress, accept_changed_case: bool,
+              repair_settings: RepairSettings | None = None) -> "Session":
         journal = folder / "journal.jsonl"
         try:
             doc = json.loads((folder / "session.json").read_text())
@@ -1407,7 +1418,7 @@ class Session:
             raise ValueError(f"{folder / 'session.json'}: field 'dmr_options': {exc}") from None
         s = cls(patient, beams, prescription_gy=doc["prescription_gy"], fluences=fluences,
                 engine_options=EngineOptions(**eo), dmr_options=dmr_options, case=doc["case"],
-                progress=progress)
+                progress=progress, repair_settings=repair_settings)
         s.load_warnings = warnings_
         s._case_base = folder
         # Complete lines only: bytes after the last newline are the operation in flight.

@@ -15,11 +15,14 @@ from ._requests import (
     request_fields,
     request_from_dict,
 )
+from ._repair import WIDE_LP_OPTIONS, RepairSettings, SideEffectRepair
+from ._repair_lp import LPRepairOptions
 from ._resolve import ResolveContext, Resolved, resolve
 from ._tpi import tpi_maps
 
 __all__ = [
     "EraseSpot",
+    "LPRepairOptions",
     "ModificationResult",
     "Modifier",
     "MoveIsodoseLine",
@@ -27,13 +30,16 @@ __all__ = [
     "Pin",
     "RecoveryOptions",
     "RecoveryResult",
+    "RepairSettings",
     "Request",
     "RequestError",
     "ResolveContext",
     "Resolved",
     "SetVoxelDose",
+    "SideEffectRepair",
     "StepResult",
     "Unpin",
+    "WIDE_LP_OPTIONS",
     "Watch",
     "check_run_options",
     "distance_grid",

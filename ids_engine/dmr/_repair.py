@@ -12,13 +12,7 @@ does are in :class:`SideEffectRepair`.
 The repair calls back into the session only through what it is given: the modifier (and its
 engine), the watch, the request's voxels, a reader of the dose before the request
 (``before_at``) and ``measure()``, the whole-cube unasked far rises of the engine's current
-state (``Session._unasked``). Settings that were module constants of ``ids_engine.session``
-before: ``REPAIR_ROWS`` -> ``rows``, ``REPAIR_FOCUSED_PASSES`` -> ``focused_passes``,
-``REPAIR_WEIGHT`` -> ``focused_weight``, ``REPAIR_MIX_STEPS`` -> ``mix_steps``,
-``REPAIR_FOCUSED_J_SLACK`` -> ``focused_j_slack``, ``REPAIR_LP`` -> ``lp``,
-``REPAIR_LP_GOAL`` -> ``lp_goal``, ``REPAIR_LP_OPTIONS`` -> ``lp_options``, ``REPAIR_LP_WIDE``
--> ``lp_wide`` (``REPAIR_LP_WIDE_OPTIONS`` is :data:`WIDE_LP_OPTIONS`),
-``REPAIR_TARGET_IN_BAND`` -> ``target_in_band``, ``REPAIR_TARGET_FOCUSED`` -> ``target_focused``.
+state (``Session._unasked``).
 """
 
 from __future__ import annotations
@@ -32,12 +26,13 @@ import numpy as np
 
 from ._recovery import Watch, _watch_dose, extend_watch, recover
 from ._repair_lp import LPRepairOptions, lp_far_repair
+from ._side_effects import UnaskedRise
 
 __all__ = ["LP_MODES", "RepairSettings", "SideEffectRepair", "WIDE_LP_OPTIONS"]
 
 # When the LP repair runs in the first stage, against the focused passes (RepairSettings.lp).
-LP_MODES = ("first", "after", "instead", "off")
-_LP_ORDER = {"after": ("focused", "lp"), "first": ("lp", "focused"), "instead": ("lp",), "off": ("focused",)}
+_LP_ORDER = {"first": ("lp", "focused"), "after": ("focused", "lp"), "instead": ("lp",), "off": ("focused",)}
+LP_MODES = tuple(_LP_ORDER)
 
 # The LP's wide retry (RepairSettings.lp_wide, off by default): three times the columns, up to
 # 8 rounds, more tissue rows and exact fluence-floor cuts. Measured on the survey it changes
@@ -188,7 +183,7 @@ class SideEffectRepair:
     """
 
     def __init__(self, modifier, watch: Watch, request_voxels: np.ndarray, *,
-                 before_at: Callable[[np.ndarray], np.ndarray], measure: Callable[[], object],
+                 before_at: Callable[[np.ndarray], np.ndarray], measure: Callable[[], UnaskedRise],
                  prescription_gy: float, report_gy: float, cap_gy: float, target_hi_gy: float, steps: int,
                  shape_zyx, spacing_mm_zyx, settings: RepairSettings | None = None, plain_weight: float = 1.0,
                  timings: dict | None = None) -> None:
@@ -407,6 +402,7 @@ class SideEffectRepair:
                 if self.no_worse(*base, h2, j2, w2, s.focused_j_slack):
                     out = lp.patches, lp.rises, gy2
                     break
+                lp.status = "worse"
                 back()
         self.timings["side_effect_lp"] = self.timings.get("side_effect_lp", 0.0) + (time.perf_counter() - t1) * 1000
         return out

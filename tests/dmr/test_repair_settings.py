@@ -43,6 +43,11 @@ def test_a_session_keeps_its_repair_settings_and_refuses_anything_else():
     s = Session.from_phantom("horseshoe", "coarse", prescription_gy=60.0, repair_settings=RepairSettings(lp="off"))
     try:
         assert s.repair_settings == RepairSettings(lp="off")
+        with pytest.raises(ValueError, match="repair_settings must be a RepairSettings, got dict"):
+            s.repair_settings = {"lp": "first"}  # set later: checked too
+        assert s.repair_settings == RepairSettings(lp="off")
+        s.repair_settings = dataclasses.replace(s.repair_settings, rows=12)
+        assert s.repair_settings.rows == 12
     finally:
         s.close()
 
@@ -81,3 +86,36 @@ def test_the_repair_only_measures_when_it_has_nothing_to_do(repair, steps, worst
     patches, kept, after, watch_gy = rep.run(repair)
     assert (patches, kept, watch_gy) == ([], False, None) and after is found
     assert measured == [1] and timings == {}
+
+
+class _StageTwo(SideEffectRepair):
+    """A repair whose state and LP are stubs: the second stage's judgement alone."""
+
+    def __init__(self, objective_now: float):
+        untouchable = _Untouchable()
+        untouchable.engine = untouchable
+        super().__init__(untouchable, None, np.zeros(0, np.int64), before_at=None, measure=None,
+                         prescription_gy=60.0, report_gy=3.0, cap_gy=2.7, target_hi_gy=64.2, steps=5,
+                         shape_zyx=(4, 4, 4), spacing_mm_zyx=(3.0, 3.0, 3.0),
+                         settings=RepairSettings(target_focused=False))
+        self.objective_now = objective_now
+        self.bases = []
+
+    def state(self):
+        return 0, self.objective_now, np.zeros(2), None
+
+    def lp_repair(self, rises, view, base, target_hi_gy):
+        self.bases.append(base)
+        return None
+
+
+def test_the_second_stage_is_judged_against_the_objective_before_the_first_stages_lp():
+    """The two stages' objective slacks must not compound: stage 2 is judged against the
+    objective from before the first stage's LP and focused passes (``j_ref``), not the
+    objective stage 1 ended at (here 25 % higher, all of stage 1's slack used)."""
+    rep = _StageTwo(objective_now=1.25)
+    # a far target voxel 4 Gy up unasked, ending inside its band (64.2 Gy): stage 2's business
+    found = UnaskedRise(np.array([7], np.int64), np.array([4.0]), np.zeros(1), np.full(1, 30.0),
+                        np.zeros(1, np.int64), np.array([63.0]))
+    assert rep.repair_in_band(found, j_ref=1.0) is None
+    assert len(rep.bases) == 1 and rep.bases[0][1] == 1.0

@@ -12,6 +12,7 @@ from scipy import ndimage
 from ids_engine.dmr import SetVoxelDose
 from ids_engine.dmr._side_effects import rigid_shift_rise, summarise_rises, unasked_rises
 from ids_engine.session import Conflict, DMROptions
+from tests.dmr.conftest import set_repair
 from tests.dmr.test_shaping import rim as _rim
 
 RX = 60.0
@@ -245,6 +246,13 @@ def test_a_repaired_request_replays_from_the_journal_bit_for_bit(tmp_path):
     assert last.side_effects_repaired
     assert [c.message for c in last.conflicts] == [c.message for c in res.conflicts]
     np.testing.assert_array_equal(again.dose(), s.dose())
+    # The repair's settings are not saved: a reopened session has the defaults, or what load is given.
+    from ids_engine.dmr import RepairSettings
+
+    assert again.repair_settings == RepairSettings()
+    other = Session.load(tmp_path / "r", keep_journaling=False, repair_settings=RepairSettings(lp="off"))
+    assert other.repair_settings.lp == "off"
+    np.testing.assert_array_equal(other.dose(), s.dose())
 
 
 def test_a_rejected_repair_leaves_the_plan_as_recovery_left_it(shaping_session, monkeypatch):
@@ -255,7 +263,7 @@ def test_a_rejected_repair_leaves_the_plan_as_recovery_left_it(shaping_session, 
     from ids_engine.dmr import MoveIsodoseLine
 
     s = shaping_session
-    monkeypatch.setattr(s, "repair_settings", dataclasses.replace(s.repair_settings, lp="off"))
+    set_repair(monkeypatch, s, lp="off")
     old = s.options
     req = MoveIsodoseLine("z", 18, 48.0, (18.69424170710446, 56.11804616625049), (18.053872854645444, 57.22719755429408))
     doses = {}
