@@ -494,6 +494,9 @@ class DoseEngine(ReadOuts):
         if la.nc == 0:
             return None
         K = 2 * la.half + 1
+        # NumPy runs each window's voxel ranges (lists); a device run gets the same ranges as
+        # one segment table for all windows, built in a few array operations (_segment_table).
+        per_window = self.xp is np
         kept, boxes, ranges = [], [], []
         for wdw in windows:
             lvl: Level = getattr(self.geometry[wdw.beam], name)
@@ -506,7 +509,8 @@ class DoseEngine(ReadOuts):
                 continue
             kept.append(wdw)
             boxes.append((o_r, o_c, r_lo, r_hi, c_lo, c_hi))
-            ranges.append(_merge_ranges([(s + lvl.base, e + lvl.base) for s, e in lvl.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1)]))
+            if per_window:
+                ranges.append(_merge_ranges([(s + lvl.base, e + lvl.base) for s, e in lvl.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1)]))
         if not kept:
             return None
         fh = _fft_len(max(wd.delta.shape[0] for wd in kept) + K - 1)
@@ -514,8 +518,60 @@ class DoseEngine(ReadOuts):
         stack = np.zeros((len(kept), fh, fw), np.float32)
         for p, wd in enumerate(kept):
             stack[p, : wd.delta.shape[0], : wd.delta.shape[1]] = wd.delta
-        return _LevelPlan(kept, np.asarray(boxes, np.int32).reshape(-1, 6), ranges, stack,
-                          np.asarray([wd.beam for wd in kept], np.int32), (fh, fw))
+        beams = np.asarray([wd.beam for wd in kept], np.int32)
+        boxes = np.asarray(boxes, np.int32).reshape(-1, 6)
+        segments = None if per_window else self._segment_table(name, beams, boxes)
+        return _LevelPlan(kept, boxes, ranges, stack, beams, (fh, fw), segments=segments)
+
+    def _segment_table(self, name: str, beams: np.ndarray, boxes: np.ndarray) -> tuple:
+        """The voxel ranges of a level's windows as one segment table (what
+        :func:`~ids_engine.kernels.pencil.accumulate_segments` takes): ``(seg_first, seg_start,
+        seg_patch)`` int32, the same ranges in the same order as each window's
+        :meth:`Level.ranges` merged by :func:`_merge_ranges`, from a few array operations on
+        all windows at once instead of a Python loop over windows and tile rows.
+
+        ``beams`` (P,) int32 and ``boxes`` (P, 6) int32 as in :class:`_LevelPlan` (each box
+        non-empty)."""
+        ts, *per_beam = self._tile_tables(name)
+        off, ntc, ntr, tile, mh, mw = (a[beams] for a in per_beam)
+        r_lo, r_hi, c_lo, c_hi = (boxes[:, k].astype(np.int64) for k in (2, 3, 4, 5))
+        # Level.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1) of every window: its tile rows and columns.
+        tr0, tc0 = np.maximum(r_lo - 1, 0) // tile, np.maximum(c_lo - 1, 0) // tile
+        tr1 = np.minimum(np.minimum(r_hi - 1, mh - 1) // tile, ntr - 1)
+        tc1 = np.minimum(np.minimum(c_hi - 1, mw - 1) // tile, ntc - 1)
+        n = np.where((tr1 < tr0) | (tc1 < tc0), 0, tr1 - tr0 + 1)
+        rep = np.repeat(np.arange(beams.size), n)
+        tr = tr0[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n))
+        row = off[rep] + tr * ntc[rep]
+        start, end = ts[row + tc0[rep]], ts[row + tc1[rep] + 1]  # each tile row's range
+        live = end > start
+        start, end, rep = start[live], end[live], rep[live]
+        # A range joins the one before when it is the same window's and starts where that ends.
+        new = np.ones(rep.size, bool)
+        new[1:] = (rep[1:] != rep[:-1]) | (start[1:] != end[:-1])
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], rep.size)[: first.size] - 1
+        seg_first = np.zeros(first.size + 1, np.int64)
+        np.cumsum(end[last] - start[first], out=seg_first[1:])
+        return seg_first.astype(np.int32), start[first].astype(np.int32), rep[first].astype(np.int32)
+
+    def _tile_tables(self, name: str) -> tuple:
+        """Every beam's tile table of a level in one array (for :meth:`_segment_table`):
+        ``(tile_start, offset, ntc, ntr, tile, mh, mw)``: tile_start (sum of (ntr ntc + 1),)
+        int64 with each beam's ``Level.base`` added; the rest (n_beams,) int64, per beam (its
+        offset in tile_start, tile columns and rows, cells per tile, map shape). Built once
+        per geometry."""
+        cache = self.__dict__.setdefault("_tile_tables_cache", {})
+        levels = [getattr(g, name) for g in self.geometry]
+        got = cache.get(name)
+        if got is None or len(got[0]) != len(levels) or any(a is not b for a, b in zip(got[0], levels)):
+            sizes = np.array([lv.tile_start.size for lv in levels], np.int64)
+            off = np.zeros(len(levels), np.int64)
+            np.cumsum(sizes[:-1], out=off[1:])
+            ts = np.concatenate([np.asarray(lv.tile_start, np.int64) + lv.base for lv in levels])
+            per = [np.array(v, np.int64) for v in zip(*[(lv.ntc, lv.ntr, lv.tile, *lv.map_shape) for lv in levels])]
+            got = cache[name] = (levels, (ts, off, *per))
+        return got[1]
 
     def _spectra(self, name: str, shape: tuple[int, int]):
         """The kernels' spectra for FFT shape ``shape`` ((n_beams, nc, Fh, Fw//2+1) complex64), cached."""
@@ -659,23 +715,21 @@ class _LevelPlan:
     beams: np.ndarray  # (P,) int32
     shape: tuple[int, int]  # (Fh, Fw)
     map_info: np.ndarray | None = None  # (P, 3) int32 per window: maps offset, mh, mw (device runs)
+    # Device runs: (seg_first, seg_start, seg_patch) int32, the ranges of all windows as one
+    # segment table (DoseEngine._segment_table), in place of ``ranges``.
+    segments: tuple | None = None
 
     @property
     def n_threads(self) -> int:
+        if self.segments is not None:
+            return int(self.segments[0][-1])
         return int(sum(e - s for rs in self.ranges for s, e in rs))
 
     def upload(self, uploads: _Uploads) -> dict:
-        seg_start, seg_len, seg_patch = [], [], []
-        for p, rs in enumerate(self.ranges):
-            for s, e in rs:
-                seg_start.append(s)
-                seg_len.append(e - s)
-                seg_patch.append(p)
-        seg_first = np.concatenate([[0], np.cumsum(seg_len, dtype=np.int64)]).astype(np.int32)
+        seg_first, seg_start, seg_patch = self.segments
         return {"stack": uploads.add(self.stack), "beams": uploads.add(self.beams), "boxes": uploads.add(self.boxes),
                 "map_info": uploads.add(self.map_info), "seg_first": uploads.add(seg_first),
-                "seg_start": uploads.add(np.asarray(seg_start, np.int32)),
-                "seg_patch": uploads.add(np.asarray(seg_patch, np.int32))}
+                "seg_start": uploads.add(seg_start), "seg_patch": uploads.add(seg_patch)}
 
 
 def _job_contribution(job):
