@@ -189,13 +189,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows, ledgers, s = measure(args.resolution)
     print(f"\nDevice cost per stage (horseshoe {args.resolution}, {s.engine.n_beams} beams; counted, no GPU)")
-    print(f"{'stage':<20} {'launches':>9} {'budget':>7} {'syncs':>6} {'budget':>7} {'H2D':>6} {'D2H':>6} {'D2H bytes':>11}")
-    print("-" * 80)
+    print(f"{'stage':<20} {'launches':>9} {'budget':>7} {'syncs':>6} {'budget':>7} {'H2D':>6} {'H2D bytes':>11} {'D2H':>6} "
+          f"{'D2H bytes':>11}")
+    print("-" * 92)
     est = rows.pop("gpu_estimate")
     for name, r in rows.items():
         bl, bs = BUDGETS.get(name, (None, None))
         print(f"{name:<20} {r['launches']:>9g} {('<=' + str(bl)) if bl is not None else '':>7} {r['syncs']:>6g} "
-              f"{('<=' + str(bs)) if bs is not None else '':>7} {r['h2d']:>6g} {r['d2h']:>6g} {r['d2h_bytes']:>11g}")
+              f"{('<=' + str(bs)) if bs is not None else '':>7} {r['h2d']:>6g} {r['h2d_bytes']:>11g} {r['d2h']:>6g} "
+              f"{r['d2h_bytes']:>11g}")
     mod = est["model"]
     print(f"\nGPU latency estimate (model: {mod['launch_us']:g} us a launch, {mod['sync_us']:g} us a sync, "
           f"{mod['h2d_gb_s']:g} GB/s; host work measured on this CPU)")
