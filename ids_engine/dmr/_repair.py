@@ -34,13 +34,15 @@ __all__ = ["LP_MODES", "RepairSettings", "SideEffectRepair", "WIDE_LP_OPTIONS"]
 _LP_ORDER = {"first": ("lp", "focused"), "after": ("focused", "lp"), "instead": ("lp",), "off": ("focused",)}
 LP_MODES = tuple(_LP_ORDER)
 
-# The LP's wide retry (RepairSettings.lp_wide, off by default): three times the columns, up to
-# 8 rounds, more tissue rows and exact fluence-floor cuts. Measured on the survey it changes
-# only the one request left above 5 % (10.6 -> 6.7 %, still reported) and takes that request
-# from 2.0 to 9.7 s (2 cores), so it is off until it is faster; set
-# ``lp_wide=WIDE_LP_OPTIONS`` to use it.
+# The LP's wide retry (RepairSettings.lp_wide, on by default): three times the columns, up to
+# 8 rounds, more tissue rows and exact fluence-floor cuts, the programme kept in HiGHS between
+# rounds (warm start) and the cells a solution would take below zero made rows before it is
+# applied (floor_solves). Measured on the survey it changes only the one request left above
+# 5 % (row 51: 10.6 -> 4.6 % beyond the rigid move, no longer reported); that request 2.5 ->
+# 3.7 s (2 cores, interleaved, with stage 2 starting from the wide programme, see
+# SideEffectRepair.lp_repair; from scratch with clipped solutions it was 9.0 s and 6.7 %).
 WIDE_LP_OPTIONS = LPRepairOptions(far_columns=48, request_columns=12, spread_mm=4.0, rounds=8, margin_gy=0.6,
-                                  exact=True)
+                                  exact=True, warm_start=True, floor_solves=3)
 
 
 def _is_number(v) -> bool:
@@ -72,8 +74,10 @@ class RepairSettings:
     lp_goal : the LP aims every far unasked rise at this fraction of the report line (0 to 1;
         it is kept when the whole cube is at or under the line).
     lp_options : the LP's settings (:class:`LPRepairOptions`).
-    lp_wide : when the LP fails, it is tried once more with these settings (None: no retry,
-        the default; :data:`WIDE_LP_OPTIONS` is the measured wide retry).
+    lp_wide : when the LP fails, it is tried once more with these settings (None: no retry;
+        the default :data:`WIDE_LP_OPTIONS`, the measured wide retry). When stage 1 needed
+        it, stage 2 tries it first (the shipped programme then only if it fails: on row 51 it
+        failed in stage 2 too, 0.5 s).
     target_in_band : the second stage: far target voxels that rose unasked but stayed inside
         the target's band are repaired too (the LP, then, with ``target_focused``, focused
         passes), when the first stage left no other far rise above the report line.
@@ -88,7 +92,7 @@ class RepairSettings:
     lp: str = "first"
     lp_goal: float = 0.9
     lp_options: LPRepairOptions = LPRepairOptions()
-    lp_wide: LPRepairOptions | None = None
+    lp_wide: LPRepairOptions | None = WIDE_LP_OPTIONS
     target_in_band: bool = True
     target_focused: bool = True
 
@@ -205,6 +209,8 @@ class SideEffectRepair:
         self.timings = {} if timings is None else timings
         # how much worse a kept band's violation may get (round-off), and the hard key's unit
         self.eps = 1e-3 * prescription_gy
+        # stage 1's LP was kept from the wide retry: stage 2 tries the wide programme first
+        self.wide_first = False
 
     @cached_property
     def _hard(self) -> np.ndarray:
@@ -389,7 +395,8 @@ class SideEffectRepair:
         t1 = time.perf_counter()
         back = self.checkpoint()
         out = None
-        for lp_opts in (s.lp_options, s.lp_wide):
+        order = (s.lp_wide, s.lp_options) if self.wide_first and target_hi_gy is None else (s.lp_options, s.lp_wide)
+        for lp_opts in order:
             if lp_opts is None:
                 continue
             lp = lp_far_repair(self.modifier, self.watch, view(rises), back, request_voxels=self.request_voxels,
@@ -401,6 +408,7 @@ class SideEffectRepair:
                 h2, j2, w2, gy2 = self.state()
                 if self.no_worse(*base, h2, j2, w2, s.focused_j_slack):
                     out = lp.patches, lp.rises, gy2
+                    self.wide_first = self.wide_first or (lp_opts is s.lp_wide and target_hi_gy is not None)
                     break
                 lp.status = "worse"
                 back()

@@ -155,3 +155,106 @@ def test_the_second_stage_lp_holds_target_voxels_inside_their_band_to_the_line(f
     np.testing.assert_array_equal(s.dose(), fixed_dose)
     s.undo()
     s.clear_redo()
+
+
+def test_the_warm_started_programme_solves_each_round_as_from_scratch():
+    """The wide retry keeps its programme in HiGHS between rounds (``warm_start``): rows added
+    and bounds moved as the rounds do (far rows with the slack's column, ranged watch rows,
+    fluence-floor rows), each solve starts from the last optimal basis. Each round's optimum
+    must be the one ``scipy.optimize.milp`` finds from scratch on the whole programme, an
+    infeasible one must say so, and a solve that hits the time limit must say that."""
+    from scipy import sparse
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    from ids_engine.dmr._repair_lp import _highs_core, _WarmProgramme
+
+    core = _highs_core()
+    if core is None:
+        pytest.skip("no HiGHS bindings (scipy.optimize._highspy or highspy)")
+    rng = np.random.default_rng(7)
+    n = 40  # columns, the last one the slack
+    cost = np.append(rng.uniform(0.5, 2.0, n - 1), 1000.0)
+    ub = np.append(rng.uniform(0.5, 3.0, n - 1), np.inf)
+    prog = _WarmProgramme(core, cost, ub, time_limit_s=5.0)
+    A_all, lo_all, hi_all = sparse.csr_matrix((0, n)), np.zeros(0), np.zeros(0)
+
+    def add(m, kind):
+        nonlocal A_all, lo_all, hi_all
+        G = rng.normal(0.0, 1.0, (m, n - 1)) * (rng.random((m, n - 1)) < 0.3)
+        if kind == "far":  # G x - slack <= b (b < 0: something must come down)
+            A, lo, hi = np.hstack([G, -np.ones((m, 1))]), np.full(m, -np.inf), rng.uniform(-1.0, 0.5, m)
+        elif kind == "watch":  # lo <= G x <= hi, x = 0 inside
+            A, lo, hi = np.hstack([G, np.zeros((m, 1))]), -rng.uniform(0.2, 1.0, m), rng.uniform(0.2, 1.0, m)
+        else:  # fluence floor: G x >= -psi
+            A, lo, hi = np.hstack([G, np.zeros((m, 1))]), -rng.uniform(0.1, 1.0, m), np.full(m, np.inf)
+        ids = prog.add_rows(A, lo, hi)
+        assert ids.tolist() == list(range(lo_all.size, lo_all.size + m))
+        A_all = sparse.vstack([A_all, sparse.csr_matrix(A)]).tocsr()
+        lo_all, hi_all = np.append(lo_all, lo), np.append(hi_all, hi)
+        return ids
+
+    def check():
+        status, x = prog.solve()
+        ref = milp(cost, constraints=LinearConstraint(A_all, lo_all, hi_all), bounds=Bounds(np.zeros(n), ub))
+        assert status == ref.status
+        if status == 0:
+            np.testing.assert_allclose(cost @ x, ref.fun, rtol=1e-7, atol=1e-7)
+            r = A_all @ x
+            assert np.all(r >= lo_all - 1e-6) and np.all(r <= hi_all + 1e-6)
+            assert np.all(x >= -1e-9) and np.all(x <= ub + 1e-9)
+        return status
+
+    add(30, "far")
+    w = add(40, "watch")
+    assert check() == 0
+    for _ in range(3):  # rounds: new far, watch and floor rows, and watch rows aimed further inside
+        add(10, "far")
+        w = np.append(w, add(15, "watch"))
+        add(8, "floor")
+        moved = w[rng.choice(w.size, 6, replace=False)]
+        lo, hi = lo_all[moved] + 0.1, hi_all[moved] - 0.1
+        prog.set_bounds(moved, lo, hi)
+        lo_all[moved], hi_all[moved] = lo, hi
+        assert check() == 0
+    # A watch row that no x >= 0 can satisfy: infeasible, as milp says.
+    prog.add_rows(np.zeros((1, n)), [1.0], [2.0])
+    A_all = sparse.vstack([A_all, sparse.csr_matrix((1, n))]).tocsr()
+    lo_all, hi_all = np.append(lo_all, 1.0), np.append(hi_all, 2.0)
+    assert check() == 2
+    # No time left: a limit, not an answer.
+    late = _WarmProgramme(core, cost, ub, time_limit_s=0.0)
+    late.add_rows(A_all[:30], lo_all[:30], hi_all[:30])
+    assert late.solve() == (1, None)
+
+
+def test_the_shipped_defaults_retry_wide_and_repair_what_the_first_programme_cannot(fresh, lp_calls, monkeypatch):
+    """The wide retry is on by default (``RepairSettings.lp_wide``, warm-started, fast enough:
+    row 51 of the survey). With the report line at 0.5 % of Rx the shipped programme fails and
+    the retry takes the far rise under the line; its rounds after the first started from the
+    last basis, and fluence cells a solution would take below zero became rows before it was
+    applied (``floor_solves``: more solves than rounds); undo takes it back bit for bit. Stage
+    2 then starts with the wide programme (stage 1 needed it)."""
+    s = fresh
+    before = s.dose()
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
+    wide = s.repair_settings.lp_wide
+    assert wide is repair_module.WIDE_LP_OPTIONS
+    seen = []  # (options, stage 2) of each LP call
+    spy = repair_module.lp_far_repair
+
+    def options_spy(*args, **kwargs):
+        seen.append((kwargs["options"], kwargs["target_hi_gy"] is None))
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(repair_module, "lp_far_repair", options_spy)
+    ((fixed, fixed_dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp", (s.repair_settings.lp,), lp_calls)
+    assert [o is wide for o, _ in seen[:2]] == [False, True] and not any(s2 for _, s2 in seen[:2])
+    assert not calls[0].ok and calls[1].ok and calls[1].sizes["columns"] > calls[0].sizes["columns"]
+    assert calls[1].solves > calls[1].rounds
+    # stage 2 (target voxels inside their band) starts with the wide programme: stage 1 needed it
+    assert len(seen) > 2 and seen[2] == (wide, True)
+    assert fixed.side_effects_repaired
+    assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
+    assert not [c for c in fixed.conflicts if c.kind == "rise"]
+    for b in range(s.engine.n_beams):
+        assert s.engine.fluence_host(b).min() >= 0.0

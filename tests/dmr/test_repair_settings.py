@@ -33,7 +33,7 @@ def test_every_lp_mode_and_the_wide_retry_are_accepted():
         assert RepairSettings(lp=mode).lp == mode
     s = RepairSettings(lp_wide=WIDE_LP_OPTIONS, focused_passes=0, mix_steps=0, focused_j_slack=0, lp_goal=1)
     assert s.lp_wide.far_columns == 48 and s.lp_wide.exact
-    assert RepairSettings().lp_options == LPRepairOptions() and RepairSettings().lp_wide is None
+    assert RepairSettings().lp_options == LPRepairOptions() and RepairSettings().lp_wide is WIDE_LP_OPTIONS
 
 
 def test_a_session_keeps_its_repair_settings_and_refuses_anything_else():
