@@ -2,8 +2,8 @@
 
 The side-effect repair (:class:`~ids_engine.dmr._repair.SideEffectRepair`) first tries
 greedy recovery steps; when they leave a far rise above ``report_rise_pct`` this solves for
-it at once. Dose is linear in fluence, so over a modest set of per-beam patches (the DMR's own normalised patches, see
-:meth:`Modifier.normalised_patches`) the dose at any voxel after scaling them by ``x >= 0`` is
+it at once. Dose is linear in fluence, so over a modest set of per-beam patches (the DMR's
+own normalised patches, see :meth:`Modifier.normalised_patches`) the dose at any voxel after scaling them by ``x >= 0`` is
 ``D_now + G x`` exactly (``DoseEngine.delta_matrix``). The programme:
 
 * columns: every beam's lowering and raising patch at a few far voxels (the worst, spread
