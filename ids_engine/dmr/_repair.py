@@ -396,9 +396,7 @@ class SideEffectRepair:
         back = self.checkpoint()
         out = None
         order = (s.lp_wide, s.lp_options) if self.wide_first and target_hi_gy is None else (s.lp_options, s.lp_wide)
-        for lp_opts in order:
-            if lp_opts is None:
-                continue
+        for lp_opts in dict.fromkeys(o for o in order if o is not None):  # equal settings: tried once
             lp = lp_far_repair(self.modifier, self.watch, view(rises), back, request_voxels=self.request_voxels,
                                before_at=self.before_at, measure=lambda: view(self.measure()),
                                goal_gy=s.lp_goal * self.thr, accept_gy=self.thr, target_hi_gy=target_hi_gy,
@@ -408,7 +406,7 @@ class SideEffectRepair:
                 h2, j2, w2, gy2 = self.state()
                 if self.no_worse(*base, h2, j2, w2, s.focused_j_slack):
                     out = lp.patches, lp.rises, gy2
-                    self.wide_first = self.wide_first or (lp_opts is s.lp_wide and target_hi_gy is not None)
+                    self.wide_first = self.wide_first or (lp_opts == s.lp_wide and target_hi_gy is not None)
                     break
                 lp.status = "worse"
                 back()

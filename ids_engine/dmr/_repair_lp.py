@@ -3,8 +3,8 @@
 The side-effect repair (:class:`~ids_engine.dmr._repair.SideEffectRepair`) first tries
 greedy recovery steps; when they leave a far rise above ``report_rise_pct`` this solves for
 it at once. Dose is linear in fluence, so over a modest set of per-beam patches (the DMR's
-own normalised patches, see :meth:`Modifier.normalised_patches`) the dose at any voxel after scaling them by ``x >= 0`` is
-``D_now + G x`` exactly (``DoseEngine.delta_matrix``). The programme:
+own normalised patches, see :meth:`Modifier.normalised_patches`) the dose at any voxel after
+scaling them by ``x >= 0`` is ``D_now + G x`` exactly (``DoseEngine.delta_matrix``). The programme:
 
 * columns: every beam's lowering and raising patch at a few far voxels (the worst, spread
   apart) and at a few of the request's voxels (to give back what lowering a beam's path takes
@@ -30,6 +30,8 @@ side-effect measure; the caller keeps it (journaled with the request) or takes i
 
 from __future__ import annotations
 
+import functools
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,8 +52,9 @@ class LPRepairOptions:
     band's edge; far_margin_gy : far voxels start as rows when within this of the goal; rounds :
     solves at most (each after the first adds the rows the previous solution broke, and the far
     voxels it lifted); max_new_rows : rows added per round and kind; time_limit_s : HiGHS's
-    limit per solve (a safety: measured solves take 20-400 ms; hitting it makes the outcome
-    depend on the machine's speed); slack_cost : the cost of 1 Gy of far rise above the goal,
+    limit per solve and call_time_limit_s on all of a call's solves together (safeties:
+    measured solves take 20-400 ms, a wide retry's about 1 s in all; hitting one makes the
+    outcome depend on the machine's speed); slack_cost : the cost of 1 Gy of far rise above the goal,
     against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy per Gy of
     a column's largest) are left out of the sparse programme; exact : after a round that failed,
     the fluence cells its solution took below zero (clipped when applied) become rows of the
@@ -66,9 +69,11 @@ class LPRepairOptions:
     HiGHS bindings (``scipy.optimize._highspy``) or ``highspy``, else it solves from scratch;
     floor_solves : with ``warm_start`` and ``exact``, the fluence cells a solution would take
     below zero become rows before it is applied, and the programme is solved again, up to this
-    many times a round: the applied solution is then the programme's (no clipping), and a round
-    is spent only on what the whole-cube measure alone finds (survey row 51: 4 rounds instead
-    of 5, and the second stage's wide retry, which failed with clipped solutions, succeeds)."""
+    many times a round: the applied solution is then the programme's (clipped at zero only for
+    what is left when they run out, or HiGHS's round-off), and a round is spent only on what
+    the whole-cube measure alone finds (survey row 51: 4 rounds instead of 5, and the second
+    stage's wide retry, which failed with clipped solutions, succeeds). Without HiGHS's
+    bindings the same rows are solved from scratch (slower, the same programme)."""
 
     far_columns: int = 16
     request_columns: int = 4
@@ -77,6 +82,7 @@ class LPRepairOptions:
     rounds: int = 3
     max_new_rows: int = 400
     time_limit_s: float = 2.0
+    call_time_limit_s: float = 6.0
     slack_cost: float = 1000.0
     far_raise: bool = True
     far_margin_gy: float = 0.6
@@ -94,7 +100,8 @@ class LPRepairResult:
     above the line, or HiGHS says so), "broke rows" / "far rise left" (the last round's applied
     solution did), "time", "nothing to do", "no columns", "empty" (the caller sets "worse" when
     its own check refuses it); rises : the measure's unasked rises after a kept solution;
-    rounds : rounds run; solves : HiGHS solves (more than rounds with ``floor_solves``); timings_ms : per stage; sizes : the last programme's size and slack;
+    rounds : rounds run; solves : HiGHS solves (more than rounds with ``floor_solves``);
+    timings_ms : per stage; sizes : the last programme's size and slack;
     trace : per round, the slack and what the measure found (diagnostics)."""
 
     patches: list = field(default_factory=list)
@@ -144,23 +151,22 @@ def _floor_rows(columns, scale: np.ndarray, cells) -> np.ndarray:
     return rows
 
 
+@functools.cache
 def _highs_core():
     """HiGHS's Python bindings (the module with ``_Highs``): SciPy's bundled copy (a private
-    module of SciPy >= 1.15), else ``highspy``'s, else None (the caller solves from scratch)."""
-    cores = []
-    try:
-        from scipy.optimize._highspy import _core
-        cores.append(_core)
-    except ImportError:
-        pass
-    try:
-        from highspy import _core as _hcore
-        cores.append(_hcore)
-    except ImportError:
-        pass
-    for core in cores:
-        if all(hasattr(core, a) for a in ("_Highs", "kHighsInf", "HighsModelStatus")):
-            return core
+    module of SciPy >= 1.15), else ``highspy``'s, else None (the caller solves from scratch).
+    Each is tried on a one-variable programme first, so bindings whose API drifted are passed
+    over rather than failing a planner's request; the answer is cached."""
+    for name in ("scipy.optimize._highspy._core", "highspy._core"):
+        try:
+            core = importlib.import_module(name)
+            probe = _WarmProgramme(core, np.ones(1), np.full(1, np.inf), 1.0)
+            probe.add_rows(np.ones((1, 1)), [0.5], [np.inf])
+            status, x = probe.solve()
+            if status == 0 and x is not None and abs(float(x[0]) - 0.5) < 1e-9:
+                return core
+        except Exception:  # not installed, or an API this code does not know: the next, else none
+            continue
     return None
 
 
@@ -168,8 +174,8 @@ class _WarmProgramme:
     """The programme kept in HiGHS between rounds: ``min c x``, ``lo <= A x <= hi``,
     ``0 <= x <= ub``. Rows are only added and their bounds moved, so each ``solve`` after the
     first starts from the previous optimal basis (HiGHS's dual simplex). ``solve`` returns
-    (status as ``scipy.optimize.milp``'s: 0 optimal, 1 a limit, 2 infeasible, 4 other; x or
-    None)."""
+    (status as ``scipy.optimize.milp`` maps HiGHS's: 0 optimal, 1 a limit, 2 infeasible or a
+    model error, 4 other; x or None)."""
 
     def __init__(self, core, cost: np.ndarray, ub: np.ndarray, time_limit_s: float):
         self._core = core
@@ -206,17 +212,17 @@ class _WarmProgramme:
         for r, a, b in zip(np.asarray(rows).tolist(), lo.tolist(), hi.tolist()):
             self._h.changeRowBounds(int(r), a, b)
 
-    def solve(self):
+    def solve(self, limit_s: float | None = None):
         h, st = self._h, self._core.HighsModelStatus
         # HiGHS's time limit counts from the object's first run: this solve's limit on top.
-        h.setOptionValue("time_limit", float(h.getRunTime()) + self._limit)
+        h.setOptionValue("time_limit", float(h.getRunTime()) + (self._limit if limit_s is None else limit_s))
         h.run()
         ms = h.getModelStatus()
         if ms == st.kOptimal:
             return 0, np.asarray(h.getSolution().col_value, np.float64)
         if ms in (st.kTimeLimit, st.kIterationLimit):
             return 1, None
-        if ms in (st.kInfeasible, st.kUnboundedOrInfeasible):  # costs >= 0, x >= 0: not unbounded
+        if ms in (st.kInfeasible, st.kModelError):  # as milp (SciPy's table); costs, x >= 0: bounded
             return 2, None
         return 4, None
 
@@ -390,39 +396,50 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         psi_fl = np.concatenate([psi_fl, [cell[3] for cell in cells]])
         floor_known.update(cell[:3] for cell in cells)
 
-    # warm start with exact: before a solution is applied, the fluence cells it would take below
-    # zero become rows at once (up to ``floor_solves`` more solves), so the applied solution is
-    # the programme's (no clipping) and a round is spent only on what the measure alone finds.
-    inner_solves = 1 + (opts.floor_solves if (prog is not None and opts.exact) else 0)
+    def solve():
+        """(status, x or None, non-zeros): in HiGHS's kept programme when there is one (only
+        what is new since the last solve goes in), else from scratch. A failure of the
+        bindings drops to from scratch for the rest of the call (it rebuilds every row)."""
+        nonlocal prog
+        left = opts.call_time_limit_s - out.timings_ms.get("solve", 0.0) / 1000.0
+        if left <= 0:
+            return 1, None, 0
+        limit = min(opts.time_limit_s, left)
+        if prog is not None:
+            try:
+                add_new_rows()
+                status, xs = prog.solve(limit)
+                return status, xs, in_prog["nnz"]
+            except Exception:  # the bindings drifted: the same programme from scratch
+                prog = None
+        G = np.vstack([G_far, G_w])
+        G[np.abs(G) < opts.drop_gy] = 0.0
+        if psi_fl.size:  # exact: fluence is what the solution moves, no dropping
+            G = np.vstack([G, G_fl])
+        slack_col = sparse.csr_matrix((-np.ones(far_v.size), (np.arange(far_v.size), np.zeros(far_v.size, np.int64))),
+                                      shape=(G.shape[0], 1))
+        A = sparse.hstack([sparse.csr_matrix(G), slack_col]).tocsr()
+        lo_r = np.concatenate([np.full(far_v.size, -np.inf), (lo_e - d_w + inset)[rows_w] - 1e-6, -psi_fl])
+        hi_r = np.concatenate([b_far + 1e-6, (hi_e - d_w - inset)[rows_w] + 1e-6, np.full(psi_fl.size, np.inf)])
+        r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r), bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
+                 options={"time_limit": limit, "presolve": True})
+        return r.status, r.x, int(A.nnz)
+
+    # exact with floor_solves: before a solution is applied, the fluence cells it would take
+    # below zero become rows at once (up to ``floor_solves`` more solves), so the applied
+    # solution is the programme's and a round is spent only on what the measure alone finds.
+    inner_solves = 1 + (opts.floor_solves if opts.exact else 0)
     stop = False
     for rnd in range(opts.rounds):
         out.rounds = rnd + 1
+        floor_added = 0  # fluence-floor rows added before this round's solution was applied
         for inner in range(inner_solves):
             # One more variable: how far the far rows end above the goal (weighted ``slack_cost``
             # against the fluence moved), so the programme is always feasible and says how close
             # it gets; the measure decides. Watch rows are ranged (HiGHS takes both edges in one row).
             # Sparse: responses under ``drop_gy`` per scaled column left out (most columns miss most
             # rows; HiGHS's time goes with the non-zeros), the measure checks the applied result.
-            if prog is not None:  # only what is new since the last solve; the rest stays in HiGHS
-                add_new_rows()
-                nnz = in_prog["nnz"]
-                status, xs = prog.solve()
-            else:
-                G = np.vstack([G_far, G_w])
-                G[np.abs(G) < opts.drop_gy] = 0.0
-                if psi_fl.size:  # exact: fluence is what the solution moves, no dropping
-                    G = np.vstack([G, G_fl])
-                slack_col = sparse.csr_matrix((-np.ones(far_v.size), (np.arange(far_v.size),
-                                                                       np.zeros(far_v.size, np.int64))),
-                                              shape=(G.shape[0], 1))
-                A = sparse.hstack([sparse.csr_matrix(G), slack_col]).tocsr()
-                lo_r = np.concatenate([np.full(far_v.size, -np.inf), (lo_e - d_w + inset)[rows_w] - 1e-6, -psi_fl])
-                hi_r = np.concatenate([b_far + 1e-6, (hi_e - d_w - inset)[rows_w] + 1e-6, np.full(psi_fl.size, np.inf)])
-                nnz = int(A.nnz)
-                r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r),
-                         bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
-                         options={"time_limit": opts.time_limit_s, "presolve": True})
-                status, xs = r.status, r.x
+            status, xs, nnz = solve()
             out.sizes = {"columns": n, "far_rows": int(far_v.size), "watch_rows": int(rows_w.size),
                          "floor_rows": int(psi_fl.size), "nnz": nnz}
             out.solves += 1
@@ -444,6 +461,7 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
             if inner == inner_solves - 1 or not new_fl:
                 break
             add_floor_rows(new_fl)
+            floor_added += len(new_fl)
             t0 = tick("floor_rows", t0)
         if stop:
             break
@@ -485,7 +503,7 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
             fresh = fresh[np.argsort(-found.unasked_gy[fresh])][: opts.max_new_rows]
         out.status = "broke rows" if broke.size else "far rise left"
         out.trace[-1].update(new_rows=int(new_w.size), rows_missed=int(old_w.size), new_far=int(fresh.size),
-                             floor_cells=len(new_fl))
+                             floor_cells=len(new_fl), floor_rows_before_apply=floor_added)
         refine = opts.exact and old_w.size
         if (not new_w.size and not fresh.size and not new_fl and not refine) or rnd == opts.rounds - 1:  # nothing new
             break

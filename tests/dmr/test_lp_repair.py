@@ -258,3 +258,45 @@ def test_the_shipped_defaults_retry_wide_and_repair_what_the_first_programme_can
     assert not [c for c in fixed.conflicts if c.kind == "rise"]
     for b in range(s.engine.n_beams):
         assert s.engine.fluence_host(b).min() >= 0.0
+
+
+@pytest.mark.parametrize("bindings", ["none", "broken"])
+def test_the_wide_retry_solves_the_same_rows_from_scratch_without_working_bindings(fresh, lp_calls, monkeypatch,
+                                                                                    bindings):
+    """Without HiGHS's Python bindings (``none``), or with bindings that fail mid-call
+    (``broken``: an API that drifted), the wide retry solves the same programme from scratch
+    with ``scipy.optimize.milp``, fluence-floor rows before applying included (more solves
+    than rounds), and still repairs what the shipped programme cannot; nothing crashes."""
+    from ids_engine.dmr import _repair_lp
+
+    if bindings == "none":
+        monkeypatch.setattr(_repair_lp, "_highs_core", lambda: None)
+    else:
+        if _repair_lp._highs_core() is None:
+            pytest.skip("no HiGHS bindings to break")
+
+        def broken(self, limit_s=None):
+            raise RuntimeError("an API this code does not know")
+
+        monkeypatch.setattr(_repair_lp._WarmProgramme, "solve", broken)
+    s = fresh
+    before = s.dose()
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
+    ((fixed, fixed_dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp", (s.repair_settings.lp,), lp_calls)
+    assert not calls[0].ok and calls[1].ok and calls[1].solves > calls[1].rounds
+    assert fixed.side_effects_repaired
+    assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
+
+
+def test_bindings_whose_api_drifted_are_passed_over(monkeypatch):
+    """``_highs_core`` tries each candidate module on a one-variable programme: a module that
+    imports but lacks the API (or answers wrongly) is passed over, and with none left the
+    repair solves from scratch (None)."""
+    import importlib
+    import types
+
+    from ids_engine.dmr import _repair_lp
+
+    fake = types.SimpleNamespace(kHighsInf=float("inf"), HighsModelStatus=None)  # no _Highs
+    monkeypatch.setattr(importlib, "import_module", lambda name: fake)
+    assert _repair_lp._highs_core.__wrapped__() is None
