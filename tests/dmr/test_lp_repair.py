@@ -80,22 +80,22 @@ def test_the_lp_repair_takes_a_far_rise_the_passes_leave_under_the_report_line(f
 
 def test_an_lp_repair_that_cannot_reach_the_line_fails_fast_and_leaves_the_plan(fresh, lp_calls, monkeypatch):
     """With the report line at 0.5 % of Rx the programme cannot reach it: it says so without
-    applying anything that stays, and the plan and journal are those without it, bit for bit."""
+    applying anything that stays, and the plan and journal are those without it, bit for bit.
+    (It runs twice: before the plain pass, ``lp_before_plain``, and after it.)"""
     s = fresh
     set_repair(monkeypatch, s, lp_wide=None)  # the shipped programme alone
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
     (off, off_dose, none), (lp, lp_dose, calls) = run_with_each(s, LINE, monkeypatch, "lp", ("off", "after"),
                                                                 lp_calls)
     assert none == []
-    assert len(calls) == 1 and not calls[0].ok and calls[0].status in ("infeasible", "far rise left", "broke rows")
+    assert len(calls) == 2 and all(not c.ok and c.status in ("infeasible", "far rise left", "broke rows") for c in calls)
     np.testing.assert_array_equal(lp_dose, off_dose)
     assert (lp.patch_groups, lp.side_effects_repaired) == (off.patch_groups, off.side_effects_repaired)
 
 
 def test_the_wide_retry_repairs_what_the_shipped_programme_cannot(fresh, lp_calls, monkeypatch):
     """With the report line at 0.5 % of Rx the shipped programme cannot reach it (above); the
-    wide retry (``WIDE_LP_OPTIONS``, off by default: three times the columns, exact
-    fluence-floor cuts) does,
+    wide retry (``WIDE_LP_OPTIONS``: three times the columns, exact fluence-floor cuts) does,
     with nothing recovery keeps given up, and undo takes it back bit for bit."""
     s = fresh
     before = s.dose()
@@ -248,11 +248,12 @@ def test_the_shipped_defaults_retry_wide_and_repair_what_the_first_programme_can
 
     monkeypatch.setattr(repair_module, "lp_far_repair", options_spy)
     ((fixed, fixed_dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp", (s.repair_settings.lp,), lp_calls)
-    assert [o is wide for o, _ in seen[:2]] == [False, True] and not any(s2 for _, s2 in seen[:2])
-    assert not calls[0].ok and calls[1].ok and calls[1].sizes["columns"] > calls[0].sizes["columns"]
-    assert calls[1].solves > calls[1].rounds
+    # the shipped programme before the plain pass (lp_before_plain) and after it, then the wide one
+    assert [o is wide for o, _ in seen[:3]] == [False, False, True] and not any(s2 for _, s2 in seen[:3])
+    assert not calls[0].ok and not calls[1].ok and calls[2].ok
+    assert calls[2].sizes["columns"] > calls[1].sizes["columns"] and calls[2].solves > calls[2].rounds
     # stage 2 (target voxels inside their band) starts with the wide programme: stage 1 needed it
-    assert len(seen) > 2 and seen[2] == (wide, True)
+    assert len(seen) > 3 and seen[3] == (wide, True)
     assert fixed.side_effects_repaired
     assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
     assert not [c for c in fixed.conflicts if c.kind == "rise"]
@@ -283,7 +284,7 @@ def test_the_wide_retry_solves_the_same_rows_from_scratch_without_working_bindin
     before = s.dose()
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
     ((fixed, fixed_dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp", (s.repair_settings.lp,), lp_calls)
-    assert not calls[0].ok and calls[1].ok and calls[1].solves > calls[1].rounds
+    assert not calls[0].ok and not calls[1].ok and calls[2].ok and calls[2].solves > calls[2].rounds
     assert fixed.side_effects_repaired
     assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
 
@@ -300,3 +301,33 @@ def test_bindings_whose_api_drifted_are_passed_over(monkeypatch):
     fake = types.SimpleNamespace(kHighsInf=float("inf"), HighsModelStatus=None)  # no _Highs
     monkeypatch.setattr(importlib, "import_module", lambda name: fake)
     assert _repair_lp._highs_core.__wrapped__() is None
+
+
+def test_the_lp_before_the_plain_pass_spares_it_when_it_repairs(fresh, lp_calls, monkeypatch):
+    """``RepairSettings.lp_before_plain``: the shipped programme runs before the plain repair
+    pass; when it repairs, the plain pass (a recovery of its own) never runs, and the result
+    is as good: the far rise under the line, nothing recovery keeps given up."""
+    s = fresh
+    monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=2.0, max_rise_pct=1.5))
+    before = s.dose()
+    passes = []
+    real = repair_module.recover
+
+    def spy(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repair_module, "recover", spy)
+
+    runs = []
+    for first in (False, True):
+        passes.clear()
+        ((res, dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp_before_plain", (first,), lp_calls)
+        runs.append((res, dose, list(calls), len(passes)))
+    (after_plain, after_dose, calls_a, passes_a), (first, first_dose, calls_f, passes_f) = runs
+    assert passes_a >= 1 and calls_a  # the plain pass ran, then the LP
+    assert passes_f == 0 and len(calls_f) == 1 and calls_f[0].ok  # the LP alone
+    for res, dose in ((after_plain, after_dose), (first, first_dose)):
+        assert res.side_effects_repaired
+        assert _far_unasked_max_gy(s, res, before, dose) <= 0.02 * RX + 1e-6
+    assert_nothing_given_up(after_plain, first, first_dose, RX)
