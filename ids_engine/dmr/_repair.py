@@ -82,8 +82,8 @@ class RepairSettings:
         the target's band are repaired too (the LP, then, with ``target_focused``, focused
         passes), when the first stage left no other far rise above the report line.
     target_focused : the second stage may run focused passes when its LP fails or is off.
-    lp_before_plain : stage 1 first tries the shipped LP (no wide retry) before the plain
-        pass; only when it fails do the plain pass and the rest (the LP again, from where the
+    lp_before_plain : with ``lp`` "first" or "instead", stage 1 first tries the shipped LP (no
+        wide retry) before the plain pass; only when it fails do the plain pass and the rest (the LP again, from where the
         plain pass left the plan, with its wide retry) follow. Measured (tenth session, with
         the wide retry on): the survey's counts unchanged, 12 of its 16 repaired requests
         70-260 ms faster, row 77 0.5 s slower (the LP fails first); the viewer benchmark's
@@ -157,7 +157,8 @@ class SideEffectRepair:
 
     **The LP repair** (``RepairSettings.lp``, ``ids_engine/dmr/_repair_lp.py``): when a far
     rise above the report line is still left (by default before the focused passes, which then
-    run only if it fails; ``lp_wide`` a wider retry when it fails), a small linear programme
+    run only if it fails; ``lp_wide`` a wider retry when it fails; ``lp_before_plain``: the
+    shipped programme alone also before the plain pass, which runs only if it fails), a small linear programme
     over per-beam patches at the worst far voxels and the request's voxels takes every far
     unasked rise to ``lp_goal`` of the line with no watched voxel further outside its band and
     no fluence below zero; applied in one engine call, checked on the whole cube, kept only
@@ -253,10 +254,11 @@ class SideEffectRepair:
         return patches, kept, found_all, watch_gy
 
     def repair_outside_band(self, found_all, base: tuple):
-        """Stage 1: the rise outside the target's band; the plain pass, then the LP and the
-        focused passes in the order ``RepairSettings.lp`` says. ``base``: the state (h, j, w)
-        before it. Returns (patches, kept, the watch's dose after a kept pass or None, the
-        objective later passes are judged against)."""
+        """Stage 1: the rise outside the target's band; the shipped LP first
+        (``lp_before_plain``, with ``lp`` "first" or "instead"), then, unless it repaired, the
+        plain pass and the LP and the focused passes in the order ``RepairSettings.lp`` says.
+        ``base``: the state (h, j, w) before it. Returns (patches, kept, the watch's dose after
+        a kept pass or None, the objective later passes are judged against)."""
         h0, j0, w0 = base
         thr, rx = self.thr, self.rx
         patches, kept, watch_gy = [], False, None
@@ -264,12 +266,12 @@ class SideEffectRepair:
         # before the focused passes and the LP, so that the two stages' slacks do not compound.
         j_ref = j0
         found = self.outside(found_all)
-        if (found.max_gy() > thr and np.any(found.unasked_gy > self.cap) and self.settings.lp_before_plain
-                and self.settings.lp != "off"):
-            got = self.lp_repair(found, self.outside, (h0, j0, w0), self.t_hi, wide=False)
-            if got is not None:
-                return list(got[0]), True, got[2], j0
         if found.max_gy() > thr and np.any(found.unasked_gy > self.cap):
+            early = self.settings.lp_before_plain and self.settings.lp in ("first", "instead")
+            if early:  # the shipped LP alone (no wide retry) before the plain pass
+                got = self.lp_repair(found, self.outside, (h0, j0, w0), self.t_hi, programmes="shipped")
+                if got is not None:
+                    return list(got[0]), True, got[2], j0
             back = self.checkpoint()
             watch2, _ = self.extended(self.watch, found, self.plain_weight)
             rec = recover(self.modifier, watch2, steps=self.steps)
@@ -290,8 +292,9 @@ class SideEffectRepair:
                     continue
                 if stage == "focused":
                     got = self.focused(after, self.outside, (h1, j1, w1), lambda r: r.max_gy() <= thr)
-                else:
-                    got = self.lp_repair(after, self.outside, (h1, j1, w1), self.t_hi)
+                else:  # after a failed early LP and no plain pass the shipped LP would fail again
+                    got = self.lp_repair(after, self.outside, (h1, j1, w1), self.t_hi,
+                                         programmes="wide" if early and not kept else "both")
                 if got is not None:
                     patches += got[0]
                     after, watch_gy, kept = got[1], got[2], True
@@ -399,17 +402,18 @@ class SideEffectRepair:
             back_to_best()
         return got[:n], rises, gy
 
-    def lp_repair(self, rises, view, base: tuple, target_hi_gy, wide: bool = True):
+    def lp_repair(self, rises, view, base: tuple, target_hi_gy, programmes: str = "both"):
         """The LP repair (ids_engine/dmr/_repair_lp.py) on ``view(rises)``, all or nothing,
         judged against ``base`` as the focused passes: (patches, rises after, the watch's
         dose) or None. ``target_hi_gy``: a target voxel may end up to there instead of
-        within the line (None: held to the line too); ``wide``: the wide retry may follow."""
+        within the line (None: held to the line too); ``programmes``: "both" (the shipped
+        programme, then the wide retry when it fails), "shipped" or "wide" alone."""
         s = self.settings
         t1 = time.perf_counter()
         back = self.checkpoint()
         out = None
         order = (s.lp_wide, s.lp_options) if self.wide_first and target_hi_gy is None else (s.lp_options, s.lp_wide)
-        order = order if wide else (s.lp_options,)
+        order = {"both": order, "shipped": (s.lp_options,), "wide": (s.lp_wide,)}[programmes]
         for lp_opts in dict.fromkeys(o for o in order if o is not None):  # equal settings: tried once
             lp = lp_far_repair(self.modifier, self.watch, view(rises), back, request_voxels=self.request_voxels,
                                before_at=self.before_at, measure=lambda: view(self.measure()),

@@ -67,7 +67,7 @@ class LPRepairOptions:
     (dual simplex) instead of solving from scratch: the same optimum, a fraction of the time
     (the wide retry's rounds on survey row 51: 0.9 s against 3.2); needs SciPy's bundled
     HiGHS bindings (``scipy.optimize._highspy``) or ``highspy``, else it solves from scratch;
-    floor_solves : with ``warm_start`` and ``exact``, the fluence cells a solution would take
+    floor_solves : with ``exact``, the fluence cells a solution would take
     below zero become rows before it is applied, and the programme is solved again, up to this
     many times a round: the applied solution is then the programme's (clipped at zero only for
     what is left when they run out, or HiGHS's round-off), and a round is spent only on what
@@ -90,6 +90,22 @@ class LPRepairOptions:
     exact: bool = False
     warm_start: bool = False
     floor_solves: int = 0
+
+    def __post_init__(self) -> None:
+        for name, least in (("far_columns", 0), ("request_columns", 0), ("rounds", 1), ("max_new_rows", 1),
+                            ("floor_solves", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+                raise ValueError(f"LPRepairOptions.{name} must be a whole number, {least} or more, got {v!r}")
+        for name in ("spread_mm", "margin_gy", "time_limit_s", "call_time_limit_s", "slack_cost", "far_margin_gy",
+                     "drop_gy"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v >= 0 \
+                    or not np.isfinite(v):
+                raise ValueError(f"LPRepairOptions.{name} must be a finite number, 0 or more, got {v!r}")
+        for name in ("far_raise", "exact", "warm_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LPRepairOptions.{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass

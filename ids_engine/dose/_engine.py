@@ -281,7 +281,9 @@ class DoseEngine(ReadOuts):
         """Concatenate the beams' level arrays; allocate the flat fluence, maps and dose buffers.
 
         Every flat buffer has one element more than it needs, a sink that index tables point
-        to for values that fall outside every map (so scatters need no masks)."""
+        to for values that fall outside every map (so scatters need no masks). The maps
+        buffer's sink is no longer written since ``add_windows`` finds each element's cell from
+        its window's box (nothing outside the box is written); it stays for the layout."""
         xp = self.xp
         self._levels: dict[str, _LevelArrays] = {}
         for name in LEVELS:

@@ -19,13 +19,23 @@ from ids_engine.session import Session
     ("rows", 0), ("rows", 2.5), ("rows", True), ("focused_passes", -1), ("focused_passes", 1.0), ("mix_steps", -2),
     ("focused_weight", 0.0), ("focused_weight", float("nan")), ("focused_j_slack", -0.1), ("focused_j_slack", "0.2"),
     ("lp", "before"), ("lp", None), ("lp_goal", 0.0), ("lp_goal", 1.5), ("lp_options", None), ("lp_options", {}),
-    ("lp_wide", "wide"), ("target_in_band", 1), ("target_focused", None),
+    ("lp_wide", "wide"), ("target_in_band", 1), ("target_focused", None), ("lp_before_plain", 1),
 ])
 def test_a_bad_setting_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"RepairSettings\.{field} "):
         RepairSettings(**{field: value})
     with pytest.raises(ValueError, match=rf"RepairSettings\.{field} "):  # and when replaced on a good one
         dataclasses.replace(RepairSettings(), **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("far_columns", -1), ("rounds", 0), ("rounds", 2.0), ("floor_solves", -1), ("max_new_rows", True),
+    ("time_limit_s", -1.0), ("call_time_limit_s", float("nan")), ("drop_gy", "0.001"), ("exact", 1),
+    ("warm_start", None),
+])
+def test_a_bad_lp_option_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"LPRepairOptions\.{field} "):
+        LPRepairOptions(**{field: value})
 
 
 def test_every_lp_mode_and_the_wide_retry_are_accepted():
@@ -119,3 +129,27 @@ def test_the_second_stage_is_judged_against_the_objective_before_the_first_stage
                         np.zeros(1, np.int64), np.array([63.0]))
     assert rep.repair_in_band(found, j_ref=1.0) is None
     assert len(rep.bases) == 1 and rep.bases[0][1] == 1.0
+
+
+class _StageOne(_StageTwo):
+    """A repair whose state is a stub and whose shipped LP repairs: stage 1's early LP alone."""
+
+    def lp_repair(self, rises, view, base, target_hi_gy, programmes="both"):
+        self.bases.append((base, programmes))
+        return (["patch"], view(rises), "watch dose") if programmes == "shipped" else None
+
+
+def test_an_lp_before_the_plain_pass_that_repairs_ends_stage_one(monkeypatch):
+    """``lp_before_plain``: the shipped programme alone, judged against the state before the
+    repair; when it repairs, no plain pass runs (no recovery), and stage 2 is judged against
+    that same objective (``j_ref``), not the one the LP ended at."""
+    from ids_engine.dmr import _repair
+
+    monkeypatch.setattr(_repair, "recover", lambda *a, **k: pytest.fail("the plain pass ran"))
+    rep = _StageOne(objective_now=1.25)
+    found = UnaskedRise(np.array([7], np.int64), np.array([4.0]), np.zeros(1), np.full(1, 30.0),
+                        np.full(1, 2, np.int64), np.array([30.0]))  # normal tissue, 4 Gy up (line 3, cap 2.7)
+    patches, kept, watch_gy, j_ref = rep.repair_outside_band(found, (0, 1.0, np.zeros(2)))
+    assert (patches, kept, watch_gy, j_ref) == (["patch"], True, "watch dose", 1.0)
+    assert [p for _, p in rep.bases] == ["shipped"] and rep.bases[0][0][1] == 1.0
+    assert not rep.wide_first
