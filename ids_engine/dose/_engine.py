@@ -502,15 +502,12 @@ class DoseEngine(ReadOuts):
         kept, boxes, ranges = [], [], []
         for wdw in windows:
             lvl: Level = getattr(self.geometry[wdw.beam], name)
-            h, w = wdw.delta.shape
-            o_r, o_c = wdw.row0 - la.half, wdw.col0 - la.half
-            mh, mw = lvl.map_shape
-            r_lo, r_hi = max(o_r, 0), min(o_r + h + K - 1, mh)
-            c_lo, c_hi = max(o_c, 0), min(o_c + w + K - 1, mw)
-            if r_hi <= r_lo or c_hi <= c_lo:
+            box = _window_box(wdw.row0, wdw.col0, wdw.delta.shape, la.half, lvl.map_shape)
+            if box is None:
                 continue
+            _, _, r_lo, r_hi, c_lo, c_hi = box
             kept.append(wdw)
-            boxes.append((o_r, o_c, r_lo, r_hi, c_lo, c_hi))
+            boxes.append(box)
             if per_window:
                 ranges.append(_merge_ranges([(s + lvl.base, e + lvl.base) for s, e in lvl.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1)]))
         if not kept:
@@ -738,6 +735,20 @@ def _job_contribution(job):
     """NumPy: the dose contribution of one window on one level (run on the thread pool)."""
     _, la, out_p, box, ranges = job
     return segment_contribution_numpy(la.u_cells, la.v_cells, la.weights, out_p, box, ranges)
+
+
+def _window_box(row0: int, col0: int, shape_hw: tuple[int, int], half: int, map_shape: tuple[int, int]):
+    """The box of a patch's full convolution (kernel half-width ``half``) on its map:
+    ``(o_r, o_c, r_lo, r_hi, c_lo, c_hi)``, the window's origin and the rows and columns of it
+    that lie on the map (``map_shape``), in map cells; None when none do."""
+    h, w = shape_hw
+    mh, mw = map_shape
+    o_r, o_c = row0 - half, col0 - half
+    r_lo, r_hi = max(o_r, 0), min(o_r + h + 2 * half, mh)
+    c_lo, c_hi = max(o_c, 0), min(o_c + w + 2 * half, mw)
+    if r_hi <= r_lo or c_hi <= c_lo:
+        return None
+    return o_r, o_c, r_lo, r_hi, c_lo, c_hi
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ids_engine.dose import DoseEngine
-from ids_engine.dose._engine import LEVELS, _merge_ranges
+from ids_engine.dose._engine import LEVELS, _merge_ranges, _window_box
 from ids_engine.phantoms import PHANTOMS
 from ids_engine.planning import equispaced_beams
 
@@ -23,7 +23,6 @@ def _windows(eng, name, rng, n=12):
     """(beams, boxes) of ``n`` windows as _plan_level makes them: beams repeated and in any
     order, windows inside the map, across each edge and corner, one cell wide, a whole map."""
     la = eng._levels[name]
-    K = 2 * la.half + 1
     beams, boxes = [], []
     for i in range(n):
         b = int(rng.integers(eng.n_beams))
@@ -33,13 +32,11 @@ def _windows(eng, name, rng, n=12):
             h, w = mh, mw
         row0 = int(rng.integers(-h + 1, mh + 1)) if i else la.half
         col0 = int(rng.integers(-w + 1, mw + 1)) if i else la.half
-        o_r, o_c = row0 - la.half, col0 - la.half
-        r_lo, r_hi = max(o_r, 0), min(o_r + h + K - 1, mh)
-        c_lo, c_hi = max(o_c, 0), min(o_c + w + K - 1, mw)
-        if r_hi <= r_lo or c_hi <= c_lo:
+        box = _window_box(row0, col0, (h, w), la.half, (mh, mw))
+        if box is None:
             continue
         beams.append(b)
-        boxes.append((o_r, o_c, r_lo, r_hi, c_lo, c_hi))
+        boxes.append(box)
     return np.asarray(beams, np.int32), np.asarray(boxes, np.int32).reshape(-1, 6)
 
 
