@@ -130,6 +130,16 @@ class Watch:
         at = np.minimum(np.searchsorted(self.voxels, flat), self.voxels.size - 1)
         return at, self.voxels[at] == flat
 
+    def kept_groups(self) -> list[int]:
+        """The groups that are not tissue (pins, features, guards, the request) and hold
+        voxels: what a side-effect repair must not make worse."""
+        kinds = np.asarray(self.kinds, object)
+        return [g for g, k in enumerate(kinds) if k != "tissue" and np.any(self.group == g)]
+
+    def worst_per_group(self, violation: np.ndarray, groups) -> np.ndarray:
+        """Per group of ``groups``, the largest of ``violation`` (n,) over its voxels."""
+        return np.array([float(violation[self.group == g].max()) for g in groups])
+
     def hard(self) -> np.ndarray:
         """(n,) bool: the request's own voxels and the pins, what the best state keeps first."""
         per_group = np.isin(np.asarray(self.kinds, object), ["request", "pin"])

@@ -228,9 +228,7 @@ class SideEffectRepair:
     @cached_property
     def _kept_groups(self) -> list:
         """The watch's groups a pass must not make worse: every group but tissue."""
-        w = self.watch
-        kinds = np.asarray(w.kinds, object)
-        return [g for g, k in enumerate(kinds) if k != "tissue" and np.any(w.group == g)]
+        return self.watch.kept_groups()
 
     # ------------------------------------------------------------------ the run
     def run(self, repair: bool = True):
@@ -333,7 +331,7 @@ class SideEffectRepair:
         w, hard = self.watch, self._hard
         d = _watch_dose(self.engine, w)  # a watch built on the base: its cached tables reused
         v = w.violation(d)
-        worst = np.array([float(v[w.group == g].max()) for g in self._kept_groups])
+        worst = w.worst_per_group(v, self._kept_groups)
         hard_key = round(float(v[hard].max()) / self.eps) if hard.any() else 0
         return hard_key, float(np.sum(w.weight * v**2)), worst, d
 

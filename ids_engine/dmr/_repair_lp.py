@@ -320,9 +320,9 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     # its group's worst violation now.
     v0 = watch.violation(d_w)
     allow_nt = np.full(watch.voxels.size, eps_gy)
-    for g in np.unique(watch.group[nontissue]):
-        sel = watch.group == g
-        allow_nt[sel] = max(float(v0[sel].max()), eps_gy)
+    groups = watch.kept_groups()
+    for g, worst in zip(groups, watch.worst_per_group(v0, groups)):
+        allow_nt[watch.group == g] = max(worst, eps_gy)
     # Per watched voxel, how far inside its band edges its row aims: raised by the model's
     # error (responses dropped, clipping) where a row of the programme still broke.
     inset = np.zeros(watch.voxels.size)
