@@ -34,8 +34,9 @@ tables, built on the host), then per level one batched real FFT of the windows, 
 with the cached kernel spectra, one inverse FFT, one kernel launch adding the windows into
 the maps (each element's map cell found on the device from its window's box) and one over a
 segment table of the voxels to update; plus one scatter-add into the fluence. No value is
-read back. The DMR's per-voxel queries (a patch's dose at some voxels, a voxel's beam's-eye-view position, the fluence under a patch) are answered on the host
-from copies of the static geometry and of the fluence (``Level.host``,
+read back. The DMR's per-voxel queries (a patch's dose at some voxels, a voxel's
+beam's-eye-view position, the fluence under a patch) are answered on the host from copies of
+the static geometry and of the fluence (``Level.host``,
 :meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers. The read-outs
 live in :mod:`ids_engine.dose._readout` (a mixin the engine inherits); this module keeps the
 state and its updates.
