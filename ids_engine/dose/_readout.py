@@ -61,6 +61,7 @@ class _Neighbours:
     cw: np.ndarray  # (8, n) float32 trilinear weights
     in_body: np.ndarray  # (n,) bool
     cw_body: np.ndarray  # (8, n) float32: cw, 0 outside the body
+    outside: np.ndarray  # (m,) int64 positions in idx of the voxels outside the body
     levels: dict = field(default_factory=dict)  # (beam, level) -> _LevelRows (delta_matrix)
     _coarse_unique: tuple | None = None
     # The tables on the device (GPU backends): uploaded once per cached voxel set, so recovery's
@@ -170,10 +171,11 @@ class ReadOuts:
                 return nb
         cidx, cw = self._coarse_neighbours(idx)
         in_body = self.body_mask.ravel()[idx]
+        cw_body, outside = np.where(in_body[None, :], cw, np.float32(0)), np.flatnonzero(~in_body)
         if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
-            return _Neighbours(idx, cidx, cw, in_body, np.where(in_body[None, :], cw, np.float32(0)))
-        nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body),
-                         _frozen(np.where(in_body[None, :], cw, np.float32(0))))
+            return _Neighbours(idx, cidx, cw, in_body, cw_body, outside)
+        nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body), _frozen(cw_body),
+                         _frozen(outside))
         cache.insert(0, nb)
         del cache[_NEIGHBOUR_CACHE:]
         return nb
@@ -226,9 +228,10 @@ class ReadOuts:
             # The fine level reads the patch on its own box, not the coarse-aligned one (a
             # different FFT size: the same values up to round-off, but not the same bits).
             self._beam_delta(nb, idx, b, delta[None], p.row0, p.col0, placed, R0, C0, out[None], _ROW0)
-        return np.where(nb.in_body, out, np.float32(0))
+        out[nb.outside] = 0  # outside the body: 0 (np.where(in_body, out, 0)'s bits)
+        return out
 
-    def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index) -> np.ndarray:
+    def delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index, beam_parts: bool = False):
         """Dose change (Gy) at CT voxels from each of several patch sets, without applying them.
 
         ``columns[k]`` is a list of patches (at most one per beam is typical: a DMR normalised
@@ -236,25 +239,57 @@ class ReadOuts:
         to ``delta_at_voxels(columns[k], flat_index)`` up to float32 round-off. Per beam, the
         columns' patches are stacked on the union of their boxes and convolved in one batched
         FFT per level, on the host (no device work).
+
+        With ``beam_parts``, returns ``(joint, parts)``: ``joint`` the same ``(n, K)`` array,
+        and ``parts`` ``(n beams, n, K)`` float32 with ``parts[b][:, k]`` beam ``b``'s part of
+        column ``k`` (0 where column ``k`` has no patch in beam ``b``; 0 outside the body), bit
+        for bit what ``delta_matrix`` gives for the columns that hold column ``k``'s beam-``b``
+        patches alone, one column per (column, beam) in column order (a per-beam solve's
+        columns, :meth:`Modifier._columns <ids_engine.dmr.Modifier>`): beam ``b``'s stack is
+        the same in both calls, so are its fine and coarse read-outs, and a one-beam column
+        adds only those. ``joint`` is not the sum of the parts bit for bit (it adds the beams
+        in turn).
         """
         idx = self._host_index(flat_index)
         n, ncol = int(idx.shape[0]), len(columns)
         out = np.zeros((ncol, n), dtype=np.float32)
-        if ncol == 0 or n == 0:
-            return out.T
-        nb = self._neighbours(idx)
+        parts = np.zeros((len(self.geometry), ncol, n), np.float32) if beam_parts else None
+        if ncol and n:
+            nb = self._neighbours(idx)
+            for b, stack, R0, C0, sel in self._beam_stacks(columns):
+                f = self.geometry[b].coarse_fluence_factor
+                self._beam_delta(nb, idx, b, stack, R0 * f, C0 * f, stack, R0, C0, out, sel,
+                                 None if parts is None else parts[b])
+            if nb.outside.size:  # voxels outside the body read 0 (np.where(in_body, ., 0)'s bits)
+                out[:, nb.outside] = 0
+                if parts is not None:
+                    parts[:, :, nb.outside] = 0
+        return (out.T, parts.transpose(0, 2, 1)) if beam_parts else out.T
+
+    def _beam_stacks(self, columns: Sequence[Sequence[FluencePatch]]):
+        """Per beam (ascending), the stack of the columns with a patch in that beam: yields
+        ``(beam, stack, R0, C0, sel)``, ``stack`` ``(m, h, w)`` float32 on the coarse-aligned
+        box at fine cell ``(R0 f, C0 f)`` (f = the beam's coarse fluence factor) holding, in
+        column order, each such column's patches of the beam summed, and ``sel`` the columns
+        (a slice when consecutive, else ``(m,)`` int64)."""
         # Per beam: [column, row0, col0, delta] of its patches, in column order.
         by_beam: dict[int, list] = {}
         for k, ps in enumerate(columns):
             for p in ps:
-                by_beam.setdefault(int(p.beam), []).append((k, p.row0, p.col0, np.asarray(backend.asnumpy(p.delta))))
-        for b, items in sorted(by_beam.items()):
-            r0 = c0 = 1 << 62
-            r1 = c1 = -(1 << 62)
-            for _, pr, pc, d in items:
-                ph, pw = d.shape
-                r0, c0 = min(r0, pr), min(c0, pc)
-                r1, c1 = max(r1, pr + ph), max(c1, pc + pw)
+                d = p.delta
+                if type(d) is not np.ndarray:
+                    d = np.asarray(backend.asnumpy(d))
+                b = int(p.beam)
+                items = by_beam.get(b)
+                if items is None:
+                    items = by_beam[b] = []
+                items.append((k, p.row0, p.col0, d))
+        for b in sorted(by_beam):
+            items = by_beam[b]
+            r0 = min(it[1] for it in items)
+            c0 = min(it[2] for it in items)
+            r1 = max(it[1] + it[3].shape[0] for it in items)
+            c1 = max(it[2] + it[3].shape[1] for it in items)
             f = self.geometry[b].coarse_fluence_factor
             R0, C0 = r0 // f, c0 // f
             R1, C1 = -(-r1 // f), -(-c1 // f)
@@ -263,9 +298,9 @@ class ReadOuts:
             # one beam's patch): the others' response is zero, and adding it changes nothing.
             # The items are in column order, so the columns used are the distinct ones in turn.
             used: list[int] = []
-            for k, *_ in items:
-                if not used or used[-1] != k:
-                    used.append(k)
+            for it in items:
+                if not used or used[-1] != it[0]:
+                    used.append(it[0])
             m = len(used)
             stack = np.zeros((m, (R1 - R0) * f, (C1 - C0) * f), np.float32)
             i = -1
@@ -279,24 +314,26 @@ class ReadOuts:
             # Rows of ``out``: a slice when the columns used are consecutive (the usual case;
             # the same float32 additions as through an index array).
             sel = slice(used[0], used[-1] + 1) if used[-1] - used[0] == m - 1 else np.asarray(used, np.int64)
-            self._beam_delta(nb, idx, b, stack, R0 * f, C0 * f, stack, R0, C0, out, sel)
-        out = np.where(nb.in_body[None, :], out, np.float32(0))
-        return out.T
+            yield b, stack, R0, C0, sel
 
     def _beam_delta(self, nb: "_Neighbours", idx: np.ndarray, b: int, stack: np.ndarray, r0: int, c0: int,
-                    placed: np.ndarray, R0: int, C0: int, out: np.ndarray, sel: np.ndarray) -> None:
+                    placed: np.ndarray, R0: int, C0: int, out: np.ndarray, sel, part: np.ndarray | None = None) -> None:
         """Adds beam ``b``'s dose change at CT voxels ``idx`` from a stack of ``k`` patches to
-        rows ``sel`` ((k,) int64, distinct, or a slice of k rows) of ``out`` ((K, n) float32): the fine level's part,
-        then the coarse level's.
+        rows ``sel`` ((k,) int64, distinct, or a slice of k rows) of ``out`` ((K, n) float32):
+        the fine level's part, then the coarse level's; and the same to rows ``sel`` of
+        ``part`` ((K, n) float32, zero there: beam ``b``'s own part), when given.
 
         ``stack`` (k, h, w) float32 is placed at fine fluence cell (r0, c0); ``placed`` holds
         the same patches on the coarse-aligned box at (R0 f, C0 f) (f = the beam's coarse
         fluence factor), block-summed here for the coarse level.
         """
         geo = self.geometry[b]
+        targets = (out,) if part is None else (out, part)
         if geo.fine.components:
             rows = self._rows_of(nb, b, "fine", idx)
-            out[sel] += _level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine"))
+            df = _level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine"))
+            for t in targets:
+                t[sel] += df
         if geo.coarse.components:
             f = geo.coarse_fluence_factor
             m, hh, ww = placed.shape[0], placed.shape[1] // f, placed.shape[2] // f
@@ -305,13 +342,14 @@ class ReadOuts:
             rows = self._rows_of(nb, b, "coarse", uniq)
             # Read once per distinct coarse voxel (the same values as reading all 8 n).
             dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))
-            if _cpu.HAVE_NUMBA:  # the gather, weights and 8-sum in one pass (the same floats)
-                if isinstance(sel, slice):  # rows sel of out: a view, its rows 0..m-1
-                    _cpu.combine_neighbours(dc, inv, nb.cw, out[sel], _rows_upto(m))
+            for t in targets:
+                if _cpu.HAVE_NUMBA:  # the gather, weights and 8-sum in one pass (the same floats)
+                    if isinstance(sel, slice):  # rows sel of t: a view, its rows 0..m-1
+                        _cpu.combine_neighbours(dc, inv, nb.cw, t[sel], _rows_upto(m))
+                    else:
+                        _cpu.combine_neighbours(dc, inv, nb.cw, t, sel)
                 else:
-                    _cpu.combine_neighbours(dc, inv, nb.cw, out, sel)
-            else:
-                out[sel] += (dc[:, inv].reshape(m, 8, idx.shape[0]) * nb.cw[None]).sum(axis=1)
+                    t[sel] += (dc[:, inv].reshape(m, 8, idx.shape[0]) * nb.cw[None]).sum(axis=1)
 
     def _rows_of(self, nb: "_Neighbours", b: int, name: str, level_index: np.ndarray) -> "_LevelRows":
         rows = nb.levels.get((b, name))

@@ -1,0 +1,112 @@
+"""``delta_matrix(..., beam_parts=True)``: each beam's part of each column, bit for bit what a
+per-beam solve's own read-out gives (its columns hold one beam's patch each), and the joint
+result unchanged; with and without the compiled loops, on the coarse horseshoe's geometry and
+DMR normalised patches of both signs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ids_engine.dose import FluencePatch
+from ids_engine.kernels import _cpu
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def compiled(request, monkeypatch):
+    """The read-out with numba's loops (where installed) or with its NumPy references only."""
+    if request.param == "numba" and not _cpu.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    if request.param == "numpy":
+        monkeypatch.setattr(_cpu, "HAVE_NUMBA", False)
+    return request.param
+
+
+@pytest.fixture
+def s(coarse_horseshoe_session, compiled):
+    eng = coarse_horseshoe_session.engine
+    eng.__dict__.pop("_neighbour_cache", None)  # level look-ups and read-outs of the other path
+    yield coarse_horseshoe_session
+    eng.__dict__.pop("_neighbour_cache", None)
+
+
+def _bits(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def _columns(s) -> list[list[FluencePatch]]:
+    """Normalised patches (every beam) of target and OAR voxels, raising and lowering, and one
+    column with some beams' patches left out (their stacks then skip it: not consecutive)."""
+    mod = s.modifier
+    target = np.flatnonzero(s.target_mask.reshape(-1))
+    oar = np.flatnonzero(np.asarray(s.patient.structure("OAR").mask).reshape(-1))
+    rng = np.random.default_rng(11)
+    cols = []
+    for v, raise_dose in ((rng.choice(target), False), (rng.choice(oar), True), (rng.choice(target), True),
+                          (rng.choice(oar), False), (rng.choice(target), False)):
+        ps = mod.normalised_patches(int(v), raise_dose=raise_dose)
+        if ps:
+            cols.append(ps)
+    cols.insert(2, [p for p in cols[0] if p.beam % 3 != 1])
+    assert len(cols) >= 5 and any(len(c) < s.engine.n_beams for c in cols)
+    return cols
+
+
+def _rows(s, n: int, seed: int) -> np.ndarray:
+    """Body voxels near the target and a few voxels outside the body (they read 0)."""
+    rng = np.random.default_rng(seed)
+    body = np.asarray(s.engine.body_mask).reshape(-1)
+    inside = np.flatnonzero(body)
+    outside = np.flatnonzero(~body)
+    return np.concatenate([rng.choice(inside, n, replace=False), rng.choice(outside, 4, replace=False)]).astype(np.int64)
+
+
+def test_beam_parts_are_the_per_beam_columns_read_out_bit_for_bit(s):
+    eng = s.engine
+    cols = _columns(s)
+    rows = _rows(s, 300, 1)
+    joint = np.asarray(eng.delta_matrix(cols, rows))
+    got, parts = eng.delta_matrix(cols, rows, beam_parts=True)
+    np.testing.assert_array_equal(_bits(got), _bits(joint))
+    assert parts.shape == (eng.n_beams, rows.size, len(cols)) and parts.dtype == np.float32
+    # The per-beam solve's columns: each column's beam parts as columns of their own, in order
+    # (a beam's columns are then not consecutive).
+    per_beam = [[p] for col in cols for p in col]
+    where = [(int(p.beam), k) for k, col in enumerate(cols) for p in col]
+    g = np.asarray(eng.delta_matrix(per_beam, rows))
+    held = np.zeros((eng.n_beams, len(cols)), bool)
+    for j, (b, k) in enumerate(where):
+        np.testing.assert_array_equal(_bits(parts[b][:, k]), _bits(g[:, j]))
+        held[b, k] = True
+    assert not np.any(parts.transpose(0, 2, 1)[~held])  # no patch of beam b in column k: 0
+    assert not np.any(parts[:, -4:, :])  # outside the body: 0
+    assert np.all(np.abs(parts[held.nonzero()[0], :, held.nonzero()[1]]).max(axis=1) > 0)
+    # The joint read-out adds the same floats: close to the parts' sum (not its bits).
+    np.testing.assert_allclose(parts.sum(axis=0), joint, rtol=1e-5, atol=1e-6 * np.abs(joint).max())
+
+
+def test_beam_parts_of_one_column_are_its_one_patch_read_outs(s):
+    """One column: each beam's stack is that patch on its own box, as in a call of its own."""
+    eng = s.engine
+    rows = _rows(s, 200, 2)
+    for col in _columns(s)[:3]:
+        joint, parts = eng.delta_matrix([col], rows, beam_parts=True)
+        np.testing.assert_array_equal(_bits(joint), _bits(eng.delta_matrix([col], rows)))
+        for p in col:
+            np.testing.assert_array_equal(_bits(parts[p.beam][:, 0]), _bits(eng.delta_matrix([[p]], rows)[:, 0]))
+
+
+def test_beam_parts_repeated_and_empty(s):
+    """A second read (cached look-ups and read-outs) gives the same bits; no column or no voxel
+    gives empty arrays of the right shapes."""
+    eng = s.engine
+    cols = _columns(s)[:3]
+    rows = _rows(s, 150, 3)
+    first = [np.array(a) for a in eng.delta_matrix(cols, rows, beam_parts=True)]
+    again = eng.delta_matrix(cols, rows, beam_parts=True)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    joint, parts = eng.delta_matrix([], rows, beam_parts=True)
+    assert joint.shape == (rows.size, 0) and parts.shape == (eng.n_beams, rows.size, 0)
+    joint, parts = eng.delta_matrix(cols, np.zeros(0, np.int64), beam_parts=True)
+    assert joint.shape == (0, len(cols)) and parts.shape == (eng.n_beams, 0, len(cols))
