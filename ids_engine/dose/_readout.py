@@ -7,13 +7,15 @@ levels, the convolved maps, the per-beam geometry) and changes nothing in it:
   (fine level plus the trilinear upsampling of the coarse one), a few gathers on the device;
 * :meth:`~ReadOuts.delta_at_voxels` and :meth:`~ReadOuts.delta_matrix`: the dose change that
   fluence patches would cause at CT voxels, without applying them: on the host, from the host
-  copies of the geometry (``Level.host``); a DMR solve's columns and predictions;
+  copies of the geometry (``Level.host``); a DMR solve's columns and predictions, and with
+  ``beam_parts`` each beam's part of each column (a per-beam retry's columns, bit for bit);
 * :meth:`~ReadOuts.voxel_bev`: a voxel's beam's-eye-view position and radiological depth;
 * :meth:`~ReadOuts.dose_at_points`, :meth:`~ReadOuts.point_weights`: the reference point dose
   at arbitrary patient points, from each point's own BEV position and depth.
 
-Host tables are cached per voxel set (:class:`_Neighbours`: the coarse neighbours and the
-per-beam level look-ups, :class:`_LevelRows`), since recovery reads the same watch and the
+Host tables are cached per voxel set (:class:`_Neighbours`: the coarse neighbours, built in one
+compiled pass where numba is installed (:func:`~ids_engine.kernels._cpu_readout.coarse_tables`),
+and the per-beam level look-ups, :class:`_LevelRows`), since recovery reads the same watch and the
 same rows again and again; the patch responses are convolved only over the window their
 samples read (:func:`_level_delta_compute`).
 """
@@ -29,7 +31,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from ids_engine import backend
-from ids_engine.kernels import _cpu
+from ids_engine.kernels import _cpu, _cpu_readout
 from ids_engine.kernels.pencil import sample_bilinear
 from ids_engine.kernels.raytrace import radiological_depth
 
@@ -169,13 +171,18 @@ class ReadOuts:
                 if i:
                     cache.insert(0, cache.pop(i))
                 return nb
-        cidx, cw = self._coarse_neighbours(idx)
+        unique = None
+        if _cpu.HAVE_NUMBA:  # the tables and the distinct neighbours in one pass (the same values)
+            cidx, cw, *unique = _cpu_readout.coarse_tables(idx, self.grid.shape_zyx, self.coarse_grid.shape_zyx,
+                                                           self._up_host)
+        else:
+            cidx, cw = self._coarse_neighbours(idx)
         in_body = self.body_mask.ravel()[idx]
         cw_body, outside = np.where(in_body[None, :], cw, np.float32(0)), np.flatnonzero(~in_body)
         if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
-            return _Neighbours(idx, cidx, cw, in_body, cw_body, outside)
+            return _Neighbours(idx, cidx, cw, in_body, cw_body, outside, _coarse_unique=unique and tuple(unique))
         nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body), _frozen(cw_body),
-                         _frozen(outside))
+                         _frozen(outside), _coarse_unique=unique and tuple(unique))
         cache.insert(0, nb)
         del cache[_NEIGHBOUR_CACHE:]
         return nb

@@ -110,3 +110,25 @@ def test_beam_parts_repeated_and_empty(s):
     assert joint.shape == (rows.size, 0) and parts.shape == (eng.n_beams, rows.size, 0)
     joint, parts = eng.delta_matrix(cols, np.zeros(0, np.int64), beam_parts=True)
     assert joint.shape == (0, len(cols)) and parts.shape == (eng.n_beams, 0, len(cols))
+
+
+def test_compiled_coarse_tables_equal_the_numpy_reference(coarse_horseshoe_session):
+    """``_cpu_readout.coarse_tables`` (a voxel set's coarse neighbours, weights and distinct
+    neighbours in one pass) gives ``_coarse_neighbours`` and ``np.unique``'s tables bit for bit:
+    sets of one voxel, of a few hundred, of the grid's first and last voxels, and unsorted."""
+    from ids_engine.kernels import _cpu_readout
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    eng = coarse_horseshoe_session.engine
+    size = int(np.prod(eng.grid.shape_zyx))
+    rng = np.random.default_rng(4)
+    for idx in (np.array([size // 2]), rng.choice(size, 400, replace=False), np.sort(rng.choice(size, 3000, replace=False)),
+                np.array([0, 1, size - 1, size - 2, 0])):
+        idx = idx.astype(np.int64)
+        cidx, cw = eng._coarse_neighbours(idx)
+        uniq, inv = np.unique(cidx.reshape(-1), return_inverse=True)
+        got = _cpu_readout.coarse_tables(idx, eng.grid.shape_zyx, eng.coarse_grid.shape_zyx, eng._up_host)
+        for a, b in zip(got, (cidx, cw, uniq, inv.reshape(-1))):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
