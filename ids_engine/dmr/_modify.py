@@ -64,6 +64,33 @@ def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularis
     return f
 
 
+def _from_beam_parts(parts, eng, rows: np.ndarray, cols: list) -> np.ndarray | None:
+    """A per-beam solve's matrix (n, len(cols)) float64 from the beam parts a joint solve read
+    on the same rows and beams (``(geometry, rows, joint columns, parts)``, parts (beams, n, K)
+    float32), or None unless ``cols`` are the joint columns' patches one a column, in order
+    (``[[p] for col in joint for p in col]``: what ``delta_matrix`` of them gives is the parts
+    bit for bit, each beam's patches stacked on the same box) and the beams and rows are the
+    same."""
+    geometry, rows0, joint, beam_parts = parts
+    if len(geometry) != len(eng.geometry) or any(a is not b for a, b in zip(geometry, eng.geometry)):
+        return None
+    if rows0.shape != rows.shape or not np.array_equal(rows0, rows):
+        return None
+    flat = [(k, p) for k, ps in enumerate(joint) for p in ps]
+    if len(flat) != len(cols):
+        return None
+    g = np.empty((rows.shape[0], len(cols)))
+    for j, ((k, q), ps) in enumerate(zip(flat, cols)):
+        if len(ps) != 1:
+            return None
+        p = ps[0]
+        if (int(p.beam), int(p.row0), int(p.col0)) != (int(q.beam), int(q.row0), int(q.col0)) \
+                or not np.array_equal(p.delta, q.delta):
+            return None
+        g[:, j] = beam_parts[int(p.beam)][:, k]
+    return g
+
+
 @dataclass(frozen=True, eq=False)
 class StepResult:
     """One guarded joint solve: patches applied (empty for a rejected step; a step taken back
@@ -130,6 +157,7 @@ class Modifier:
         # stage boundary so the split is true (a little slower).
         self.profile = False
         self.per_beam = False
+        self._beam_parts = None  # (rows, columns, parts) of the last joint solve (solve_step)
         self.timings_ms = {"create_patch": 0.0, "convolution": 0.0, "update_dose_cube": 0.0}
 
     def _tick(self, stage: str, t0: float) -> float:
@@ -407,6 +435,11 @@ class Modifier:
         for v, sgn in zip(col_voxels, col_signs):
             cols.extend(self._columns(v, sgn > 0, per_beam))
         t0 = self._tick("create_patch", t0)
+        # A rejected joint step is retried with per-beam columns on the same rows (recovery's
+        # ``_Rows._solve``): the joint read keeps each beam's part, and the retry takes its
+        # columns from it instead of reading again (the same numbers bit for bit: a one-patch
+        # column's read-out is its beam's part).
+        parts, self._beam_parts = self._beam_parts, None
         if watch is not None:
             w_vox, w_before, row_pos = watch
             w_before = np.asarray(w_before, np.float64)
@@ -419,7 +452,15 @@ class Modifier:
         obj0 = float(np.sum(weight * _violation(before, lo, acc_hi) ** 2))
         if not cols:
             return StepResult([], False, obj0, obj0, np.zeros(0), before, w_before)
-        g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
+        g = None
+        if per_beam and parts is not None:
+            g = _from_beam_parts(parts, eng, rows, cols)
+        if g is None and not per_beam:
+            joint, beam_parts = eng.delta_matrix(cols, rows, beam_parts=True)
+            g = backend.asnumpy(joint).astype(np.float64)
+            self._beam_parts = (tuple(eng.geometry), rows, cols, beam_parts)
+        elif g is None:
+            g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
         t0 = self._tick("convolution", t0)
         active = viol0 > 0
         aim = np.where(active, np.clip(np.asarray(row_goal, float), lo, hi), before)

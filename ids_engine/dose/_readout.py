@@ -8,7 +8,9 @@ levels, the convolved maps, the per-beam geometry) and changes nothing in it:
 * :meth:`~ReadOuts.delta_at_voxels` and :meth:`~ReadOuts.delta_matrix`: the dose change that
   fluence patches would cause at CT voxels, without applying them: on the host, from the host
   copies of the geometry (``Level.host``); a DMR solve's columns and predictions, and with
-  ``beam_parts`` each beam's part of each column (a per-beam retry's columns, bit for bit);
+  ``beam_parts`` each beam's part of each column (a per-beam retry's columns, bit for bit),
+  which on a device backend is read on the device (``_device_rows``: one ``delta_rows``
+  launch per level, one read);
 * :meth:`~ReadOuts.voxel_bev`: a voxel's beam's-eye-view position and radiological depth;
 * :meth:`~ReadOuts.dose_at_points`, :meth:`~ReadOuts.point_weights`: the reference point dose
   at arbitrary patient points, from each point's own BEV position and depth.
@@ -245,7 +247,10 @@ class ReadOuts:
         patch); the result is ``(n voxels, n columns)`` float32 (NumPy) with column ``k`` equal
         to ``delta_at_voxels(columns[k], flat_index)`` up to float32 round-off. Per beam, the
         columns' patches are stacked on the union of their boxes and convolved in one batched
-        FFT per level, on the host (no device work).
+        FFT per level, on the host (no device work), except with ``beam_parts`` on a device
+        backend: a DMR joint solve's matrix, read on the device by one ``delta_rows`` launch
+        per level and one read (:func:`~ids_engine.dose._device_rows.device_delta_matrix`,
+        equal bit for bit on the counting backend).
 
         With ``beam_parts``, returns ``(joint, parts)``: ``joint`` the same ``(n, K)`` array,
         and ``parts`` ``(n beams, n, K)`` float32 with ``parts[b][:, k]`` beam ``b``'s part of
@@ -257,6 +262,17 @@ class ReadOuts:
         adds only those. ``joint`` is not the sum of the parts bit for bit (it adds the beams
         in turn).
         """
+        if beam_parts and self.xp is not np:
+            # A joint solve's matrix, whose beam parts a per-beam retry reuses: on the device
+            # (one launch per level, one read; see _device_rows). The solve's other reads
+            # (compensating columns, predictions) stay on the host, within a step's sync budget.
+            from ._device_rows import device_delta_matrix
+
+            return device_delta_matrix(self, columns, flat_index)
+        return self._host_delta_matrix(columns, flat_index, beam_parts)
+
+    def _host_delta_matrix(self, columns: Sequence[Sequence[FluencePatch]], flat_index, beam_parts: bool = False):
+        """:meth:`delta_matrix` on the host, whatever the backend."""
         idx = self._host_index(flat_index)
         n, ncol = int(idx.shape[0]), len(columns)
         out = np.zeros((ncol, n), dtype=np.float32)

@@ -118,8 +118,29 @@ def test_reading_the_dose_at_voxels_is_one_sync(counted_session):
     np.testing.assert_array_equal(backend.asnumpy(again), backend.asnumpy(d))
 
 
+def test_a_joint_solves_matrix_is_one_device_read_equal_to_the_host_path(counted_session):
+    """A DMR joint solve's matrix with its beam parts (``delta_matrix(beam_parts=True)``) is
+    read on the device: two copies up, three launches, one read back; on the counting
+    backend equal bit for bit to the host path's read-out on the same engine."""
+    eng = counted_session.engine
+    vox = eng.body_index[:: max(1, eng.body_index.size // 400)]
+    m = counted_session.modifier
+    cols = [m.normalised_patches(int(v), raise_dose=sign > 0) for v, sign in ((vox[150], 1), (vox[200], -1), (vox[220], 1))]
+    cols = [c for c in cols if c]
+    assert len(cols) >= 2
+    eng.delta_matrix(cols, vox, beam_parts=True)  # the beams' kernels are packed once
+    with counting() as c:
+        joint, parts = eng.delta_matrix(cols, vox, beam_parts=True)
+    assert (c.launches, c.syncs, c.h2d, c.d2h) == (3, 1, 2, 1), c.top("launches")
+    host_joint, host_parts = eng._host_delta_matrix(cols, vox, beam_parts=True)  # the host path, same engine
+    np.testing.assert_array_equal(joint, host_joint)
+    np.testing.assert_array_equal(parts, host_parts)
+    assert np.abs(joint).max() > 0
+
+
 def test_dmr_queries_are_answered_on_the_host(counted_session):
-    """A patch's dose at voxels, a voxel's BEV position and the fluence under a patch: no device work."""
+    """A patch's dose at voxels, a voxel's BEV position and the fluence under a patch: no
+    device work (a joint solve's matrix with beam parts is read on the device, see above)."""
     eng = counted_session.engine
     vox = eng.body_index[:: max(1, eng.body_index.size // 200)]
     p = FluencePatch(0, 40, 40, np.full((10, 10), 0.05, np.float32))

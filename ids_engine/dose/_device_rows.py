@@ -1,0 +1,145 @@
+"""A DMR solve's matrix read out on the device: every beam's part of every column at the rows,
+in one launch per dose level and one device read (:func:`device_delta_matrix`).
+
+The host path (``ReadOuts.delta_matrix``) convolves each beam's stack of patches by FFT and
+samples the result at the rows. Here the same numbers come from the ``delta_rows`` kernel
+(``kernels/deltas.py``: a direct sum over the kernel's support; its NumPy twin is the host
+path's FFT read-out, so the counting backend reproduces the NumPy backend bit for bit). The
+host still stacks the patches and looks the rows up in each beam's levels (the host path's
+tables, cached per voxel set), packs them into one upload per dtype, and reads one array back,
+then adds the parts in the host path's order.
+
+Cost per read (held by ``tests/dose/test_device_budgets.py``): two copies to the device (the
+float32 and the int32 tables), three launches (the zeroed output, one ``delta_rows`` per
+level) and one device-to-host read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ids_engine import backend
+from ids_engine.kernels.deltas import SLOT_FIELDS, delta_rows
+
+from ._uploads import _Uploads
+
+__all__ = ["device_delta_matrix"]
+
+_LEVELS = ("fine", "coarse")
+
+
+def _packed_kernels(eng, name: str):
+    """Every beam's lateral kernels of level ``name`` in one device array and each beam's
+    offset in it (built once per set of beams: one concatenation on the device)."""
+    cache = eng.__dict__.setdefault("_packed_kernel_cache", {})
+    token = tuple(eng.geometry)
+    got = cache.get(name)
+    if got is None or len(got[0]) != len(token) or any(a is not b for a, b in zip(got[0], token)):
+        levels = [getattr(g, name) for g in eng.geometry]
+        sizes = np.array([lvl.kernels.size for lvl in levels], np.int64)
+        offsets = np.zeros(len(levels), np.int64)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        flat = eng.xp.concatenate([lvl.kernels.reshape(-1) for lvl in levels])
+        got = cache[name] = (token, flat, offsets)
+    return got[1], got[2]
+
+
+def _level_tables(eng, name: str, slots: list, nb, idx: np.ndarray, up: _Uploads):
+    """One level's ``delta_rows`` arguments (upload keys, scalars) for the slots
+    ``(beam, stack on this level, r0, c0, columns)`` whose beam has components there."""
+    _, ker_off = _packed_kernels(eng, name)
+    level_index = idx if name == "fine" else nb.coarse_unique()[0]
+    tables = [eng._rows_of(nb, b, name, level_index) for b, *_ in slots]
+    nc = int(tables[0].weights.shape[0])
+    if any(t.weights.shape[0] != nc for t in tables):  # pragma: no cover - one machine's components
+        raise ValueError(f"delta_rows: the beams' {name} levels have different numbers of components")
+    n_slot = len(slots)
+    m_s = np.array([st.shape[0] for _, st, *_ in slots], np.int64)
+    sizes = np.array([st.size for _, st, *_ in slots], np.int64)
+    table = np.empty((n_slot, len(SLOT_FIELDS)), np.int32)
+    table[:, 0] = np.concatenate([[0], np.cumsum(sizes[:-1])])  # data_off
+    table[:, 1] = m_s
+    table[:, 2] = [st.shape[1] for _, st, *_ in slots]
+    table[:, 3] = [st.shape[2] for _, st, *_ in slots]
+    table[:, 4] = [r0 for _, _, r0, _, _ in slots]
+    table[:, 5] = [c0 for _, _, _, c0, _ in slots]
+    lvls = [getattr(eng.geometry[b], name) for b, *_ in slots]
+    table[:, 6] = [ker_off[b] for b, *_ in slots]
+    table[:, 7] = [lvl.kernels.shape[1] for lvl in lvls]
+    table[:, 8] = [lvl.kernels.shape[2] for lvl in lvls]
+    table[:, 9] = np.concatenate([[0], np.cumsum(m_s[:-1])])  # col_off
+    planes = np.empty((int(m_s.sum()), 2), np.int32)
+    planes[:, 0] = np.repeat(np.arange(n_slot), m_s)
+    planes[:, 1] = np.arange(planes.shape[0]) - np.repeat(table[:, 9], m_s)
+    keys = {
+        "stacks": up.add(np.concatenate([st.reshape(-1) for _, st, *_ in slots])),
+        "slots": up.add(table),
+        "planes": up.add(planes),
+        "colmap": up.add(np.concatenate([cols for *_, cols in slots]).astype(np.int32)),
+        "v_tab": up.add(np.stack([t.v for t in tables])),
+        "u_tab": up.add(np.stack([t.u for t in tables])),
+        "w_tab": up.add(np.stack([t.weights for t in tables])),
+        "ok_tab": up.add(np.stack([t.ok for t in tables]).astype(np.int32)),
+    }
+    return keys, {"m": int(level_index.shape[0]), "nc": nc}
+
+
+def device_delta_matrix(eng, columns, flat_index) -> tuple[np.ndarray, np.ndarray]:
+    """``eng.delta_matrix(columns, flat_index, beam_parts=True)`` read on the device:
+    ``(joint (n, K), parts (n beams, n, K))`` float32 host arrays, bit for bit the host path's
+    on the counting backend (the same parts added in the same order) and equal to it up to
+    float32 round-off on a GPU."""
+    idx = eng._host_index(flat_index)
+    n, ncol = int(idx.shape[0]), len(columns)
+    out = np.zeros((ncol, n), np.float32)
+    parts = np.zeros((len(eng.geometry), ncol, n), np.float32)
+    if not (ncol and n):
+        return out.T, parts.transpose(0, 2, 1)
+    nb = eng._neighbours(idx)
+    beams = list(eng._beam_stacks(columns))
+    # Per level, the slots: (beam, its stack on the level, origin cell, the stack's columns).
+    slots = {name: [] for name in _LEVELS}
+    for b, stack, R0, C0, sel in beams:
+        geo = eng.geometry[b]
+        f = geo.coarse_fluence_factor
+        cols = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+        if geo.fine.components:
+            slots["fine"].append((b, stack, R0 * f, C0 * f, cols))
+        if geo.coarse.components:
+            m, hh, ww = stack.shape[0], stack.shape[1] // f, stack.shape[2] // f
+            slots["coarse"].append((b, stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4)), R0, C0, cols))
+    up = _Uploads()
+    args = {name: _level_tables(eng, name, s, nb, idx, up) for name, s in slots.items() if s}
+    if not args:
+        return out.T, parts.transpose(0, 2, 1)
+    _, inv = nb.coarse_unique()
+    nb_keys = {"coarse": (up.add(inv.reshape(8, n).astype(np.int32)), up.add(nb.cw)),
+               "fine": (up.add(np.zeros(1, np.int32)), up.add(np.zeros(1, np.float32)))}
+    sent = up.send(eng.xp)
+    s_max = max(len(s) for s in slots.values())
+    dev = eng.xp.zeros((len(_LEVELS), s_max, ncol, n), np.float32)
+    for li, name in enumerate(_LEVELS):
+        if name not in args:
+            continue
+        keys, scal = args[name]
+        v = {k: _Uploads.view(sent, key) for k, key in keys.items()}
+        ik, wk = nb_keys[name]
+        delta_rows(dev[li, : len(slots[name])], v["stacks"], v["slots"], v["planes"], v["colmap"],
+                   _packed_kernels(eng, name)[0], v["v_tab"], v["u_tab"], v["w_tab"], v["ok_tab"],
+                   _Uploads.view(sent, ik), _Uploads.view(sent, wk), n=n, K=ncol,
+                   n_nb=8 if name == "coarse" else 0, **scal)
+    host = backend.asnumpy(dev)
+    # The host path's order: per beam, its fine part then its coarse part, into the joint
+    # columns and into the beam's own part.
+    at = {name: {b: s for s, (b, *_) in enumerate(slots[name])} for name in _LEVELS}
+    for b, _, _, _, sel in beams:
+        for li, name in enumerate(_LEVELS):
+            s = at[name].get(b)
+            if s is not None:
+                got = host[li, s, sel]
+                out[sel] += got
+                parts[b, sel] += got
+    if nb.outside.size:  # outside the body: 0 (the host path's bits)
+        out[:, nb.outside] = 0
+        parts[:, :, nb.outside] = 0
+    return out.T, parts.transpose(0, 2, 1)
