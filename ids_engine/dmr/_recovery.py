@@ -49,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from ids_engine import backend
-from ids_engine.kernels import _cpu
+from ids_engine.kernels import _cpu, _cpu_rows
 
 __all__ = ["RecoveryOptions", "RecoveryResult", "Watch", "WatchBase", "WatchComposition", "attach_composition",
            "compose_watch", "distance_grid", "extend_watch", "modify_joint", "recover"]
@@ -377,6 +377,8 @@ def _composed_dose(eng, comp: "WatchComposition", remember: bool = False) -> np.
             memo[ver] = (eng, db)
             while len(memo) > _BASE_DOSES:
                 memo.pop(next(iter(memo)))
+    if _cpu_rows.HAVE_NUMBA:
+        return _cpu_rows.gather_composed(db, de, comp.source)
     return np.take(np.concatenate([db, de]), comp.source).astype(np.float64)
 
 
@@ -408,7 +410,10 @@ def _take_back(modifier, patches: list, n_keep: int, watch: Watch | None) -> np.
 
 
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
-    """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one."""
+    """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one
+    (compiled with numba when it is installed: the same indices)."""
+    if _cpu_rows.HAVE_NUMBA:
+        return _cpu_rows.pick_spread(order, coords, spacing, limit)
     kept: list[int] = []
     for i in order:
         if len(kept) >= limit:
@@ -439,10 +444,10 @@ class _Rows:
         # Neighbourhoods are looked up on the grid (a ball of index offsets, then the sorted
         # watch), not in a k-d tree over 10^5 points.
         self._balls: dict = {}
+        self._ball_rows: dict = {}  # the balls' offsets as rows along x (_cpu_rows.ball_rows)
         n_beams = len(eng.geometry)
         if not self._from_base(modifier, watch):
             self._build(eng)
-        self.bev_u, self.bev_v, self.bev_w = list(self.bev_u2), list(self.bev_v2), list(self.bev_w2)
         self.by_v = [(self._order2[b], self._rows2[b]) for b in range(n_beams)]
         self._by_v_uv = [(self._bu_sorted2[b], self._bv_sorted2[b]) for b in range(n_beams)]
         # The request's own voxels and the pins are rows of every solve, wherever it is.
@@ -454,6 +459,45 @@ class _Rows:
         self.reach_cells = float(modifier.kernel_radius_mm / eng.geometry[0].fluence_grid.pitch_mm) + 2.0
         self.hi_solve = np.minimum(watch.hi, watch.cap)
         self.capped = np.asarray(watch.cap) < np.asarray(watch.hi)
+
+    def __getattr__(self, name: str):
+        """The BEV tables made on first use: a watch on a base's (beams, n) ``bev_u2``,
+        ``bev_v2``, ``bev_w2`` spliced from the base's (its extra voxels' looked up), and the
+        per-beam rows ``bev_u``, ``bev_v``, ``bev_w`` of those tables."""
+        if name in ("bev_u2", "bev_v2", "bev_w2") and "_bev_source" in self.__dict__:
+            base, eu, ev, ew = self._bev_source
+            comp = self.watch.__dict__["_composition"]
+            src, e_pos = comp.source, comp.extra_at
+            shape = (len(base.bev_u2), self.vox.size)
+            for key, src_tab, e_tab in (("bev_u2", base.bev_u2, eu), ("bev_v2", base.bev_v2, ev),
+                                        ("bev_w2", base.bev_w2, ew)):
+                # mode="clip": the extra voxels' source indices, nb and above, read a base entry
+                # then overwritten (NumPy buffers ``out`` in the default mode).
+                dst = self.__dict__[key] = np.empty(shape, np.float32)
+                np.take(src_tab, src, axis=1, mode="clip", out=dst)
+                dst[:, e_pos] = e_tab
+            return self.__dict__[name]
+        if name in ("bev_u", "bev_v", "bev_w"):
+            rows = self.__dict__[name] = list(getattr(self, name + "2"))
+            return rows
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def _bev_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(beams, len(idx)) float32: ``bev_u2[:, idx]`` and ``bev_v2[:, idx]``, read from the
+        base's tables where the watch's own are not made (the same values)."""
+        if "_bev_source" not in self.__dict__ or "bev_u2" in self.__dict__:
+            return self.bev_u2[:, idx], self.bev_v2[:, idx]
+        base, eu, ev, _ = self._bev_source
+        s = self.watch.__dict__["_composition"].source[idx]
+        nb = base.vox.size
+        inb = s < nb
+        out = []
+        for src_tab, e_tab in ((base.bev_u2, eu), (base.bev_v2, ev)):
+            got = np.empty((src_tab.shape[0], s.size), np.float32)
+            got[:, inb] = src_tab[:, s[inb]]
+            got[:, ~inb] = e_tab[:, s[~inb] - nb]
+            out.append(got)
+        return out[0], out[1]
 
     def _build(self, eng) -> None:
         """The voxels' grid positions and every beam's row tables, from scratch."""
@@ -498,12 +542,9 @@ class _Rows:
         self.index_zyx = np.take(base.index_zyx, src, axis=0, mode="clip")
         self.index_zyx[e_pos] = np.stack(np.unravel_index(extra, self.shape), axis=-1).reshape(m, 3)
         self.coords = self.index_zyx * self.spacing
-        shape = (n_beams, self.vox.size)
-        self.bev_u2, self.bev_v2, self.bev_w2 = (np.empty(shape, np.float32) for _ in range(3))
-        for src_tab, e_tab, dst in ((base.bev_u2, eu, self.bev_u2), (base.bev_v2, ev, self.bev_v2),
-                                    (base.bev_w2, ew, self.bev_w2)):
-            np.take(src_tab, src, axis=1, mode="clip", out=dst)
-            dst[:, e_pos] = e_tab
+        # The watch's own BEV tables are spliced only when read (__getattr__: the NumPy
+        # paths); the compiled ones read the base's at the watch's sources (_bev_at).
+        self._bev_source = (base, eu, ev, ew)
         # The row-sorted tables are the base's (indices into the base, see _under_patches).
         self._order2, self._rows2 = base._order2, base._rows2
         self._bu_sorted2, self._bv_sorted2 = base._bu_sorted2, base._bv_sorted2
@@ -545,6 +586,14 @@ class _Rows:
         if not self.vox.size:
             return np.zeros(0, np.int64)
         mark = np.zeros(self.vox.size, bool)
+        if _cpu_rows.HAVE_NUMBA and self.index_zyx.dtype == np.int64:
+            # Compiled: the ball's rows along x, each one search of the sorted watch (the same voxels).
+            rows = self._ball_rows.get(radius_mm, False)
+            if rows is False:
+                rows = self._ball_rows[radius_mm] = _cpu_rows.ball_rows(offs)
+            if rows is not None:
+                _cpu_rows.ball_row_marks(self.index_zyx, cols, rows, self.shape, self.vox, mark)
+                return np.flatnonzero(mark).astype(np.int64)
         if _cpu.HAVE_NUMBA and self.index_zyx.dtype == np.int64 and offs.dtype == np.int64:
             # Compiled: each offset point looked up in the sorted watch directly (the same voxels).
             _cpu.ball_marks(self.index_zyx, cols, offs, self.shape, self.vox, mark)
@@ -577,15 +626,19 @@ class _Rows:
         # kept sorted by their BEV row, so the patch's rows are one slice), then those in
         # their band, not near, and with little room.
         mark = self._under_patches(cols)
-        mark[near_idx] = False
-        touched_all = np.flatnonzero(mark)
-        slack = np.minimum(self.hi_solve[touched_all] - dose[touched_all], dose[touched_all] - w.lo[touched_all])
-        pick = (viol[touched_all] == 0) & (slack < opts.risk_slack_gy)
-        touched_all, slack = touched_all[pick], slack[pick]
+        if _cpu_rows.HAVE_NUMBA:
+            touched_all, slack, capped = _cpu_rows.in_band_under(mark, near_idx, viol, dose, self.hi_solve, w.lo,
+                                                                 self.capped, opts.risk_slack_gy)
+        else:
+            mark[near_idx] = False
+            touched_all = np.flatnonzero(mark)
+            slack = np.minimum(self.hi_solve[touched_all] - dose[touched_all], dose[touched_all] - w.lo[touched_all])
+            pick = (viol[touched_all] == 0) & (slack < opts.risk_slack_gy)
+            touched_all, slack = touched_all[pick], slack[pick]
+            # Soft-capped voxels (far target, normal tissue) all have about the same room, so the
+            # least-room order does not find where the patches will make a hot spot.
+            capped = touched_all[self.capped[touched_all]]
         risk = touched_all[_smallest(slack, opts.max_rows_risk)]
-        # Soft-capped voxels (far target, normal tissue) all have about the same room, so the
-        # least-room order does not find where the patches will make a hot spot.
-        capped = touched_all[self.capped[touched_all]]
         if capped.size > opts.max_rows_capped:
             # Rank by how much a patch at the columns would raise each one (its dose per unit
             # fluence, times the narrow kernel's fall-off from the nearest column's
@@ -629,9 +682,11 @@ class _Rows:
         if _cpu.HAVE_NUMBA and self._u_sorted and split is not None:
             # The base's u-ordered tables marked straight into watch positions (the same marks
             # as mapping the base's marks below).
+            # The kernel reads the BEV tables at the columns only: those given alone.
             out = np.zeros(self.vox.size, bool)
-            _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
-                                    self._bv_sorted2, cols, reach, out, u_sorted=True, remap=base_at)
+            cu2, cv2 = self._bev_at(cols)
+            _cpu.mark_under_patches(cu2, cv2, self._order2, self._rows2, self._bu_sorted2, self._bv_sorted2,
+                                    np.arange(cols.size), reach, out, u_sorted=True, remap=base_at)
         elif _cpu.HAVE_NUMBA:
             _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
                                     self._bv_sorted2, cols, reach, mark, u_sorted=self._u_sorted)
@@ -656,7 +711,7 @@ class _Rows:
         if e_pos.size and cols.size:
             # All beams at once, with the edges as above: v's in float64, then cast to float32
             # for the comparison (NEP 50: what comparing with a Python float does); u's in float32.
-            cu, cv = self.bev_u2[:, cols], self.bev_v2[:, cols]
+            cu, cv = self._bev_at(cols)
             ok = np.isfinite(cv)
             beams = ok.any(axis=1)
             v_lo = (np.where(ok, cv, np.inf).min(axis=1).astype(np.float64) - reach).astype(np.float32)[:, None]
@@ -673,6 +728,10 @@ class _Rows:
         voxels ``capped`` to the nearest column (+inf where the beam misses the voxel or every
         column), and the voxels' dose per unit fluence ``bev_w2``. All beams at once; compiled
         with numba when it is installed (bit for bit the same)."""
+        if _cpu_rows.HAVE_NUMBA and "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
+            base, eu, ev, ew = self._bev_source
+            return _cpu_rows.capped_distance2_source((base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew),
+                                                     self.watch.__dict__["_composition"].source, capped, cols)
         if _cpu.HAVE_NUMBA:
             return _cpu.capped_distance2(self.bev_u2, self.bev_v2, self.bev_w2, capped, cols)
         bu, bv = np.take(self.bev_u2, capped, axis=1), np.take(self.bev_v2, capped, axis=1)
@@ -833,7 +892,6 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     timings = {"select_location": 0.0, "modify_step": 0.0, "return_to_best": 0.0}
     rs = _rows_for(modifier, watch, opts)
     vox, coords, hard = rs.vox, rs.coords, rs.hard
-    tabu = np.zeros(vox.size, bool)
     chosen, accepted, patches, objective = [], [], [], []
     best_step, best_n_patches = 0, 0
     best_key = (np.inf, np.inf)
@@ -841,35 +899,42 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
     hard_eps = max(1e-3 * float(np.nanmax(np.abs(np.where(np.isfinite(watch.goal), watch.goal, 0)))), 1e-6)
     n_done = 0
 
-    def state_key(dose_gy):
+    hard_idx = np.flatnonzero(hard)
+
+    def state_key(dose_gy, v=None, wv2=None):
         """(J, rank, violation) of a state: the best state has the request's own voxels and
         the pins in band first (their largest violation, ignoring round-off), then the lowest
         J. A state that keeps what the planner asked for beats one with a lower sum that gives
-        it up."""
-        v = watch.violation(dose_gy)
-        j = float(np.sum(watch.weight * v**2))
-        return j, (round(float(v[hard].max()) / hard_eps) if hard.any() else 0, j), v
+        it up. ``v`` and ``wv2``: the violation and ``weight * v**2`` when already computed."""
+        if v is None:
+            v = watch.violation(dose_gy)
+            wv2 = watch.weight * v**2
+        j = float(np.sum(wv2))
+        return j, (round(float(v[hard_idx].max()) / hard_eps) if hard_idx.size else 0, j), v
 
+    # The voxels not to be chosen: the rejected ones (tabu) and those out of focus.
+    blocked = np.zeros(vox.size, bool) if focus is None else ~focus
     # The watch's dose: read once here, then carried by each solve (one device read per step).
     dose = _watch_dose(eng, watch)
     for step in range(steps + 1):
         t0 = time.perf_counter()
-        obj, key, viol = state_key(dose)
+        # The violation, the objective's terms, the score, its largest and the voxels off each way.
+        viol, wv2, score, r, big, off_cold, off_hot = _cpu_rows.scan_watch(dose, watch.lo, watch.hi, watch.weight,
+                                                                           blocked)
+        obj, key, viol = state_key(dose, viol, wv2)
         objective.append(obj)
         if key < best_key:
             best_key, best_step, best_n_patches = key, step, len(patches)
         if obj < low_j[0]:
             low_j = (obj, step, len(patches))
-        score = np.where(tabu if focus is None else (tabu | ~focus), 0.0, watch.weight * viol)
-        if step == steps or (cancel is not None and cancel()) or not np.any(score > 1e-6):
+        if step == steps or (cancel is not None and cancel()) or not big:
             timings["select_location"] += (time.perf_counter() - t0) * 1000
             break
-        r = int(np.argmax(score))
         cold = dose[r] < watch.lo[r]
         direction = 1.0 if cold else -1.0
         # Columns: the cluster of voxels off in the same direction around r (the distance is
         # only needed, and computed, for the voxels off in that direction).
-        idx = np.flatnonzero((score > 0) & ((dose < watch.lo) if cold else (dose > watch.hi)))
+        idx = off_cold if cold else off_hot
         idx = idx[np.linalg.norm(coords[idx] - coords[r], axis=1) <= opts.cluster_radius_mm]
         order = idx[np.argsort(-score[idx], kind="stable")]
         cluster = _pick_spread(order, coords, opts.cluster_spacing_mm, opts.cluster_size)
@@ -883,7 +948,7 @@ def recover(modifier, watch: Watch, *, steps: int = 25, options: RecoveryOptions
         chosen.append(int(vox[r]))
         accepted.append(bool(res.accepted))
         if not res.accepted:
-            tabu[r] = True
+            blocked[r] = True
         n_done = step + 1
         if progress:
             progress(n_done, steps, "recovery")

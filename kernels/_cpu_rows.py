@@ -1,0 +1,357 @@
+"""Compiled passes of a DMR recovery step's host work (numba, optional).
+
+When numba is installed (the ``fast`` extra) ``ids_engine.dmr._recovery`` runs these loops in
+place of NumPy code that stays the reference (it runs with ``IDS_NUMBA=0`` or without numba);
+each gives the same values, so the same rows, voxels and steps
+(``tests/dmr/test_select_fast.py`` compares them):
+
+- :func:`scan_watch`: a recovery step's pass over the watch (``recover``): the violation, the
+  objective's terms, the score, its largest and the voxels off their band each way, in one
+  pass instead of about twenty NumPy passes over 10^5 voxels (its twin:
+  :func:`scan_watch_numpy`).
+- :func:`in_band_under`: the at-risk and soft-capped voxels among those under the columns'
+  patches (``_Rows.select``), one pass over the marks instead of ``flatnonzero`` and gathers.
+- :func:`ball_row_marks`: the watched voxels within a radius of the columns (``_Rows.ball``),
+  one search of the sorted watch per row of the ball (:func:`ball_rows`) instead of one per
+  offset (``_cpu.ball_marks``).
+- :func:`capped_distance2_source`: ``_cpu.capped_distance2`` of a watch built on a base, read
+  from the base's BEV tables, so the watch's own (three (beams, 10^5) tables, spliced for
+  every request) are made only for the NumPy code.
+- :func:`pick_spread`: the step's cluster (``_pick_spread``), the greedy walk compiled.
+- :func:`gather_composed`: a composed watch's dose (``_composed_dose``), the take and the
+  cast to float64 in one pass.
+
+``IDS_NUMBA=0`` turns them off (``HAVE_NUMBA`` False)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["HAVE_NUMBA", "ball_row_marks", "ball_rows", "capped_distance2_source", "gather_composed", "in_band_under",
+           "pick_spread", "scan_watch", "scan_watch_numpy"]
+
+_IN_BAND = None
+_SCAN = None
+_SPREAD = None
+_COMPOSED = None
+_BALL_ROWS = None
+_CAPPED_SOURCE = None
+HAVE_NUMBA = False
+if os.environ.get("IDS_NUMBA", "1") != "0":
+    try:  # pragma: no cover - depends on the environment
+        import numba
+    except ImportError:  # pragma: no cover
+        numba = None
+    if numba is not None:
+        HAVE_NUMBA = True
+
+        @numba.njit(nogil=True, cache=True)
+        def _in_band_under_nb(mark, near, viol, dose, hi, lo, capped, slack_max, touched, slack,
+                              touched_capped):  # pragma: no cover - compiled
+            for j in range(near.shape[0]):
+                mark[near[j]] = False
+            nt = 0
+            nc = 0
+            for i in range(mark.shape[0]):
+                if not mark[i] or not viol[i] == 0:
+                    continue
+                a = hi[i] - dose[i]
+                b = dose[i] - lo[i]
+                if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
+                    continue
+                s = a if a < b else b
+                if s < slack_max:
+                    touched[nt] = i
+                    slack[nt] = s
+                    nt += 1
+                    if capped[i]:
+                        touched_capped[nc] = i
+                        nc += 1
+            return nt, nc
+
+        _IN_BAND = _in_band_under_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _scan_watch_nb(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot):  # pragma: no cover
+            # NumPy's maximum: a if a >= b or a is NaN, else b (NaN propagates).
+            r = -1
+            nan_at = -1
+            best = -np.inf
+            big = False
+            nc = 0
+            nh = 0
+            for i in range(dose.shape[0]):
+                d = dose[i]
+                a = lo[i] - d
+                b = d - hi[i]
+                m = a if (a >= b or np.isnan(a)) else b
+                v = m if (m >= 0.0 or np.isnan(m)) else 0.0
+                viol[i] = v
+                w = weight[i]
+                wv2[i] = w * (v * v)
+                s = 0.0 if blocked[i] else w * v
+                score[i] = s
+                if s > 1e-6:
+                    big = True
+                if np.isnan(s):  # argmax: the first NaN
+                    if nan_at < 0:
+                        nan_at = i
+                elif s > best:
+                    best = s
+                    r = i
+                if s > 0:
+                    if d < lo[i]:
+                        cold[nc] = i
+                        nc += 1
+                    if d > hi[i]:
+                        hot[nh] = i
+                        nh += 1
+            if nan_at >= 0:
+                r = nan_at
+            return r, big, nc, nh
+
+        _SCAN = _scan_watch_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _pick_spread_nb(order, coords, spacing, limit, kept):  # pragma: no cover - compiled
+            # The distance as np.linalg.norm(..., axis=1) sums the squares: ((z + y) + x);
+            # a NaN distance makes NumPy's min NaN, which is not below the spacing.
+            nk = 0
+            for t in range(order.shape[0]):
+                if nk >= limit:
+                    break
+                i = order[t]
+                m = np.inf
+                for j in range(nk):
+                    k = kept[j]
+                    dz = coords[k, 0] - coords[i, 0]
+                    dy = coords[k, 1] - coords[i, 1]
+                    dx = coords[k, 2] - coords[i, 2]
+                    d = np.sqrt((dz * dz + dy * dy) + dx * dx)
+                    if np.isnan(d) or np.isnan(m):
+                        m = np.nan
+                    elif d < m:
+                        m = d
+                if nk and m < spacing:
+                    continue
+                kept[nk] = i
+                nk += 1
+            return nk
+
+        _SPREAD = _pick_spread_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _gather_composed_nb(base, extra, source, out):  # pragma: no cover - compiled
+            nb = base.shape[0]
+            for i in range(source.shape[0]):
+                s = source[i]
+                out[i] = np.float64(base[s]) if s < nb else np.float64(extra[s - nb])
+
+        _COMPOSED = _gather_composed_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _ball_rows_nb(index_zyx, cols, rows, nz, ny, nx, voxels, mark):  # pragma: no cover - compiled
+            n = voxels.shape[0]
+            for j in range(cols.shape[0]):
+                cz = index_zyx[cols[j], 0]
+                cy = index_zyx[cols[j], 1]
+                cx = index_zyx[cols[j], 2]
+                for t in range(rows.shape[0]):
+                    z = cz + rows[t, 0]
+                    y = cy + rows[t, 1]
+                    if z < 0 or z >= nz or y < 0 or y >= ny:
+                        continue
+                    x0 = max(cx + rows[t, 2], 0)
+                    x1 = min(cx + rows[t, 3], nx - 1)
+                    if x0 > x1:
+                        continue
+                    first = (z * ny + y) * nx + x0
+                    last = first + (x1 - x0)
+                    lo, hi = 0, n
+                    while lo < hi:  # searchsorted(voxels, first, side="left")
+                        mid = (lo + hi) // 2
+                        if voxels[mid] < first:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    while lo < n and voxels[lo] <= last:
+                        mark[lo] = True
+                        lo += 1
+
+        _BALL_ROWS = _ball_rows_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _capped_d2_source_nb(bu2, bv2, bw2, eu, ev, ew, source, capped, cols, d2_out,
+                                 w_out):  # pragma: no cover - compiled
+            # _cpu._capped_d2_nb with watched voxel i's values read at source[i] of the base's
+            # tables, or of the extra voxels' past them: the same float32 operations and order.
+            inf32 = np.float32(np.inf)
+            n = capped.shape[0]
+            nb = bu2.shape[1]
+            cu_l = np.empty(cols.shape[0], np.float32)
+            cv_l = np.empty(cols.shape[0], np.float32)
+            bu_g = np.empty(n, np.float32)
+            bv_g = np.empty(n, np.float32)
+            for b in range(bu2.shape[0]):
+                for i in range(n):
+                    s = source[capped[i]]
+                    if s < nb:
+                        bu_g[i] = bu2[b, s]
+                        bv_g[i] = bv2[b, s]
+                        w_out[b, i] = bw2[b, s]
+                    else:
+                        bu_g[i] = eu[b, s - nb]
+                        bv_g[i] = ev[b, s - nb]
+                        w_out[b, i] = ew[b, s - nb]
+                m = 0
+                bad = False
+                for j in range(cols.shape[0]):
+                    s = source[cols[j]]
+                    cv = bv2[b, s] if s < nb else ev[b, s - nb]
+                    if np.isfinite(cv):
+                        cu_l[m] = bu2[b, s] if s < nb else eu[b, s - nb]
+                        cv_l[m] = cv
+                        bad = bad or np.isnan(cu_l[m])
+                        m += 1
+                drow = d2_out[b]
+                drow[:] = inf32
+                if m == 0 or bad:
+                    continue
+                for jj in range(m):
+                    cu = cu_l[jj]
+                    cv = cv_l[jj]
+                    for i in range(n):
+                        du = bu_g[i] - cu
+                        dv = bv_g[i] - cv
+                        dj = du * du + dv * dv
+                        if dj < drow[i]:
+                            drow[i] = dj
+                for i in range(n):
+                    if np.isnan(bu_g[i]) or np.isnan(bv_g[i]) or not np.isfinite(drow[i]):
+                        drow[i] = inf32
+
+        _CAPPED_SOURCE = _capped_d2_source_nb
+
+
+
+
+def in_band_under(mark, near, viol, dose, hi, lo, capped, slack_max: float):
+    """The voxels ``i`` with ``mark[i]`` (after clearing ``mark[near]``, in place) in their band
+    (``viol[i] == 0``) whose room ``min(hi - dose, dose - lo)`` (float64) is below
+    ``slack_max``: ``(touched, slack, touched_capped)``, the voxels (int64, ascending), their
+    room, and those of them with ``capped[i]``. What ``_Rows.select`` computes with
+    ``flatnonzero`` and gathers (the same voxels and values). ``mark``, ``capped`` (n,) bool;
+    ``viol``, ``dose``, ``hi``, ``lo`` (n,) float64; ``near`` int64 indices. Needs numba
+    (``HAVE_NUMBA``)."""
+    if _IN_BAND is None:
+        raise RuntimeError("in_band_under needs numba (pip install ids-engine[fast])")
+    viol, dose, hi, lo = (np.asarray(a, np.float64) for a in (viol, dose, hi, lo))
+    n = mark.shape[0]
+    touched, slack, touched_capped = np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64)
+    nt, nc = _IN_BAND(mark, np.asarray(near, np.int64), viol, dose, hi, lo, capped, float(slack_max), touched,
+                      slack, touched_capped)
+    return touched[:nt].copy(), slack[:nt].copy(), touched_capped[:nc].copy()
+
+
+def scan_watch(dose, lo, hi, weight, blocked):
+    """One pass over the watch for a recovery step: ``(viol, wv2, score, r, big, cold, hot)``,
+    the violation ``max(max(lo - dose, dose - hi), 0)`` (as ``Watch.violation``), ``weight *
+    viol**2`` (whose NumPy sum is the objective), the score ``where(blocked, 0, weight *
+    viol)``, its ``argmax`` ``r`` (-1 when the watch is empty), whether some score is above
+    1e-6, and the voxels (int64, ascending) with a positive score below their band (``cold``)
+    and above it (``hot``). ``dose``, ``lo``, ``hi``, ``weight`` (n,) float64; ``blocked`` (n,)
+    bool. Compiled with numba when it is installed, else :func:`scan_watch_numpy` (the same
+    values, the sign of a zero violation aside)."""
+    dose, lo, hi, weight = (np.asarray(a, np.float64) for a in (dose, lo, hi, weight))
+    blocked = np.asarray(blocked, np.bool_)
+    if not HAVE_NUMBA:  # (the module's switch, which the tests turn off)
+        return scan_watch_numpy(dose, lo, hi, weight, blocked)
+    n = dose.shape[0]
+    viol, wv2, score = np.empty(n), np.empty(n), np.empty(n)
+    cold, hot = np.empty(n, np.int64), np.empty(n, np.int64)
+    r, big, nc, nh = _SCAN(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot)
+    return viol, wv2, score, int(r), bool(big), cold[:nc].copy(), hot[:nh].copy()
+
+
+def pick_spread(order, coords, spacing_mm: float, limit: int) -> list[int]:
+    """Greedy: walk ``order`` (int64 indices into ``coords``, (n, 3) float64 mm) and keep the
+    indices at least ``spacing_mm`` from every kept one, at most ``limit``: the compiled twin
+    of ``ids_engine.dmr._recovery._pick_spread`` (the same distances, summed in NumPy's
+    order: the same indices). Needs numba (``HAVE_NUMBA``)."""
+    if _SPREAD is None:
+        raise RuntimeError("pick_spread needs numba (pip install ids-engine[fast])")
+    order = np.asarray(order, np.int64)
+    kept = np.empty(max(min(int(limit), order.shape[0]), 0), np.int64)
+    nk = _SPREAD(order, np.ascontiguousarray(coords, np.float64), float(spacing_mm), int(limit), kept)
+    return [int(i) for i in kept[:nk]]
+
+
+def gather_composed(base, extra, source) -> np.ndarray:
+    """(len(source),) float64: ``concatenate([base, extra])[source]`` (``base``, ``extra``
+    float32 doses, ``source`` int64 indices into both) cast to float64, in one pass: the
+    same values as NumPy's take and cast. Needs numba (``HAVE_NUMBA``)."""
+    if _COMPOSED is None:
+        raise RuntimeError("gather_composed needs numba (pip install ids-engine[fast])")
+    out = np.empty(np.shape(source)[0], np.float64)
+    _COMPOSED(base, extra, np.asarray(source, np.int64), out)
+    return out
+
+
+def ball_rows(offs) -> np.ndarray | None:
+    """The offsets ``offs`` ((m, 3) int64 (z, y, x), a ball's) as rows along x: (r, 4) int64
+    ``(z, y, x_first, x_last)``, one per (z, y) they hold; None when some row's x are not
+    contiguous (then they are no ball's)."""
+    offs = np.asarray(offs, np.int64).reshape(-1, 3)
+    if not offs.size:
+        return np.zeros((0, 4), np.int64)
+    zy, inv = np.unique(offs[:, :2], axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    x_first = np.full(zy.shape[0], np.iinfo(np.int64).max)
+    x_last = np.full(zy.shape[0], np.iinfo(np.int64).min)
+    np.minimum.at(x_first, inv, offs[:, 2])
+    np.maximum.at(x_last, inv, offs[:, 2])
+    if np.sum(x_last - x_first + 1) != offs.shape[0] or np.unique(offs, axis=0).shape[0] != offs.shape[0]:
+        return None
+    return np.column_stack([zy, x_first, x_last]).astype(np.int64)
+
+
+def ball_row_marks(index_zyx, cols, rows, shape_zyx, voxels, mark) -> None:
+    """Sets ``mark[i]`` for every watched voxel ``i`` (``voxels``: sorted flat CT indices,
+    int64) in a row of ``rows`` (:func:`ball_rows` of a ball's offsets) around the grid
+    position ``index_zyx[c]`` ((n, 3) int64) of a column ``c`` of ``cols``, inside the grid
+    ``shape_zyx``: one search of the sorted watch per row instead of one per offset, the same
+    voxels as ``_cpu.ball_marks`` with the offsets. Needs numba (``HAVE_NUMBA``)."""
+    if _BALL_ROWS is None:
+        raise RuntimeError("ball_row_marks needs numba (pip install ids-engine[fast])")
+    nz, ny, nx = (int(n) for n in shape_zyx)
+    _BALL_ROWS(np.asarray(index_zyx, np.int64), np.asarray(cols, np.int64), np.asarray(rows, np.int64), nz, ny, nx,
+               np.asarray(voxels, np.int64), mark)
+
+
+
+def scan_watch_numpy(dose, lo, hi, weight, blocked):
+    """The NumPy twin of :func:`scan_watch` (the reference)."""
+    viol = np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
+    score = np.where(blocked, 0.0, weight * viol)
+    r = int(np.argmax(score)) if score.size else -1
+    off = score > 0
+    return (viol, weight * viol**2, score, r, bool(np.any(score > 1e-6)), np.flatnonzero(off & (dose < lo)),
+            np.flatnonzero(off & (dose > hi)))
+
+
+def capped_distance2_source(base_bev, extra_bev, source, capped, cols) -> tuple[np.ndarray, np.ndarray]:
+    """``_cpu.capped_distance2`` of a watch composed of a base's voxels and a few extra ones,
+    without the watch's own tables: watched voxel ``i``'s BEV ``(u, v, w)`` are the base's
+    (``base_bev``: its ``(bev_u2, bev_v2, bev_w2)``, (beams, nb) float32) at ``source[i]``, or
+    the extra voxels' (``extra_bev``, (beams, m)) at ``source[i] - nb``. The same ``(d2, w)``
+    bit for bit (the same float32 operations in the same order). Needs numba
+    (``HAVE_NUMBA``)."""
+    if _CAPPED_SOURCE is None:
+        raise RuntimeError("capped_distance2_source needs numba (pip install ids-engine[fast])")
+    capped = np.asarray(capped, np.int64)
+    shape = (base_bev[0].shape[0], capped.shape[0])
+    d2, w = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    _CAPPED_SOURCE(*base_bev, *extra_bev, np.asarray(source, np.int64), capped, np.asarray(cols, np.int64), d2, w)
+    return d2, w

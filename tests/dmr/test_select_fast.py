@@ -1,0 +1,254 @@
+"""The compiled passes of a recovery step (``kernels._cpu_rows``) pick what the NumPy code
+picks: the at-risk and capped voxels under the patches, the step's violation, score, chosen
+voxel and off voxels, on random watches with open bands, NaN doses, ties and empty groups,
+and on the coarse horseshoe's real watch (a step's rows, a whole recovery)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ids_engine.dmr import SetVoxelDose, resolve
+from ids_engine.dmr._recovery import RecoveryOptions, Watch, _pick_spread, _Rows, recover
+from ids_engine.kernels import _cpu, _cpu_rows
+
+needs_numba = pytest.mark.skipif(not _cpu_rows.HAVE_NUMBA, reason="numba is not installed (the 'fast' extra)")
+
+RX = 60.0
+
+
+def _numpy_only(mp) -> None:
+    """Every compiled host loop off: the NumPy references."""
+    mp.setattr(_cpu, "HAVE_NUMBA", False)
+    mp.setattr(_cpu_rows, "HAVE_NUMBA", False)
+
+
+def _random_watch(rng, n: int):
+    """Bands with open sides, doses on the band edges (ties), a few NaN doses."""
+    lo = np.round(rng.uniform(0, 50, n), 1)
+    hi = lo + np.round(rng.uniform(0, 10, n), 1)
+    lo[rng.random(n) < 0.2] = -np.inf
+    hi[rng.random(n) < 0.2] = np.inf
+    dose = np.round(rng.uniform(-5, 65, n), 1)
+    edge = rng.random(n) < 0.1
+    dose[edge] = np.where(np.isfinite(lo[edge]), lo[edge], dose[edge])
+    dose[rng.random(n) < 0.01] = np.nan
+    weight = rng.choice([0.0, 0.5, 1.0, 4.0], n)
+    return dose, lo, hi, weight
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_in_band_under_equals_numpy(n):
+    """The voxels under the patches, not near, in band with little room: the same voxels, room
+    and capped ones as ``flatnonzero`` and the gathers, with marks all off, all on and near
+    voxels marked or not."""
+    rng = np.random.default_rng(n)
+    for trial in range(20):
+        dose, lo, hi, weight = _random_watch(rng, n)
+        viol = np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
+        capped = rng.random(n) < 0.7
+        mark = rng.random(n) < (0.0, 1.0, 0.5)[trial % 3]
+        near = rng.choice(n, min(n, int(rng.integers(0, 10))), replace=False).astype(np.int64)
+        ref_mark = mark.copy()
+        ref_mark[near] = False
+        t = np.flatnonzero(ref_mark)
+        with np.errstate(invalid="ignore"):
+            slack = np.minimum(hi[t] - dose[t], dose[t] - lo[t])
+            pick = (viol[t] == 0) & (slack < 3.0)
+        t, slack = t[pick], slack[pick]
+        got_t, got_slack, got_capped = _cpu_rows.in_band_under(mark, near, viol, dose, hi, lo, capped, 3.0)
+        assert got_t.dtype == got_capped.dtype == np.int64
+        assert np.array_equal(got_t, t) and np.array_equal(got_slack, slack)
+        assert np.array_equal(got_capped, t[capped[t]])
+        assert np.array_equal(mark, ref_mark)
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_scan_watch_equals_numpy(n):
+    """A recovery step's pass over the watch: the violation, ``weight * viol**2`` (and its NumPy
+    sum), the score, its argmax (the first of equal scores, the first NaN), whether a score is
+    above 1e-6 and the voxels off each way, as the NumPy expressions give them; scores all
+    zero, all blocked, and tied."""
+    rng = np.random.default_rng(100 + n)
+    for trial in range(20):
+        dose, lo, hi, weight = _random_watch(rng, n)
+        if trial % 4 == 1:
+            dose = np.where(np.isnan(dose), 0.0, dose)  # no NaN: a proper argmax
+        if trial % 4 == 2:
+            dose = np.clip(np.nan_to_num(dose), np.maximum(lo, -1e9), np.minimum(hi, 1e9))  # all in band
+        blocked = rng.random(n) < (0.0, 0.3, 1.0)[trial % 3]
+        with np.errstate(invalid="ignore"):
+            viol = np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
+            score = np.where(blocked, 0.0, weight * viol)
+            cold = np.flatnonzero((score > 0) & (dose < lo))
+            hot = np.flatnonzero((score > 0) & (dose > hi))
+            big = bool(np.any(score > 1e-6))
+            twin = _cpu_rows.scan_watch_numpy(dose, lo, hi, weight, blocked)
+        got = _cpu_rows.scan_watch(dose, lo, hi, weight, blocked)
+        assert np.array_equal(got[0], viol, equal_nan=True)
+        assert np.array_equal(got[1], weight * viol**2, equal_nan=True)
+        assert np.sum(got[1]) == np.sum(weight * viol**2) or np.isnan(np.sum(got[1]))
+        assert np.array_equal(got[2], score, equal_nan=True)
+        assert got[3] == (int(np.argmax(score)) if n else -1)
+        assert got[4] == big
+        assert np.array_equal(got[5], cold) and np.array_equal(got[6], hot)
+        for a, b in zip(got, twin):
+            assert np.array_equal(a, b, equal_nan=True)
+    # Equal scores: the first.
+    ones = np.ones(5)
+    assert _cpu_rows.scan_watch(ones * 2, ones * 0, ones, ones, np.zeros(5, bool))[3] == 0
+
+
+@needs_numba
+def test_pick_spread_equals_numpy(monkeypatch):
+    """The cluster's voxels: the same indices as NumPy's greedy walk, on a lattice with the
+    spacing's distance exactly (kept: not below it), empty and over-long orders."""
+    rng = np.random.default_rng(4)
+    coords = rng.integers(0, 12, (400, 3)) * np.array([3.0, 1.5, 1.5])
+    for trial in range(60):
+        order = rng.permutation(400)[: int(rng.integers(0, 60))].astype(np.int64)
+        spacing, limit = float(rng.choice([0.0, 1.5, 3.0, 4.5])), int(rng.integers(0, 10))
+        got = _pick_spread(order, coords, spacing, limit)
+        with monkeypatch.context() as mp:
+            _numpy_only(mp)
+            ref = _pick_spread(order, coords, spacing, limit)
+        assert got == ref and all(type(i) is int for i in got)
+
+
+@needs_numba
+def test_ball_rows_mark_the_offsets_voxels(monkeypatch):
+    """The watched voxels within a radius of the columns: the ball's rows along x mark the
+    same voxels as its offsets (anisotropic spacing, columns at the grid's edges, a sparse
+    watch, radii with and without voxels on the sphere)."""
+    rng = np.random.default_rng(12)
+    rs = object.__new__(_Rows)
+    rs.shape, rs.spacing = (20, 23, 26), np.array([3.0, 1.5, 1.25])
+    rs.vox = np.sort(rng.choice(20 * 23 * 26, 4000, replace=False)).astype(np.int64)
+    rs.index_zyx = np.stack(np.unravel_index(rs.vox, rs.shape), axis=-1).astype(np.int64)
+    rs._balls, rs._ball_rows = {}, {}
+    z = np.zeros(rs.vox.size)
+    rs.watch = Watch(rs.vox, z, z, z, z, np.zeros(rs.vox.size, np.int32))
+    for radius in (0.5, 3.0, 7.5, 14.0):
+        cases = [rng.choice(rs.vox.size, int(rng.integers(1, 9)), replace=False) for _ in range(15)]
+        for cols in cases + [[0, rs.vox.size - 1]]:  # the first and last watched voxels: at the grid's edges
+            cols = np.asarray(cols, np.int64)
+            got = rs.ball(cols, radius)
+            with monkeypatch.context() as mp:
+                mp.setattr(_cpu_rows, "HAVE_NUMBA", False)
+                compiled = rs.ball(cols, radius)  # the offsets' compiled look-up
+                mp.setattr(_cpu, "HAVE_NUMBA", False)
+                ref = rs.ball(cols, radius)
+            assert np.array_equal(got, ref) and np.array_equal(compiled, ref)
+        assert rs._ball_rows[radius] is not None
+    assert _cpu_rows.ball_rows(np.array([[0, 0, -1], [0, 0, 1]])) is None  # not a row
+
+
+@needs_numba
+def test_capped_distances_from_the_base_equal_the_watch_tables():
+    """The capped voxels' squared BEV distances and weights read from a base's tables and the
+    extra voxels' equal ``_cpu.capped_distance2`` on the watch's spliced tables, bit for bit
+    (voxels and columns some or every beam misses, columns among the extra voxels)."""
+    rng = np.random.default_rng(13)
+    n_beams, nb, ne = 4, 2000, 30
+    tabs = []
+    for n in (nb, ne):
+        u = (rng.random((n_beams, n)) * 60).astype(np.float32)
+        v = (rng.random((n_beams, n)) * 60).astype(np.float32)
+        w = rng.random((n_beams, n)).astype(np.float32)
+        miss = rng.random((n_beams, n)) < 0.15
+        u[miss], v[miss], w[miss] = np.nan, np.inf, 0.0
+        tabs.append((u, v, w))
+    source = rng.permutation(nb + ne)[: nb + ne - 100].astype(np.int64)  # some base voxels left out
+    watch_tabs = [np.concatenate([b, e], axis=1)[:, source] for b, e in zip(*tabs)]
+    missed = np.flatnonzero(np.isinf(watch_tabs[1]).all(axis=0))
+    for trial in range(30):
+        cols = rng.choice(source.size, int(rng.integers(1, 9)), replace=False).astype(np.int64)
+        if trial == 0 and missed.size:
+            cols = missed[:2].astype(np.int64)
+        capped = np.sort(rng.choice(source.size, 500, replace=False)).astype(np.int64)
+        got = _cpu_rows.capped_distance2_source(tabs[0], tabs[1], source, capped, cols)
+        ref = _cpu.capped_distance2(*watch_tabs, capped, cols)
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+
+
+@needs_numba
+def test_gather_composed_equals_numpy():
+    """A composed watch's dose: ``concatenate([base, extra])[source]`` as float64."""
+    rng = np.random.default_rng(6)
+    for nb, ne in ((0, 0), (5, 0), (0, 4), (300, 20)):
+        base, extra = rng.random(nb).astype(np.float32), rng.random(ne).astype(np.float32)
+        source = rng.integers(0, max(nb + ne, 1), 50 if nb + ne else 0).astype(np.int64)
+        got = _cpu_rows.gather_composed(base, extra, source)
+        assert got.dtype == np.float64
+        assert np.array_equal(got, np.take(np.concatenate([base, extra]), source).astype(np.float64))
+
+
+@pytest.fixture
+def s(shaping_session):
+    return shaping_session
+
+
+def _request_watch(s):
+    """A voxel on the OAR's rim set to 55 % of the prescription: its watch and the request."""
+    oar = s.patient.structure("OAR").mask
+    c = np.argwhere(oar).mean(axis=0).round().astype(int)
+    m = (int(c[0]), int(np.flatnonzero(oar[c[0], :, c[2]]).min()), int(c[2]))
+    resolved = resolve(SetVoxelDose(m, 0.55 * RX), s.resolve_context())
+    return s.build_watch(resolved), resolved
+
+
+@needs_numba
+@pytest.mark.parametrize("max_rows_capped", [64, 384])
+def test_select_fast_equals_numpy_on_a_real_watch(s, monkeypatch, max_rows_capped):
+    """A step's rows with every compiled loop on and with none: the same rows, for clusters of
+    1-8 voxels across the watch (the capped voxels ranked, and not when there are few)."""
+    watch, _ = _request_watch(s)
+    rows = _Rows(s.modifier, watch, RecoveryOptions(max_rows_capped=max_rows_capped))
+    rng = np.random.default_rng(21)
+    dose = s.dose().reshape(-1)[rows.vox].astype(np.float64) * (1 + 0.05 * rng.standard_normal(rows.vox.size))
+    viol = watch.violation(dose)
+    assert "_bev_source" in rows.__dict__  # a watch on the session's base: its BEV tables not made
+    for _ in range(12):
+        cols = rng.choice(rows.vox.size, int(rng.integers(1, 9)), replace=False).astype(np.int64)
+        got = rows.select(cols, dose, viol)
+        assert "bev_u2" not in rows.__dict__
+        with monkeypatch.context() as mp:
+            _numpy_only(mp)
+            ref = rows.select(cols, dose, viol)  # makes the watch's tables
+        assert got.dtype == ref.dtype and np.array_equal(got, ref)
+        assert np.array_equal(rows.select(cols, dose, viol), ref)  # compiled, on the watch's tables
+        for name in ("bev_u2", "bev_v2", "bev_w2", "bev_u", "bev_v", "bev_w"):
+            rows.__dict__.pop(name, None)
+
+
+@needs_numba
+@pytest.mark.parametrize("focused", [False, True])
+def test_recover_fast_equals_numpy(s, monkeypatch, focused):
+    """A whole recovery (after a modification of the request's voxel), with every compiled loop
+    on and with none, from the same plan state: the same steps, chosen voxels, objectives,
+    best state and final dose, focused on part of the watch or not."""
+    watch, resolved = _request_watch(s)
+    focus = None
+    if focused:
+        focus = np.zeros(watch.voxels.size, bool)
+        focus[::3] = True
+    eng = s.engine
+    snap = eng.snapshot()
+    s.modifier.modify(resolved.voxels, resolved.target_gy)
+    start = eng.snapshot()  # some voxels off their band
+    results = []
+    for numpy_only in (False, True):
+        eng.restore(start)
+        with monkeypatch.context() as mp:
+            if numpy_only:
+                _numpy_only(mp)
+            results.append(recover(s.modifier, watch, steps=6, focus=focus))
+    eng.restore(snap)
+    got, ref = results
+    assert got.steps == ref.steps and got.best_step == ref.best_step
+    assert np.array_equal(got.voxels, ref.voxels) and np.array_equal(got.accepted, ref.accepted)
+    assert np.array_equal(got.objective, ref.objective) and np.array_equal(got.final_gy, ref.final_gy)
+    assert got.remaining_candidates == ref.remaining_candidates
+    assert got.steps > 0
