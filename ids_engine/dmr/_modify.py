@@ -77,8 +77,8 @@ def _from_beam_parts(parts, eng, rows: np.ndarray, cols: list) -> np.ndarray | N
     if rows0.shape != rows.shape or not np.array_equal(rows0, rows):
         return None
     flat = [(k, p) for k, ps in enumerate(joint) for p in ps]
-    if len(flat) != len(cols):
-        return None
+    if len(flat) != len(cols) or any(len({int(p.beam) for p in ps}) != len(ps) for ps in joint):
+        return None  # (a joint column with two patches of one beam: its part is their sum)
     g = np.empty((rows.shape[0], len(cols)))
     for j, ((k, q), ps) in enumerate(zip(flat, cols)):
         if len(ps) != 1:
@@ -157,7 +157,7 @@ class Modifier:
         # stage boundary so the split is true (a little slower).
         self.profile = False
         self.per_beam = False
-        self._beam_parts = None  # (rows, columns, parts) of the last joint solve (solve_step)
+        self._beam_parts = None  # (geometry, rows, columns, parts) of the last rejected joint solve (solve_step)
         self.timings_ms = {"create_patch": 0.0, "convolution": 0.0, "update_dose_cube": 0.0}
 
     def _tick(self, stage: str, t0: float) -> float:
@@ -437,8 +437,9 @@ class Modifier:
         t0 = self._tick("create_patch", t0)
         # A rejected joint step is retried with per-beam columns on the same rows (recovery's
         # ``_Rows._solve``): the joint read keeps each beam's part, and the retry takes its
-        # columns from it instead of reading again (the same numbers bit for bit: a one-patch
-        # column's read-out is its beam's part).
+        # columns from it instead of reading again (on NumPy and the counting backend the same
+        # numbers bit for bit: a per-beam column's read-out is its beam's part; on a GPU the
+        # parts come from the device read-out, equal to the host's to float32 round-off).
         parts, self._beam_parts = self._beam_parts, None
         if watch is not None:
             w_vox, w_before, row_pos = watch
@@ -458,7 +459,8 @@ class Modifier:
         if g is None and not per_beam:
             joint, beam_parts = eng.delta_matrix(cols, rows, beam_parts=True)
             g = backend.asnumpy(joint).astype(np.float64)
-            self._beam_parts = (tuple(eng.geometry), rows, cols, beam_parts)
+            # (copies: the compensating columns below extend ``cols``, and a caller may reuse ``rows``)
+            self._beam_parts = (tuple(eng.geometry), rows.copy(), list(cols), beam_parts)
         elif g is None:
             g = backend.asnumpy(eng.delta_matrix(cols, rows)).astype(np.float64)
         t0 = self._tick("convolution", t0)
@@ -527,6 +529,8 @@ class Modifier:
             after = backend.asnumpy(eng.dose_at_voxels(rows)).astype(np.float64)
         obj1 = float(np.sum(weight * _violation(after, lo, acc_hi) ** 2))
         accepted = obj1 < obj0
+        if accepted:  # no per-beam retry follows: the joint read's parts are not kept
+            self._beam_parts = None
         if not accepted:  # the prediction's round-off decided a tie: the step is taken back
             back = [FluencePatch(p.beam, p.row0, p.col0, (-p.delta).astype(np.float32)) for p in clipped]
             eng.apply_patches(back)

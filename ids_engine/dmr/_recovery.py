@@ -308,6 +308,7 @@ def attach_composition(watch: Watch, comp: WatchComposition) -> Watch:
     if comp.source.size != watch.voxels.size:
         raise ValueError(f"attach_composition: {comp.source.size} composed voxels, the watch has {watch.voxels.size}")
     watch.__dict__["_composition"] = comp
+    watch.__dict__.pop("_rows_cache", None)  # row tables spliced from another composition are stale
     return watch
 
 

@@ -56,6 +56,8 @@ def _level_tables(eng, name: str, slots: list, nb, idx: np.ndarray, up: _Uploads
     n_slot = len(slots)
     m_s = np.array([st.shape[0] for _, st, *_ in slots], np.int64)
     sizes = np.array([st.size for _, st, *_ in slots], np.int64)
+    if int(sizes.sum()) >= 2**31:  # the kernel's offsets are int32
+        raise ValueError(f"delta_rows: {int(sizes.sum())} stacked patch cells exceed the kernel's int32 offsets")
     table = np.empty((n_slot, len(SLOT_FIELDS)), np.int32)
     table[:, 0] = np.concatenate([[0], np.cumsum(sizes[:-1])])  # data_off
     table[:, 1] = m_s

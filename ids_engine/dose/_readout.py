@@ -173,13 +173,15 @@ class ReadOuts:
                 if i:
                     cache.insert(0, cache.pop(i))
                 return nb
+        # First, so that an index off the grid raises IndexError here (the compiled pass below
+        # does not check its indices).
+        in_body = self.body_mask.ravel()[idx]
         unique = None
         if _cpu.HAVE_NUMBA:  # the tables and the distinct neighbours in one pass (the same values)
             cidx, cw, *unique = _cpu_readout.coarse_tables(idx, self.grid.shape_zyx, self.coarse_grid.shape_zyx,
                                                            self._up_host)
         else:
             cidx, cw = self._coarse_neighbours(idx)
-        in_body = self.body_mask.ravel()[idx]
         cw_body, outside = np.where(in_body[None, :], cw, np.float32(0)), np.flatnonzero(~in_body)
         if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
             return _Neighbours(idx, cidx, cw, in_body, cw_body, outside, _coarse_unique=unique and tuple(unique))
@@ -249,8 +251,9 @@ class ReadOuts:
         columns' patches are stacked on the union of their boxes and convolved in one batched
         FFT per level, on the host (no device work), except with ``beam_parts`` on a device
         backend: a DMR joint solve's matrix, read on the device by one ``delta_rows`` launch
-        per level and one read (:func:`~ids_engine.dose._device_rows.device_delta_matrix`,
-        equal bit for bit on the counting backend).
+        per level and one read (:func:`~ids_engine.dose._device_rows.device_delta_matrix`:
+        equal bit for bit on the counting backend; on a GPU, a direct sum, equal to float32
+        round-off, and the bit-for-bit statements below hold on the host path).
 
         With ``beam_parts``, returns ``(joint, parts)``: ``joint`` the same ``(n, K)`` array,
         and ``parts`` ``(n beams, n, K)`` float32 with ``parts[b][:, k]`` beam ``b``'s part of

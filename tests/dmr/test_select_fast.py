@@ -5,10 +5,12 @@ and on the coarse horseshoe's real watch (a step's rows, a whole recovery)."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
-from ids_engine.dmr import SetVoxelDose, resolve
+from ids_engine.dmr import SetVoxelDose, _recovery, resolve
 from ids_engine.dmr._recovery import RecoveryOptions, Watch, _pick_spread, _Rows, recover
 from ids_engine.kernels import _cpu, _cpu_rows
 
@@ -252,3 +254,70 @@ def test_recover_fast_equals_numpy(s, monkeypatch, focused):
     assert np.array_equal(got.objective, ref.objective) and np.array_equal(got.final_gy, ref.final_gy)
     assert got.remaining_candidates == ref.remaining_candidates
     assert got.steps > 0
+
+
+def _cold(s, watch) -> None:
+    """Every cache a recovery fills cleared (row tables, base tables, neighbour tables and read-out memos)."""
+    watch.__dict__.pop("_rows_cache", None)
+    watch.__dict__.pop("_dose_memo", None)
+    s.modifier.__dict__.pop("_base_rows_cache", None)
+    s.engine.__dict__.pop("_neighbour_cache", None)
+    comp = watch.__dict__.get("_composition")
+    if comp is not None:
+        comp.base.memo.clear()
+
+
+def test_recover_from_cold_caches_equals_numpy(shaping_session, monkeypatch):
+    """The compiled and the NumPy recovery, each from cold caches (nothing the other built)."""
+    s = shaping_session
+    watch, resolved = _request_watch(s)
+    eng = s.engine
+    snap = eng.snapshot()
+    s.modifier.modify(resolved.voxels, resolved.target_gy)
+    start = eng.snapshot()
+    res = []
+    for numpy_only in (False, True):
+        eng.restore(start)
+        _cold(s, watch)
+        with monkeypatch.context() as mp:
+            if numpy_only:
+                _numpy_only(mp)
+            res.append(recover(s.modifier, watch, steps=8))
+    eng.restore(snap)
+    _cold(s, watch)
+    got, ref = res
+    assert got.steps == ref.steps and got.best_step == ref.best_step
+    assert np.array_equal(got.voxels, ref.voxels) and np.array_equal(got.accepted, ref.accepted)
+    assert np.array_equal(got.objective, ref.objective) and np.array_equal(got.final_gy, ref.final_gy)
+
+
+def test_rejected_voxels_are_not_chosen_again_on_both_paths(shaping_session, monkeypatch):
+    """Every step rejected: each voxel is tried once, inside the focus when one is given, and
+    the compiled and the NumPy steps choose the same voxels."""
+    s = shaping_session
+    watch, resolved = _request_watch(s)
+    eng = s.engine
+    snap = eng.snapshot()
+    s.modifier.modify(resolved.voxels, resolved.target_gy)
+    start = eng.snapshot()
+
+    def reject(self, modifier, rows, cols, dirs, dose, **kw):
+        return [], types.SimpleNamespace(accepted=False, proposed=False, watch_after_gy=dose)
+
+    monkeypatch.setattr(_recovery._Rows, "solve", reject)
+    focus = np.zeros(watch.voxels.size, bool)
+    focus[::2] = True
+    out = []
+    for numpy_only in (False, True):
+        for f in (None, focus):
+            eng.restore(start)
+            with monkeypatch.context() as mp:
+                if numpy_only:
+                    _numpy_only(mp)
+                r = recover(s.modifier, watch, steps=10, focus=f)
+            out.append(r.voxels)
+            assert r.voxels.size and len(set(r.voxels.tolist())) == r.voxels.size
+            if f is not None:
+                assert np.isin(np.searchsorted(watch.voxels, r.voxels), np.flatnonzero(focus)).all()
+    eng.restore(snap)
+    assert np.array_equal(out[0], out[2]) and np.array_equal(out[1], out[3])

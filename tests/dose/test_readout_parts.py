@@ -132,3 +132,15 @@ def test_compiled_coarse_tables_equal_the_numpy_reference(coarse_horseshoe_sessi
         for a, b in zip(got, (cidx, cw, uniq, inv.reshape(-1))):
             assert a.dtype == b.dtype and a.shape == b.shape
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_a_voxel_off_the_grid_raises_index_error():
+    """An index off the grid is refused before the compiled table pass reads with it."""
+    from ids_engine.dose import DoseEngine
+    from ids_engine.model import Beam
+    from tests.dose.test_physics import water_phantom
+
+    eng = DoseEngine(water_phantom(width_mm=60.0, depth_mm=60.0, spacing_mm=5.0), [Beam(gantry_deg=0.0)])
+    size = int(np.prod(eng.grid.shape_zyx))
+    with pytest.raises(IndexError):
+        eng.dose_at_voxels(np.array([6 * size], np.int64))
