@@ -33,8 +33,8 @@ a fixed handful of device operations: two uploads (the packed patch windows and 
 tables, built on the host), then per level one batched real FFT of the windows, a product
 with the cached kernel spectra, one inverse FFT, one kernel launch adding the windows into
 the maps (each element's map cell found on the device from its window's box) and one over a
-segment table of the voxels to update; plus one scatter-add into the fluence. No value is
-read back. The DMR's per-voxel queries (a patch's dose at some voxels, a voxel's
+segment table of the voxels to update; plus one launch adding the fine level's windows
+(before the convolution) into the fluence. No value is read back. The DMR's per-voxel queries (a patch's dose at some voxels, a voxel's
 beam's-eye-view position, the fluence under a patch) are answered on the host from copies of
 the static geometry and of the fluence (``Level.host``,
 :meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers. The read-outs
@@ -60,7 +60,6 @@ from ids_engine.kernels.pencil import (
     segment_contribution_numpy,
 )
 from ids_engine.kernels.raytrace import radiological_depth
-from ids_engine.kernels.scatter import scatter_add
 from ids_engine.kernels.windows import add_windows
 from ids_engine.model import Beam, Grid, Patient, PhotonMachine, default_6mv
 
@@ -323,6 +322,10 @@ class DoseEngine(ReadOuts):
         self._state: list[_BeamState] = []
         off = 0
         moff = {name: 0 for name in LEVELS}
+        # Per beam: its offset in a flat buffer and its map's shape, for add_windows (rows
+        # gathered by beam for each update): the fluence and each level's maps.
+        self._window_targets = {"fluence": np.zeros((self.n_beams, 3), np.int32),
+                                **{name: np.zeros((self.n_beams, 3), np.int32) for name in LEVELS}}
         for b, g in enumerate(self.geometry):
             shape = g.fluence_grid.shape_vu
             fl = self._fluence_buf[off : off + sizes[b]].reshape(shape)
@@ -333,7 +336,9 @@ class DoseEngine(ReadOuts):
                 n = map_sizes[name][b]
                 maps[name] = self._maps_buf[name][moff[name] : moff[name] + n].reshape((len(lv.components),) + lv.map_shape)
                 offsets[name] = moff[name]
+                self._window_targets[name][b] = (moff[name], *lv.map_shape)
                 moff[name] += n
+            self._window_targets["fluence"][b] = (off, *shape)
             self._state.append(_BeamState(g, fl, host, off, maps, offsets))
             off += sizes[b]
         self.dose_fine = xp.zeros(self.grid.size, dtype=xp.float32)
@@ -442,27 +447,19 @@ class DoseEngine(ReadOuts):
         windows = _merge_per_beam(patches)
         if not windows:
             return
-        uploads = _Uploads()
-        fluence_keys = None
-        if self.xp is not np:
-            idx = np.concatenate([self._fluence_index(b, r0, c0, d.shape) for b, r0, c0, d in windows])
-            vals = np.concatenate([d.ravel() for _, _, _, d in windows])
-            fluence_keys = (uploads.add(idx), uploads.add(vals))
-        self._propagate(windows, uploads, fluence_keys)
+        self._propagate(windows, fluence=self.xp is not np)
         # The host copy last: if the pass above failed, host and device still agree.
         for b, r0, c0, d in windows:
             h, w = d.shape
             self._state[b].fluence_host[r0 : r0 + h, c0 : c0 + w] += d
 
-    def _fluence_index(self, b: int, r0: int, c0: int, shape) -> np.ndarray:
-        nu = self.geometry[b].fluence_grid.shape_vu[1]
-        rr = np.arange(r0, r0 + shape[0], dtype=np.int64)[:, None]
-        cc = np.arange(c0, c0 + shape[1], dtype=np.int64)[None, :]
-        return (self._state[b].fluence_offset + rr * nu + cc).astype(np.int32).ravel()
-
-    def _propagate(self, windows, uploads: _Uploads | None = None, fluence_keys=None) -> None:
+    def _propagate(self, windows, fluence: bool = False) -> None:
         """Convolve fluence changes ``(beam, row0, col0, delta)`` on both levels and add them to
-        the maps and the dose."""
+        the maps and the dose; with ``fluence`` (device runs) also to the device fluence.
+
+        The fluence is added from the fine level's uploaded windows (the changes before the
+        convolution, each at the start of its zero-padded window): every change with an element
+        is among them, as the fine map is the fluence grid and a window's box holds the change."""
         xp = self.xp
         f = int(self.options.coarse_fluence_factor)
         per_level = {"fine": [_Window(b, r0, c0, np.asarray(d, np.float32)) for b, r0, c0, d in windows]}
@@ -479,15 +476,20 @@ class DoseEngine(ReadOuts):
         if xp is np:
             self._run_numpy(plans)
             return
-        uploads = uploads or _Uploads()
+        uploads = _Uploads()
         keys = {}
         for name, plan in plans.items():
             if plan is not None:
-                plan.map_info = self._map_info(name, plan)
-                keys[name] = plan.upload(uploads)
+                plan.map_info = self._window_targets[name][plan.beams]
+                keys[name] = plan.upload(uploads, self.n_beams)
+        if fluence:
+            fine = plans["fine"]  # never None: a machine has narrow components
+            dtype, start, (n, fh, fw) = keys["fine"]["stack"]
+            fluence_keys = ((dtype, start, (n, 1, fh, fw)), uploads.add(_change_boxes(fine.windows)),
+                            uploads.add(self._window_targets["fluence"][fine.beams]))
         sent = uploads.send(xp)
-        if fluence_keys is not None:
-            scatter_add(self._fluence_buf, _Uploads.view(sent, fluence_keys[0]), _Uploads.view(sent, fluence_keys[1]))
+        if fluence:
+            add_windows(self._fluence_buf, *(_Uploads.view(sent, k) for k in fluence_keys))
         for name, plan in plans.items():
             if plan is not None:
                 self._run_device(name, plan, sent, keys[name])
@@ -639,25 +641,18 @@ class DoseEngine(ReadOuts):
     def _run_device(self, name: str, plan: "_LevelPlan", sent: dict, keys: dict) -> None:
         xp = self.xp
         la = self._levels[name]
-        stack = _Uploads.view(sent, keys["stack"])
         spec = self._spectra(name, plan.shape)
-        F = xp.fft.rfft2(stack)
-        beams = _Uploads.view(sent, keys["beams"])
-        out = xp.fft.irfft2(F[:, None] * spec[beams], s=plan.shape)
-        add_windows(self._maps_buf[name], out, _Uploads.view(sent, keys["boxes"]), _Uploads.view(sent, keys["map_info"]))
+        F = xp.fft.rfft2(_Uploads.view(sent, keys["stack"]))
+        if "beams" in keys:  # else every beam has a window, in beam order: the spectra as they are
+            spec = spec[_Uploads.view(sent, keys["beams"])]
+        out = xp.fft.irfft2(F[:, None] * spec, s=plan.shape)
+        boxes = _Uploads.view(sent, keys["boxes"])
+        add_windows(self._maps_buf[name], out, boxes, _Uploads.view(sent, keys["map_info"]))
         dose = self.dose_fine if name == "fine" else self.dose_coarse
         if plan.n_threads:
             accumulate_segments(dose, la.vox, la.u_cells, la.v_cells, la.weights, out,
                                 _Uploads.view(sent, keys["seg_first"]), _Uploads.view(sent, keys["seg_start"]),
-                                _Uploads.view(sent, keys["seg_patch"]), _Uploads.view(sent, keys["boxes"]),
-                                plan.n_threads)
-
-    def _map_info(self, name: str, plan: "_LevelPlan") -> np.ndarray:
-        """(P, 3) int32 per window of a plan: its beam's offset in the level's flat maps buffer
-        and the beam's map shape (mh, mw) (:func:`~ids_engine.kernels.windows.add_windows`
-        finds each element's map cell from these and the window's box)."""
-        return np.asarray([(self._state[wd.beam].maps_offset[name], *getattr(self.geometry[wd.beam], name).map_shape)
-                           for wd in plan.windows], np.int32).reshape(-1, 3)
+                                _Uploads.view(sent, keys["seg_patch"]), boxes, plan.n_threads)
 
     # ------------------------------------------------------------------ read-out
     def _upsample(self, coarse_cube):
@@ -714,7 +709,9 @@ class _LevelPlan:
     stack: np.ndarray  # (P, Fh, Fw) float32 zero-padded windows
     beams: np.ndarray  # (P,) int32
     shape: tuple[int, int]  # (Fh, Fw)
-    map_info: np.ndarray | None = None  # (P, 3) int32 per window: maps offset, mh, mw (device runs)
+    # Device runs: (P, 3) int32 per window, its beam's offset in the level's flat maps buffer and
+    # the beam's map shape (mh, mw) (add_windows finds each element's map cell from these and the box).
+    map_info: np.ndarray | None = None
     # Device runs: (seg_first, seg_start, seg_patch) int32, the ranges of all windows as one
     # segment table (DoseEngine._segment_table), in place of ``ranges``.
     segments: tuple | None = None
@@ -725,11 +722,16 @@ class _LevelPlan:
             return int(self.segments[0][-1])
         return int(sum(e - s for rs in self.ranges for s, e in rs))
 
-    def upload(self, uploads: _Uploads) -> dict:
+    def upload(self, uploads: _Uploads, n_beams: int) -> dict:
+        """Add the plan's arrays to ``uploads``; their keys by name. The beams are left out
+        when every one of the ``n_beams`` has a window (they are then 0, 1, ..., in order)."""
         seg_first, seg_start, seg_patch = self.segments
-        return {"stack": uploads.add(self.stack), "beams": uploads.add(self.beams), "boxes": uploads.add(self.boxes),
+        keys = {"stack": uploads.add(self.stack), "boxes": uploads.add(self.boxes),
                 "map_info": uploads.add(self.map_info), "seg_first": uploads.add(seg_first),
                 "seg_start": uploads.add(seg_start), "seg_patch": uploads.add(seg_patch)}
+        if self.beams.size < n_beams:
+            keys["beams"] = uploads.add(self.beams)
+        return keys
 
 
 def _job_contribution(job):
@@ -750,6 +752,17 @@ def _window_box(row0: int, col0: int, shape_hw: tuple[int, int], half: int, map_
     if r_hi <= r_lo or c_hi <= c_lo:
         return None
     return o_r, o_c, r_lo, r_hi, c_lo, c_hi
+
+
+def _change_boxes(windows: list) -> np.ndarray:
+    """(P, 6) int32 boxes (as :func:`_window_box`'s) of the changes themselves, each at the
+    start of its window: ``(row0, col0, row0, row0 + h, col0, col0 + w)``."""
+    boxes = np.empty((len(windows), 6), np.int32)
+    boxes[:, 0] = boxes[:, 2] = [wd.row0 for wd in windows]
+    boxes[:, 1] = boxes[:, 4] = [wd.col0 for wd in windows]
+    boxes[:, 3] = boxes[:, 2] + [wd.delta.shape[0] for wd in windows]
+    boxes[:, 5] = boxes[:, 4] + [wd.delta.shape[1] for wd in windows]
+    return boxes
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
