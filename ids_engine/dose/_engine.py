@@ -85,6 +85,7 @@ LEVELS = ("fine", "coarse")
 # Plan-state versions, unique across engines (DoseEngine.state_version).
 _STATE_VERSIONS = itertools.count(1)
 _SPECTRA_CACHE = 32  # kernel spectra kept per level (one per FFT shape)
+_SEGMENT_TABLES_KEPT = 8  # recent segment tables kept per level
 
 
 _POOL = None
@@ -533,35 +534,26 @@ class DoseEngine(ReadOuts):
         all windows at once instead of a Python loop over windows and tile rows.
 
         ``beams`` (P,) int32 and ``boxes`` (P, 6) int32 as in :class:`_LevelPlan` (each box
-        non-empty)."""
-        ts, *per_beam = self._tile_tables(name)
-        off, ntc, ntr, tile, mh, mw = (a[beams] for a in per_beam)
-        r_lo, r_hi, c_lo, c_hi = (boxes[:, k].astype(np.int64) for k in (2, 3, 4, 5))
-        # Level.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1) of every window: its tile rows and columns.
-        tr0, tc0 = np.maximum(r_lo - 1, 0) // tile, np.maximum(c_lo - 1, 0) // tile
-        tr1 = np.minimum(np.minimum(r_hi - 1, mh - 1) // tile, ntr - 1)
-        tc1 = np.minimum(np.minimum(c_hi - 1, mw - 1) // tile, ntc - 1)
-        n = np.where((tr1 < tr0) | (tc1 < tc0), 0, tr1 - tr0 + 1)
-        rep = np.repeat(np.arange(beams.size), n)
-        tr = tr0[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n))
-        row = off[rep] + tr * ntc[rep]
-        start, end = ts[row + tc0[rep]], ts[row + tc1[rep] + 1]  # each tile row's range
-        live = end > start
-        start, end, rep = start[live], end[live], rep[live]
-        # A range joins the one before when it is the same window's and starts where that ends.
-        new = np.ones(rep.size, bool)
-        new[1:] = (rep[1:] != rep[:-1]) | (start[1:] != end[:-1])
-        first = np.flatnonzero(new)
-        last = np.append(first[1:], rep.size)[: first.size] - 1
-        seg_first = np.zeros(first.size + 1, np.int64)
-        np.cumsum(end[last] - start[first], out=seg_first[1:])
-        return seg_first.astype(np.int32), start[first].astype(np.int32), rep[first].astype(np.int32)
+        non-empty). The last few tables are kept (read-only): a request often applies the same
+        windows again (a step undone and redone)."""
+        tables, recent = self._tile_tables(name)
+        key = (beams.tobytes(), boxes.tobytes())
+        got = recent.pop(key, None)
+        if got is None:
+            got = _segment_rows(tables, beams, boxes)
+            for a in got:
+                a.setflags(write=False)
+            if len(recent) >= _SEGMENT_TABLES_KEPT:
+                recent.pop(next(iter(recent)))
+        recent[key] = got  # most recently used last
+        return got
 
     def _tile_tables(self, name: str) -> tuple:
-        """Every beam's tile table of a level in one array (for :meth:`_segment_table`):
-        ``(tile_start, offset, ntc, ntr, tile, mh, mw)``: tile_start (sum of (ntr ntc + 1),)
-        int64 with each beam's ``Level.base`` added; the rest (n_beams,) int64, per beam (its
-        offset in tile_start, tile columns and rows, cells per tile, map shape). Built once
+        """Every beam's tile table of a level in one array (for :meth:`_segment_table`), and
+        the level's recent segment tables: ``((tile_start, offset, ntc, ntr, tile, mh, mw),
+        recent)``: tile_start (sum of (ntr ntc + 1),) int64 with each beam's ``Level.base``
+        added; the rest (n_beams,) int64, per beam (its offset in tile_start, tile columns and
+        rows, cells per tile, map shape); recent a dict (beams, boxes) bytes -> table. Built once
         per geometry."""
         cache = self.__dict__.setdefault("_tile_tables_cache", {})
         levels = [getattr(g, name) for g in self.geometry]
@@ -572,8 +564,8 @@ class DoseEngine(ReadOuts):
             np.cumsum(sizes[:-1], out=off[1:])
             ts = np.concatenate([np.asarray(lv.tile_start, np.int64) + lv.base for lv in levels])
             per = [np.array(v, np.int64) for v in zip(*[(lv.ntc, lv.ntr, lv.tile, *lv.map_shape) for lv in levels])]
-            got = cache[name] = (levels, (ts, off, *per))
-        return got[1]
+            got = cache[name] = (levels, (ts, off, *per), {})
+        return got[1:]
 
     def _spectra(self, name: str, shape: tuple[int, int]):
         """The kernels' spectra for FFT shape ``shape`` ((n_beams, nc, Fh, Fw//2+1) complex64), cached."""
@@ -763,6 +755,33 @@ def _change_boxes(windows: list) -> np.ndarray:
     boxes[:, 3] = boxes[:, 2] + [wd.delta.shape[0] for wd in windows]
     boxes[:, 5] = boxes[:, 4] + [wd.delta.shape[1] for wd in windows]
     return boxes
+
+
+def _segment_rows(tables: tuple, beams: np.ndarray, boxes: np.ndarray) -> tuple:
+    """:meth:`DoseEngine._segment_table` computed, from the level's tile tables (``tables`` as
+    :meth:`DoseEngine._tile_tables` gives them)."""
+    ts, *per_beam = tables
+    off, ntc, ntr, tile, mh, mw = (a[beams] for a in per_beam)
+    r_lo, r_hi, c_lo, c_hi = (boxes[:, k].astype(np.int64) for k in (2, 3, 4, 5))
+    # Level.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1) of every window: its tile rows and columns.
+    tr0, tc0 = np.maximum(r_lo - 1, 0) // tile, np.maximum(c_lo - 1, 0) // tile
+    tr1 = np.minimum(np.minimum(r_hi - 1, mh - 1) // tile, ntr - 1)
+    tc1 = np.minimum(np.minimum(c_hi - 1, mw - 1) // tile, ntc - 1)
+    n = np.where((tr1 < tr0) | (tc1 < tc0), 0, tr1 - tr0 + 1)
+    rep = np.repeat(np.arange(beams.size), n)
+    tr = tr0[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n))
+    row = off[rep] + tr * ntc[rep]
+    start, end = ts[row + tc0[rep]], ts[row + tc1[rep] + 1]  # each tile row's range
+    live = end > start
+    start, end, rep = start[live], end[live], rep[live]
+    # A range joins the one before when it is the same window's and starts where that ends.
+    new = np.ones(rep.size, bool)
+    new[1:] = (rep[1:] != rep[:-1]) | (start[1:] != end[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], rep.size)[: first.size] - 1
+    seg_first = np.zeros(first.size + 1, np.int64)
+    np.cumsum(end[last] - start[first], out=seg_first[1:])
+    return seg_first.astype(np.int32), start[first].astype(np.int32), rep[first].astype(np.int32)
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

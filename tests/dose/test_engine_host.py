@@ -89,3 +89,20 @@ def test_an_upload_view_is_the_part_added():
         assert got.shape == a.shape and got.dtype == a.dtype
         np.testing.assert_array_equal(got, a)
         assert np.shares_memory(got, sent[a.dtype])
+
+
+def test_a_kept_segment_table_is_the_one_computed_again(device_engine):
+    """The same windows again (a step undone and redone) reuse the level's table; it is
+    read-only and equal to a fresh computation."""
+    from ids_engine.dose._engine import _segment_rows
+
+    eng = device_engine
+    for name in ("fine", "coarse"):
+        beams = np.arange(eng.n_beams, dtype=np.int32)
+        boxes = np.array([(0, 0, 0, 9, 0, 9)] * eng.n_beams, np.int32)
+        first = eng._segment_table(name, beams, boxes)
+        again = eng._segment_table(name, beams.copy(), boxes.copy())
+        assert all(a is b and not a.flags.writeable for a, b in zip(first, again))
+        fresh = _segment_rows(eng._tile_tables(name)[0], beams, boxes)
+        for a, b in zip(first, fresh):
+            np.testing.assert_array_equal(a, b)
