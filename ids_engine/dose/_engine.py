@@ -34,12 +34,12 @@ tables, built on the host), then per level one batched real FFT of the windows, 
 with the cached kernel spectra, one inverse FFT, one kernel launch adding the windows into
 the maps (each element's map cell found on the device from its window's box) and one over a
 segment table of the voxels to update; plus one launch adding the fine level's windows
-(before the convolution) into the fluence. No value is read back. The DMR's per-voxel queries (a patch's dose at some voxels, a voxel's
-beam's-eye-view position, the fluence under a patch) are answered on the host from copies of
-the static geometry and of the fluence (``Level.host``,
-:meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few gathers. The read-outs
-live in :mod:`ids_engine.dose._readout` (a mixin the engine inherits); this module keeps the
-state and its updates.
+(before the convolution) into the fluence. No value is read back. The DMR's per-voxel
+queries (a patch's dose at some voxels, a voxel's beam's-eye-view position, the fluence under
+a patch) are answered on the host from copies of the static geometry and of the fluence
+(``Level.host``, :meth:`DoseEngine.fluence_host`); reading the dose at voxels is a few
+gathers. The read-outs live in :mod:`ids_engine.dose._readout` (a mixin the engine inherits);
+this module keeps the state and its updates.
 """
 
 from __future__ import annotations
@@ -133,7 +133,6 @@ class _BeamState:
     fluence_host: np.ndarray  # (nv, nu) float32 host copy (the same array on NumPy)
     fluence_offset: int  # into the flat fluence buffer
     maps: dict  # level -> (nc, mh, mw) float32 device view of the convolved fluence
-    maps_offset: dict  # level -> offset into the level's flat maps buffer
 
 
 @dataclass(eq=False)
@@ -331,16 +330,15 @@ class DoseEngine(ReadOuts):
             shape = g.fluence_grid.shape_vu
             fl = self._fluence_buf[off : off + sizes[b]].reshape(shape)
             host = fl if xp is np else np.zeros(shape, np.float32)
-            maps, offsets = {}, {}
+            maps = {}
             for name in LEVELS:
                 lv = getattr(g, name)
                 n = map_sizes[name][b]
                 maps[name] = self._maps_buf[name][moff[name] : moff[name] + n].reshape((len(lv.components),) + lv.map_shape)
-                offsets[name] = moff[name]
                 self._window_targets[name][b] = (moff[name], *lv.map_shape)
                 moff[name] += n
             self._window_targets["fluence"][b] = (off, *shape)
-            self._state.append(_BeamState(g, fl, host, off, maps, offsets))
+            self._state.append(_BeamState(g, fl, host, off, maps))
             off += sizes[b]
         self.dose_fine = xp.zeros(self.grid.size, dtype=xp.float32)
         self.dose_coarse = xp.zeros(self.coarse_grid.size, dtype=xp.float32)
