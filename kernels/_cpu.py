@@ -388,8 +388,31 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _BALL = _ball_marks_nb
 
         @numba.njit(nogil=True, cache=True)
-        def _capped_d2_nb(bev_u2, bev_v2, bev_w2, capped, cols, d2_out, w_out):  # pragma: no cover - compiled
+        def _nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, drow):  # pragma: no cover - compiled
+            # One beam's row of capped_distance2: the least squared distance from each voxel
+            # (bu_g, bv_g) to the m columns (cu_l, cv_l) on its grid, as NumPy's running minimum.
             inf32 = np.float32(np.inf)
+            n = bu_g.shape[0]
+            drow[:] = inf32
+            if m == 0 or bad:  # NumPy: all +inf, or NaN everywhere (which ends as +inf)
+                return
+            for jj in range(m):
+                cu = cu_l[jj]
+                cv = cv_l[jj]
+                for i in range(n):
+                    du = bu_g[i] - cu
+                    dv = bv_g[i] - cv
+                    dj = du * du + dv * dv
+                    if dj < drow[i]:
+                        drow[i] = dj
+            # A NaN term (the beam misses the voxel: u NaN) made NumPy's minimum NaN, and
+            # NaN or an overflow ends as +inf.
+            for i in range(n):
+                if np.isnan(bu_g[i]) or np.isnan(bv_g[i]) or not np.isfinite(drow[i]):
+                    drow[i] = inf32
+
+        @numba.njit(nogil=True, cache=True)
+        def _capped_d2_nb(bev_u2, bev_v2, bev_w2, capped, cols, d2_out, w_out):  # pragma: no cover - compiled
             n = capped.shape[0]
             cu_l = np.empty(cols.shape[0], np.float32)
             cv_l = np.empty(cols.shape[0], np.float32)
@@ -411,24 +434,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                         cv_l[m] = cv
                         bad = bad or np.isnan(cu_l[m])
                         m += 1
-                drow = d2_out[b]
-                drow[:] = inf32
-                if m == 0 or bad:  # NumPy: all +inf, or NaN everywhere (which ends as +inf)
-                    continue
-                for jj in range(m):
-                    cu = cu_l[jj]
-                    cv = cv_l[jj]
-                    for i in range(n):
-                        du = bu_g[i] - cu
-                        dv = bv_g[i] - cv
-                        dj = du * du + dv * dv
-                        if dj < drow[i]:
-                            drow[i] = dj
-                # A NaN term (the beam misses the voxel: u NaN) made NumPy's minimum NaN, and
-                # NaN or an overflow ends as +inf.
-                for i in range(n):
-                    if np.isnan(bu_g[i]) or np.isnan(bv_g[i]) or not np.isfinite(drow[i]):
-                        drow[i] = inf32
+                _nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, d2_out[b])
 
         _CAPPED = _capped_d2_nb
 

@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from ids_engine.kernels import _cpu
+
 __all__ = ["HAVE_NUMBA", "ball_row_marks", "ball_rows", "capped_distance2_source", "gather_composed", "in_band_under",
            "pick_spread", "scan_watch", "scan_watch_numpy"]
 
@@ -187,7 +189,6 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                                  w_out):  # pragma: no cover - compiled
             # _cpu._capped_d2_nb with watched voxel i's values read at source[i] of the base's
             # tables, or of the extra voxels' past them: the same float32 operations and order.
-            inf32 = np.float32(np.inf)
             n = capped.shape[0]
             nb = bu2.shape[1]
             cu_l = np.empty(cols.shape[0], np.float32)
@@ -215,22 +216,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                         cv_l[m] = cv
                         bad = bad or np.isnan(cu_l[m])
                         m += 1
-                drow = d2_out[b]
-                drow[:] = inf32
-                if m == 0 or bad:
-                    continue
-                for jj in range(m):
-                    cu = cu_l[jj]
-                    cv = cv_l[jj]
-                    for i in range(n):
-                        du = bu_g[i] - cu
-                        dv = bv_g[i] - cv
-                        dj = du * du + dv * dv
-                        if dj < drow[i]:
-                            drow[i] = dj
-                for i in range(n):
-                    if np.isnan(bu_g[i]) or np.isnan(bv_g[i]) or not np.isfinite(drow[i]):
-                        drow[i] = inf32
+                _cpu._nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, d2_out[b])
 
         _CAPPED_SOURCE = _capped_d2_source_nb
 

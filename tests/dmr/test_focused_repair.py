@@ -53,7 +53,7 @@ def test_the_focused_repair_takes_the_far_rise_under_the_report_line(fresh, req,
 
 
 def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkeypatch):
-    """All or nothing: with the report line at 0.5 % of Rx no pass can reach it, so the plan
+    """All or nothing: with the report line at 0.2 % of Rx no pass can reach it, so the plan
     is the one the plain repair left, bit for bit, and so is the journal (the request's patches
     and their grouping), although focused passes did run and apply patches."""
     s = fresh
@@ -71,7 +71,8 @@ def test_a_focused_repair_that_cannot_reach_the_line_is_taken_back(fresh, monkey
     monkeypatch.setattr(repair_module, "recover", spy)
     set_repair(monkeypatch, s, lp="off")  # the focused passes alone
     try:
-        s.options = DMROptions(report_rise_pct=0.5, max_rise_pct=0.4)
+        # (0.2 %: at 0.5 % the focused passes reach the line on some CPUs' round-off)
+        s.options = DMROptions(report_rise_pct=0.2, max_rise_pct=0.16)
         for passes in (0, 3):
             set_repair(monkeypatch, s, focused_passes=passes)
             focused.clear()

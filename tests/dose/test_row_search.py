@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ids_engine.kernels import _cpu
+from ids_engine.kernels import _cpu, _cpu_rows
 from tests.kernels.test_cpu_select import _fake_rows
 
 needs_numba = pytest.mark.skipif(not _cpu.HAVE_NUMBA, reason="numba is not installed (the 'fast' extra)")
@@ -114,6 +114,7 @@ def test_compiled_ball_finds_the_watched_voxels_of_the_numpy_look_up(monkeypatch
     rs.vox, rs.shape, rs.spacing = vox, shape, np.array([2.5, 1.9, 1.9])
     rs.index_zyx = np.stack(np.unravel_index(vox, shape), axis=-1).astype(np.int64)
     rs._balls = {}
+    rs._ball_rows = {}
 
     class W:  # what ball reads of the watch
         voxels = vox
@@ -128,8 +129,9 @@ def test_compiled_ball_finds_the_watched_voxels_of_the_numpy_look_up(monkeypatch
     for cols in [np.array(corner)] + [rng.choice(vox.size, int(rng.integers(1, 9)), replace=False) for _ in range(30)]:
         for radius in (3.0, 6.5):
             got = rs.ball(cols, radius)
-            with monkeypatch.context() as m:
+            with monkeypatch.context() as m:  # every compiled host loop off: the NumPy look-up
                 m.setattr(_cpu, "HAVE_NUMBA", False)
+                m.setattr(_cpu_rows, "HAVE_NUMBA", False)
                 ref = rs.ball(cols, radius)
             assert got.dtype == ref.dtype == np.int64
             assert np.array_equal(got, ref) and np.all(np.isin(cols, got))
