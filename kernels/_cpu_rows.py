@@ -25,8 +25,6 @@ each gives the same values, so the same rows, voxels and steps
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ids_engine.kernels import _cpu
@@ -41,184 +39,181 @@ _COMPOSED = None
 _BALL_ROWS = None
 _CAPPED_SOURCE = None
 HAVE_NUMBA = False
-if os.environ.get("IDS_NUMBA", "1") != "0":
-    try:  # pragma: no cover - depends on the environment
-        import numba
-    except ImportError:  # pragma: no cover
-        numba = None
-    if numba is not None:
-        HAVE_NUMBA = True
+if _cpu.HAVE_NUMBA:  # the same detection as kernels._cpu (numba importable, IDS_NUMBA != "0")
+    import numba
 
-        @numba.njit(nogil=True, cache=True)
-        def _in_band_under_nb(mark, near, viol, dose, hi, lo, capped, slack_max, touched, slack,
-                              touched_capped):  # pragma: no cover - compiled
-            for j in range(near.shape[0]):
-                mark[near[j]] = False
-            nt = 0
-            nc = 0
-            for i in range(mark.shape[0]):
-                if not mark[i] or not viol[i] == 0:
+    HAVE_NUMBA = True
+
+    @numba.njit(nogil=True, cache=True)
+    def _in_band_under_nb(mark, near, viol, dose, hi, lo, capped, slack_max, touched, slack,
+                          touched_capped):  # pragma: no cover - compiled
+        for j in range(near.shape[0]):
+            mark[near[j]] = False
+        nt = 0
+        nc = 0
+        for i in range(mark.shape[0]):
+            if not mark[i] or not viol[i] == 0:
+                continue
+            a = hi[i] - dose[i]
+            b = dose[i] - lo[i]
+            if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
+                continue
+            s = a if a < b else b
+            if s < slack_max:
+                touched[nt] = i
+                slack[nt] = s
+                nt += 1
+                if capped[i]:
+                    touched_capped[nc] = i
+                    nc += 1
+        return nt, nc
+
+    _IN_BAND = _in_band_under_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _scan_watch_nb(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot):  # pragma: no cover
+        # NumPy's maximum: a if a >= b or a is NaN, else b (NaN propagates).
+        r = -1
+        nan_at = -1
+        best = -np.inf
+        big = False
+        nc = 0
+        nh = 0
+        for i in range(dose.shape[0]):
+            d = dose[i]
+            a = lo[i] - d
+            b = d - hi[i]
+            m = a if (a >= b or np.isnan(a)) else b
+            v = m if (m >= 0.0 or np.isnan(m)) else 0.0
+            viol[i] = v
+            w = weight[i]
+            wv2[i] = w * (v * v)
+            s = 0.0 if blocked[i] else w * v
+            score[i] = s
+            if s > 1e-6:
+                big = True
+            if np.isnan(s):  # argmax: the first NaN
+                if nan_at < 0:
+                    nan_at = i
+            elif s > best:
+                best = s
+                r = i
+            if s > 0:
+                if d < lo[i]:
+                    cold[nc] = i
+                    nc += 1
+                if d > hi[i]:
+                    hot[nh] = i
+                    nh += 1
+        if nan_at >= 0:
+            r = nan_at
+        return r, big, nc, nh
+
+    _SCAN = _scan_watch_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _pick_spread_nb(order, coords, spacing, limit, kept):  # pragma: no cover - compiled
+        # The distance as np.linalg.norm(..., axis=1) sums the squares: ((z + y) + x);
+        # a NaN distance makes NumPy's min NaN, which is not below the spacing.
+        nk = 0
+        for t in range(order.shape[0]):
+            if nk >= limit:
+                break
+            i = order[t]
+            m = np.inf
+            for j in range(nk):
+                k = kept[j]
+                dz = coords[k, 0] - coords[i, 0]
+                dy = coords[k, 1] - coords[i, 1]
+                dx = coords[k, 2] - coords[i, 2]
+                d = np.sqrt((dz * dz + dy * dy) + dx * dx)
+                if np.isnan(d) or np.isnan(m):
+                    m = np.nan
+                elif d < m:
+                    m = d
+            if nk and m < spacing:
+                continue
+            kept[nk] = i
+            nk += 1
+        return nk
+
+    _SPREAD = _pick_spread_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _gather_composed_nb(base, extra, source, out):  # pragma: no cover - compiled
+        nb = base.shape[0]
+        for i in range(source.shape[0]):
+            s = source[i]
+            out[i] = np.float64(base[s]) if s < nb else np.float64(extra[s - nb])
+
+    _COMPOSED = _gather_composed_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _ball_rows_nb(index_zyx, cols, rows, nz, ny, nx, voxels, mark):  # pragma: no cover - compiled
+        n = voxels.shape[0]
+        for j in range(cols.shape[0]):
+            cz = index_zyx[cols[j], 0]
+            cy = index_zyx[cols[j], 1]
+            cx = index_zyx[cols[j], 2]
+            for t in range(rows.shape[0]):
+                z = cz + rows[t, 0]
+                y = cy + rows[t, 1]
+                if z < 0 or z >= nz or y < 0 or y >= ny:
                     continue
-                a = hi[i] - dose[i]
-                b = dose[i] - lo[i]
-                if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
+                x0 = max(cx + rows[t, 2], 0)
+                x1 = min(cx + rows[t, 3], nx - 1)
+                if x0 > x1:
                     continue
-                s = a if a < b else b
-                if s < slack_max:
-                    touched[nt] = i
-                    slack[nt] = s
-                    nt += 1
-                    if capped[i]:
-                        touched_capped[nc] = i
-                        nc += 1
-            return nt, nc
-
-        _IN_BAND = _in_band_under_nb
-
-        @numba.njit(nogil=True, cache=True)
-        def _scan_watch_nb(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot):  # pragma: no cover
-            # NumPy's maximum: a if a >= b or a is NaN, else b (NaN propagates).
-            r = -1
-            nan_at = -1
-            best = -np.inf
-            big = False
-            nc = 0
-            nh = 0
-            for i in range(dose.shape[0]):
-                d = dose[i]
-                a = lo[i] - d
-                b = d - hi[i]
-                m = a if (a >= b or np.isnan(a)) else b
-                v = m if (m >= 0.0 or np.isnan(m)) else 0.0
-                viol[i] = v
-                w = weight[i]
-                wv2[i] = w * (v * v)
-                s = 0.0 if blocked[i] else w * v
-                score[i] = s
-                if s > 1e-6:
-                    big = True
-                if np.isnan(s):  # argmax: the first NaN
-                    if nan_at < 0:
-                        nan_at = i
-                elif s > best:
-                    best = s
-                    r = i
-                if s > 0:
-                    if d < lo[i]:
-                        cold[nc] = i
-                        nc += 1
-                    if d > hi[i]:
-                        hot[nh] = i
-                        nh += 1
-            if nan_at >= 0:
-                r = nan_at
-            return r, big, nc, nh
-
-        _SCAN = _scan_watch_nb
-
-        @numba.njit(nogil=True, cache=True)
-        def _pick_spread_nb(order, coords, spacing, limit, kept):  # pragma: no cover - compiled
-            # The distance as np.linalg.norm(..., axis=1) sums the squares: ((z + y) + x);
-            # a NaN distance makes NumPy's min NaN, which is not below the spacing.
-            nk = 0
-            for t in range(order.shape[0]):
-                if nk >= limit:
-                    break
-                i = order[t]
-                m = np.inf
-                for j in range(nk):
-                    k = kept[j]
-                    dz = coords[k, 0] - coords[i, 0]
-                    dy = coords[k, 1] - coords[i, 1]
-                    dx = coords[k, 2] - coords[i, 2]
-                    d = np.sqrt((dz * dz + dy * dy) + dx * dx)
-                    if np.isnan(d) or np.isnan(m):
-                        m = np.nan
-                    elif d < m:
-                        m = d
-                if nk and m < spacing:
-                    continue
-                kept[nk] = i
-                nk += 1
-            return nk
-
-        _SPREAD = _pick_spread_nb
-
-        @numba.njit(nogil=True, cache=True)
-        def _gather_composed_nb(base, extra, source, out):  # pragma: no cover - compiled
-            nb = base.shape[0]
-            for i in range(source.shape[0]):
-                s = source[i]
-                out[i] = np.float64(base[s]) if s < nb else np.float64(extra[s - nb])
-
-        _COMPOSED = _gather_composed_nb
-
-        @numba.njit(nogil=True, cache=True)
-        def _ball_rows_nb(index_zyx, cols, rows, nz, ny, nx, voxels, mark):  # pragma: no cover - compiled
-            n = voxels.shape[0]
-            for j in range(cols.shape[0]):
-                cz = index_zyx[cols[j], 0]
-                cy = index_zyx[cols[j], 1]
-                cx = index_zyx[cols[j], 2]
-                for t in range(rows.shape[0]):
-                    z = cz + rows[t, 0]
-                    y = cy + rows[t, 1]
-                    if z < 0 or z >= nz or y < 0 or y >= ny:
-                        continue
-                    x0 = max(cx + rows[t, 2], 0)
-                    x1 = min(cx + rows[t, 3], nx - 1)
-                    if x0 > x1:
-                        continue
-                    first = (z * ny + y) * nx + x0
-                    last = first + (x1 - x0)
-                    lo, hi = 0, n
-                    while lo < hi:  # searchsorted(voxels, first, side="left")
-                        mid = (lo + hi) // 2
-                        if voxels[mid] < first:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    while lo < n and voxels[lo] <= last:
-                        mark[lo] = True
-                        lo += 1
-
-        _BALL_ROWS = _ball_rows_nb
-
-        @numba.njit(nogil=True, cache=True)
-        def _capped_d2_source_nb(bu2, bv2, bw2, eu, ev, ew, source, capped, cols, d2_out,
-                                 w_out):  # pragma: no cover - compiled
-            # _cpu._capped_d2_nb with watched voxel i's values read at source[i] of the base's
-            # tables, or of the extra voxels' past them: the same float32 operations and order.
-            n = capped.shape[0]
-            nb = bu2.shape[1]
-            cu_l = np.empty(cols.shape[0], np.float32)
-            cv_l = np.empty(cols.shape[0], np.float32)
-            bu_g = np.empty(n, np.float32)
-            bv_g = np.empty(n, np.float32)
-            for b in range(bu2.shape[0]):
-                for i in range(n):
-                    s = source[capped[i]]
-                    if s < nb:
-                        bu_g[i] = bu2[b, s]
-                        bv_g[i] = bv2[b, s]
-                        w_out[b, i] = bw2[b, s]
+                first = (z * ny + y) * nx + x0
+                last = first + (x1 - x0)
+                lo, hi = 0, n
+                while lo < hi:  # searchsorted(voxels, first, side="left")
+                    mid = (lo + hi) // 2
+                    if voxels[mid] < first:
+                        lo = mid + 1
                     else:
-                        bu_g[i] = eu[b, s - nb]
-                        bv_g[i] = ev[b, s - nb]
-                        w_out[b, i] = ew[b, s - nb]
-                m = 0
-                bad = False
-                for j in range(cols.shape[0]):
-                    s = source[cols[j]]
-                    cv = bv2[b, s] if s < nb else ev[b, s - nb]
-                    if np.isfinite(cv):
-                        cu_l[m] = bu2[b, s] if s < nb else eu[b, s - nb]
-                        cv_l[m] = cv
-                        bad = bad or np.isnan(cu_l[m])
-                        m += 1
-                _cpu._nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, d2_out[b])
+                        hi = mid
+                while lo < n and voxels[lo] <= last:
+                    mark[lo] = True
+                    lo += 1
 
-        _CAPPED_SOURCE = _capped_d2_source_nb
+    _BALL_ROWS = _ball_rows_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _capped_d2_source_nb(bu2, bv2, bw2, eu, ev, ew, source, capped, cols, d2_out,
+                             w_out):  # pragma: no cover - compiled
+        # _cpu._capped_d2_nb with watched voxel i's values read at source[i] of the base's
+        # tables, or of the extra voxels' past them: the same float32 operations and order.
+        n = capped.shape[0]
+        nb = bu2.shape[1]
+        cu_l = np.empty(cols.shape[0], np.float32)
+        cv_l = np.empty(cols.shape[0], np.float32)
+        bu_g = np.empty(n, np.float32)
+        bv_g = np.empty(n, np.float32)
+        for b in range(bu2.shape[0]):
+            for i in range(n):
+                s = source[capped[i]]
+                if s < nb:
+                    bu_g[i] = bu2[b, s]
+                    bv_g[i] = bv2[b, s]
+                    w_out[b, i] = bw2[b, s]
+                else:
+                    bu_g[i] = eu[b, s - nb]
+                    bv_g[i] = ev[b, s - nb]
+                    w_out[b, i] = ew[b, s - nb]
+            m = 0
+            bad = False
+            for j in range(cols.shape[0]):
+                s = source[cols[j]]
+                cv = bv2[b, s] if s < nb else ev[b, s - nb]
+                if np.isfinite(cv):
+                    cu_l[m] = bu2[b, s] if s < nb else eu[b, s - nb]
+                    cv_l[m] = cv
+                    bad = bad or np.isnan(cu_l[m])
+                    m += 1
+            _cpu._nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, d2_out[b])
+
+    _CAPPED_SOURCE = _capped_d2_source_nb
 
 
 

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,13 +39,10 @@ def _slot_rows(v, u, weights, ok):
     fields): ``ok`` as bool, ``weights`` contiguous, and ``bounds``, the floors of the least and
     greatest ``v`` and ``u`` over the voxels in the level with finite ``v`` and ``u`` (None if
     there are none), as ``_LevelRows.of`` computes them."""
+    from ids_engine.dose._readout import level_bounds
+
     ok = np.asarray(ok) != 0
-    use = ok & np.isfinite(v) & np.isfinite(u)
-    bounds = None
-    if use.any():
-        vs, us = v[use], u[use]
-        bounds = (math.floor(float(vs.min())), math.floor(float(vs.max())),
-                  math.floor(float(us.min())), math.floor(float(us.max())))
+    bounds = level_bounds(ok, v, u)
     return SimpleNamespace(n=int(v.shape[0]), ok=ok, v=v, u=u, weights=np.ascontiguousarray(weights, np.float32),
                            bounds=bounds)
 

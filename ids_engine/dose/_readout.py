@@ -109,13 +109,20 @@ class _LevelRows:
         ok = pos >= 0
         p = np.where(ok, pos, 0)
         v, u = h.v_cells[p], h.u_cells[p]
-        use = ok & np.isfinite(v) & np.isfinite(u)
-        bounds = None
-        if use.any():
-            vs, us = v[use], u[use]
-            bounds = (math.floor(float(vs.min())), math.floor(float(vs.max())),
-                      math.floor(float(us.min())), math.floor(float(us.max())))
-        return _LevelRows(int(level_index.shape[0]), ok, v, u, np.ascontiguousarray(h.weights[:, p]), bounds)
+        return _LevelRows(int(level_index.shape[0]), ok, v, u, np.ascontiguousarray(h.weights[:, p]),
+                          level_bounds(ok, v, u))
+
+
+def level_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> tuple | None:
+    """The floors of the least and greatest ``v`` and ``u`` over the level voxels that are in
+    the level (``ok``) with finite ``v`` and ``u``, as Python ints, or None if there are none
+    (``_LevelRows.bounds``: the window a read-out samples)."""
+    use = ok & np.isfinite(v) & np.isfinite(u)
+    if not use.any():
+        return None
+    vs, us = v[use], u[use]
+    return (math.floor(float(vs.min())), math.floor(float(vs.max())),
+            math.floor(float(us.min())), math.floor(float(us.max())))
 
 
 _ROWS_UPTO = np.arange(1024, dtype=np.int64)  # never written

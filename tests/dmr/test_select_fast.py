@@ -267,14 +267,20 @@ def _cold(s, watch) -> None:
         comp.base.memo.clear()
 
 
-def test_recover_from_cold_caches_equals_numpy(shaping_session, monkeypatch):
-    """The compiled and the NumPy recovery, each from cold caches (nothing the other built)."""
-    s = shaping_session
+def _modified(s):
+    """The request's watch, after its modification: (watch, engine, the snapshot before, the
+    snapshot after the modification, where each recovery starts)."""
     watch, resolved = _request_watch(s)
     eng = s.engine
     snap = eng.snapshot()
     s.modifier.modify(resolved.voxels, resolved.target_gy)
-    start = eng.snapshot()
+    return watch, eng, snap, eng.snapshot()
+
+
+def test_recover_from_cold_caches_equals_numpy(shaping_session, monkeypatch):
+    """The compiled and the NumPy recovery, each from cold caches (nothing the other built)."""
+    s = shaping_session
+    watch, eng, snap, start = _modified(s)
     res = []
     for numpy_only in (False, True):
         eng.restore(start)
@@ -295,11 +301,7 @@ def test_rejected_voxels_are_not_chosen_again_on_both_paths(shaping_session, mon
     """Every step rejected: each voxel is tried once, inside the focus when one is given, and
     the compiled and the NumPy steps choose the same voxels."""
     s = shaping_session
-    watch, resolved = _request_watch(s)
-    eng = s.engine
-    snap = eng.snapshot()
-    s.modifier.modify(resolved.voxels, resolved.target_gy)
-    start = eng.snapshot()
+    watch, eng, snap, start = _modified(s)
 
     def reject(self, modifier, rows, cols, dirs, dose, **kw):
         return [], types.SimpleNamespace(accepted=False, proposed=False, watch_after_gy=dose)
