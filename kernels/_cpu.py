@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "ball_marks", "block_depth", "capped_distance2", "combine_neighbours", "gather_bev",
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "combine_neighbours", "gather_bev",
            "irfft2_rows", "level_rows", "mark_under_patches", "patch_response_window", "rfft2_padded",
            "sample_weighted", "sort_rows_by_u"]
 
@@ -53,7 +53,6 @@ _GATHER_BEV = None
 _DEPTH = None
 _UNDER = None
 _UNDER_U = None
-_BALL = None
 _SORT_ROWS_U = None
 _CAPPED = None
 _LEVEL_ROWS = None
@@ -362,32 +361,6 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _UNDER_U = _under_patches_u_nb
 
         @numba.njit(nogil=True, cache=True)
-        def _ball_marks_nb(index_zyx, cols, offs, nz, ny, nx, voxels, mark):  # pragma: no cover - compiled
-            n = voxels.shape[0]
-            for j in range(cols.shape[0]):
-                cz = index_zyx[cols[j], 0]
-                cy = index_zyx[cols[j], 1]
-                cx = index_zyx[cols[j], 2]
-                for o in range(offs.shape[0]):
-                    z = cz + offs[o, 0]
-                    y = cy + offs[o, 1]
-                    x = cx + offs[o, 2]
-                    if z < 0 or z >= nz or y < 0 or y >= ny or x < 0 or x >= nx:
-                        continue
-                    flat = (z * ny + y) * nx + x
-                    lo, hi = 0, n
-                    while lo < hi:  # searchsorted(voxels, flat, side="left")
-                        mid = (lo + hi) // 2
-                        if voxels[mid] < flat:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    if lo < n and voxels[lo] == flat:
-                        mark[lo] = True
-
-        _BALL = _ball_marks_nb
-
-        @numba.njit(nogil=True, cache=True)
         def _nearest_d2_nb(bu_g, bv_g, cu_l, cv_l, m, bad, drow):  # pragma: no cover - compiled
             # One beam's row of capped_distance2: the least squared distance from each voxel
             # (bu_g, bv_g) to the m columns (cu_l, cv_l) on its grid, as NumPy's running minimum.
@@ -672,19 +645,6 @@ def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, co
         raise ValueError("mark_under_patches: remap needs u_sorted tables")
     else:
         _UNDER(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), mark)
-
-
-def ball_marks(index_zyx, cols, offs, shape_zyx, voxels, mark) -> None:
-    """Sets ``mark[i]`` for every watched voxel ``i`` (``voxels``: sorted flat CT indices,
-    int64) at an offset ``offs`` ((m, 3) int64) from the grid position ``index_zyx[c]``
-    ((n, 3) int64) of a column ``c`` of ``cols``, inside the grid ``shape_zyx``: the compiled
-    twin of ``ids_engine.dmr._recovery._Rows.ball``'s look-up (the same voxels). Needs numba
-    (``HAVE_NUMBA``)."""
-    if _BALL is None:
-        raise RuntimeError("ball_marks needs numba (pip install ids-engine[fast])")
-    nz, ny, nx = (int(n) for n in shape_zyx)
-    _BALL(np.asarray(index_zyx, np.int64), np.asarray(cols, np.int64), np.asarray(offs, np.int64), nz, ny, nx,
-          np.asarray(voxels, np.int64), mark)
 
 
 def sort_rows_by_u(rows, order, bu_sorted, bv_sorted) -> bool:

@@ -13,7 +13,7 @@ each gives the same values, so the same rows, voxels and steps
   patches (``_Rows.select``), one pass over the marks instead of ``flatnonzero`` and gathers.
 - :func:`ball_row_marks`: the watched voxels within a radius of the columns (``_Rows.ball``),
   one search of the sorted watch per row of the ball (:func:`ball_rows`) instead of one per
-  offset (``_cpu.ball_marks``).
+  offset.
 - :func:`capped_distance2_source`: ``_cpu.capped_distance2`` of a watch built on a base, read
   from the base's BEV tables, so the watch's own (three (beams, 10^5) tables, spliced for
   every request) are made only for the NumPy code.
@@ -303,7 +303,7 @@ def ball_row_marks(index_zyx, cols, rows, shape_zyx, voxels, mark) -> None:
     int64) in a row of ``rows`` (:func:`ball_rows` of a ball's offsets) around the grid
     position ``index_zyx[c]`` ((n, 3) int64) of a column ``c`` of ``cols``, inside the grid
     ``shape_zyx``: one search of the sorted watch per row instead of one per offset, the same
-    voxels as ``_cpu.ball_marks`` with the offsets. Needs numba (``HAVE_NUMBA``)."""
+    voxels as looking each offset up (the NumPy path of ``_Rows.ball``). Needs numba (``HAVE_NUMBA``)."""
     if _BALL_ROWS is None:
         raise RuntimeError("ball_row_marks needs numba (pip install ids-engine[fast])")
     nz, ny, nx = (int(n) for n in shape_zyx)

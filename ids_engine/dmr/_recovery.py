@@ -595,10 +595,6 @@ class _Rows:
             if rows is not None:
                 _cpu_rows.ball_row_marks(self.index_zyx, cols, rows, self.shape, self.vox, mark)
                 return np.flatnonzero(mark).astype(np.int64)
-        if _cpu.HAVE_NUMBA and self.index_zyx.dtype == np.int64 and offs.dtype == np.int64:
-            # Compiled: each offset point looked up in the sorted watch directly (the same voxels).
-            _cpu.ball_marks(self.index_zyx, cols, offs, self.shape, self.vox, mark)
-            return np.flatnonzero(mark).astype(np.int64)
         pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
         pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
         at, watched = self.watch.locate(np.ravel_multi_index(pts.T, self.shape))
