@@ -7,8 +7,11 @@ among them. Its NumPy reference is ``ReadOuts._coarse_neighbours`` followed by
 ``np.unique(..., return_inverse=True)``: the same integers and the same float32 products in the
 same order, so the same tables bit for bit (tested). A DMR request builds them for a few dozen
 voxel sets of a few hundred voxels, where the reference's thirty-odd NumPy calls and its sort
-cost more than the arithmetic. Without numba (or with ``IDS_NUMBA=0``, see
-:mod:`ids_engine.kernels._cpu`) the engine uses the reference.
+cost more than the arithmetic. :func:`level_tables` looks the same level voxels up in every
+beam of a DMR joint solve's read at once (``ReadOuts._rows_of_beams``): the per-beam look-up
+(``_LevelRows.of``) for all beams in one call, where a call per beam and level cost more than
+its gathers. Without numba (or with ``IDS_NUMBA=0``, see :mod:`ids_engine.kernels._cpu`) the
+engine uses the references.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import numpy as np
 
 from . import _cpu
 
-__all__ = ["coarse_tables"]
+__all__ = ["coarse_tables", "level_tables"]
 
 _COARSE_TABLES = None  # the compiled loop, when numba is installed
+_LEVEL_TABLES = None  # likewise
 if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
@@ -66,6 +70,36 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
 
     _COARSE_TABLES = _coarse_tables_nb
 
+    @numba.njit(nogil=True, cache=True)
+    def _level_tables_nb(positions, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds,
+                         found):  # pragma: no cover - compiled
+        inf32 = np.float32(np.inf)
+        for s in range(len(positions)):
+            position, vc, uc, wt = positions[s], v_cells[s], u_cells[s], weights[s]
+            any_found = False
+            v_min, v_max, u_min, u_max = inf32, -inf32, inf32, -inf32
+            for i in range(level_index.shape[0]):
+                pos = position[level_index[i]]
+                here = pos >= 0
+                p = pos if here else 0
+                ok[s, i] = here
+                vi = vc[p]
+                ui = uc[p]
+                v[s, i] = vi
+                u[s, i] = ui
+                for c in range(wt.shape[0]):
+                    w[s, c, i] = wt[c, p]
+                if here and np.isfinite(vi) and np.isfinite(ui):
+                    any_found = True
+                    v_min = min(v_min, vi)
+                    v_max = max(v_max, vi)
+                    u_min = min(u_min, ui)
+                    u_max = max(u_max, ui)
+            bounds[s, 0], bounds[s, 1], bounds[s, 2], bounds[s, 3] = v_min, v_max, u_min, u_max
+            found[s] = any_found
+
+    _LEVEL_TABLES = _level_tables_nb
+
 
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
                   up: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -88,3 +122,38 @@ def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coars
     uniq = _COARSE_TABLES(flat_index, nx, ny, z0, z1, wz, y0, y1, wy, x0, x1, wx, cy, cx, cz * cy * cx,
                           cidx, cw, inv)
     return cidx, cw, uniq, inv
+
+
+def level_tables(hosts: list, level_index: np.ndarray):
+    """Several beams' look-ups at the same level voxels in one pass: for each level host copy
+    in ``hosts`` (``LevelHost``: ``position``, ``v_cells``, ``u_cells``, ``weights``) and the
+    level voxels ``level_index`` ((n,) int64), ``ok`` ((S, n) bool, position >= 0), ``v``,
+    ``u`` ((S, n) float32, of position 0 where not ok), ``weights`` ((S, nc, n) float32) and
+    per beam the float32 min / max of v and u over the ok voxels with finite v and u (None
+    when there is none): row ``s`` is what ``ReadOuts``' ``_LevelRows.of`` computes for beam
+    ``s`` (gathers and min / max only, so the same values), in one compiled call instead of
+    one per beam. Returns None where it cannot (numba missing, float64 tables, or beams whose
+    arrays differ in dtype or layout or in their numbers of components): the caller then looks
+    each beam up alone."""
+    if _LEVEL_TABLES is None or not hosts:
+        return None
+    nc = hosts[0].weights.shape[0]
+    # The beams' arrays of each kind go in as one tuple, which the compiled loop indexes at run
+    # time: they must be of one numba type (dtype, dimensions, layout; a beam's weights are
+    # usually a column block of all beams' weights, not contiguous).
+    kinds = {(h.weights.shape[0], *((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.f_contiguous)
+                                    for a in (h.position, h.v_cells, h.u_cells, h.weights))) for h in hosts}
+    if len(kinds) != 1 or hosts[0].v_cells.dtype != np.float32 or hosts[0].u_cells.dtype != np.float32 \
+            or hosts[0].weights.dtype != np.float32 or hosts[0].weights.ndim != 2:
+        return None
+    s_count, n = len(hosts), int(level_index.shape[0])
+    ok = np.empty((s_count, n), np.bool_)
+    v, u = np.empty((s_count, n), np.float32), np.empty((s_count, n), np.float32)
+    w = np.empty((s_count, nc, n), np.float32)
+    bounds = np.empty((s_count, 4), np.float32)
+    found = np.empty(s_count, np.bool_)
+    _LEVEL_TABLES(tuple(h.position for h in hosts), tuple(h.v_cells for h in hosts),
+                  tuple(h.u_cells for h in hosts), tuple(h.weights for h in hosts),
+                  np.asarray(level_index, np.int64), ok, v, u, w, bounds, found)
+    mm = [tuple(float(x) for x in bounds[s]) if found[s] else None for s in range(s_count)]
+    return ok, v, u, w, mm

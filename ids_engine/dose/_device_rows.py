@@ -6,7 +6,8 @@ samples the result at the rows. Here the same numbers come from the ``delta_rows
 (``kernels/deltas.py``: a direct sum over the kernel's support; its NumPy twin is the host
 path's FFT read-out, so the counting backend reproduces the NumPy backend bit for bit). The
 host still stacks the patches and looks the rows up in each beam's levels (the host path's
-tables, cached per voxel set), packs them into one upload per dtype, and reads one array back,
+tables, cached per voxel set; every beam's in one compiled pass where numba is installed,
+``ReadOuts._rows_of_beams``), packs them into one upload per dtype, and reads one array back,
 then adds the parts in the host path's order.
 
 Cost per read (held by ``tests/dose/test_device_budgets.py``): two copies to the device (the
@@ -49,10 +50,13 @@ def _level_tables(eng, name: str, slots: list, nb, idx: np.ndarray, up: _Uploads
     ``(beam, stack on this level, r0, c0, columns)`` whose beam has components there."""
     _, ker_off = _packed_kernels(eng, name)
     level_index = idx if name == "fine" else nb.coarse_unique()[0]
-    tables = [eng._rows_of(nb, b, name, level_index) for b, *_ in slots]
+    tables, stacked = eng._rows_of_beams(nb, [b for b, *_ in slots], name, level_index)
     nc = int(tables[0].weights.shape[0])
     if any(t.weights.shape[0] != nc for t in tables):  # pragma: no cover - one machine's components
         raise ValueError(f"delta_rows: the beams' {name} levels have different numbers of components")
+    if stacked is None:
+        stacked = tuple(np.stack([getattr(t, f) for t in tables]) for f in ("ok", "v", "u", "weights"))
+    ok_tab, v_tab, u_tab, w_tab = stacked
     n_slot = len(slots)
     m_s = np.array([st.shape[0] for _, st, *_ in slots], np.int64)
     sizes = np.array([st.size for _, st, *_ in slots], np.int64)
@@ -78,10 +82,10 @@ def _level_tables(eng, name: str, slots: list, nb, idx: np.ndarray, up: _Uploads
         "slots": up.add(table),
         "planes": up.add(planes),
         "colmap": up.add(np.concatenate([cols for *_, cols in slots]).astype(np.int32)),
-        "v_tab": up.add(np.stack([t.v for t in tables])),
-        "u_tab": up.add(np.stack([t.u for t in tables])),
-        "w_tab": up.add(np.stack([t.weights for t in tables])),
-        "ok_tab": up.add(np.stack([t.ok for t in tables]).astype(np.int32)),
+        "v_tab": up.add(v_tab),
+        "u_tab": up.add(u_tab),
+        "w_tab": up.add(w_tab),
+        "ok_tab": up.add(ok_tab.astype(np.int32)),
     }
     return keys, {"m": int(level_index.shape[0]), "nc": nc}
 

@@ -390,6 +390,26 @@ class ReadOuts:
             rows = nb.levels[(b, name)] = _LevelRows.of(getattr(self.geometry[b], name), level_index)
         return rows
 
+    def _rows_of_beams(self, nb: "_Neighbours", beams: list, name: str, level_index: np.ndarray):
+        """:meth:`_rows_of` of several beams (a DMR joint solve's read: every beam at the same
+        rows): ``(rows, stacked)``, the beams' ``_LevelRows`` in order and, when none was looked
+        up before, their tables stacked ``(ok (S, m) bool, v, u (S, m) float32, weights (S, nc,
+        m) float32)`` (the rows' fields are views of them), else None. The beams not looked up
+        yet are looked up in one compiled pass (:func:`~ids_engine.kernels._cpu_readout.
+        level_tables`: the same values as one ``_LevelRows.of`` per beam)."""
+        missing = [b for b in beams if (b, name) not in nb.levels]
+        got = _cpu_readout.level_tables([getattr(self.geometry[b], name).host for b in missing], level_index) \
+            if len(missing) > 1 and _cpu.HAVE_NUMBA else None
+        stacked = None
+        if got is not None:
+            ok, v, u, w, mm = got
+            for s, b in enumerate(missing):
+                bounds = None if mm[s] is None else tuple(math.floor(x) for x in mm[s])
+                nb.levels[(b, name)] = _LevelRows(int(level_index.shape[0]), ok[s], v[s], u[s], w[s], bounds)
+            if missing == list(beams):
+                stacked = (ok, v, u, w)
+        return [self._rows_of(nb, b, name, level_index) for b in beams], stacked
+
     def _crop_spectra(self, b: int, name: str) -> dict:
         return self.__dict__.setdefault("_crop_spectra_cache", {}).setdefault((b, name), {})
 

@@ -144,3 +144,51 @@ def test_a_voxel_off_the_grid_raises_index_error():
     size = int(np.prod(eng.grid.shape_zyx))
     with pytest.raises(IndexError):
         eng.dose_at_voxels(np.array([6 * size], np.int64))
+
+
+def test_every_beams_level_look_ups_in_one_pass_equal_one_beam_at_a_time(coarse_horseshoe_session):
+    """``_cpu_readout.level_tables`` (all beams at the same level voxels, one compiled call)
+    gives, row by row, ``_LevelRows.of``'s look-ups (compiled and NumPy) bit for bit, bounds
+    included: fine level voxels with some outside the body, the distinct coarse neighbours;
+    ``_rows_of_beams`` keeps them per beam (the host path finds them) and stacks them only when
+    it looked every beam up itself."""
+    from ids_engine.dose._readout import _LevelRows
+    from ids_engine.kernels import _cpu_readout
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    s = coarse_horseshoe_session
+    eng = s.engine
+    idx = _rows(s, 300, 5)
+    eng.__dict__.pop("_neighbour_cache", None)
+    try:
+        nb = eng._neighbours(idx)
+        beams = list(range(eng.n_beams))
+        for name, level_index in (("fine", idx), ("coarse", nb.coarse_unique()[0])):
+            hosts = [getattr(g, name).host for g in eng.geometry]
+            ok, v, u, w, mm = _cpu_readout.level_tables(hosts, level_index)
+            for b in beams:
+                lvl = getattr(eng.geometry[b], name)
+                want = _LevelRows.of(lvl, level_index)
+                h = lvl.host
+                pos = h.position[level_index]
+                p = np.where(pos >= 0, pos, 0)
+                for got, ref in ((ok[b], want.ok), (v[b], want.v), (u[b], want.u), (w[b], want.weights),
+                                 (ok[b], pos >= 0), (v[b], h.v_cells[p]), (w[b], h.weights[:, p])):
+                    assert got.dtype == ref.dtype and got.shape == ref.shape
+                    np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.uint8),
+                                                  np.ascontiguousarray(ref).view(np.uint8))
+                bounds = None if mm[b] is None else tuple(int(np.floor(x)) for x in mm[b])
+                assert bounds == want.bounds
+            if name == "fine":
+                assert (~ok).any()  # the rows outside the body are not in the level
+            rows, stacked = eng._rows_of_beams(nb, beams, name, level_index)
+            assert stacked is not None and all(rows[b] is nb.levels[(b, name)] for b in beams)
+            for a, ref in zip(stacked, (ok, v, u, w)):
+                np.testing.assert_array_equal(a, ref)
+            assert rows[0].bounds == _LevelRows.of(getattr(eng.geometry[0], name), level_index).bounds
+            # Found again: the same objects, nothing stacked (the device path stacks them itself).
+            again, stacked = eng._rows_of_beams(nb, beams[::-1], name, level_index)
+            assert stacked is None and all(a is r for a, r in zip(again, rows[::-1]))
+    finally:
+        eng.__dict__.pop("_neighbour_cache", None)
