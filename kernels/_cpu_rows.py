@@ -21,7 +21,9 @@ each gives the same values, so the same rows, voxels and steps
 - :func:`gather_composed`: a composed watch's dose (``_composed_dose``), the take and the
   cast to float64 in one pass.
 
-``IDS_NUMBA=0`` turns them off (``HAVE_NUMBA`` False)."""
+They are compiled where ``kernels._cpu``'s loops are, and one switch turns all of them off:
+``_cpu.HAVE_NUMBA`` (False with ``IDS_NUMBA=0`` or without numba), which the callers read at
+each call, so a test that sets it to False runs every NumPy reference."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from ids_engine.kernels import _cpu
 
-__all__ = ["HAVE_NUMBA", "ball_row_marks", "ball_rows", "capped_distance2_source", "gather_composed", "in_band_under",
+__all__ = ["ball_row_marks", "ball_rows", "capped_distance2_source", "gather_composed", "in_band_under",
            "pick_spread", "scan_watch", "scan_watch_numpy"]
 
 _IN_BAND = None
@@ -38,11 +40,8 @@ _SPREAD = None
 _COMPOSED = None
 _BALL_ROWS = None
 _CAPPED_SOURCE = None
-HAVE_NUMBA = False
-if _cpu.HAVE_NUMBA:  # the same detection as kernels._cpu (numba importable, IDS_NUMBA != "0")
+if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable, IDS_NUMBA != "0")
     import numba
-
-    HAVE_NUMBA = True
 
     @numba.njit(nogil=True, cache=True)
     def _in_band_under_nb(mark, near, viol, dose, hi, lo, capped, slack_max, touched, slack,
@@ -225,7 +224,7 @@ def in_band_under(mark, near, viol, dose, hi, lo, capped, slack_max: float):
     room, and those of them with ``capped[i]``. What ``_Rows.select`` computes with
     ``flatnonzero`` and gathers (the same voxels and values). ``mark``, ``capped`` (n,) bool;
     ``viol``, ``dose``, ``hi``, ``lo`` (n,) float64; ``near`` int64 indices. Needs numba
-    (``HAVE_NUMBA``)."""
+    (``_cpu.HAVE_NUMBA``)."""
     if _IN_BAND is None:
         raise RuntimeError("in_band_under needs numba (pip install ids-engine[fast])")
     viol, dose, hi, lo = (np.asarray(a, np.float64) for a in (viol, dose, hi, lo))
@@ -247,7 +246,7 @@ def scan_watch(dose, lo, hi, weight, blocked):
     values, the sign of a zero violation aside)."""
     dose, lo, hi, weight = (np.asarray(a, np.float64) for a in (dose, lo, hi, weight))
     blocked = np.asarray(blocked, np.bool_)
-    if not HAVE_NUMBA:  # (the module's switch, which the tests turn off)
+    if not _cpu.HAVE_NUMBA:  # (the one switch of the compiled host loops, read here: the tests turn it off)
         return scan_watch_numpy(dose, lo, hi, weight, blocked)
     n = dose.shape[0]
     viol, wv2, score = np.empty(n), np.empty(n), np.empty(n)
@@ -260,7 +259,7 @@ def pick_spread(order, coords, spacing_mm: float, limit: int) -> list[int]:
     """Greedy: walk ``order`` (int64 indices into ``coords``, (n, 3) float64 mm) and keep the
     indices at least ``spacing_mm`` from every kept one, at most ``limit``: the compiled twin
     of ``ids_engine.dmr._recovery._pick_spread`` (the same distances, summed in NumPy's
-    order: the same indices). Needs numba (``HAVE_NUMBA``)."""
+    order: the same indices). Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _SPREAD is None:
         raise RuntimeError("pick_spread needs numba (pip install ids-engine[fast])")
     order = np.asarray(order, np.int64)
@@ -272,7 +271,7 @@ def pick_spread(order, coords, spacing_mm: float, limit: int) -> list[int]:
 def gather_composed(base, extra, source) -> np.ndarray:
     """(len(source),) float64: ``concatenate([base, extra])[source]`` (``base``, ``extra``
     float32 doses, ``source`` int64 indices into both) cast to float64, in one pass: the
-    same values as NumPy's take and cast. Needs numba (``HAVE_NUMBA``)."""
+    same values as NumPy's take and cast. Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _COMPOSED is None:
         raise RuntimeError("gather_composed needs numba (pip install ids-engine[fast])")
     out = np.empty(np.shape(source)[0], np.float64)
@@ -303,7 +302,7 @@ def ball_row_marks(index_zyx, cols, rows, shape_zyx, voxels, mark) -> None:
     int64) in a row of ``rows`` (:func:`ball_rows` of a ball's offsets) around the grid
     position ``index_zyx[c]`` ((n, 3) int64) of a column ``c`` of ``cols``, inside the grid
     ``shape_zyx``: one search of the sorted watch per row instead of one per offset, the same
-    voxels as looking each offset up (the NumPy path of ``_Rows.ball``). Needs numba (``HAVE_NUMBA``)."""
+    voxels as looking each offset up (the NumPy path of ``_Rows.ball``). Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _BALL_ROWS is None:
         raise RuntimeError("ball_row_marks needs numba (pip install ids-engine[fast])")
     nz, ny, nx = (int(n) for n in shape_zyx)
@@ -328,7 +327,7 @@ def capped_distance2_source(base_bev, extra_bev, source, capped, cols) -> tuple[
     (``base_bev``: its ``(bev_u2, bev_v2, bev_w2)``, (beams, nb) float32) at ``source[i]``, or
     the extra voxels' (``extra_bev``, (beams, m)) at ``source[i] - nb``. The same ``(d2, w)``
     bit for bit (the same float32 operations in the same order). Needs numba
-    (``HAVE_NUMBA``)."""
+    (``_cpu.HAVE_NUMBA``)."""
     if _CAPPED_SOURCE is None:
         raise RuntimeError("capped_distance2_source needs numba (pip install ids-engine[fast])")
     capped = np.asarray(capped, np.int64)

@@ -378,7 +378,7 @@ def _composed_dose(eng, comp: "WatchComposition", remember: bool = False) -> np.
             memo[ver] = (eng, db)
             while len(memo) > _BASE_DOSES:
                 memo.pop(next(iter(memo)))
-    if _cpu_rows.HAVE_NUMBA:
+    if _cpu.HAVE_NUMBA:
         return _cpu_rows.gather_composed(db, de, comp.source)
     return np.take(np.concatenate([db, de]), comp.source).astype(np.float64)
 
@@ -413,7 +413,7 @@ def _take_back(modifier, patches: list, n_keep: int, watch: Watch | None) -> np.
 def _pick_spread(order: np.ndarray, coords: np.ndarray, spacing: float, limit: int) -> list[int]:
     """Greedy: walk ``order`` and keep indices at least ``spacing`` mm from every kept one
     (compiled with numba when it is installed: the same indices)."""
-    if _cpu_rows.HAVE_NUMBA:
+    if _cpu.HAVE_NUMBA:
         return _cpu_rows.pick_spread(order, coords, spacing, limit)
     kept: list[int] = []
     for i in order:
@@ -587,7 +587,7 @@ class _Rows:
         if not self.vox.size:
             return np.zeros(0, np.int64)
         mark = np.zeros(self.vox.size, bool)
-        if _cpu_rows.HAVE_NUMBA and self.index_zyx.dtype == np.int64:
+        if _cpu.HAVE_NUMBA and self.index_zyx.dtype == np.int64:
             # Compiled: the ball's rows along x, each one search of the sorted watch (the same voxels).
             rows = self._ball_rows.get(radius_mm, False)
             if rows is False:
@@ -623,7 +623,7 @@ class _Rows:
         # kept sorted by their BEV row, so the patch's rows are one slice), then those in
         # their band, not near, and with little room.
         mark = self._under_patches(cols)
-        if _cpu_rows.HAVE_NUMBA:
+        if _cpu.HAVE_NUMBA:
             touched_all, slack, capped = _cpu_rows.in_band_under(mark, near_idx, viol, dose, self.hi_solve, w.lo,
                                                                  self.capped, opts.risk_slack_gy)
         else:
@@ -725,7 +725,7 @@ class _Rows:
         voxels ``capped`` to the nearest column (+inf where the beam misses the voxel or every
         column), and the voxels' dose per unit fluence ``bev_w2``. All beams at once; compiled
         with numba when it is installed (bit for bit the same)."""
-        if _cpu_rows.HAVE_NUMBA and "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
+        if _cpu.HAVE_NUMBA and "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
             base, eu, ev, ew = self._bev_source
             return _cpu_rows.capped_distance2_source((base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew),
                                                      self.watch.__dict__["_composition"].source, capped, cols)

@@ -17,7 +17,7 @@ from ids_engine import backend
 from ids_engine.dmr import MoveIsodoseLine, SetVoxelDose, resolve
 from ids_engine.dmr._recovery import (RecoveryOptions, Watch, WatchBase, _composed_dose, _Rows, _watch_dose,
                                       compose_watch)
-from ids_engine.kernels import _cpu, _cpu_rows
+from ids_engine.kernels import _cpu
 
 RX = 60.0
 
@@ -99,8 +99,7 @@ def test_a_drag_watch_is_built_on_the_base_and_equals_the_union(s):
 def test_rows_from_the_base_equal_a_fresh_build(s, monkeypatch, numba):
     if numba and not _cpu.HAVE_NUMBA:
         pytest.skip("numba not installed")
-    monkeypatch.setattr(_cpu, "HAVE_NUMBA", numba)
-    monkeypatch.setattr(_cpu_rows, "HAVE_NUMBA", numba and _cpu_rows.HAVE_NUMBA)
+    monkeypatch.setattr(_cpu, "HAVE_NUMBA", numba)  # the one switch of every compiled host loop
     w = s.build_watch(resolve(_drag(s), s.resolve_context(4)))
     opts = RecoveryOptions()
     got = _Rows(s.modifier, w, opts)

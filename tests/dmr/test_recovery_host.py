@@ -13,7 +13,7 @@ import pytest
 from ids_engine.dmr import SetVoxelDose, resolve
 from ids_engine.dmr._recovery import RecoveryOptions, _Rows
 from ids_engine.dose._engine import _LevelRows
-from ids_engine.kernels import _cpu, _cpu_rows
+from ids_engine.kernels import _cpu
 
 RX = 60.0
 
@@ -126,7 +126,6 @@ def test_row_selection_compiled_equals_numpy_on_a_real_watch(s, monkeypatch):
         got = rows.select(cols, dose, viol)
         with monkeypatch.context() as mp:  # every compiled host loop off: the NumPy references
             mp.setattr(_cpu, "HAVE_NUMBA", False)
-            mp.setattr(_cpu_rows, "HAVE_NUMBA", False)
             ref = rows.select(cols, dose, viol)
         assert np.array_equal(got, ref)
         n_capped_ranked += int(np.count_nonzero(rows.capped[got]))

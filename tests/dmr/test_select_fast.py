@@ -14,15 +14,15 @@ from ids_engine.dmr import SetVoxelDose, _recovery, resolve
 from ids_engine.dmr._recovery import RecoveryOptions, Watch, _pick_spread, _Rows, recover
 from ids_engine.kernels import _cpu, _cpu_rows
 
-needs_numba = pytest.mark.skipif(not _cpu_rows.HAVE_NUMBA, reason="numba is not installed (the 'fast' extra)")
+needs_numba = pytest.mark.skipif(not _cpu.HAVE_NUMBA, reason="numba is not installed (the 'fast' extra)")
 
 RX = 60.0
 
 
 def _numpy_only(mp) -> None:
-    """Every compiled host loop off: the NumPy references."""
+    """Every compiled host loop off (``kernels._cpu``'s and ``kernels._cpu_rows``'s: one
+    switch): the NumPy references."""
     mp.setattr(_cpu, "HAVE_NUMBA", False)
-    mp.setattr(_cpu_rows, "HAVE_NUMBA", False)
 
 
 def _random_watch(rng, n: int):
@@ -103,6 +103,24 @@ def test_scan_watch_equals_numpy(n):
     assert _cpu_rows.scan_watch(ones * 2, ones * 0, ones, ones, np.zeros(5, bool))[3] == 0
 
 
+def test_one_switch_turns_every_compiled_host_loop_off(monkeypatch):
+    """``kernels._cpu.HAVE_NUMBA`` is the only switch (``_cpu_rows`` has none of its own, its
+    callers read ``_cpu``'s at each call): set False, the step's scan is the NumPy twin's."""
+    assert not hasattr(_cpu_rows, "HAVE_NUMBA")
+    called, reference = [], _cpu_rows.scan_watch_numpy
+
+    def twin(*args):
+        called.append(True)
+        return reference(*args)
+
+    monkeypatch.setattr(_cpu_rows, "scan_watch_numpy", twin)
+    monkeypatch.setattr(_cpu, "HAVE_NUMBA", False)
+    dose, lo, hi, weight = _random_watch(np.random.default_rng(2), 50)
+    with np.errstate(invalid="ignore"):
+        _cpu_rows.scan_watch(dose, lo, hi, weight, np.zeros(50, bool))
+    assert called
+
+
 @needs_numba
 def test_pick_spread_equals_numpy(monkeypatch):
     """The cluster's voxels: the same indices as NumPy's greedy walk, on a lattice with the
@@ -138,11 +156,9 @@ def test_ball_rows_mark_the_offsets_voxels(monkeypatch):
             cols = np.asarray(cols, np.int64)
             got = rs.ball(cols, radius)
             with monkeypatch.context() as mp:
-                mp.setattr(_cpu_rows, "HAVE_NUMBA", False)
-                compiled = rs.ball(cols, radius)  # the offsets' compiled look-up
-                mp.setattr(_cpu, "HAVE_NUMBA", False)
+                _numpy_only(mp)
                 ref = rs.ball(cols, radius)
-            assert np.array_equal(got, ref) and np.array_equal(compiled, ref)
+            assert np.array_equal(got, ref)
         assert rs._ball_rows[radius] is not None
     assert _cpu_rows.ball_rows(np.array([[0, 0, -1], [0, 0, 1]])) is None  # not a row
 
