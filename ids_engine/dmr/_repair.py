@@ -17,6 +17,7 @@ state (``Session._unasked``).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,8 @@ from ._repair_lp import LPRepairOptions, lp_far_repair
 from ._side_effects import UnaskedRise
 
 __all__ = ["LP_MODES", "RepairSettings", "SideEffectRepair", "WIDE_LP_OPTIONS"]
+
+_log = logging.getLogger(__name__)
 
 # When the LP repair runs in the first stage, against the focused passes (RepairSettings.lp).
 _LP_ORDER = {"first": ("lp", "focused"), "after": ("focused", "lp"), "instead": ("lp",), "off": ("focused",)}
@@ -418,6 +421,11 @@ class SideEffectRepair:
                                goal_gy=s.lp_goal * self.thr, accept_gy=self.thr, target_hi_gy=target_hi_gy,
                                shape_zyx=self.shape_zyx, spacing_mm_zyx=self.spacing_mm_zyx, eps_gy=self.eps,
                                options=lp_opts)
+            if lp.status == "time":  # the one outcome that depends on the machine's speed: said so
+                _log.warning("the LP side-effect repair hit its wall-clock safety (LPRepairOptions.time_limit_s %g s "
+                             "a solve, call_time_limit_s %g s a call) after %d solve(s): on a faster or less "
+                             "loaded machine this request's repair may differ", lp_opts.time_limit_s,
+                             lp_opts.call_time_limit_s, lp.solves)
             if lp.ok:
                 h2, j2, w2, gy2 = self.state()
                 if self.no_worse(*base, h2, j2, w2, s.focused_j_slack):

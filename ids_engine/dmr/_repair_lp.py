@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import importlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,10 +52,16 @@ class LPRepairOptions:
     both (spread the same way); margin_gy : tissue rows start as rows when within this of their
     band's edge; far_margin_gy : far voxels start as rows when within this of the goal; rounds :
     solves at most (each after the first adds the rows the previous solution broke, and the far
-    voxels it lifted); max_new_rows : rows added per round and kind; time_limit_s : HiGHS's
-    limit per solve and call_time_limit_s on all of a call's solves together (safeties:
-    measured solves take 20-400 ms, a wide retry's about 1 s in all; hitting one makes the
-    outcome depend on the machine's speed); slack_cost : the cost of 1 Gy of far rise above the goal,
+    voxels it lifted); max_new_rows : rows added per round and kind; max_solve_iterations :
+    the most iterations HiGHS may take in one solve (its ``simplex_iteration_limit`` and
+    ``ipm_iteration_limit``): what bounds a solve's work, the same on every machine (measured:
+    at most 1,335 in the tests and the clinical survey, see ``README.md``); a solve that hits it
+    ends the call with status "iterations"; time_limit_s : HiGHS's wall-clock limit per solve and
+    call_time_limit_s on all of a call's solves together: safety nets only, far above what a
+    solve takes (measured: at most 2.6 s a solve, about 20 s a call solving from scratch,
+    2 cores), so that the outcome does not depend on the machine's speed or load; a call that
+    hits one ends with status "time" (the caller logs a warning: that outcome does depend on
+    the machine); slack_cost : the cost of 1 Gy of far rise above the goal,
     against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy per Gy of
     a column's largest) are left out of the sparse programme; exact : after a round that failed,
     the fluence cells its solution took below zero (clipped when applied) become rows of the
@@ -81,8 +88,9 @@ class LPRepairOptions:
     margin_gy: float = 0.2
     rounds: int = 3
     max_new_rows: int = 400
-    time_limit_s: float = 2.0
-    call_time_limit_s: float = 6.0
+    max_solve_iterations: int = 20_000
+    time_limit_s: float = 30.0
+    call_time_limit_s: float = 120.0
     slack_cost: float = 1000.0
     far_raise: bool = True
     far_margin_gy: float = 0.6
@@ -93,7 +101,7 @@ class LPRepairOptions:
 
     def __post_init__(self) -> None:
         for name, least in (("far_columns", 0), ("request_columns", 0), ("rounds", 1), ("max_new_rows", 1),
-                            ("floor_solves", 0)):
+                            ("max_solve_iterations", 1), ("floor_solves", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
                 raise ValueError(f"LPRepairOptions.{name} must be a whole number, {least} or more, got {v!r}")
@@ -114,11 +122,13 @@ class LPRepairResult:
     the whole-cube measure found every far unasked rise at or under ``accept_gy`` with no watch
     row further outside its band; status : "ok", "infeasible" (even the linear model stays
     above the line, or HiGHS says so), "broke rows" / "far rise left" (the last round's applied
-    solution did), "time", "nothing to do", "no columns", "empty" (the caller sets "worse" when
-    its own check refuses it); rises : the measure's unasked rises after a kept solution;
-    rounds : rounds run; solves : HiGHS solves (more than rounds with ``floor_solves``);
-    timings_ms : per stage; sizes : the last programme's size and slack;
-    trace : per round, the slack and what the measure found (diagnostics)."""
+    solution did), "iterations" (a solve hit ``max_solve_iterations``), "time" (a wall-clock
+    safety, ``time_limit_s`` or ``call_time_limit_s``, was hit: the one outcome that depends on
+    the machine's speed), "solver <HiGHS's model status>", "nothing to do", "no columns",
+    "empty" (the caller sets "worse" when its own check refuses it); rises : the measure's
+    unasked rises after a kept solution; rounds : rounds run; solves : HiGHS solves (more than
+    rounds with ``floor_solves``); timings_ms : per stage; sizes : the last programme's size
+    and slack; trace : per round, the slack and what the measure found (diagnostics)."""
 
     patches: list = field(default_factory=list)
     ok: bool = False
@@ -176,10 +186,10 @@ def _highs_core():
     for name in ("scipy.optimize._highspy._core", "highspy._core"):
         try:
             core = importlib.import_module(name)
-            probe = _WarmProgramme(core, np.ones(1), np.full(1, np.inf), 1.0)
+            probe = _WarmProgramme(core, np.ones(1), np.full(1, np.inf), time_limit_s=1.0, max_iterations=100)
             probe.add_rows(np.ones((1, 1)), [0.5], [np.inf])
             status, x = probe.solve()
-            if status == 0 and x is not None and abs(float(x[0]) - 0.5) < 1e-9:
+            if status == "optimal" and x is not None and abs(float(x[0]) - 0.5) < 1e-9:
                 return core
         except Exception:  # not installed, or an API this code does not know: the next, else none
             continue
@@ -190,15 +200,18 @@ class _WarmProgramme:
     """The programme kept in HiGHS between rounds: ``min c x``, ``lo <= A x <= hi``,
     ``0 <= x <= ub``. Rows are only added and their bounds moved, so each ``solve`` after the
     first starts from the previous optimal basis (HiGHS's dual simplex). ``solve`` returns
-    (status as ``scipy.optimize.milp`` maps HiGHS's: 0 optimal, 1 a limit, 2 infeasible or a
-    model error, 4 other; x or None)."""
+    (status, x or None), the status one of "optimal", "iterations" (``max_iterations``, which
+    HiGHS counts per solve), "time" (the wall-clock limit), "infeasible" (or a model error) or
+    "solver <model status>" (:func:`_milp_status` words ``milp``'s the same)."""
 
-    def __init__(self, core, cost: np.ndarray, ub: np.ndarray, time_limit_s: float):
+    def __init__(self, core, cost: np.ndarray, ub: np.ndarray, *, time_limit_s: float, max_iterations: int):
         self._core = core
         self._inf = float(core.kHighsInf)
         self._limit = float(time_limit_s)
         h = core._Highs()
         h.setOptionValue("output_flag", False)
+        for name, value in _iteration_options(max_iterations).items():
+            h.setOptionValue(name, value)
         # No presolve: on these dense programmes it removes little and costs more than it saves
         # (measured on row 51's programmes: the first solve 200-400 ms without, 430-1,450 with).
         h.setOptionValue("presolve", "off")
@@ -235,12 +248,29 @@ class _WarmProgramme:
         h.run()
         ms = h.getModelStatus()
         if ms == st.kOptimal:
-            return 0, np.asarray(h.getSolution().col_value, np.float64)
-        if ms in (st.kTimeLimit, st.kIterationLimit):
-            return 1, None
+            return "optimal", np.asarray(h.getSolution().col_value, np.float64)
+        if ms == st.kIterationLimit:
+            return "iterations", None
+        if ms == st.kTimeLimit:
+            return "time", None
         if ms in (st.kInfeasible, st.kModelError):  # as milp (SciPy's table); costs, x >= 0: bounded
-            return 2, None
-        return 4, None
+            return "infeasible", None
+        return f"solver {ms.name}", None
+
+
+def _iteration_options(max_iterations: int) -> dict:
+    """HiGHS's options bounding a solve's iterations (simplex, interior point: whichever HiGHS
+    chooses), counted per run."""
+    return {"simplex_iteration_limit": int(max_iterations), "ipm_iteration_limit": int(max_iterations)}
+
+
+def _milp_status(r) -> str:
+    """``scipy.optimize.milp``'s status in :class:`_WarmProgramme`'s words; its status 1 is
+    either limit, told apart by its message (HiGHS's model status, "Time limit reached." or
+    "Iteration limit reached.")."""
+    if r.status == 1:
+        return "time" if "time limit" in str(r.message).lower() else "iterations"
+    return {0: "optimal", 2: "infeasible"}.get(int(r.status), f"solver {r.status}")
 
 
 def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, request_voxels: np.ndarray,
@@ -368,7 +398,8 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     c = np.append(cost, opts.slack_cost)
     ub_x = np.where(alive, np.where(np.isfinite(ub), ub / np.where(scale > 0, scale, 1.0), np.inf), 0.0)
     core = _highs_core() if opts.warm_start else None
-    prog = _WarmProgramme(core, c, np.append(ub_x, np.inf), opts.time_limit_s) if core is not None else None
+    prog = (_WarmProgramme(core, c, np.append(ub_x, np.inf), time_limit_s=opts.time_limit_s,
+                           max_iterations=opts.max_solve_iterations) if core is not None else None)
     # warm start: the programme's rows so far (far, watch in rows_w's order, floor) and the
     # watch rows whose aim moved inside their band since they were added (exact)
     in_prog = {"far": 0, "watch": 0, "floor": 0, "nnz": 0}
@@ -427,12 +458,13 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
 
     def solve():
         """(status, x or None, non-zeros): in HiGHS's kept programme when there is one (only
-        what is new since the last solve goes in), else from scratch. A failure of the
-        bindings drops to from scratch for the rest of the call (it rebuilds every row)."""
+        what is new since the last solve goes in), else from scratch; the status as
+        :class:`_WarmProgramme` words it. A failure of the bindings drops to from scratch for
+        the rest of the call (it rebuilds every row)."""
         nonlocal prog
         left = opts.call_time_limit_s - out.timings_ms.get("solve", 0.0) / 1000.0
         if left <= 0:
-            return 1, None, 0
+            return "time", None, 0
         limit = min(opts.time_limit_s, left)
         if prog is not None:
             try:
@@ -444,9 +476,14 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
         blocks = [block(kind, 0, size) for kind, size in sizes().items()]
         A = sparse.vstack([blk[0] for blk in blocks]).tocsr()
         lo_r, hi_r = (np.concatenate([blk[i] for blk in blocks]) for i in (1, 2))
-        r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r), bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
-                 options={"time_limit": limit, "presolve": True})
-        return r.status, r.x, int(A.nnz)
+        with warnings.catch_warnings():
+            # milp names no iteration limit but passes the options it does not know to HiGHS
+            # verbatim, with a warning that says so
+            warnings.filterwarnings("ignore", "Unrecognized options detected", RuntimeWarning)
+            r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r),
+                     bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
+                     options={"time_limit": limit, "presolve": True, **_iteration_options(opts.max_solve_iterations)})
+        return _milp_status(r), r.x, int(A.nnz)
 
     # exact with floor_solves: before a solution is applied, the fluence cells it would take
     # below zero become rows at once (up to ``floor_solves`` more solves), so the applied
@@ -467,8 +504,8 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
                          "floor_rows": int(psi_fl.size), "nnz": nnz}
             out.solves += 1
             t0 = tick("solve", t0)
-            if status != 0 or xs is None:
-                out.status = "infeasible" if status == 2 else ("time" if status == 1 else f"solver {status}")
+            if status != "optimal" or xs is None:
+                out.status = status
                 stop = True
                 break
             x, slack = xs[:n], float(xs[n])
