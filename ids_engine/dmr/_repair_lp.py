@@ -55,7 +55,7 @@ class LPRepairOptions:
     voxels it lifted); max_new_rows : rows added per round and kind; max_solve_iterations :
     the most iterations HiGHS may take in one solve (its ``simplex_iteration_limit`` and
     ``ipm_iteration_limit``): what bounds a solve's work, the same on every machine (measured:
-    at most 1,335 in the tests and the clinical survey, see ``README.md``); a solve that hits it
+    at most 1,335 a solve in the tests, 438 in the clinical survey's 41); a solve that hits it
     ends the call with status "iterations"; time_limit_s : HiGHS's wall-clock limit per solve and
     call_time_limit_s on all of a call's solves together: safety nets only, far above what a
     solve takes (measured: at most 2.6 s a solve, about 20 s a call solving from scratch,
