@@ -908,7 +908,7 @@ class Session:
                     # OAR mean at 48.26 Gy instead of 48.19); drags and erases repair.
                     repair = not isinstance(req, SetVoxelDose)
                     extra, repaired, found, watch_gy = self._repair_side_effects(resolved, watch, before_cube, timings,
-                                                                                 repair)
+                                                                                 repair, cancel)
                     patches = list(patches) + extra
                     if repaired:  # the pins', features' and request's bands as the repair left them
                         conflicts = self._conflicts(watch, watch_gy)
@@ -1089,10 +1089,11 @@ class Session:
                               r.voxels, r.worst_gy, rx, thr, detail(r))
                      for r in summarise_rises(found, thr, self.patient.grid.shape_zyx, top / 100.0 * rx))
 
-    def _repair_side_effects(self, resolved: Resolved, watch: Watch, before_cube, timings: dict, repair: bool = True):
+    def _repair_side_effects(self, resolved: Resolved, watch: Watch, before_cube, timings: dict, repair: bool = True,
+                             cancel=None):
         """The guarded repair of the request's far side effects (``DMROptions.side_effect_repair_steps``,
         ``self.repair_settings``; :class:`ids_engine.dmr._repair.SideEffectRepair` says how).
-        ``repair`` False measures only. Returns ``(patches applied, kept, unasked rises after
+        ``repair`` False measures only; ``cancel`` (``run``'s) is asked between the LP's solves. Returns ``(patches applied, kept, unasked rises after
         (every tissue), the watch's dose after a kept pass or None)``."""
         opts = self.options
         rx = self.prescription_gy
@@ -1105,7 +1106,7 @@ class Session:
             measure=lambda: self._unasked(resolved, before_cube, floor), prescription_gy=rx, report_gy=thr,
             cap_gy=cap, target_hi_gy=opts.target_max_pct / 100.0 * rx, steps=opts.side_effect_repair_steps,
             shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx, settings=self.repair_settings,
-            plain_weight=WEIGHT_NORMAL, timings=timings).run(repair)
+            plain_weight=WEIGHT_NORMAL, timings=timings, cancel=cancel).run(repair)
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
                  patch_groups: tuple = (), side_effects_repaired: bool = False) -> RequestResult:

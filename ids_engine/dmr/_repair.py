@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ._recovery import Watch, _watch_dose, extend_watch, recover
-from ._repair_lp import LPRepairOptions, lp_far_repair
+from ._repair_lp import MAX_ITERATIONS, LPRepairOptions, LPRepairResult, lp_far_repair
 from ._side_effects import UnaskedRise
 
 __all__ = ["LP_MODES", "RepairSettings", "SideEffectRepair", "WIDE_LP_OPTIONS"]
@@ -92,6 +92,15 @@ class RepairSettings:
         70-260 ms faster, row 77 0.5 s slower (the LP fails first); the viewer benchmark's
         release repair 330 -> 165 ms. Without the wide retry (ninth session) running the LP
         first lost row 77's repair.
+    max_request_iterations : the most HiGHS iterations all of a request's LP calls may take
+        together (up to five calls: the shipped programme before the plain pass, both
+        programmes after it, both again in the second stage); each call is given what is
+        left (at most its own ``max_call_iterations``), and a call after it is spent is not
+        made (its result's status "iterations", limit "max_request_iterations"). With the
+        measured 0.9-3.0 ms an iteration (2 cores) 12,000 is about 11-36 s of solving, about
+        2 minutes on a programme as hard as the synthetic one (10 ms an iteration); the
+        clock safeties of each call (``LPRepairOptions.call_time_limit_s``) still apply.
+        Measured: at most 2,398 iterations a call in the tests.
     """
 
     rows: int = 96
@@ -106,6 +115,7 @@ class RepairSettings:
     target_in_band: bool = True
     target_focused: bool = True
     lp_before_plain: bool = True
+    max_request_iterations: int = 12_000
 
     def __post_init__(self) -> None:
         for name, least in (("rows", 1), ("focused_passes", 0), ("mix_steps", 0)):
@@ -126,6 +136,10 @@ class RepairSettings:
             raise ValueError(f"RepairSettings.lp_options must be an LPRepairOptions, got {self.lp_options!r}")
         if self.lp_wide is not None and not isinstance(self.lp_wide, LPRepairOptions):
             raise ValueError(f"RepairSettings.lp_wide must be an LPRepairOptions or None, got {self.lp_wide!r}")
+        v = self.max_request_iterations
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_ITERATIONS:
+            raise ValueError(f"RepairSettings.max_request_iterations must be a whole number from 1 to {MAX_ITERATIONS}"
+                             f", got {v!r}")
         for name in ("target_in_band", "target_focused", "lp_before_plain"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RepairSettings.{name} must be True or False, got {getattr(self, name)!r}")
@@ -196,13 +210,19 @@ class SideEffectRepair:
     settings : :class:`RepairSettings` (None: the defaults).
     plain_weight : the far rows' weight in the plain pass (the session's normal-tissue weight).
     timings : a dict that gets "side_effect_repair" and "side_effect_lp" (ms), or None.
+    cancel : ``cancel() -> bool`` (``Session.run``'s), asked before each LP solve: True ends
+        that LP call (status "cancelled", nothing of it kept) and no further LP call is made.
+
+    ``lp_results`` holds every LP call's :class:`LPRepairResult` in order (a call not made
+    because the request's iterations were spent or it was cancelled included), and
+    ``lp_iterations`` the HiGHS iterations they took (``RepairSettings.max_request_iterations``).
     """
 
     def __init__(self, modifier, watch: Watch, request_voxels: np.ndarray, *,
                  before_at: Callable[[np.ndarray], np.ndarray], measure: Callable[[], UnaskedRise],
                  prescription_gy: float, report_gy: float, cap_gy: float, target_hi_gy: float, steps: int,
                  shape_zyx, spacing_mm_zyx, settings: RepairSettings | None = None, plain_weight: float = 1.0,
-                 timings: dict | None = None) -> None:
+                 timings: dict | None = None, cancel: Callable[[], bool] | None = None) -> None:
         self.modifier = modifier
         self.engine = modifier.engine
         self.watch = watch
@@ -223,6 +243,9 @@ class SideEffectRepair:
         self.eps = 1e-3 * prescription_gy
         # stage 1's LP was kept from the wide retry: stage 2 tries the wide programme first
         self.wide_first = False
+        self.cancel = cancel
+        self.lp_results: list[LPRepairResult] = []
+        self.lp_iterations = 0
 
     @cached_property
     def _hard(self) -> np.ndarray:
@@ -416,16 +439,24 @@ class SideEffectRepair:
         order = (s.lp_wide, s.lp_options) if self.wide_first and target_hi_gy is None else (s.lp_options, s.lp_wide)
         order = {"both": order, "shipped": (s.lp_options,), "wide": (s.lp_wide,)}[programmes]
         for lp_opts in dict.fromkeys(o for o in order if o is not None):  # equal settings: tried once
+            left = s.max_request_iterations - self.lp_iterations
+            if left <= 0 or (self.cancel is not None and self.cancel()):  # not made: said so
+                lp = LPRepairResult(status="iterations" if left <= 0 else "cancelled",
+                                    limit="max_request_iterations" if left <= 0 else "")
+                self.lp_results.append(lp)
+                if left <= 0:
+                    _log.warning("the LP side-effect repair skipped a programme: this request's LP calls took "
+                                 "RepairSettings.max_request_iterations (%d) HiGHS iterations", s.max_request_iterations)
+                break
             lp = lp_far_repair(self.modifier, self.watch, view(rises), back, request_voxels=self.request_voxels,
                                before_at=self.before_at, measure=lambda: view(self.measure()),
                                goal_gy=s.lp_goal * self.thr, accept_gy=self.thr, target_hi_gy=target_hi_gy,
                                shape_zyx=self.shape_zyx, spacing_mm_zyx=self.spacing_mm_zyx, eps_gy=self.eps,
-                               options=lp_opts)
-            if lp.status == "time":  # the one outcome that depends on the machine's speed: said so
-                _log.warning("the LP side-effect repair hit its wall-clock safety (LPRepairOptions.time_limit_s %g s "
-                             "a solve, call_time_limit_s %g s a call) after %d solve(s): on a faster or less "
-                             "loaded machine this request's repair may differ", lp_opts.time_limit_s,
-                             lp_opts.call_time_limit_s, lp.solves)
+                               options=lp_opts, iterations_left=left, cancel=self.cancel)
+            self.lp_results.append(lp)
+            self.lp_iterations += lp.iterations
+            if lp.status in ("time", "iterations"):
+                self._warn_limit(lp, lp_opts, s)
             if lp.ok:
                 h2, j2, w2, gy2 = self.state()
                 if self.no_worse(*base, h2, j2, w2, s.focused_j_slack):
@@ -436,3 +467,16 @@ class SideEffectRepair:
                 back()
         self.timings["side_effect_lp"] = self.timings.get("side_effect_lp", 0.0) + (time.perf_counter() - t1) * 1000
         return out
+
+    @staticmethod
+    def _warn_limit(lp: LPRepairResult, lp_opts: LPRepairOptions, s: RepairSettings) -> None:
+        """A logged warning naming the limit an LP call reached (``lp.limit``) and its value."""
+        value = s.max_request_iterations if lp.limit == "max_request_iterations" else getattr(lp_opts, lp.limit)
+        where = "RepairSettings" if lp.limit == "max_request_iterations" else "LPRepairOptions"
+        if lp.status == "time":  # the one outcome that depends on the machine's speed: said so
+            _log.warning("the LP side-effect repair hit its wall-clock safety %s.%s (%g s) after %d solve(s) and %d "
+                         "iterations: on a faster or less loaded machine this request's repair may differ",
+                         where, lp.limit, value, lp.solves, lp.iterations)
+        else:
+            _log.warning("the LP side-effect repair reached %s.%s (%d HiGHS iterations) after %d solve(s): the "
+                         "programme was left unsolved (the same on every machine)", where, lp.limit, value, lp.solves)

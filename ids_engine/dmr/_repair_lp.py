@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +42,9 @@ from ..dose import FluencePatch
 from ._recovery import Watch, _pick_spread, _watch_dose
 
 __all__ = ["LPRepairOptions", "LPRepairResult", "lp_far_repair"]
+
+# The largest iteration limit HiGHS takes (its options are C ints).
+MAX_ITERATIONS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,22 @@ class LPRepairOptions:
     solves at most (each after the first adds the rows the previous solution broke, and the far
     voxels it lifted); max_new_rows : rows added per round and kind; max_solve_iterations :
     the most iterations HiGHS may take in one solve (its ``simplex_iteration_limit`` and
-    ``ipm_iteration_limit``): what bounds a solve's work, the same on every machine (measured:
-    at most 1,335 a solve in the tests, 438 in the clinical survey's 41); a solve that hits it
-    ends the call with status "iterations"; time_limit_s : HiGHS's wall-clock limit per solve and
-    call_time_limit_s on all of a call's solves together: safety nets only, far above what a
-    solve takes (measured: at most 2.6 s a solve, about 20 s a call solving from scratch,
-    2 cores), so that the outcome does not depend on the machine's speed or load; a call that
-    hits one ends with status "time" (the caller logs a warning: that outcome does depend on
+    ``ipm_iteration_limit``); max_call_iterations : the most all of a call's solves may take
+    together (each solve is given what is left, at most ``max_solve_iterations``; the caller may
+    lower it, :class:`~ids_engine.dmr._repair.RepairSettings` ``max_request_iterations``):
+    these bound the call's work by a count that is the same on every machine (measured: at most
+    1,335 iterations a solve and 2,398 a call, the wide retry's ten solves, in the tests; at
+    most 438 a solve in the clinical survey; 0.9-1.9 ms an iteration warm-started, 1.6-3.0 ms
+    from scratch, about 10 ms on a hard synthetic programme of the same shape, 2 cores: 4,000
+    iterations are 4-12 s on the measured programmes, about 40 s on the synthetic one); a call
+    whose solve hits one ends with status "iterations"; time_limit_s : HiGHS's wall-clock limit
+    per solve and call_time_limit_s on all of a call's solves together: safety nets (30 s and
+    60 s; measured: at most 2.6 s a solve, about 20 s a call solving from scratch, 2 cores),
+    above what the iteration limits allow on the measured programmes, but not on one as slow
+    an iteration as the synthetic one (there, or on a machine several times slower or loaded,
+    the clock can still come first); a call that hits one ends with status
+    "time" (the caller logs a warning: that outcome does depend on the machine); in both cases
+    ``LPRepairResult.limit`` names the limit;
     the machine); slack_cost : the cost of 1 Gy of far rise above the goal,
     against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy per Gy of
     a column's largest) are left out of the sparse programme; exact : after a round that failed,
@@ -88,9 +99,10 @@ class LPRepairOptions:
     margin_gy: float = 0.2
     rounds: int = 3
     max_new_rows: int = 400
-    max_solve_iterations: int = 20_000
+    max_solve_iterations: int = 4_000
+    max_call_iterations: int = 8_000
     time_limit_s: float = 30.0
-    call_time_limit_s: float = 120.0
+    call_time_limit_s: float = 60.0
     slack_cost: float = 1000.0
     far_raise: bool = True
     far_margin_gy: float = 0.6
@@ -101,10 +113,14 @@ class LPRepairOptions:
 
     def __post_init__(self) -> None:
         for name, least in (("far_columns", 0), ("request_columns", 0), ("rounds", 1), ("max_new_rows", 1),
-                            ("max_solve_iterations", 1), ("floor_solves", 0)):
+                            ("max_solve_iterations", 1), ("max_call_iterations", 1), ("floor_solves", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
                 raise ValueError(f"LPRepairOptions.{name} must be a whole number, {least} or more, got {v!r}")
+        for name in ("max_solve_iterations", "max_call_iterations"):  # HiGHS's option is a C int
+            if getattr(self, name) > MAX_ITERATIONS:
+                raise ValueError(f"LPRepairOptions.{name} must be at most {MAX_ITERATIONS} (2**31 - 1, HiGHS's "
+                                 f"largest), got {getattr(self, name)!r}")
         for name in ("spread_mm", "margin_gy", "time_limit_s", "call_time_limit_s", "slack_cost", "far_margin_gy",
                      "drop_gy"):
             v = getattr(self, name)
@@ -122,17 +138,25 @@ class LPRepairResult:
     the whole-cube measure found every far unasked rise at or under ``accept_gy`` with no watch
     row further outside its band; status : "ok", "infeasible" (even the linear model stays
     above the line, or HiGHS says so), "broke rows" / "far rise left" (the last round's applied
-    solution did), "iterations" (a solve hit ``max_solve_iterations``), "time" (a wall-clock
-    safety, ``time_limit_s`` or ``call_time_limit_s``, was hit: the one outcome that depends on
-    the machine's speed), "solver <HiGHS's model status>", "nothing to do", "no columns",
-    "empty" (the caller sets "worse" when its own check refuses it); rises : the measure's
-    unasked rises after a kept solution; rounds : rounds run; solves : HiGHS solves (more than
-    rounds with ``floor_solves``); timings_ms : per stage; sizes : the last programme's size
-    and slack; trace : per round, the slack and what the measure found (diagnostics)."""
+    solution did), "iterations" (an iteration limit was reached), "time" (a wall-clock safety
+    was hit: the one outcome that depends on the machine's speed), "cancelled" (the caller's
+    ``cancel`` said so before a solve), "solver <HiGHS's model status>", "nothing to do", "no
+    columns", "empty" (the caller sets "worse" when its own check refuses it, and
+    "iterations" with nothing solved when its request's budget was spent); limit : with
+    "iterations" or "time", the limit that was reached ("max_solve_iterations",
+    "max_call_iterations", the caller's "max_request_iterations", "time_limit_s" or
+    "call_time_limit_s"), else ""; iterations : HiGHS's iterations over the call's solves
+    (simplex and interior point; from scratch, what HiGHS counted, or without its bindings
+    the whole limit each solve was given); rises : the measure's unasked rises after a kept
+    solution; rounds : rounds run; solves : HiGHS solves (more than rounds with
+    ``floor_solves``); timings_ms : per stage; sizes : the last programme's size and slack;
+    trace : per round, the slack and what the measure found (diagnostics)."""
 
     patches: list = field(default_factory=list)
     ok: bool = False
     status: str = ""
+    limit: str = ""
+    iterations: int = 0
     rounds: int = 0
     solves: int = 0
     rises: object = None
@@ -180,15 +204,18 @@ def _floor_rows(columns, scale: np.ndarray, cells) -> np.ndarray:
 @functools.cache
 def _highs_core():
     """HiGHS's Python bindings (the module with ``_Highs``): SciPy's bundled copy (a private
-    module of SciPy >= 1.15), else ``highspy``'s, else None (the caller solves from scratch).
-    Each is tried on a one-variable programme first, so bindings whose API drifted are passed
-    over rather than failing a planner's request; the answer is cached."""
+    module of SciPy >= 1.15), else ``highspy``'s, else None (the caller solves with
+    ``scipy.optimize.milp``). Each is tried on a one-variable programme first, so bindings
+    whose API drifted (or that lack an option this code sets) are passed over rather than
+    failing a planner's request; the answer is cached. The probe is judged by its answer, not
+    its time: its clock limit (an hour) only keeps a broken solver from hanging, so a stalled
+    or loaded machine cannot switch the process away from the bindings."""
     for name in ("scipy.optimize._highspy._core", "highspy._core"):
         try:
             core = importlib.import_module(name)
-            probe = _WarmProgramme(core, np.ones(1), np.full(1, np.inf), time_limit_s=1.0, max_iterations=100)
+            probe = _WarmProgramme(core, np.ones(1), np.full(1, np.inf))
             probe.add_rows(np.ones((1, 1)), [0.5], [np.inf])
-            status, x = probe.solve()
+            status, x, _ = probe.solve(time_limit_s=3600.0, max_iterations=100)
             if status == "optimal" and x is not None and abs(float(x[0]) - 0.5) < 1e-9:
                 return core
         except Exception:  # not installed, or an API this code does not know: the next, else none
@@ -196,25 +223,50 @@ def _highs_core():
     return None
 
 
+def _set_option(core, h, name: str, value) -> None:
+    """``h.setOptionValue``, checked: an option HiGHS refuses raises (RuntimeError)."""
+    if h.setOptionValue(name, value) != core.HighsStatus.kOk:
+        raise RuntimeError(f"HiGHS refused the option {name}={value!r}")
+
+
+def _run(core, h, *, time_limit_s: float, max_iterations: int):
+    """Runs ``h`` with at most ``max_iterations`` simplex and interior-point iterations and the
+    wall-clock limit ``time_limit_s`` on top of its run time so far (HiGHS's time limit counts
+    from the object's first run); returns (status, x or None, iterations HiGHS counted in this
+    run). The status: "optimal", "iterations", "time", "infeasible" (or a model error, as
+    ``milp`` maps them: costs >= 0 and x >= 0 keep it bounded) or "solver <model status>"."""
+    for opt, value in (("simplex_iteration_limit", int(max_iterations)), ("ipm_iteration_limit", int(max_iterations)),
+                       ("time_limit", float(h.getRunTime()) + float(time_limit_s))):
+        _set_option(core, h, opt, value)
+    h.run()
+    info = h.getInfo()
+    used = int(info.simplex_iteration_count) + int(info.ipm_iteration_count) + int(info.crossover_iteration_count)
+    ms, st = h.getModelStatus(), core.HighsModelStatus
+    if ms == st.kOptimal:
+        return "optimal", np.asarray(h.getSolution().col_value, np.float64), used
+    if ms == st.kIterationLimit:
+        return "iterations", None, used
+    if ms == st.kTimeLimit:
+        return "time", None, used
+    if ms in (st.kInfeasible, st.kModelError):
+        return "infeasible", None, used
+    return f"solver {ms.name}", None, used
+
+
 class _WarmProgramme:
     """The programme kept in HiGHS between rounds: ``min c x``, ``lo <= A x <= hi``,
     ``0 <= x <= ub``. Rows are only added and their bounds moved, so each ``solve`` after the
     first starts from the previous optimal basis (HiGHS's dual simplex). ``solve`` returns
-    (status, x or None), the status one of "optimal", "iterations" (``max_iterations``, which
-    HiGHS counts per solve), "time" (the wall-clock limit), "infeasible" (or a model error) or
-    "solver <model status>" (:func:`_milp_status` words ``milp``'s the same)."""
+    :func:`_run`'s (status, x or None, iterations of this solve)."""
 
-    def __init__(self, core, cost: np.ndarray, ub: np.ndarray, *, time_limit_s: float, max_iterations: int):
+    def __init__(self, core, cost: np.ndarray, ub: np.ndarray):
         self._core = core
         self._inf = float(core.kHighsInf)
-        self._limit = float(time_limit_s)
         h = core._Highs()
-        h.setOptionValue("output_flag", False)
-        for name, value in _iteration_options(max_iterations).items():
-            h.setOptionValue(name, value)
+        _set_option(core, h, "output_flag", False)
         # No presolve: on these dense programmes it removes little and costs more than it saves
         # (measured on row 51's programmes: the first solve 200-400 ms without, 430-1,450 with).
-        h.setOptionValue("presolve", "off")
+        _set_option(core, h, "presolve", "off")
         n = int(cost.size)
         h.addVars(n, np.zeros(n), self._finite(ub))
         h.changeColsCost(n, np.arange(n, dtype=np.int32), np.asarray(cost, np.float64))
@@ -241,42 +293,70 @@ class _WarmProgramme:
         for r, a, b in zip(np.asarray(rows).tolist(), lo.tolist(), hi.tolist()):
             self._h.changeRowBounds(int(r), a, b)
 
-    def solve(self, limit_s: float | None = None):
-        h, st = self._h, self._core.HighsModelStatus
-        # HiGHS's time limit counts from the object's first run: this solve's limit on top.
-        h.setOptionValue("time_limit", float(h.getRunTime()) + (self._limit if limit_s is None else limit_s))
-        h.run()
-        ms = h.getModelStatus()
-        if ms == st.kOptimal:
-            return "optimal", np.asarray(h.getSolution().col_value, np.float64)
-        if ms == st.kIterationLimit:
-            return "iterations", None
-        if ms == st.kTimeLimit:
-            return "time", None
-        if ms in (st.kInfeasible, st.kModelError):  # as milp (SciPy's table); costs, x >= 0: bounded
-            return "infeasible", None
-        return f"solver {ms.name}", None
+    def solve(self, *, time_limit_s: float, max_iterations: int):
+        return _run(self._core, self._h, time_limit_s=time_limit_s, max_iterations=max_iterations)
 
 
-def _iteration_options(max_iterations: int) -> dict:
-    """HiGHS's options bounding a solve's iterations (simplex, interior point: whichever HiGHS
-    chooses), counted per run."""
-    return {"simplex_iteration_limit": int(max_iterations), "ipm_iteration_limit": int(max_iterations)}
+def _solve_from_scratch(core, c, A, lo, hi, ub, *, time_limit_s: float, max_iterations: int):
+    """``min c x``, ``lo <= A x <= hi``, ``0 <= x <= ub`` in a fresh HiGHS object with presolve,
+    the model passed as ``scipy.optimize.milp`` passes it (column-wise, every column
+    continuous: the same answer, bit for bit), so that this solve's iterations can be read;
+    returns :func:`_run`'s triple. Without bindings (``core`` None: SciPy before 1.15 and no
+    ``highspy``): ``milp`` itself, charged the whole ``max_iterations`` (it does not say how
+    many it took)."""
+    from scipy import sparse
+    if core is None:
+        return _milp_solve(c, A, lo, hi, ub, time_limit_s=time_limit_s, max_iterations=max_iterations)
+    A = sparse.csc_array(A)
+    n, m = int(c.size), int(A.shape[0])
+    lp = core.HighsLp()
+    lp.num_col_ = n
+    lp.num_row_ = m
+    lp.a_matrix_.num_col_ = n
+    lp.a_matrix_.num_row_ = m
+    lp.a_matrix_.format_ = core.MatrixFormat.kColwise
+    lp.col_cost_ = np.asarray(c, np.float64)
+    lp.col_lower_ = np.zeros(n)
+    lp.col_upper_ = np.asarray(ub, np.float64)
+    lp.row_lower_ = np.asarray(lo, np.float64)
+    lp.row_upper_ = np.asarray(hi, np.float64)
+    lp.a_matrix_.start_ = A.indptr
+    lp.a_matrix_.index_ = A.indices
+    lp.a_matrix_.value_ = A.data.astype(np.float64)
+    lp.integrality_ = [core.HighsVarType(0)] * n
+    h = core._Highs()
+    _set_option(core, h, "log_to_console", False)
+    _set_option(core, h, "presolve", "on")
+    if h.passModel(lp) == core.HighsStatus.kError:
+        return "infeasible", None, 0
+    return _run(core, h, time_limit_s=time_limit_s, max_iterations=max_iterations)
 
 
-def _milp_status(r) -> str:
-    """``scipy.optimize.milp``'s status in :class:`_WarmProgramme`'s words; its status 1 is
-    either limit, told apart by its message (HiGHS's model status, "Time limit reached." or
-    "Iteration limit reached.")."""
+def _milp_solve(c, A, lo, hi, ub, *, time_limit_s: float, max_iterations: int):
+    """:func:`_solve_from_scratch` without HiGHS's bindings: ``scipy.optimize.milp``, which
+    passes the iteration limits it does not name to HiGHS verbatim (with a RuntimeWarning,
+    silenced here; ``warnings.catch_warnings`` is not thread-safe, and only SciPy before 1.15
+    without ``highspy`` comes here) and tells the limits apart only by its message."""
+    import warnings
+
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    limits = {"simplex_iteration_limit": int(max_iterations), "ipm_iteration_limit": int(max_iterations)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unrecognized options detected", RuntimeWarning)
+        r = milp(c, constraints=LinearConstraint(A, lo, hi), bounds=Bounds(np.zeros(c.size), ub),
+                 options={"time_limit": time_limit_s, "presolve": True, **limits})
     if r.status == 1:
-        return "time" if "time limit" in str(r.message).lower() else "iterations"
-    return {0: "optimal", 2: "infeasible"}.get(int(r.status), f"solver {r.status}")
+        status = "time" if "time limit" in str(r.message).lower() else "iterations"
+    else:
+        status = {0: "optimal", 2: "infeasible"}.get(int(r.status), f"solver {r.status}")
+    return status, r.x, int(max_iterations)
 
 
 def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, request_voxels: np.ndarray,
                   before_at: Callable[[np.ndarray], np.ndarray], measure: Callable[[], object],
                   goal_gy: float, accept_gy: float, target_hi_gy: float | None, shape_zyx, spacing_mm_zyx,
-                  eps_gy: float, options: LPRepairOptions | None = None) -> LPRepairResult:
+                  eps_gy: float, options: LPRepairOptions | None = None, iterations_left: int | None = None,
+                  cancel: Callable[[], bool] | None = None) -> LPRepairResult:
     """Solve for and apply patches taking every far unasked rise of ``rises``
     (:class:`~ids_engine.dmr._side_effects.UnaskedRise`) to ``goal_gy`` or below with no
     watched voxel further outside its band; see the module docstring.
@@ -286,9 +366,11 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     rise the measure may find for ``ok``; ``back()`` takes the engine back to its state at the
     call, bit for bit (the session's checkpoint). With ``ok`` False the engine is back there.
     ``target_hi_gy``: a far target voxel may end up to there instead of within ``goal_gy``
-    (the target's upper band); None: target voxels are held to ``goal_gy`` like the rest."""
+    (the target's upper band); None: target voxels are held to ``goal_gy`` like the rest.
+    ``iterations_left``: the most HiGHS iterations the caller allows this call below
+    ``max_call_iterations`` (its request's budget left, ``RepairSettings.max_request_iterations``;
+    None: no lower); ``cancel()`` True before a solve ends the call (status "cancelled")."""
     from scipy import sparse
-    from scipy.optimize import Bounds, LinearConstraint, milp
 
     opts = options or LPRepairOptions()
     eng = modifier.engine
@@ -397,9 +479,12 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     floor_known: set = set()
     c = np.append(cost, opts.slack_cost)
     ub_x = np.where(alive, np.where(np.isfinite(ub), ub / np.where(scale > 0, scale, 1.0), np.inf), 0.0)
-    core = _highs_core() if opts.warm_start else None
-    prog = (_WarmProgramme(core, c, np.append(ub_x, np.inf), time_limit_s=opts.time_limit_s,
-                           max_iterations=opts.max_solve_iterations) if core is not None else None)
+    core = _highs_core()
+    prog = _WarmProgramme(core, c, np.append(ub_x, np.inf)) if core is not None and opts.warm_start else None
+    # The call's iteration budget, and which limit a solve given all of it would hit.
+    call_iterations, call_limit = opts.max_call_iterations, "max_call_iterations"
+    if iterations_left is not None and iterations_left < call_iterations:
+        call_iterations, call_limit = max(int(iterations_left), 0), "max_request_iterations"
     # warm start: the programme's rows so far (far, watch in rows_w's order, floor) and the
     # watch rows whose aim moved inside their band since they were added (exact)
     in_prog = {"far": 0, "watch": 0, "floor": 0, "nnz": 0}
@@ -459,31 +544,39 @@ def lp_far_repair(modifier, watch: Watch, rises, back: Callable[[], None], *, re
     def solve():
         """(status, x or None, non-zeros): in HiGHS's kept programme when there is one (only
         what is new since the last solve goes in), else from scratch; the status as
-        :class:`_WarmProgramme` words it. A failure of the bindings drops to from scratch for
-        the rest of the call (it rebuilds every row)."""
+        :func:`_run` words it, ``out.limit`` set when a limit is reached and ``out.iterations``
+        charged. A failure of the bindings drops to from scratch for the rest of the call (it
+        rebuilds every row)."""
         nonlocal prog
-        left = opts.call_time_limit_s - out.timings_ms.get("solve", 0.0) / 1000.0
-        if left <= 0:
-            return "time", None, 0
-        limit = min(opts.time_limit_s, left)
+        if cancel is not None and cancel():
+            return "cancelled", None, 0
+        left_s = opts.call_time_limit_s - out.timings_ms.get("solve", 0.0) / 1000.0
+        left_it = call_iterations - out.iterations
+        if left_s <= 0 or left_it <= 0:
+            out.limit = "call_time_limit_s" if left_s <= 0 else call_limit
+            return ("time" if left_s <= 0 else "iterations"), None, 0
+        limit_s, max_it = min(opts.time_limit_s, left_s), min(opts.max_solve_iterations, left_it)
+        status = None
         if prog is not None:
             try:
                 add_new_rows()
-                status, xs = prog.solve(limit)
-                return status, xs, in_prog["nnz"]
+                status, xs, used = prog.solve(time_limit_s=limit_s, max_iterations=max_it)
+                nnz = in_prog["nnz"]
             except Exception:  # the bindings drifted: the same programme from scratch
                 prog = None
-        blocks = [block(kind, 0, size) for kind, size in sizes().items()]
-        A = sparse.vstack([blk[0] for blk in blocks]).tocsr()
-        lo_r, hi_r = (np.concatenate([blk[i] for blk in blocks]) for i in (1, 2))
-        with warnings.catch_warnings():
-            # milp names no iteration limit but passes the options it does not know to HiGHS
-            # verbatim, with a warning that says so
-            warnings.filterwarnings("ignore", "Unrecognized options detected", RuntimeWarning)
-            r = milp(c, constraints=LinearConstraint(A, lo_r, hi_r),
-                     bounds=Bounds(np.zeros(n + 1), np.append(ub_x, np.inf)),
-                     options={"time_limit": limit, "presolve": True, **_iteration_options(opts.max_solve_iterations)})
-        return _milp_status(r), r.x, int(A.nnz)
+        if status is None:
+            blocks = [block(kind, 0, size) for kind, size in sizes().items()]
+            A = sparse.vstack([blk[0] for blk in blocks]).tocsr()
+            lo_r, hi_r = (np.concatenate([blk[i] for blk in blocks]) for i in (1, 2))
+            status, xs, used = _solve_from_scratch(core, c, A, lo_r, hi_r, np.append(ub_x, np.inf),
+                                                   time_limit_s=limit_s, max_iterations=max_it)
+            nnz = int(A.nnz)
+        out.iterations += int(used)
+        if status == "iterations":
+            out.limit = "max_solve_iterations" if max_it == opts.max_solve_iterations else call_limit
+        elif status == "time":
+            out.limit = "time_limit_s" if limit_s == opts.time_limit_s else "call_time_limit_s"
+        return status, xs, nnz
 
     # exact with floor_solves: before a solution is applied, the fluence cells it would take
     # below zero become rows at once (up to ``floor_solves`` more solves), so the applied

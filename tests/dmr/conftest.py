@@ -8,6 +8,7 @@ import functools
 import numpy as np
 import pytest
 
+import ids_engine.dmr._repair as repair_module
 import ids_engine.session as session_module
 from ids_engine.dmr import MoveIsodoseSurface
 from ids_engine.dmr._resolve import ResolveContext
@@ -22,6 +23,21 @@ def ring_as_found(monkeypatch):
     The inner ring changes a surface drag's guards, and with them which repair stage is the
     one that takes its far rise under the line; line drags are unchanged by it."""
     monkeypatch.setattr(session_module, "ResolveContext", functools.partial(ResolveContext, guard_ring_in_max_mm=np.inf))
+
+
+@pytest.fixture
+def lp_calls(monkeypatch):
+    """The LP repair's results (``lp_far_repair``'s, the calls made), in call order."""
+    calls = []
+    real = repair_module.lp_far_repair
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(repair_module, "lp_far_repair", spy)
+    return calls
 
 
 @pytest.fixture(scope="module")

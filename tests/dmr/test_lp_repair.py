@@ -26,21 +26,6 @@ SURFACE = MoveIsodoseSurface(level_gy=57.0, start_zyx=(21.0, 28.0, 57.1879734595
                              end_zyx=(21.0, 28.0, 58.4687111645114), radius_mm=4.0)
 
 
-@pytest.fixture
-def lp_calls(monkeypatch):
-    """The LP repair's results, in call order."""
-    calls = []
-    real = repair_module.lp_far_repair
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out)
-        return out
-
-    monkeypatch.setattr(repair_module, "lp_far_repair", spy)
-    return calls
-
-
 @pytest.mark.parametrize("req, report_pct, cap_pct", [(SURFACE, REPORT_PCT, CAP_PCT), (LINE, 2.0, 1.5)],
                          ids=["surface, report at 3 %", "line, report at 2 %"])
 def test_the_lp_repair_takes_a_far_rise_the_passes_leave_under_the_report_line(fresh, lp_calls, monkeypatch, req,
@@ -163,11 +148,12 @@ def test_the_warm_started_programme_solves_each_round_as_from_scratch():
     fluence-floor rows), each solve starts from the last optimal basis. Each round's optimum
     must be the one ``scipy.optimize.milp`` finds from scratch on the whole programme, an
     infeasible one must say so, and a solve that hits the iteration or the time limit must say
-    which."""
+    which. The from-scratch solve (a fresh HiGHS object, as ``milp`` solves) gives ``milp``'s
+    answer bit for bit and says how many iterations it took."""
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    from ids_engine.dmr._repair_lp import _highs_core, _WarmProgramme
+    from ids_engine.dmr._repair_lp import _highs_core, _solve_from_scratch, _WarmProgramme
 
     core = _highs_core()
     if core is None:
@@ -176,7 +162,7 @@ def test_the_warm_started_programme_solves_each_round_as_from_scratch():
     n = 40  # columns, the last one the slack
     cost = np.append(rng.uniform(0.5, 2.0, n - 1), 1000.0)
     ub = np.append(rng.uniform(0.5, 3.0, n - 1), np.inf)
-    prog = _WarmProgramme(core, cost, ub, time_limit_s=5.0, max_iterations=10_000)
+    prog = _WarmProgramme(core, cost, ub)
     A_all, lo_all, hi_all = sparse.csr_matrix((0, n)), np.zeros(0), np.zeros(0)
 
     def add(m, kind):
@@ -195,9 +181,15 @@ def test_the_warm_started_programme_solves_each_round_as_from_scratch():
         return ids
 
     def check():
-        status, x = prog.solve()
+        status, x, used = prog.solve(time_limit_s=5.0, max_iterations=10_000)
         ref = milp(cost, constraints=LinearConstraint(A_all, lo_all, hi_all), bounds=Bounds(np.zeros(n), ub))
-        assert status == {0: "optimal", 2: "infeasible"}[ref.status]
+        assert status == {0: "optimal", 2: "infeasible"}[ref.status] and 0 <= used <= 10_000
+        # from scratch in a fresh HiGHS object: milp's answer, bit for bit, and this solve's iterations
+        st2, x2, used2 = _solve_from_scratch(core, cost, A_all, lo_all, hi_all, ub, time_limit_s=5.0,
+                                             max_iterations=10_000)
+        assert st2 == status and 0 <= used2 <= 10_000
+        if status == "optimal":
+            np.testing.assert_array_equal(x2, ref.x)
         if status == "optimal":
             np.testing.assert_allclose(cost @ x, ref.fun, rtol=1e-7, atol=1e-7)
             r = A_all @ x
@@ -223,12 +215,17 @@ def test_the_warm_started_programme_solves_each_round_as_from_scratch():
     lo_all, hi_all = np.append(lo_all, 1.0), np.append(hi_all, 2.0)
     assert check() == "infeasible"
     # No time left, or too few iterations allowed: that limit, not an answer.
-    late = _WarmProgramme(core, cost, ub, time_limit_s=0.0, max_iterations=10_000)
+    late = _WarmProgramme(core, cost, ub)
     late.add_rows(A_all[:30], lo_all[:30], hi_all[:30])
-    assert late.solve() == ("time", None)
-    short = _WarmProgramme(core, cost, ub, time_limit_s=5.0, max_iterations=1)
+    assert late.solve(time_limit_s=0.0, max_iterations=10_000)[:2] == ("time", None)
+    short = _WarmProgramme(core, cost, ub)
     short.add_rows(A_all[:30], lo_all[:30], hi_all[:30])
-    assert short.solve() == ("iterations", None)
+    assert short.solve(time_limit_s=5.0, max_iterations=1) == ("iterations", None, 1)
+    # each solve counts its own iterations (HiGHS's count is per run): solved, then nothing new
+    assert short.solve(time_limit_s=5.0, max_iterations=10_000)[0] == "optimal"
+    assert short.solve(time_limit_s=5.0, max_iterations=10_000)[::2] == ("optimal", 0)
+    assert _solve_from_scratch(core, cost, A_all[:30], lo_all[:30], hi_all[:30], ub, time_limit_s=5.0,
+                               max_iterations=1) == ("iterations", None, 1)
 
 
 def test_the_shipped_defaults_retry_wide_and_repair_what_the_first_programme_cannot(fresh, lp_calls, monkeypatch):

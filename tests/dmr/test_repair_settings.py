@@ -20,6 +20,8 @@ from ids_engine.session import Session
     ("focused_weight", 0.0), ("focused_weight", float("nan")), ("focused_j_slack", -0.1), ("focused_j_slack", "0.2"),
     ("lp", "before"), ("lp", None), ("lp_goal", 0.0), ("lp_goal", 1.5), ("lp_options", None), ("lp_options", {}),
     ("lp_wide", "wide"), ("target_in_band", 1), ("target_focused", None), ("lp_before_plain", 1),
+    ("max_request_iterations", 0), ("max_request_iterations", 2**31), ("max_request_iterations", 1.0),
+    ("max_request_iterations", True),
 ])
 def test_a_bad_setting_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"RepairSettings\.{field} "):
@@ -31,7 +33,7 @@ def test_a_bad_setting_is_refused_naming_the_field(field, value):
 @pytest.mark.parametrize("field, value", [
     ("far_columns", -1), ("rounds", 0), ("rounds", 2.0), ("floor_solves", -1), ("max_new_rows", True),
     ("time_limit_s", -1.0), ("call_time_limit_s", float("nan")), ("drop_gy", "0.001"), ("exact", 1),
-    ("warm_start", None),
+    ("warm_start", None), ("max_solve_iterations", 2**31), ("max_call_iterations", 0), ("max_call_iterations", 2**31),
 ])
 def test_a_bad_lp_option_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"LPRepairOptions\.{field} "):
