@@ -6,6 +6,8 @@ and the repair's cap lowered to 3 % / 2.5 % of Rx (as in test_focused_repair.py)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -269,24 +271,34 @@ def test_the_wide_retry_solves_the_same_rows_from_scratch_without_working_bindin
     """Without HiGHS's Python bindings (``none``), or with bindings that fail mid-call
     (``broken``: an API that drifted), the wide retry solves the same programme from scratch
     with ``scipy.optimize.milp``, fluence-floor rows before applying included (more solves
-    than rounds), and still repairs what the shipped programme cannot; nothing crashes."""
+    than rounds), and still repairs what the shipped programme cannot; nothing crashes. With
+    broken bindings the from-scratch solves still count their iterations (a fresh HiGHS
+    object); without any, ``milp`` does not say, so each solve is charged its whole limit
+    (4,000): the default call budget (8,000) then allows two solves, and the wide retry is
+    given a larger one here."""
     from ids_engine.dmr import _repair_lp
 
+    s = fresh
     if bindings == "none":
         monkeypatch.setattr(_repair_lp, "_highs_core", lambda: None)
+        set_repair(monkeypatch, s, max_request_iterations=10**6,
+                   lp_wide=dataclasses.replace(repair_module.WIDE_LP_OPTIONS, max_call_iterations=10**6))
     else:
         if _repair_lp._highs_core() is None:
             pytest.skip("no HiGHS bindings to break")
 
-        def broken(self, limit_s=None):
+        def broken(self, **limits):
             raise RuntimeError("an API this code does not know")
 
         monkeypatch.setattr(_repair_lp._WarmProgramme, "solve", broken)
-    s = fresh
     before = s.dose()
     monkeypatch.setattr(s, "options", DMROptions(report_rise_pct=0.5, max_rise_pct=0.4))
     ((fixed, fixed_dose, calls),) = run_with_each(s, LINE, monkeypatch, "lp", (s.repair_settings.lp,), lp_calls)
     assert not calls[0].ok and calls[1].ok and calls[1].solves > calls[1].rounds
+    if bindings == "none":
+        assert all(c.iterations == c.solves * 4_000 for c in calls)
+    else:
+        assert all(0 < c.iterations < c.solves * 4_000 for c in calls)
     assert fixed.side_effects_repaired
     assert far_unasked(s, fixed, before, fixed_dose, floor_pct=0.25).max_gy() <= 0.005 * RX + 1e-6
 
