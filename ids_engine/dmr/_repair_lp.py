@@ -61,10 +61,12 @@ class LPRepairOptions:
     lower it, :class:`~ids_engine.dmr._repair.RepairSettings` ``max_request_iterations``):
     these bound the call's work by a count that is the same on every machine (measured: at most
     1,335 iterations a solve and 2,398 a call, the wide retry's ten solves, in the tests; at
-    most 438 a solve in the clinical survey; 0.9-1.9 ms an iteration warm-started, 1.6-3.0 ms
-    from scratch, about 10 ms on a hard synthetic programme of the same shape, 2 cores: 4,000
-    iterations are 4-12 s on the measured programmes, about 40 s on the synthetic one); a call
-    whose solve hits one ends with status "iterations"; time_limit_s : HiGHS's wall-clock limit
+    most 438 a solve in the clinical survey; 0.2-1.9 ms an iteration warm-started, 0.7-3.0 ms
+    from scratch, about 10 ms on a hard synthetic programme of the same shape, 2 cores, shared:
+    4,000 iterations are at most about 12 s on the measured programmes, about 40 s on the
+    synthetic one; a solve that runs interior point and simplex may take up to twice what it
+    was given); a call whose solve hits one ends with status "iterations"; time_limit_s :
+    HiGHS's wall-clock limit
     per solve and call_time_limit_s on all of a call's solves together: safety nets (30 s and
     60 s; measured: at most 2.6 s a solve, about 20 s a call solving from scratch, 2 cores),
     above what the iteration limits allow on the measured programmes, but not on one as slow
