@@ -317,6 +317,33 @@ def test_bindings_whose_api_drifted_are_passed_over(monkeypatch):
     assert _repair_lp._highs_core.__wrapped__() is None
 
 
+
+def test_bindings_that_refuse_an_option_are_passed_over(monkeypatch):
+    """A HiGHS whose ``setOptionValue`` refuses one of the options this code sets (an
+    iteration limit it does not know) is not used with that option silently ignored: the
+    probe fails and, with no other candidate, the repair solves from scratch (None)."""
+    import importlib
+
+    from ids_engine.dmr import _repair_lp
+
+    core = _repair_lp._highs_core()
+    if core is None:
+        pytest.skip("no HiGHS bindings")
+
+    class Refusing(core._Highs):
+        def setOptionValue(self, name, value):
+            return core.HighsStatus.kError if name == "ipm_iteration_limit" else super().setOptionValue(name, value)
+
+    class Core:
+        def __getattr__(self, name):
+            return Refusing if name == "_Highs" else getattr(core, name)
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: Core())
+    assert _repair_lp._highs_core.__wrapped__() is None
+    with pytest.raises(RuntimeError, match="HiGHS refused the option ipm_iteration_limit"):
+        _repair_lp._run(Core(), Refusing(), time_limit_s=1.0, max_iterations=10)
+
+
 def test_the_lp_before_the_plain_pass_spares_it_when_it_repairs(fresh, lp_calls, monkeypatch):
     """``RepairSettings.lp_before_plain``: the shipped programme runs before the plain repair
     pass; when it repairs, the plain pass (a recovery of its own) never runs, and the result
