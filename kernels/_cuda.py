@@ -82,10 +82,20 @@ def parse_param(text: str) -> Param:
     return Param(name, ctype, pointer, const)
 
 
+# The C scalar types passed as integers (a Python value is taken through ``operator.index``).
+_INTEGER_CTYPES = frozenset(c for c, d in SCALAR_DTYPES.items() if np.issubdtype(d, np.integer))
+
+
 @lru_cache(maxsize=None)
 def _parse_params(params: tuple[str, ...]) -> tuple[Param, ...]:
     """The parsed parameters of a declaration (parsed once: a launch builds its arguments from them)."""
     return tuple(parse_param(p) for p in params)
+
+
+@lru_cache(maxsize=None)
+def _param_names(params: tuple[str, ...]) -> frozenset[str]:
+    """The names of a declaration's parameters (what a launch's keywords must be)."""
+    return frozenset(p.name for p in _parse_params(params))
 
 
 @dataclass(frozen=True)
@@ -123,12 +133,13 @@ class CudaKernel:
         """The argument tuple of a launch, in declaration order, from keyword arguments named
         like the C parameters (all of them, no others)."""
         params = self.parameters
-        if len(values) != len(params) or any(p.name not in values for p in params):
+        if values.keys() != _param_names(self.params):
             names = [p.name for p in params]
             missing = [n for n in names if n not in values]
             extra = [n for n in values if n not in names]
             raise TypeError(f"{self.name}: missing arguments {missing}, unexpected {extra}")
-        return tuple(_argument(self.name, p, values[p.name]) for p in params)
+        name = self.name
+        return tuple([_argument(name, p, values[p.name]) for p in params])
 
     def function(self, xp: Any) -> Any:
         """The compiled kernel on the current device of ``xp``: ``cupy``, or a stand-in with
@@ -154,22 +165,24 @@ def _c_literal(value: int | float) -> str:
 
 
 def _argument(kernel: str, p: Param, value: Any) -> Any:
-    dtype = p.dtype
+    dtype = SCALAR_DTYPES[p.ctype]
     if not p.pointer:
         try:
-            return dtype(operator.index(value) if np.issubdtype(dtype, np.integer) else value)
+            return dtype(operator.index(value) if p.ctype in _INTEGER_CTYPES else value)
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"{kernel}: argument {p.name!r} ({p.ctype}) cannot take {value!r}: {exc}") from exc
     if not hasattr(value, "dtype"):
         raise TypeError(f"{kernel}: argument {p.name!r} ({p.ctype}*) must be an array, got {type(value).__name__}")
+    if value.dtype == dtype and not isinstance(value, np.generic) and value.flags.c_contiguous:
+        # Already what the kernel takes: passed as it is (``ascontiguousarray`` would return
+        # this very array; skipping the call saves its dispatch at every launch).
+        return value
     if p.const:
         return array_module(value).ascontiguousarray(value, dtype=dtype)
-    if value.dtype != dtype or not value.flags.c_contiguous:
-        raise TypeError(
-            f"{kernel}: output {p.name!r} ({p.ctype}*) must be a C-contiguous {np.dtype(dtype).name} array, "
-            f"got {value.dtype} (C-contiguous: {value.flags.c_contiguous})"
-        )
-    return value
+    raise TypeError(
+        f"{kernel}: output {p.name!r} ({p.ctype}*) must be a C-contiguous {np.dtype(dtype).name} array, "
+        f"got {value.dtype} (C-contiguous: {value.flags.c_contiguous})"
+    )
 
 
 @lru_cache(maxsize=None)

@@ -519,23 +519,24 @@ class DoseEngine(ReadOuts):
         stack = np.zeros((len(kept), fh, fw), np.float32)
         for p, wd in enumerate(kept):
             stack[p, : wd.delta.shape[0], : wd.delta.shape[1]] = wd.delta
-        beams = np.asarray([wd.beam for wd in kept], np.int32)
-        boxes = np.asarray(boxes, np.int32).reshape(-1, 6)
+        beams = [wd.beam for wd in kept]
         segments = None if per_window else self._segment_table(name, beams, boxes)
-        return _LevelPlan(kept, boxes, ranges, stack, beams, (fh, fw), segments=segments)
+        return _LevelPlan(kept, np.asarray(boxes, np.int32).reshape(-1, 6), ranges, stack, np.asarray(beams, np.int32),
+                          (fh, fw), segments=segments)
 
-    def _segment_table(self, name: str, beams: np.ndarray, boxes: np.ndarray) -> tuple:
+    def _segment_table(self, name: str, beams: Sequence[int], boxes: Sequence[tuple]) -> tuple:
         """The voxel ranges of a level's windows as one segment table (what
         :func:`~ids_engine.kernels.pencil.accumulate_segments` takes): ``(seg_first, seg_start,
         seg_patch)`` int32, the same ranges in the same order as each window's
-        :meth:`Level.ranges` merged by :func:`_merge_ranges`, from a few array operations on
-        all windows at once instead of a Python loop over windows and tile rows.
+        :meth:`Level.ranges` merged by :func:`_merge_ranges` (:func:`_segment_rows`).
 
-        ``beams`` (P,) int32 and ``boxes`` (P, 6) int32 as in :class:`_LevelPlan` (each box
-        non-empty). The last few tables are kept (read-only): a request often applies the same
-        windows again (a step undone and redone)."""
+        ``beams`` (P,) ints and ``boxes`` (P, 6) ints as in :class:`_LevelPlan` (each box
+        non-empty; sequences of Python ints, or arrays). The last few tables are kept
+        (read-only): a request often applies the same windows again (a step undone and redone)."""
         tables, recent = self._tile_tables(name)
-        key = (beams.tobytes(), boxes.tobytes())
+        beams = beams.tolist() if isinstance(beams, np.ndarray) else beams
+        boxes = boxes.tolist() if isinstance(boxes, np.ndarray) else boxes
+        key = (tuple(beams), tuple(tuple(b) for b in boxes))
         got = recent.pop(key, None)
         if got is None:
             got = _segment_rows(tables, beams, boxes)
@@ -547,22 +548,22 @@ class DoseEngine(ReadOuts):
         return got
 
     def _tile_tables(self, name: str) -> tuple:
-        """Every beam's tile table of a level in one array (for :meth:`_segment_table`), and
-        the level's recent segment tables: ``((tile_start, offset, ntc, ntr, tile, mh, mw),
-        recent)``: tile_start (sum of (ntr ntc + 1),) int64 with each beam's ``Level.base``
-        added; the rest (n_beams,) int64, per beam (its offset in tile_start, tile columns and
-        rows, cells per tile, map shape); recent a dict (beams, boxes) bytes -> table. Built once
-        per geometry."""
+        """Every beam's tile table of a level (for :meth:`_segment_table`), and the level's
+        recent segment tables: ``((tile_start, per_beam), recent)``: tile_start a list of ints
+        (all beams' ``Level.tile_start``, each with its beam's ``Level.base`` added), per_beam a
+        list of ``(offset, ntc, ntr, tile, mh, mw)`` ints per beam (its offset in tile_start,
+        tile columns and rows, cells per tile, map shape); recent a dict (beams, boxes) ->
+        table. Python ints: a table has a few dozen ranges, fewer than the array operations
+        that would build it. Built once per geometry."""
         cache = self.__dict__.setdefault("_tile_tables_cache", {})
         levels = [getattr(g, name) for g in self.geometry]
         got = cache.get(name)
         if got is None or len(got[0]) != len(levels) or any(a is not b for a, b in zip(got[0], levels)):
-            sizes = np.array([lv.tile_start.size for lv in levels], np.int64)
-            off = np.zeros(len(levels), np.int64)
-            np.cumsum(sizes[:-1], out=off[1:])
-            ts = np.concatenate([np.asarray(lv.tile_start, np.int64) + lv.base for lv in levels])
-            per = [np.array(v, np.int64) for v in zip(*[(lv.ntc, lv.ntr, lv.tile, *lv.map_shape) for lv in levels])]
-            got = cache[name] = (levels, (ts, off, *per), {})
+            ts, per_beam = [], []
+            for lv in levels:
+                per_beam.append((len(ts), lv.ntc, lv.ntr, lv.tile, *lv.map_shape))
+                ts += (np.asarray(lv.tile_start, np.int64) + lv.base).tolist()
+            got = cache[name] = (levels, (ts, per_beam), {})
         return got[1:]
 
     def _spectra(self, name: str, shape: tuple[int, int]):
@@ -755,31 +756,38 @@ def _change_boxes(windows: list) -> np.ndarray:
     return boxes
 
 
-def _segment_rows(tables: tuple, beams: np.ndarray, boxes: np.ndarray) -> tuple:
+def _segment_rows(tables: tuple, beams: Sequence[int], boxes: Sequence[tuple]) -> tuple:
     """:meth:`DoseEngine._segment_table` computed, from the level's tile tables (``tables`` as
-    :meth:`DoseEngine._tile_tables` gives them)."""
-    ts, *per_beam = tables
-    off, ntc, ntr, tile, mh, mw = (a[beams] for a in per_beam)
-    r_lo, r_hi, c_lo, c_hi = (boxes[:, k].astype(np.int64) for k in (2, 3, 4, 5))
-    # Level.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1) of every window: its tile rows and columns.
-    tr0, tc0 = np.maximum(r_lo - 1, 0) // tile, np.maximum(c_lo - 1, 0) // tile
-    tr1 = np.minimum(np.minimum(r_hi - 1, mh - 1) // tile, ntr - 1)
-    tc1 = np.minimum(np.minimum(c_hi - 1, mw - 1) // tile, ntc - 1)
-    n = np.where((tr1 < tr0) | (tc1 < tc0), 0, tr1 - tr0 + 1)
-    rep = np.repeat(np.arange(beams.size), n)
-    tr = tr0[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n))
-    row = off[rep] + tr * ntc[rep]
-    start, end = ts[row + tc0[rep]], ts[row + tc1[rep] + 1]  # each tile row's range
-    live = end > start
-    start, end, rep = start[live], end[live], rep[live]
-    # A range joins the one before when it is the same window's and starts where that ends.
-    new = np.ones(rep.size, bool)
-    new[1:] = (rep[1:] != rep[:-1]) | (start[1:] != end[:-1])
-    first = np.flatnonzero(new)
-    last = np.append(first[1:], rep.size)[: first.size] - 1
-    seg_first = np.zeros(first.size + 1, np.int64)
-    np.cumsum(end[last] - start[first], out=seg_first[1:])
-    return seg_first.astype(np.int32), start[first].astype(np.int32), rep[first].astype(np.int32)
+    :meth:`DoseEngine._tile_tables` gives them): per window, :meth:`Level.ranges` (its tile
+    rows' ranges, two strided slices of the tile table) merged as :func:`_merge_ranges` merges
+    them, in Python ints."""
+    ts, per_beam = tables
+    starts: list[int] = []
+    lengths: list[int] = []
+    patches: list[int] = []
+    for p, (b, box) in enumerate(zip(beams, boxes)):
+        off, ntc, ntr, tile, mh, mw = per_beam[b]
+        r_lo, r_hi, c_lo, c_hi = box[2:]
+        # Level.ranges(r_lo, r_hi - 1, c_lo, c_hi - 1): the window's tile rows and columns.
+        tr0, tc0 = max(r_lo - 1, 0) // tile, max(c_lo - 1, 0) // tile
+        tr1 = min(min(r_hi - 1, mh - 1) // tile, ntr - 1)
+        tc1 = min(min(c_hi - 1, mw - 1) // tile, ntc - 1)
+        if tr1 < tr0 or tc1 < tc0:
+            continue
+        first, last = off + tr0 * ntc, off + tr1 * ntc
+        end_before = -1
+        for s, e in zip(ts[first + tc0 : last + tc0 + 1 : ntc], ts[first + tc1 + 1 : last + tc1 + 2 : ntc]):
+            if e > s:
+                if s == end_before:  # the same window's range goes on: one segment
+                    lengths[-1] += e - s
+                else:
+                    starts.append(s)
+                    lengths.append(e - s)
+                    patches.append(p)
+                end_before = e
+    seg_first = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=seg_first[1:])
+    return seg_first.astype(np.int32), np.array(starts, np.int32), np.array(patches, np.int32)
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
-"""The device runs' segment table of an update (``DoseEngine._segment_table``, a few array
-operations on all windows) holds exactly the voxel ranges of each window that the NumPy runs
-walk (``Level.ranges`` merged by ``_merge_ranges``, a loop per window and tile row)."""
+"""The device runs' segment table of an update (``DoseEngine._segment_table``, two strided
+slices of the level's tile table per window, merged in one pass) holds exactly the voxel ranges
+of each window that the NumPy runs walk (``Level.ranges`` merged by ``_merge_ranges``)."""
 
 from __future__ import annotations
 
