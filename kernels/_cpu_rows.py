@@ -246,7 +246,8 @@ def scan_watch(dose, lo, hi, weight, blocked):
     values, the sign of a zero violation aside)."""
     dose, lo, hi, weight = (np.asarray(a, np.float64) for a in (dose, lo, hi, weight))
     blocked = np.asarray(blocked, np.bool_)
-    if not _cpu.HAVE_NUMBA:  # (the one switch of the compiled host loops, read here: the tests turn it off)
+    if not _cpu.HAVE_NUMBA or _SCAN is None:  # (the one switch of the compiled host loops, read here: the
+        # tests turn it off; None: imported with numba off, so nothing was compiled)
         return scan_watch_numpy(dose, lo, hi, weight, blocked)
     n = dose.shape[0]
     viol, wv2, score = np.empty(n), np.empty(n), np.empty(n)

@@ -179,6 +179,8 @@ def _argument(kernel: str, p: Param, value: Any) -> Any:
         return value
     if p.const:
         return array_module(value).ascontiguousarray(value, dtype=dtype)
+    if isinstance(value, np.generic):  # a scalar cannot be written to
+        raise TypeError(f"{kernel}: output {p.name!r} ({p.ctype}*) must be an array, got the scalar {value!r}")
     raise TypeError(
         f"{kernel}: output {p.name!r} ({p.ctype}*) must be a C-contiguous {np.dtype(dtype).name} array, "
         f"got {value.dtype} (C-contiguous: {value.flags.c_contiguous})"

@@ -499,7 +499,8 @@ class DoseEngine(ReadOuts):
             return None
         K = 2 * la.half + 1
         # NumPy runs each window's voxel ranges (lists); a device run gets the same ranges as
-        # one segment table for all windows, built in a few array operations (_segment_table).
+        # one segment table for all windows, built per window from the level's tile table in
+        # Python ints (_segment_table).
         per_window = self.xp is np
         kept, boxes, ranges = [], [], []
         for wdw in windows:

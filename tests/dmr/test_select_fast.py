@@ -21,8 +21,21 @@ RX = 60.0
 
 def _numpy_only(mp) -> None:
     """Every compiled host loop off (``kernels._cpu``'s and ``kernels._cpu_rows``'s: one
-    switch): the NumPy references."""
+    switch): the NumPy references. Each compiled function is also replaced by one that fails,
+    so a call that ignored the switch would show."""
     mp.setattr(_cpu, "HAVE_NUMBA", False)
+    try:
+        from numba.core.registry import CPUDispatcher
+    except ImportError:  # numba not installed: nothing was compiled
+        return
+
+    def compiled_called(*args, **kwargs):
+        raise AssertionError("a compiled host loop ran with kernels._cpu.HAVE_NUMBA off")
+
+    for mod in (_cpu, _cpu_rows):
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, CPUDispatcher):
+                mp.setattr(mod, name, compiled_called)
 
 
 def _random_watch(rng, n: int):

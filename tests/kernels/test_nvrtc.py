@@ -265,6 +265,17 @@ def test_arguments_have_the_declared_c_types(attr, module, kernel):
                 assert a is values[p.name], f"output {p.name} was copied: the kernel's writes would be lost"
         else:
             assert type(a) is p.dtype, f"{p.name}: {type(a).__name__} passed for C {p.ctype}"
+    # An input that already has the declared dtype and layout is passed as it is (not copied).
+    fitting = {p.name: (np.zeros((2, 3), p.dtype) if p.pointer else values[p.name]) for p in kernel.parameters}
+    for p, a in zip(kernel.parameters, kernel.arguments(**fitting)):
+        if p.pointer:
+            assert a is fitting[p.name], f"{p.name}: a fitting array was copied"
+    # A scalar cannot be an output.
+    outputs = [p for p in kernel.parameters if p.pointer and not p.const]
+    if outputs:
+        bad = dict(fitting, **{outputs[0].name: np.dtype(outputs[0].dtype).type(0)})
+        with pytest.raises(TypeError, match="must be an array, got the scalar"):
+            kernel.arguments(**bad)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
