@@ -38,9 +38,9 @@ import os
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "combine_neighbours", "gather_bev",
-           "irfft2_rows", "level_rows", "mark_under_patches", "patch_response_window", "rfft2_padded",
-           "sample_weighted", "sort_rows_by_u"]
+__all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "check_level_index",
+           "combine_neighbours", "gather_bev", "irfft2_rows", "level_rows", "mark_under_patches",
+           "patch_response_window", "rfft2_padded", "sample_weighted", "sort_rows_by_u"]
 
 try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
     from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
@@ -56,6 +56,7 @@ _UNDER_U = None
 _SORT_ROWS_U = None
 _CAPPED = None
 _LEVEL_ROWS = None
+_LEVEL_TABLES = None  # _cpu_readout.level_tables' loop
 _SORT_BY_ROW = None
 _COMBINE = None
 HAVE_NUMBA = False
@@ -439,6 +440,17 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         _LEVEL_ROWS = _level_rows_nb
 
         @numba.njit(nogil=True, cache=True)
+        def _level_tables_nb(positions, v_cells, u_cells, weights, beams, level_index, ok, v, u, w, bounds,
+                             found):  # pragma: no cover - compiled
+            # _cpu_readout.level_tables: beams[s]'s look-up into row s, by _level_rows_nb itself.
+            for s in range(beams.shape[0]):
+                b = beams[s]
+                found[s] = _level_rows_nb(positions[b], v_cells[b], u_cells[b], weights[b], level_index,
+                                          ok[s], v[s], u[s], w[s], bounds[s])
+
+        _LEVEL_TABLES = _level_tables_nb
+
+        @numba.njit(nogil=True, cache=True)
         def _sort_by_row_nb(bu, bv, missing, order, rows, bu_sorted, bv_sorted, key):  # pragma: no cover
             n = bv.shape[0]
             k_min, k_max = 32767, -32768
@@ -674,14 +686,24 @@ def capped_distance2(bev_u2, bev_v2, bev_w2, capped, cols) -> tuple[np.ndarray, 
     return d2, w
 
 
+def check_level_index(level_index: np.ndarray, size: int) -> None:
+    """Raise IndexError unless every entry of ``level_index`` indexes an array of ``size``
+    entries as NumPy would (``-size <= i < size``): the compiled loops read out of bounds."""
+    if level_index.shape[0] and (int(level_index.min()) < -size or int(level_index.max()) >= size):
+        raise IndexError(f"level_index: entries in [{int(level_index.min())}, {int(level_index.max())}] "
+                         f"outside a level of {size} voxels")
+
+
 def level_rows(position, v_cells, u_cells, weights, level_index):
     """One pass over level voxels ``level_index``: ``ok`` (position >= 0), ``v``, ``u`` ((n,)
     float32, of position 0 where not ok), ``weights`` ((nc, n) float32, contiguous) at
     ``position[level_index]``, and the float32 min / max of v and u over the ok voxels with
     finite v and u (None when there is none): what ``_LevelRows.of`` computes with NumPy
-    (the same values: gathers and min / max only). Needs numba (``HAVE_NUMBA``)."""
+    (the same values: gathers and min / max only). Raises IndexError if ``level_index`` points
+    outside the level (:func:`check_level_index`). Needs numba (``HAVE_NUMBA``)."""
     if _LEVEL_ROWS is None:
         raise RuntimeError("level_rows needs numba (pip install ids-engine[fast])")
+    check_level_index(level_index, int(position.shape[0]))
     n = level_index.shape[0]
     ok = np.empty(n, np.bool_)
     v, u = np.empty(n, np.float32), np.empty(n, np.float32)

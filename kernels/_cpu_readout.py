@@ -9,8 +9,9 @@ same order, so the same tables bit for bit (tested). A DMR request builds them f
 voxel sets of a few hundred voxels, where the reference's thirty-odd NumPy calls and its sort
 cost more than the arithmetic. :func:`level_tables` looks the same level voxels up in every
 beam of a DMR joint solve's read at once (``ReadOuts._rows_of_beams``): the per-beam look-up
-(``_LevelRows.of``) for all beams in one call, where a call per beam and level cost more than
-its gathers. Without numba (or with ``IDS_NUMBA=0``, see :mod:`ids_engine.kernels._cpu`) the
+(``_LevelRows.of``) for the beams asked for in one call, where a call per beam and level cost
+more than its gathers (its compiled loop, in :mod:`~ids_engine.kernels._cpu`, calls the per-beam
+one). Without numba (or with ``IDS_NUMBA=0``, see :mod:`ids_engine.kernels._cpu`) the
 engine uses the references.
 """
 
@@ -23,7 +24,6 @@ from . import _cpu
 __all__ = ["coarse_tables", "level_tables"]
 
 _COARSE_TABLES = None  # the compiled loop, when numba is installed
-_LEVEL_TABLES = None  # likewise
 if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
@@ -70,36 +70,6 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
 
     _COARSE_TABLES = _coarse_tables_nb
 
-    @numba.njit(nogil=True, cache=True)
-    def _level_tables_nb(positions, v_cells, u_cells, weights, level_index, ok, v, u, w, bounds,
-                         found):  # pragma: no cover - compiled
-        inf32 = np.float32(np.inf)
-        for s in range(len(positions)):
-            position, vc, uc, wt = positions[s], v_cells[s], u_cells[s], weights[s]
-            any_found = False
-            v_min, v_max, u_min, u_max = inf32, -inf32, inf32, -inf32
-            for i in range(level_index.shape[0]):
-                pos = position[level_index[i]]
-                here = pos >= 0
-                p = pos if here else 0
-                ok[s, i] = here
-                vi = vc[p]
-                ui = uc[p]
-                v[s, i] = vi
-                u[s, i] = ui
-                for c in range(wt.shape[0]):
-                    w[s, c, i] = wt[c, p]
-                if here and np.isfinite(vi) and np.isfinite(ui):
-                    any_found = True
-                    v_min = min(v_min, vi)
-                    v_max = max(v_max, vi)
-                    u_min = min(u_min, ui)
-                    u_max = max(u_max, ui)
-            bounds[s, 0], bounds[s, 1], bounds[s, 2], bounds[s, 3] = v_min, v_max, u_min, u_max
-            found[s] = any_found
-
-    _LEVEL_TABLES = _level_tables_nb
-
 
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
                   up: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -124,36 +94,49 @@ def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coars
     return cidx, cw, uniq, inv
 
 
-def level_tables(hosts: list, level_index: np.ndarray):
-    """Several beams' look-ups at the same level voxels in one pass: for each level host copy
-    in ``hosts`` (``LevelHost``: ``position``, ``v_cells``, ``u_cells``, ``weights``) and the
-    level voxels ``level_index`` ((n,) int64), ``ok`` ((S, n) bool, position >= 0), ``v``,
-    ``u`` ((S, n) float32, of position 0 where not ok), ``weights`` ((S, nc, n) float32) and
-    per beam the float32 min / max of v and u over the ok voxels with finite v and u (None
-    when there is none): row ``s`` is what ``ReadOuts``' ``_LevelRows.of`` computes for beam
-    ``s`` (gathers and min / max only, so the same values), in one compiled call instead of
-    one per beam. Returns None where it cannot (numba missing, float64 tables, or beams whose
-    arrays differ in dtype or layout or in their numbers of components): the caller then looks
-    each beam up alone."""
-    if _LEVEL_TABLES is None or not hosts:
+def level_tables(hosts: list, beams: np.ndarray, level_index: np.ndarray):
+    """Several beams' look-ups at the same level voxels in one pass: of the level host copies
+    ``hosts`` (``LevelHost``: ``position``, ``v_cells``, ``u_cells``, ``weights``; all the
+    engine's beams, so that the compiled loop, which takes them as tuples, compiles once per
+    engine), those of beams ``beams`` ((S,) int64), at the level voxels ``level_index`` ((n,)
+    int64): ``ok`` ((S, n) bool, position >= 0), ``v``, ``u`` ((S, n) float32, of position 0
+    where not ok), ``weights`` ((S, nc, n) float32) and per beam the float32 min / max of v and
+    u over the ok voxels with finite v and u (None when there is none). Row ``s`` is what
+    ``_cpu.level_rows`` (``_LevelRows.of``) computes for beam ``beams[s]``: the compiled loop
+    (``_cpu._LEVEL_TABLES``, beside the one it calls so that numba's cache, which keys on the
+    file, recompiles both together) calls that function's loop once per beam. Raises IndexError if ``level_index`` or
+    ``beams`` points outside the levels or ``hosts``.
+
+    Returns None where it cannot, the caller then looking each beam up alone: numba missing
+    (or ``IDS_NUMBA=0``), no host, v, u or weights not float32, weights not 2-D, or the beams'
+    arrays of one kind not all of one numba type: dtype, dimensions, layout (C-, F- or neither
+    contiguous), writeable, aligned, and the same number of components (the NumPy backend's
+    per-beam weights are column blocks of all beams' weights, strided; the device backends',
+    whose reads call this, are C-contiguous: either way all beams alike)."""
+    if _cpu._LEVEL_TABLES is None or not hosts:
         return None
-    nc = hosts[0].weights.shape[0]
+    beams = np.asarray(beams, np.int64)
+    level_index = np.asarray(level_index, np.int64)
+    if beams.shape[0] and (int(beams.min()) < 0 or int(beams.max()) >= len(hosts)):
+        raise IndexError(f"beams: entries in [{int(beams.min())}, {int(beams.max())}] outside {len(hosts)} beams")
     # The beams' arrays of each kind go in as one tuple, which the compiled loop indexes at run
-    # time: they must be of one numba type (dtype, dimensions, layout; a beam's weights are
-    # usually a column block of all beams' weights, not contiguous).
-    kinds = {(h.weights.shape[0], *((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.f_contiguous)
-                                    for a in (h.position, h.v_cells, h.u_cells, h.weights))) for h in hosts}
+    # time: they must be of one numba type.
+    kinds = {(h.weights.shape[0], *((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.f_contiguous, a.flags.writeable,
+                                     a.flags.aligned) for a in (h.position, h.v_cells, h.u_cells, h.weights)))
+             for h in hosts}
     if len(kinds) != 1 or hosts[0].v_cells.dtype != np.float32 or hosts[0].u_cells.dtype != np.float32 \
             or hosts[0].weights.dtype != np.float32 or hosts[0].weights.ndim != 2:
         return None
-    s_count, n = len(hosts), int(level_index.shape[0])
+    _cpu.check_level_index(level_index, min(int(h.position.shape[0]) for h in hosts))
+    nc = hosts[0].weights.shape[0]
+    s_count, n = int(beams.shape[0]), int(level_index.shape[0])
     ok = np.empty((s_count, n), np.bool_)
     v, u = np.empty((s_count, n), np.float32), np.empty((s_count, n), np.float32)
     w = np.empty((s_count, nc, n), np.float32)
     bounds = np.empty((s_count, 4), np.float32)
     found = np.empty(s_count, np.bool_)
-    _LEVEL_TABLES(tuple(h.position for h in hosts), tuple(h.v_cells for h in hosts),
-                  tuple(h.u_cells for h in hosts), tuple(h.weights for h in hosts),
-                  np.asarray(level_index, np.int64), ok, v, u, w, bounds, found)
+    _cpu._LEVEL_TABLES(tuple(h.position for h in hosts), tuple(h.v_cells for h in hosts),
+                  tuple(h.u_cells for h in hosts), tuple(h.weights for h in hosts), beams,
+                  level_index, ok, v, u, w, bounds, found)
     mm = [tuple(float(x) for x in bounds[s]) if found[s] else None for s in range(s_count)]
     return ok, v, u, w, mm

@@ -98,13 +98,19 @@ class _LevelRows:
     memo: dict = field(default_factory=dict)
 
     @staticmethod
+    def compiled(ok: np.ndarray, v: np.ndarray, u: np.ndarray, weights: np.ndarray,
+                 min_max: tuple | None) -> "_LevelRows":
+        """The rows of a compiled look-up (``_cpu.level_rows``, a row of
+        ``_cpu_readout.level_tables``): its float32 min / max of v and u (or None) floored."""
+        bounds = None if min_max is None else tuple(math.floor(x) for x in min_max)
+        return _LevelRows(int(ok.shape[0]), ok, v, u, weights, bounds)
+
+    @staticmethod
     def of(lvl: Level, level_index: np.ndarray) -> "_LevelRows":
         h = lvl.host
         if _cpu.HAVE_NUMBA and h.weights.dtype == np.float32 and h.v_cells.dtype == np.float32 \
                 and h.u_cells.dtype == np.float32:
-            ok, v, u, w, mm = _cpu.level_rows(h.position, h.v_cells, h.u_cells, h.weights, level_index)
-            bounds = None if mm is None else tuple(math.floor(x) for x in mm)
-            return _LevelRows(int(level_index.shape[0]), ok, v, u, w, bounds)
+            return _LevelRows.compiled(*_cpu.level_rows(h.position, h.v_cells, h.u_cells, h.weights, level_index))
         pos = h.position[level_index]
         ok = pos >= 0
         p = np.where(ok, pos, 0)
@@ -392,21 +398,22 @@ class ReadOuts:
 
     def _rows_of_beams(self, nb: "_Neighbours", beams: list, name: str, level_index: np.ndarray):
         """:meth:`_rows_of` of several beams (a DMR joint solve's read: every beam at the same
-        rows): ``(rows, stacked)``, the beams' ``_LevelRows`` in order and, when none was looked
-        up before, their tables stacked ``(ok (S, m) bool, v, u (S, m) float32, weights (S, nc,
-        m) float32)`` (the rows' fields are views of them), else None. The beams not looked up
-        yet are looked up in one compiled pass (:func:`~ids_engine.kernels._cpu_readout.
-        level_tables`: the same values as one ``_LevelRows.of`` per beam)."""
+        rows): ``(rows, stacked)``, the beams' ``_LevelRows`` in order, and their tables stacked
+        ``(ok (S, m) bool, v, u (S, m) float32, weights (S, nc, m) float32)`` (the rows' fields
+        are views of them) when this call looked every one of them up in one compiled pass
+        (:func:`~ids_engine.kernels._cpu_readout.level_tables`: the same values as one
+        ``_LevelRows.of`` per beam). ``stacked`` is None, and the caller stacks the rows, when
+        some beam was looked up before, when one beam only is missing, without numba, or where
+        ``level_tables`` declines; the beams still missing are then looked up one at a time."""
         missing = [b for b in beams if (b, name) not in nb.levels]
-        got = _cpu_readout.level_tables([getattr(self.geometry[b], name).host for b in missing], level_index) \
-            if len(missing) > 1 and _cpu.HAVE_NUMBA else None
+        got = _cpu_readout.level_tables([getattr(g, name).host for g in self.geometry], np.array(missing, np.int64),
+                                        level_index) if len(missing) > 1 and _cpu.HAVE_NUMBA else None
         stacked = None
         if got is not None:
             ok, v, u, w, mm = got
             for s, b in enumerate(missing):
-                bounds = None if mm[s] is None else tuple(math.floor(x) for x in mm[s])
-                nb.levels[(b, name)] = _LevelRows(int(level_index.shape[0]), ok[s], v[s], u[s], w[s], bounds)
-            if missing == list(beams):
+                nb.levels[(b, name)] = _LevelRows.compiled(ok[s], v[s], u[s], w[s], mm[s])
+            if len(missing) == len(beams):
                 stacked = (ok, v, u, w)
         return [self._rows_of(nb, b, name, level_index) for b in beams], stacked
 
