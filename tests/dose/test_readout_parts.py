@@ -146,49 +146,120 @@ def test_a_voxel_off_the_grid_raises_index_error():
         eng.dose_at_voxels(np.array([6 * size], np.int64))
 
 
+def _level_ends(eng, name: str) -> np.ndarray:
+    """Every beam's first and last level voxel (positions 0 and n - 1 on that level)."""
+    return np.array([i for g in eng.geometry for i in (getattr(g, name).host.vox[0], getattr(g, name).host.vox[-1])],
+                    np.int64)
+
+
+def _assert_same_rows(got, want) -> None:
+    """``_LevelRows`` (or their fields in order) equal bit for bit, bounds included."""
+    for a, ref in zip((got.ok, got.v, got.u, got.weights), (want.ok, want.v, want.u, want.weights)):
+        assert a.dtype == ref.dtype and a.shape == ref.shape
+        np.testing.assert_array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(ref).view(np.uint8))
+    assert got.bounds == want.bounds
+
+
 def test_every_beams_level_look_ups_in_one_pass_equal_one_beam_at_a_time(coarse_horseshoe_session):
-    """``_cpu_readout.level_tables`` (all beams at the same level voxels, one compiled call)
-    gives, row by row, ``_LevelRows.of``'s look-ups (compiled and NumPy) bit for bit, bounds
-    included: fine level voxels with some outside the body, the distinct coarse neighbours;
-    ``_rows_of_beams`` keeps them per beam (the host path finds them) and stacks them only when
-    it looked every beam up itself."""
-    from ids_engine.dose._readout import _LevelRows
+    """``_cpu_readout.level_tables`` (the beams asked for, in their order, at the same level
+    voxels, one compiled call) gives, row by row, ``_LevelRows.of``'s look-ups and the NumPy
+    gathers and bounds bit for bit: fine level voxels with some outside the body, the distinct
+    coarse neighbours, and every beam's first and last level voxel on both. ``_rows_of_beams``
+    keeps them per beam (the host path finds them) and stacks them only when it looked every
+    beam up itself: not when some were looked up before (the others then equal
+    ``_LevelRows.of`` all the same) nor when all were."""
+    from ids_engine.dose._readout import _LevelRows, level_bounds
     from ids_engine.kernels import _cpu_readout
 
     if not _cpu.HAVE_NUMBA:
         pytest.skip("numba is not installed (the 'fast' extra)")
     s = coarse_horseshoe_session
     eng = s.engine
-    idx = _rows(s, 300, 5)
-    eng.__dict__.pop("_neighbour_cache", None)
+    beams = list(range(eng.n_beams))
+    assert eng.n_beams > 5
+    idx = np.concatenate([_rows(s, 300, 5), _level_ends(eng, "fine")])
+
+    def fresh():
+        eng.__dict__.pop("_neighbour_cache", None)
+        return eng._neighbours(idx)
+
     try:
-        nb = eng._neighbours(idx)
-        beams = list(range(eng.n_beams))
-        for name, level_index in (("fine", idx), ("coarse", nb.coarse_unique()[0])):
+        nb = fresh()
+        for name, level_index in (("fine", idx), ("coarse", np.concatenate([nb.coarse_unique()[0],
+                                                                            _level_ends(eng, "coarse")]))):
             hosts = [getattr(g, name).host for g in eng.geometry]
-            ok, v, u, w, mm = _cpu_readout.level_tables(hosts, level_index)
-            for b in beams:
+            order = np.array(beams[::-1], np.int64)
+            ok, v, u, w, mm = _cpu_readout.level_tables(hosts, order, level_index)
+            assert ok.shape == (len(beams), level_index.size)
+            for r, b in enumerate(order):
                 lvl = getattr(eng.geometry[b], name)
-                want = _LevelRows.of(lvl, level_index)
                 h = lvl.host
+                got = _LevelRows.compiled(ok[r], v[r], u[r], w[r], mm[r])
+                _assert_same_rows(got, _LevelRows.of(lvl, level_index))
+                # An independent NumPy look-up.
                 pos = h.position[level_index]
                 p = np.where(pos >= 0, pos, 0)
-                for got, ref in ((ok[b], want.ok), (v[b], want.v), (u[b], want.u), (w[b], want.weights),
-                                 (ok[b], pos >= 0), (v[b], h.v_cells[p]), (w[b], h.weights[:, p])):
-                    assert got.dtype == ref.dtype and got.shape == ref.shape
-                    np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.uint8),
-                                                  np.ascontiguousarray(ref).view(np.uint8))
-                bounds = None if mm[b] is None else tuple(int(np.floor(x)) for x in mm[b])
-                assert bounds == want.bounds
+                _assert_same_rows(got, _LevelRows(level_index.size, pos >= 0, h.v_cells[p], h.u_cells[p],
+                                                  h.weights[:, p], level_bounds(pos >= 0, h.v_cells[p], h.u_cells[p])))
+                use = (pos >= 0) & np.isfinite(h.v_cells[p]) & np.isfinite(h.u_cells[p])
+                assert mm[r] == (float(h.v_cells[p][use].min()), float(h.v_cells[p][use].max()),
+                                 float(h.u_cells[p][use].min()), float(h.u_cells[p][use].max()))
+                ends = np.isin(level_index, h.vox[[0, -1]])
+                assert ok[r, ends].all() and set(pos[ends]) == {0, h.vox.size - 1}
             if name == "fine":
                 assert (~ok).any()  # the rows outside the body are not in the level
             rows, stacked = eng._rows_of_beams(nb, beams, name, level_index)
             assert stacked is not None and all(rows[b] is nb.levels[(b, name)] for b in beams)
-            for a, ref in zip(stacked, (ok, v, u, w)):
+            for a, ref in zip(stacked, (ok[::-1], v[::-1], u[::-1], w[::-1])):
                 np.testing.assert_array_equal(a, ref)
-            assert rows[0].bounds == _LevelRows.of(getattr(eng.geometry[0], name), level_index).bounds
             # Found again: the same objects, nothing stacked (the device path stacks them itself).
             again, stacked = eng._rows_of_beams(nb, beams[::-1], name, level_index)
             assert stacked is None and all(a is r for a, r in zip(again, rows[::-1]))
+        for name in ("fine", "coarse"):
+            level_index = idx if name == "fine" else nb.coarse_unique()[0]
+            # Beams 3 and 5 looked up before (the host path's reads), then every beam; one
+            # beam missing only.
+            for before in ([3, 5], [b for b in beams if b != 2]):
+                nb = fresh()
+                for b in before:
+                    eng._rows_of(nb, b, name, level_index)
+                rows, stacked = eng._rows_of_beams(nb, beams, name, level_index)
+                assert stacked is None and all(rows[b] is nb.levels[(b, name)] for b in beams)
+                for b in beams:
+                    _assert_same_rows(rows[b], _LevelRows.of(getattr(eng.geometry[b], name), level_index))
     finally:
         eng.__dict__.pop("_neighbour_cache", None)
+
+
+def test_level_tables_declines_mixed_arrays_and_rejects_indices_off_the_level(coarse_horseshoe_session):
+    """A read-only (or otherwise differently typed) array in one beam: ``level_tables`` returns
+    None (the caller looks each beam up alone) rather than failing to compile; level voxels or
+    beams outside the level or the beams raise IndexError (the compiled loops would read out of
+    bounds), in ``_cpu.level_rows`` too."""
+    from types import SimpleNamespace
+
+    from ids_engine.kernels import _cpu_readout
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    eng = coarse_horseshoe_session.engine
+    hosts = [SimpleNamespace(position=g.fine.host.position, v_cells=g.fine.host.v_cells, u_cells=g.fine.host.u_cells,
+                             weights=g.fine.host.weights) for g in eng.geometry]
+    level_index = _level_ends(eng, "fine")
+    beams = np.arange(len(hosts), dtype=np.int64)
+    assert _cpu_readout.level_tables(hosts, beams, level_index) is not None
+    frozen = hosts[1].v_cells.copy()
+    frozen.flags.writeable = False
+    mixed = [SimpleNamespace(**{**vars(h), "v_cells": frozen}) if k == 1 else h for k, h in enumerate(hosts)]
+    assert _cpu_readout.level_tables(mixed, beams, level_index) is None
+    size = hosts[0].position.shape[0]
+    h = hosts[0]
+    for bad in (size, size + 10**6, -size - 1):
+        off = np.concatenate([level_index, [bad]]).astype(np.int64)
+        with pytest.raises(IndexError, match="level_index"):
+            _cpu_readout.level_tables(hosts, beams, off)
+        with pytest.raises(IndexError, match="level_index"):
+            _cpu.level_rows(h.position, h.v_cells, h.u_cells, h.weights, off)
+    for bad in (len(hosts), -1):
+        with pytest.raises(IndexError, match="beams"):
+            _cpu_readout.level_tables(hosts, np.array([0, bad], np.int64), level_index)
