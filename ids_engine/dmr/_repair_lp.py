@@ -66,18 +66,17 @@ class LPRepairOptions:
     4,000 iterations are at most about 12 s on the measured programmes, about 40 s on the
     synthetic one; a solve that runs interior point and simplex may take up to twice what it
     was given); a call whose solve hits one ends with status "iterations"; time_limit_s :
-    HiGHS's wall-clock limit
-    per solve and call_time_limit_s on all of a call's solves together: safety nets (30 s and
-    60 s; measured: at most 2.6 s a solve, about 20 s a call solving from scratch, 2 cores),
-    above what the iteration limits allow on the measured programmes, but not on one as slow
-    an iteration as the synthetic one (there, or on a machine several times slower or loaded,
-    the clock can still come first); a call that hits one ends with status
+    HiGHS's wall-clock limit per solve and call_time_limit_s on all of a call's solves together:
+    safety nets (30 s and 60 s; measured: at most 2.6 s a solve, about 20 s a call solving from
+    scratch, 2 cores), above what the iteration limits allow on the measured programmes, but not
+    on one as slow an iteration as the synthetic one (there, or on a machine several times
+    slower or loaded, the clock can still come first); a call that hits one ends with status
     "time" (the caller logs a warning: that outcome does depend on the machine); in both cases
-    ``LPRepairResult.limit`` names the limit;
-    the machine); slack_cost : the cost of 1 Gy of far rise above the goal,
-    against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy per Gy of
-    a column's largest) are left out of the sparse programme; exact : after a round that failed,
-    the fluence cells its solution took below zero (clipped when applied) become rows of the
+    ``LPRepairResult.limit`` names the limit; slack_cost : the cost of 1 Gy of far rise above
+    the goal, against the cheapest column's fluence per Gy; drop_gy : responses below this (Gy
+    per Gy of a column's largest) are left out of the sparse programme; exact : after a round
+    that failed, the fluence cells its solution took below zero (clipped when applied) become
+    rows of the
     next (``psi + sum_k x_k delta_k >= 0`` exactly), a row of the programme that broke all
     the same aims inside its band by what it missed (the model's error), and a voxel of the
     request, a pin, a feature or a guard counts as broken as the repair's no-worse test
