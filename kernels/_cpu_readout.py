@@ -104,8 +104,8 @@ def level_tables(hosts: list, beams: np.ndarray, level_index: np.ndarray):
     u over the ok voxels with finite v and u (None when there is none). Row ``s`` is what
     ``_cpu.level_rows`` (``_LevelRows.of``) computes for beam ``beams[s]``: the compiled loop
     (``_cpu._LEVEL_TABLES``, beside the one it calls so that numba's cache, which keys on the
-    file, recompiles both together) calls that function's loop once per beam. Raises IndexError if ``level_index`` or
-    ``beams`` points outside the levels or ``hosts``.
+    file, recompiles both together) calls that function's loop once per beam. Raises IndexError
+    if ``level_index`` or ``beams`` points outside the levels or ``hosts``.
 
     Returns None where it cannot, the caller then looking each beam up alone: numba missing
     (or ``IDS_NUMBA=0``), no host, v, u or weights not float32, weights not 2-D, or the beams'
@@ -136,7 +136,7 @@ def level_tables(hosts: list, beams: np.ndarray, level_index: np.ndarray):
     bounds = np.empty((s_count, 4), np.float32)
     found = np.empty(s_count, np.bool_)
     _cpu._LEVEL_TABLES(tuple(h.position for h in hosts), tuple(h.v_cells for h in hosts),
-                  tuple(h.u_cells for h in hosts), tuple(h.weights for h in hosts), beams,
-                  level_index, ok, v, u, w, bounds, found)
+                       tuple(h.u_cells for h in hosts), tuple(h.weights for h in hosts), beams,
+                       level_index, ok, v, u, w, bounds, found)
     mm = [tuple(float(x) for x in bounds[s]) if found[s] else None for s in range(s_count)]
     return ok, v, u, w, mm
