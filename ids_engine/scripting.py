@@ -417,6 +417,9 @@ def _run_steps(session, prep: PreparedScript, setup_s: float, folder: Path, log)
                 log(f"[{n}] {kind}: done")
             for c in res.conflicts:
                 log(f"    {'side effect' if c.kind == 'rise' else 'conflict'}: {c.message}")
+            if res.repair_limits:
+                log(f"    the side-effect repair's LP stopped at {', '.join(dict.fromkeys(res.repair_limits))}: "
+                    "its repair may be weaker than it could be")
     except KeyboardInterrupt:
         raise ScriptInterrupted(folder, done, len(prep.steps)) from None
     after = plan_metrics(session)

@@ -243,6 +243,12 @@ class RequestResult:
     # How many of ``patches`` each engine call applied, in order: a replay applies them in
     # the same calls, so it rebuilds the plan bit for bit (float32 sums depend on grouping).
     patch_groups: tuple = ()
+    # The limits the side-effect repair's LP calls reached, named as their settings
+    # (``"LPRepairOptions.max_call_iterations"``...; ``SideEffectRepair.limits_hit``): empty
+    # when every LP call ended on its own or none was made. A limit reached means the repair
+    # may be weaker than it could be; an iteration limit gives the same outcome on every
+    # machine, a time limit ("..._time_limit_s") may not.
+    repair_limits: tuple = ()
 
     @property
     def has_feature(self) -> bool:
@@ -265,7 +271,17 @@ class RequestResult:
             "patches": len(self.patches),
             "patch_groups": list(self.patch_groups),
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+            # (only when a limit was reached: the summaries of every other request, and the
+            # journals written before this field, stay as they were)
+            **({"repair_limits": list(self.repair_limits)} if self.repair_limits else {}),
         }
+
+
+def _string_tuple(value, name: str) -> tuple[str, ...]:
+    """A journal summary's list of strings as a tuple; TypeError naming ``name`` otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a list of strings, got {value!r}")
+    return tuple(value)
 
 
 class LatestRequestQueue:
@@ -900,15 +916,15 @@ class Session:
                 touchup = side_effects and not isinstance(req, EraseSpot)
                 mod, rec, conflicts, patches = self._modify_recover(req, resolved, watch, timings, recovery_steps,
                                                                     cancel, progress, touchup, cap_retry=side_effects)
-                repaired = False
+                repaired, repair_limits = False, ()
                 if before_cube is not None and resolved.feature_voxels.size:
                     t0 = time.perf_counter()
                     # Set-voxel requests report only (measured: the paper's experiment rejects
                     # the repair, 0.3 s for nothing; kept repairs left the ten-request session's
                     # OAR mean at 48.26 Gy instead of 48.19); drags and erases repair.
                     repair = not isinstance(req, SetVoxelDose)
-                    extra, repaired, found, watch_gy = self._repair_side_effects(resolved, watch, before_cube, timings,
-                                                                                 repair, cancel)
+                    extra, repaired, found, watch_gy, repair_limits = self._repair_side_effects(
+                        resolved, watch, before_cube, timings, repair, cancel)
                     patches = list(patches) + extra
                     if repaired:  # the pins', features' and request's bands as the repair left them
                         conflicts = self._conflicts(watch, watch_gy)
@@ -925,7 +941,7 @@ class Session:
                 raise RuntimeError(f"{req.kind}: {sum(groups)} patches applied but {len(patches)} journaled")
             if resolved.drag is not None and any(c.kind == "request" for c in conflicts):
                 conflicts = self._with_landing(req, resolved, conflicts)
-            res = self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups, repaired)
+            res = self._journal(req, resolved, mod, rec, timings, patches, conflicts, groups, repaired, repair_limits)
             self._undo_snap = (res.id, snap, self.engine.state_version)
             return res
 
@@ -1093,23 +1109,26 @@ class Session:
                              cancel=None):
         """The guarded repair of the request's far side effects (``DMROptions.side_effect_repair_steps``,
         ``self.repair_settings``; :class:`ids_engine.dmr._repair.SideEffectRepair` says how).
-        ``repair`` False measures only; ``cancel`` (``run``'s) is asked between the LP's solves. Returns ``(patches applied, kept, unasked rises after
-        (every tissue), the watch's dose after a kept pass or None)``."""
+        ``repair`` False measures only; ``cancel`` (``run``'s) is asked between the LP's solves.
+        Returns ``(patches applied, kept, unasked rises after (every tissue), the watch's dose
+        after a kept pass or None, the limits the LP calls reached)``."""
         opts = self.options
         rx = self.prescription_gy
         thr = opts.report_rise_pct / 100.0 * rx
         cap = opts.max_rise_pct / 100.0 * rx
         floor = min(thr, cap)
         g = self.patient.grid
-        return SideEffectRepair(
+        fixer = SideEffectRepair(
             self.modifier, watch, resolved.voxels, before_at=_host_reader(self.engine.xp, before_cube),
             measure=lambda: self._unasked(resolved, before_cube, floor), prescription_gy=rx, report_gy=thr,
             cap_gy=cap, target_hi_gy=opts.target_max_pct / 100.0 * rx, steps=opts.side_effect_repair_steps,
             shape_zyx=g.shape_zyx, spacing_mm_zyx=g.spacing_mm_zyx, settings=self.repair_settings,
-            plain_weight=WEIGHT_NORMAL, timings=timings, cancel=cancel).run(repair)
+            plain_weight=WEIGHT_NORMAL, timings=timings, cancel=cancel)
+        return (*fixer.run(repair), fixer.limits_hit)
 
     def _journal(self, req, resolved: Resolved, mod, rec, timings: dict, patches: list, conflicts: tuple = (),
-                 patch_groups: tuple = (), side_effects_repaired: bool = False) -> RequestResult:
+                 patch_groups: tuple = (), side_effects_repaired: bool = False,
+                 repair_limits: tuple = ()) -> RequestResult:
         final = (backend.asnumpy(self.engine.dose_at_voxels(resolved.voxels)).astype(np.float64)
                  if resolved.voxels.size else np.zeros(0))
         res = RequestResult(
@@ -1120,7 +1139,7 @@ class Session:
             feature_voxels=np.asarray(resolved.feature_voxels, np.int64), feature_lo=np.asarray(resolved.feature_lo, float),
             feature_hi=np.asarray(resolved.feature_hi, float), feature_goal=np.asarray(resolved.feature_goal, float),
             conflicts=tuple(conflicts), best_step=rec.best_step if rec else 0, patch_groups=tuple(patch_groups),
-            side_effects_repaired=bool(side_effects_repaired))
+            side_effects_repaired=bool(side_effects_repaired), repair_limits=tuple(repair_limits))
         self._next_id += 1
         self.journal.append(res)
         self._redo.clear()
@@ -1498,7 +1517,8 @@ class Session:
                           after_modification_gy=np.array(summ["after_modification_gy"]), final_gy=np.array(summ["final_gy"]),
                           recovery_steps=int(summ["recovery_steps"]), remaining_candidates=int(summ["remaining_candidates"]),
                           timings_ms=dict(summ["timings_ms"]), best_step=int(summ.get("best_step", 0)),
-                          side_effects_repaired=bool(summ.get("side_effects_repaired", False)))
+                          side_effects_repaired=bool(summ.get("side_effects_repaired", False)),
+                          repair_limits=_string_tuple(summ.get("repair_limits", []), "repair_limits"))
         except (KeyError, TypeError, ValueError, RequestError) as exc:
             raise ValueError(f"the journaled request summary is malformed ({type(exc).__name__}: {exc})") from None
         if isinstance(req, Pin):

@@ -352,3 +352,29 @@ def test_the_store_refuses_a_relative_case_in_the_session_or_outside_the_plan(tm
     for rel in ("sub", "../../elsewhere"):
         with pytest.raises(StoreError, match="must lie beside the session folder"):
             PlanStore._copy_relative_case(src, tmp_path / "staging", {"case": {"dicom": rel, "relative_to": "session"}})
+
+
+@pytest.mark.parametrize("limits", [["LPRepairOptions.max_call_iterations"], "LPRepairOptions", [3]])
+def test_the_repair_limits_a_request_reached_are_journaled_and_checked_on_reopening(session, tmp_path, limits):
+    """``RequestResult.repair_limits`` (the LP repair's limits that request reached) is kept in
+    the journal's summary and read back on reopening; a value that is not a list of strings
+    makes that line damaged (the warning names the field), and the session opens with the
+    requests before it."""
+    folder = tmp_path / "s"
+    _three_requests(session, folder)
+    session.close()
+    path = folder / "journal.jsonl"
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if '"set_voxel_dose"' in line)
+    entry = json.loads(lines[at])
+    assert "repair_limits" not in entry["summary"]  # a request that reached no limit: as before
+    entry["summary"]["repair_limits"] = limits
+    lines[at] = json.dumps(entry)
+    path.write_text("\n".join(lines) + "\n")
+    again = Session.load(folder, keep_journaling=False)
+    if limits == ["LPRepairOptions.max_call_iterations"]:
+        assert again.load_warnings == []
+        assert [r.repair_limits for r in again.journal] == [(), tuple(limits), ()]
+    else:
+        assert len(again.journal) == 1  # the pin before the damaged line
+        assert "repair_limits must be a list of strings" in " ".join(again.load_warnings)

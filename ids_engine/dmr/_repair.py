@@ -468,11 +468,20 @@ class SideEffectRepair:
         self.timings["side_effect_lp"] = self.timings.get("side_effect_lp", 0.0) + (time.perf_counter() - t1) * 1000
         return out
 
+    @property
+    def limits_hit(self) -> tuple[str, ...]:
+        """The limits this request's LP calls reached, in order, each named as the setting
+        that holds it (``"LPRepairOptions.max_call_iterations"``,
+        ``"RepairSettings.max_request_iterations"``, ``"LPRepairOptions.call_time_limit_s"``
+        ...): empty when every call ended on its own. The session keeps them on the request's
+        result (``RequestResult.repair_limits``)."""
+        return tuple(_limit_name(lp) for lp in self.lp_results if lp.status in ("time", "iterations") and lp.limit)
+
     @staticmethod
     def _warn_limit(lp: LPRepairResult, lp_opts: LPRepairOptions, s: RepairSettings) -> None:
         """A logged warning naming the limit an LP call reached (``lp.limit``) and its value."""
         value = s.max_request_iterations if lp.limit == "max_request_iterations" else getattr(lp_opts, lp.limit)
-        where = "RepairSettings" if lp.limit == "max_request_iterations" else "LPRepairOptions"
+        where, _ = _limit_name(lp).split(".")
         if lp.status == "time":  # the one outcome that depends on the machine's speed: said so
             _log.warning("the LP side-effect repair hit its wall-clock safety %s.%s (%g s) after %d solve(s) and %d "
                          "iterations: on a faster or less loaded machine this request's repair may differ",
@@ -480,3 +489,9 @@ class SideEffectRepair:
         else:
             _log.warning("the LP side-effect repair reached %s.%s (%d HiGHS iterations) after %d solve(s): the "
                          "programme was left unsolved (the same on every machine)", where, lp.limit, value, lp.solves)
+
+
+def _limit_name(lp: LPRepairResult) -> str:
+    """The setting that holds the limit an LP call reached: ``"RepairSettings.<limit>"`` for
+    the request's budget, ``"LPRepairOptions.<limit>"`` for a call's or a solve's."""
+    return f"{'RepairSettings' if lp.limit == 'max_request_iterations' else 'LPRepairOptions'}.{lp.limit}"

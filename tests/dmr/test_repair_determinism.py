@@ -156,6 +156,9 @@ def test_a_call_s_solves_share_its_iteration_budget(fresh, lp_calls, repairs, mo
     assert any("LPRepairOptions.max_call_iterations (300" in r.getMessage() for r in caplog.records)
     (rep,) = repairs
     assert rep.lp_iterations == sum(c.iterations for c in calls)
+    # The request's result names the limit too (not only the log), and its summary keeps it.
+    assert res.repair_limits == ("LPRepairOptions.max_call_iterations",) * len(wide)
+    assert res.summary()["repair_limits"] == list(res.repair_limits)
 
 
 def test_a_request_s_lp_calls_share_its_iteration_budget(fresh, lp_calls, repairs, monkeypatch, caplog):
@@ -175,6 +178,7 @@ def test_a_request_s_lp_calls_share_its_iteration_budget(fresh, lp_calls, repair
     assert skipped and all(c.status == "iterations" and not c.ok for c in skipped)
     assert len(rep.lp_results) == len(calls) + len(skipped)
     assert any("RepairSettings.max_request_iterations (1)" in r.getMessage() for r in caplog.records)
+    assert res.repair_limits == ("RepairSettings.max_request_iterations",) * (1 + len(skipped))
 
 
 def test_a_cancel_stops_the_lp_between_solves(fresh, lp_calls, repairs, monkeypatch):
