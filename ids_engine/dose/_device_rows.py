@@ -50,37 +50,24 @@ def _level_tables(eng, name: str, slots: list, nb, idx: np.ndarray, up: _Uploads
     ``(beam, stack on this level, r0, c0, columns)`` whose beam has components there."""
     _, ker_off = _packed_kernels(eng, name)
     level_index = idx if name == "fine" else nb.coarse_unique()[0]
-    tables, stacked = eng._rows_of_beams(nb, [b for b, *_ in slots], name, level_index)
-    nc = int(tables[0].weights.shape[0])
-    if any(t.weights.shape[0] != nc for t in tables):  # pragma: no cover - one machine's components
-        raise ValueError(f"delta_rows: the beams' {name} levels have different numbers of components")
-    if stacked is None:
-        stacked = tuple(np.stack([getattr(t, f) for t in tables]) for f in ("ok", "v", "u", "weights"))
-    ok_tab, v_tab, u_tab, w_tab = stacked
-    n_slot = len(slots)
-    m_s = np.array([st.shape[0] for _, st, *_ in slots], np.int64)
-    sizes = np.array([st.size for _, st, *_ in slots], np.int64)
-    if int(sizes.sum()) >= 2**31:  # the kernel's offsets are int32
-        raise ValueError(f"delta_rows: {int(sizes.sum())} stacked patch cells exceed the kernel's int32 offsets")
-    table = np.empty((n_slot, len(SLOT_FIELDS)), np.int32)
-    table[:, 0] = np.concatenate([[0], np.cumsum(sizes[:-1])])  # data_off
-    table[:, 1] = m_s
-    table[:, 2] = [st.shape[1] for _, st, *_ in slots]
-    table[:, 3] = [st.shape[2] for _, st, *_ in slots]
-    table[:, 4] = [r0 for _, _, r0, _, _ in slots]
-    table[:, 5] = [c0 for _, _, _, c0, _ in slots]
-    lvls = [getattr(eng.geometry[b], name) for b, *_ in slots]
-    table[:, 6] = [ker_off[b] for b, *_ in slots]
-    table[:, 7] = [lvl.kernels.shape[1] for lvl in lvls]
-    table[:, 8] = [lvl.kernels.shape[2] for lvl in lvls]
-    table[:, 9] = np.concatenate([[0], np.cumsum(m_s[:-1])])  # col_off
-    planes = np.empty((int(m_s.sum()), 2), np.int32)
-    planes[:, 0] = np.repeat(np.arange(n_slot), m_s)
-    planes[:, 1] = np.arange(planes.shape[0]) - np.repeat(table[:, 9], m_s)
+    ok_tab, v_tab, u_tab, w_tab = eng._rows_of_beams(nb, [b for b, *_ in slots], name, level_index)
+    nc = int(w_tab.shape[1])
+    # The slots table and the planes (slot, patch) in one pass over the slots.
+    table, planes = [], []
+    data_off = col_off = 0
+    for s, (b, st, r0, c0, _) in enumerate(slots):
+        m_s, h, w = st.shape
+        kh, kw = getattr(eng.geometry[b], name).kernels.shape[1:]
+        table.append((data_off, m_s, h, w, r0, c0, ker_off[b], kh, kw, col_off))
+        planes.extend((s, p) for p in range(m_s))
+        data_off += m_s * h * w
+        col_off += m_s
+    if data_off >= 2**31:  # the kernel's offsets are int32
+        raise ValueError(f"delta_rows: {data_off} stacked patch cells exceed the kernel's int32 offsets")
     keys = {
         "stacks": up.add(np.concatenate([st.reshape(-1) for _, st, *_ in slots])),
-        "slots": up.add(table),
-        "planes": up.add(planes),
+        "slots": up.add(np.array(table, np.int32).reshape(len(slots), len(SLOT_FIELDS))),
+        "planes": up.add(np.array(planes, np.int32).reshape(col_off, 2)),
         "colmap": up.add(np.concatenate([cols for *_, cols in slots]).astype(np.int32)),
         "v_tab": up.add(v_tab),
         "u_tab": up.add(u_tab),

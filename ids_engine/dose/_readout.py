@@ -49,6 +49,7 @@ _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delt
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 _LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 _ROW0 = np.zeros(1, np.int64)  # row 0 of a one-row output (delta_at_voxels)
+_LEVEL_TABLES_MAX = 1 << 16  # level voxels whose every-beam look-ups _LevelTables keeps per level (9 beams, 2 components: 12 MB)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,6 +130,95 @@ def level_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> tuple | None:
     vs, us = v[use], u[use]
     return (math.floor(float(vs.min())), math.floor(float(vs.max())),
             math.floor(float(us.min())), math.floor(float(us.max())))
+
+
+class _LevelTables:
+    """Every beam's look-ups (``_LevelRows``' ``ok``, ``v``, ``u``, ``weights``) at the level
+    voxels read so far, on one level, for a DMR joint solve's read (:meth:`ReadOuts._rows_of_beams`).
+
+    A recovery step's rows are drawn from the watch again and again (clinical horseshoe,
+    measured: 5,200 fine and 6,800 coarse level voxels looked up per request, of 2,000 and
+    1,600 distinct ones, and none new when the request is repeated), and a look-up is random
+    reads in each beam's arrays of 10^6 voxels, while gathering the kept ones is one read of a
+    small table: so each level voxel is looked up once, in every beam, and kept as one record
+    ``[ok (B), v (B), u (B), weights (B, nc)]`` float32 (``ok`` 0 or 1), B the engine's beams.
+    The records are the look-ups' values (gathers, no arithmetic), so a gather is bit for bit
+    a fresh look-up. Built for the engine's level objects ``levels`` (one per beam); the engine
+    replaces it when they are not the same objects (:meth:`ReadOuts._level_tables`). At most
+    ``_LEVEL_TABLES_MAX`` voxels are kept: beyond, the table starts again, and a larger read
+    is looked up without being kept."""
+
+    def __init__(self, levels: list) -> None:
+        self.levels = list(levels)
+        self.n_beams = len(self.levels)
+        self.nc = int(self.levels[0].host.weights.shape[0])
+        # Each level voxel's record, -1 where not looked up (one int32 per level voxel).
+        self._slot = np.full(int(self.levels[0].host.position.shape[0]), -1, np.int32)
+        self._voxels = np.empty(0, np.int64)  # the level voxel of each record
+        self._records = np.empty((0, self.n_beams * (3 + self.nc)), np.float32)
+        self._n = 0  # records in use
+
+    def gather(self, level_index: np.ndarray) -> np.ndarray:
+        """The records of level voxels ``level_index`` ((m,) int64) transposed: ``(B (3 + nc),
+        m)`` float32, C-contiguous, rows ``ok (B), v (B), u (B)`` then ``weights`` beam by beam
+        (``[3 B:].reshape(B, nc, m)``). Looks up the voxels not kept yet. Raises IndexError
+        for an index outside the level."""
+        level_index = np.asarray(level_index, np.int64)
+        slots = self._slot[level_index]
+        missing = slots < 0
+        if missing.any():
+            new = np.unique(level_index[missing])
+            if new.size > _LEVEL_TABLES_MAX:  # a one-off read of a large set: not kept
+                return np.ascontiguousarray(self._look_up(level_index).T)
+            if self._n + new.size > _LEVEL_TABLES_MAX:  # full: start again
+                self._slot[self._voxels[: self._n]] = -1
+                self._n = 0
+            end = self._n + new.size
+            if end > self._records.shape[0]:
+                cap = min(max(end, 2 * self._records.shape[0], 1024), _LEVEL_TABLES_MAX)
+                grown = np.empty((cap, self._records.shape[1]), np.float32)
+                grown[: self._n] = self._records[: self._n]
+                voxels = np.empty(cap, np.int64)
+                voxels[: self._n] = self._voxels[: self._n]
+                self._records, self._voxels = grown, voxels
+            self._records[self._n : end] = self._look_up(new)
+            self._voxels[self._n : end] = new
+            self._slot[new] = np.arange(self._n, end, dtype=np.int32)
+            self._n = end
+            slots = self._slot[level_index]
+        return np.ascontiguousarray(self._records[slots].T)
+
+    def _look_up(self, vox: np.ndarray) -> np.ndarray:
+        """Every beam's look-up of level voxels ``vox`` as records ((k, B (3 + nc)) float32):
+        one compiled pass over the beams where numba is installed
+        (:func:`~ids_engine.kernels._cpu_readout.level_tables`), else ``_LevelRows.of`` per beam
+        (the same values)."""
+        b_count, nc, k = self.n_beams, self.nc, int(vox.shape[0])
+        got = _cpu_readout.level_tables([lv.host for lv in self.levels], np.arange(b_count, dtype=np.int64), vox) \
+            if _cpu.HAVE_NUMBA else None
+        if got is None:
+            rows = [_LevelRows.of(lv, vox) for lv in self.levels]
+            ok, v, u = (np.stack([getattr(r, f) for r in rows]) for f in ("ok", "v", "u"))
+            w = np.stack([r.weights for r in rows])
+        else:
+            ok, v, u, w, _ = got
+        rec = np.empty((k, b_count * (3 + nc)), np.float32)
+        rec[:, :b_count] = ok.T
+        rec[:, b_count : 2 * b_count] = v.T
+        rec[:, 2 * b_count : 3 * b_count] = u.T
+        rec[:, 3 * b_count :] = w.reshape(b_count * nc, k).T
+        return rec
+
+
+def _stacked_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> list:
+    """:func:`level_bounds` of each row of stacked tables (``ok`` (S, m) bool, ``v``, ``u``
+    (S, m) float32), vectorised: the same float32 least and greatest values, so the same
+    floors."""
+    use = ok & np.isfinite(v) & np.isfinite(u)
+    found = use.any(axis=1).tolist()
+    ext = [f(a, axis=1, where=use, initial=x).tolist()
+           for a in (v, u) for f, x in ((np.min, np.float32(np.inf)), (np.max, np.float32(-np.inf)))]
+    return [tuple(math.floor(e[s]) for e in ext) if found[s] else None for s in range(ok.shape[0])]
 
 
 _ROWS_UPTO = np.arange(1024, dtype=np.int64)  # never written
@@ -396,26 +486,39 @@ class ReadOuts:
             rows = nb.levels[(b, name)] = _LevelRows.of(getattr(self.geometry[b], name), level_index)
         return rows
 
+    def _level_tables(self, name: str) -> _LevelTables:
+        """The kept every-beam look-ups of level ``name`` (:class:`_LevelTables`), new when the
+        engine's levels are not the objects they were built for (other beams, geometry or
+        machine)."""
+        levels = [getattr(g, name) for g in self.geometry]
+        cache = self.__dict__.setdefault("_level_tables_cache", {})
+        got = cache.get(name)
+        if got is None or len(got.levels) != len(levels) or any(a is not b for a, b in zip(got.levels, levels)):
+            got = cache[name] = _LevelTables(levels)
+        return got
+
     def _rows_of_beams(self, nb: "_Neighbours", beams: list, name: str, level_index: np.ndarray):
-        """:meth:`_rows_of` of several beams (a DMR joint solve's read: every beam at the same
-        rows): ``(rows, stacked)``, the beams' ``_LevelRows`` in order, and their tables stacked
-        ``(ok (S, m) bool, v, u (S, m) float32, weights (S, nc, m) float32)`` (the rows' fields
-        are views of them) when this call looked every one of them up in one compiled pass
-        (:func:`~ids_engine.kernels._cpu_readout.level_tables`: the same values as one
-        ``_LevelRows.of`` per beam). ``stacked`` is None, and the caller stacks the rows, when
-        some beam was looked up before, when one beam only is missing, without numba, or where
-        ``level_tables`` declines; the beams still missing are then looked up one at a time."""
-        missing = [b for b in beams if (b, name) not in nb.levels]
-        got = _cpu_readout.level_tables([getattr(g, name).host for g in self.geometry], np.array(missing, np.int64),
-                                        level_index) if len(missing) > 1 and _cpu.HAVE_NUMBA else None
-        stacked = None
-        if got is not None:
-            ok, v, u, w, mm = got
-            for s, b in enumerate(missing):
-                nb.levels[(b, name)] = _LevelRows.compiled(ok[s], v[s], u[s], w[s], mm[s])
-            if len(missing) == len(beams):
-                stacked = (ok, v, u, w)
-        return [self._rows_of(nb, b, name, level_index) for b in beams], stacked
+        """The look-ups of beams ``beams`` at level voxels ``level_index`` (a DMR joint solve's
+        read: every beam at the same rows) stacked: ``(ok (S, m) bool, v, u (S, m) float32,
+        weights (S, nc, m) float32)``, C-contiguous, bit for bit one ``_LevelRows.of`` per beam,
+        gathered from the engine's kept look-ups (:class:`_LevelTables`: only the level voxels
+        never read before are looked up). The beams not in ``nb.levels`` yet get their
+        ``_LevelRows`` there (views of the stacked tables), so the host path's reads of the
+        same rows find them."""
+        x = self._level_tables(name).gather(level_index)
+        b_count, m = len(self.geometry), int(x.shape[1])
+        ok, v, u, w = x[:b_count], x[b_count : 2 * b_count], x[2 * b_count : 3 * b_count], \
+            x[3 * b_count :].reshape(b_count, -1, m)
+        if len(beams) != b_count or any(b != s for s, b in enumerate(beams)):
+            sel = np.asarray(beams, np.int64)
+            ok, v, u, w = ok[sel], v[sel], u[sel], w[sel]
+        ok = ok != 0
+        todo = [s for s, b in enumerate(beams) if (b, name) not in nb.levels]
+        if todo:
+            bounds = _stacked_bounds(ok, v, u)
+            for s in todo:
+                nb.levels[(beams[s], name)] = _LevelRows(m, ok[s], v[s], u[s], w[s], bounds[s])
+        return ok, v, u, w
 
     def _crop_spectra(self, b: int, name: str) -> dict:
         return self.__dict__.setdefault("_crop_spectra_cache", {}).setdefault((b, name), {})

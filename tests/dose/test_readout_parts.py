@@ -164,10 +164,7 @@ def test_every_beams_level_look_ups_in_one_pass_equal_one_beam_at_a_time(coarse_
     """``_cpu_readout.level_tables`` (the beams asked for, in their order, at the same level
     voxels, one compiled call) gives, row by row, ``_LevelRows.of``'s look-ups and the NumPy
     gathers and bounds bit for bit: fine level voxels with some outside the body, the distinct
-    coarse neighbours, and every beam's first and last level voxel on both. ``_rows_of_beams``
-    keeps them per beam (the host path finds them) and stacks them only when it looked every
-    beam up itself: not when some were looked up before (the others then equal
-    ``_LevelRows.of`` all the same) nor when all were."""
+    coarse neighbours, and every beam's first and last level voxel on both."""
     from ids_engine.dose._readout import _LevelRows, level_bounds
     from ids_engine.kernels import _cpu_readout
 
@@ -208,27 +205,143 @@ def test_every_beams_level_look_ups_in_one_pass_equal_one_beam_at_a_time(coarse_
                 assert ok[r, ends].all() and set(pos[ends]) == {0, h.vox.size - 1}
             if name == "fine":
                 assert (~ok).any()  # the rows outside the body are not in the level
-            rows, stacked = eng._rows_of_beams(nb, beams, name, level_index)
-            assert stacked is not None and all(rows[b] is nb.levels[(b, name)] for b in beams)
-            for a, ref in zip(stacked, (ok[::-1], v[::-1], u[::-1], w[::-1])):
-                np.testing.assert_array_equal(a, ref)
-            # Found again: the same objects, nothing stacked (the device path stacks them itself).
-            again, stacked = eng._rows_of_beams(nb, beams[::-1], name, level_index)
-            assert stacked is None and all(a is r for a, r in zip(again, rows[::-1]))
-        for name in ("fine", "coarse"):
-            level_index = idx if name == "fine" else nb.coarse_unique()[0]
-            # Beams 3 and 5 looked up before (the host path's reads), then every beam; one
-            # beam missing only.
-            for before in ([3, 5], [b for b in beams if b != 2]):
-                nb = fresh()
-                for b in before:
-                    eng._rows_of(nb, b, name, level_index)
-                rows, stacked = eng._rows_of_beams(nb, beams, name, level_index)
-                assert stacked is None and all(rows[b] is nb.levels[(b, name)] for b in beams)
-                for b in beams:
-                    _assert_same_rows(rows[b], _LevelRows.of(getattr(eng.geometry[b], name), level_index))
     finally:
         eng.__dict__.pop("_neighbour_cache", None)
+
+
+def _fresh_tables(eng, idx):
+    """The neighbours of ``idx`` and the engine's kept level look-ups, both built anew."""
+    eng.__dict__.pop("_neighbour_cache", None)
+    eng.__dict__.pop("_level_tables_cache", None)
+    return eng._neighbours(idx)
+
+
+def _assert_rows_of_beams(eng, nb, beams, name, level_index, got) -> None:
+    """``_rows_of_beams``' stacked tables ``got`` are, row by row, ``_LevelRows.of`` of the
+    beams asked for (C-contiguous), and ``nb.levels`` holds each beam's rows with its bounds."""
+    from types import SimpleNamespace
+
+    from ids_engine.dose._readout import _LevelRows
+
+    ok, v, u, w = got
+    assert ok.dtype == bool and v.dtype == u.dtype == w.dtype == np.float32
+    assert all(a.flags.c_contiguous for a in got) and ok.shape == (len(beams), level_index.size)
+    for s_row, b in enumerate(beams):
+        want = _LevelRows.of(getattr(eng.geometry[b], name), level_index)
+        kept = nb.levels[(b, name)]
+        _assert_same_rows(kept, want)
+        _assert_same_rows(SimpleNamespace(ok=ok[s_row], v=v[s_row], u=u[s_row], weights=w[s_row], bounds=kept.bounds),
+                          want)
+        assert kept.v.flags.c_contiguous and kept.weights.flags.c_contiguous
+
+
+def test_rows_of_beams_gathers_kept_look_ups_bit_for_bit(s, monkeypatch):
+    """``_rows_of_beams`` (a DMR joint solve's read, every beam at the same rows) equals one
+    ``_LevelRows.of`` per beam bit for bit, bounds included, with and without numba, on both
+    levels (fine rows with some outside the body, the distinct coarse neighbours, every beam's
+    first and last level voxel), for every beam, a subset in another order, and beams whose
+    rows the host path made before (kept, not replaced). Each level voxel is looked up once
+    (:class:`_LevelTables`): a second read of the same or fewer rows looks nothing up, a read
+    with new rows looks up those only."""
+    from ids_engine.dose import _readout
+
+    eng = s.engine
+    beams = list(range(eng.n_beams))
+    looked = []
+    real = _readout._LevelTables._look_up
+    monkeypatch.setattr(_readout._LevelTables, "_look_up", lambda self, vox: looked.append(vox.copy()) or real(self, vox))
+    idx = np.concatenate([_rows(s, 300, 5), _level_ends(eng, "fine")])
+    try:
+        nb = _fresh_tables(eng, idx)
+        eng._rows_of(nb, 3, "fine", idx)  # the host path's rows of beam 3, made first
+        host_rows = nb.levels[(3, "fine")]
+        levels = {"fine": idx, "coarse": np.concatenate([nb.coarse_unique()[0], _level_ends(eng, "coarse")])}
+        for name, level_index in levels.items():
+            looked.clear()
+            got = eng._rows_of_beams(nb, beams, name, level_index)
+            _assert_rows_of_beams(eng, nb, beams, name, level_index, got)
+            assert len(looked) == 1 and np.array_equal(looked[0], np.unique(level_index))
+        assert nb.levels[(3, "fine")] is host_rows
+        # The same rows again (a new voxel set: nothing kept there) and a subset of them in
+        # another order, for some beams in another order: gathered, nothing looked up.
+        looked.clear()
+        sub = idx[::-3].copy()
+        nb = eng._neighbours(sub)
+        for name, level_index in (("fine", sub), ("coarse", nb.coarse_unique()[0])):
+            _assert_rows_of_beams(eng, nb, beams, name, level_index, eng._rows_of_beams(nb, beams, name, level_index))
+            some = [5, 0, 2]
+            eng.__dict__.pop("_neighbour_cache", None)
+            nb2 = eng._neighbours(sub)
+            _assert_rows_of_beams(eng, nb2, some, name, level_index, eng._rows_of_beams(nb2, some, name, level_index))
+        assert looked == []
+        # New rows among kept ones: only the new voxels are looked up.
+        more = np.unique(np.concatenate([idx[:100], _rows(s, 200, 6)]))
+        nb = eng._neighbours(more)
+        got = eng._rows_of_beams(nb, beams, "fine", more)
+        _assert_rows_of_beams(eng, nb, beams, "fine", more, got)
+        assert len(looked) == 1 and np.array_equal(looked[0], np.setdiff1d(more, idx))
+    finally:
+        _fresh_tables(eng, idx[:1])
+
+
+def test_level_tables_follow_the_engines_levels(coarse_horseshoe_session, monkeypatch):
+    """The kept look-ups are the engine's levels' own: with a beam's geometry replaced (another
+    beam's levels, as after a rotation), a beam removed, or the original beams back, the reads
+    equal ``_LevelRows.of`` of the levels now in the engine."""
+    from dataclasses import replace
+
+    s = coarse_horseshoe_session
+    eng = s.engine
+    idx = _rows(s, 200, 7)
+    original = list(eng.geometry)
+    try:
+        nb = _fresh_tables(eng, idx)
+        eng._rows_of_beams(nb, list(range(eng.n_beams)), "fine", idx)
+        first = eng._level_tables("fine")
+        for geometry in ([replace(original[0], fine=original[1].fine, coarse=original[1].coarse)] + original[1:],
+                         original[:-1], original):
+            monkeypatch.setattr(eng, "geometry", geometry)
+            for name in ("fine", "coarse"):
+                eng.__dict__.pop("_neighbour_cache", None)
+                nb = eng._neighbours(idx)
+                level_index = idx if name == "fine" else nb.coarse_unique()[0]
+                beams = list(range(len(geometry)))
+                got = eng._rows_of_beams(nb, beams, name, level_index)
+                _assert_rows_of_beams(eng, nb, beams, name, level_index, got)
+                assert eng._level_tables(name).levels == [getattr(g, name) for g in geometry]
+        assert eng._level_tables("fine") is not first
+    finally:
+        monkeypatch.setattr(eng, "geometry", original)
+        _fresh_tables(eng, idx[:1])
+
+
+def test_level_tables_start_again_when_full_and_refuse_voxels_off_the_level(coarse_horseshoe_session, monkeypatch):
+    """At most ``_LEVEL_TABLES_MAX`` voxels are kept: a read that would pass it starts the
+    table again, one larger than it is looked up and not kept; the values are the look-ups'
+    either way. A level voxel outside the level raises IndexError."""
+    from ids_engine.dose import _readout
+
+    s = coarse_horseshoe_session
+    eng = s.engine
+    monkeypatch.setattr(_readout, "_LEVEL_TABLES_MAX", 64)
+    rows = np.unique(_rows(s, 120, 8))
+    a, b, big = rows[:50], rows[50:80], rows
+    try:
+        nb = _fresh_tables(eng, a)
+        beams = list(range(eng.n_beams))
+        tables = eng._level_tables("fine")
+        for part, kept in ((a, 50), (b, 30), (big, 30)):
+            eng.__dict__.pop("_neighbour_cache", None)
+            nb = eng._neighbours(part)
+            _assert_rows_of_beams(eng, nb, beams, "fine", part, eng._rows_of_beams(nb, beams, "fine", part))
+            assert eng._level_tables("fine") is tables and tables._n == kept
+        assert (tables._slot >= 0).sum() == 30 and np.array_equal(np.flatnonzero(tables._slot >= 0), b)
+        size = eng.geometry[0].fine.host.position.shape[0]
+        for bad in (size, -size - 1):
+            with pytest.raises(IndexError):
+                tables.gather(np.array([a[0], bad], np.int64))
+    finally:
+        _fresh_tables(eng, a[:1])
 
 
 def test_level_tables_declines_mixed_arrays_and_rejects_indices_off_the_level(coarse_horseshoe_session):
@@ -263,3 +376,25 @@ def test_level_tables_declines_mixed_arrays_and_rejects_indices_off_the_level(co
     for bad in (len(hosts), -1):
         with pytest.raises(IndexError, match="beams"):
             _cpu_readout.level_tables(hosts, np.array([0, bad], np.int64), level_index)
+
+
+def test_device_read_refuses_stacks_past_the_kernels_int32_offsets(coarse_horseshoe_session):
+    """``_device_rows._level_tables`` packs the slots' stacks for ``delta_rows``, whose offsets
+    are int32: stacks of 2^31 cells or more are refused before anything is copied (a stack
+    that only claims the shape: a broadcast view)."""
+    from ids_engine.dose._device_rows import _level_tables
+    from ids_engine.dose._uploads import _Uploads
+
+    s = coarse_horseshoe_session
+    eng = s.engine
+    idx = _rows(s, 20, 9)
+    try:
+        nb = _fresh_tables(eng, idx)
+        huge = np.broadcast_to(np.float32(0), (2, 2**15, 2**15))
+        slots = [(0, huge, 0, 0, np.arange(2)), (1, huge[:1, :2, :2], 0, 0, np.arange(2, 3))]
+        with pytest.raises(ValueError, match="int32 offsets"):
+            _level_tables(eng, "fine", slots, nb, idx, _Uploads())
+        keys, scalars = _level_tables(eng, "fine", slots[1:], nb, idx, _Uploads())
+        assert scalars == {"m": idx.size, "nc": eng.geometry[1].fine.host.weights.shape[0]}
+    finally:
+        _fresh_tables(eng, idx[:1])
