@@ -5,10 +5,11 @@ The host path (``ReadOuts.delta_matrix``) convolves each beam's stack of patches
 samples the result at the rows. Here the same numbers come from the ``delta_rows`` kernel
 (``kernels/deltas.py``: a direct sum over the kernel's support; its NumPy twin is the host
 path's FFT read-out, so the counting backend reproduces the NumPy backend bit for bit). The
-host still stacks the patches and looks the rows up in each beam's levels (the host path's
-tables, cached per voxel set; every beam's in one compiled pass where numba is installed,
-``ReadOuts._rows_of_beams``), packs them into one upload per dtype, and reads one array back,
-then adds the parts in the host path's order.
+host still stacks the patches, gathers the rows' look-ups in each beam's levels from the
+engine's kept ones (``ReadOuts._rows_of_beams``: each level voxel is looked up in every beam
+once, :class:`~ids_engine.dose._readout._LevelTables`, and a step's rows, drawn from the watch
+again and again, are a gather), packs them into one upload per dtype, and reads one array
+back, then adds the parts in the host path's order.
 
 Cost per read (held by ``tests/dose/test_device_budgets.py``): two copies to the device (the
 float32 and the int32 tables), three launches (the zeroed output, one ``delta_rows`` per

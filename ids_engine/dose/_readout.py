@@ -18,8 +18,10 @@ levels, the convolved maps, the per-beam geometry) and changes nothing in it:
 Host tables are cached per voxel set (:class:`_Neighbours`: the coarse neighbours, built in one
 compiled pass where numba is installed (:func:`~ids_engine.kernels._cpu_readout.coarse_tables`),
 and the per-beam level look-ups, :class:`_LevelRows`), since recovery reads the same watch and the
-same rows again and again; the patch responses are convolved only over the window their
-samples read (:func:`_level_delta_compute`).
+same rows again and again; a DMR joint read's look-ups in every beam are gathered from those of
+every level voxel read before (:class:`_LevelTables`, kept per level while the engine's levels
+are the same objects); the patch responses are convolved only over the window their samples
+read (:func:`_level_delta_compute`).
 """
 
 from __future__ import annotations
