@@ -49,18 +49,25 @@ def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularis
     """Non-negative, Tikhonov-regularised weighted least squares for the column scales."""
     sw = np.sqrt(weight)
     a = sw[:, None] * g
-    b = sw * need
-    norms = np.linalg.norm(a, axis=0)
+    # The columns' 2-norms as np.linalg.norm(a, axis=0) computes them (the square root of the
+    # sum along axis 0 of the squares), without its argument handling: the same bits.
+    norms = np.sqrt(np.add.reduce(a * a, axis=0))
     keep = norms > 0
     f = np.zeros(g.shape[1])
-    if keep.any():
+    nk = int(np.count_nonzero(keep))
+    if nk:
         # Each column's Tikhonov weight follows its own norm, with a floor at a tenth of the
         # strongest: a weak column (a patch that barely reaches the rows) cannot buy its
         # effect with a huge scale.
         lam = math.sqrt(regularisation) * np.maximum(norms[keep], 0.1 * float(norms.max()))
-        aug = np.vstack([a[:, keep], np.diag(lam)])
-        rhs = np.concatenate([b, np.zeros(int(keep.sum()))])
-        f[keep], _ = nnls(aug, rhs, maxiter=50 * aug.shape[1])
+        # The augmented system [a[:, keep]; diag(lam)], [sw * need; 0] written in place.
+        n = a.shape[0]
+        aug = np.zeros((n + nk, nk))
+        aug[:n] = a if nk == a.shape[1] else a[:, keep]
+        aug[n:].flat[:: nk + 1] = lam
+        rhs = np.zeros(n + nk)
+        np.multiply(sw, need, out=rhs[:n])
+        f[keep], _ = nnls(aug, rhs, maxiter=50 * nk)
     return f
 
 

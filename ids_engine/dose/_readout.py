@@ -48,6 +48,8 @@ __all__ = ["ReadOuts"]
 _NEIGHBOUR_CACHE = 8  # voxel sets whose coarse-neighbour tables are kept (ReadOuts._neighbours): a drag preview reads about 7 small sets besides the watch base, which 4 pushed out (measured: its tables rebuilt and 6.9 MB uploaded once a preview)
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
+_WINDOW_CACHE = 32  # patch-response windows kept per beam and level (delta_matrix)
+_WINDOW_MAX = 1 << 16  # bytes: larger windows are not kept
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 _LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 _ROW0 = np.zeros(1, np.int64)  # row 0 of a one-row output (delta_at_voxels)
@@ -462,7 +464,8 @@ class ReadOuts:
         targets = (out,) if part is None else (out, part)
         if geo.fine.components:
             rows = self._rows_of(nb, b, "fine", idx)
-            df = _level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine"))
+            df = _level_delta_rows(geo.fine, stack, r0, c0, rows, self._crop_spectra(b, "fine"),
+                                   self._response_windows(b, "fine"))
             for t in targets:
                 t[sel] += df
         if geo.coarse.components:
@@ -472,7 +475,8 @@ class ReadOuts:
             uniq, inv = nb.coarse_unique()
             rows = self._rows_of(nb, b, "coarse", uniq)
             # Read once per distinct coarse voxel (the same values as reading all 8 n).
-            dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"))
+            dc = _level_delta_rows(geo.coarse, coarse, R0, C0, rows, self._crop_spectra(b, "coarse"),
+                                   self._response_windows(b, "coarse"))
             for t in targets:
                 if _cpu.HAVE_NUMBA:  # the gather, weights and 8-sum in one pass (the same floats)
                     if isinstance(sel, slice):  # rows sel of t: a view, its rows 0..m-1
@@ -524,6 +528,12 @@ class ReadOuts:
 
     def _crop_spectra(self, b: int, name: str) -> dict:
         return self.__dict__.setdefault("_crop_spectra_cache", {}).setdefault((b, name), {})
+
+    def _response_windows(self, b: int, name: str) -> dict:
+        """Beam ``b``'s recent patch-response windows on level ``name`` (``_level_delta_compute``:
+        a stack's convolved window does not depend on the rows that sample it, and recovery
+        reads the same compensating column at rows with the same window again)."""
+        return self.__dict__.setdefault("_response_window_cache", {}).setdefault((b, name), {})
 
     def voxel_bev(self, b: int, flat_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host (u, v) fractional fine fluence cells and radiological depth (mm) of body voxels
@@ -592,17 +602,19 @@ def _level_delta_batch(lvl: Level, stack: np.ndarray, r0: int, c0: int, level_in
     return _level_delta_rows(lvl, stack, r0, c0, _LevelRows.of(lvl, level_index))
 
 def _level_delta_rows(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
-                      spectra: dict | None = None) -> np.ndarray:
+                      spectra: dict | None = None, windows: dict | None = None) -> np.ndarray:
     """:func:`_level_delta_batch` at level voxels whose look-ups ``rows`` holds (``spectra``:
-    a cache of the cropped kernels' spectra, keyed by crop and FFT shape)."""
+    a cache of the cropped kernels' spectra, keyed by crop and FFT shape; ``windows``: a cache
+    of the stacks' convolved windows, see :func:`_level_delta_compute`)."""
     stack = np.asarray(stack, np.float32)
     if stack.nbytes > _LEVEL_MEMO_MAX[0] or stack.shape[0] * rows.n > _LEVEL_MEMO_MAX[1]:
         return _level_delta_compute(lvl, stack, r0, c0, rows, spectra)
-    key = (int(r0), int(c0), stack.shape, stack.tobytes())
+    data = stack.tobytes()
+    key = (int(r0), int(c0), stack.shape, data)
     got = rows.memo.get(key)
     if got is not None:
         return got
-    out = _level_delta_compute(lvl, stack, r0, c0, rows, spectra)
+    out = _level_delta_compute(lvl, stack, r0, c0, rows, spectra, windows, data)
     out.setflags(write=False)
     if len(rows.memo) >= _LEVEL_MEMO:
         rows.memo.pop(next(iter(rows.memo)))
@@ -610,7 +622,12 @@ def _level_delta_rows(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_L
     return out
 
 def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: "_LevelRows",
-                         spectra: dict | None = None) -> np.ndarray:
+                         spectra: dict | None = None, windows: dict | None = None,
+                         data: bytes | None = None) -> np.ndarray:
+    """:func:`_level_delta_rows` computed. With ``windows`` and ``data`` (``stack.tobytes()``),
+    the convolved window is looked up in ``windows`` (the same level's, keyed by the kernel
+    crop, the FFT shape, the window and the stack) before it is computed, and kept there:
+    the same inputs, the same bits."""
     h = lvl.host
     hk = lvl.half
     k = int(stack.shape[0])
@@ -645,7 +662,17 @@ def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: 
             spectra[key] = kspec
     # Only the rows read (lr - kr0 : hr - kr0 <= shape[0]) are transformed back: (k, nc, ., .)
     # float32, bit for bit that window of scipy.fft.irfft2(rfft2(stack) * kspec, fshape).
-    dmaps = _cpu.patch_response_window(stack, kspec, fshape, (lr - kr0, hr - kr0), (lc - kc0, hc - kc0))
+    wkey = None if windows is None or data is None else (key, lr, hr, lc, hc, stack.shape, data)
+    dmaps = None if wkey is None else windows.pop(wkey, None)
+    if dmaps is not None:
+        windows[wkey] = dmaps  # most recently used last
+    else:
+        dmaps = _cpu.patch_response_window(stack, kspec, fshape, (lr - kr0, hr - kr0), (lc - kc0, hc - kc0))
+        if wkey is not None and dmaps.nbytes <= _WINDOW_MAX:
+            # Kept writeable (a read-only array is another numba signature); only read.
+            if len(windows) >= _WINDOW_CACHE:
+                windows.pop(next(iter(windows)))
+            windows[wkey] = dmaps
     nc = dmaps.shape[1]
     origin = (r0 - hk + lr, c0 - hk + lc)
     if _cpu.HAVE_NUMBA:

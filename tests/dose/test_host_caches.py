@@ -180,3 +180,31 @@ def test_patch_response_window_is_the_scipy_transforms_bit_for_bit():
         got = _cpu.patch_response_window(stack, kspec, fshape, (r0, r1), (c0, c1))
         assert got.dtype == np.float32 and got.flags.c_contiguous
         np.testing.assert_array_equal(got.view(np.int32), np.ascontiguousarray(ref).view(np.int32))
+
+
+def test_response_windows_are_reused_at_other_rows_bit_for_bit(engine, monkeypatch):
+    """A stack's convolved window does not depend on the rows that sample it: a read at another
+    row set with the same window (here the same voxels in another order) convolves nothing, and
+    gives what a fresh read (no cached windows) gives, bit for bit."""
+    from ids_engine.kernels import _cpu
+
+    eng = engine
+    rows = _body_voxels(eng, 300, 7)
+    perm = np.random.default_rng(8).permutation(rows.size)
+    cols = [[_centre_patch(eng, b, 7, 0.3, (b, 1 - b)) for b in range(3)], [_centre_patch(eng, 1, 5, -0.2)]]
+    calls = []
+    orig = _cpu.patch_response_window
+    monkeypatch.setattr(_cpu, "patch_response_window", lambda *a: calls.append(1) or orig(*a))
+    for name in ("_response_window_cache", "_neighbour_cache"):
+        eng.__dict__.pop(name, None)
+    first = eng.delta_matrix(cols, rows)
+    assert calls
+    del calls[:]
+    got = eng.delta_matrix(cols, rows[perm])  # a new row set: its own look-ups, the same windows
+    assert not calls
+    for name in ("_response_window_cache", "_neighbour_cache"):
+        eng.__dict__.pop(name, None)
+    fresh = eng.delta_matrix(cols, rows[perm])
+    assert calls
+    np.testing.assert_array_equal(got.view(np.int32), fresh.view(np.int32))
+    np.testing.assert_array_equal(got.view(np.int32), first[perm].view(np.int32))
