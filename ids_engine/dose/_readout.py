@@ -21,7 +21,9 @@ and the per-beam level look-ups, :class:`_LevelRows`), since recovery reads the 
 same rows again and again; a DMR joint read's look-ups in every beam are gathered from those of
 every level voxel read before (:class:`_LevelTables`, kept per level while the engine's levels
 are the same objects); the patch responses are convolved only over the window their samples
-read (:func:`_level_delta_compute`).
+read (:func:`_level_delta_compute`), and the convolved windows are kept per beam and level
+(:meth:`ReadOuts._response_windows`: recovery reads the same compensating column again at
+other rows with the same window).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ _NEIGHBOUR_CACHE = 8  # voxel sets whose coarse-neighbour tables are kept (ReadO
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
 _WINDOW_CACHE = 32  # patch-response windows kept per beam and level (delta_matrix)
-_WINDOW_MAX = 1 << 16  # bytes: larger windows are not kept
+_WINDOW_MAX = 1 << 15  # bytes: larger windows are not kept (at most 18 MB for 9 beams)
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 _LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 _ROW0 = np.zeros(1, np.int64)  # row 0 of a one-row output (delta_at_voxels)
