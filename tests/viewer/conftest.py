@@ -9,8 +9,10 @@ platform.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+import numpy as np
 import pytest
 
 HAS_DISPLAY = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
@@ -45,6 +47,90 @@ def _delete_closed_widgets():
         QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.Type.DeferredDelete.value)
         app.processEvents()
     gc.collect()
+
+
+class _GlyphMemo:
+    """Glyphs rendered once per test process, not once per text visual.
+
+    vispy gives every text visual its own font manager, so each window (made afresh by most
+    window tests) loads every glyph of its labels from FreeType and computes its signed
+    distance field on the CPU again: about half of the seconds a window takes to show its
+    first frame under software OpenGL. Both are pure functions of the font, the size and the
+    character (the bitmaps) and of the padded bitmap (the distance field), so this keeps their
+    results and gives each visual the same arrays vispy would compute: the atlases, and so the
+    rendered pixels, are the same bit for bit. Each visual's atlas is still filled and uploaded
+    as before; the kerning is computed by vispy's own code. :meth:`install` checks the stored
+    glyph against vispy's own for a sample character and does nothing if they differ (another
+    vispy version).
+    """
+
+    def __init__(self, text_module, freetype_module) -> None:
+        self.text = text_module
+        self.freetype = freetype_module
+        self.real_load_glyph = text_module._load_glyph
+        self.real_render = text_module.SDFRendererCPU.render_to_texture
+        self.glyphs: dict = {}
+        self.fields: dict = {}
+
+    def load_glyph(self, font: dict, char: str, glyphs: dict) -> None:
+        """vispy's ``_load_glyph``: the glyph's bitmap from the store, then its kerning."""
+        key = (font["face"], font["bold"], font["italic"], font["size"], char)
+        if key not in self.glyphs:
+            alone: dict = {}
+            self.real_load_glyph(font, char, alone)
+            g = alone[char]
+            self.glyphs[key] = (g["bitmap"], g["offset"], g["advance"])
+        bitmap, offset, advance = self.glyphs[key]
+        face = self.freetype._load_font(font["face"], font["bold"], font["italic"])
+        face.set_char_size(font["size"] * 64)
+        glyph = dict(char=char, offset=offset, bitmap=bitmap.copy(), advance=advance, kerning={})
+        glyphs[char] = glyph
+        for other_char, other_glyph in glyphs.items():
+            glyph["kerning"][other_char] = face.get_kerning(other_char, char).x / 64.0
+            other_glyph["kerning"][char] = face.get_kerning(char, other_char).x / 64.0
+
+    def render_to_texture(self, renderer, data, texture, offset, size) -> None:
+        """vispy's ``SDFRendererCPU.render_to_texture``: the distance field from the store."""
+        key = (data.shape, data.dtype.str, tuple(size), hashlib.sha1(np.ascontiguousarray(data).tobytes()).digest())
+        field = self.fields.get(key)
+        if field is None:
+            field = np.zeros((size[1], size[0], 3), np.uint8)
+            self.real_render(renderer, data, field, (0, 0), size)
+            self.fields[key] = field
+        texture[offset[1]:offset[1] + size[1], offset[0]:offset[0] + size[0], :] = field
+
+    def same_as_vispy(self) -> bool:
+        """Whether :meth:`load_glyph` gives vispy's glyphs, kerning included."""
+        font = {"face": "OpenSans", "bold": False, "italic": False, "size": 64}
+        ours: dict = {}
+        theirs: dict = {}
+        for char in "AV":
+            self.load_glyph(font, char, ours)
+            self.real_load_glyph(font, char, theirs)
+        return all(ours[c].keys() == theirs[c].keys() and np.array_equal(ours[c]["bitmap"], theirs[c]["bitmap"])
+                   and all(ours[c][k] == theirs[c][k] for k in ("offset", "advance", "kerning")) for c in "AV")
+
+    def install(self, monkeypatch) -> None:
+        if not self.same_as_vispy():
+            return
+        memo = self
+        monkeypatch.setattr(self.text, "_load_glyph", self.load_glyph)
+        monkeypatch.setattr(self.text.SDFRendererCPU, "render_to_texture",
+                            lambda renderer, *args: memo.render_to_texture(renderer, *args))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _glyphs_rendered_once():
+    """The viewer tests' text visuals share rendered glyphs (:class:`_GlyphMemo`)."""
+    try:
+        from vispy.util.fonts import _freetype
+        from vispy.visuals.text import text
+    except (ImportError, NotImplementedError):  # no vispy; vispy's FreeType fonts are for Linux and Windows
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        _GlyphMemo(text, _freetype).install(mp)
+        yield
 
 
 def require_viewer_packages() -> None:
