@@ -222,9 +222,11 @@ def _stacked_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> list:
     floors."""
     use = ok & np.isfinite(v) & np.isfinite(u)
     found = use.any(axis=1).tolist()
-    ext = [f(a, axis=1, where=use, initial=x).tolist()
-           for a in (v, u) for f, x in ((np.min, np.float32(np.inf)), (np.max, np.float32(-np.inf)))]
-    return [tuple(math.floor(e[s]) for e in ext) if found[s] else None for s in range(ok.shape[0])]
+    vu = np.stack([v, u])  # (2, S, m)
+    lo = np.where(use, vu, np.float32(np.inf)).min(axis=2).tolist()
+    hi = np.where(use, vu, np.float32(-np.inf)).max(axis=2).tolist()
+    return [(math.floor(lo[0][s]), math.floor(hi[0][s]), math.floor(lo[1][s]), math.floor(hi[1][s]))
+            if found[s] else None for s in range(ok.shape[0])]
 
 
 _ROWS_UPTO = np.arange(1024, dtype=np.int64)  # never written

@@ -398,3 +398,23 @@ def test_device_read_refuses_stacks_past_the_kernels_int32_offsets(coarse_horses
         assert scalars == {"m": idx.size, "nc": eng.geometry[1].fine.host.weights.shape[0]}
     finally:
         _fresh_tables(eng, idx[:1])
+
+
+def test_stacked_bounds_equal_level_bounds_row_by_row():
+    """``_stacked_bounds`` (every beam's bounds at once) gives ``level_bounds`` of each row:
+    non-finite positions and voxels not in the level left out, negative values and -0.0
+    floored as Python ints, None for a row with no usable voxel."""
+    from ids_engine.dose._readout import _stacked_bounds, level_bounds
+
+    rng = np.random.default_rng(12)
+    v = rng.uniform(-30, 30, (5, 40)).astype(np.float32)
+    u = rng.uniform(-30, 30, (5, 40)).astype(np.float32)
+    ok = rng.random((5, 40)) > 0.2
+    v[0, :3], u[1, :3] = (np.nan, np.inf, -np.inf), (np.nan, -np.inf, np.inf)
+    v[2], u[2] = np.float32(-0.0), np.float32(-0.5)
+    ok[3] = False
+    v[4, ok[4]] = np.nan
+    got = _stacked_bounds(ok, v, u)
+    assert got == [level_bounds(ok[s], v[s], u[s]) for s in range(5)]
+    assert got[3] is None and got[4] is None and got[2] == (0, 0, -1, -1)
+    assert all(type(x) is int for b in got[:3] for x in b)
