@@ -643,12 +643,57 @@ class _Rows:
             # a few mm wide, an even sample misses their peaks.
             # All beams at once ((beams, voxels) float32, the same operations per element; a
             # column off a beam's grid is skipped there by an infinite distance).
-            s2 = 2.0 * (self.reach_cells / 3.0) ** 2
-            d2, w_capped = self._capped_distance2(capped, cols)
-            sens = np.maximum(np.float32(0), (w_capped * np.exp(-d2 / s2)).max(axis=0))
-            room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
-            capped = capped[_smallest(-(sens / room), opts.max_rows_capped)]
+            capped = self._top_capped(capped, cols, dose, opts.max_rows_capped)
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
+
+    def _capped_keys(self, capped: np.ndarray, cols: np.ndarray, dose: np.ndarray) -> np.ndarray:
+        """(len(capped),) float64: the capped ranking's keys, ``-(sens / room)`` (least first)."""
+        s2 = 2.0 * (self.reach_cells / 3.0) ** 2
+        d2, w_capped = self._capped_distance2(capped, cols)
+        sens = np.maximum(np.float32(0), (w_capped * np.exp(-d2 / s2)).max(axis=0))
+        room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
+        return -(sens / room)
+
+    def _top_capped(self, capped: np.ndarray, cols: np.ndarray, dose: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` voxels of ``capped`` with the least keys (:meth:`_capped_keys`): the set
+        ``capped[_smallest(keys, k)]``, in some order.
+
+        Compiled (numba), with more than ``4 k`` voxels: bounds of every voxel's key
+        (:func:`kernels._cpu_rows.capped_sens_bounds`, one ``exp`` per voxel, within a relative
+        1e-5) leave out the voxels whose upper bound lies a relative 1e-3 below the ``k``-th
+        largest lower bound (their key cannot reach the ``k``-th), and only the few left
+        (about ``k``) get their exact keys: the same NumPy expression, whose float32 ``exp``
+        gives an element the same value wherever it sits in the array (tested). Their ``k``
+        least keys are ``_smallest``'s set unless the ``k``-th ties with the next (then
+        ``argpartition`` picks among the tied ones): then, as when the bounds do not apply,
+        every key is computed."""
+        if not (_cpu.HAVE_NUMBA and capped.size > 4 * k and k > 0):
+            return capped[_smallest(self._capped_keys(capped, cols, dose), k)]
+        room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
+        bounds = None
+        if not np.isnan(room).any():
+            if "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
+                base, eu, ev, ew = self._bev_source
+                tables, extra = (base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew)
+                sidx = self.watch.__dict__["_composition"].source[capped]
+            else:
+                tables = (self.bev_u2, self.bev_v2, self.bev_w2)
+                extra, sidx = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3)), capped
+            col_u, col_v = self._bev_at(cols)
+            bounds = _cpu_rows.capped_sens_bounds(tables, extra, sidx, col_u, col_v,
+                                                  2.0 * (self.reach_cells / 3.0) ** 2, room)
+        if bounds is not None:
+            lower, upper = bounds
+            kth = np.partition(lower, lower.size - k)[lower.size - k]
+            if kth >= 1e-20:  # (sens far above float32's subnormals: the relative bounds hold)
+                cand = capped[upper >= kth * (1.0 - 1e-3)]  # at least the k with lower >= kth
+                if cand.size == k:
+                    return cand
+                keys = self._capped_keys(cand, cols, dose)
+                order = np.argsort(keys, kind="stable")
+                if cand.size > k and keys[order[k]] > keys[order[k - 1]]:
+                    return cand[order[:k]]
+        return capped[_smallest(self._capped_keys(capped, cols, dose), k)]
 
     def _distance_mm(self, idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(len(idx),) float64: the distance (mm) from each watched voxel ``idx`` to the nearest

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ids_engine.dmr import SetVoxelDose, _recovery, resolve
-from ids_engine.dmr._recovery import RecoveryOptions, Watch, _pick_spread, _Rows, recover
+from ids_engine.dmr._recovery import RecoveryOptions, Watch, _pick_spread, _Rows, _smallest, recover
 from ids_engine.kernels import _cpu, _cpu_rows
 
 needs_numba = pytest.mark.skipif(not _cpu.HAVE_NUMBA, reason="numba is not installed (the 'fast' extra)")
@@ -202,6 +202,142 @@ def test_capped_distances_from_the_base_equal_the_watch_tables():
         got = _cpu_rows.capped_distance2_source(tabs[0], tabs[1], source, capped, cols)
         ref = _cpu.capped_distance2(*watch_tabs, capped, cols)
         assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+
+
+def test_numpy_float32_exp_does_not_depend_on_the_position():
+    """What the capped ranking's pruning rests on (``_Rows._top_capped`` computes the exact keys
+    of a few voxels only): NumPy's float32 ``exp`` gives an element the same value in a
+    (beams, n) block and in a gathered sub-block, at any offset and length (its SIMD loop and
+    tail)."""
+    rng = np.random.default_rng(31)
+    for _ in range(60):
+        n = int(rng.integers(1, 5000))
+        x = (-rng.random((9, n)) * rng.choice([1.0, 10.0, 100.0, 120.0])).astype(np.float32)
+        full = np.exp(x)
+        idx = np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
+        assert np.array_equal(np.exp(x[:, idx]), full[:, idx])
+        for off in range(1, 9):
+            assert np.array_equal(np.exp(x.ravel()[off : off + 37]), full.ravel()[off : off + 37])
+
+
+def _bev_tables(rng, n_beams: int, n: int, miss: float = 0.15):
+    """(u, v, w) (beams, n) float32 BEV tables, a fraction ``miss`` of (beam, voxel) pairs
+    missed (u NaN, v +inf, w 0)."""
+    u = (rng.random((n_beams, n)) * 60).astype(np.float32)
+    v = (rng.random((n_beams, n)) * 60).astype(np.float32)
+    w = rng.random((n_beams, n)).astype(np.float32)
+    missed = rng.random((n_beams, n)) < miss
+    u[missed], v[missed], w[missed] = np.nan, np.inf, 0.0
+    return u, v, w
+
+
+def _exact_keys(u, v, w, col_u, col_v, s2, room):
+    """The capped ranking's ``sens / room`` as ``_Rows`` computes it with NumPy (its
+    ``_capped_distance2`` and ``_capped_keys``, negated) for voxels at ``(u, v, w)`` ((beams,
+    n) float32) and columns at ``(col_u, col_v)``."""
+    skip = ~np.isfinite(col_v)
+    d2 = np.full(u.shape, np.inf, np.float32)
+    with np.errstate(invalid="ignore"):
+        for j in range(col_u.shape[1]):
+            dj = (u - col_u[:, j : j + 1]) ** 2 + (v - col_v[:, j : j + 1]) ** 2
+            dj[skip[:, j]] = np.inf
+            np.minimum(d2, dj, out=d2)
+    d2 = np.where(np.isfinite(d2), d2, np.inf)
+    sens = np.maximum(np.float32(0), (w * np.exp(-d2 / s2)).max(axis=0))
+    return sens / room
+
+
+@needs_numba
+def test_capped_sens_bounds_hold():
+    """The bounds of the capped ranking's keys hold to a relative 1e-5, read from a base's
+    tables and extra voxels, with columns off some or every beam, a NaN u among them, voxels a
+    beam misses; a non-finite weight: None."""
+    rng = np.random.default_rng(32)
+    n_beams, nb, ne = 5, 3000, 40
+    base, extra = _bev_tables(rng, n_beams, nb), _bev_tables(rng, n_beams, ne)
+    source = rng.permutation(nb + ne)[: nb + ne - 200].astype(np.int64)
+    watch_tabs = [np.concatenate([b, e], axis=1)[:, source] for b, e in zip(base, extra)]
+    for trial in range(40):
+        cols = rng.choice(source.size, int(rng.integers(1, 9)), replace=False).astype(np.int64)
+        capped = np.sort(rng.choice(source.size, 1500, replace=False)).astype(np.int64)
+        s2 = float(rng.choice([2.0, 29.4, 400.0]))
+        room = np.maximum(rng.uniform(-1, 5, capped.size), 0.02)
+        col_u, col_v = (t[:, cols] for t in watch_tabs[:2])
+        if trial % 5 == 1:  # a column off every beam's grid
+            col_v[:, 0] = np.inf
+        if trial % 5 == 2:  # a beam none of the columns is on; one with a NaN u among them
+            col_v[1] = np.inf
+            col_u[2, 0], col_v[2, 0] = np.nan, 5.0
+        exact = _exact_keys(*(t[:, capped] for t in watch_tabs), col_u, col_v, s2, room)
+        lower, upper = _cpu_rows.capped_sens_bounds(base, extra, source[capped], col_u, col_v, s2, room)
+        # (below 1e-30, float32's exp nears its subnormals: those keys are far below any that
+        # the ranking compares, which it checks)
+        assert np.all(lower <= exact * (1 + 1e-5) + 1e-30) and np.all(upper >= exact * (1 - 1e-5) - 1e-30)
+    bad = tuple(t.copy() for t in base)
+    bad[2][0, 0] = np.inf
+    assert _cpu_rows.capped_sens_bounds(bad, extra, np.arange(10), col_u, col_v, 29.4, np.ones(10)) is None
+
+
+def _capped_rows(rng, n: int, n_beams: int = 4) -> _Rows:
+    """A row helper on its own BEV tables (no watch): what ``_Rows._top_capped`` reads."""
+    rs = object.__new__(_Rows)
+    rs.bev_u2, rs.bev_v2, rs.bev_w2 = _bev_tables(rng, n_beams, n)
+    rs.reach_cells = 16.0
+    rs.hi_solve = rng.uniform(20, 40, n)
+    return rs
+
+
+@needs_numba
+def test_top_capped_equals_smallest(monkeypatch):
+    """The capped ranking's top ``k``, pruned by the bounds: the same set as every key and
+    ``_smallest`` (and the NumPy path), with the pruning taken (a few hundred exact keys) and
+    the fall-backs: the ``k``-th key tied with the next (identical voxels), every key zero
+    (a column off every beam), few voxels, ``k`` 0."""
+    rng = np.random.default_rng(33)
+    n = 3000
+    rs = _capped_rows(rng, n)
+    sizes = []
+    keys_of = _Rows._capped_keys
+
+    def recorded(self, capped, cols, dose):
+        sizes.append(capped.size)
+        return keys_of(self, capped, cols, dose)
+
+    monkeypatch.setattr(_Rows, "_capped_keys", recorded)
+    pruned = tied = 0
+    for trial in range(40):
+        k = int(rng.choice([0, 1, 17, 64, 384]))
+        cols = rng.choice(n, int(rng.integers(1, 9)), replace=False).astype(np.int64)
+        capped = np.sort(rng.choice(n, int(rng.choice([10, 1000, 2900])), replace=False)).astype(np.int64)
+        dose = np.round(rs.hi_solve - rng.uniform(-1, 4, n), 1)  # rooms clipped at 0.02, tied rooms
+        u, v, w = rs.bev_u2.copy(), rs.bev_v2.copy(), rs.bev_w2.copy()
+        tie = trial % 4 == 1 and 1 < k < capped.size // 4
+        if tie:  # the top 2 k voxels identical: at a column, w 1, room 0.02
+            same = capped[: 2 * k]
+            rs.bev_u2[:, same], rs.bev_v2[:, same] = rs.bev_u2[:, cols[:1]], rs.bev_v2[:, cols[:1]]
+            rs.bev_w2[:, same] = 1.0
+            dose[same] = rs.hi_solve[same] + 1.0
+        off = trial % 4 == 2
+        if off:  # every column off every beam: every key 0
+            rs.bev_v2[:, cols] = np.inf
+        sizes.clear()
+        got = rs._top_capped(capped, cols, dose, k)
+        n_calls = len(sizes)
+        ref = capped[_smallest(rs._capped_keys(capped, cols, dose), k)]
+        assert np.array_equal(np.sort(got), np.sort(ref))
+        # (NumPy's distances warn of inf - inf: a column off a beam and a voxel the beam misses)
+        with monkeypatch.context() as mp, np.errstate(invalid="ignore"):
+            _numpy_only(mp)
+            assert np.array_equal(np.sort(rs._top_capped(capped, cols, dose, k)), np.sort(ref))
+        if tie:  # the exact keys of the few, then all of them
+            assert sizes[:n_calls] == [sizes[0], capped.size] and sizes[0] < capped.size
+            tied += 1
+        elif n_calls == 0 or (n_calls == 1 and sizes[0] < capped.size):  # (none: exactly k left)
+            pruned += 1
+        elif not off and capped.size > 4 * k > 0:  # pruning falls back only where keys are tiny
+            assert np.sort(keys_of(rs, capped, cols, dose))[k - 1] > -2e-20
+        rs.bev_u2, rs.bev_v2, rs.bev_w2 = u, v, w
+    assert pruned >= 5 and tied >= 2
 
 
 @needs_numba
