@@ -179,6 +179,10 @@ class _LevelTables:
             if self._n + new.size > _LEVEL_TABLES_MAX:  # full: start again
                 self._slot[self._voxels[: self._n]] = -1
                 self._n = 0
+                # (every voxel of this read is now missing, the kept ones included)
+                new = np.unique(level_index)
+                if new.size > _LEVEL_TABLES_MAX:
+                    return np.ascontiguousarray(self._look_up(level_index).T)
             end = self._n + new.size
             if end > self._records.shape[0]:
                 cap = min(max(end, 2 * self._records.shape[0], 1024), _LEVEL_TABLES_MAX)
@@ -222,6 +226,8 @@ def _stacked_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> list:
     floors."""
     use = ok & np.isfinite(v) & np.isfinite(u)
     found = use.any(axis=1).tolist()
+    if not any(found):  # (no voxel in any row, an empty read included)
+        return [None] * ok.shape[0]
     vu = np.stack([v, u])  # (2, S, m)
     lo = np.where(use, vu, np.float32(np.inf)).min(axis=2).tolist()
     hi = np.where(use, vu, np.float32(-np.inf)).max(axis=2).tolist()
@@ -515,10 +521,11 @@ class ReadOuts:
         never read before are looked up). The beams not in ``nb.levels`` yet get their
         ``_LevelRows`` there (views of the stacked tables), so the host path's reads of the
         same rows find them."""
-        x = self._level_tables(name).gather(level_index)
+        kept = self._level_tables(name)
+        x = kept.gather(level_index)
         b_count, m = len(self.geometry), int(x.shape[1])
         ok, v, u, w = x[:b_count], x[b_count : 2 * b_count], x[2 * b_count : 3 * b_count], \
-            x[3 * b_count :].reshape(b_count, -1, m)
+            x[3 * b_count :].reshape(b_count, kept.nc, m)
         if len(beams) != b_count or any(b != s for s, b in enumerate(beams)):
             sel = np.asarray(beams, np.int64)
             ok, v, u, w = ok[sel], v[sel], u[sel], w[sel]

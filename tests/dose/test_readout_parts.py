@@ -336,6 +336,18 @@ def test_level_tables_start_again_when_full_and_refuse_voxels_off_the_level(coar
             _assert_rows_of_beams(eng, nb, beams, "fine", part, eng._rows_of_beams(nb, beams, "fine", part))
             assert eng._level_tables("fine") is tables and tables._n == kept
         assert (tables._slot >= 0).sum() == 30 and np.array_equal(np.flatnonzero(tables._slot >= 0), b)
+        # A read that fills the table while holding kept voxels (b's first 20 and 40 new ones,
+        # 30 + 40 > 64): the table starts again with every voxel of the read, kept ones
+        # included (they lost their records with the rest), and the values are the look-ups'.
+        mixed = np.unique(np.concatenate([b[:20], a[:40]]))
+        eng.__dict__.pop("_neighbour_cache", None)
+        nb = eng._neighbours(mixed)
+        _assert_rows_of_beams(eng, nb, beams, "fine", mixed, eng._rows_of_beams(nb, beams, "fine", mixed))
+        assert tables._n == mixed.size and np.array_equal(np.flatnonzero(tables._slot >= 0), mixed)
+        # An empty read: empty tables of the right shapes.
+        empty = np.zeros(0, np.int64)
+        ok, v, u, w = eng._rows_of_beams(eng._neighbours(empty), beams, "fine", empty)
+        assert ok.shape == v.shape == u.shape == (eng.n_beams, 0) and w.shape == (eng.n_beams, tables.nc, 0)
         size = eng.geometry[0].fine.host.position.shape[0]
         for bad in (size, -size - 1):
             with pytest.raises(IndexError):
