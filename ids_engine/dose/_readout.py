@@ -51,7 +51,9 @@ _NEIGHBOUR_CACHE = 8  # voxel sets whose coarse-neighbour tables are kept (ReadO
 _NEIGHBOUR_CACHE_MAX = 1 << 19  # voxels: larger sets are not kept (about 90 bytes a voxel)
 _CROP_SPECTRA_CACHE = 64  # cropped kernel spectra kept per beam and level (delta_matrix)
 _WINDOW_CACHE = 32  # patch-response windows kept per beam and level (delta_matrix)
-_WINDOW_MAX = 1 << 15  # bytes: larger windows are not kept (at most 18 MB for 9 beams)
+# bytes: larger windows, or windows of larger stacks (the key holds the stack's bytes), are
+# not kept: at most 2 x 32 KB an entry, 37 MB for 9 beams' two levels
+_WINDOW_MAX = 1 << 15
 _LEVEL_MEMO = 4  # read-outs of patch stacks kept per voxel set, beam and level (delta_matrix)
 _LEVEL_MEMO_MAX = (1 << 18, 1 << 15)  # only stacks up to 256 KB and read-outs up to 32 k values are kept
 _ROW0 = np.zeros(1, np.int64)  # row 0 of a one-row output (delta_at_voxels)
@@ -679,7 +681,7 @@ def _level_delta_compute(lvl: Level, stack: np.ndarray, r0: int, c0: int, rows: 
         windows[wkey] = dmaps  # most recently used last
     else:
         dmaps = _cpu.patch_response_window(stack, kspec, fshape, (lr - kr0, hr - kr0), (lc - kc0, hc - kc0))
-        if wkey is not None and dmaps.nbytes <= _WINDOW_MAX:
+        if wkey is not None and dmaps.nbytes <= _WINDOW_MAX and len(data) <= _WINDOW_MAX:
             # Kept writeable (a read-only array is another numba signature); only read.
             if len(windows) >= _WINDOW_CACHE:
                 windows.pop(next(iter(windows)))

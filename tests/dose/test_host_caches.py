@@ -208,3 +208,25 @@ def test_response_windows_are_reused_at_other_rows_bit_for_bit(engine, monkeypat
     assert calls
     np.testing.assert_array_equal(got.view(np.int32), fresh.view(np.int32))
     np.testing.assert_array_equal(got.view(np.int32), first[perm].view(np.int32))
+
+
+def test_response_windows_are_told_apart_by_stack_and_window(engine):
+    """The window cache's key holds the stack's values and the window: with windows of one
+    read kept, a stack of the same shape with other values at the same rows, and the same
+    stacks read at other rows (other windows), each give what a fresh read gives, bit for bit."""
+    eng = engine
+    rows = _body_voxels(eng, 300, 7)
+    cols = [[_centre_patch(eng, b, 7, 0.3, (b, 1 - b)) for b in range(3)], [_centre_patch(eng, 1, 5, -0.2)]]
+    other_values = [[_centre_patch(eng, b, 7, 0.45, (b, 1 - b)) for b in range(3)], [_centre_patch(eng, 1, 5, -0.35)]]
+    other_rows = _body_voxels(eng, 40, 11)
+
+    def fresh(columns, at):
+        for name in ("_response_window_cache", "_neighbour_cache"):
+            eng.__dict__.pop(name, None)
+        return eng.delta_matrix(columns, at)
+
+    want_values, want_rows = fresh(other_values, rows), fresh(cols, other_rows)
+    for columns, at, want in ((other_values, rows, want_values), (cols, other_rows, want_rows)):
+        fresh(cols, rows)  # the first read's windows kept
+        got = eng.delta_matrix(columns, at)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
