@@ -234,6 +234,8 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         nc = cu2.shape[1]
         n = sidx.shape[0]
         zero, one, eighth, inf32 = np.float32(0), np.float32(1), np.float32(0.125), np.float32(np.inf)
+        # (a weight this large could put a key above 1e-20 on a subnormal exp: no bounds then)
+        w_limit = np.float32(1e15)
         none = np.float32(-1e30)  # q of no term: exp(q) is 0 and (1 -+ x/8)^8 overflows
         clamped = np.minimum(sidx, nb - 1)
         extra_at = np.flatnonzero(sidx >= nb)
@@ -259,7 +261,7 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
                 gv[i] = ev[b, sidx[i] - nb]
                 gw[i] = ew[b, sidx[i] - nb]
             for i in range(n):
-                nonfinite_w += 0 if abs(gw[i]) < inf32 else 1
+                nonfinite_w += 0 if abs(gw[i]) < w_limit else 1  # NaN, inf or absurdly large
             # The columns on this beam's grid; a NaN u among them: NumPy's distances are NaN,
             # which ends as +inf (no term), as is a beam without a column.
             m = 0
@@ -448,13 +450,14 @@ def capped_sens_bounds(tables, extra, sidx, col_u, col_v, s2: float, room):
     """Bounds of the capped ranking's keys of ``_Rows.select``, ``sens / room`` with ``sens``
     the largest over the beams of ``w exp(-d2 / s2)`` (float32, as NumPy computes it) at each
     voxel: ``(lower, upper)``, float64, with ``lower <= sens / room <= upper`` to a relative
-    1e-5 where the key is above 1e-30 (the float32 round-off of ``d2``, NumPy's float32
-    ``exp`` and the bounds' own; measured within 5e-7; below, float32's ``exp`` nears its
-    subnormals), from
+    1e-5 (the float32 round-off of ``d2``, NumPy's float32
+    ``exp`` and the bounds' own; measured within 5e-7), for weights below 1e15 and keys
+    above 1e-20 (the caller's check: below, or with larger weights, float32's ``exp`` may be
+    subnormal and the relative bounds fail), from
     ``exp(x) = (1 + x/8)^8 ... (1 - x/8)^-8`` for ``x <= 0`` relative to the voxel's largest
     exponent and one float32 ``exp`` per voxel instead of one per beam and voxel (measured
     within 4e-7 on the clinical horseshoe, and about 385 voxels of 20,000 left for an exact
-    top 384). None when some ``w`` is not finite (the bounds need it).
+    top 384). None when some ``w`` is not finite or not below 1e15 (the bounds need it).
 
     ``tables``: ``(bev_u2, bev_v2, bev_w2)``, (beams, nb) float32; ``extra``: the same for the
     voxels past them ((beams, m): a composed watch's extra voxels); ``sidx`` (n,) int64: each

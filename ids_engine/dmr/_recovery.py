@@ -685,7 +685,7 @@ class _Rows:
         if bounds is not None:
             lower, upper = bounds
             kth = np.partition(lower, lower.size - k)[lower.size - k]
-            if kth >= 1e-20:  # (sens far above float32's subnormals: the relative bounds hold)
+            if kth >= 1e-20:  # (with w < 1e15, the key's exp terms are far above float32's subnormals)
                 cand = capped[upper >= kth * (1.0 - 1e-3)]  # at least the k with lower >= kth
                 if cand.size == k:
                     return cand

@@ -341,6 +341,44 @@ def test_top_capped_equals_smallest(monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("w_far", [1.0, 1e38])
+def test_top_capped_near_float32_subnormals(w_far):
+    """Two beams whose exponents lie near float32 ``exp``'s subnormals (-101 to -104), so the
+    relative bounds fail: with weights about 1 every key is below 1e-20 (the ranking computes
+    every key), and with a weight of 1e38 on one beam the keys are large but built on
+    subnormal ``exp`` terms (the bounds refuse: weights must be below 1e15). Either way the
+    same set as every key and ``_smallest`` (found in review: a guard at ``kth > 0``, or no
+    weight limit, swapped one or two voxels)."""
+    rng = np.random.default_rng(2)
+    n = 20000
+    if w_far == 1.0:
+        q = -rng.uniform(101, 104, (2, n)).astype(np.float32)
+        q[1] = q[0] - rng.uniform(0, 0.02, n).astype(np.float32)
+    else:
+        q = -rng.uniform(99, 104, (2, n)).astype(np.float32)
+        q[1] = q[0] - rng.uniform(0, 0.3, n).astype(np.float32)
+    u = np.sqrt(-q).astype(np.float32)
+    w = np.ones((2, n), np.float32)
+    if w_far == 1.0:
+        w[0] = 0.5
+    else:
+        w[1] = w_far
+    rs = object.__new__(_Rows)
+    rs.bev_u2 = np.concatenate([u, np.zeros((2, 1), np.float32)], 1)
+    rs.bev_v2 = np.zeros_like(rs.bev_u2)
+    rs.bev_w2 = np.concatenate([w, np.zeros((2, 1), np.float32)], 1)
+    rs.reach_cells = 3.0 * np.sqrt(0.5)  # s2 = 1: exp(-d2) = exp(q)
+    rs.hi_solve = np.full(n + 1, 1.0)
+    dose = np.full(n + 1, 0.98)
+    capped, cols = np.arange(n), np.array([n])
+    for k in (10, 100, 384, 1000):
+        with np.errstate(over="ignore", invalid="ignore"):
+            got = rs._top_capped(capped, cols, dose, k)
+            ref = capped[_smallest(rs._capped_keys(capped, cols, dose), k)]
+        assert np.array_equal(np.sort(got), np.sort(ref))
+
+
+@needs_numba
 def test_gather_composed_equals_numpy():
     """A composed watch's dose: ``concatenate([base, extra])[source]`` as float64."""
     rng = np.random.default_rng(6)
