@@ -219,8 +219,6 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
 
     _CAPPED_SOURCE = _capped_d2_source_nb
 
-    # error_model="numpy": numba's default checks every float division for a zero divisor,
-    # which keeps the loops from being vectorised (measured: 4x slower).
     @numba.njit(nogil=True, cache=True, inline="always")
     def _exp_bounds_nb(x):  # pragma: no cover - compiled
         # ((1 - x)^8, max(1 + x, 0)^8) in float32 for x <= 0: exp(8 x) <= the first's
@@ -237,6 +235,8 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         lo = lo * lo
         return up, lo
 
+    # error_model="numpy": numba's default checks every float division for a zero divisor,
+    # which keeps the loops from being vectorised (measured: 4x slower).
     @numba.njit(nogil=True, cache=True, error_model="numpy")
     def _capped_bounds_nb(bu2, bv2, bw2, eu, ev, ew, sidx, cu2, cv2, s2, q_max, lval,
                           uval):  # pragma: no cover - compiled

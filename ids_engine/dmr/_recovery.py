@@ -646,11 +646,16 @@ class _Rows:
             capped = self._top_capped(capped, cols, dose, opts.max_rows_capped)
         return np.unique(np.concatenate([cols, off, prio, keep, risk, capped, self.always]))
 
+    @property
+    def _sens_s2(self) -> float:
+        """The capped ranking's fall-off ``2 sigma^2`` (fine cells^2): the narrow kernel's
+        sigma taken as a third of the patches' reach."""
+        return 2.0 * (self.reach_cells / 3.0) ** 2
+
     def _capped_keys(self, capped: np.ndarray, cols: np.ndarray, dose: np.ndarray) -> np.ndarray:
         """(len(capped),) float64: the capped ranking's keys, ``-(sens / room)`` (least first)."""
-        s2 = 2.0 * (self.reach_cells / 3.0) ** 2
         d2, w_capped = self._capped_distance2(capped, cols)
-        sens = np.maximum(np.float32(0), (w_capped * np.exp(-d2 / s2)).max(axis=0))
+        sens = np.maximum(np.float32(0), (w_capped * np.exp(-d2 / self._sens_s2)).max(axis=0))
         room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
         return -(sens / room)
 
@@ -680,8 +685,7 @@ class _Rows:
                 tables = (self.bev_u2, self.bev_v2, self.bev_w2)
                 extra, sidx = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3)), capped
             col_u, col_v = self._bev_at(cols)
-            bounds = _cpu_rows.capped_sens_bounds(tables, extra, sidx, col_u, col_v,
-                                                  2.0 * (self.reach_cells / 3.0) ** 2, room)
+            bounds = _cpu_rows.capped_sens_bounds(tables, extra, sidx, col_u, col_v, self._sens_s2, room)
         if bounds is not None:
             lower, upper = bounds
             kth = np.partition(lower, lower.size - k)[lower.size - k]
