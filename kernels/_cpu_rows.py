@@ -11,6 +11,9 @@ each gives the same values, so the same rows, voxels and steps
   :func:`scan_watch_numpy`).
 - :func:`in_band_under`: the at-risk and soft-capped voxels among those under the columns'
   patches (``_Rows.select``), one pass over the marks instead of ``flatnonzero`` and gathers.
+- :func:`in_band_risk`: the same pass keeping only what the step keeps, the ``max_rows_risk``
+  voxels of least room (a bounded heap instead of every voxel's room and ``argpartition``)
+  and the capped ones, into a buffer the caller keeps: no (n,) outputs per step.
 - :func:`ball_row_marks`: the watched voxels within a radius of the columns (``_Rows.ball``),
   one search of the sorted watch per row of the ball (:func:`ball_rows`) instead of one per
   offset.
@@ -36,9 +39,10 @@ import numpy as np
 from ids_engine.kernels import _cpu
 
 __all__ = ["ball_row_marks", "ball_rows", "capped_distance2_source", "capped_sens_bounds", "gather_composed",
-           "in_band_under", "pick_spread", "scan_watch", "scan_watch_numpy"]
+           "in_band_risk", "in_band_under", "pick_spread", "scan_watch", "scan_watch_numpy"]
 
 _IN_BAND = None
+_IN_BAND_RISK = None
 _SCAN = None
 _SPREAD = None
 _COMPOSED = None
@@ -73,6 +77,61 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         return nt, nc
 
     _IN_BAND = _in_band_under_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _in_band_risk_nb(mark, near, viol, dose, hi, lo, capped, slack_max, heap_slack, heap_idx,
+                         touched_capped):  # pragma: no cover - compiled
+        # _in_band_under_nb keeping only the heap_slack.size least rooms (a max-heap on the
+        # room, (slack, index) pairs), not every voxel's: a voxel enters only below the
+        # largest kept, so every voxel left out has at least the largest kept room.
+        for j in range(near.shape[0]):
+            mark[near[j]] = False
+        m = heap_slack.shape[0]
+        nt = 0
+        nc = 0
+        for i in range(mark.shape[0]):
+            if not mark[i] or not viol[i] == 0:
+                continue
+            a = hi[i] - dose[i]
+            b = dose[i] - lo[i]
+            if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
+                continue
+            s = a if a < b else b
+            if not s < slack_max:
+                continue
+            if capped[i]:
+                touched_capped[nc] = i
+                nc += 1
+            if nt < m:  # the heap not full: sift up from the end
+                c = nt
+                while c > 0:
+                    p = (c - 1) // 2
+                    if heap_slack[p] >= s:
+                        break
+                    heap_slack[c] = heap_slack[p]
+                    heap_idx[c] = heap_idx[p]
+                    c = p
+                heap_slack[c] = s
+                heap_idx[c] = i
+            elif s < heap_slack[0]:  # replaces the largest kept: sift down from the root
+                c = 0
+                while True:
+                    l = 2 * c + 1
+                    if l >= m:
+                        break
+                    r = l + 1
+                    big = r if r < m and heap_slack[r] > heap_slack[l] else l
+                    if heap_slack[big] <= s:
+                        break
+                    heap_slack[c] = heap_slack[big]
+                    heap_idx[c] = heap_idx[big]
+                    c = big
+                heap_slack[c] = s
+                heap_idx[c] = i
+            nt += 1
+        return nt, nc
+
+    _IN_BAND_RISK = _in_band_risk_nb
 
     @numba.njit(nogil=True, cache=True)
     def _scan_watch_nb(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot):  # pragma: no cover
@@ -340,6 +399,33 @@ def in_band_under(mark, near, viol, dose, hi, lo, capped, slack_max: float):
     nt, nc = _IN_BAND(mark, np.asarray(near, np.int64), viol, dose, hi, lo, capped, float(slack_max), touched,
                       slack, touched_capped)
     return touched[:nt].copy(), slack[:nt].copy(), touched_capped[:nc].copy()
+
+
+def in_band_risk(mark, near, viol, dose, hi, lo, capped, slack_max: float, k: int, scratch):
+    """What ``_Rows.select`` keeps of :func:`in_band_under`'s voxels, in one pass without its
+    (n,) outputs: ``(risk, touched_capped)``, the ``k`` voxels of least room (int64, in
+    increasing index order: the set of ``touched[_smallest(slack, k)]``) and those with
+    ``capped[i]`` (int64, ascending, a copy of ``scratch``'s first entries). None where more
+    than ``k`` voxels pass and the ``k``-th least room equals the next (which ones are kept
+    then depends on ``_smallest``'s sort: the caller asks :func:`in_band_under`). Clears
+    ``mark[near]`` in place as :func:`in_band_under` does; ``scratch`` ((n,) int64, at least
+    ``mark``'s size) is written. ``k`` >= 1. Needs numba (``_cpu.HAVE_NUMBA``)."""
+    if _IN_BAND_RISK is None:
+        raise RuntimeError("in_band_risk needs numba (pip install ids-engine[fast])")
+    if k < 1 or scratch.shape[0] < mark.shape[0]:
+        raise ValueError(f"in_band_risk: k {k} < 1, or scratch of {scratch.shape[0]} for {mark.shape[0]} voxels")
+    viol, dose, hi, lo = (np.asarray(a, np.float64) for a in (viol, dose, hi, lo))
+    heap_slack, heap_idx = np.empty(k + 1, np.float64), np.empty(k + 1, np.int64)
+    nt, nc = _IN_BAND_RISK(mark, np.asarray(near, np.int64), viol, dose, hi, lo, capped, float(slack_max), heap_slack,
+                           heap_idx, scratch)
+    kept = min(nt, k + 1)
+    heap_slack, heap_idx = heap_slack[:kept], heap_idx[:kept]
+    if nt > k:
+        order = np.argsort(heap_slack, kind="stable")
+        if not heap_slack[order[k - 1]] < heap_slack[order[k]]:
+            return None
+        heap_idx = heap_idx[order[:k]]
+    return np.sort(heap_idx), scratch[:nc].copy()
 
 
 def scan_watch(dose, lo, hi, weight, blocked):

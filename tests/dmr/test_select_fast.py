@@ -81,6 +81,72 @@ def test_in_band_under_equals_numpy(n):
 
 @needs_numba
 @pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_in_band_risk_keeps_the_least_room_set_and_the_capped_voxels(n):
+    """What ``select`` keeps of the voxels under the patches: the ``k`` of least room (the set
+    of ``_smallest``'s) and the capped ones, as :func:`in_band_under` gives them, with rooms
+    tied (rounded doses) and none where the ``k``-th least room ties the next; the marks
+    cleared at ``near`` the same way, every ``k`` from 1 to past the voxels passing."""
+    rng = np.random.default_rng(200 + n)
+    declined = kept = 0
+    for trial in range(30):
+        dose, lo, hi, weight = _random_watch(rng, n)
+        if trial % 2:  # distinct rooms: no ties
+            dose = dose + rng.uniform(-0.04, 0.04, n)
+        with np.errstate(invalid="ignore"):
+            viol = np.maximum(np.maximum(lo - dose, dose - hi), 0.0)
+        capped = rng.random(n) < 0.7
+        mark = rng.random(n) < (0.0, 1.0, 0.5)[trial % 3]
+        near = rng.choice(n, min(n, int(rng.integers(0, 10))), replace=False).astype(np.int64)
+        ref_mark = mark.copy()
+        with np.errstate(invalid="ignore"):
+            touched, slack, ref_capped = _cpu_rows.in_band_under(ref_mark, near, viol, dose, hi, lo, capped, 3.0)
+        for k in sorted({1, 2, 5, 64, max(touched.size - 1, 1), touched.size + 1, max(touched.size, 1)}):
+            got_mark = mark.copy()
+            scratch = np.full(n + 3, -7, np.int64)
+            got = _cpu_rows.in_band_risk(got_mark, near, viol, dose, hi, lo, capped, 3.0, k, scratch)
+            assert np.array_equal(got_mark, ref_mark)
+            ref_risk = np.sort(touched[_smallest(slack, k)])
+            if got is None:
+                declined += 1
+                s = np.sort(slack)
+                assert touched.size > k and s[k - 1] == s[k]
+                continue
+            kept += 1
+            risk, got_capped = got
+            assert risk.dtype == got_capped.dtype == np.int64
+            assert np.array_equal(risk, ref_risk) and np.array_equal(got_capped, ref_capped)
+    if n == 3000:
+        assert declined and kept
+    with pytest.raises(ValueError):
+        _cpu_rows.in_band_risk(np.zeros(3, bool), np.zeros(0, np.int64), *np.zeros((4, 3)), np.zeros(3, bool), 3.0, 0,
+                               np.zeros(3, np.int64))
+
+
+def test_sorted_unique_equals_numpy_unique():
+    """The step's rows: ``np.unique`` of the parts' concatenation (empty parts, repeats,
+    one value)."""
+    rng = np.random.default_rng(21)
+    for trial in range(50):
+        parts = [rng.integers(0, int(rng.choice([3, 50, 10**5])), int(rng.integers(0, 40))).astype(np.int64)
+                 for _ in range(int(rng.integers(1, 8)))]
+        got = _recovery._sorted_unique(parts)
+        ref = np.unique(np.concatenate(parts))
+        assert got.dtype == ref.dtype and np.array_equal(got, ref)
+    assert _recovery._sorted_unique([np.zeros(0, np.int64)]).shape == (0,)
+
+
+def test_ball_offsets_are_made_once_and_read_only():
+    """The ball's offsets and rows are kept per radius and spacing (shared by watches) and
+    cannot be written; a second watch gets the same arrays."""
+    a = _recovery._ball_offsets(14.0, (2.0, 1.952, 1.952))
+    b = _recovery._ball_offsets(14.0, (2.0, 1.952, 1.952))
+    assert a[0] is b[0] and a[1] is b[1]
+    assert not a[0].flags.writeable and not a[1].flags.writeable
+    assert np.all(((a[0] * np.array([2.0, 1.952, 1.952])) ** 2).sum(axis=1) <= 14.0**2 + 1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
 def test_scan_watch_equals_numpy(n):
     """A recovery step's pass over the watch: the violation, ``weight * viol**2`` (and its NumPy
     sum), the score, its argmax (the first of equal scores, the first NaN), whether a score is
