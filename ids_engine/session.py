@@ -46,7 +46,7 @@ from ids_engine.dmr import (
     tpi_maps,
 )
 from ids_engine.dmr._requests import ball_mask, check_run_options, request_to_dict
-from ids_engine.dmr._feasible import HeldGroup, fall_off_table, find_infeasible
+from ids_engine.dmr._feasible import HeldGroup, _ranges_index, fall_off_table, find_infeasible, within_reach
 from ids_engine.dmr._recovery import WatchBase, _composed_dose, _remember_dose, _watch_dose, attach_composition, compose_watch
 from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
 from ids_engine.dmr._repair import RepairSettings, SideEffectRepair
@@ -448,7 +448,6 @@ class _WatchBaseParts:
     tvox: np.ndarray  # target voxels in the body
     ovox: np.ndarray  # OAR voxels in the body, outside the target
     nvox: np.ndarray  # the normal-tissue sample (Session._normal_sample)
-    target_normal: np.ndarray  # tvox then nvox (what the near-the-request look-up reads)
     t_at: np.ndarray
     o_at: np.ndarray
     n_at: np.ndarray
@@ -667,8 +666,7 @@ class Session:
         earlier = [r for r in self.journal if r.has_feature and not isinstance(r.request, Pin) and r.id not in ignore]
         # Normal tissue (body outside targets and OARs), sampled every third voxel: farther
         # than 10 mm from the request it may not rise by more than max_rise either.
-        near = self._near_feature(wb.target_normal, resolved.feature_voxels)  # one distance transform
-        near_t, near_n = near[: tvox.size], near[tvox.size:]
+        near_t, near_n = self._near_feature((tvox, wb.nvox), resolved.feature_voxels)  # one distance transform
         pins = self._pin_bands()
         # The sorted union of the tissue voxels (the base, less the normal ones near the
         # request) and the request's, earlier requests' and pins' voxels.
@@ -798,10 +796,10 @@ class Session:
         for p in (tvox, ovox, nvox):
             mark[p] = True
         voxels = np.flatnonzero(mark)
-        parts = _WatchBaseParts(WatchBase(voxels), tvox, ovox, nvox, np.concatenate([tvox, nvox]),
+        parts = _WatchBaseParts(WatchBase(voxels), tvox, ovox, nvox,
                                 np.searchsorted(voxels, tvox), np.searchsorted(voxels, ovox),
                                 np.searchsorted(voxels, nvox))
-        for a in (voxels, tvox, ovox, parts.target_normal, parts.t_at, parts.o_at, parts.n_at):
+        for a in (voxels, tvox, ovox, parts.nvox, parts.t_at, parts.o_at, parts.n_at):
             a.setflags(write=False)
         self.__dict__["_watch_base_cache"] = (token, parts)
         return parts
@@ -814,10 +812,12 @@ class Session:
         sub[::3, ::3, ::3] = m[::3, ::3, ::3]
         return np.flatnonzero(sub.ravel()).astype(np.int64)
 
-    def _near_feature(self, flat: np.ndarray, feature_flat: np.ndarray, near_mm: float = 10.0) -> np.ndarray:
-        """Which of ``flat`` lie within ``near_mm`` of a feature voxel (distance transform on a box)."""
-        out = np.zeros(flat.size, bool)
-        if feature_flat.size == 0 or flat.size == 0:
+    def _near_feature(self, parts: Sequence[np.ndarray], feature_flat: np.ndarray,
+                      near_mm: float = 10.0) -> list[np.ndarray]:
+        """Per array of ``parts`` (sorted flat indices), which of its voxels lie within
+        ``near_mm`` of a feature voxel (one distance transform on a box around the feature)."""
+        out = [np.zeros(p.size, bool) for p in parts]
+        if feature_flat.size == 0:
             return out
         shape = self.patient.grid.shape_zyx
         sp = np.asarray(self.patient.grid.spacing_mm_zyx, float)
@@ -827,11 +827,17 @@ class Session:
         hi = np.minimum(fz.max(axis=0) + pad + 1, shape)
         box = np.ones(tuple(hi - lo), bool)
         box[tuple((fz - lo).T)] = False
-        dist = ndimage.distance_transform_edt(box, sampling=sp)
-        # Marked on a grid and gathered (unravelling 10^5 indices costs more than the grid).
-        grid = np.zeros(tuple(int(n) for n in shape), bool)
-        grid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = dist <= near_mm
-        return grid.ravel()[np.asarray(flat, np.int64)]
+        near = ndimage.distance_transform_edt(box, sampling=sp) <= near_mm
+        # Each part's voxels in the box: flat indices are z-major, so the box's (z, y) rows
+        # are ranges of a sorted part (searched: no grid-sized mask, no 10^5 indices unravelled).
+        ny, nx = int(shape[1]), int(shape[2])
+        row = (np.arange(lo[0], hi[0], dtype=np.int64)[:, None] * ny + np.arange(lo[1], hi[1])).ravel() * nx
+        for p, o in zip(parts, out):
+            k = _ranges_index(np.searchsorted(p, row + lo[2]), np.searchsorted(p, row + hi[2]))
+            if k.size:
+                zyx = np.unravel_index(p[k], shape)
+                o[k] = near[zyx[0] - lo[0], zyx[1] - lo[1], zyx[2] - lo[2]]
+        return out
 
     def _conflicts(self, watch: Watch, dose_gy: np.ndarray) -> tuple:
         """Pins, features, this request and guards that ended outside their bands, and target
@@ -975,8 +981,12 @@ class Session:
             return HeldGroup(name, vox[ok], watch.lo[i[ok]], watch.hi[i[ok]])
 
         # The watch's target-coverage group never holds the request's own voxels (they are its
-        # "request" group), so its voxels and bands are taken as they are.
-        cov = watch.group == 0
+        # "request" group), so its voxels and bands are taken as they are: those within reach
+        # of the request (the rest are never checked; the watch's voxels are sorted).
+        grid = self.patient.grid
+        near = within_reach(resolved.feature_voxels, watch.voxels, shape_zyx=grid.shape_zyx,
+                            spacing_mm_zyx=grid.spacing_mm_zyx)
+        cov = near[watch.group[near] == 0]
         held = [HeldGroup("target coverage", watch.voxels[cov], watch.lo[cov], watch.hi[cov])]
         ignore = set(ignore_ids)
         for r in self.journal:
@@ -986,7 +996,7 @@ class Session:
         eng = self.engine
         found = find_infeasible(
             resolved.feature_voxels, resolved.feature_lo, resolved.feature_hi, held,
-            shape_zyx=self.patient.grid.shape_zyx, spacing_mm_zyx=self.patient.grid.spacing_mm_zyx,
+            shape_zyx=grid.shape_zyx, spacing_mm_zyx=grid.spacing_mm_zyx,
             bev=self._bev_and_weight, pitch_mm=[float(g.fluence_grid.pitch_mm) for g in eng.geometry],
             fall_offs=self._fall_offs(), plateau_gy=self.options.target_max_pct / 100.0 * self.prescription_gy)
         if found is not None:

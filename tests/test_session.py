@@ -316,3 +316,26 @@ def test_unknown_request_kind_in_a_journal_is_refused():
 
     with pytest.raises(RequestError, match="unknown request kind"):
         request_from_dict({"kind": "teleport"})
+
+
+def test_near_feature_equals_the_distance_marked_on_the_grid(base_session):
+    """The watch's "near the request" look-up searches each sorted part's rows in the box around
+    the feature: the same voxels as marking ``distance <= 10 mm`` on the whole grid and reading
+    every part's voxels there (features in the middle, at the grid's corner, spread out)."""
+    from scipy import ndimage
+
+    s = base_session
+    g = s.patient.grid
+    wb = s._watch_base()
+    rng = np.random.default_rng(3)
+    sp = np.asarray(g.spacing_mm_zyx, float)
+    features = [wb.tvox[[wb.tvox.size // 2]], np.array([0]), rng.choice(g.size, 5, replace=False),
+                np.array([g.size - 1, g.size - 2])]
+    for feature in features:
+        mask = np.ones(g.shape_zyx, bool)
+        mask[np.unravel_index(feature, g.shape_zyx)] = False
+        want = (ndimage.distance_transform_edt(mask, sampling=sp) <= 10.0).ravel()
+        parts = (wb.tvox, wb.nvox, np.zeros(0, np.int64))
+        for got, p in zip(s._near_feature(parts, np.sort(feature)), parts):
+            np.testing.assert_array_equal(got, want[p])
+        assert s._near_feature(parts, np.zeros(0, np.int64))[0].sum() == 0

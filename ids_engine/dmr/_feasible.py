@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FallOff", "HeldGroup", "Infeasible", "fall_off_table", "find_infeasible"]
+__all__ = ["FallOff", "HeldGroup", "Infeasible", "fall_off_table", "find_infeasible", "within_reach"]
 
 # Pairs farther apart than this are never checked (a pencil's dose falls by > 99 % in 20 mm).
 REACH_MM = 20.0
@@ -156,23 +156,21 @@ def find_infeasible(request_voxels, request_lo, request_hi, held: list[HeldGroup
     rlo, rhi = np.asarray(request_lo, float), np.asarray(request_hi, float)
     rmm = np.stack(np.unravel_index(rv, shape_zyx), axis=-1) * sp
     box_lo, box_hi = rmm.min(axis=0) - reach_mm, rmm.max(axis=0) + reach_mm
-    # Flat indices are z-major: the slices within reach are one range of a sorted group.
-    plane = int(np.prod(shape_zyx[1:]))
-    z_lo = max(int(np.floor(box_lo[0] / sp[0])), 0) * plane
-    z_hi = (int(np.ceil(box_hi[0] / sp[0])) + 1) * plane
+    # Flat indices are z-major: in a sorted group, the box's rows are ranges (searched, not
+    # every voxel of the group unravelled and tested).
+    rows = _box_rows(box_lo, box_hi, sp, shape_zyx)
     near_groups = []
     for g in held:
         hv = np.asarray(g.voxels, np.int64)
-        keep = np.arange(hv.size)
-        if hv.size > 1 and np.all(hv[1:] > hv[:-1]):
-            keep = keep[np.searchsorted(hv, z_lo):np.searchsorted(hv, z_hi)]
-        if keep.size == 0:
-            continue
-        hmm = np.stack(np.unravel_index(hv[keep], shape_zyx), axis=-1) * sp
-        near = np.all((hmm >= box_lo) & (hmm <= box_hi), axis=1)
-        if near.any():
-            k = keep[near]
-            near_groups.append((g, hv[k], hmm[near], np.asarray(g.lo, float)[k], np.asarray(g.hi, float)[k]))
+        if hv.size <= 1 or np.all(hv[1:] > hv[:-1]):
+            k = _ranges_index(np.searchsorted(hv, rows[0]), np.searchsorted(hv, rows[1]))
+            hmm = np.stack(np.unravel_index(hv[k], shape_zyx), axis=-1) * sp
+        else:
+            hmm = np.stack(np.unravel_index(hv, shape_zyx), axis=-1) * sp
+            near = np.all((hmm >= box_lo) & (hmm <= box_hi), axis=1)
+            k, hmm = np.flatnonzero(near), hmm[near]
+        if k.size:
+            near_groups.append((g, hv[k], hmm, np.asarray(g.lo, float)[k], np.asarray(g.hi, float)[k]))
     his = [rhi] + [grp[4] for grp in near_groups]
     finite = np.concatenate([h[np.isfinite(h)] for h in his])
     plateau = max(float(plateau_gy), float(finite.max()) if finite.size else 0.0)
@@ -219,3 +217,56 @@ def find_infeasible(request_voxels, request_lo, request_hi, held: list[HeldGroup
             worst = Infeasible(name, zyx_j, zyx_i, float(dist[k]), float(high[k]), float(low[k]), float(need[k]),
                                float(can[k]), held_low, float(top[k]))
     return worst
+
+
+def within_reach(request_voxels, voxels, *, shape_zyx, spacing_mm_zyx, reach_mm: float = REACH_MM) -> np.ndarray:
+    """The positions in ``voxels`` (sorted flat indices) of the voxels :func:`find_infeasible`
+    may check against ``request_voxels`` (those in the request's box grown by ``reach_mm``),
+    ascending: a held group restricted to them gives the same result."""
+    rv = np.asarray(request_voxels, np.int64)
+    if rv.size == 0:
+        return np.zeros(0, np.int64)
+    sp = np.asarray(spacing_mm_zyx, float)
+    rmm = np.stack(np.unravel_index(rv, shape_zyx), axis=-1) * sp
+    starts, ends = _box_rows(rmm.min(axis=0) - reach_mm, rmm.max(axis=0) + reach_mm, sp, shape_zyx)
+    return _ranges_index(np.searchsorted(voxels, starts), np.searchsorted(voxels, ends))
+
+
+def _axis_cells(lo_mm: float, hi_mm: float, spacing_mm: float, n: int) -> tuple[int, int]:
+    """The cells ``i`` (of ``n``) with ``lo_mm <= i * spacing_mm <= hi_mm`` (the float64
+    products, as a test of every cell would compute them): ``(first, last)``, empty when
+    ``last < first``."""
+    first = min(max(int(np.ceil(lo_mm / spacing_mm)), 0), n)
+    while first > 0 and (first - 1) * spacing_mm >= lo_mm:
+        first -= 1
+    while first < n and first * spacing_mm < lo_mm:
+        first += 1
+    last = max(min(int(np.floor(hi_mm / spacing_mm)), n - 1), -1)
+    while last < n - 1 and (last + 1) * spacing_mm <= hi_mm:
+        last += 1
+    while last >= 0 and last * spacing_mm > hi_mm:
+        last -= 1
+    return first, last
+
+
+def _box_rows(box_lo, box_hi, sp: np.ndarray, shape_zyx) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels whose position (index times ``sp``, mm) lies in the box ``[box_lo, box_hi]``
+    as flat-index ranges, one per (z, y) row of the box in flat order: ``(starts, ends)``
+    (int64, ends exclusive)."""
+    nz, ny, nx = (int(n) for n in shape_zyx)
+    (z0, z1), (y0, y1), (x0, x1) = (_axis_cells(float(box_lo[d]), float(box_hi[d]), sp[d], n)
+                                    for d, n in enumerate((nz, ny, nx)))
+    if z1 < z0 or y1 < y0 or x1 < x0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    row = (np.arange(z0, z1 + 1, dtype=np.int64)[:, None] * ny + np.arange(y0, y1 + 1)).ravel() * nx
+    return row + x0, row + x1 + 1
+
+
+def _ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The indices of the ranges ``[starts, ends)`` (ascending, disjoint), concatenated."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(lengths) - lengths  # each range's first position in the output
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)

@@ -317,17 +317,24 @@ def compose_watch(base: WatchBase, removed, others) -> tuple[np.ndarray, WatchCo
         pos, in_base = np.zeros(small.size, np.int64), np.zeros(small.size, bool)
     extra = small[~in_base]
     removed = np.setdiff1d(np.asarray(removed, np.int64), pos[in_base])
+    # A kept base voxel's watch position: its base index, plus the extra voxels before it,
+    # less the removed base voxels before it (counted on the small parts: no base-sized gathers).
+    below = np.searchsorted(bv, extra)  # base voxels before each extra one
+    step = np.zeros(nb + 1, np.int64)
+    np.add.at(step, below, 1)
     if removed.size:
         keep = np.ones(nb, bool)
         keep[removed] = False
         kept = np.flatnonzero(keep)
+        at = below - np.searchsorted(bv[removed], extra)  # kept base voxels before each extra one
+        np.add.at(step, removed + 1, -1)
     else:
         kept = np.arange(nb)
-    at = np.searchsorted(bv[kept], extra)
+        at = below
     source = np.insert(kept, at, nb + np.arange(extra.size))
     extra_at = at + np.arange(extra.size)
-    base_at = np.full(nb, -1, np.int64)
-    base_at[kept] = np.delete(np.arange(source.size), extra_at)
+    base_at = np.arange(nb, dtype=np.int64) + np.cumsum(step[:nb])
+    base_at[removed] = -1
     allv = np.take(np.concatenate([bv, extra]), source)
     return allv, WatchComposition(base, removed, extra, extra_at, base_at, source)
 

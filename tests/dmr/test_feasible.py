@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ids_engine.dmr._feasible import SLACK, HeldGroup, fall_off_table, find_infeasible
+from ids_engine.dmr._feasible import (SLACK, HeldGroup, _box_rows, _ranges_index, fall_off_table, find_infeasible,
+                                      within_reach)
 from ids_engine.dose import DoseEngine
 from ids_engine.model import Beam
 from tests.dose.test_physics import DEPTH_HALF_MM, water_phantom
@@ -168,3 +169,28 @@ def test_only_the_nearest_held_voxels_within_reach_are_checked(fo):
     kw = dict(shape_zyx=SHAPE, spacing_mm_zyx=SP, bev=_bev_beam_along_y, pitch_mm=[1.0], fall_offs=[fo], plateau_gy=64.2)
     assert find_infeasible(_flat(req[0]), np.array([57.0]), np.array([59.0]), held, **kw) is None
     assert find_infeasible(_flat(req[0]), np.array([57.0]), np.array([59.0]), held, nearest=9, **kw) is not None
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 1.952, 1.952), (3.0, 0.7, 1.1), (2.5, 2.5, 2.5)])
+def test_the_box_rows_select_what_testing_every_voxel_selects(spacing):
+    """``find_infeasible`` takes a sorted group's voxels within reach as searched row ranges:
+    the same voxels, in the same order, as unravelling every voxel and testing it against the
+    box (boxes on cell positions exactly, past the grid's ends, inside one cell, empty)."""
+    rng = np.random.default_rng(7)
+    shape = (17, 23, 29)
+    sp = np.asarray(spacing, float)
+    hv = np.sort(rng.choice(int(np.prod(shape)), 4000, replace=False)).astype(np.int64)
+    hmm = np.stack(np.unravel_index(hv, shape), axis=-1) * sp
+    boxes = [(hmm[5], hmm[5]), (hmm[100] - 20.0, hmm[100] + 20.0), (hmm[7] - 1e-9, hmm[3000] + 1e-9),
+             (np.full(3, -50.0), np.full(3, 500.0)), (hmm[9] + 0.1, hmm[9] + 0.2), (hmm[20], hmm[20] - 1.0),
+             (sp * 3, sp * 3 + 1e-12), (sp * 7 - 1e-13, sp * 11 + 1e-13)]
+    for box_lo, box_hi in boxes:
+        box_lo, box_hi = np.asarray(box_lo, float), np.asarray(box_hi, float)
+        want = np.flatnonzero(np.all((hmm >= box_lo) & (hmm <= box_hi), axis=1))
+        starts, ends = _box_rows(box_lo, box_hi, sp, shape)
+        got = _ranges_index(np.searchsorted(hv, starts), np.searchsorted(hv, ends))
+        np.testing.assert_array_equal(got, want)
+    req = hv[[10, 2000]]
+    rmm = hmm[[10, 2000]]
+    want = np.flatnonzero(np.all((hmm >= rmm.min(axis=0) - 20.0) & (hmm <= rmm.max(axis=0) + 20.0), axis=1))
+    np.testing.assert_array_equal(within_reach(req, hv, shape_zyx=shape, spacing_mm_zyx=sp), want)
