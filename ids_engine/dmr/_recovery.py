@@ -713,34 +713,39 @@ class _Rows:
         """The ``k`` voxels of ``capped`` with the least keys (:meth:`_capped_keys`): the set
         ``capped[_smallest(keys, k)]``, in some order.
 
-        Compiled (numba), with more than ``4 k`` voxels: bounds of every voxel's key
+        Compiled (numba), with more than ``4 k`` voxels: bounds of the voxels' keys
         (:func:`kernels._cpu_rows.capped_sens_bounds`, one ``exp`` per voxel, within a relative
         1e-5) leave out the voxels whose upper bound lies a relative 1e-3 below the ``k``-th
-        largest lower bound (their key cannot reach the ``k``-th), and only the few left
-        (about ``k``) get their exact keys: the same NumPy expression, whose float32 ``exp``
-        gives an element the same value wherever it sits in the array (tested). Their ``k``
-        least keys are ``_smallest``'s set unless the ``k``-th ties with the next (then
-        ``argpartition`` picks among the tied ones): then, as when the bounds do not apply,
-        every key is computed."""
+        largest lower bound (their key cannot reach the ``k``-th); a voxel whose ceiling
+        ``w / room`` already lies below gets no bounds
+        (:func:`kernels._cpu_rows.capped_candidates`). Only the few left (about ``k``) get
+        their exact keys: the same NumPy expression, whose float32 ``exp`` gives an element
+        the same value wherever it sits in the array (tested). Their ``k`` least keys are
+        ``_smallest``'s set unless the ``k``-th ties with the next (then ``argpartition``
+        picks among the tied ones): then, as when the bounds do not apply, every key is
+        computed."""
         if not (_cpu.HAVE_NUMBA and capped.size > 4 * k and k > 0):
             return capped[_smallest(self._capped_keys(capped, cols, dose), k)]
         room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
-        bounds = None
+        got = None
         if not np.isnan(room).any():
             if "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
                 base, eu, ev, ew = self._bev_source
                 tables, extra = (base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew)
+                w_top = (_w_top(base), ew.max(axis=0, initial=-np.inf))
                 sidx = self.watch.__dict__["_composition"].source[capped]
             else:
                 tables = (self.bev_u2, self.bev_v2, self.bev_w2)
-                extra, sidx = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3)), capped
+                extra = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3))
+                # (read at the voxels: the tables of a row helper without a base are its own)
+                w_top, sidx = (np.zeros(self.bev_w2.shape[1], np.float32), np.zeros(0, np.float32)), capped
+                w_top[0][capped] = self.bev_w2[:, capped].max(axis=0)
             col_u, col_v = self._bev_at(cols)
-            bounds = _cpu_rows.capped_sens_bounds(tables, extra, sidx, col_u, col_v, self._sens_s2, room)
-        if bounds is not None:
-            lower, upper = bounds
-            kth = np.partition(lower, lower.size - k)[lower.size - k]
+            got = _cpu_rows.capped_candidates(tables, extra, w_top, sidx, col_u, col_v, self._sens_s2, room, k)
+        if got is not None:
+            at, kth = got
             if kth >= 1e-20:  # (with w < 1e15, the key's exp terms are far above float32's subnormals)
-                cand = capped[upper >= kth * (1.0 - 1e-3)]  # at least the k with lower >= kth
+                cand = capped[at]  # at least the k with lower >= kth
                 if cand.size == k:
                     return cand
                 keys = self._capped_keys(cand, cols, dose)
@@ -905,6 +910,16 @@ def _bev_lookup(h, vox: np.ndarray) -> tuple:
     out = pos < 0
     return (np.where(out, np.nan, h.u_cells[pos]), np.where(out, np.inf, h.v_cells[pos]),
             np.where(out, 0.0, h.weights[0][pos]), out)
+
+
+def _w_top(base: "_BaseRows") -> np.ndarray:
+    """(nb,) float32: each base voxel's largest dose per unit fluence over the beams (its
+    ``bev_w2``'s column maximum, NaN where one is NaN), the ceiling of its capped-ranking key
+    per Gy of room (``_Rows._top_capped``); kept on the base (geometry only)."""
+    got = base.__dict__.get("_w_top")
+    if got is None:
+        got = base.__dict__["_w_top"] = base.bev_w2.max(axis=0, initial=-np.inf)
+    return got
 
 
 class _BaseRows:

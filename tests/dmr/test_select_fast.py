@@ -344,6 +344,46 @@ def test_capped_sens_bounds_hold():
     assert _cpu_rows.capped_sens_bounds(bad, extra, np.arange(10), col_u, col_v, 29.4, np.ones(10)) is None
 
 
+@needs_numba
+def test_capped_candidates_hold_the_top_keys():
+    """The pruned candidates (ceilings ``w / room``, bounds of the highest first): the same
+    ``k``-th largest lower bound and the same voxels as the bounds of every voxel
+    (:func:`capped_sens_bounds`), up to their exp's round-off at the cut, and every voxel of
+    the exact top ``k`` among them, read from a base's tables and extra voxels, with columns
+    off some beams and a NaN weight (no bounds: None)."""
+    rng = np.random.default_rng(34)
+    n_beams, nb, ne = 5, 12000, 40
+    base, extra = _bev_tables(rng, n_beams, nb), _bev_tables(rng, n_beams, ne)
+    w_top = tuple(t.max(axis=0) for t in (base[2], extra[2]))
+    source = rng.permutation(nb + ne)[: nb + ne - 200].astype(np.int64)
+    watch_tabs = [np.concatenate([b, e], axis=1)[:, source] for b, e in zip(base, extra)]
+    for trial in range(30):
+        k = int(rng.choice([1, 17, 64, 384]))
+        cols = rng.choice(source.size, int(rng.integers(1, 9)), replace=False).astype(np.int64)
+        capped = np.sort(rng.choice(source.size, int(rng.choice([2000, 9000])), replace=False)).astype(np.int64)
+        s2 = float(rng.choice([2.0, 29.4, 400.0]))
+        room = np.maximum(rng.uniform(-1, 5, capped.size), 0.02)
+        col_u, col_v = (t[:, cols] for t in watch_tabs[:2])
+        if trial % 5 == 2:  # a beam none of the columns is on
+            col_v[1] = np.inf
+        at, kth = _cpu_rows.capped_candidates(base, extra, w_top, source[capped], col_u, col_v, s2, room, k)
+        lower, upper = _cpu_rows.capped_sens_bounds(base, extra, source[capped], col_u, col_v, s2, room)
+        kth_ref = np.partition(lower, lower.size - k)[lower.size - k]
+        assert abs(kth - kth_ref) <= 1e-6 * kth_ref
+        ref = upper >= kth_ref * (1.0 - 1e-3)
+        got = np.zeros(capped.size, bool)
+        got[at] = True
+        assert np.all(np.diff(at) > 0)
+        sliver = np.abs(upper / (kth_ref * (1.0 - 1e-3)) - 1.0) < 1e-5
+        assert np.all((got == ref) | sliver)
+        exact = _exact_keys(*(t[:, capped] for t in watch_tabs), col_u, col_v, s2, room)
+        assert np.all(got[np.argsort(-exact, kind="stable")[:k]])
+    bad = (base[0], base[1], base[2].copy())
+    bad[2][0, source[capped[0]]] = np.nan
+    w_bad = (bad[2].max(axis=0), w_top[1])
+    assert _cpu_rows.capped_candidates(bad, extra, w_bad, source[capped], col_u, col_v, 29.4, room, 64) is None
+
+
 def _capped_rows(rng, n: int, n_beams: int = 4) -> _Rows:
     """A row helper on its own BEV tables (no watch): what ``_Rows._top_capped`` reads."""
     rs = object.__new__(_Rows)
