@@ -182,6 +182,31 @@ def test_scan_watch_equals_numpy(n):
     assert _cpu_rows.scan_watch(ones * 2, ones * 0, ones, ones, np.zeros(5, bool))[3] == 0
 
 
+@needs_numba
+def test_scan_watch_argmax_without_a_positive_score():
+    """The argmax where no score is positive (the compiled pass skips the scores <= 0 once
+    one >= 0 is known): negative weights (scores below zero, the largest far into the watch),
+    -0.0 before 0.0, a NaN after them; the same as NumPy's."""
+    rng = np.random.default_rng(7)
+    for n in (1, 300, 3000):
+        dose, lo, hi, weight = _random_watch(rng, n)
+        dose = np.where(np.isnan(dose), 0.0, dose)
+        weight = -rng.uniform(0.5, 2.0, n)
+        blocked = np.zeros(n, bool)
+        for case in range(3):
+            if case == 1:  # -0.0 first (a voxel in band, negative weight), then 0.0 (blocked)
+                dose[0], lo[0], hi[0] = 1.0, 0.0, 2.0
+                blocked[n // 2] = True
+            if case == 2:
+                dose[n - 1] = np.nan
+            got = _cpu_rows.scan_watch(dose, lo, hi, weight, blocked)
+            with np.errstate(invalid="ignore"):
+                twin = _cpu_rows.scan_watch_numpy(dose, lo, hi, weight, blocked)
+            assert got[3] == twin[3] and got[4] == twin[4]
+            for a, b in zip(got[:3] + got[5:], twin[:3] + twin[5:]):
+                assert np.array_equal(a, b, equal_nan=True)
+
+
 def test_one_switch_turns_every_compiled_host_loop_off(monkeypatch):
     """``kernels._cpu.HAVE_NUMBA`` is the only switch (``_cpu_rows`` has none of its own, its
     callers read ``_cpu``'s at each call): set False, the step's scan is the NumPy twin's."""
