@@ -6,9 +6,9 @@ each gives the same values, so the same rows, voxels and steps
 (``tests/dmr/test_select_fast.py`` compares them):
 
 - :func:`scan_watch`: a recovery step's pass over the watch (``recover``): the violation, the
-  objective's terms, the score, its largest and the voxels off their band each way, in a
-  vectorised pass and a pass of one comparison per voxel instead of about twenty NumPy passes
-  over 10^5 voxels (its twin: :func:`scan_watch_numpy`).
+  objective's terms, the score, its largest and the voxels off their band each way, in one
+  pass instead of about twenty NumPy passes over 10^5 voxels (its twin:
+  :func:`scan_watch_numpy`).
 - :func:`in_band_under`: the at-risk and soft-capped voxels among those under the columns'
   patches (``_Rows.select``), one pass over the marks instead of ``flatnonzero`` and gathers.
 - :func:`in_band_risk`: the same pass keeping only what the step keeps, the ``max_rows_risk``
@@ -139,30 +139,24 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
 
     @numba.njit(nogil=True, cache=True)
     def _scan_watch_nb(dose, lo, hi, weight, blocked, viol, wv2, score, cold, hot):  # pragma: no cover
-        # The values in a branch-free pass (vectorised); then the argmax, the voxels off their
-        # band and the largest score from the scores, where a score <= 0 once one >= 0 is
-        # known (nearly all of them) changes none of them: one comparison.
-        n = dose.shape[0]
-        for i in range(n):
-            d = dose[i]
-            a = lo[i] - d
-            b = d - hi[i]
-            m = a if (a >= b or np.isnan(a)) else b  # NumPy's maximum: NaN propagates
-            v = m if (m >= 0.0 or np.isnan(m)) else 0.0
-            viol[i] = v
-            w = weight[i]
-            wv2[i] = w * (v * v)
-            score[i] = 0.0 if blocked[i] else w * v
+        # NumPy's maximum: a if a >= b or a is NaN, else b (NaN propagates).
         r = -1
         nan_at = -1
         best = -np.inf
         big = False
         nc = 0
         nh = 0
-        for i in range(n):
-            s = score[i]
-            if s <= 0.0 and best >= 0.0:
-                continue
+        for i in range(dose.shape[0]):
+            d = dose[i]
+            a = lo[i] - d
+            b = d - hi[i]
+            m = a if (a >= b or np.isnan(a)) else b
+            v = m if (m >= 0.0 or np.isnan(m)) else 0.0
+            viol[i] = v
+            w = weight[i]
+            wv2[i] = w * (v * v)
+            s = 0.0 if blocked[i] else w * v
+            score[i] = s
             if s > 1e-6:
                 big = True
             if np.isnan(s):  # argmax: the first NaN
@@ -172,7 +166,6 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
                 best = s
                 r = i
             if s > 0:
-                d = dose[i]
                 if d < lo[i]:
                     cold[nc] = i
                     nc += 1
@@ -428,16 +421,27 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         return np.partition(got, m - k)[m - k]
 
     @numba.njit(nogil=True, cache=True, error_model="numpy")
-    def _capped_candidates_nb(bu2, bv2, bw2, eu, ev, ew, w_top, ew_top, sidx, cu2, cv2, s2, room, k, n_first,
-                              at):  # pragma: no cover - compiled
+    def _capped_candidates_nb(bu2, bv2, bw2, eu, ev, ew, w_top, ew_top, source, composed, capped, hi, dose, cu2,
+                              cv2, s2, k, n_first, at):  # pragma: no cover - compiled
         # Each voxel's key is at most its ceiling w_top / room (exp <= 1, and w >= 0 past the
         # clamp at 0; a NaN ceiling is never below a cut). About the n_first highest ceilings
         # (a strided sample's quantile) get their bounds first; their k-th largest lower bound
         # tau is at most the k-th of all, so a voxel whose ceiling lies a relative 1e-3 below
         # tau is no candidate and leaves the k-th largest lower bound alone: only the others
         # get bounds.
-        n = sidx.shape[0]
+        n = capped.shape[0]
         nb = bu2.shape[1]
+        # Each voxel's index into the tables and its room, np.maximum(hi - dose, 0.02) (a NaN
+        # room: no bounds).
+        sidx = np.empty(n, np.int64)
+        room = np.empty(n)
+        for i in range(n):
+            c = capped[i]
+            sidx[i] = source[c] if composed else c
+            r = hi[c] - dose[c]
+            if np.isnan(r):
+                return -1, 0.0
+            room[i] = r if r >= 0.02 else 0.02
         ceiling = np.empty(n)
         for i in range(n):
             s = sidx[i]
@@ -667,31 +671,36 @@ def capped_sens_bounds(tables, extra, sidx, col_u, col_v, s2: float, room):
     return lval * scale, uval * scale
 
 
-def capped_candidates(tables, extra, w_top, sidx, col_u, col_v, s2: float, room, k: int):
-    """The voxels that can hold the ``k`` largest keys of the capped ranking (``sens / room``,
-    :func:`capped_sens_bounds`): ``(at, kth)``, positions into ``sidx`` (int64, ascending)
-    and the ``k``-th largest lower bound; the voxels whose upper bound lies a relative 1e-3
-    below ``kth`` are left out (their key cannot reach the ``k``-th largest). The same
-    ``kth`` and, the bounds' own 1e-5 aside, the same voxels as :func:`capped_sens_bounds` of
-    every voxel, for bounds of fewer voxels: a voxel's key is at most its ceiling ``w_top /
-    room`` (``w_top``: its largest ``w`` over the beams), the ``4 k`` highest ceilings get
-    their bounds first, and a voxel whose ceiling lies a relative 1e-3 below the ``k``-th
-    largest of their lower bounds gets none (measured on the clinical horseshoe: about a
-    quarter of 20,000 voxels bounded). None when some bounded voxel's ``w`` is not finite or
-    not below 1e15.
+def capped_candidates(tables, extra, w_top, source, capped, col_u, col_v, s2: float, hi, dose, k: int):
+    """The voxels of ``capped`` that can hold the ``k`` largest keys of the capped ranking
+    (``sens / room``, :func:`capped_sens_bounds`, ``room = maximum(hi - dose, 0.02)`` at
+    each): ``(at, kth)``, positions into ``capped`` (int64, ascending) and the ``k``-th
+    largest lower bound; the voxels whose upper bound lies a relative 1e-3 below ``kth`` are
+    left out (their key cannot reach the ``k``-th largest). The same ``kth`` and, the bounds'
+    own 1e-5 aside, the same voxels as :func:`capped_sens_bounds` of every voxel, for bounds
+    of fewer voxels: a voxel's key is at most its ceiling ``w_top / room`` (``w_top``: its
+    largest ``w`` over the beams), the ``4 k`` highest ceilings get their bounds first, and a
+    voxel whose ceiling lies a relative 1e-3 below the ``k``-th largest of their lower bounds
+    gets none (measured on the clinical horseshoe: about a quarter of 20,000 voxels
+    bounded). None when some room is NaN, or some bounded voxel's ``w`` is not finite or not
+    below 1e15.
 
-    ``tables``, ``extra``, ``sidx``, ``col_u``, ``col_v``, ``s2``, ``room`` as for
-    :func:`capped_sens_bounds`; ``w_top``: ``(top, extra_top)``, (nb,) and (m,) float32, each
-    voxel's largest ``w`` over the beams in ``tables`` and ``extra`` (NaN where one is NaN:
-    such voxels always get bounds, which then refuse); ``0 < k < len(sidx)``. Needs numba
+    ``tables``, ``extra``, ``col_u``, ``col_v``, ``s2`` as for :func:`capped_sens_bounds`;
+    ``source`` (int64): each watched voxel's index into the tables (``[tables, extra]``), or
+    None where the watch's voxels are the tables' own; ``capped`` (n,) int64 watch
+    positions; ``hi``, ``dose`` float64 over the watch; ``w_top``: ``(top, extra_top)``,
+    (nb,) and (m,) float32, each table voxel's largest ``w`` over the beams (NaN where one is
+    NaN: such voxels always get bounds, which then refuse); ``0 < k < n``. Needs numba
     (``_cpu.HAVE_NUMBA``)."""
     if _CAPPED_CANDIDATES is None:
         raise RuntimeError("capped_candidates needs numba (pip install ids-engine[fast])")
-    sidx = np.asarray(sidx, np.int64)
-    at = np.empty(sidx.shape[0], np.int64)
-    nc, kth = _CAPPED_CANDIDATES(*tables, *extra, *w_top, sidx, np.asarray(col_u, np.float32),
-                                 np.asarray(col_v, np.float32), np.float32(s2), np.asarray(room, np.float64), int(k),
-                                 4 * int(k), at)
+    capped = np.asarray(capped, np.int64)
+    composed = source is not None
+    source = np.asarray(source, np.int64) if composed else np.zeros(0, np.int64)
+    at = np.empty(capped.shape[0], np.int64)
+    nc, kth = _CAPPED_CANDIDATES(*tables, *extra, *w_top, source, composed, capped, np.asarray(hi, np.float64),
+                                 np.asarray(dose, np.float64), np.asarray(col_u, np.float32),
+                                 np.asarray(col_v, np.float32), np.float32(s2), int(k), 4 * int(k), at)
     if nc < 0:
         return None
     return at[:nc].copy(), float(kth)

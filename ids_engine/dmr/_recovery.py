@@ -726,22 +726,20 @@ class _Rows:
         computed."""
         if not (_cpu.HAVE_NUMBA and capped.size > 4 * k and k > 0):
             return capped[_smallest(self._capped_keys(capped, cols, dose), k)]
-        room = np.maximum(self.hi_solve[capped] - dose[capped], 0.02)
-        got = None
-        if not np.isnan(room).any():
-            if "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
-                base, eu, ev, ew = self._bev_source
-                tables, extra = (base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew)
-                w_top = (_w_top(base), ew.max(axis=0, initial=-np.inf))
-                sidx = self.watch.__dict__["_composition"].source[capped]
-            else:
-                tables = (self.bev_u2, self.bev_v2, self.bev_w2)
-                extra = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3))
-                # (read at the voxels: the tables of a row helper without a base are its own)
-                w_top, sidx = (np.zeros(self.bev_w2.shape[1], np.float32), np.zeros(0, np.float32)), capped
-                w_top[0][capped] = self.bev_w2[:, capped].max(axis=0)
-            col_u, col_v = self._bev_at(cols)
-            got = _cpu_rows.capped_candidates(tables, extra, w_top, sidx, col_u, col_v, self._sens_s2, room, k)
+        if "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
+            base, eu, ev, ew = self._bev_source
+            tables, extra = (base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew)
+            w_top = (_w_top(base), ew.max(axis=0, initial=-np.inf))
+            source = self.watch.__dict__["_composition"].source
+        else:
+            tables = (self.bev_u2, self.bev_v2, self.bev_w2)
+            extra = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3))
+            # (read at the voxels: the tables of a row helper without a base are its own)
+            w_top, source = (np.zeros(self.bev_w2.shape[1], np.float32), np.zeros(0, np.float32)), None
+            w_top[0][capped] = self.bev_w2[:, capped].max(axis=0)
+        col_u, col_v = self._bev_at(cols)
+        got = _cpu_rows.capped_candidates(tables, extra, w_top, source, capped, col_u, col_v, self._sens_s2,
+                                          self.hi_solve, dose, k)
         if got is not None:
             at, kth = got
             if kth >= 1e-20:  # (with w < 1e15, the key's exp terms are far above float32's subnormals)

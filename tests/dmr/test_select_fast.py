@@ -375,7 +375,7 @@ def test_capped_candidates_hold_the_top_keys():
     ``k``-th largest lower bound and the same voxels as the bounds of every voxel
     (:func:`capped_sens_bounds`), up to their exp's round-off at the cut, and every voxel of
     the exact top ``k`` among them, read from a base's tables and extra voxels, with columns
-    off some beams and a NaN weight (no bounds: None)."""
+    off some beams; a NaN weight or room: None."""
     rng = np.random.default_rng(34)
     n_beams, nb, ne = 5, 12000, 40
     base, extra = _bev_tables(rng, n_beams, nb), _bev_tables(rng, n_beams, ne)
@@ -387,11 +387,13 @@ def test_capped_candidates_hold_the_top_keys():
         cols = rng.choice(source.size, int(rng.integers(1, 9)), replace=False).astype(np.int64)
         capped = np.sort(rng.choice(source.size, int(rng.choice([2000, 9000])), replace=False)).astype(np.int64)
         s2 = float(rng.choice([2.0, 29.4, 400.0]))
-        room = np.maximum(rng.uniform(-1, 5, capped.size), 0.02)
+        hi = rng.uniform(20, 40, source.size)
+        dose = hi - rng.uniform(-1, 5, source.size)
+        room = np.maximum(hi[capped] - dose[capped], 0.02)
         col_u, col_v = (t[:, cols] for t in watch_tabs[:2])
         if trial % 5 == 2:  # a beam none of the columns is on
             col_v[1] = np.inf
-        at, kth = _cpu_rows.capped_candidates(base, extra, w_top, source[capped], col_u, col_v, s2, room, k)
+        at, kth = _cpu_rows.capped_candidates(base, extra, w_top, source, capped, col_u, col_v, s2, hi, dose, k)
         lower, upper = _cpu_rows.capped_sens_bounds(base, extra, source[capped], col_u, col_v, s2, room)
         kth_ref = np.partition(lower, lower.size - k)[lower.size - k]
         assert abs(kth - kth_ref) <= 1e-6 * kth_ref
@@ -406,7 +408,9 @@ def test_capped_candidates_hold_the_top_keys():
     bad = (base[0], base[1], base[2].copy())
     bad[2][0, source[capped[0]]] = np.nan
     w_bad = (bad[2].max(axis=0), w_top[1])
-    assert _cpu_rows.capped_candidates(bad, extra, w_bad, source[capped], col_u, col_v, 29.4, room, 64) is None
+    assert _cpu_rows.capped_candidates(bad, extra, w_bad, source, capped, col_u, col_v, 29.4, hi, dose, 64) is None
+    dose[capped[5]] = np.nan  # a NaN room
+    assert _cpu_rows.capped_candidates(base, extra, w_top, source, capped, col_u, col_v, 29.4, hi, dose, 64) is None
 
 
 def _capped_rows(rng, n: int, n_beams: int = 4) -> _Rows:
