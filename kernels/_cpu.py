@@ -106,10 +106,23 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         @numba.njit(nogil=True, cache=True)
         def _sample_weighted_nb(maps, v, u, o_v, o_u, weights, ok, k, out):  # pragma: no cover - compiled
+            # ``out`` zero on entry. First each usable voxel's four corners (flat offsets in a
+            # map) and bilinear weights, then map by map over the voxels: a map (a few KB) stays
+            # in the L1 cache while it is read, where a voxel's k nc maps are not. Each
+            # out[kk, i] gets the same float32 sum as a running sum from 0 over the components
+            # in order (c outer to the voxels): the same bits.
             nmaps, h, w = maps.shape
             nc = nmaps // k
             one = np.float32(1)
-            for i in range(v.shape[0]):
+            zero = np.float32(0)
+            hw = h * w
+            flat = maps.reshape(nmaps * hw)
+            n = v.shape[0]
+            vox = np.empty(n, np.int64)
+            corner = np.empty((n, 4), np.int64)
+            cw = np.empty((n, 4), np.float32)
+            q = 0
+            for i in range(n):
                 if not ok[i]:
                     continue
                 fv = v[i] - o_v
@@ -120,22 +133,28 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 tu = fu - np.float32(c0)
                 r_in0, r_in1 = 0 <= r0 < h, 0 <= r0 + 1 < h
                 c_in0, c_in1 = 0 <= c0 < w, 0 <= c0 + 1 < w
-                w00 = (one - tv) * (one - tu) if (r_in0 and c_in0) else np.float32(0)
-                w01 = (one - tv) * tu if (r_in0 and c_in1) else np.float32(0)
-                w10 = tv * (one - tu) if (r_in1 and c_in0) else np.float32(0)
-                w11 = tv * tu if (r_in1 and c_in1) else np.float32(0)
+                cw[q, 0] = (one - tv) * (one - tu) if (r_in0 and c_in0) else zero
+                cw[q, 1] = (one - tv) * tu if (r_in0 and c_in1) else zero
+                cw[q, 2] = tv * (one - tu) if (r_in1 and c_in0) else zero
+                cw[q, 3] = tv * tu if (r_in1 and c_in1) else zero
                 ra = min(max(r0, 0), h - 1)
                 rb = min(max(r0 + 1, 0), h - 1)
                 ca = min(max(c0, 0), w - 1)
                 cb = min(max(c0 + 1, 0), w - 1)
-                for kk in range(k):
-                    acc = np.float32(0)
-                    for c in range(nc):
-                        m = kk * nc + c
-                        val = (maps[m, ra, ca] * w00 + maps[m, ra, cb] * w01
-                               + maps[m, rb, ca] * w10 + maps[m, rb, cb] * w11)
-                        acc += val * weights[c, i]
-                    out[kk, i] = acc
+                corner[q, 0] = ra * w + ca
+                corner[q, 1] = ra * w + cb
+                corner[q, 2] = rb * w + ca
+                corner[q, 3] = rb * w + cb
+                vox[q] = i
+                q += 1
+            for kk in range(k):
+                for c in range(nc):
+                    base = (kk * nc + c) * hw
+                    for t in range(q):
+                        i = vox[t]
+                        val = (flat[base + corner[t, 0]] * cw[t, 0] + flat[base + corner[t, 1]] * cw[t, 1]
+                               + flat[base + corner[t, 2]] * cw[t, 2] + flat[base + corner[t, 3]] * cw[t, 3])
+                        out[kk, i] += val * weights[c, i]
 
         _SAMPLE = _sample_weighted_nb
 

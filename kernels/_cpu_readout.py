@@ -11,8 +11,13 @@ cost more than the arithmetic. :func:`level_tables` looks the same level voxels 
 beam at once (the level voxels a DMR joint solve's read meets for the first time,
 ``ids_engine.dose._readout._LevelTables``): the per-beam look-up (``_LevelRows.of``) for the
 beams asked for in one call, where a call per beam and level cost more than its gathers (its
-compiled loop, in :mod:`~ids_engine.kernels._cpu`, calls the per-beam one). Without numba (or with ``IDS_NUMBA=0``, see :mod:`ids_engine.kernels._cpu`) the
-engine uses the references.
+compiled loop, in :mod:`~ids_engine.kernels._cpu`, calls the per-beam one).
+:func:`stacked_bounds` is the window a DMR joint read's every beam samples (the floors of the
+least and greatest fluence row and column of its rows, ``ReadOuts._rows_of_beams``) in one
+pass, and :func:`block_sum` a stack of patches summed over the coarse level's blocks (a DMR
+read's coarse stack), without NumPy's many short inner loops: the same float32 additions in
+NumPy's order, so the same values bit for bit (tested). Without numba (or with
+``IDS_NUMBA=0``, see :mod:`ids_engine.kernels._cpu`) the engine uses the references.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import numpy as np
 
 from . import _cpu
 
-__all__ = ["coarse_tables", "level_tables"]
+__all__ = ["block_sum", "coarse_tables", "level_tables", "stacked_bounds"]
 
-_COARSE_TABLES = None  # the compiled loop, when numba is installed
+_COARSE_TABLES = None  # the compiled loops, when numba is installed
+_BOUNDS = None
+_BLOCK_SUM = None
 if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
@@ -69,6 +76,44 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
         return uniq
 
     _COARSE_TABLES = _coarse_tables_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _stacked_bounds_nb(ok, v, u, lo_hi, found):  # pragma: no cover - compiled
+        inf32 = np.float32(np.inf)
+        for s in range(ok.shape[0]):
+            v_min, v_max, u_min, u_max = inf32, -inf32, inf32, -inf32
+            hit = False
+            for i in range(ok.shape[1]):
+                vi = v[s, i]
+                ui = u[s, i]
+                if ok[s, i] and np.isfinite(vi) and np.isfinite(ui):
+                    hit = True
+                    v_min = min(v_min, vi)
+                    v_max = max(v_max, vi)
+                    u_min = min(u_min, ui)
+                    u_max = max(u_max, ui)
+            lo_hi[s, 0], lo_hi[s, 1], lo_hi[s, 2], lo_hi[s, 3] = v_min, v_max, u_min, u_max
+            found[s] = hit
+
+    _BOUNDS = _stacked_bounds_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _block_sum_nb(stack, f, out):  # pragma: no cover - compiled
+        # NumPy's order for sum(axis=(2, 4)) of the (m, hh, f, ww, f) view: per block row a
+        # running sum of its f cells from 0, then the rows' sums added in turn to 0.
+        zero = np.float32(0)
+        for p in range(out.shape[0]):
+            for r in range(out.shape[1]):
+                for c in range(out.shape[2]):
+                    acc = zero
+                    for a in range(f):
+                        row = zero
+                        for b in range(f):
+                            row += stack[p, r * f + a, c * f + b]
+                        acc += row
+                    out[p, r, c] = acc
+
+    _BLOCK_SUM = _block_sum_nb
 
 
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
@@ -140,3 +185,37 @@ def level_tables(hosts: list, beams: np.ndarray, level_index: np.ndarray):
                        level_index, ok, v, u, w, bounds, found)
     mm = [tuple(float(x) for x in bounds[s]) if found[s] else None for s in range(s_count)]
     return ok, v, u, w, mm
+
+
+def stacked_bounds(ok: np.ndarray, v: np.ndarray, u: np.ndarray) -> list:
+    """Per row ``s`` of stacked look-ups (``ok`` (S, m) bool, ``v``, ``u`` (S, m) float32): the
+    floors of the least and greatest ``v`` and ``u`` over the voxels with ``ok`` and finite
+    ``v`` and ``u``, ``(v_min, v_max, u_min, u_max)`` as Python ints, or None where there is
+    none: ``ReadOuts._stacked_bounds`` (:func:`~ids_engine.dose._readout.level_bounds` of each
+    row) in one pass (min / max only, so the same values). Needs numba (``_cpu.HAVE_NUMBA``)."""
+    if _BOUNDS is None:
+        raise RuntimeError("stacked_bounds needs numba (pip install ids-engine[fast])")
+    s_count = int(ok.shape[0])
+    lo_hi = np.empty((s_count, 4), np.float32)
+    found = np.empty(s_count, np.bool_)
+    _BOUNDS(ok, v, u, lo_hi, found)
+    floors = np.floor(lo_hi).tolist()
+    return [tuple(int(x) for x in floors[s]) if found[s] else None for s in range(s_count)]
+
+
+def block_sum(stack: np.ndarray, factor: int) -> np.ndarray:
+    """``stack`` ((m, hh f, ww f) float32) summed over ``factor`` x ``factor`` blocks: ``(m, hh,
+    ww)`` float32, bit for bit ``stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))`` (a DMR read's
+    stack on the coarse level). Compiled where that order is known: NumPy runs the innermost
+    (contiguous) axis as a running sum for fewer than 8 entries and adds the block rows' sums
+    in turn; with ``ww == 1`` it merges the two summed axes into one and sums pairwise, and
+    from 8 entries on it sums pairwise: those, a factor of 1 and the case without numba take
+    NumPy's sum."""
+    m, hf, wf = (int(x) for x in stack.shape)
+    f = int(factor)
+    hh, ww = hf // f, wf // f
+    if _BLOCK_SUM is None or not 2 <= f < 8 or ww < 2 or stack.dtype != np.float32 or hh * f != hf or ww * f != wf:
+        return stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
+    out = np.empty((m, hh, ww), np.float32)
+    _BLOCK_SUM(stack, f, out)
+    return out

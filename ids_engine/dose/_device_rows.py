@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ids_engine import backend
+from ids_engine.kernels._cpu_readout import block_sum
 from ids_engine.kernels.deltas import SLOT_FIELDS, delta_rows
 
 from ._uploads import _Uploads
@@ -100,8 +101,7 @@ def device_delta_matrix(eng, columns, flat_index) -> tuple[np.ndarray, np.ndarra
         if geo.fine.components:
             slots["fine"].append((b, stack, R0 * f, C0 * f, cols))
         if geo.coarse.components:
-            m, hh, ww = stack.shape[0], stack.shape[1] // f, stack.shape[2] // f
-            slots["coarse"].append((b, stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4)), R0, C0, cols))
+            slots["coarse"].append((b, block_sum(stack, f), R0, C0, cols))
     up = _Uploads()
     args = {name: _level_tables(eng, name, s, nb, idx, up) for name, s in slots.items() if s}
     if not args:

@@ -287,8 +287,12 @@ class ReadOuts:
         by the indices' content: recovery reads the same watch and the same rows again and
         again, and the tables are what reading the dose there costs on the host."""
         cache = self.__dict__.setdefault("_neighbour_cache", [])
+        # The first and last indices first: a step's new rows mostly differ there, and two
+        # integer reads cost less than a whole comparison (which decides).
+        ends = (int(idx[0]), int(idx[-1])) if idx.size else None
         for i, nb in enumerate(cache):
-            if nb.idx.shape == idx.shape and np.array_equal(nb.idx, idx):
+            if nb.idx.shape == idx.shape and (ends is None or (int(nb.idx[0]), int(nb.idx[-1])) == ends) \
+                    and np.array_equal(nb.idx, idx):
                 if i:
                     cache.insert(0, cache.pop(i))
                 return nb
@@ -481,9 +485,8 @@ class ReadOuts:
             for t in targets:
                 t[sel] += df
         if geo.coarse.components:
-            f = geo.coarse_fluence_factor
-            m, hh, ww = placed.shape[0], placed.shape[1] // f, placed.shape[2] // f
-            coarse = placed.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
+            m = placed.shape[0]
+            coarse = _cpu_readout.block_sum(placed, geo.coarse_fluence_factor)
             uniq, inv = nb.coarse_unique()
             rows = self._rows_of(nb, b, "coarse", uniq)
             # Read once per distinct coarse voxel (the same values as reading all 8 n).
@@ -534,7 +537,7 @@ class ReadOuts:
         ok = ok != 0
         todo = [s for s, b in enumerate(beams) if (b, name) not in nb.levels]
         if todo:
-            bounds = _stacked_bounds(ok, v, u)
+            bounds = _cpu_readout.stacked_bounds(ok, v, u) if _cpu.HAVE_NUMBA else _stacked_bounds(ok, v, u)
             for s in todo:
                 nb.levels[(beams[s], name)] = _LevelRows(m, ok[s], v[s], u[s], w[s], bounds[s])
         return ok, v, u, w
