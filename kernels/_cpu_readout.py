@@ -26,11 +26,12 @@ import numpy as np
 
 from . import _cpu
 
-__all__ = ["block_sum", "coarse_tables", "level_tables", "stacked_bounds"]
+__all__ = ["block_sum", "coarse_tables", "gather_columns", "level_tables", "stacked_bounds"]
 
 _COARSE_TABLES = None  # the compiled loops, when numba is installed
 _BOUNDS = None
 _BLOCK_SUM = None
+_GATHER_T = None
 if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
@@ -114,6 +115,15 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
                     out[p, r, c] = acc
 
     _BLOCK_SUM = _block_sum_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _gather_columns_nb(records, rows, out):  # pragma: no cover - compiled
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            for j in range(records.shape[1]):
+                out[j, i] = records[r, j]
+
+    _GATHER_T = _gather_columns_nb
 
 
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
@@ -218,4 +228,16 @@ def block_sum(stack: np.ndarray, factor: int) -> np.ndarray:
         return stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
     out = np.empty((m, hh, ww), np.float32)
     _BLOCK_SUM(stack, f, out)
+    return out
+
+
+def gather_columns(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(records[rows].T)`` in one pass: rows ``rows`` ((m,) int32 or
+    int64, each in ``[0, len(records))``: not checked) of ``records`` ((N, R) float32,
+    C-contiguous) as the columns of an ``(R, m)`` float32 C-contiguous array (copies: the same
+    values). Without numba, NumPy's gather and transpose."""
+    if _GATHER_T is None:
+        return np.ascontiguousarray(records[rows].T)
+    out = np.empty((records.shape[1], rows.shape[0]), records.dtype)
+    _GATHER_T(records, rows, out)
     return out

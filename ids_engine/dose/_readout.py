@@ -20,7 +20,8 @@ compiled pass where numba is installed (:func:`~ids_engine.kernels._cpu_readout.
 and the per-beam level look-ups, :class:`_LevelRows`), since recovery reads the same watch and the
 same rows again and again; a DMR joint read's look-ups in every beam are gathered from those of
 every level voxel read before (:class:`_LevelTables`, kept per level while the engine's levels
-are the same objects); the patch responses are convolved only over the window their samples
+are the same objects; the gather, the rows' bounds and the coarse block sum of the stacks are
+compiled loops where numba is installed, :mod:`~ids_engine.kernels._cpu_readout`); the patch responses are convolved only over the window their samples
 read (:func:`_level_delta_compute`), and the convolved windows are kept per beam and level
 (:meth:`ReadOuts._response_windows`: recovery reads the same compensating column again at
 other rows with the same window).
@@ -198,7 +199,7 @@ class _LevelTables:
             self._slot[new] = np.arange(self._n, end, dtype=np.int32)
             self._n = end
             slots = self._slot[level_index]
-        return np.ascontiguousarray(self._records[slots].T)
+        return _cpu_readout.gather_columns(self._records, slots)
 
     def _look_up(self, vox: np.ndarray) -> np.ndarray:
         """Every beam's look-up of level voxels ``vox`` as records ((k, B (3 + nc)) float32):

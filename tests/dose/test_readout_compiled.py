@@ -102,3 +102,13 @@ def test_sample_weighted_is_its_float32_operations_bit_for_bit():
         ref = _sample_weighted_reference(maps, v, u, origin, weights, ok, k)
         got = _cpu.sample_weighted(maps, v, u, origin, weights, ok, k)
         np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+def test_gather_columns_is_numpys_gather_and_transpose():
+    rng = np.random.default_rng(17)
+    for n_rec, width, m in ((0, 5, 0), (1, 1, 3), (50, 33, 200), (7, 60, 1)):
+        records = _wide(rng, (n_rec, width))
+        rows = rng.integers(0, max(n_rec, 1), m).astype(np.int32) if n_rec else np.empty(0, np.int32)
+        got = _cpu_readout.gather_columns(records, rows)
+        assert got.shape == (width, m) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.int32), np.ascontiguousarray(records[rows].T).view(np.int32))
