@@ -26,12 +26,13 @@ import numpy as np
 
 from . import _cpu
 
-__all__ = ["block_sum", "coarse_tables", "gather_columns", "level_tables", "stacked_bounds"]
+__all__ = ["add_beam_parts", "block_sum", "coarse_tables", "gather_columns", "level_tables", "stacked_bounds"]
 
 _COARSE_TABLES = None  # the compiled loops, when numba is installed
 _BOUNDS = None
 _BLOCK_SUM = None
 _GATHER_T = None
+_ADD_PARTS = None
 if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
@@ -124,6 +125,20 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
                 out[j, i] = records[r, j]
 
     _GATHER_T = _gather_columns_nb
+
+    @numba.njit(nogil=True, cache=True)
+    def _add_parts_nb(read, order, cols, out, parts):  # pragma: no cover - compiled
+        n = out.shape[1]
+        for t in range(order.shape[0]):
+            b, level, slot, c0, c1 = order[t, 0], order[t, 1], order[t, 2], order[t, 3], order[t, 4]
+            for q in range(c0, c1):
+                col = cols[q]
+                for i in range(n):
+                    g = read[level, slot, col, i]
+                    out[col, i] += g
+                    parts[b, col, i] += g
+
+    _ADD_PARTS = _add_parts_nb
 
 
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
@@ -241,3 +256,16 @@ def gather_columns(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty((records.shape[1], rows.shape[0]), records.dtype)
     _GATHER_T(records, rows, out)
     return out
+
+
+def add_beam_parts(read: np.ndarray, order: np.ndarray, cols: np.ndarray, out: np.ndarray, parts: np.ndarray) -> None:
+    """Adds the parts a DMR joint read got (``read`` (L, S, K, n) float32: level, slot, column,
+    row) to the joint columns ``out`` ((K, n) float32) and to each beam's own ``parts`` ((B, K,
+    n) float32), in the order of ``order`` ((T, 5) int64 rows ``beam, level, slot, q0, q1``:
+    the columns ``cols[q0:q1]`` (int64, distinct within a row) of that slot), each row as
+    ``out[c] += read[level, slot, c]; parts[beam, c] += read[level, slot, c]`` for its columns
+    ``c``: the same float32 additions in the same order as those NumPy statements, in one pass.
+    Indices are not checked. Needs numba (``_cpu.HAVE_NUMBA``)."""
+    if _ADD_PARTS is None:
+        raise RuntimeError("add_beam_parts needs numba (pip install ids-engine[fast])")
+    _ADD_PARTS(read, order, cols, out, parts)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from ids_engine import backend
-from ids_engine.kernels._cpu_readout import block_sum
+from ids_engine.kernels import _cpu
+from ids_engine.kernels._cpu_readout import add_beam_parts, block_sum
 from ids_engine.kernels.deltas import SLOT_FIELDS, delta_rows
 
 from ._uploads import _Uploads
@@ -126,13 +127,22 @@ def device_delta_matrix(eng, columns, flat_index) -> tuple[np.ndarray, np.ndarra
     # The host path's order: per beam, its fine part then its coarse part, into the joint
     # columns and into the beam's own part.
     at = {name: {b: s for s, (b, *_) in enumerate(slots[name])} for name in _LEVELS}
-    for b, _, _, _, sel in beams:
-        for li, name in enumerate(_LEVELS):
-            s = at[name].get(b)
-            if s is not None:
-                got = host[li, s, sel]
-                out[sel] += got
-                parts[b, sel] += got
+    if _cpu.HAVE_NUMBA:  # the same additions in one compiled pass
+        order, cols, q = [], [], 0
+        for b, *_, sel in beams:
+            c = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
+            cols.append(c)
+            order.extend((b, li, at[name][b], q, q + c.shape[0]) for li, name in enumerate(_LEVELS) if b in at[name])
+            q += c.shape[0]
+        add_beam_parts(host, np.array(order, np.int64).reshape(-1, 5), np.concatenate(cols), out, parts)
+    else:
+        for b, _, _, _, sel in beams:
+            for li, name in enumerate(_LEVELS):
+                s = at[name].get(b)
+                if s is not None:
+                    got = host[li, s, sel]
+                    out[sel] += got
+                    parts[b, sel] += got
     if nb.outside.size:  # outside the body: 0 (the host path's bits)
         out[:, nb.outside] = 0
         parts[:, :, nb.outside] = 0

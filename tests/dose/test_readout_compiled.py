@@ -112,3 +112,27 @@ def test_gather_columns_is_numpys_gather_and_transpose():
         got = _cpu_readout.gather_columns(records, rows)
         assert got.shape == (width, m) and got.flags.c_contiguous
         np.testing.assert_array_equal(got.view(np.int32), np.ascontiguousarray(records[rows].T).view(np.int32))
+
+
+@needs_numba
+def test_add_beam_parts_is_the_numpy_additions_in_order():
+    """A joint read's parts added to the joint columns and to each beam's part: beams in turn,
+    a beam's fine part before its coarse part, as the NumPy statements do."""
+    rng = np.random.default_rng(19)
+    n_levels, n_slots, k, n, n_beams = 2, 4, 6, 30, 5
+    read = _wide(rng, (n_levels, n_slots, k, n))
+    out, parts = _wide(rng, (k, n)), np.zeros((n_beams, k, n), np.float32)
+    beam_cols = {0: np.arange(0, 3), 2: np.array([1, 4, 5]), 3: np.arange(2, 6), 4: np.array([0])}
+    order, cols, q = [], [], 0
+    want_out, want_parts = out.copy(), parts.copy()
+    for s, (b, c) in enumerate(beam_cols.items()):
+        cols.append(c)
+        for level in range(n_levels) if b != 3 else (1,):
+            order.append((b, level, s, q, q + c.size))
+            got = read[level, s, c]
+            want_out[c] += got
+            want_parts[b, c] += got
+        q += c.size
+    _cpu_readout.add_beam_parts(read, np.array(order, np.int64), np.concatenate(cols).astype(np.int64), out, parts)
+    np.testing.assert_array_equal(out.view(np.int32), want_out.view(np.int32))
+    np.testing.assert_array_equal(parts.view(np.int32), want_parts.view(np.int32))
