@@ -9,7 +9,9 @@ host still stacks the patches, gathers the rows' look-ups in each beam's levels 
 engine's kept ones (``ReadOuts._rows_of_beams``: each level voxel is looked up in every beam
 once, :class:`~ids_engine.dose._readout._LevelTables`, and a step's rows, drawn from the watch
 again and again, are a gather), packs them into one upload per dtype, and reads one array
-back, then adds the parts in the host path's order.
+back, then adds the parts in the host path's order (the coarse block sums and that addition are
+compiled loops where numba is installed, :mod:`~ids_engine.kernels._cpu_readout`: NumPy's
+float32 additions in NumPy's order).
 
 Cost per read (held by ``tests/dose/test_device_budgets.py``): two copies to the device (the
 float32 and the int32 tables), three launches (the zeroed output, one ``delta_rows`` per

@@ -20,9 +20,10 @@ compiled pass where numba is installed (:func:`~ids_engine.kernels._cpu_readout.
 and the per-beam level look-ups, :class:`_LevelRows`), since recovery reads the same watch and the
 same rows again and again; a DMR joint read's look-ups in every beam are gathered from those of
 every level voxel read before (:class:`_LevelTables`, kept per level while the engine's levels
-are the same objects; the gather, the rows' bounds and the coarse block sum of the stacks are
-compiled loops where numba is installed, :mod:`~ids_engine.kernels._cpu_readout`); the patch responses are convolved only over the window their samples
-read (:func:`_level_delta_compute`), and the convolved windows are kept per beam and level
+are the same objects; the gather, the rows' bounds and the stacks' coarse block sums are
+compiled loops where numba is installed, :mod:`~ids_engine.kernels._cpu_readout`); the patch
+responses are convolved only over the window their samples read (:func:`_level_delta_compute`),
+and the convolved windows are kept per beam and level
 (:meth:`ReadOuts._response_windows`: recovery reads the same compensating column again at
 other rows with the same window).
 """
