@@ -234,12 +234,14 @@ def block_sum(stack: np.ndarray, factor: int) -> np.ndarray:
     stack on the coarse level). Compiled where that order is known: NumPy runs the innermost
     (contiguous) axis as a running sum for fewer than 8 entries and adds the block rows' sums
     in turn; with ``ww == 1`` it merges the two summed axes into one and sums pairwise, and
-    from 8 entries on it sums pairwise: those, a factor of 1 and the case without numba take
-    NumPy's sum."""
+    from 8 entries on it sums pairwise: those, a factor of 1, a stack not C-ordered (NumPy sums
+    in memory order) and the case without numba (``_cpu.HAVE_NUMBA`` false) take NumPy's sum.
+    Where two different NaNs meet, which one's bits survive may differ from NumPy's."""
     m, hf, wf = (int(x) for x in stack.shape)
     f = int(factor)
     hh, ww = hf // f, wf // f
-    if _BLOCK_SUM is None or not 2 <= f < 8 or ww < 2 or stack.dtype != np.float32 or hh * f != hf or ww * f != wf:
+    if (_BLOCK_SUM is None or not _cpu.HAVE_NUMBA or not 2 <= f < 8 or ww < 2 or stack.dtype != np.float32
+            or not stack.flags.c_contiguous or hh * f != hf or ww * f != wf):
         return stack.reshape(m, hh, f, ww, f).sum(axis=(2, 4))
     out = np.empty((m, hh, ww), np.float32)
     _BLOCK_SUM(stack, f, out)
@@ -250,8 +252,8 @@ def gather_columns(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``np.ascontiguousarray(records[rows].T)`` in one pass: rows ``rows`` ((m,) int32 or
     int64, each in ``[0, len(records))``: not checked) of ``records`` ((N, R) float32,
     C-contiguous) as the columns of an ``(R, m)`` float32 C-contiguous array (copies: the same
-    values). Without numba, NumPy's gather and transpose."""
-    if _GATHER_T is None:
+    values). Without numba (``_cpu.HAVE_NUMBA`` false), NumPy's gather and transpose."""
+    if _GATHER_T is None or not _cpu.HAVE_NUMBA:
         return np.ascontiguousarray(records[rows].T)
     out = np.empty((records.shape[1], rows.shape[0]), records.dtype)
     _GATHER_T(records, rows, out)
@@ -264,8 +266,8 @@ def add_beam_parts(read: np.ndarray, order: np.ndarray, cols: np.ndarray, out: n
     n) float32), in the order of ``order`` ((T, 5) int64 rows ``beam, level, slot, q0, q1``:
     the columns ``cols[q0:q1]`` (int64, distinct within a row) of that slot), each row as
     ``out[c] += read[level, slot, c]; parts[beam, c] += read[level, slot, c]`` for its columns
-    ``c``: the same float32 additions in the same order as those NumPy statements, in one pass.
-    Indices are not checked. Needs numba (``_cpu.HAVE_NUMBA``)."""
+    ``c``: the same float32 additions in the same order as those NumPy statements, in one pass
+    (where two different NaNs meet, which one's bits survive may differ). Indices are not checked. Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _ADD_PARTS is None:
         raise RuntimeError("add_beam_parts needs numba (pip install ids-engine[fast])")
     _ADD_PARTS(read, order, cols, out, parts)

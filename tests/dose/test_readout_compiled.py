@@ -104,6 +104,34 @@ def test_sample_weighted_is_its_float32_operations_bit_for_bit():
         np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
 
 
+@needs_numba
+def test_block_sum_of_a_stack_not_c_ordered_is_numpys():
+    """NumPy sums in memory order: a Fortran-ordered or axis-swapped stack takes NumPy's sum."""
+    rng = np.random.default_rng(23)
+    x = _wide(rng, (3, 4 * 6, 4 * 5))
+    for y in (np.asfortranarray(x), np.swapaxes(np.swapaxes(x, 1, 2).copy(), 1, 2)):
+        ref = y.reshape(3, 6, 4, 5, 4).sum(axis=(2, 4))
+        np.testing.assert_array_equal(_cpu_readout.block_sum(y, 4).view(np.int32), ref.view(np.int32))
+
+
+def test_block_sum_and_gather_follow_the_numba_switch(monkeypatch):
+    """With ``_cpu.HAVE_NUMBA`` off (what ``IDS_NUMBA=0`` and the tests of the NumPy references
+    set), the compiled loops are not called."""
+    def refuse(*args):
+        raise AssertionError("compiled loop called with HAVE_NUMBA off")
+
+    monkeypatch.setattr(_cpu, "HAVE_NUMBA", False)
+    monkeypatch.setattr(_cpu_readout, "_BLOCK_SUM", refuse)
+    monkeypatch.setattr(_cpu_readout, "_GATHER_T", refuse)
+    rng = np.random.default_rng(29)
+    x = _wide(rng, (2, 8, 12))
+    ref = x.reshape(2, 2, 4, 3, 4).sum(axis=(2, 4))
+    np.testing.assert_array_equal(_cpu_readout.block_sum(x, 4).view(np.int32), ref.view(np.int32))
+    records, rows = _wide(rng, (9, 4)), np.array([3, 0, 8], np.int64)
+    np.testing.assert_array_equal(_cpu_readout.gather_columns(records, rows), records[rows].T)
+
+
+@needs_numba
 def test_gather_columns_is_numpys_gather_and_transpose():
     rng = np.random.default_rng(17)
     for n_rec, width, m in ((0, 5, 0), (1, 1, 3), (50, 33, 200), (7, 60, 1)):
