@@ -520,6 +520,7 @@ def in_band_risk(mark, near, viol, dose, hi, lo, capped, slack_max: float, k: in
         raise RuntimeError("in_band_risk needs numba (pip install ids-engine[fast])")
     if k < 1 or scratch.shape[0] < mark.shape[0]:
         raise ValueError(f"in_band_risk: k {k} < 1, or scratch of {scratch.shape[0]} for {mark.shape[0]} voxels")
+    k = min(int(k), int(mark.shape[0]))  # (a k past the voxels keeps every one: no larger heap)
     viol, dose, hi, lo = (np.asarray(a, np.float64) for a in (viol, dose, hi, lo))
     heap_slack, heap_idx = np.empty(k + 1, np.float64), np.empty(k + 1, np.int64)
     nt, nc = _IN_BAND_RISK(mark, np.asarray(near, np.int64), viol, dose, hi, lo, capped, float(slack_max), heap_slack,

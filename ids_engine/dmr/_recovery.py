@@ -305,9 +305,14 @@ def compose_watch(base: WatchBase, removed, others) -> tuple[np.ndarray, WatchCo
     """The sorted union of ``base.voxels`` less the base indices ``removed`` (unless one of
     ``others`` holds them) and the flat voxels ``others`` (arrays), with its composition
     (:class:`WatchComposition`). Equal to marking every part on the grid and taking the
-    marked voxels, for a few operations on the small parts instead of the grid."""
+    marked voxels, for a few operations on the small parts instead of the grid. ``removed``
+    must lie in ``[0, len(base.voxels))`` (ValueError otherwise)."""
     bv = base.voxels
     nb = bv.size
+    removed = np.asarray(removed, np.int64).reshape(-1)
+    if removed.size and (removed.min() < 0 or removed.max() >= nb):
+        raise ValueError(f"compose_watch: removed base indices must lie in [0, {nb}), got "
+                         f"{int(removed.min())}..{int(removed.max())}")
     others = [np.asarray(o, np.int64).reshape(-1) for o in others]
     small = np.unique(np.concatenate(others)) if others else np.zeros(0, np.int64)
     if nb and small.size:
@@ -690,7 +695,8 @@ class _Rows:
 
     def _index_scratch(self) -> np.ndarray:
         """(n,) int64 kept for the watch's compiled passes (:meth:`select`'s capped voxels):
-        not allocated per step."""
+        not allocated per step. One per row helper: two ``select`` calls on the same helper
+        at once would share it (none do: a watch's steps run one after another)."""
         buf = self.__dict__.get("_scratch_idx")
         if buf is None or buf.shape[0] != self.vox.size:
             buf = self.__dict__["_scratch_idx"] = np.empty(self.vox.size, np.int64)

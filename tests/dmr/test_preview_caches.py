@@ -80,6 +80,9 @@ def test_compose_watch_equals_the_union_marked_on_the_grid(rng):
         assert np.array_equal(allv[comp.base_at[kept]], base.voxels[kept])
         assert np.array_equal(allv[comp.extra_at], comp.extra)
         assert not np.isin(comp.extra, base.voxels).any()
+    for bad in ([-1], [base.voxels.size]):  # a base index out of range is refused, not wrapped
+        with pytest.raises(ValueError, match="removed base indices"):
+            compose_watch(base, bad, [])
 
 
 def test_a_drag_watch_is_built_on_the_base_and_equals_the_union(s):

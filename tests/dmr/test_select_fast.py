@@ -100,7 +100,7 @@ def test_in_band_risk_keeps_the_least_room_set_and_the_capped_voxels(n):
         ref_mark = mark.copy()
         with np.errstate(invalid="ignore"):
             touched, slack, ref_capped = _cpu_rows.in_band_under(ref_mark, near, viol, dose, hi, lo, capped, 3.0)
-        for k in sorted({1, 2, 5, 64, max(touched.size - 1, 1), touched.size + 1, max(touched.size, 1)}):
+        for k in sorted({1, 2, 5, 64, max(touched.size - 1, 1), touched.size + 1, max(touched.size, 1), 2**62}):
             got_mark = mark.copy()
             scratch = np.full(n + 3, -7, np.int64)
             got = _cpu_rows.in_band_risk(got_mark, near, viol, dose, hi, lo, capped, 3.0, k, scratch)
@@ -184,8 +184,7 @@ def test_scan_watch_equals_numpy(n):
 
 @needs_numba
 def test_scan_watch_argmax_without_a_positive_score():
-    """The argmax where no score is positive (the compiled pass skips the scores <= 0 once
-    one >= 0 is known): negative weights (scores below zero, the largest far into the watch),
+    """The argmax where no score is positive: negative weights (scores below zero, the largest far into the watch),
     -0.0 before 0.0, a NaN after them; the same as NumPy's."""
     rng = np.random.default_rng(7)
     for n in (1, 300, 3000):
