@@ -56,6 +56,18 @@ _CAPPED_CANDIDATES = None
 if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable, IDS_NUMBA != "0")
     import numba
 
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _in_band_room_nb(i, mark, viol, dose, hi, lo):  # pragma: no cover - compiled
+        # Voxel i's room (the least of hi - dose and dose - lo) if it is marked and in its
+        # band, else NaN (never below a slack limit). NumPy's minimum is NaN where either is.
+        if not mark[i] or not viol[i] == 0:
+            return np.nan
+        a = hi[i] - dose[i]
+        b = dose[i] - lo[i]
+        if np.isnan(a) or np.isnan(b):
+            return np.nan
+        return a if a < b else b
+
     @numba.njit(nogil=True, cache=True)
     def _in_band_under_nb(mark, near, viol, dose, hi, lo, capped, slack_max, touched, slack,
                           touched_capped):  # pragma: no cover - compiled
@@ -64,13 +76,7 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         nt = 0
         nc = 0
         for i in range(mark.shape[0]):
-            if not mark[i] or not viol[i] == 0:
-                continue
-            a = hi[i] - dose[i]
-            b = dose[i] - lo[i]
-            if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
-                continue
-            s = a if a < b else b
+            s = _in_band_room_nb(i, mark, viol, dose, hi, lo)
             if s < slack_max:
                 touched[nt] = i
                 slack[nt] = s
@@ -94,13 +100,7 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
         nt = 0
         nc = 0
         for i in range(mark.shape[0]):
-            if not mark[i] or not viol[i] == 0:
-                continue
-            a = hi[i] - dose[i]
-            b = dose[i] - lo[i]
-            if np.isnan(a) or np.isnan(b):  # NumPy's minimum is NaN, never below slack_max
-                continue
-            s = a if a < b else b
+            s = _in_band_room_nb(i, mark, viol, dose, hi, lo)
             if not s < slack_max:
                 continue
             if capped[i]:
