@@ -97,10 +97,12 @@ def device_delta_matrix(eng, columns, flat_index) -> tuple[np.ndarray, np.ndarra
     beams = list(eng._beam_stacks(columns))
     # Per level, the slots: (beam, its stack on the level, origin cell, the stack's columns).
     slots = {name: [] for name in _LEVELS}
+    beam_cols = []  # each beam's stack's columns (int64)
     for b, stack, R0, C0, sel in beams:
         geo = eng.geometry[b]
         f = geo.coarse_fluence_factor
-        cols = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+        cols = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
+        beam_cols.append(cols)
         if geo.fine.components:
             slots["fine"].append((b, stack, R0 * f, C0 * f, cols))
         if geo.coarse.components:
@@ -130,13 +132,11 @@ def device_delta_matrix(eng, columns, flat_index) -> tuple[np.ndarray, np.ndarra
     # columns and into the beam's own part.
     at = {name: {b: s for s, (b, *_) in enumerate(slots[name])} for name in _LEVELS}
     if _cpu.HAVE_NUMBA:  # the same additions in one compiled pass
-        order, cols, q = [], [], 0
-        for b, *_, sel in beams:
-            c = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
-            cols.append(c)
+        order, q = [], 0
+        for (b, *_), c in zip(beams, beam_cols):
             order.extend((b, li, at[name][b], q, q + c.shape[0]) for li, name in enumerate(_LEVELS) if b in at[name])
             q += c.shape[0]
-        add_beam_parts(host, np.array(order, np.int64).reshape(-1, 5), np.concatenate(cols), out, parts)
+        add_beam_parts(host, np.array(order, np.int64).reshape(-1, 5), np.concatenate(beam_cols), out, parts)
     else:
         for b, _, _, _, sel in beams:
             for li, name in enumerate(_LEVELS):
