@@ -80,6 +80,32 @@ def test_in_band_under_equals_numpy(n):
 
 
 @needs_numba
+def test_in_band_room_drops_nan_bands_given_as_in_band():
+    """The room test is branch-free (every operand read, the tests and-ed): a voxel whose band
+    edge or dose is NaN while its violation reads 0 is still left out, as NumPy's minimum
+    (NaN) is never below the slack; infinite edges keep a finite room on the other side."""
+    rng = np.random.default_rng(11)
+    n = 4000
+    dose, lo, hi, _ = _random_watch(rng, n)
+    lo[rng.random(n) < 0.05] = np.nan
+    hi[rng.random(n) < 0.05] = np.nan
+    viol = np.where(rng.random(n) < 0.8, 0.0, 1.0)  # "in band" whatever the edges say
+    capped = rng.random(n) < 0.5
+    mark = rng.random(n) < 0.6
+    near = np.zeros(0, np.int64)
+    t = np.flatnonzero(mark)
+    with np.errstate(invalid="ignore"):
+        slack = np.minimum(hi[t] - dose[t], dose[t] - lo[t])
+        pick = (viol[t] == 0) & (slack < 3.0)
+    assert np.isnan(slack[viol[t] == 0]).any()
+    got_t, got_slack, got_capped = _cpu_rows.in_band_under(mark.copy(), near, viol, dose, hi, lo, capped, 3.0)
+    assert np.array_equal(got_t, t[pick]) and np.array_equal(got_slack, slack[pick])
+    assert np.array_equal(got_capped, t[pick][capped[t[pick]]])
+    got = _cpu_rows.in_band_risk(mark.copy(), near, viol, dose, hi, lo, capped, 3.0, 10**6, np.empty(n, np.int64))
+    assert np.array_equal(got[0], t[pick]) and np.array_equal(got[1], got_capped)
+
+
+@needs_numba
 @pytest.mark.parametrize("n", [0, 1, 7, 3000])
 def test_in_band_risk_keeps_the_least_room_set_and_the_capped_voxels(n):
     """What ``select`` keeps of the voxels under the patches: the ``k`` of least room (the set
