@@ -723,8 +723,9 @@ class _Rows:
         (:func:`kernels._cpu_rows.capped_sens_bounds`, one ``exp`` per voxel, within a relative
         1e-5) leave out the voxels whose upper bound lies a relative 1e-3 below the ``k``-th
         largest lower bound (their key cannot reach the ``k``-th); a voxel whose ceiling
-        ``w / room`` already lies below gets no bounds
-        (:func:`kernels._cpu_rows.capped_candidates`). Only the few left (about ``k``) get
+        ``w / room``, or that times a bound of the fall-off at the columns' boxes, already lies
+        below gets no bounds (:func:`kernels._cpu_rows.capped_candidates`; ``w`` NaN where the
+        bounds would refuse, :func:`_w_ceiling`). Only the few left (about ``k``) get
         their exact keys: the same NumPy expression, whose float32 ``exp`` gives an element
         the same value wherever it sits in the array (tested). Their ``k`` least keys are
         ``_smallest``'s set unless the ``k``-th ties with the next (then ``argpartition``
@@ -735,14 +736,14 @@ class _Rows:
         if "_bev_source" in self.__dict__ and "bev_u2" not in self.__dict__:
             base, eu, ev, ew = self._bev_source
             tables, extra = (base.bev_u2, base.bev_v2, base.bev_w2), (eu, ev, ew)
-            w_top = (_w_top(base), ew.max(axis=0, initial=-np.inf))
+            w_top = (_w_top(base), _w_ceiling(ew))
             source = self.watch.__dict__["_composition"].source
         else:
             tables = (self.bev_u2, self.bev_v2, self.bev_w2)
             extra = tuple(np.empty((len(self.bev_u2), 0), np.float32) for _ in range(3))
             # (read at the voxels: the tables of a row helper without a base are its own)
             w_top, source = (np.zeros(self.bev_w2.shape[1], np.float32), np.zeros(0, np.float32)), None
-            w_top[0][capped] = self.bev_w2[:, capped].max(axis=0)
+            w_top[0][capped] = _w_ceiling(self.bev_w2[:, capped])
         col_u, col_v = self._bev_at(cols)
         got = _cpu_rows.capped_candidates(tables, extra, w_top, source, capped, col_u, col_v, self._sens_s2,
                                           self.hi_solve, dose, k)
@@ -916,13 +917,23 @@ def _bev_lookup(h, vox: np.ndarray) -> tuple:
             np.where(out, 0.0, h.weights[0][pos]), out)
 
 
+def _w_ceiling(w2: np.ndarray) -> np.ndarray:
+    """(n,) float32: each voxel's largest dose per unit fluence over the beams (the column
+    maximum of ``w2``, (beams, n) float32), the ceiling of its capped-ranking key per Gy of room
+    (``_Rows._top_capped``); NaN where some beam's is NaN, infinite or not below 1e15 in
+    magnitude (the ranking's bounds refuse such a voxel: :func:`kernels._cpu_rows.capped_candidates`
+    refuses at once)."""
+    top = w2.max(axis=0, initial=-np.inf)
+    limit = np.float32(1e15)
+    top[~((top < limit) & (w2.min(axis=0, initial=np.inf) > -limit))] = np.nan
+    return top
+
+
 def _w_top(base: "_BaseRows") -> np.ndarray:
-    """(nb,) float32: each base voxel's largest dose per unit fluence over the beams (its
-    ``bev_w2``'s column maximum, NaN where one is NaN), the ceiling of its capped-ranking key
-    per Gy of room (``_Rows._top_capped``); kept on the base (geometry only)."""
+    """:func:`_w_ceiling` of a base's voxels, kept on the base (geometry only)."""
     got = base.__dict__.get("_w_top")
     if got is None:
-        got = base.__dict__["_w_top"] = base.bev_w2.max(axis=0, initial=-np.inf)
+        got = base.__dict__["_w_top"] = _w_ceiling(base.bev_w2)
     return got
 
 
