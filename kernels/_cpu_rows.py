@@ -218,7 +218,9 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
 
     @numba.njit(nogil=True, cache=True)
     def _ball_rows_nb(index_zyx, cols, rows, nz, ny, nx, voxels, mark):  # pragma: no cover - compiled
+        # Returns the span [first, stop) of the positions it marked (first >= stop: none).
         n = voxels.shape[0]
+        span_lo, span_hi = n, 0
         for j in range(cols.shape[0]):
             cz = index_zyx[cols[j], 0]
             cy = index_zyx[cols[j], 1]
@@ -241,9 +243,13 @@ if _cpu.HAVE_NUMBA:  # compiled where kernels._cpu's loops are (numba importable
                         lo = mid + 1
                     else:
                         hi = mid
-                while lo < n and voxels[lo] <= last:
-                    mark[lo] = True
-                    lo += 1
+                if lo < n and voxels[lo] <= last:
+                    span_lo = min(span_lo, lo)
+                    while lo < n and voxels[lo] <= last:
+                        mark[lo] = True
+                        lo += 1
+                    span_hi = max(span_hi, lo)
+        return span_lo, span_hi
 
     _BALL_ROWS = _ball_rows_nb
 
@@ -708,17 +714,20 @@ def ball_rows(offs) -> np.ndarray | None:
     return np.column_stack([zy, x_first, x_last]).astype(np.int64)
 
 
-def ball_row_marks(index_zyx, cols, rows, shape_zyx, voxels, mark) -> None:
+def ball_row_marks(index_zyx, cols, rows, shape_zyx, voxels, mark) -> tuple[int, int]:
     """Sets ``mark[i]`` for every watched voxel ``i`` (``voxels``: sorted flat CT indices,
     int64) in a row of ``rows`` (:func:`ball_rows` of a ball's offsets) around the grid
     position ``index_zyx[c]`` ((n, 3) int64) of a column ``c`` of ``cols``, inside the grid
     ``shape_zyx``: one search of the sorted watch per row instead of one per offset, the same
-    voxels as looking each offset up (the NumPy path of ``_Rows.ball``). Needs numba (``_cpu.HAVE_NUMBA``)."""
+    voxels as looking each offset up (the NumPy path of ``_Rows.ball``). Returns the span
+    ``(first, stop)`` of the positions it set (``first >= stop``: none), so that reading the
+    marks back reads only it. Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _BALL_ROWS is None:
         raise RuntimeError("ball_row_marks needs numba (pip install ids-engine[fast])")
     nz, ny, nx = (int(n) for n in shape_zyx)
-    _BALL_ROWS(np.asarray(index_zyx, np.int64), np.asarray(cols, np.int64), np.asarray(rows, np.int64), nz, ny, nx,
-               np.asarray(voxels, np.int64), mark)
+    first, stop = _BALL_ROWS(np.asarray(index_zyx, np.int64), np.asarray(cols, np.int64), np.asarray(rows, np.int64),
+                             nz, ny, nx, np.asarray(voxels, np.int64), mark)
+    return int(first), int(stop)
 
 
 

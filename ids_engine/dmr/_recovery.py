@@ -476,6 +476,7 @@ class _Rows:
     """
 
     _u_sorted = False  # the row tables' rows are ordered by u too (a base's, see _BaseRows)
+    _whole_rows = None  # then, per beam, whether its rows are whole (_cpu.sort_rows_by_u)
 
     def __init__(self, modifier, watch: Watch, opts: RecoveryOptions) -> None:
         eng = modifier.engine
@@ -591,7 +592,7 @@ class _Rows:
         # The row-sorted tables are the base's (indices into the base, see _under_patches).
         self._order2, self._rows2 = base._order2, base._rows2
         self._bu_sorted2, self._bv_sorted2 = base._bu_sorted2, base._bv_sorted2
-        self._u_sorted = base._u_sorted
+        self._u_sorted, self._whole_rows = base._u_sorted, base._whole_rows
         self._split = (comp.base_at, base.vox.size, eu, ev, e_pos)
         return True
 
@@ -629,11 +630,15 @@ class _Rows:
             return np.zeros(0, np.int64)
         mark = np.zeros(self.vox.size, bool)
         if _cpu.HAVE_NUMBA and self.index_zyx.dtype == np.int64:
-            # Compiled: the ball's rows along x, each one search of the sorted watch (the same voxels).
+            # Compiled: the ball's rows along x, each one search of the sorted watch (the same
+            # voxels); the marks read back in the span it set only (a ball is a few slices of
+            # the watch).
             rows = self._ball_rows[radius_mm]
             if rows is not None:
-                _cpu_rows.ball_row_marks(self.index_zyx, cols, rows, self.shape, self.vox, mark)
-                return np.flatnonzero(mark).astype(np.int64)
+                first, stop = _cpu_rows.ball_row_marks(self.index_zyx, cols, rows, self.shape, self.vox, mark)
+                if first >= stop:
+                    return np.zeros(0, np.int64)
+                return np.flatnonzero(mark[first:stop]) + np.int64(first)
         pts = (self.index_zyx[np.asarray(cols, np.int64)][:, None, :] + offs[None]).reshape(-1, 3)
         pts = pts[np.all((pts >= 0) & (pts < self.shape), axis=1)]
         at, watched = self.watch.locate(np.ravel_multi_index(pts.T, self.shape))
@@ -778,25 +783,33 @@ class _Rows:
         filters its few extra voxels directly with the same edges (a voxel passes the exact
         filter only if its row lies in the searched range, so the range adds nothing)."""
         split = getattr(self, "_split", None)
-        if split is None:
-            mark = np.zeros(self.vox.size, bool)
-        else:
-            base_at, nb, eu, ev, e_pos = split
-            mark = np.zeros(nb, bool)
         reach = self.reach_cells
         out = None
         if _cpu.HAVE_NUMBA and self._u_sorted and split is not None:
-            # The base's u-ordered tables marked straight into watch positions (the same marks
-            # as mapping the base's marks below).
-            # The kernel reads the BEV tables at the columns only: those given alone.
+            # The base's u-ordered tables marked at base indices, then copied run by run into
+            # watch positions (the same marks as mapping the base's marks below).
+            base_at, nb = split[0], split[1]
+            runs = self.__dict__.get("_base_runs")
+            if runs is None:  # once per watch
+                runs = self.__dict__["_base_runs"] = _cpu.remap_runs(base_at)
             out = np.zeros(self.vox.size, bool)
-            cu2, cv2 = self._bev_at(cols)
-            _cpu.mark_under_patches(cu2, cv2, self._order2, self._rows2, self._bu_sorted2, self._bv_sorted2,
-                                    np.arange(cols.size), reach, out, u_sorted=True, remap=base_at)
+            # The kernel reads the BEV tables at the columns only: the base's own where every
+            # column is a base voxel (the same values as _bev_at's), else those given alone.
+            base = self._bev_source[0]
+            src = self.watch.__dict__["_composition"].source[cols]
+            if src.size and src.max() < nb:
+                tab_u, tab_v, at = base.bev_u2, base.bev_v2, src
+            else:
+                (tab_u, tab_v), at = self._bev_at(cols), np.arange(cols.size)
+            _cpu.mark_under_patches(tab_u, tab_v, self._order2, self._rows2, self._bu_sorted2, self._bv_sorted2, at,
+                                    reach, out, u_sorted=True, runs=runs, whole_rows=self._whole_rows)
         elif _cpu.HAVE_NUMBA:
+            mark = np.zeros(self.vox.size if split is None else split[1], bool)
             _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
-                                    self._bv_sorted2, cols, reach, mark, u_sorted=self._u_sorted)
+                                    self._bv_sorted2, cols, reach, mark, u_sorted=self._u_sorted,
+                                    whole_rows=self._whole_rows if self._u_sorted else None)
         else:
+            mark = np.zeros(self.vox.size if split is None else split[1], bool)
             for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
                                                                                      self._by_v_uv):
                 cu, cv = bu_all[cols], bv_all[cols]
@@ -810,6 +823,7 @@ class _Rows:
                 mark[order[a:b][(bv >= v_lo) & (bv < v_hi) & (bu >= np.nanmin(cu) - reach) & (bu <= np.nanmax(cu) + reach)]] = True
         if split is None:
             return mark
+        base_at, _, eu, ev, e_pos = split
         if out is None:
             out = np.zeros(self.vox.size, bool)
             at = base_at[np.flatnonzero(mark)]
@@ -950,12 +964,13 @@ class _BaseRows:
         # under the patches then reads only the box's voxels of each row, not the whole rows
         # (measured: a third of the watch scanned per beam for a tenth marked).
         if _cpu.HAVE_NUMBA:
-            for b in range(self._rows2.shape[0]):
-                _cpu.sort_rows_by_u(self._rows2[b], self._order2[b], self._bu_sorted2[b], self._bv_sorted2[b])
+            self._whole_rows = np.array([_cpu.sort_rows_by_u(self._rows2[b], self._order2[b], self._bu_sorted2[b],
+                                                             self._bv_sorted2[b]) for b in range(self._rows2.shape[0])])
             self._u_sorted = True
 
     _fill_beam = _Rows._fill_beam
     _u_sorted = False
+    _whole_rows = None
 
 
 def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int = 3,
