@@ -108,55 +108,75 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         @numba.njit(nogil=True, cache=True)
         def _sample_weighted_nb(maps, v, u, o_v, o_u, weights, ok, k, out):  # pragma: no cover - compiled
-            # ``out`` zero on entry. First each usable voxel's four corners (flat offsets in a
-            # map) and bilinear weights, then map by map over the voxels: a map (a few KB) stays
-            # in the L1 cache while it is read, where a voxel's k nc maps are not. Each
-            # out[kk, i] gets the same float32 sum as a running sum from 0 over the components
-            # in order (c outer to the voxels): the same bits.
+            # ``out`` zero on entry. First every voxel's four corners (flat offsets in a map)
+            # and bilinear weights, in a pass without branches (selects: the compiler makes it
+            # SIMD; measured 2x less time than skipping the voxels not ok), then the usable
+            # voxels in order, then map by map over them: a map (a few KB) stays in the L1
+            # cache while it is read, where a voxel's k nc maps are not. Each out[kk, i] gets
+            # the same float32 sum as a running sum from 0 over the components in order (c
+            # outer to the voxels): the same bits.
             nmaps, h, w = maps.shape
             nc = nmaps // k
             one = np.float32(1)
             zero = np.float32(0)
+            o_v = np.float32(o_v)  # (float64 in: NumPy's np.float32 of it, one rounding)
+            o_u = np.float32(o_u)
             hw = h * w
             flat = maps.reshape(nmaps * hw)
             n = v.shape[0]
-            vox = np.empty(n, np.int64)
+            h32, w32 = np.int32(h), np.int32(w)
+            h_last, w_last = np.int32(h - 1), np.int32(w - 1)
+            z32, one32 = np.int32(0), np.int32(1)
             corner = np.empty((n, 4), np.int64)
             cw = np.empty((n, 4), np.float32)
-            q = 0
             for i in range(n):
-                if not ok[i]:
-                    continue
                 fv = v[i] - o_v
                 fu = u[i] - o_u
                 r0 = np.int32(np.floor(fv))
                 c0 = np.int32(np.floor(fu))
                 tv = fv - np.float32(r0)
                 tu = fu - np.float32(c0)
-                r_in0, r_in1 = 0 <= r0 < h, 0 <= r0 + 1 < h
-                c_in0, c_in1 = 0 <= c0 < w, 0 <= c0 + 1 < w
-                cw[q, 0] = (one - tv) * (one - tu) if (r_in0 and c_in0) else zero
-                cw[q, 1] = (one - tv) * tu if (r_in0 and c_in1) else zero
-                cw[q, 2] = tv * (one - tu) if (r_in1 and c_in0) else zero
-                cw[q, 3] = tv * tu if (r_in1 and c_in1) else zero
-                ra = min(max(r0, 0), h - 1)
-                rb = min(max(r0 + 1, 0), h - 1)
-                ca = min(max(c0, 0), w - 1)
-                cb = min(max(c0 + 1, 0), w - 1)
-                corner[q, 0] = ra * w + ca
-                corner[q, 1] = ra * w + cb
-                corner[q, 2] = rb * w + ca
-                corner[q, 3] = rb * w + cb
+                r1 = r0 + one32
+                c1 = c0 + one32
+                r_in0 = (r0 >= z32) & (r0 < h32)
+                r_in1 = (r1 >= z32) & (r1 < h32)
+                c_in0 = (c0 >= z32) & (c0 < w32)
+                c_in1 = (c1 >= z32) & (c1 < w32)
+                w00 = (one - tv) * (one - tu)
+                w01 = (one - tv) * tu
+                w10 = tv * (one - tu)
+                w11 = tv * tu
+                cw[i, 0] = w00 if (r_in0 & c_in0) else zero
+                cw[i, 1] = w01 if (r_in0 & c_in1) else zero
+                cw[i, 2] = w10 if (r_in1 & c_in0) else zero
+                cw[i, 3] = w11 if (r_in1 & c_in1) else zero
+                ra = min(max(r0, z32), h_last)
+                rb = min(max(r1, z32), h_last)
+                ca = min(max(c0, z32), w_last)
+                cb = min(max(c1, z32), w_last)
+                corner[i, 0] = ra * w32 + ca
+                corner[i, 1] = ra * w32 + cb
+                corner[i, 2] = rb * w32 + ca
+                corner[i, 3] = rb * w32 + cb
+            vox = np.empty(n, np.int64)
+            q = 0
+            for i in range(n):  # the usable voxels, in order (written always, counted if ok)
                 vox[q] = i
-                q += 1
+                q += ok[i]
             for kk in range(k):
                 for c in range(nc):
                     base = (kk * nc + c) * hw
-                    for t in range(q):
-                        i = vox[t]
-                        val = (flat[base + corner[t, 0]] * cw[t, 0] + flat[base + corner[t, 1]] * cw[t, 1]
-                               + flat[base + corner[t, 2]] * cw[t, 2] + flat[base + corner[t, 3]] * cw[t, 3])
-                        out[kk, i] += val * weights[c, i]
+                    if q == n:  # every voxel usable: no indirection
+                        for i in range(n):
+                            val = (flat[base + corner[i, 0]] * cw[i, 0] + flat[base + corner[i, 1]] * cw[i, 1]
+                                   + flat[base + corner[i, 2]] * cw[i, 2] + flat[base + corner[i, 3]] * cw[i, 3])
+                            out[kk, i] += val * weights[c, i]
+                    else:
+                        for t in range(q):
+                            i = vox[t]
+                            val = (flat[base + corner[i, 0]] * cw[i, 0] + flat[base + corner[i, 1]] * cw[i, 1]
+                                   + flat[base + corner[i, 2]] * cw[i, 2] + flat[base + corner[i, 3]] * cw[i, 3])
+                            out[kk, i] += val * weights[c, i]
 
         _SAMPLE = _sample_weighted_nb
 
@@ -602,18 +622,27 @@ def accumulate_padded(dose, vox, u, v, weights, flat, h: int, w: int, origin_vu)
             np.float32(origin_vu[0] - 2), np.float32(origin_vu[1] - 2))
 
 
+def _float32_c(a) -> np.ndarray:
+    """``a`` as a C-contiguous float32 array: itself when it is one (checked for less than
+    ``np.ascontiguousarray`` costs on the few hundred small read-outs of a request)."""
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, np.float32)
+
+
 def sample_weighted(maps, v, u, origin_vu, weights, ok, k: int) -> np.ndarray:
     """``(k, n)`` float32: the bilinear read-out of the stacked maps ``(k * nc, h, w)`` at
-    fractional (row, col) ``(v, u)`` relative to ``origin_vu`` (corners off the maps count 0),
-    times ``weights`` ``(nc, n)``, summed over the ``nc`` components of each of the ``k``
-    patches; 0 where ``ok`` is False. The twin of ``sample_bilinear`` followed by the weighted
-    component sum (agrees to float32 round-off). Needs numba (``HAVE_NUMBA``)."""
+    fractional (row, col) ``(v, u)`` relative to ``origin_vu`` (each taken as
+    ``np.float32(float(x))``; corners off the maps count 0), times ``weights`` ``(nc, n)``,
+    summed over the ``nc`` components of each of the ``k`` patches; 0 where ``ok`` is False.
+    The twin of ``sample_bilinear`` followed by the weighted component sum (agrees to float32
+    round-off). Needs numba (``HAVE_NUMBA``)."""
     if _SAMPLE is None:
         raise RuntimeError("sample_weighted needs numba (pip install ids-engine[fast])")
     out = np.zeros((int(k), v.shape[0]), np.float32)
-    _SAMPLE(np.ascontiguousarray(maps, np.float32), np.asarray(v, np.float32), np.asarray(u, np.float32),
-            np.float32(origin_vu[0]), np.float32(origin_vu[1]), np.ascontiguousarray(weights, np.float32),
-            np.asarray(ok, np.bool_), int(k), out)
+    _SAMPLE(_float32_c(maps), _float32_c(v), _float32_c(u), float(origin_vu[0]), float(origin_vu[1]),
+            _float32_c(weights), ok if type(ok) is np.ndarray and ok.dtype == np.bool_ else np.asarray(ok, np.bool_),
+            int(k), out)
     return out
 
 

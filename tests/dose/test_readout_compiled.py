@@ -85,9 +85,11 @@ def _sample_weighted_reference(maps, v, u, origin_vu, weights, ok, k):
 
 @needs_numba
 def test_sample_weighted_is_its_float32_operations_bit_for_bit():
-    """Voxels off the maps, not in the level, or at non-finite positions included."""
+    """Voxels off the maps, not in the level, or at non-finite positions included; every voxel
+    in the level (the loop without indirection) a third of the time, whole-cell origins (ints,
+    as the read-outs pass them) a quarter of the time."""
     rng = np.random.default_rng(13)
-    for _ in range(200):
+    for t in range(300):
         k, nc = int(rng.integers(1, 5)), int(rng.integers(1, 4))
         h, w = (int(x) for x in rng.integers(1, 9, 2))
         n = int(rng.integers(0, 60))
@@ -97,8 +99,9 @@ def test_sample_weighted_is_its_float32_operations_bit_for_bit():
         v[rng.random(n) < 0.05] = np.nan
         u[rng.random(n) < 0.05] = np.inf
         weights = rng.normal(size=(nc, n)).astype(np.float32)
-        ok = rng.random(n) < 0.8
-        origin = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
+        ok = np.ones(n, np.bool_) if t % 3 == 0 else rng.random(n) < 0.8
+        origin = tuple(int(x) for x in rng.integers(-3, 4, 2)) if t % 4 == 0 else \
+            (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
         ref = _sample_weighted_reference(maps, v, u, origin, weights, ok, k)
         got = _cpu.sample_weighted(maps, v, u, origin, weights, ok, k)
         np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
