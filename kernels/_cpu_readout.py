@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _cpu
 
-__all__ = ["add_beam_parts", "block_sum", "coarse_tables", "gather_columns", "level_tables", "stacked_bounds"]
+__all__ = ["add_beam_parts", "block_sum", "coarse_scratch", "coarse_tables", "gather_columns", "level_tables", "stacked_bounds"]
 
 _COARSE_TABLES = None  # the compiled loops, when numba is installed
 _BOUNDS = None
@@ -37,11 +37,12 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     import numba
 
     @numba.njit(nogil=True, cache=True)
-    def _coarse_tables_nb(idx, nx, ny, z0, z1, wz, y0, y1, wy, x0, x1, wx, cy, cx, n_coarse,
+    def _coarse_tables_nb(idx, nx, ny, z0, z1, wz, y0, y1, wy, x0, x1, wx, cy, cx, seen, place,
                           cidx, cw, inv):  # pragma: no cover - compiled
+        # ``seen`` (one per coarse voxel) is 0 on entry and left 0; ``place`` is written at
+        # the distinct neighbours before it is read there.
         n = idx.shape[0]
         one = np.float32(1)
-        seen = np.zeros(n_coarse, np.uint8)
         found = np.empty(8 * n, np.int64)
         m = 0
         for i in range(n):
@@ -69,9 +70,9 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
                             m += 1
                         e += 1
         uniq = np.sort(found[:m])
-        place = np.empty(n_coarse, np.int64)  # written at the distinct neighbours only
         for t in range(m):
             place[uniq[t]] = t
+            seen[uniq[t]] = 0
         for e in range(8):
             for i in range(n):
                 inv[e * n + i] = place[cidx[e, i]]
@@ -141,15 +142,26 @@ if _cpu.HAVE_NUMBA:  # pragma: no cover - depends on the environment
     _ADD_PARTS = _add_parts_nb
 
 
+def coarse_scratch(coarse_shape_zyx: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The work arrays :func:`coarse_tables` takes (``scratch``): one entry per coarse voxel,
+    ``(seen (N,) uint8 zeros, place (N,) int64)``."""
+    size = int(np.prod([int(s) for s in coarse_shape_zyx]))
+    return np.zeros(size, np.uint8), np.empty(size, np.int64)
+
+
 def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coarse_shape_zyx: tuple[int, int, int],
-                  up: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  up: list, scratch: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The coarse-level tables of CT voxels ``flat_index`` ((n,) int64, flat in the CT grid of
     shape ``shape_zyx``): ``(cidx, cw, uniq, inv)``, the 8 coarse neighbours ((8, n) int64,
     flat in the coarse grid of shape ``coarse_shape_zyx``, z then y then x from the lower
     corner), their trilinear weights ((8, n) float32, ``(fz fy) fx``), the distinct
     neighbours (sorted int64) and each of the ``8 n`` entries' place among them ((8 n,)
     int64). ``up`` holds per axis (z, y, x) the separable upsampling tables ``(i0, i1, w)``
-    (int64, int64, float32, one entry per CT index). Needs numba (``_cpu.HAVE_NUMBA``)."""
+    (int64, int64, float32, one entry per CT index). ``scratch``: work arrays from
+    :func:`coarse_scratch` for this coarse shape, kept by the caller and reused (left as they
+    were given; one call at a time), else new ones (two arrays of the coarse grid's size a
+    call, which cost more than the loop on a few hundred voxels: measured 45 of 58 us, their
+    pages mapped anew). Needs numba (``_cpu.HAVE_NUMBA``)."""
     if _COARSE_TABLES is None:
         raise RuntimeError("coarse_tables needs numba (pip install ids-engine[fast])")
     n = int(flat_index.shape[0])
@@ -159,7 +171,11 @@ def coarse_tables(flat_index: np.ndarray, shape_zyx: tuple[int, int, int], coars
     cw = np.empty((8, n), np.float32)
     inv = np.empty(8 * n, np.int64)
     (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = up
-    uniq = _COARSE_TABLES(flat_index, nx, ny, z0, z1, wz, y0, y1, wy, x0, x1, wx, cy, cx, cz * cy * cx,
+    seen, place = coarse_scratch(coarse_shape_zyx) if scratch is None else scratch
+    if seen.shape[0] != cz * cy * cx or place.shape[0] != cz * cy * cx:
+        raise ValueError(f"coarse_tables: scratch of {seen.shape[0]} and {place.shape[0]} entries for a coarse grid of "
+                         f"{cz * cy * cx}")
+    uniq = _COARSE_TABLES(flat_index, nx, ny, z0, z1, wz, y0, y1, wy, x0, x1, wx, cy, cx, seen, place,
                           cidx, cw, inv)
     return cidx, cw, uniq, inv
 

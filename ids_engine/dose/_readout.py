@@ -303,8 +303,12 @@ class ReadOuts:
         in_body = self.body_mask.ravel()[idx]
         unique = None
         if _cpu.HAVE_NUMBA:  # the tables and the distinct neighbours in one pass (the same values)
-            cidx, cw, *unique = _cpu_readout.coarse_tables(idx, self.grid.shape_zyx, self.coarse_grid.shape_zyx,
-                                                           self._up_host)
+            cshape = self.coarse_grid.shape_zyx
+            scratch = self.__dict__.get("_coarse_scratch")
+            if scratch is None or scratch[0] != cshape:  # work arrays kept: one per coarse voxel
+                scratch = self.__dict__["_coarse_scratch"] = (cshape, _cpu_readout.coarse_scratch(cshape))
+            cidx, cw, *unique = _cpu_readout.coarse_tables(idx, self.grid.shape_zyx, cshape, self._up_host,
+                                                           scratch[1])
         else:
             cidx, cw = self._coarse_neighbours(idx)
         cw_body, outside = np.where(in_body[None, :], cw, np.float32(0)), np.flatnonzero(~in_body)

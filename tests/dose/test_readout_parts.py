@@ -115,7 +115,9 @@ def test_beam_parts_repeated_and_empty(s):
 def test_compiled_coarse_tables_equal_the_numpy_reference(coarse_horseshoe_session):
     """``_cpu_readout.coarse_tables`` (a voxel set's coarse neighbours, weights and distinct
     neighbours in one pass) gives ``_coarse_neighbours`` and ``np.unique``'s tables bit for bit:
-    sets of one voxel, of a few hundred, of the grid's first and last voxels, and unsorted."""
+    sets of one voxel, of a few hundred, of the grid's first and last voxels, and unsorted; with
+    its own work arrays and with work arrays kept from call to call (left zero where they must
+    be); work arrays of another grid refused."""
     from ids_engine.kernels import _cpu_readout
 
     if not _cpu.HAVE_NUMBA:
@@ -123,15 +125,22 @@ def test_compiled_coarse_tables_equal_the_numpy_reference(coarse_horseshoe_sessi
     eng = coarse_horseshoe_session.engine
     size = int(np.prod(eng.grid.shape_zyx))
     rng = np.random.default_rng(4)
+    kept = _cpu_readout.coarse_scratch(eng.coarse_grid.shape_zyx)
     for idx in (np.array([size // 2]), rng.choice(size, 400, replace=False), np.sort(rng.choice(size, 3000, replace=False)),
                 np.array([0, 1, size - 1, size - 2, 0])):
         idx = idx.astype(np.int64)
         cidx, cw = eng._coarse_neighbours(idx)
         uniq, inv = np.unique(cidx.reshape(-1), return_inverse=True)
-        got = _cpu_readout.coarse_tables(idx, eng.grid.shape_zyx, eng.coarse_grid.shape_zyx, eng._up_host)
-        for a, b in zip(got, (cidx, cw, uniq, inv.reshape(-1))):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+        for scratch in (None, kept, kept):
+            got = _cpu_readout.coarse_tables(idx, eng.grid.shape_zyx, eng.coarse_grid.shape_zyx, eng._up_host, scratch)
+            for a, b in zip(got, (cidx, cw, uniq, inv.reshape(-1))):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+            assert not kept[0].any()
+    cz, cy, cx = eng.coarse_grid.shape_zyx
+    with pytest.raises(ValueError):
+        _cpu_readout.coarse_tables(idx, eng.grid.shape_zyx, eng.coarse_grid.shape_zyx, eng._up_host,
+                                   _cpu_readout.coarse_scratch((cz, cy, cx + 1)))
 
 
 def test_a_voxel_off_the_grid_raises_index_error():
