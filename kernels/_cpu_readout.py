@@ -8,9 +8,10 @@ among them. Its NumPy reference is ``ReadOuts._coarse_neighbours`` followed by
 same order, so the same tables bit for bit (tested). A DMR request builds them for a few dozen
 voxel sets of a few hundred voxels, where the reference's thirty-odd NumPy calls and its sort
 cost more than the arithmetic; its two work arrays of the coarse grid's size come from the
-caller (:func:`coarse_scratch`, kept by the engine) rather than a new pair a call. :func:`level_tables` looks the same level voxels up in every
-beam at once (the level voxels a DMR joint solve's read meets for the first time,
-``ids_engine.dose._readout._LevelTables``): the per-beam look-up (``_LevelRows.of``) for the
+caller (:func:`coarse_scratch`, kept by the engine) rather than a new pair a call.
+:func:`level_tables` looks the same level voxels up in every beam at once (the level voxels a
+DMR joint solve's read meets for the first time, ``ids_engine.dose._readout._LevelTables``):
+the per-beam look-up (``_LevelRows.of``) for the
 beams asked for in one call, where a call per beam and level cost more than its gathers (its
 compiled loop, in :mod:`~ids_engine.kernels._cpu`, calls the per-beam one).
 :func:`stacked_bounds` is the window a DMR joint read's every beam samples (the floors of the
