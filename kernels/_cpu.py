@@ -110,7 +110,8 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
         def _sample_weighted_nb(maps, v, u, o_v, o_u, weights, ok, k, out):  # pragma: no cover - compiled
             # ``out`` zero on entry. First every voxel's four corners (flat offsets in a map)
             # and bilinear weights, in a pass without branches (selects: the compiler makes it
-            # SIMD; measured 2x less time than skipping the voxels not ok), then the usable
+            # SIMD; on a clinical request's read-outs of one map at ~500 voxels, measured 40 %
+            # less time than a branchy pass over the voxels in the level), then the usable
             # voxels in order, then map by map over them: a map (a few KB) stays in the L1
             # cache while it is read, where a voxel's k nc maps are not. Each out[kk, i] gets
             # the same float32 sum as a running sum from 0 over the components in order (c
