@@ -53,21 +53,27 @@ def _solve_scales(g: np.ndarray, need: np.ndarray, weight: np.ndarray, regularis
     # sum along axis 0 of the squares), without its argument handling: the same bits.
     norms = np.sqrt(np.add.reduce(a * a, axis=0))
     keep = norms > 0
-    f = np.zeros(g.shape[1])
     nk = int(np.count_nonzero(keep))
-    if nk:
-        # Each column's Tikhonov weight follows its own norm, with a floor at a tenth of the
-        # strongest: a weak column (a patch that barely reaches the rows) cannot buy its
-        # effect with a huge scale.
-        lam = math.sqrt(regularisation) * np.maximum(norms[keep], 0.1 * float(norms.max()))
-        # The augmented system [a[:, keep]; diag(lam)], [sw * need; 0] written in place.
-        n = a.shape[0]
-        aug = np.zeros((n + nk, nk))
-        aug[:n] = a if nk == a.shape[1] else a[:, keep]
-        aug[n:].flat[:: nk + 1] = lam
-        rhs = np.zeros(n + nk)
-        np.multiply(sw, need, out=rhs[:n])
-        f[keep], _ = nnls(aug, rhs, maxiter=50 * nk)
+    every = nk == g.shape[1]  # (the common case: no column indexed out)
+    if not nk:
+        return np.zeros(g.shape[1])
+    # Each column's Tikhonov weight follows its own norm, with a floor at a tenth of the
+    # strongest: a weak column (a patch that barely reaches the rows) cannot buy its
+    # effect with a huge scale.
+    lam = math.sqrt(regularisation) * np.maximum(norms if every else norms[keep], 0.1 * float(norms.max()))
+    # The augmented system [a[:, keep]; diag(lam)], [sw * need; 0] written in place (the
+    # diagonal as one strided slice of the flat C-ordered array).
+    n = a.shape[0]
+    aug = np.zeros((n + nk, nk))
+    aug[:n] = a if every else a[:, keep]
+    aug.reshape(-1)[n * nk :: nk + 1] = lam
+    rhs = np.zeros(n + nk)
+    np.multiply(sw, need, out=rhs[:n])
+    x, _ = nnls(aug, rhs, maxiter=50 * nk)
+    if every:
+        return x
+    f = np.zeros(g.shape[1])
+    f[keep] = x
     return f
 
 
@@ -563,6 +569,10 @@ class Modifier:
                 by_beam.setdefault(p.beam, []).append((fk, p))
         out = []
         for b, items in sorted(by_beam.items()):
+            if len(items) == 1:  # (0.0 + the scaled patch, as the sum below: only a -0.0 changes, to +0.0)
+                fk, p = items[0]
+                out.append(FluencePatch(b, p.row0, p.col0, (fk * p.delta + 0.0).astype(np.float32)))
+                continue
             r0 = min(p.row0 for _, p in items)
             c0 = min(p.col0 for _, p in items)
             r1 = max(p.row0 + p.delta.shape[0] for _, p in items)
@@ -581,13 +591,16 @@ class Modifier:
         eng = self.engine
         out = []
         cut = False
+        zero = np.float32(0)
         for p in patches:
             h, w = p.shape
             psi = eng.fluence_host(p.beam)[p.row0 : p.row0 + h, p.col0 : p.col0 + w]
             raw = psi + p.delta
-            cut = cut or bool(np.any(raw < 0))
-            delta = (np.maximum(raw, np.float32(0)) - psi).astype(np.float32)
-            if np.any(delta != 0):
+            if not cut:
+                cut = bool((raw < 0).any())
+            # max(raw, 0) - psi, written into raw (a new array), then float32 (no copy when it is)
+            delta = np.subtract(np.maximum(raw, zero, out=raw), psi, out=raw).astype(np.float32, copy=False)
+            if delta.any():  # (an element not 0: NaN counts, -0.0 does not, as delta != 0)
                 out.append(FluencePatch(p.beam, p.row0, p.col0, delta))
             else:
                 cut = True

@@ -414,8 +414,9 @@ def _composed_dose(eng, comp: "WatchComposition", remember: bool = False) -> np.
         if comp.extra.size:
             d = eng.xp.concatenate([d, eng.dose_at_voxels(comp.extra)])
         h = backend.asnumpy(d)
-        db, de = h[:nb].copy(), h[nb:]
+        db, de = h[:nb], h[nb:]
         if remember and ver is not None:
+            db = db.copy()  # (its own array: the read of both is not kept with it)
             db.setflags(write=False)
             memo[ver] = (eng, db)
             while len(memo) > _BASE_DOSES:
