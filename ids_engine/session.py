@@ -795,7 +795,10 @@ class Session:
         mark = np.zeros(eng.grid.size, bool)  # sorted union (a mask: hashing 10^5 indices is slower)
         for p in (tvox, ovox, nvox):
             mark[p] = True
-        voxels = np.flatnonzero(mark)
+        # Its own memory, made read-only below (``flatnonzero`` gives a view of a writeable
+        # array): the engine's read-out cache then knows it by identity, not by comparing
+        # 10^5 indices at every recovery step's read.
+        voxels = np.flatnonzero(mark).copy()
         parts = _WatchBaseParts(WatchBase(voxels), tvox, ovox, nvox,
                                 np.searchsorted(voxels, tvox), np.searchsorted(voxels, ovox),
                                 np.searchsorted(voxels, nvox))

@@ -83,6 +83,10 @@ class _Neighbours:
     # reads of the same watch cost no host-to-device copy after the first (about 7 MB each for a
     # clinical watch of 10^5 voxels).
     device: tuple | None = None
+    # The read-only array the indices were read from (the root owning the memory), when the
+    # caller's array was one: a later call with a view of the same memory is this set with
+    # no comparison (a watch base's voxels, read at every recovery step: 10^5 indices).
+    source: np.ndarray | None = None
 
     def coarse_unique(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct coarse neighbours (sorted) and, for each of the (8 n) entries of
@@ -252,6 +256,27 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _immutable_root(a: np.ndarray) -> np.ndarray | None:
+    """The array owning ``a``'s memory when it and every array between are read-only (their
+    content cannot change through them, and no writeable view of a read-only owner can be
+    made), else None."""
+    while True:
+        if a.flags.writeable:
+            return None
+        if a.base is None:
+            return a if a.flags.owndata else None
+        if not isinstance(a.base, np.ndarray):
+            return None
+        a = a.base
+
+
+def _whole_view(a: np.ndarray, root: np.ndarray) -> bool:
+    """Whether ``a`` reads all of ``root``'s memory in ``root``'s order: (n,) contiguous int64
+    from its first byte, as many elements."""
+    return (a.ndim == 1 and a.dtype == root.dtype and a.size == root.size and a.flags.c_contiguous
+            and root.flags.c_contiguous and a.ctypes.data == root.ctypes.data)
+
+
 class ReadOuts:
     """The read-out methods of :class:`~ids_engine.dose.DoseEngine` (a mixin: the engine
     inherits them; nothing else does).
@@ -289,12 +314,14 @@ class ReadOuts:
         by the indices' content: recovery reads the same watch and the same rows again and
         again, and the tables are what reading the dose there costs on the host."""
         cache = self.__dict__.setdefault("_neighbour_cache", [])
+        source = _immutable_root(idx)
         # The first and last indices first: a step's new rows mostly differ there, and two
         # integer reads cost less than a whole comparison (which decides).
         ends = (int(idx[0]), int(idx[-1])) if idx.size else None
         for i, nb in enumerate(cache):
             if nb.idx.shape == idx.shape and (ends is None or (int(nb.idx[0]), int(nb.idx[-1])) == ends) \
-                    and np.array_equal(nb.idx, idx):
+                    and ((source is not None and nb.source is source and _whole_view(idx, source))
+                         or np.array_equal(nb.idx, idx)):
                 if i:
                     cache.insert(0, cache.pop(i))
                 return nb
@@ -315,7 +342,8 @@ class ReadOuts:
         if idx.size > _NEIGHBOUR_CACHE_MAX:  # a one-off read of a large set: not kept
             return _Neighbours(idx, cidx, cw, in_body, cw_body, outside, _coarse_unique=unique and tuple(unique))
         nb = _Neighbours(_frozen(idx.copy()), _frozen(cidx), _frozen(cw), _frozen(in_body), _frozen(cw_body),
-                         _frozen(outside), _coarse_unique=unique and tuple(unique))
+                         _frozen(outside), _coarse_unique=unique and tuple(unique),
+                         source=source if source is not None and _whole_view(idx, source) else None)
         cache.insert(0, nb)
         del cache[_NEIGHBOUR_CACHE:]
         return nb

@@ -53,6 +53,43 @@ def test_dose_at_voxels_follows_the_dose_through_the_cache(engine):
         eng.apply_patches([FluencePatch(patch.beam, patch.row0, patch.col0, -patch.delta)])
 
 
+def test_neighbour_cache_knows_read_only_owned_indices_by_identity(engine, monkeypatch):
+    """A read-only array owning its memory (a watch base's voxels) is found again by identity,
+    with no comparison of its content, also through a whole view of it; a read-only view of a
+    writeable array, a partial view or a writeable copy are compared, and a changed owner's
+    new content is read, never the cached tables."""
+    from ids_engine.dose import _readout
+
+    eng = engine
+    frozen = _body_voxels(eng, 3000, 5)
+    frozen.setflags(write=False)
+    first = eng._neighbours(frozen)
+    assert first.source is frozen
+    compared = []
+    real_equal = np.array_equal
+    monkeypatch.setattr(_readout.np, "array_equal", lambda a, b: compared.append(a.size) or real_equal(a, b))
+    assert eng._neighbours(frozen) is first and eng._neighbours(frozen.reshape(-1)) is first
+    assert not compared  # found by identity
+    assert eng._neighbours(frozen.copy()) is first and compared  # the same content, compared
+    # A partial view of the same memory: never taken by identity.
+    compared.clear()
+    head = frozen[:-1]
+    assert eng._neighbours(head) is not first and np.array_equal(eng._neighbours(head).idx, head)
+    # A read-only view of a writeable owner: the owner can change, so it is compared.
+    owner = _body_voxels(eng, 2000, 6)
+    view = owner.view()
+    view.setflags(write=False)
+    got = eng._neighbours(view)
+    assert got.source is None
+    owner[:10] = _body_voxels(eng, 10, 7)
+    owner.sort()
+    again = eng._neighbours(view)
+    assert again is not got and np.array_equal(again.idx, owner)
+    monkeypatch.undo()
+    ref = np.asarray(eng.dose_cube_host()).ravel()
+    np.testing.assert_allclose(np.asarray(eng.dose_at_voxels(view)), ref[owner], rtol=1e-5, atol=1e-7)
+
+
 def test_delta_matrix_skips_columns_without_a_patch_in_a_beam_bit_for_bit(engine):
     """Per beam, delta_matrix convolves only the columns with a patch in that beam; the result
     equals, bit for bit, the full stack of every column in every beam (forced here by a 1 x 1
