@@ -40,7 +40,7 @@ import numpy as np
 
 __all__ = ["HAVE_NUMBA", "accumulate_padded", "block_depth", "capped_distance2", "check_level_index",
            "combine_neighbours", "gather_bev", "irfft2_rows", "level_rows", "mark_under_patches",
-           "patch_response_window", "remap_runs", "rfft2_padded", "sample_weighted", "sort_rows_by_u"]
+           "patch_response_window", "remap_runs", "rfft2_padded", "row_starts", "sample_weighted", "sort_rows_by_u"]
 
 try:  # SciPy's pocketfft binding (private: its signature is checked by tests/kernels/test_cpu_host.py)
     from scipy.fft._pocketfft import pypocketfft as _POCKETFFT
@@ -55,6 +55,7 @@ _UNDER = None
 _UNDER_U = None
 _OR_RUNS = None
 _REMAP_RUNS = None
+_ROW_STARTS = None
 _SORT_ROWS_U = None
 _CAPPED = None
 _LEVEL_ROWS = None
@@ -374,7 +375,7 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
 
         @numba.njit(nogil=True, cache=True)
         def _under_patches_u_nb(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach, whole,
-                                mark):  # pragma: no cover - compiled
+                                starts, k_lo, mark):  # pragma: no cover - compiled
             # _under_patches_nb on tables whose rows are each sorted by u: per row, binary
             # searches for the row's end and the box's u range in it, then its voxels (the same
             # edges and the same exact filter, so the same voxels), marked at their table index
@@ -382,7 +383,12 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
             # float64) of a table whose rows are whole (whole[b], _whole_rows_nb) needs no v test:
             # r <= v < r + 1 there, and float32(v_lo) <= r, float32(v_hi) >= r + 1 (rounding to
             # nearest is monotone and r, r + 1 are float32 integers), so every voxel passes it.
+            # With starts (_row_starts_nb, not empty) each row's span is read there, not searched
+            # (the searches of the rows read a cache line each, most of a call's time when the
+            # tables are not in cache).
             reach32 = np.float32(reach)
+            n_keys = starts.shape[1] - 1
+            k_hi = k_lo + n_keys - 1
             for b in range(bev_u2.shape[0]):
                 found, v_min, v_max, any_u, u_min, u_max = _cols_box_nb(bev_u2, bev_v2, b, cols)
                 if not found or not any_u:  # no column on this beam's grid, or no u: nothing passes
@@ -391,21 +397,32 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                 bu_b = bu_sorted2[b]
                 bv_b = bv_sorted2[b]
                 order_b = order2[b]
-                a, end, v_lo32, v_hi32, u_lo32, u_hi32 = _box_span_nb(rows, v_min, v_max, u_min, u_max, reach, reach32)
                 v_lo = np.float64(v_min) - reach  # (as _box_span_nb)
                 v_hi = np.float64(v_max) + reach
+                if n_keys > 0:
+                    v_lo32, v_hi32, u_lo32, u_hi32 = np.float32(v_lo), np.float32(v_hi), u_min - reach32, u_max + reach32
+                    key_lo = np.int64(math.floor(v_lo))
+                    key_hi = np.int64(math.floor(v_hi))
+                    a = 0 if key_lo <= k_lo else (rows.shape[0] if key_lo > k_hi else starts[b, key_lo - k_lo])
+                    end = 0 if key_hi < k_lo else (rows.shape[0] if key_hi >= k_hi else starts[b, key_hi - k_lo + 1])
+                else:
+                    a, end, v_lo32, v_hi32, u_lo32, u_hi32 = _box_span_nb(rows, v_min, v_max, u_min, u_max, reach,
+                                                                          reach32)
                 whole_b = whole[b]
                 p = a
                 while p < end:
                     r = rows[p]
-                    lo, hi = p, end
-                    while lo < hi:  # the end of row r
-                        mid = (lo + hi) // 2
-                        if rows[mid] <= r:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    seg_end = lo
+                    if n_keys > 0:
+                        seg_end = starts[b, np.int64(r) - k_lo + 1]
+                    else:
+                        lo, hi = p, end
+                        while lo < hi:  # the end of row r
+                            mid = (lo + hi) // 2
+                            if rows[mid] <= r:
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                        seg_end = lo
                     lo, hi = p, seg_end
                     while lo < hi:  # the first u >= u_lo32 in row r
                         mid = (lo + hi) // 2
@@ -435,6 +452,23 @@ if os.environ.get("IDS_NUMBA", "1") != "0":
                     p = seg_end
 
         _UNDER_U = _under_patches_u_nb
+
+        @numba.njit(nogil=True, cache=True)
+        def _row_starts_nb(rows2, k_lo, starts):  # pragma: no cover - compiled
+            # starts[b, j]: the first index of beam b's table whose row is >= k_lo + j.
+            for b in range(rows2.shape[0]):
+                rows = rows2[b]
+                j = 0
+                for i in range(rows.shape[0]):
+                    key = np.int64(rows[i]) - k_lo
+                    while j <= key:
+                        starts[b, j] = i
+                        j += 1
+                while j < starts.shape[1]:
+                    starts[b, j] = rows.shape[0]
+                    j += 1
+
+        _ROW_STARTS = _row_starts_nb
 
         @numba.njit(nogil=True, cache=True)
         def _or_runs_nb(src, runs, dst):  # pragma: no cover - compiled
@@ -754,7 +788,7 @@ def patch_response_window(stack: np.ndarray, kspec: np.ndarray, fshape: tuple[in
 
 
 def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, reach_cells: float,
-                       mark, u_sorted: bool = False, runs=None, whole_rows=None) -> None:
+                       mark, u_sorted: bool = False, runs=None, whole_rows=None, row_starts=None) -> None:
     """Sets ``mark[i]`` for the watched voxels under the patches of columns ``cols``, in any
     beam: per beam ``b``, those whose BEV position (``bev_u2[b]``, ``bev_v2[b]``, fine
     fluence cells, (beams, n) float32, NaN / +inf where the beam misses the voxel) lies within
@@ -770,7 +804,9 @@ def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, co
     strictly inside the box where a beam's rows are whole (every voxel there passes it: the
     same voxels); ``runs`` ((k, 3) int64, :func:`remap_runs`) marks table index ``t`` at
     ``mark[d + t - s]`` for the run ``(s, d, length)`` holding it instead (none outside the
-    runs: a watch's positions of its base's voxels). Needs numba (``HAVE_NUMBA``)."""
+    runs: a watch's positions of its base's voxels); ``row_starts`` (:func:`row_starts` of
+    ``rows2``) reads each row's span instead of searching the rows for it. Needs numba
+    (``HAVE_NUMBA``)."""
     if _UNDER is None:
         raise RuntimeError("mark_under_patches needs numba (pip install ids-engine[fast])")
     cols = np.asarray(cols, np.int64)
@@ -782,13 +818,32 @@ def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, co
         # Marked at the tables' indices (sequential reads of the tables, no index map per
         # voxel), then copied run by run: measured three times faster than mapping each voxel.
         table = mark if runs is None else np.zeros(order2.shape[1], np.bool_)
-        _UNDER_U(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), whole, table)
+        starts, k_lo = (np.zeros((beams, 0), np.int64), 0) if row_starts is None else row_starts
+        _UNDER_U(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), whole,
+                 starts, np.int64(k_lo), table)
         if runs is not None:
             _OR_RUNS(table, np.asarray(runs, np.int64).reshape(-1, 3), mark)
-    elif runs is not None or whole_rows is not None:
-        raise ValueError("mark_under_patches: runs and whole_rows need u_sorted tables")
+    elif runs is not None or whole_rows is not None or row_starts is not None:
+        raise ValueError("mark_under_patches: runs, whole_rows and row_starts need u_sorted tables")
     else:
         _UNDER(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), mark)
+
+
+def row_starts(rows2) -> tuple[np.ndarray, int]:
+    """``(starts, k_lo)``: where each row begins in each beam's row-sorted table (``rows2``,
+    (beams, n) int16, each beam's rows ascending): ``starts[b, j]`` (int64, (beams, k_hi - k_lo
+    + 2)) is the first index of beam ``b`` whose row is ``>= k_lo + j``, ``k_lo`` / ``k_hi`` the
+    least and largest row of all beams (the ``row_starts`` of :func:`mark_under_patches`).
+    Needs numba (``HAVE_NUMBA``)."""
+    if _ROW_STARTS is None:
+        raise RuntimeError("row_starts needs numba (pip install ids-engine[fast])")
+    rows2 = np.asarray(rows2, np.int16)
+    if not rows2.size:
+        return np.zeros((rows2.shape[0], 0), np.int64), 0
+    k_lo, k_hi = int(rows2.min()), int(rows2.max())
+    starts = np.empty((rows2.shape[0], k_hi - k_lo + 2), np.int64)
+    _ROW_STARTS(rows2, np.int64(k_lo), starts)
+    return starts, k_lo
 
 
 def remap_runs(remap) -> np.ndarray:

@@ -478,6 +478,7 @@ class _Rows:
 
     _u_sorted = False  # the row tables' rows are ordered by u too (a base's, see _BaseRows)
     _whole_rows = None  # then, per beam, whether its rows are whole (_cpu.sort_rows_by_u)
+    _row_starts = None  # and where each row begins (_cpu.row_starts)
 
     def __init__(self, modifier, watch: Watch, opts: RecoveryOptions) -> None:
         eng = modifier.engine
@@ -593,7 +594,7 @@ class _Rows:
         # The row-sorted tables are the base's (indices into the base, see _under_patches).
         self._order2, self._rows2 = base._order2, base._rows2
         self._bu_sorted2, self._bv_sorted2 = base._bu_sorted2, base._bv_sorted2
-        self._u_sorted, self._whole_rows = base._u_sorted, base._whole_rows
+        self._u_sorted, self._whole_rows, self._row_starts = base._u_sorted, base._whole_rows, base._row_starts
         self._split = (comp.base_at, base.vox.size, eu, ev, e_pos)
         return True
 
@@ -803,12 +804,14 @@ class _Rows:
             else:
                 (tab_u, tab_v), at = self._bev_at(cols), np.arange(cols.size)
             _cpu.mark_under_patches(tab_u, tab_v, self._order2, self._rows2, self._bu_sorted2, self._bv_sorted2, at,
-                                    reach, out, u_sorted=True, runs=runs, whole_rows=self._whole_rows)
+                                    reach, out, u_sorted=True, runs=runs, whole_rows=self._whole_rows,
+                                    row_starts=self._row_starts)
         elif _cpu.HAVE_NUMBA:
             mark = np.zeros(self.vox.size if split is None else split[1], bool)
             _cpu.mark_under_patches(self.bev_u2, self.bev_v2, self._order2, self._rows2, self._bu_sorted2,
                                     self._bv_sorted2, cols, reach, mark, u_sorted=self._u_sorted,
-                                    whole_rows=self._whole_rows if self._u_sorted else None)
+                                    whole_rows=self._whole_rows if self._u_sorted else None,
+                                    row_starts=self._row_starts if self._u_sorted else None)
         else:
             mark = np.zeros(self.vox.size if split is None else split[1], bool)
             for bu_all, bv_all, (order, rows_sorted), (bu_sorted, bv_sorted) in zip(self.bev_u, self.bev_v, self.by_v,
@@ -967,11 +970,13 @@ class _BaseRows:
         if _cpu.HAVE_NUMBA:
             self._whole_rows = np.array([_cpu.sort_rows_by_u(self._rows2[b], self._order2[b], self._bu_sorted2[b],
                                                              self._bv_sorted2[b]) for b in range(self._rows2.shape[0])])
+            self._row_starts = _cpu.row_starts(self._rows2)  # (the rows themselves did not move)
             self._u_sorted = True
 
     _fill_beam = _Rows._fill_beam
     _u_sorted = False
     _whole_rows = None
+    _row_starts = None
 
 
 def modify_joint(modifier, watch: Watch, voxels, target_gy, *, max_passes: int = 3,

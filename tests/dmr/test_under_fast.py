@@ -73,9 +73,11 @@ def test_search_of_whole_rows_marks_the_voxels_of_the_scan(kind):
         scan = np.zeros(n, bool)
         _cpu.mark_under_patches(u, v, *tables, cols, reach, scan)
         for flags in (whole, None, np.zeros_like(whole)):
-            got = np.zeros(n, bool)
-            _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, got, u_sorted=True, whole_rows=flags)
-            assert np.array_equal(got, scan)
+            for starts in (None, _cpu.row_starts(sorted_tables[1])):
+                got = np.zeros(n, bool)
+                _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, got, u_sorted=True, whole_rows=flags,
+                                        row_starts=starts)
+                assert np.array_equal(got, scan)
         marked += int(scan.sum())
     assert 0 < marked < len(cases) * n  # the cases mark some voxels, not all
 
@@ -91,6 +93,20 @@ def test_whole_rows_need_every_row_in_range_to_be_the_floor_of_v():
         w = v.copy()
         w[i] = bad
         assert not _cpu.sort_rows_by_u(rows.copy(), order.copy(), u.copy(), w)
+
+
+@needs_numba
+def test_row_starts_are_the_searches_of_the_rows():
+    rng = np.random.default_rng(8)
+    for kind in ("plain", "clipped"):
+        rows = _tables(rng, kind)[2][1]
+        starts, k_lo = _cpu.row_starts(rows)
+        keys = np.arange(k_lo, int(rows.max()) + 2)
+        assert starts.shape == (rows.shape[0], keys.size) and starts.dtype == np.int64
+        for b in range(rows.shape[0]):
+            assert np.array_equal(starts[b], np.searchsorted(rows[b], keys, side="left"))
+    empty = _cpu.row_starts(np.zeros((3, 0), np.int16))
+    assert empty[0].shape == (3, 0)
 
 
 def _runs_ref(remap: np.ndarray) -> np.ndarray:
@@ -141,7 +157,7 @@ def test_marks_copied_by_runs_are_the_marks_mapped_voxel_by_voxel(kind):
         at = remap[np.flatnonzero(base)]
         ref[at[at >= 0]] = True
         _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, got, u_sorted=True, runs=_cpu.remap_runs(remap),
-                                whole_rows=whole)
+                                whole_rows=whole, row_starts=_cpu.row_starts(sorted_tables[1]))
         assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="u_sorted"):
         _cpu.mark_under_patches(u, v, *tables, cols, reach, np.zeros(n, bool), whole_rows=whole)

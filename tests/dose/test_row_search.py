@@ -48,6 +48,7 @@ def test_search_of_u_ordered_rows_marks_the_voxels_of_the_scan(monkeypatch, latt
                                                           sorted_rs._bu_sorted2[b], sorted_rs._bv_sorted2[b])
                                       for b in range(sorted_rs._rows2.shape[0])])
     assert sorted_rs._whole_rows.all()  # (the rows of the v test the search skips inside the box)
+    sorted_rs._row_starts = _cpu.row_starts(sorted_rs._rows2)
     sorted_rs._u_sorted = True
     cases = [rng.choice(rs.vox.size, int(rng.integers(1, 10)), replace=False) for _ in range(60)]
     cases += [miss_all[:3], np.concatenate([miss_all[:2], [5, 17]]), np.array([7])]
@@ -95,7 +96,7 @@ def test_a_watch_on_a_base_searches_u_ordered_rows():
     for cols in (np.array([0]), np.arange(0, rs.vox.size, max(rs.vox.size // 7, 1))):
         a, c = np.zeros(nb, bool), np.zeros(nb, bool)
         args = (rs.bev_u2, rs.bev_v2, rs._order2, rs._rows2, rs._bu_sorted2, rs._bv_sorted2, cols, rs.reach_cells)
-        _cpu.mark_under_patches(*args, a, u_sorted=True, whole_rows=rs._whole_rows)
+        _cpu.mark_under_patches(*args, a, u_sorted=True, whole_rows=rs._whole_rows, row_starts=rs._row_starts)
         _cpu.mark_under_patches(*args, c, u_sorted=False)
         assert np.array_equal(a, c) and a.any()
     assert rs._whole_rows.shape == (rs._rows2.shape[0],) and rs._whole_rows.all()  # the base's rows are whole
