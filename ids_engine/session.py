@@ -51,6 +51,7 @@ from ids_engine.dmr._recovery import WatchBase, _composed_dose, _remember_dose, 
 from ids_engine.dmr._side_effects import summarise_rises, trilinear, unasked_rises
 from ids_engine.dmr._repair import RepairSettings, SideEffectRepair
 from ids_engine.dose import DoseEngine, EngineOptions, FluencePatch
+from ids_engine.dose._readout import sealed_indices
 from ids_engine.evaluation import drag_landing_mm
 from ids_engine.model import Beam, Patient, PhotonMachine
 
@@ -795,10 +796,9 @@ class Session:
         mark = np.zeros(eng.grid.size, bool)  # sorted union (a mask: hashing 10^5 indices is slower)
         for p in (tvox, ovox, nvox):
             mark[p] = True
-        # Its own memory, made read-only below (``flatnonzero`` gives a view of a writeable
-        # array): the engine's read-out cache then knows it by identity, not by comparing
-        # 10^5 indices at every recovery step's read.
-        voxels = np.flatnonzero(mark).copy()
+        # Sealed: the engine's read-out cache knows it by identity, not by comparing 10^5
+        # indices at every recovery step's read.
+        voxels = sealed_indices(np.flatnonzero(mark))
         parts = _WatchBaseParts(WatchBase(voxels), tvox, ovox, nvox,
                                 np.searchsorted(voxels, tvox), np.searchsorted(voxels, ovox),
                                 np.searchsorted(voxels, nvox))

@@ -801,8 +801,8 @@ def capped_candidates(tables, extra, w_top, source, capped, col_u, col_v, s2: fl
     of fewer voxels: a voxel's key is at most its ceiling ``w_top / room`` (``w_top``: its
     largest ``w`` over the beams), and at most the ceiling times an upper bound of ``exp`` at
     the least squared distance over the beams to the box of the columns (no ``exp``: one
-    vectorised pass over the voxels' ``u`` and ``v``). The ``4 k`` highest ceilings get their
-    bounds first; the voxels whose ceiling or estimate lies a relative 1e-3 below the
+    vectorised pass over the voxels' ``u`` and ``v``). About the ``4 k`` highest ceilings (above a
+    quantile of a strided sample) get their bounds first; the voxels whose ceiling or estimate lies a relative 1e-3 below the
     ``k``-th largest of their lower bounds get none; where more than ``8 k`` are left, the
     ``4 k`` highest estimates get theirs next, for a tighter cut (measured on the clinical
     horseshoe: a few thousand of 20,000 voxels bounded, at most; the first ``4 k`` alone in
@@ -815,9 +815,13 @@ def capped_candidates(tables, extra, w_top, source, capped, col_u, col_v, s2: fl
     positions; ``hi``, ``dose`` float64 over the watch; ``w_top``: ``(top, extra_top)``,
     (nb,) and (m,) float32, each table voxel's largest ``w`` over the beams, NaN where some
     beam's ``w`` is NaN, infinite or not below 1e15 in magnitude (the caller's mark: the
-    estimates read no ``w``); ``0 < k < n``. Needs numba (``_cpu.HAVE_NUMBA``)."""
+    estimates read no ``w``); ``0 < k < n``. None also where ``s2`` is not positive and
+    finite (the estimate bounds ``exp(-d2 / s2)`` only for such fall-offs). Needs numba
+    (``_cpu.HAVE_NUMBA``)."""
     if _CAPPED_CANDIDATES is None:
         raise RuntimeError("capped_candidates needs numba (pip install ids-engine[fast])")
+    if not 0.0 < float(np.float32(s2)) < np.inf:
+        return None
     capped = np.asarray(capped, np.int64)
     composed = source is not None
     source = np.asarray(source, np.int64) if composed else np.zeros(0, np.int64)

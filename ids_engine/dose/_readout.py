@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -256,15 +257,32 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+# The index arrays the read-out cache may know by identity (:func:`sealed_indices`), by id: an
+# entry goes with its array.
+_SEALED: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def sealed_indices(idx) -> np.ndarray:
+    """A read-only int64 copy of ``idx`` (flattened) that the engine's read-out cache knows by
+    identity: a later read of it, or of a whole view of it, finds its tables without comparing
+    the indices (a watch base's 10^5 voxels, read at every recovery step). The copy owns its
+    memory and no view of it was made writeable, so its indices cannot change; nothing may set
+    its writeable flag back (nothing in the engine does)."""
+    a = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1).copy()
+    a.setflags(write=False)
+    _SEALED[id(a)] = a
+    return a
+
+
 def _immutable_root(a: np.ndarray) -> np.ndarray | None:
-    """The array owning ``a``'s memory when it and every array between are read-only (their
-    content cannot change through them, and no writeable view of a read-only owner can be
-    made), else None."""
+    """The array owning ``a``'s memory when it is one of :func:`sealed_indices`' and it and
+    every view between are read-only, else None (a caller's read-only array may still change
+    through a writeable view made before it was frozen: it is compared, not trusted)."""
     while True:
         if a.flags.writeable:
             return None
         if a.base is None:
-            return a if a.flags.owndata else None
+            return a if _SEALED.get(id(a)) is a else None
         if not isinstance(a.base, np.ndarray):
             return None
         a = a.base
@@ -331,11 +349,14 @@ class ReadOuts:
         unique = None
         if _cpu.HAVE_NUMBA:  # the tables and the distinct neighbours in one pass (the same values)
             cshape = self.coarse_grid.shape_zyx
-            scratch = self.__dict__.get("_coarse_scratch")
-            if scratch is None or scratch[0] != cshape:  # work arrays kept: one per coarse voxel
-                scratch = self.__dict__["_coarse_scratch"] = (cshape, _cpu_readout.coarse_scratch(cshape))
+            # Work arrays kept, one per coarse voxel: taken off the engine for the call and put
+            # back after it, so a second thread (or a call after a failed one) makes its own.
+            scratch = self.__dict__.pop("_coarse_scratch", None)
+            if scratch is None or scratch[0] != cshape:
+                scratch = (cshape, _cpu_readout.coarse_scratch(cshape))
             cidx, cw, *unique = _cpu_readout.coarse_tables(idx, self.grid.shape_zyx, cshape, self._up_host,
                                                            scratch[1])
+            self.__dict__["_coarse_scratch"] = scratch
         else:
             cidx, cw = self._coarse_neighbours(idx)
         cw_body, outside = np.where(in_body[None, :], cw, np.float32(0)), np.flatnonzero(~in_body)

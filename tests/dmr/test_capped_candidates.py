@@ -98,8 +98,8 @@ def test_capped_candidates_equal_the_bounds_of_every_voxel():
 
 @needs_numba
 def test_capped_candidates_refuse():
-    """None for a NaN room, or a voxel whose ``w`` is NaN, infinite or not below 1e15 in
-    magnitude in some beam (marked NaN in ``w_top`` by ``_w_ceiling``), even where a large
+    """None for a NaN room, a fall-off ``s2`` not positive and finite in float32, or a voxel
+    whose ``w`` is NaN, infinite or not below 1e15 in magnitude in some beam (marked NaN in ``w_top`` by ``_w_ceiling``), even where a large
     negative one leaves its largest ``w`` ordinary."""
     rng = np.random.default_rng(42)
     base, extra, source, col_u, col_v = _case(rng, 0)
@@ -118,6 +118,10 @@ def test_capped_candidates_refuse():
     nan_dose = dose.copy()
     nan_dose[capped[5]] = np.nan
     assert _cpu_rows.capped_candidates(base, extra, w_top, source, capped, col_u, col_v, 29.4, hi, nan_dose, 64) is None
+    # A fall-off the estimate does not bound (its exp(-d2 / s2) not a decay): refused, so the
+    # caller computes every key (s2 = 0 with voxels at the columns made NaN estimates).
+    for s2 in (0.0, -3.0, np.inf, np.nan, 1e-46):
+        assert _cpu_rows.capped_candidates(base, extra, w_top, source, capped, col_u, col_v, s2, hi, dose, 64) is None
 
 
 def test_w_ceiling_marks_the_weights_the_bounds_refuse():

@@ -53,41 +53,80 @@ def test_dose_at_voxels_follows_the_dose_through_the_cache(engine):
         eng.apply_patches([FluencePatch(patch.beam, patch.row0, patch.col0, -patch.delta)])
 
 
-def test_neighbour_cache_knows_read_only_owned_indices_by_identity(engine, monkeypatch):
-    """A read-only array owning its memory (a watch base's voxels) is found again by identity,
-    with no comparison of its content, also through a whole view of it; a read-only view of a
-    writeable array, a partial view or a writeable copy are compared, and a changed owner's
-    new content is read, never the cached tables."""
+def test_neighbour_cache_knows_sealed_indices_by_identity(engine, monkeypatch):
+    """Indices sealed by the engine (:func:`sealed_indices`: a watch base's voxels) are found
+    again by identity, with no comparison of their content, also through a whole view; a
+    partial view, a copy, a caller's read-only array (even one owning its memory: a writeable
+    view made before it was frozen can still change it) or a read-only view of a writeable
+    array are compared, and their new content is read, never the cached tables."""
     from ids_engine.dose import _readout
 
     eng = engine
-    frozen = _body_voxels(eng, 3000, 5)
-    frozen.setflags(write=False)
-    first = eng._neighbours(frozen)
-    assert first.source is frozen
+    sealed = _readout.sealed_indices(_body_voxels(eng, 3000, 5))
+    assert not sealed.flags.writeable and sealed.base is None
+    first = eng._neighbours(sealed)
+    assert first.source is sealed
     compared = []
     real_equal = np.array_equal
     monkeypatch.setattr(_readout.np, "array_equal", lambda a, b: compared.append(a.size) or real_equal(a, b))
-    assert eng._neighbours(frozen) is first and eng._neighbours(frozen.reshape(-1)) is first
+    assert eng._neighbours(sealed) is first and eng._neighbours(sealed.reshape(-1)) is first
     assert not compared  # found by identity
-    assert eng._neighbours(frozen.copy()) is first and compared  # the same content, compared
-    # A partial view of the same memory: never taken by identity.
-    compared.clear()
-    head = frozen[:-1]
+    assert eng._neighbours(sealed.copy()) is first and compared  # the same content, compared
+    head = sealed[:-1]  # a partial view of the same memory: never taken by identity
     assert eng._neighbours(head) is not first and np.array_equal(eng._neighbours(head).idx, head)
-    # A read-only view of a writeable owner: the owner can change, so it is compared.
-    owner = _body_voxels(eng, 2000, 6)
+    # A caller's read-only owner with a writeable alias made before it was frozen (same ends).
+    owned = _body_voxels(eng, 2000, 6)
+    alias = owned[:]
+    owned.setflags(write=False)
+    got = eng._neighbours(owned)
+    assert got.source is None
+    alias[1:-1] = np.sort(_body_voxels(eng, 1998, 7).clip(owned[0] + 1, owned[-1] - 1))
+    again = eng._neighbours(owned)
+    assert again is not got and np.array_equal(again.idx, owned)
+    # A read-only view of a writeable owner.
+    owner = _body_voxels(eng, 2000, 8)
     view = owner.view()
     view.setflags(write=False)
     got = eng._neighbours(view)
     assert got.source is None
-    owner[:10] = _body_voxels(eng, 10, 7)
-    owner.sort()
+    owner[1:-1] = np.sort(_body_voxels(eng, 1998, 9).clip(owner[0] + 1, owner[-1] - 1))
     again = eng._neighbours(view)
     assert again is not got and np.array_equal(again.idx, owner)
     monkeypatch.undo()
     ref = np.asarray(eng.dose_cube_host()).ravel()
-    np.testing.assert_allclose(np.asarray(eng.dose_at_voxels(view)), ref[owner], rtol=1e-5, atol=1e-7)
+    for idx in (owned, view):
+        np.testing.assert_allclose(np.asarray(eng.dose_at_voxels(idx)), ref[idx], rtol=1e-5, atol=1e-7)
+
+
+def test_coarse_work_arrays_are_taken_off_the_engine_during_a_call(engine, monkeypatch):
+    """The compiled coarse tables' work arrays are the engine's between calls; a call that fails
+    inside leaves them off it (possibly dirty), and the next call makes fresh ones and gives
+    the same tables as a fresh engine's."""
+    from ids_engine.dose import _readout
+    from ids_engine.kernels import _cpu
+
+    if not _cpu.HAVE_NUMBA:
+        pytest.skip("the compiled coarse tables need numba")
+    eng = engine
+    idx = _body_voxels(eng, 500, 11)
+    eng._neighbour_cache = []
+    ref = eng._neighbours(idx)
+    assert "_coarse_scratch" in eng.__dict__
+    real = _readout._cpu_readout.coarse_tables
+
+    def failing(*args):
+        args[-1][0][:] = 7  # dirty work arrays, then a failure
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(_readout._cpu_readout, "coarse_tables", failing)
+    with pytest.raises(MemoryError):
+        eng._neighbours(idx + 1)
+    assert "_coarse_scratch" not in eng.__dict__
+    monkeypatch.setattr(_readout._cpu_readout, "coarse_tables", real)
+    eng._neighbour_cache = []
+    again = eng._neighbours(idx)
+    assert np.array_equal(again.cidx, ref.cidx) and np.array_equal(again.cw, ref.cw)
+    assert all(np.array_equal(a, b) for a, b in zip(again.coarse_unique(), ref.coarse_unique()))
 
 
 def test_delta_matrix_skips_columns_without_a_patch_in_a_beam_bit_for_bit(engine):
