@@ -74,27 +74,23 @@ def test_neighbour_cache_knows_sealed_indices_by_identity(engine, monkeypatch):
     assert eng._neighbours(sealed.copy()) is first and compared  # the same content, compared
     head = sealed[:-1]  # a partial view of the same memory: never taken by identity
     assert eng._neighbours(head) is not first and np.array_equal(eng._neighbours(head).idx, head)
-    # A caller's read-only owner with a writeable alias made before it was frozen (same ends).
-    owned = _body_voxels(eng, 2000, 6)
-    alias = owned[:]
-    owned.setflags(write=False)
-    got = eng._neighbours(owned)
-    assert got.source is None
-    alias[1:-1] = np.sort(_body_voxels(eng, 1998, 7).clip(owned[0] + 1, owned[-1] - 1))
-    again = eng._neighbours(owned)
-    assert again is not got and np.array_equal(again.idx, owned)
-    # A read-only view of a writeable owner.
-    owner = _body_voxels(eng, 2000, 8)
-    view = owner.view()
-    view.setflags(write=False)
-    got = eng._neighbours(view)
-    assert got.source is None
-    owner[1:-1] = np.sort(_body_voxels(eng, 1998, 9).clip(owner[0] + 1, owner[-1] - 1))
-    again = eng._neighbours(view)
-    assert again is not got and np.array_equal(again.idx, owner)
+    # A caller's read-only owner with a writeable alias made before it was frozen, and a
+    # read-only view of a writeable owner: their content changed (the same ends) is read anew.
+    read = []
+    for seed, frozen_is_owner in ((6, True), (8, False)):
+        writable = _body_voxels(eng, 2000, seed)
+        frozen = writable if frozen_is_owner else writable.view()
+        writable = writable[:] if frozen_is_owner else writable
+        frozen.setflags(write=False)
+        got = eng._neighbours(frozen)
+        assert got.source is None
+        writable[1:-1] = np.sort(_body_voxels(eng, 1998, seed + 1).clip(frozen[0] + 1, frozen[-1] - 1))
+        again = eng._neighbours(frozen)
+        assert again is not got and np.array_equal(again.idx, frozen)
+        read.append(frozen)
     monkeypatch.undo()
     ref = np.asarray(eng.dose_cube_host()).ravel()
-    for idx in (owned, view):
+    for idx in read:
         np.testing.assert_allclose(np.asarray(eng.dose_at_voxels(idx)), ref[idx], rtol=1e-5, atol=1e-7)
 
 
