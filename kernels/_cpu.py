@@ -819,10 +819,20 @@ def mark_under_patches(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, co
         # voxel), then copied run by run: measured three times faster than mapping each voxel.
         table = mark if runs is None else np.zeros(order2.shape[1], np.bool_)
         starts, k_lo = (np.zeros((beams, 0), np.int64), 0) if row_starts is None else row_starts
+        if row_starts is not None and (starts.ndim != 2 or starts.shape[0] != beams or starts.shape[1] < 2
+                                       or np.any(starts[:, -1] != order2.shape[1])):
+            raise ValueError(f"mark_under_patches: row_starts of shape {starts.shape} are not those of these "
+                             f"{beams} x {order2.shape[1]} tables (row_starts(rows2))")
+        if runs is not None:
+            runs = np.asarray(runs, np.int64).reshape(-1, 3)
+            if runs.size and (runs.min() < 0 or np.max(runs[:, 0] + runs[:, 2]) > table.shape[0]
+                              or np.max(runs[:, 1] + runs[:, 2]) > mark.shape[0]):
+                raise ValueError(f"mark_under_patches: runs reach past the {table.shape[0]} table voxels or "
+                                 f"the {mark.shape[0]} marks (remap_runs of the watch's base positions)")
         _UNDER_U(bev_u2, bev_v2, order2, rows2, bu_sorted2, bv_sorted2, cols, float(reach_cells), whole,
                  starts, np.int64(k_lo), table)
         if runs is not None:
-            _OR_RUNS(table, np.asarray(runs, np.int64).reshape(-1, 3), mark)
+            _OR_RUNS(table, runs, mark)
     elif runs is not None or whole_rows is not None or row_starts is not None:
         raise ValueError("mark_under_patches: runs, whole_rows and row_starts need u_sorted tables")
     else:

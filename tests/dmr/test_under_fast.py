@@ -161,6 +161,18 @@ def test_marks_copied_by_runs_are_the_marks_mapped_voxel_by_voxel(kind):
         assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="u_sorted"):
         _cpu.mark_under_patches(u, v, *tables, cols, reach, np.zeros(n, bool), whole_rows=whole)
+    # Tables of another watch: refused with the field named, nothing marked.
+    mark = np.zeros(n, bool)
+    with pytest.raises(ValueError, match="whole_rows"):
+        _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, mark, u_sorted=True, whole_rows=whole[:-1])
+    starts, k_lo = _cpu.row_starts(sorted_tables[1])
+    with pytest.raises(ValueError, match="row_starts"):
+        _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, mark, u_sorted=True, row_starts=(starts[:, :-1], k_lo))
+    for bad in ([[0, 0, n + 1]], [[0, size, 1]], [[-1, 0, 1]]):
+        with pytest.raises(ValueError, match="runs"):
+            _cpu.mark_under_patches(u, v, *sorted_tables, cols, reach, np.zeros(size, bool), u_sorted=True,
+                                    runs=np.array(bad, np.int64))
+    assert not mark.any()
 
 
 @needs_numba
